@@ -1,0 +1,3 @@
+from pushd.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,147 @@
+"""Login: turn a client's token into a verified uid, through a pluggable verifier.
+
+- ``hmac``: tokens signed with a shared secret (itsdangerous) carrying uid and expiry; issued by
+  ``pushd token --uid 1001`` or by the exchange's backend with the same secret.
+- ``jwt``: JSON Web Tokens (PyJWT); the uid is a configured claim (``sub`` by default).
+- ``http``: the request's design: POST the token to the exchange's login endpoint, which answers
+  the uid. Answers are cached for a short while; the call has a timeout.
+
+Every verifier returns a uid that matches ``UID_PATTERN`` or raises ``AuthError``, so a login
+backend can never make a uid that names someone else's internal channel.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from typing import Protocol
+
+import httpx
+import itsdangerous
+import jwt
+import msgspec
+
+from pushd.channels import UID_PATTERN
+from pushd.config import AuthConfig, HmacAuthConfig, HttpAuthConfig, JwtAuthConfig
+from pushd.errors import AuthError, AuthUnavailable
+
+_HMAC_SALT = "pushd-auth"
+
+
+class Verifier(Protocol):
+    async def verify(self, token: str) -> str:
+        """The uid the token proves; raises AuthError (or AuthUnavailable)."""
+        ...
+
+    async def aclose(self) -> None: ...
+
+
+def _checked_uid(value: object) -> str:
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)
+    if not isinstance(value, str) or not UID_PATTERN.fullmatch(value):
+        raise AuthError(f"token names an invalid uid: {value!r}"[:120])
+    return value
+
+
+class _HmacClaims(msgspec.Struct, frozen=True):
+    uid: str
+    exp: float
+
+
+def issue_hmac_token(secret: str, uid: str, ttl_s: float, now: float | None = None) -> str:
+    """A token for ``uid`` valid for ``ttl_s`` seconds, verifiable by ``HmacVerifier``."""
+    uid = _checked_uid(uid)
+    exp = (time.time() if now is None else now) + ttl_s
+    serializer = itsdangerous.URLSafeSerializer(secret, salt=_HMAC_SALT)
+    return str(serializer.dumps(msgspec.to_builtins(_HmacClaims(uid=uid, exp=exp))))
+
+
+class HmacVerifier:
+    def __init__(self, config: HmacAuthConfig) -> None:
+        if not config.secret:
+            raise ValueError("auth.hmac.secret is empty")
+        self._serializer = itsdangerous.URLSafeSerializer(config.secret, salt=_HMAC_SALT)
+
+    async def verify(self, token: str) -> str:
+        try:
+            claims = msgspec.convert(self._serializer.loads(token), _HmacClaims)
+        except (itsdangerous.BadData, msgspec.ValidationError) as exc:
+            raise AuthError(f"bad token: {type(exc).__name__}") from None
+        if claims.exp < time.time():
+            raise AuthError("token expired")
+        return _checked_uid(claims.uid)
+
+    async def aclose(self) -> None:
+        pass
+
+
+class JwtVerifier:
+    def __init__(self, config: JwtAuthConfig) -> None:
+        self._config = config
+
+    async def verify(self, token: str) -> str:
+        cfg = self._config
+        try:
+            claims = jwt.decode(
+                token,
+                cfg.key,
+                algorithms=cfg.algorithms,
+                audience=cfg.audience,
+                issuer=cfg.issuer,
+                leeway=cfg.leeway_s,
+                options={"require": ["exp", cfg.uid_claim]},
+            )
+        except jwt.PyJWTError as exc:
+            raise AuthError(f"bad token: {type(exc).__name__}") from None
+        return _checked_uid(claims.get(cfg.uid_claim))
+
+    async def aclose(self) -> None:
+        pass
+
+
+class HttpVerifier:
+    """POST ``{"token": ...}`` to the login endpoint; a 200 JSON answer carries the uid."""
+
+    def __init__(self, config: HttpAuthConfig) -> None:
+        self._config = config
+        self._client = httpx.AsyncClient(timeout=config.timeout_s)
+        self._cache: OrderedDict[str, tuple[str, float]] = OrderedDict()
+
+    async def verify(self, token: str) -> str:
+        now = time.monotonic()
+        cached = self._cache.get(token)
+        if cached is not None and cached[1] > now:
+            self._cache.move_to_end(token)
+            return cached[0]
+        try:
+            response = await self._client.post(self._config.url, json={"token": token})
+        except httpx.HTTPError as exc:
+            raise AuthUnavailable(f"login endpoint: {type(exc).__name__}") from None
+        if response.status_code >= 500:
+            raise AuthUnavailable(f"login endpoint answered {response.status_code}")
+        if response.status_code != 200:
+            raise AuthError(f"login endpoint refused the token ({response.status_code})")
+        try:
+            body = msgspec.json.decode(response.content)
+        except msgspec.DecodeError:
+            raise AuthUnavailable("login endpoint answered malformed JSON") from None
+        if not isinstance(body, dict):
+            raise AuthUnavailable("login endpoint answered no JSON object")
+        uid = _checked_uid(body.get(self._config.uid_field))
+        if self._config.cache_ttl_s > 0:
+            self._cache[token] = (uid, now + self._config.cache_ttl_s)
+            while len(self._cache) > self._config.cache_size:
+                self._cache.popitem(last=False)
+        return uid
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+
+def make_verifier(config: AuthConfig) -> Verifier:
+    if config.kind == "jwt":
+        return JwtVerifier(config.jwt)
+    if config.kind == "http":
+        return HttpVerifier(config.http)
+    return HmacVerifier(config.hmac)

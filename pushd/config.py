@@ -1,0 +1,158 @@
+"""Configuration: TOML decoded into frozen msgspec Structs, every setting defaulted.
+
+``pushd run`` with no file serves on loopback with these defaults. A wrong key, type or value
+stops start-up with one line naming the key (``ConfigError``). ``pushd.example.toml`` documents
+every setting; a test keeps it loadable and complete.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+from typing import Annotated, Literal
+
+import msgspec
+
+from pushd.channels import SYMBOL_PATTERN
+from pushd.errors import ConfigError
+
+Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
+PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
+PositiveFloat = Annotated[float, msgspec.Meta(gt=0)]
+
+
+class _Section(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """Base of every config section: unknown keys are errors, not silently ignored."""
+
+
+class WebSocketConfig(_Section, frozen=True):
+    host: str = "127.0.0.1"
+    port: Port = 8765
+    paths: list[str] = msgspec.field(default_factory=lambda: ["/", "/ws"])
+    allowed_origins: list[str] = msgspec.field(default_factory=list)
+    max_connections: PositiveInt = 15000
+    backlog: PositiveInt = 4096
+
+
+class LimitsConfig(_Section, frozen=True):
+    max_message_bytes: PositiveInt = 4096
+    outbound_buffer_bytes: Annotated[int, msgspec.Meta(ge=4096)] = 256 * 1024
+    messages_per_second: PositiveFloat = 20.0
+    message_burst: PositiveInt = 50
+    max_subscriptions: PositiveInt = 200
+    failed_logins_per_minute: PositiveFloat = 5.0
+    failed_login_burst: PositiveInt = 5
+    handshake_timeout_s: PositiveFloat = 10.0
+    stall_timeout_s: PositiveFloat = 10.0
+    close_timeout_s: PositiveFloat = 2.0
+
+
+class HttpConfig(_Section, frozen=True):
+    host: str = "127.0.0.1"
+    port: Port = 8766
+    publish_token: str = ""
+    max_batch: PositiveInt = 1000
+
+
+class HmacAuthConfig(_Section, frozen=True):
+    secret: str = ""
+    token_ttl_s: PositiveInt = 86400
+
+
+class JwtAuthConfig(_Section, frozen=True):
+    key: str = ""
+    algorithms: list[str] = msgspec.field(default_factory=lambda: ["HS256"])
+    uid_claim: str = "sub"
+    audience: str | None = None
+    issuer: str | None = None
+    leeway_s: Annotated[float, msgspec.Meta(ge=0)] = 0.0
+
+
+class HttpAuthConfig(_Section, frozen=True):
+    url: str = ""
+    timeout_s: PositiveFloat = 2.0
+    cache_ttl_s: Annotated[float, msgspec.Meta(ge=0)] = 30.0
+    cache_size: PositiveInt = 10000
+    uid_field: str = "uid"
+
+
+class AuthConfig(_Section, frozen=True):
+    kind: Literal["hmac", "jwt", "http"] = "hmac"
+    hmac: HmacAuthConfig = msgspec.field(default_factory=HmacAuthConfig)
+    jwt: JwtAuthConfig = msgspec.field(default_factory=JwtAuthConfig)
+    http: HttpAuthConfig = msgspec.field(default_factory=HttpAuthConfig)
+
+
+class MarketConfig(_Section, frozen=True):
+    """One symbol's settings; the market streams add theirs here."""
+
+
+class LogConfig(_Section, frozen=True):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["auto", "json", "console"] = "auto"
+
+
+class BusConfig(_Section, frozen=True):
+    kind: Literal["memory"] = "memory"
+
+
+def _default_markets() -> dict[str, MarketConfig]:
+    return {symbol: MarketConfig() for symbol in ("BTCUSDT", "ETHUSDT", "SOLUSDT")}
+
+
+class Config(_Section, frozen=True):
+    websocket: WebSocketConfig = msgspec.field(default_factory=WebSocketConfig)
+    limits: LimitsConfig = msgspec.field(default_factory=LimitsConfig)
+    http: HttpConfig = msgspec.field(default_factory=HttpConfig)
+    auth: AuthConfig = msgspec.field(default_factory=AuthConfig)
+    markets: dict[str, MarketConfig] = msgspec.field(default_factory=_default_markets)
+    log: LogConfig = msgspec.field(default_factory=LogConfig)
+    bus: BusConfig = msgspec.field(default_factory=BusConfig)
+
+
+_AT = re.compile(r"^(?P<msg>.*) - at `\$\.?(?P<path>[^`]*)`$")
+
+
+def from_dict(raw: dict[str, object], *, source: str = "config") -> Config:
+    """Build a Config from already-parsed data, checking every key, type and value."""
+    try:
+        config = msgspec.convert(raw, Config)
+    except msgspec.ValidationError as exc:
+        match = _AT.match(str(exc))
+        if match is None:
+            raise ConfigError(f"{source}: {exc}") from None
+        path = re.sub(r"\[(\d+)\]", r".\1", match["path"]).replace("['", ".").replace("']", "")
+        raise ConfigError(f"{source}: {path or 'top level'}: {match['msg']}") from None
+    _check(config, source)
+    return config
+
+
+def load(path: Path | None) -> Config:
+    """Read the TOML file at ``path`` (or defaults for None). Raises ConfigError."""
+    if path is None:
+        return Config()
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: TOML syntax error: {exc}") from None
+    return from_dict(raw, source=str(path))
+
+
+def _check(config: Config, source: str) -> None:
+    """Rules that span keys, or that a type annotation cannot say."""
+    for symbol in config.markets:
+        if not SYMBOL_PATTERN.fullmatch(symbol):
+            raise ConfigError(f"{source}: markets.{symbol}: symbol must be 2-32 of A-Z, 0-9")
+    if not config.markets:
+        raise ConfigError(f"{source}: markets: at least one symbol is needed")
+    for ws_path in config.websocket.paths:
+        if not ws_path.startswith("/"):
+            raise ConfigError(f"{source}: websocket.paths: {ws_path!r} must start with '/'")
+    auth = config.auth
+    if auth.kind == "jwt" and not auth.jwt.key:
+        raise ConfigError(f"{source}: auth.jwt.key: required when auth.kind = 'jwt'")
+    if auth.kind == "http" and not auth.http.url.startswith(("http://", "https://")):
+        raise ConfigError(f"{source}: auth.http.url: an http(s) URL is required for kind 'http'")

@@ -1,0 +1,96 @@
+"""Every error a client can see, defined once.
+
+Two kinds reach a client:
+
+- ``ErrorCode``: the reply ``{"code": N, "msg": "..."}`` to one request. The connection stays
+  open; the client fixes the request and goes on.
+- ``CloseCode``: the WebSocket close code when the gateway ends a connection (abuse, shutdown,
+  slow consumer, kicked by the operator). The client reconnects, or not, by the code.
+
+``docs/protocol.md`` carries the same tables for API users; a test keeps them in step.
+
+Exceptions::
+
+    PushdError
+    ├── RequestError      a client request is wrong; carries an ErrorCode (connection survives)
+    ├── AuthError         a token was refused (bad signature, expired, unknown user)
+    │   └── AuthUnavailable   the login backend could not answer (timeout, 5xx)
+    └── ConfigError       the configuration is invalid; the message names the key
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class ErrorCode(enum.IntEnum):
+    """Numeric codes of error replies; ``DEFAULT_MESSAGES`` gives their text."""
+
+    INTERNAL = 1
+    MALFORMED_JSON = 2
+    INVALID_REQUEST = 3
+    UNKNOWN_OP = 4
+    UNKNOWN_CHANNEL = 5
+    UNKNOWN_SYMBOL = 6
+    LOGIN_REQUIRED = 7
+    AUTH_FAILED = 8
+    AUTH_RATE_LIMITED = 9
+    TOO_MANY_SUBSCRIPTIONS = 10
+    AUTH_UNAVAILABLE = 11
+    BINARY_NOT_SUPPORTED = 12
+
+
+DEFAULT_MESSAGES: dict[ErrorCode, str] = {
+    ErrorCode.INTERNAL: "internal error",
+    ErrorCode.MALFORMED_JSON: "malformed JSON",
+    ErrorCode.INVALID_REQUEST: "invalid request",
+    ErrorCode.UNKNOWN_OP: "unknown op",
+    ErrorCode.UNKNOWN_CHANNEL: "unknown channel",
+    ErrorCode.UNKNOWN_SYMBOL: "unknown symbol",
+    ErrorCode.LOGIN_REQUIRED: "login required for private channels",
+    ErrorCode.AUTH_FAILED: "authentication failed",
+    ErrorCode.AUTH_RATE_LIMITED: "too many failed logins, retry later",
+    ErrorCode.TOO_MANY_SUBSCRIPTIONS: "too many subscriptions",
+    ErrorCode.AUTH_UNAVAILABLE: "login service unavailable, retry later",
+    ErrorCode.BINARY_NOT_SUPPORTED: "binary frames are not supported, send JSON text",
+}
+
+
+class CloseCode(enum.IntEnum):
+    """WebSocket close codes the gateway sends (RFC 6455 ones and 4000-4999 of its own)."""
+
+    NORMAL = 1000
+    GOING_AWAY = 1001  # server shutting down: reconnect to another node
+    POLICY_VIOLATION = 1008
+    MESSAGE_TOO_BIG = 1009
+    INTERNAL_ERROR = 1011
+    RATE_LIMITED = 4001  # client sent requests faster than allowed
+    SLOW_CONSUMER = 4002  # outbound buffer overflowed on a private stream or stalled
+    KICKED = 4003  # disconnected by the operator (publish API)
+    HANDSHAKE_TIMEOUT = 4004  # never used on the wire: the socket closes before a WebSocket
+
+
+class PushdError(Exception):
+    """Root of pushd's own exceptions."""
+
+
+class RequestError(PushdError):
+    """A client request could not be served; the reply says why."""
+
+    def __init__(self, code: ErrorCode, msg: str | None = None) -> None:
+        self.code = code
+        self.msg = msg if msg is not None else DEFAULT_MESSAGES[code]
+        self.request_id: int | str | None = None  # echoed in the reply when the client sent one
+        super().__init__(f"{int(code)}: {self.msg}")
+
+
+class AuthError(PushdError):
+    """The token was refused; the message is safe to log but not shown to the client."""
+
+
+class AuthUnavailable(AuthError):
+    """The login backend did not answer in time or failed; the token may be fine."""
+
+
+class ConfigError(PushdError):
+    """Invalid configuration; ``str(exc)`` is the one line an operator reads."""

@@ -1,0 +1,196 @@
+"""The HTTP side: publish API for the exchange's backends, operations endpoints, metrics.
+
+Starlette routes, served by hypercorn on Trio (``serve_http``). Endpoints, all JSON:
+
+- ``POST /v1/publish``             ``{"channel": internal, "data": any}`` (bearer token)
+- ``POST /v1/publish/batch``       ``{"messages": [{"channel":..., "data":...}, ...]}`` (bearer)
+- ``POST /v1/users/{uid}/disconnect``  close every connection of that uid with 4003 (bearer)
+- ``GET  /v1/stats``               connections, channels, subscriptions, counters (bearer)
+- ``GET  /healthz``, ``GET /readyz``, ``GET /metrics`` (Prometheus text format)
+"""
+
+from __future__ import annotations
+
+import functools
+import hmac
+from collections.abc import Awaitable, Callable
+from typing import Annotated, Any, TypeVar
+
+import msgspec
+import trio
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.trio import serve
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from pushd.bus import Publisher
+from pushd.channels import UID_PATTERN, parse_internal
+from pushd.config import Config
+from pushd.gateway import Gateway
+from pushd.metrics import GatewayMetrics
+
+MAX_BODY_BYTES = 4 * 1024 * 1024
+T = TypeVar("T")
+
+
+class PublishItem(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    channel: Annotated[str, msgspec.Meta(max_length=128)]
+    data: msgspec.Raw
+
+
+class PublishBatch(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    messages: list[PublishItem]
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, msg: str) -> None:
+        super().__init__(msg)
+        self.status = status
+        self.msg = msg
+
+
+class HttpApi:
+    """State the endpoints share; ``ready`` is false until the gateway listens, and on shutdown."""
+
+    def __init__(
+        self,
+        config: Config,
+        publisher: Publisher,
+        gateway: Gateway,
+        registry: CollectorRegistry,
+        metrics: GatewayMetrics,
+    ) -> None:
+        self._config = config
+        self._publisher = publisher
+        self._gateway = gateway
+        self._registry = registry
+        self._metrics = metrics
+        self._symbols = frozenset(config.markets)
+        self._max_data = config.limits.outbound_buffer_bytes // 4
+        self.ready = False
+        self.app = Starlette(
+            routes=[
+                Route("/v1/publish", self._guard(self.publish), methods=["POST"]),
+                Route("/v1/publish/batch", self._guard(self.publish_batch), methods=["POST"]),
+                Route("/v1/users/{uid}/disconnect", self._guard(self.disconnect), methods=["POST"]),
+                Route("/v1/stats", self._guard(self.stats), methods=["GET"]),
+                Route("/healthz", self.healthz, methods=["GET"]),
+                Route("/readyz", self.readyz, methods=["GET"]),
+                Route("/metrics", self.metrics, methods=["GET"]),
+            ]
+        )
+
+    def _guard(
+        self, endpoint: Callable[[Request], Awaitable[Any]]
+    ) -> Callable[[Request], Awaitable[Response]]:
+        """Bearer-token check and error mapping for the backend-facing endpoints."""
+
+        async def guarded(request: Request) -> Response:
+            expected = self._config.http.publish_token
+            try:
+                if not expected:
+                    raise ApiError(503, "publish API disabled: set http.publish_token")
+                scheme, _, token = request.headers.get("authorization", "").partition(" ")
+                if scheme.lower() != "bearer" or not hmac.compare_digest(
+                    token.encode(), expected.encode()
+                ):
+                    raise ApiError(401, "missing or wrong bearer token")
+                result = await endpoint(request)
+            except ApiError as exc:
+                return _json({"error": exc.msg}, exc.status)
+            return _json(result)
+
+        return guarded
+
+    async def _body(self, request: Request) -> bytes:
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+            raise ApiError(413, f"body over {MAX_BODY_BYTES} bytes")
+        body = b""
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > MAX_BODY_BYTES:
+                raise ApiError(413, f"body over {MAX_BODY_BYTES} bytes")
+        return body
+
+    def _check(self, item: PublishItem) -> tuple[str, msgspec.Raw]:
+        try:
+            parse_internal(item.channel, self._symbols)
+        except ValueError as exc:
+            raise ApiError(400, str(exc)) from None
+        if len(item.data) > self._max_data:
+            raise ApiError(413, f"data of {item.channel} over {self._max_data} bytes")
+        return item.channel, item.data
+
+    async def publish(self, request: Request) -> dict[str, object]:
+        item = _decode(await self._body(request), PublishItem)
+        seq = self._publisher.publish_one(*self._check(item))
+        self._metrics.published_api.inc()
+        return {"result": True, "seq": seq}
+
+    async def publish_batch(self, request: Request) -> dict[str, object]:
+        batch = _decode(await self._body(request), PublishBatch)
+        if len(batch.messages) > self._config.http.max_batch:
+            raise ApiError(413, f"batch over {self._config.http.max_batch} messages")
+        items = [self._check(item) for item in batch.messages]  # all valid, or none published
+        seqs = self._publisher.publish(items)
+        self._metrics.published_api.inc(len(items))
+        return {"result": True, "seqs": seqs}
+
+    async def disconnect(self, request: Request) -> dict[str, object]:
+        uid = request.path_params["uid"]
+        if not UID_PATTERN.fullmatch(uid):
+            raise ApiError(400, "invalid uid")
+        return {"result": True, "closed": self._gateway.kick(uid)}
+
+    async def stats(self, request: Request) -> dict[str, object]:
+        hub = msgspec.to_builtins(self._gateway.hub.stats())
+        return {"connections": len(self._gateway.connections), **hub}
+
+    async def healthz(self, request: Request) -> Response:
+        return _json({"status": "ok"})
+
+    async def readyz(self, request: Request) -> Response:
+        if self.ready:
+            return _json({"status": "ready"})
+        return _json({"status": "not ready"}, 503)
+
+    async def metrics(self, request: Request) -> Response:
+        return Response(generate_latest(self._registry), media_type=CONTENT_TYPE_LATEST)
+
+
+def _json(body: object, status: int = 200) -> Response:
+    return Response(msgspec.json.encode(body), status, media_type="application/json")
+
+
+def _decode(body: bytes, kind: type[T]) -> T:
+    try:
+        return msgspec.json.decode(body, type=kind)
+    except msgspec.ValidationError as exc:
+        raise ApiError(400, f"invalid request: {exc}") from None
+    except msgspec.DecodeError:
+        raise ApiError(400, "malformed JSON") from None
+
+
+async def serve_http(
+    api: HttpApi,
+    host: str,
+    port: int,
+    shutdown: trio.Event,
+    *,
+    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve the API until ``shutdown`` is set; reports the bound port."""
+    config = HypercornConfig()
+    config.bind = [f"{host}:{port}"]
+    config.accesslog = None
+    config.errorlog = None
+    config.graceful_timeout = 1.0
+    async with trio.open_nursery() as nursery:
+        urls = await nursery.start(
+            functools.partial(serve, api.app, config, shutdown_trigger=shutdown.wait),  # type: ignore[arg-type]  # Starlette is ASGI; hypercorn's Framework union misses it
+        )
+        task_status.started(int(urls[0].rsplit(":", 1)[1]))

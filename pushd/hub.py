@@ -1,0 +1,176 @@
+"""Channels to subscribers, and the fan-out hot path. No I/O.
+
+Theory of operation
+-------------------
+A message reaching this node is encoded to JSON once and framed as a WebSocket text frame once;
+the same ``bytes`` are appended to the outbound buffer (``Outlet.out``) of every subscriber. An
+outlet whose buffer went from empty to non-empty joins ``dirty``; the gateway's flusher takes the
+dirty list after the publishing task yields and writes each buffer to its socket with one
+``send`` -- so every frame published in one scheduler tick reaches a connection in one syscall.
+
+Buffers are bounded in bytes (``Outlet.limit``). When a frame does not fit:
+
+- public market stream: the frame is dropped for that subscriber and the channel is marked
+  *lagging*; further frames of that channel are dropped too until the buffer has drained, then
+  the subscriber gets one ``{"event":...,"resync":true,"seq":N}`` (N = last seq it lost) and
+  the stream goes on. A slow reader never costs anyone else anything.
+- private stream, or a reply: the outlet is marked ``slow``; the gateway closes it with
+  ``CloseCode.SLOW_CONSUMER`` so the client reconnects and reloads its private state. Private
+  events are never silently skipped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import msgspec
+from wsproto.frame_protocol import FrameProtocol
+
+from pushd.channels import Channel
+from pushd.protocol import encode_event, encode_resync
+
+_server_framer = FrameProtocol(client=False, extensions=[])
+
+
+def text_frame(payload: bytes) -> bytes:
+    """One unmasked, final WebSocket text frame (server to client, no extensions)."""
+    return bytes(_server_framer.send_data(payload.decode("utf-8")))
+
+
+class Outlet:
+    """What the hub sees of a connection: its outbound bytes and its overflow state."""
+
+    __slots__ = ("lagging", "limit", "out", "slow")
+
+    def __init__(self, limit: int) -> None:
+        self.out = bytearray()
+        self.limit = limit
+        self.lagging: dict[str, tuple[Channel, int]] = {}  # internal -> (channel, last lost seq)
+        self.slow = False
+
+
+class _Route:
+    __slots__ = ("channel", "seq", "subscribers")
+
+    def __init__(self, channel: Channel) -> None:
+        self.channel = channel
+        self.subscribers: dict[Outlet, None] = {}  # an ordered set
+        self.seq = 0
+
+
+class HubStats(msgspec.Struct):
+    channels: int
+    subscriptions: int
+    published: int
+    delivered: int
+    dropped: int
+
+
+class Hub:
+    def __init__(self) -> None:
+        self._routes: dict[str, _Route] = {}
+        self.dirty: list[Outlet] = []
+        self.on_dirty: Callable[[], None] = lambda: None  # the dirty list became non-empty
+        self.on_first_subscriber: Callable[[str], None] = lambda _internal: None
+        self.on_last_unsubscribe: Callable[[str], None] = lambda _internal: None
+        self.published = 0
+        self.delivered = 0
+        self.dropped = 0
+
+    def subscribe(self, outlet: Outlet, channel: Channel) -> None:
+        route = self._routes.get(channel.internal)
+        if route is None:
+            route = self._routes[channel.internal] = _Route(channel)
+            self.on_first_subscriber(channel.internal)
+        route.subscribers[outlet] = None
+
+    def unsubscribe(self, outlet: Outlet, internal: str) -> None:
+        route = self._routes.get(internal)
+        if route is None:
+            return
+        route.subscribers.pop(outlet, None)
+        outlet.lagging.pop(internal, None)
+        if not route.subscribers:
+            del self._routes[internal]
+            self.on_last_unsubscribe(internal)
+
+    def subscriber_count(self, internal: str) -> int:
+        route = self._routes.get(internal)
+        return len(route.subscribers) if route is not None else 0
+
+    def channels(self) -> Iterator[str]:
+        return iter(self._routes)
+
+    def stats(self) -> HubStats:
+        return HubStats(
+            channels=len(self._routes),
+            subscriptions=sum(len(r.subscribers) for r in self._routes.values()),
+            published=self.published,
+            delivered=self.delivered,
+            dropped=self.dropped,
+        )
+
+    def publish(self, internal: str, seq: int, data: msgspec.Raw) -> int:
+        """Deliver one event to every local subscriber of ``internal``; returns how many got it."""
+        self.published += 1
+        route = self._routes.get(internal)
+        if route is None:
+            return 0
+        route.seq = seq
+        frame = text_frame(encode_event(route.channel.protocol, data, seq))
+        size = len(frame)
+        dirty = self.dirty
+        was_clean = not dirty
+        delivered = 0
+        for outlet in route.subscribers:
+            out = outlet.out
+            if outlet.lagging and internal in outlet.lagging:
+                outlet.lagging[internal] = (route.channel, seq)
+                self.dropped += 1
+            elif len(out) + size > outlet.limit:
+                self._overflow(outlet, route.channel, seq)
+            else:
+                if not out:
+                    dirty.append(outlet)
+                out += frame
+                delivered += 1
+        self.delivered += delivered
+        if was_clean and dirty:
+            self.on_dirty()
+        return delivered
+
+    def send(self, outlet: Outlet, frame: bytes) -> None:
+        """Queue a frame for one outlet (a reply); a reply that does not fit marks it slow."""
+        if outlet.slow:
+            return
+        if len(outlet.out) + len(frame) > outlet.limit:
+            outlet.slow = True
+            self._mark_dirty(outlet)
+            return
+        was_empty = not outlet.out
+        outlet.out += frame
+        if was_empty:
+            self._mark_dirty(outlet)
+
+    def drained(self, outlet: Outlet) -> None:
+        """The outlet's buffer is empty again: tell each lagging channel where it resumes."""
+        lagging, outlet.lagging = outlet.lagging, {}
+        for channel, seq in lagging.values():
+            self.send(outlet, text_frame(encode_resync(channel.protocol, seq)))
+
+    def _overflow(self, outlet: Outlet, channel: Channel, seq: int) -> None:
+        self.dropped += 1
+        if channel.private:
+            if not outlet.slow:
+                outlet.slow = True
+                self._mark_dirty(outlet)
+        else:
+            outlet.lagging[channel.internal] = (channel, seq)
+
+    def _mark_dirty(self, outlet: Outlet) -> None:
+        """Hand the outlet to the flusher (a slow one, so that the flusher closes it)."""
+        if not self.dirty:
+            self.dirty.append(outlet)
+            self.on_dirty()
+        else:
+            self.dirty.append(outlet)

@@ -1,0 +1,71 @@
+"""Prometheus metrics, one registry per daemon (tests run several daemons in one process).
+
+Hot-path counts (published, delivered, dropped) stay plain integers on the Hub and are read at
+scrape time by a collector, so the fan-out loop never touches a prometheus object.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CollectorRegistry, Counter
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from pushd.hub import Hub
+
+
+class GatewayMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.opened = Counter(
+            "pushd_connections_opened", "WebSocket connections accepted", registry=registry
+        )
+        self.closed_total = Counter(
+            "pushd_connections_closed", "WebSocket connections ended", registry=registry
+        )
+        self.closed = Counter(
+            "pushd_connections_closed_by_server",
+            "Connections the server ended, by reason",
+            ["reason"],
+            registry=registry,
+        )
+        self.rejected = Counter(
+            "pushd_handshakes_rejected", "Upgrade requests refused, by reason", ["reason"],
+            registry=registry,
+        )  # fmt: skip
+        self.auth = Counter(
+            "pushd_logins", "Login attempts, by result", ["result"], registry=registry
+        )
+        self.errors = Counter(
+            "pushd_request_errors", "Error replies, by error code", ["code"], registry=registry
+        )
+        self.published_api = Counter(
+            "pushd_api_published", "Messages accepted by the publish API", registry=registry
+        )
+
+
+class HubCollector(Collector):
+    def __init__(self, hub: Hub, open_connections: Callable[[], int]) -> None:
+        self._hub = hub
+        self._open_connections = open_connections
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self._hub.stats()
+        yield GaugeMetricFamily(
+            "pushd_connections_open", "Open WebSocket connections", value=self._open_connections()
+        )
+        yield GaugeMetricFamily("pushd_channels", "Channels with local subscribers", stats.channels)
+        yield GaugeMetricFamily("pushd_subscriptions", "Local subscriptions", stats.subscriptions)
+        yield CounterMetricFamily(
+            "pushd_hub_published", "Messages that reached this node's hub", value=stats.published
+        )
+        yield CounterMetricFamily(
+            "pushd_hub_delivered", "Frames queued to subscribers", value=stats.delivered
+        )
+        yield CounterMetricFamily(
+            "pushd_hub_dropped", "Frames dropped for slow subscribers", value=stats.dropped
+        )
+
+
+def make_registry() -> CollectorRegistry:
+    return CollectorRegistry(auto_describe=True)

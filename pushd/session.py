@@ -1,0 +1,80 @@
+"""One client's protocol state: who it is logged in as and what it is subscribed to. No I/O.
+
+The gateway's connection shell owns a Session, asks it what a request means, and carries the
+answer to the hub and the socket. All rules a user relies on live here, so they are tested
+without sockets: the uid of a private channel is always the verified uid; a re-login as another
+user drops the previous user's private subscriptions; a subscribe of several channels is all or
+nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Container
+
+from pushd.channels import Channel, resolve
+from pushd.config import LimitsConfig
+from pushd.errors import ErrorCode, RequestError
+from pushd.ratelimit import TokenBucket
+
+
+class Session:
+    __slots__ = ("_failed_logins", "_limits", "_requests", "_symbols", "subscriptions", "uid")
+
+    def __init__(self, symbols: Container[str], limits: LimitsConfig, now: float) -> None:
+        self._symbols = symbols
+        self._limits = limits
+        self.uid: str | None = None
+        self.subscriptions: dict[str, Channel] = {}  # internal name -> channel
+        self._requests = TokenBucket(limits.messages_per_second, limits.message_burst, now)
+        self._failed_logins = TokenBucket(
+            limits.failed_logins_per_minute / 60.0, limits.failed_login_burst, now
+        )
+
+    def take_request(self, now: float) -> bool:
+        """False when the client sends faster than allowed (abuse: the shell closes it)."""
+        return self._requests.take(now)
+
+    def check_login_allowed(self, now: float) -> None:
+        if not self._failed_logins.has_token(now):
+            raise RequestError(ErrorCode.AUTH_RATE_LIMITED)
+
+    def login_failed(self, now: float) -> None:
+        self._failed_logins.take(now)
+
+    def login(self, uid: str) -> list[Channel]:
+        """Log in as ``uid``; returns the private subscriptions to drop (another user's)."""
+        dropped: list[Channel] = []
+        if self.uid is not None and self.uid != uid:
+            dropped = [ch for ch in self.subscriptions.values() if ch.private]
+            for channel in dropped:
+                del self.subscriptions[channel.internal]
+        self.uid = uid
+        return dropped
+
+    def subscribe(self, names: list[str]) -> list[Channel]:
+        """Validate every name, then add them; returns only the channels that are new.
+
+        Raises:
+            RequestError: the first bad name, or TOO_MANY_SUBSCRIPTIONS; nothing is added.
+        """
+        new: dict[str, Channel] = {}
+        for name in names:
+            channel = resolve(name, self._symbols, self.uid)
+            if channel.internal not in self.subscriptions:
+                new[channel.internal] = channel
+        if len(self.subscriptions) + len(new) > self._limits.max_subscriptions:
+            raise RequestError(
+                ErrorCode.TOO_MANY_SUBSCRIPTIONS,
+                f"too many subscriptions (at most {self._limits.max_subscriptions})",
+            )
+        self.subscriptions.update(new)
+        return list(new.values())
+
+    def unsubscribe(self, names: list[str]) -> list[Channel]:
+        """Validate every name, then remove them; returns the channels that were subscribed."""
+        channels = [resolve(name, self._symbols, self.uid) for name in names]
+        removed = []
+        for channel in channels:
+            if self.subscriptions.pop(channel.internal, None) is not None:
+                removed.append(channel)
+        return removed
