@@ -12,6 +12,10 @@ import msgspec
 import pytest
 import trio
 import trio_websocket
+from wsproto import ConnectionType, WSConnection
+from wsproto.events import AcceptConnection, CloseConnection, RejectConnection, TextMessage
+from wsproto.events import Event as WsEvent
+from wsproto.events import Request as WsRequest
 
 from pushd import config as config_mod
 from pushd.auth import issue_hmac_token
@@ -107,3 +111,80 @@ def free_port() -> int:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
         return port
+
+
+class RawClient:
+    """A WebSocket client over a bare socket (wsproto), for clients that misbehave on purpose:
+    never read, send garbage, or have a tiny receive buffer."""
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.stream = stream
+        self.ws = WSConnection(ConnectionType.CLIENT)
+        self._parts: list[str] = []
+
+    @classmethod
+    async def connect(cls, port: int, *, rcvbuf: int | None = None, path: str = "/ws",
+                      headers: list[tuple[bytes, bytes]] | None = None) -> RawClient:  # fmt: skip
+        sock = trio.socket.socket()
+        if rcvbuf is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        await sock.connect(("127.0.0.1", port))
+        client = cls(trio.SocketStream(sock))
+        await client.stream.send_all(
+            client.ws.send(WsRequest(host="localhost", target=path, extra_headers=headers or []))
+        )
+        return client
+
+    async def handshake(self) -> WsEvent:
+        """The server's answer: AcceptConnection or RejectConnection."""
+        with trio.fail_after(5):
+            while True:
+                data = await self.stream.receive_some(65536)
+                self.ws.receive_data(data or None)
+                for event in self.ws.events():
+                    if isinstance(event, AcceptConnection | RejectConnection):
+                        return event
+
+    async def send_json(self, obj: Any) -> None:
+        await self.stream.send_all(self.ws.send(TextMessage(msgspec.json.encode(obj).decode())))
+
+    async def send_raw(self, data: bytes) -> None:
+        await self.stream.send_all(data)
+
+    async def read_one_batch(self) -> tuple[list[Any], int | None]:
+        """The JSON messages of one receive (a close code, if a close frame came)."""
+        with trio.fail_after(30):
+            data = await self.stream.receive_some(1 << 20)
+        self.ws.receive_data(data or None)
+        messages: list[Any] = []
+        for event in self.ws.events():
+            if isinstance(event, TextMessage):
+                self._parts.append(event.data)
+                if event.message_finished:
+                    messages.append(msgspec.json.decode("".join(self._parts)))
+                    self._parts.clear()
+            elif isinstance(event, CloseConnection):
+                return messages, event.code
+        return messages, None
+
+    async def read_until_close(self) -> tuple[list[Any], int | None]:
+        """Every JSON message until the server's close frame (its code) or EOF (None)."""
+        messages: list[Any] = []
+        parts: list[str] = []
+        with trio.fail_after(30):
+            while True:
+                data = await self.stream.receive_some(1 << 20)
+                self.ws.receive_data(data or None)
+                for event in self.ws.events():
+                    if isinstance(event, TextMessage):
+                        parts.append(event.data)
+                        if event.message_finished:
+                            messages.append(msgspec.json.decode("".join(parts)))
+                            parts.clear()
+                    elif isinstance(event, CloseConnection):
+                        return messages, (event.code if data else None)
+                if not data:
+                    return messages, None
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()

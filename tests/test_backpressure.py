@@ -1,0 +1,107 @@
+"""Clients that stop reading: they never cost the others anything, and each stream's policy holds.
+
+The slow client is a bare socket with a tiny receive buffer that does not read while the test
+publishes several megabytes; the server's outbound buffer for it is 64 KiB.
+"""
+
+from __future__ import annotations
+
+import trio
+from conftest import RawClient, Running, make_config, open_client, start_daemon
+from wsproto.events import AcceptConnection
+
+from pushd.errors import CloseCode
+
+PAYLOAD = {"pad": "x" * 16_000}
+COUNT = 400  # 6.4 MB: far more than the kernel buffers plus the 64 KiB outbound buffer
+
+
+async def slow_daemon(nursery: trio.Nursery) -> Running:
+    config = make_config(limits={"outbound_buffer_bytes": 65536, "stall_timeout_s": 60.0,
+                                 "close_timeout_s": 30.0})  # fmt: skip
+    return await start_daemon(nursery, config)
+
+
+async def stalled_client(running: Running, *requests: dict[str, object]) -> RawClient:
+    """A client that sends its requests, reads their replies, and then stops reading."""
+    raw = await RawClient.connect(running.ports.websocket, rcvbuf=4096)
+    assert isinstance(await raw.handshake(), AcceptConnection)
+    replies: list[object] = []
+    for request in requests:
+        await raw.send_json(request)
+    while len(replies) < len(requests):
+        more, _ = await raw.read_one_batch()
+        replies += more
+    assert all(isinstance(r, dict) and r.get("result") for r in replies), replies
+    return raw
+
+
+async def test_public_stream_drops_for_the_slow_one_then_resyncs(nursery: trio.Nursery) -> None:
+    running = await slow_daemon(nursery)
+    raw = await stalled_client(running, {"op": "subscribe", "channel": "BTCUSDT@trades"})
+    async with open_client(running.ws_url, max_message_size=1 << 20) as fast:
+        await fast.call({"op": "subscribe", "channel": "BTCUSDT@trades"})
+        assert running.daemon.hub.subscriber_count("trades_BTCUSDT") == 2
+
+        received = []
+        for _ in range(COUNT // 2):  # in step with the reader, whose buffer holds 4 of these
+            await running.publish_batch([{"channel": "trades_BTCUSDT", "data": PAYLOAD}] * 2)
+            received += [(await fast.recv())["seq"] for _ in range(2)]
+
+        assert received == list(range(1, COUNT + 1))  # the reader got everything, in order
+        assert running.daemon.hub.dropped > 0  # while the slow one lost some
+
+        after = await running.publish("trades_BTCUSDT", {"after": True})  # dropped: still lagging
+        messages: list[dict[str, object]] = []  # the slow client finally reads
+        while not any(m.get("resync") for m in messages):
+            messages += (await raw.read_one_batch())[0]  # the drain goes on as it reads
+        await running.publish("trades_BTCUSDT", {"resumed": True})
+        while messages[-1].get("seq") != after + 1:
+            messages += (await raw.read_one_batch())[0]
+
+        seqs = [m["seq"] for m in messages if "data" in m]
+        resync = [m for m in messages if m.get("resync")]
+        assert len(resync) == 1 and resync[0]["event"] == "BTCUSDT@trades"
+        assert resync[0]["seq"] == after
+        first_run = seqs[: seqs.index(after + 1)]
+        assert first_run == list(range(1, len(first_run) + 1))  # a gap-free prefix ...
+        assert len(first_run) < COUNT  # ... that stopped when the buffer filled
+        assert messages[-1] == {"event": "BTCUSDT@trades", "data": {"resumed": True},
+                                "seq": after + 1}  # fmt: skip
+    await raw.aclose()
+
+
+async def test_private_stream_overflow_closes_with_4002(nursery: trio.Nursery) -> None:
+    running = await slow_daemon(nursery)
+    raw = await stalled_client(
+        running,
+        {"op": "auth", "token": running.token("1001")},
+        {"op": "subscribe", "channel": "@order"},
+    )
+    async with open_client(running.ws_url) as other:
+        await other.call({"op": "auth", "token": running.token("1002")})
+        await other.call({"op": "subscribe", "channel": "@order"})
+        for _ in range(COUNT // 2):
+            await running.publish_batch([{"channel": "user_1001_order", "data": PAYLOAD}] * 2)
+        seq = await running.publish("user_1002_order", {"ok": 1})
+        assert await other.recv() == {"event": "@order", "data": {"ok": 1}, "seq": seq}
+
+    messages, code = await raw.read_until_close()
+    assert code == CloseCode.SLOW_CONSUMER
+    seqs = [m["seq"] for m in messages if m.get("event") == "@order"]
+    assert seqs == list(range(1, len(seqs) + 1))  # what it got has no gap; then the close
+    assert 0 < len(seqs) < COUNT
+    await raw.aclose()
+
+
+async def test_client_that_never_reads_is_closed_after_stall_timeout(
+    nursery: trio.Nursery,
+) -> None:
+    config = make_config(limits={"outbound_buffer_bytes": 65536, "stall_timeout_s": 0.5})
+    running = await start_daemon(nursery, config)
+    raw = await stalled_client(running, {"op": "subscribe", "channel": "BTCUSDT@depth"})
+    with trio.fail_after(20):  # once the kernel buffers are full, a write waits: 0.5 s of that
+        while running.daemon.gateway.connections:
+            await running.publish_batch([{"channel": "depth_BTCUSDT", "data": PAYLOAD}] * 10)
+    assert running.daemon.metrics.closed.labels(reason="stalled")._value.get() == 1
+    await raw.aclose()

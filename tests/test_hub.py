@@ -1,0 +1,106 @@
+"""The fan-out core: encode once, bounded buffers, per-stream overflow policy. No sockets."""
+
+from __future__ import annotations
+
+import msgspec
+from wsproto.frame_protocol import FrameDecoder, Opcode
+
+from pushd.channels import Channel
+from pushd.hub import Hub, Outlet, text_frame
+from pushd.protocol import encode_event, encode_resync
+
+PUBLIC = Channel("trades_BTCUSDT", "BTCUSDT@trades", private=False, symbol="BTCUSDT")
+PRIVATE = Channel("user_1_order", "@order", private=True)
+DATA = msgspec.Raw(b'{"p":"1.5"}')
+
+
+def frames(buf: bytes) -> list[dict[str, object]]:
+    decoder = FrameDecoder(client=True, extensions=[])
+    decoder.receive_bytes(buf)
+    out = []
+    while (frame := decoder.process_buffer()) is not None:
+        assert frame.opcode is Opcode.TEXT
+        out.append(msgspec.json.decode(bytes(frame.payload)))
+    return out
+
+
+def test_text_frame_is_a_valid_server_frame() -> None:
+    for size in (0, 125, 126, 65535, 65536):
+        payload = b"x" * size
+        decoder = FrameDecoder(client=True, extensions=[])
+        decoder.receive_bytes(text_frame(payload))
+        frame = decoder.process_buffer()
+        assert frame is not None and bytes(frame.payload) == payload
+
+
+def test_one_frame_shared_by_all_subscribers() -> None:
+    hub = Hub()
+    woken = []
+    hub.on_dirty = lambda: woken.append(1)
+    outlets = [Outlet(10_000) for _ in range(3)]
+    for o in outlets:
+        hub.subscribe(o, PUBLIC)
+    assert hub.publish("trades_BTCUSDT", 1, DATA) == 3
+    assert hub.publish("trades_BTCUSDT", 2, DATA) == 3
+    assert woken == [1]  # one wake per tick, however many frames
+    assert hub.dirty == outlets
+    expected = text_frame(encode_event("BTCUSDT@trades", DATA, 1)) + text_frame(
+        encode_event("BTCUSDT@trades", DATA, 2)
+    )
+    assert all(bytes(o.out) == expected for o in outlets)
+    assert hub.publish("depth_BTCUSDT", 1, DATA) == 0
+    assert hub.stats().delivered == 6
+
+
+def test_unsubscribe_removes_route_and_calls_back() -> None:
+    hub = Hub()
+    gone: list[str] = []
+    hub.on_last_unsubscribe = gone.append
+    a, b = Outlet(100), Outlet(100)
+    hub.subscribe(a, PUBLIC)
+    hub.subscribe(b, PUBLIC)
+    hub.unsubscribe(a, PUBLIC.internal)
+    assert gone == [] and hub.subscriber_count(PUBLIC.internal) == 1
+    hub.unsubscribe(b, PUBLIC.internal)
+    assert gone == [PUBLIC.internal] and list(hub.channels()) == []
+
+
+def test_public_overflow_drops_then_resyncs_once_drained() -> None:
+    hub = Hub()
+    frame_size = len(text_frame(encode_event("BTCUSDT@trades", DATA, 1)))
+    slow, fast = Outlet(frame_size * 2), Outlet(10_000)
+    hub.subscribe(slow, PUBLIC)
+    hub.subscribe(fast, PUBLIC)
+    for seq in range(1, 6):
+        hub.publish(PUBLIC.internal, seq, DATA)
+    assert [f["seq"] for f in frames(bytes(fast.out))] == [1, 2, 3, 4, 5]
+    assert [f["seq"] for f in frames(bytes(slow.out))] == [1, 2]
+    assert not slow.slow and slow.lagging == {PUBLIC.internal: (PUBLIC, 5)}
+    slow.out.clear()  # the socket took it all
+    hub.publish(PUBLIC.internal, 6, DATA)  # still lagging: dropped until drained() runs
+    hub.drained(slow)
+    hub.publish(PUBLIC.internal, 7, DATA)
+    assert bytes(slow.out) == text_frame(encode_resync("BTCUSDT@trades", 6)) + text_frame(
+        encode_event("BTCUSDT@trades", DATA, 7)
+    )
+    assert hub.stats().dropped == 4
+
+
+def test_private_overflow_marks_slow_and_never_skips() -> None:
+    hub = Hub()
+    frame_size = len(text_frame(encode_event("@order", DATA, 1)))
+    outlet = Outlet(frame_size * 2)
+    hub.subscribe(outlet, PRIVATE)
+    for seq in range(1, 4):
+        hub.publish(PRIVATE.internal, seq, DATA)
+    assert outlet.slow
+    assert [f["seq"] for f in frames(bytes(outlet.out))] == [1, 2]
+    assert hub.dirty.count(outlet) >= 1
+
+
+def test_reply_overflow_marks_slow() -> None:
+    hub = Hub()
+    outlet = Outlet(10)
+    hub.send(outlet, b"12345")
+    hub.send(outlet, b"123456")
+    assert outlet.slow and bytes(outlet.out) == b"12345"

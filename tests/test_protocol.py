@@ -1,0 +1,72 @@
+"""Request decoding and reply encoding, without sockets."""
+
+from __future__ import annotations
+
+import msgspec
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from pushd import protocol
+from pushd.errors import ErrorCode, RequestError
+
+
+def test_requests_decode() -> None:
+    assert protocol.parse_request('{"op":"auth","token":"t"}') == protocol.Auth(token="t")
+    sub = protocol.parse_request('{"op":"subscribe","channel":["a","b"],"id":"x"}')
+    assert isinstance(sub, protocol.Subscribe)
+    assert protocol.channels_of(sub) == ["a", "b"]
+    assert sub.id == "x"
+    unsub = protocol.parse_request('{"op":"unsubscribe","channel":"a","id":3}')
+    assert isinstance(unsub, protocol.Unsubscribe)
+    assert protocol.channels_of(unsub) == ["a"]
+    assert protocol.parse_request('{"op":"ping","id":9}') == protocol.Ping(id=9)
+
+
+def test_extra_fields_are_ignored() -> None:
+    assert protocol.parse_request('{"op":"ping","future":1}') == protocol.Ping()
+
+
+@pytest.mark.parametrize(
+    ("text", "code", "request_id"),
+    [
+        ("{", ErrorCode.MALFORMED_JSON, None),
+        ("not json", ErrorCode.MALFORMED_JSON, None),
+        ("[1,2]", ErrorCode.UNKNOWN_OP, None),
+        ('"auth"', ErrorCode.UNKNOWN_OP, None),
+        ('{"op":"dance","id":4}', ErrorCode.UNKNOWN_OP, 4),
+        ('{"id":4}', ErrorCode.UNKNOWN_OP, 4),
+        ('{"op":"subscribe","id":5}', ErrorCode.INVALID_REQUEST, 5),
+        ('{"op":"subscribe","channel":[],"id":"r"}', ErrorCode.INVALID_REQUEST, "r"),
+        ('{"op":"subscribe","channel":7}', ErrorCode.INVALID_REQUEST, None),
+        ('{"op":"auth","id":{"x":1}}', ErrorCode.INVALID_REQUEST, None),
+        ('{"op":"ping","id":true}', ErrorCode.INVALID_REQUEST, None),
+        ('{"op":"subscribe","channel":"' + "x" * 65 + '"}', ErrorCode.INVALID_REQUEST, None),
+    ],
+)
+def test_bad_requests(text: str, code: ErrorCode, request_id: object) -> None:
+    with pytest.raises(RequestError) as info:
+        protocol.parse_request(text)
+    assert info.value.code is code
+    assert info.value.request_id == request_id
+
+
+@given(st.binary(max_size=200))
+def test_any_bytes_give_a_request_or_a_request_error(data: bytes) -> None:
+    try:
+        protocol.parse_request(data)
+    except RequestError as exc:
+        reply = msgspec.json.decode(protocol.encode_error(exc))
+        assert reply["code"] == int(exc.code)
+        assert isinstance(reply["msg"], str)
+
+
+def test_replies() -> None:
+    assert protocol.encode_result() == b'{"result":true}'
+    assert protocol.encode_result(7, uid="1001") == b'{"result":true,"id":7,"uid":"1001"}'
+    err = RequestError(ErrorCode.UNKNOWN_CHANNEL)
+    assert protocol.encode_error(err) == b'{"code":5,"msg":"unknown channel"}'
+    assert protocol.encode_pong(123, "a") == b'{"op":"pong","ts":123,"id":"a"}'
+    event = protocol.encode_event("BTCUSDT@depth", msgspec.Raw(b'{"bids":[]}'), 4)
+    assert event == b'{"event":"BTCUSDT@depth","data":{"bids":[]},"seq":4}'
+    assert protocol.encode_resync("X@trades", 9) == b'{"event":"X@trades","resync":true,"seq":9}'
