@@ -33,7 +33,7 @@ async def test_publish_needs_the_token(running: Running, headers: dict[str, str]
     assert (await post(running, "/v1/publish", body, headers=headers)).status_code == 401
     assert (
         await post(running, "/v1/publish/batch", {"messages": [body]}, headers=headers)
-    ).status_code == 401  # noqa: E501
+    ).status_code == 401
     assert (await post(running, "/v1/users/1/disconnect", headers=headers)).status_code == 401
     assert (await get(running, "/v1/stats", headers=headers)).status_code == 401
     assert running.daemon.hub.published == 0
@@ -73,7 +73,7 @@ async def test_batch_is_all_or_nothing_and_ordered(running: Running) -> None:
         bad = [{"channel": "notice", "data": {"i": 0}}, {"channel": "nope", "data": {}}]
         assert (
             await post(running, "/v1/publish/batch", {"messages": bad}, headers=AUTH)
-        ).status_code == 400  # noqa: E501
+        ).status_code == 400
         good = [{"channel": "notice", "data": {"i": i}} for i in range(5)]
         r = await post(running, "/v1/publish/batch", {"messages": good}, headers=AUTH)
         assert r.json() == {"result": True, "seqs": [1, 2, 3, 4, 5]}
