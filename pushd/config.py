@@ -85,7 +85,32 @@ class AuthConfig(_Section, frozen=True):
 
 
 class MarketConfig(_Section, frozen=True):
-    """One symbol's settings; the market streams add theirs here."""
+    """One symbol's settings."""
+
+    depth_interval_ms: Annotated[int, msgspec.Meta(ge=10, le=60_000)] = 100
+    depth_levels: Annotated[int, msgspec.Meta(ge=1, le=5000)] = 500
+
+
+class IngestConfig(_Section, frozen=True):
+    udp_enabled: bool = True
+    udp_host: str = "127.0.0.1"
+    udp_port: Port = 7001
+    udp_receive_buffer_bytes: PositiveInt = 8 * 1024 * 1024
+    tcp_enabled: bool = True
+    tcp_host: str = "127.0.0.1"
+    tcp_port: Port = 7002
+    max_tcp_peers: PositiveInt = 64
+
+
+class EngineConfig(_Section, frozen=True):
+    """Where the snapshot poller asks the matching engine for books."""
+
+    snapshot_enabled: bool = True
+    snapshot_host: str = "127.0.0.1"
+    snapshot_port: Port = 7003
+    request_timeout_s: PositiveFloat = 2.0
+    reconnect_initial_s: PositiveFloat = 0.2
+    reconnect_max_s: PositiveFloat = 5.0
 
 
 class LogConfig(_Section, frozen=True):
@@ -107,6 +132,8 @@ class Config(_Section, frozen=True):
     http: HttpConfig = msgspec.field(default_factory=HttpConfig)
     auth: AuthConfig = msgspec.field(default_factory=AuthConfig)
     markets: dict[str, MarketConfig] = msgspec.field(default_factory=_default_markets)
+    ingest: IngestConfig = msgspec.field(default_factory=IngestConfig)
+    engine: EngineConfig = msgspec.field(default_factory=EngineConfig)
     log: LogConfig = msgspec.field(default_factory=LogConfig)
     bus: BusConfig = msgspec.field(default_factory=BusConfig)
 

@@ -5,7 +5,8 @@
     Daemon.serve
     ├── Gateway.serve          WebSocket listener, flusher, one task per connection
     ├── serve_http             hypercorn: publish API, health, metrics
-    └── (later issues)         ingest listeners, snapshot poller, market computations
+    ├── serve_udp, serve_tcp   engine events -> Intake -> EngineRouter (private) / Markets
+    └── SnapshotPoller.run     engine books -> Markets
 
 Shutdown (``stop()``, SIGTERM or SIGINT): readiness goes false, the gateway stops accepting and
 closes every client with 1001 (grace period ``SHUTDOWN_GRACE_S``), then the HTTP server stops and
@@ -21,13 +22,19 @@ import msgspec
 import structlog
 import trio
 
+from ingest import wire
 from pushd.auth import Verifier, make_verifier
 from pushd.bus import MemoryBus, Publisher
-from pushd.config import AuthConfig, Config, HmacAuthConfig
+from pushd.config import AuthConfig, Config
 from pushd.gateway import Gateway
 from pushd.http_api import HttpApi, serve_http
 from pushd.hub import Hub
-from pushd.metrics import GatewayMetrics, HubCollector, make_registry
+from pushd.intake import Intake
+from pushd.listeners import serve_tcp, serve_udp
+from pushd.markets import Markets
+from pushd.metrics import GatewayMetrics, HubCollector, IngestCollector, make_registry
+from pushd.poller import SnapshotPoller
+from pushd.routing import EngineRouter
 
 SHUTDOWN_GRACE_S = 5.0
 
@@ -37,6 +44,8 @@ log = structlog.get_logger("pushd.daemon")
 class Ports(msgspec.Struct, frozen=True):
     websocket: int
     http: int
+    ingest_udp: int = 0  # 0: that listener is off
+    ingest_tcp: int = 0
 
 
 def with_hmac_secret(config: Config) -> Config:
@@ -62,11 +71,14 @@ class Daemon:
         self.gateway = Gateway(config, self.hub, self.verifier, self.metrics)
         self.registry.register(HubCollector(self.hub, lambda: len(self.gateway.connections)))
         self.api = HttpApi(config, self.publisher, self.gateway, self.registry, self.metrics)
+        self.poller = SnapshotPoller(config.engine, config.markets, self._on_book)
+        self.markets = Markets(list(config.markets), self.poller.refresh)
+        self.intake = Intake(EngineRouter(self.publisher, self.markets), frozenset(config.markets))
+        self.registry.register(IngestCollector(self.intake, self.poller))
         self._stop = trio.Event()
 
-    @property
-    def hmac_config(self) -> HmacAuthConfig:
-        return self.config.auth.hmac
+    def _on_book(self, snapshot: wire.BookSnapshot) -> None:
+        self.markets.book(snapshot)
 
     def stop(self) -> None:
         """Begin a graceful shutdown; ``serve`` returns when it is done."""
@@ -88,9 +100,17 @@ class Daemon:
                 http_port = await nursery.start(
                     serve_http, self.api, http_cfg.host, http_cfg.port, http_stop
                 )
+                ingest = self.config.ingest
+                udp_port = tcp_port = 0
+                if ingest.udp_enabled:
+                    udp_port = await nursery.start(serve_udp, ingest, self.intake)
+                if ingest.tcp_enabled:
+                    tcp_port = await nursery.start(serve_tcp, ingest, self.intake)
+                if self.config.engine.snapshot_enabled:
+                    nursery.start_soon(self.poller.run)
                 self.api.ready = True
-                ports = Ports(websocket=ws_port, http=http_port)
-                log.info("pushd ready", websocket_port=ws_port, http_port=http_port)
+                ports = Ports(ws_port, http_port, udp_port, tcp_port)
+                log.info("pushd ready", **msgspec.structs.asdict(ports))
                 task_status.started(ports)
                 await self._stop.wait()
                 log.info("shutting down", connections=len(self.gateway.connections))

@@ -13,6 +13,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from pushd.hub import Hub
+from pushd.intake import Intake
+from pushd.poller import SnapshotPoller
 
 
 class GatewayMetrics:
@@ -69,3 +71,35 @@ class HubCollector(Collector):
 
 def make_registry() -> CollectorRegistry:
     return CollectorRegistry(auto_describe=True)
+
+
+class IngestCollector(Collector):
+    def __init__(self, intake: Intake, poller: SnapshotPoller) -> None:
+        self._intake = intake
+        self._poller = poller
+
+    def collect(self) -> Iterator[Metric]:
+        frames = CounterMetricFamily(
+            "pushd_ingest_frames", "Engine frames, by verdict", labels=["verdict"]
+        )
+        for verdict, count in sorted(self._intake.frames.items()):
+            frames.add_metric([verdict], count)
+        yield frames
+        events = CounterMetricFamily(
+            "pushd_ingest_events", "Engine events, by type", labels=["type"]
+        )
+        for kind, count in sorted(self._intake.events.items()):
+            events.add_metric([kind], count)
+        yield events
+        yield CounterMetricFamily(
+            "pushd_ingest_lost_frames", "Engine frames lost (gaps)", value=self._intake.lost_frames
+        )
+        yield GaugeMetricFamily(
+            "pushd_engine_up", "1 while the snapshot poller gets books", value=int(self._poller.up)
+        )
+        yield CounterMetricFamily(
+            "pushd_snapshots", "Book snapshots received", value=self._poller.snapshots
+        )
+        yield CounterMetricFamily(
+            "pushd_snapshot_failures", "Snapshot connection failures", value=self._poller.failures
+        )

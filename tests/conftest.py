@@ -30,6 +30,8 @@ def make_config(**sections: dict[str, Any]) -> config_mod.Config:
         "websocket": {"port": 0},
         "http": {"port": 0, "publish_token": PUBLISH_TOKEN},
         "auth": {"hmac": {"secret": SECRET}},
+        "ingest": {"udp_port": 0, "tcp_port": 0},
+        "engine": {"snapshot_enabled": False},
     }
     for name, values in sections.items():
         raw[name] = {**raw.get(name, {}), **values}

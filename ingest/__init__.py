@@ -1,0 +1,1 @@
+"""The matching-engine side of pushd: wire format, senders, snapshot server."""

@@ -1,0 +1,221 @@
+"""The matching engine -> pushd wire format: msgspec Structs, MessagePack on the wire. No I/O.
+
+``docs/wire.md`` describes the same format for engines written in other languages.
+
+A *frame* is one MessagePack map, an ``Envelope``: who sent it (``src``, ``epoch``), its number
+(``seq``: 1, 2, 3, ... per source and epoch) and one or more events. Over UDP one datagram is one
+frame. Over TCP each frame is preceded by its length as a 4-byte big-endian unsigned integer.
+
+Events are maps tagged by ``"type"``. Prices and quantities are decimal strings (``"61234.5"``),
+never floats, so they stay exact from the engine to the client.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Annotated, Literal
+
+import msgspec
+
+MAX_DATAGRAM_BYTES = 65_000  # one frame per UDP datagram, at most this size
+MAX_FRAME_BYTES = 4 * 1024 * 1024  # one TCP frame (a deep book snapshot fits)
+LENGTH_PREFIX = struct.Struct(">I")
+
+Decimal = Annotated[str, msgspec.Meta(pattern=r"^-?[0-9]{1,30}(\.[0-9]{1,30})?$")]
+Symbol = Annotated[str, msgspec.Meta(pattern=r"^[0-9A-Z]{2,32}$")]
+Uid = Annotated[str, msgspec.Meta(pattern=r"^[0-9A-Za-z][0-9A-Za-z.\-]{0,63}$")]
+Millis = Annotated[int, msgspec.Meta(ge=0)]
+Level = tuple[Decimal, Decimal]  # (price, quantity)
+Side = Literal["buy", "sell"]
+
+
+class _Event(msgspec.Struct, frozen=True, tag_field="type", forbid_unknown_fields=False):
+    pass
+
+
+class Trade(_Event, tag="trade", frozen=True):
+    """One match. ``side`` is the taker's side; ``id`` rises per symbol."""
+
+    symbol: Symbol
+    id: Annotated[int, msgspec.Meta(ge=0)]
+    price: Decimal
+    qty: Decimal
+    side: Side
+    ts: Millis
+
+
+class OrderUpdate(_Event, tag="order", frozen=True):
+    uid: Uid
+    symbol: Symbol
+    order_id: Annotated[int, msgspec.Meta(ge=0)]
+    side: Side
+    kind: Literal["limit", "market"]
+    price: Decimal
+    qty: Decimal
+    filled_qty: Decimal
+    avg_price: Decimal
+    status: Literal["new", "partially_filled", "filled", "canceled", "rejected"]
+    ts: Millis
+    client_order_id: str = ""
+    last_fill_qty: Decimal = "0"
+    last_fill_price: Decimal = "0"
+    fee: Decimal = "0"
+
+
+class BalanceUpdate(_Event, tag="balance", frozen=True):
+    uid: Uid
+    asset: Annotated[str, msgspec.Meta(pattern=r"^[0-9A-Z]{1,16}$")]
+    free: Decimal
+    locked: Decimal
+    reason: Literal["order", "fill", "cancel", "funding", "transfer", "fee"]
+    ts: Millis
+
+
+class PositionUpdate(_Event, tag="position", frozen=True):
+    """``qty`` is signed: positive long, negative short, 0 flat."""
+
+    uid: Uid
+    symbol: Symbol
+    qty: Decimal
+    entry_price: Decimal
+    realized_pnl: Decimal
+    ts: Millis
+
+
+class AccountUpdate(_Event, tag="account", frozen=True):
+    """Free-form account fields (equity, margin ratio, ...), all decimal strings or text."""
+
+    uid: Uid
+    fields: dict[str, str]
+    ts: Millis
+
+
+class IndexPrice(_Event, tag="index", frozen=True):
+    """One spot source's price for the symbol's underlying; pushd aggregates the sources."""
+
+    symbol: Symbol
+    source: Annotated[str, msgspec.Meta(max_length=32)]
+    price: Decimal
+    ts: Millis
+
+
+class BookRequest(_Event, tag="book_request", frozen=True):
+    symbol: Symbol
+    request_id: Annotated[int, msgspec.Meta(ge=0)]
+    depth: Annotated[int, msgspec.Meta(ge=1, le=5000)] = 500
+
+
+class BookSnapshot(_Event, tag="book", frozen=True):
+    """The engine's book: bids best (highest) first, asks best (lowest) first.
+
+    ``update_id`` is the engine's book version; it only rises.
+    """
+
+    symbol: Symbol
+    request_id: Annotated[int, msgspec.Meta(ge=0)]
+    update_id: Annotated[int, msgspec.Meta(ge=0)]
+    bids: list[Level]
+    asks: list[Level]
+    ts: Millis
+
+
+Event = (
+    Trade
+    | OrderUpdate
+    | BalanceUpdate
+    | PositionUpdate
+    | AccountUpdate
+    | IndexPrice
+    | BookRequest
+    | BookSnapshot
+)
+
+
+class Envelope(msgspec.Struct, frozen=True):
+    """One frame: ``seq`` counts frames per (``src``, ``epoch``), starting at 1."""
+
+    src: Annotated[int, msgspec.Meta(ge=0, le=2**32 - 1)]
+    epoch: Annotated[int, msgspec.Meta(ge=0)]
+    seq: Annotated[int, msgspec.Meta(ge=1)]
+    events: Annotated[list[Event], msgspec.Meta(min_length=1)]
+
+
+class WireError(ValueError):
+    """A frame that is not a valid Envelope: truncated, wrong types, too big."""
+
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(Envelope)
+
+
+def encode(envelope: Envelope) -> bytes:
+    return _encoder.encode(envelope)
+
+
+def encode_event(event: Event) -> bytes:
+    """One event alone, to measure it when packing datagrams."""
+    return _encoder.encode(event)
+
+
+def decode(data: bytes | bytearray | memoryview) -> Envelope:
+    """Decode one frame. Raises WireError with a one-line reason."""
+    try:
+        return _decoder.decode(data)
+    except msgspec.ValidationError as exc:
+        raise WireError(f"invalid frame: {exc}") from None
+    except msgspec.DecodeError as exc:
+        raise WireError(f"undecodable frame: {exc}") from None
+
+
+def frame_tcp(envelope: Envelope) -> bytes:
+    body = encode(envelope)
+    if len(body) > MAX_FRAME_BYTES:
+        raise WireError(f"frame of {len(body)} bytes over {MAX_FRAME_BYTES}")
+    return LENGTH_PREFIX.pack(len(body)) + body
+
+
+class StreamDecoder:
+    """Splits a TCP byte stream into frames, h11-style: ``feed(bytes)``, then ``next_frame()``
+    until it returns None.
+
+    A length over ``max_frame`` raises WireError every time from then on: the stream cannot be
+    trusted past it, so the connection must be dropped. A frame whose body does not decode raises
+    WireError once and is skipped (its length was sound).
+    """
+
+    def __init__(self, max_frame: int = MAX_FRAME_BYTES) -> None:
+        self._buf = bytearray()
+        self._pos = 0
+        self._max = max_frame
+        self._broken: WireError | None = None
+
+    def feed(self, data: bytes) -> None:
+        if self._pos > 65536 and self._pos * 2 > len(self._buf):
+            del self._buf[: self._pos]
+            self._pos = 0
+        self._buf += data
+
+    def next_frame(self) -> Envelope | None:
+        if self._broken is not None:
+            raise self._broken
+        buf, pos = self._buf, self._pos
+        if len(buf) - pos < 4:
+            return None
+        (length,) = LENGTH_PREFIX.unpack_from(buf, pos)
+        if length > self._max:
+            self._broken = WireError(f"frame length {length} over {self._max}")
+            raise self._broken
+        if len(buf) - pos - 4 < length:
+            return None
+        self._pos = pos + 4 + length
+        return decode(buf[pos + 4 : pos + 4 + length])
+
+    @property
+    def broken(self) -> bool:
+        """True once the stream lost its framing; the connection must be dropped."""
+        return self._broken is not None
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received but not yet returned as frames."""
+        return len(self._buf) - self._pos

@@ -1,0 +1,83 @@
+"""From engine frames to events: sequence checks, symbol checks, dispatch. No I/O.
+
+The ingest listeners (UDP, TCP) decode frames and hand them here; this module decides what is
+accepted, counts everything, and tells the sink which symbols to resync after a loss.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Container
+from typing import Protocol
+
+from ingest import wire
+from pushd.sequencing import SequenceTracker, Verdict
+
+PrivateEvent = wire.OrderUpdate | wire.BalanceUpdate | wire.PositionUpdate | wire.AccountUpdate
+
+
+class IngestSink(Protocol):
+    def trade(self, trade: wire.Trade) -> None: ...
+
+    def index_price(self, event: wire.IndexPrice) -> None: ...
+
+    def private(self, event: PrivateEvent) -> None: ...
+
+    def resync(self, symbols: set[str], reason: str) -> None:
+        """Events of these symbols may have been lost: rebuild their streams from the engine."""
+
+
+class Intake:
+    def __init__(self, sink: IngestSink, symbols: Container[str]) -> None:
+        self._sink = sink
+        self._symbols = symbols
+        self._tracker = SequenceTracker()
+        self._symbols_by_source: dict[int, set[str]] = {}
+        self.frames: Counter[str] = Counter()  # by verdict, plus "bad"
+        self.events: Counter[str] = Counter()  # by event type, plus "unknown_symbol", ...
+        self.lost_frames = 0
+
+    def bad_frame(self) -> None:
+        self.frames["bad"] += 1
+
+    def frame(self, envelope: wire.Envelope) -> tuple[Verdict, int]:
+        """Check and dispatch one frame; returns the verdict (and frames lost, for a gap)."""
+        verdict, missing = self._tracker.check(envelope.src, envelope.epoch, envelope.seq)
+        self.frames[verdict.value] += 1
+        if verdict is Verdict.GAP:
+            self.lost_frames += missing
+            self._resync_source(envelope.src, f"{missing} frame(s) lost from source")
+        elif verdict is Verdict.RESTART and envelope.src in self._symbols_by_source:
+            self._resync_source(envelope.src, "source restarted")
+        if not verdict.accepted:
+            return verdict, missing
+        seen = self._symbols_by_source.setdefault(envelope.src, set())
+        sink = self._sink
+        for event in envelope.events:
+            symbol = getattr(event, "symbol", None)
+            if symbol is not None and symbol not in self._symbols:
+                self.events["unknown_symbol"] += 1
+                continue
+            match event:
+                case wire.Trade():
+                    seen.add(event.symbol)
+                    sink.trade(event)
+                case wire.IndexPrice():
+                    sink.index_price(event)
+                case (
+                    wire.OrderUpdate()
+                    | wire.BalanceUpdate()
+                    | wire.PositionUpdate()
+                    | (wire.AccountUpdate())
+                ):
+                    sink.private(event)
+                case _:  # book requests/snapshots belong to the poller's connection
+                    self.events["unexpected"] += 1
+                    continue
+            self.events[type(event).__name__] += 1
+        return verdict, missing
+
+    def _resync_source(self, src: int, reason: str) -> None:
+        symbols = self._symbols_by_source.get(src)
+        if symbols:
+            self._sink.resync(set(symbols), reason)

@@ -1,0 +1,137 @@
+"""Ingest listeners: the engine's UDP datagrams and TCP frames, into ``Intake``. Trio shell.
+
+Bad input is counted, logged (at most one line per second per listener, with the count of what
+was not logged) and dropped. A TCP peer that sends a frame with an impossible length is
+disconnected; its sequence numbering tells the daemon what was lost. Other peers go on.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+
+import structlog
+import trio
+
+from ingest import wire
+from pushd.config import IngestConfig
+from pushd.intake import Intake
+
+log = structlog.get_logger("pushd.ingest")
+
+RECV_BYTES = 1 << 18
+
+
+class ThrottledLog:
+    """One warning per ``interval_s``; what was held back is counted in the next line."""
+
+    def __init__(self, what: str, interval_s: float = 1.0) -> None:
+        self._what = what
+        self._interval = interval_s
+        self._next_at = 0.0
+        self._held = 0
+
+    def warning(self, **fields: object) -> None:
+        now = trio.current_time()
+        if now < self._next_at:
+            self._held += 1
+            return
+        log.warning(self._what, suppressed=self._held, **fields)
+        self._held = 0
+        self._next_at = now + self._interval
+
+
+async def serve_udp(
+    config: IngestConfig,
+    intake: Intake,
+    *,
+    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Receive engine datagrams; reports the bound port."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    with sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, config.udp_receive_buffer_bytes)
+        granted = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+        if granted < config.udp_receive_buffer_bytes:
+            log.warning(
+                "UDP receive buffer capped by the kernel (raise net.core.rmem_max)",
+                asked=config.udp_receive_buffer_bytes,
+                granted=granted,
+            )
+        sock.bind((config.udp_host, config.udp_port))
+        sock.setblocking(False)
+        task_status.started(sock.getsockname()[1])
+        bad = ThrottledLog("bad UDP datagram dropped")
+        while True:
+            await trio.lowlevel.wait_readable(sock)
+            for _ in range(256):  # drain what is queued, then let others run
+                try:
+                    data, addr = sock.recvfrom(wire.MAX_DATAGRAM_BYTES + 1)
+                except BlockingIOError:
+                    break
+                except OSError as exc:  # e.g. ICMP errors surfacing on the socket
+                    if exc.errno in (errno.ECONNREFUSED, errno.EHOSTUNREACH):
+                        continue
+                    raise
+                if len(data) > wire.MAX_DATAGRAM_BYTES:
+                    intake.bad_frame()
+                    bad.warning(peer=f"{addr[0]}:{addr[1]}", error="datagram too large")
+                    continue
+                try:
+                    envelope = wire.decode(data)
+                except wire.WireError as exc:
+                    intake.bad_frame()
+                    bad.warning(peer=f"{addr[0]}:{addr[1]}", error=str(exc)[:200])
+                    continue
+                intake.frame(envelope)
+            await trio.lowlevel.checkpoint()
+
+
+async def serve_tcp(
+    config: IngestConfig,
+    intake: Intake,
+    *,
+    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Accept engine TCP connections; reports the bound port."""
+    listeners = await trio.open_tcp_listeners(config.tcp_port, host=config.tcp_host)
+    peers = 0
+    bad = ThrottledLog("bad TCP frame")
+
+    async def handle(stream: trio.SocketStream) -> None:
+        nonlocal peers
+        peer = "{}:{}".format(*stream.socket.getpeername()[:2])
+        if peers >= config.max_tcp_peers:
+            log.warning("ingest TCP peer refused: too many peers", peer=peer)
+            await stream.aclose()
+            return
+        peers += 1
+        log.info("ingest peer connected", peer=peer)
+        decoder = wire.StreamDecoder()
+        reason = "peer closed"
+        try:
+            async with stream:
+                while data := await stream.receive_some(RECV_BYTES):
+                    decoder.feed(data)
+                    while True:
+                        try:
+                            envelope = decoder.next_frame()
+                        except wire.WireError as exc:
+                            intake.bad_frame()
+                            bad.warning(peer=peer, error=str(exc)[:200])
+                            if decoder.broken:
+                                reason = "unframeable input"
+                                return
+                            continue
+                        if envelope is None:
+                            break
+                        intake.frame(envelope)
+        except trio.BrokenResourceError:
+            reason = "connection reset"
+        finally:
+            peers -= 1
+            log.info("ingest peer disconnected", peer=peer, reason=reason)
+
+    async with trio.open_nursery() as nursery:
+        task_status.started(listeners[0].socket.getsockname()[1])
+        await trio.serve_listeners(handle, listeners, handler_nursery=nursery)

@@ -1,0 +1,122 @@
+"""The book-snapshot poller: asks the engine for each symbol's book every N ms. Trio shell.
+
+One TCP connection to the engine's snapshot server, one request in flight at a time, each under
+``request_timeout_s``. When the engine cannot be reached the poller logs it once, sets the
+``pushd_engine_up`` gauge to 0, and reconnects with exponential backoff; when it is back, one
+line says so. ``refresh(symbol)`` asks for a symbol's book at once (after an ingest gap).
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Callable, Mapping
+
+import structlog
+import trio
+
+from ingest import wire
+from pushd.config import EngineConfig, MarketConfig
+
+log = structlog.get_logger("pushd.poller")
+
+POLLER_SOURCE_ID = 0
+
+
+class EngineUnavailable(Exception):
+    pass
+
+
+class SnapshotPoller:
+    def __init__(
+        self,
+        config: EngineConfig,
+        markets: Mapping[str, MarketConfig],
+        on_book: Callable[[wire.BookSnapshot], None],
+    ) -> None:
+        self._config = config
+        self._markets = markets
+        self._on_book = on_book
+        self._due: dict[str, float] = dict.fromkeys(markets, 0.0)
+        self._wake = trio.Event()
+        self._request_ids = itertools.count(1)
+        self._seqs = itertools.count(1)
+        self._epoch = time.time_ns()
+        self.up = False
+        self.snapshots = 0
+        self.failures = 0
+
+    def refresh(self, symbol: str) -> None:
+        if symbol in self._due:
+            self._due[symbol] = 0.0
+            self._wake.set()
+
+    async def run(self) -> None:
+        backoff = self._config.reconnect_initial_s
+        reported_down = False
+        while True:
+            try:
+                with trio.fail_after(self._config.request_timeout_s):
+                    stream = await trio.open_tcp_stream(
+                        self._config.snapshot_host, self._config.snapshot_port
+                    )
+            except (OSError, trio.TooSlowError) as exc:
+                self.failures += 1
+                if not reported_down:
+                    cfg = self._config
+                    log.warning(
+                        "engine snapshot server unreachable",
+                        error=str(exc)[:200],
+                        address=f"{cfg.snapshot_host}:{cfg.snapshot_port}",
+                    )
+                    reported_down = True
+                await trio.sleep(backoff)
+                backoff = min(backoff * 2, self._config.reconnect_max_s)
+                continue
+            backoff = self._config.reconnect_initial_s
+            reported_down = False
+            log.info("engine snapshot server connected")
+            try:
+                async with stream:
+                    await self._poll(stream)
+            except (OSError, trio.BrokenResourceError, trio.TooSlowError, EngineUnavailable,
+                    wire.WireError) as exc:  # fmt: skip
+                self.failures += 1
+                log.warning("engine snapshot connection lost", error=repr(exc)[:200])
+            finally:
+                self.up = False
+            await trio.sleep(backoff)
+
+    async def _poll(self, stream: trio.SocketStream) -> None:
+        decoder = wire.StreamDecoder()
+        while True:
+            symbol = min(self._due, key=self._due.__getitem__)
+            with trio.move_on_at(self._due[symbol]):
+                await self._wake.wait()
+                self._wake = trio.Event()
+                continue  # a refresh came in: look again for the most due symbol
+            market = self._markets[symbol]
+            request_id = next(self._request_ids)
+            request = wire.BookRequest(symbol, request_id, depth=market.depth_levels)
+            envelope = wire.Envelope(POLLER_SOURCE_ID, self._epoch, next(self._seqs), [request])
+            with trio.fail_after(self._config.request_timeout_s):
+                await stream.send_all(wire.frame_tcp(envelope))
+                snapshot = await self._answer(stream, decoder, request_id)
+            self.up = True
+            self.snapshots += 1
+            self._due[symbol] = trio.current_time() + market.depth_interval_ms / 1000
+            self._on_book(snapshot)
+
+    @staticmethod
+    async def _answer(
+        stream: trio.SocketStream, decoder: wire.StreamDecoder, request_id: int
+    ) -> wire.BookSnapshot:
+        while True:
+            while (frame := decoder.next_frame()) is not None:
+                for event in frame.events:
+                    if isinstance(event, wire.BookSnapshot) and event.request_id == request_id:
+                        return event
+            data = await stream.receive_some(1 << 20)
+            if not data:
+                raise EngineUnavailable("engine closed the snapshot connection")
+            decoder.feed(data)

@@ -1,0 +1,43 @@
+"""Where engine events go: private ones to their owner's channel, market ones to Markets."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import msgspec
+
+from ingest import wire
+from pushd.bus import Publisher
+from pushd.channels import private_channel
+from pushd.intake import PrivateEvent
+
+_STREAM = {
+    wire.OrderUpdate: "order",
+    wire.BalanceUpdate: "balance",
+    wire.PositionUpdate: "position",
+    wire.AccountUpdate: "account",
+}
+_encoder = msgspec.json.Encoder()
+
+
+class MarketSink(Protocol):
+    def trade(self, trade: wire.Trade) -> None: ...
+
+    def index_price(self, event: wire.IndexPrice) -> None: ...
+
+    def resync(self, symbols: set[str], reason: str) -> None: ...
+
+
+class EngineRouter:
+    """The IngestSink of the daemon."""
+
+    def __init__(self, publisher: Publisher, markets: MarketSink) -> None:
+        self._publisher = publisher
+        self._markets = markets
+        self.trade = markets.trade
+        self.index_price = markets.index_price
+        self.resync = markets.resync
+
+    def private(self, event: PrivateEvent) -> None:
+        channel = private_channel(event.uid, _STREAM[type(event)])
+        self._publisher.publish_one(channel, msgspec.Raw(_encoder.encode(event)))
