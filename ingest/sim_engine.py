@@ -1,5 +1,5 @@
-"""The simulator as a running engine: steps the Market on a timer, sends its events to pushd,
-and serves book snapshots. Trio shell around ``ingest.sim``.
+"""The simulator as a running engine: steps the Market on a timer and sends its events to
+pushd. Trio shell around ``ingest.sim``.
 
 Market data (trades, index prices) go over UDP when ``udp_port`` is given, else over TCP with
 the private events; private events always go over TCP, whose delivery is reliable.
@@ -15,7 +15,7 @@ import trio
 
 from ingest import wire
 from ingest.sim import Market
-from ingest.transport import TcpSender, UdpSender, serve_snapshots
+from ingest.transport import TcpSender, UdpSender
 
 log = structlog.get_logger("pushd.sim")
 
@@ -30,42 +30,39 @@ class SimStats:
         self.dropped_events = 0
 
 
-async def run_simulator(
+async def run_feed(
     market: Market,
     *,
     host: str,
     tcp_port: int,
     udp_port: int | None,
-    snapshot_host: str,
-    snapshot_port: int,
     step_ms: int = 50,
     stats: SimStats | None = None,
-    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Run until cancelled; reports the snapshot server's bound port."""
+    """Step the market every ``step_ms`` on the wall clock and send its events, until cancelled.
+
+    Serve the engine's books alongside with ``serve_snapshots(market.book, ...)``.
+    """
     stats = stats if stats is not None else SimStats()
-    async with trio.open_nursery() as nursery:
-        port = await nursery.start(serve_snapshots, market.book, snapshot_host, snapshot_port)
-        udp = UdpSender(host, udp_port, SOURCE_MARKET) if udp_port is not None else None
-        private = TcpSender(host, tcp_port, SOURCE_PRIVATE)
-        public = private if udp is None else None
-        task_status.started(port)
-        try:
-            while True:
-                market_events, private_events = market.step(int(time.time() * 1000))
-                if udp is not None and market_events:
+    udp = UdpSender(host, udp_port, SOURCE_MARKET) if udp_port is not None else None
+    tcp = TcpSender(host, tcp_port, SOURCE_PRIVATE)
+    try:
+        while True:
+            market_events, private_events = market.step(int(time.time() * 1000))
+            if udp is not None:
+                if market_events:
                     await udp.send(market_events)
                     stats.market_events += len(market_events)
-                elif public is not None and market_events:
-                    private_events = market_events + private_events
-                if private_events:
-                    await _send_tcp(private, private_events, stats)
-                await trio.sleep(step_ms / 1000)
-        finally:
-            if udp is not None:
-                udp.close()
-            with trio.CancelScope(shield=True):
-                await private.aclose()
+            else:
+                private_events = market_events + private_events
+            if private_events:
+                await _send_tcp(tcp, private_events, stats)
+            await trio.sleep(step_ms / 1000)
+    finally:
+        if udp is not None:
+            udp.close()
+        with trio.CancelScope(shield=True):
+            await tcp.aclose()
 
 
 async def _send_tcp(sender: TcpSender, events: Sequence[wire.Event], stats: SimStats) -> None:

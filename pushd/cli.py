@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import secrets
 import sys
 from pathlib import Path
@@ -10,11 +12,14 @@ from pathlib import Path
 import msgspec
 import trio
 
+from ingest.sim import DEFAULT_SPECS, Market, SymbolSpec
+from ingest.sim_engine import run_feed
+from ingest.transport import serve_snapshots
 from pushd import config as config_mod
 from pushd import logs
 from pushd.auth import issue_hmac_token
 from pushd.config import Config
-from pushd.daemon import Daemon
+from pushd.daemon import Daemon, Ports
 from pushd.errors import ConfigError
 
 DEMO_UID = "1001"
@@ -36,34 +41,81 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Everything in one process on loopback, with a fresh secret and a demo login token."""
+    """Simulator and daemon in one process on loopback, with a fresh secret and a demo login."""
     config = _load(args.config)
     hmac_cfg = msgspec.structs.replace(config.auth.hmac, secret=secrets.token_urlsafe(32))
     auth = msgspec.structs.replace(config.auth, kind="hmac", hmac=hmac_cfg)
     http = msgspec.structs.replace(config.http, publish_token=secrets.token_urlsafe(16))
     config = msgspec.structs.replace(config, auth=auth, http=http)
     logs.configure(config.log.level, config.log.format)
+    market = Market(seed=args.seed, rate=args.rate, specs=_specs(config))
 
     async def main() -> None:
-        daemon = Daemon(config)
+        engine = config.engine
         async with trio.open_nursery() as nursery:
-            ports = await nursery.start(lambda task_status: daemon.serve(
-                handle_signals=True, task_status=task_status))  # fmt: skip
+            await nursery.start(
+                serve_snapshots, market.book, engine.snapshot_host, engine.snapshot_port
+            )
+            daemon = Daemon(config)
+            ports: Ports = await nursery.start(functools.partial(daemon.serve, handle_signals=True))
+            nursery.start_soon(functools.partial(
+                run_feed, market, host=config.ingest.tcp_host, tcp_port=ports.ingest_tcp,
+                udp_port=ports.ingest_udp or None))  # fmt: skip
             token = issue_hmac_token(hmac_cfg.secret, DEMO_UID, hmac_cfg.token_ttl_s)
-            ws, web = config.websocket.host, config.http.host
+            web = f"http://{config.http.host}:{ports.http}"
             print(
                 f"\npushd demo is running (Ctrl-C stops it)\n"
-                f"  WebSocket : ws://{ws}:{ports.websocket}/ws\n"
-                f"  HTTP API  : http://{web}:{ports.http}/  (publish token: "
-                f"{http.publish_token})\n"
-                f'  demo login: {{"op":"auth","token":"{token}"}}  (uid {DEMO_UID})\n'
-                f"  symbols   : {', '.join(config.markets)}\n"
-                f"  (the matching-engine simulator arrives with the ingest work: until then the\n"
-                f"   demo serves the gateway alone; publish with the HTTP API to see events)\n",
+                f"  market page : {web}/\n"
+                f"  WebSocket   : ws://{config.websocket.host}:{ports.websocket}/ws\n"
+                f"  HTTP API    : {web}/v1/...  (publish token {http.publish_token})\n"
+                f'  demo login  : {{"op":"auth","token":"{token}"}}  (uid {DEMO_UID})\n'
+                f"  symbols     : {', '.join(config.markets)} (simulated, seed {args.seed})\n",
                 flush=True,
             )
+            await daemon.stopped.wait()
+            nursery.cancel_scope.cancel()
 
     trio.run(main)
+    return 0
+
+
+def _specs(config: Config) -> tuple[SymbolSpec, ...]:
+    """The simulator's specs for the configured symbols (unknown ones get a generic spec)."""
+    known = {spec.symbol: spec for spec in DEFAULT_SPECS}
+    return tuple(
+        known.get(symbol, SymbolSpec(symbol, 10.0, price_scale=3, qty_scale=1, typical_lots=500))
+        for symbol in config.markets
+    )
+
+
+def cmd_sim(args: argparse.Namespace) -> int:
+    """The simulated matching engine alone, sending to a pushd configured by ``--config``."""
+    config = _load(args.config)
+    logs.configure(config.log.level, config.log.format)
+    market = Market(seed=args.seed, rate=args.rate, specs=_specs(config))
+    ingest, engine = config.ingest, config.engine
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(
+                serve_snapshots, market.book, engine.snapshot_host, engine.snapshot_port
+            )
+            udp = f" and :{ingest.udp_port} (UDP)" if ingest.udp_enabled else ""
+            print(
+                f"simulated engine: books on {engine.snapshot_host}:{engine.snapshot_port}, "
+                f"events to {ingest.tcp_host}:{ingest.tcp_port} (TCP){udp}",
+                flush=True,
+            )
+            await run_feed(
+                market,
+                host=ingest.tcp_host,
+                tcp_port=ingest.tcp_port,
+                udp_port=ingest.udp_port if ingest.udp_enabled and not args.tcp_only else None,
+                step_ms=args.step_ms,
+            )
+
+    with contextlib.suppress(KeyboardInterrupt):
+        trio.run(main)
     return 0
 
 
@@ -97,6 +149,15 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="run everything on loopback with a demo login")
     demo.add_argument("--config", type=Path)
     demo.set_defaults(func=cmd_demo)
+    for name, helptext in (("demo", None), ("sim", "run the simulated matching engine")):
+        p = demo if name == "demo" else sub.add_parser(name, help=helptext)
+        p.add_argument("--seed", type=int, default=1, help="random seed (reproducible runs)")
+        p.add_argument("--rate", type=float, default=1.0, help="trade rate multiplier")
+        if name == "sim":
+            p.add_argument("--config", type=Path)
+            p.add_argument("--step-ms", type=int, default=50)
+            p.add_argument("--tcp-only", action="store_true", help="market data over TCP too")
+            p.set_defaults(func=cmd_sim)
     token = sub.add_parser("token", help="issue an HMAC login token")
     token.add_argument("--uid", required=True)
     token.add_argument("--ttl", type=int, help="seconds (default auth.hmac.token_ttl_s)")

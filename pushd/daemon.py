@@ -76,6 +76,7 @@ class Daemon:
         self.intake = Intake(EngineRouter(self.publisher, self.markets), frozenset(config.markets))
         self.registry.register(IngestCollector(self.intake, self.poller))
         self._stop = trio.Event()
+        self.stopped = trio.Event()
 
     def _on_book(self, snapshot: wire.BookSnapshot) -> None:
         self.markets.book(snapshot)
@@ -121,6 +122,7 @@ class Daemon:
         finally:
             with trio.CancelScope(shield=True):
                 await self.verifier.aclose()
+            self.stopped.set()
         log.info("stopped")
 
     async def _stop_on_signal(self) -> None:

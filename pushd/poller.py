@@ -45,6 +45,19 @@ class SnapshotPoller:
         self.up = False
         self.snapshots = 0
         self.failures = 0
+        self._changed = trio.Event()
+
+    async def wait_changed(self) -> None:
+        """Return at the next change of ``up`` or ``failures`` (for health checks and tests)."""
+        await self._changed.wait()
+
+    def _set_state(self, *, up: bool, failed: bool = False) -> None:
+        if failed:
+            self.failures += 1
+        if failed or up != self.up:
+            self.up = up
+            self._changed.set()
+            self._changed = trio.Event()
 
     def refresh(self, symbol: str) -> None:
         if symbol in self._due:
@@ -61,7 +74,7 @@ class SnapshotPoller:
                         self._config.snapshot_host, self._config.snapshot_port
                     )
             except (OSError, trio.TooSlowError) as exc:
-                self.failures += 1
+                self._set_state(up=False, failed=True)
                 if not reported_down:
                     cfg = self._config
                     log.warning(
@@ -81,10 +94,8 @@ class SnapshotPoller:
                     await self._poll(stream)
             except (OSError, trio.BrokenResourceError, trio.TooSlowError, EngineUnavailable,
                     wire.WireError) as exc:  # fmt: skip
-                self.failures += 1
+                self._set_state(up=False, failed=True)
                 log.warning("engine snapshot connection lost", error=repr(exc)[:200])
-            finally:
-                self.up = False
             await trio.sleep(backoff)
 
     async def _poll(self, stream: trio.SocketStream) -> None:
@@ -102,7 +113,7 @@ class SnapshotPoller:
             with trio.fail_after(self._config.request_timeout_s):
                 await stream.send_all(wire.frame_tcp(envelope))
                 snapshot = await self._answer(stream, decoder, request_id)
-            self.up = True
+            self._set_state(up=True)
             self.snapshots += 1
             self._due[symbol] = trio.current_time() + market.depth_interval_ms / 1000
             self._on_book(snapshot)

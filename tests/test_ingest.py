@@ -1,0 +1,191 @@
+"""Engine -> pushd over real UDP and TCP sockets: routing, bad input, loss detection, poller."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable
+
+import trio
+from conftest import Client, Running, make_config, open_client, start_daemon
+
+from ingest import wire
+from ingest.framing import Framer
+from ingest.transport import TcpSender, UdpSender
+from pushd.config import EngineConfig, MarketConfig
+from pushd.poller import SnapshotPoller
+
+
+def order(uid: str, order_id: int, status: str = "new") -> wire.OrderUpdate:
+    return wire.OrderUpdate(
+        uid=uid, symbol="BTCUSDT", order_id=order_id, side="buy", kind="limit",
+        price="65000.1", qty="0.010", filled_qty="0", avg_price="0", status=status,  # type: ignore[arg-type]
+        ts=1_700_000_000_000,
+    )  # fmt: skip
+
+
+def trade(trade_id: int) -> wire.Trade:
+    return wire.Trade("BTCUSDT", trade_id, "65000.1", "0.001", "buy", 1_700_000_000_000)
+
+
+async def subscribe_private(c: Client, running: Running, uid: str) -> None:
+    await c.call({"op": "auth", "token": running.token(uid)})
+    reply = await c.call({"op": "subscribe", "channel": ["@order", "@balance", "@position"]})
+    assert reply == {"result": True}
+
+
+async def test_private_events_reach_their_owner(running: Running) -> None:
+    sender = TcpSender("127.0.0.1", running.ports.ingest_tcp, src=9)
+    async with open_client(running.ws_url) as alice, open_client(running.ws_url) as bob:
+        await subscribe_private(alice, running, "1001")
+        await subscribe_private(bob, running, "1002")
+        balance = wire.BalanceUpdate("1001", "USDT", "99999.5", "650.001", "order", 5)
+        position = wire.PositionUpdate("1001", "BTCUSDT", "-0.010", "65000.1", "0", 6)
+        await sender.send([order("1002", 1), order("1001", 2), balance, position])
+        got = [await alice.recv() for _ in range(3)]
+        assert [m["event"] for m in got] == ["@order", "@balance", "@position"]
+        assert got[0]["data"]["order_id"] == 2 and got[0]["data"]["price"] == "65000.1"
+        assert got[1]["data"] == {"type": "balance", "uid": "1001", "asset": "USDT",
+                                  "free": "99999.5", "locked": "650.001", "reason": "order",
+                                  "ts": 5}  # fmt: skip
+        assert got[2]["data"]["qty"] == "-0.010"
+        assert (await bob.recv())["data"]["order_id"] == 1
+    await sender.aclose()
+
+
+async def test_garbage_on_both_listeners_costs_the_good_sender_nothing(running: Running) -> None:
+    daemon = running.daemon
+    udp_good = UdpSender("127.0.0.1", running.ports.ingest_udp, src=1)
+    tcp_good = TcpSender("127.0.0.1", running.ports.ingest_tcp, src=2)
+    junk_udp = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    async with open_client(running.ws_url) as c:
+        await subscribe_private(c, running, "1001")
+        sent = 0
+        for round_ in range(20):
+            await junk_udp.sendto(b"\x00garbage" * round_, ("127.0.0.1", running.ports.ingest_udp))
+            await junk_udp.sendto(b"\x81\xa3src", ("127.0.0.1", running.ports.ingest_udp))
+            await udp_good.send([trade(sent + 1), trade(sent + 2)])
+            junk_tcp = await trio.open_tcp_stream("127.0.0.1", running.ports.ingest_tcp)
+            await junk_tcp.send_all(b"\xff\xff\xff\xff" + b"x" * 100)  # impossible length
+            bad_body = await trio.open_tcp_stream("127.0.0.1", running.ports.ingest_tcp)
+            await bad_body.send_all(wire.LENGTH_PREFIX.pack(3) + b"\xc1\xc1\xc1")
+            await tcp_good.send([trade(sent + 3)])
+            sent += 3
+            await junk_tcp.aclose()
+            await bad_body.aclose()
+        await udp_good.send([order("1001", 1)])  # markers: each listener handles in order
+        await tcp_good.send([order("1001", 2)])
+        markers = {(await c.recv())["data"]["order_id"] for _ in range(2)}
+        assert markers == {1, 2}
+    assert daemon.markets.trades == sent  # every good trade arrived
+    assert daemon.intake.lost_frames == 0
+    assert daemon.intake.frames["bad"] >= 40  # ... and every bad frame was counted
+    async with open_client(running.ws_url) as c:  # the daemon serves on
+        assert (await c.call({"op": "ping"}))["op"] == "pong"
+    junk_udp.close()
+    udp_good.close()
+    await tcp_good.aclose()
+
+
+async def test_lost_frames_resync_the_sources_symbols(nursery: trio.Nursery) -> None:
+    refreshed: list[str] = []
+    running = await start_daemon(nursery, make_config())
+    running.daemon.markets._refresh_book = refreshed.append
+    framer = Framer(src=5, epoch=1)
+    sock = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    addr = ("127.0.0.1", running.ports.ingest_udp)
+    frames = [framer.datagrams([trade(i)])[0] for i in range(1, 6)]
+    async with open_client(running.ws_url) as c:
+        await subscribe_private(c, running, "1001")
+        for i in (0, 1, 4, 3, 4):  # 1, 2, then 5 (3 and 4 lost), 4 late, 5 again
+            await sock.sendto(frames[i], addr)
+        await sock.sendto(framer.datagrams([order("1001", 1)])[0], addr)
+        await c.recv()
+    intake = running.daemon.intake
+    assert intake.lost_frames == 2
+    assert (intake.frames["gap"], intake.frames["late"], intake.frames["duplicate"]) == (1, 1, 1)
+    assert refreshed == ["BTCUSDT"]
+    assert running.daemon.markets.trades == 3
+    sock.close()
+
+
+class FlakyEngine:
+    """A snapshot server the test can slow down, take down, and bring back."""
+
+    def __init__(self) -> None:
+        self.delay = 0.0
+        self.served = 0
+        self.port = 0
+        self._scope: trio.CancelScope | None = None
+
+    async def serve(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+        listeners = await trio.open_tcp_listeners(self.port, host="127.0.0.1")
+        self.port = listeners[0].socket.getsockname()[1]
+        with trio.CancelScope() as self._scope:
+            task_status.started(self.port)
+            await trio.serve_listeners(self._handle, listeners)
+
+    def stop(self) -> None:
+        assert self._scope is not None
+        self._scope.cancel()
+
+    async def _handle(self, stream: trio.SocketStream) -> None:
+        decoder = wire.StreamDecoder()
+        framer = Framer(src=0)
+        async with stream:
+            while data := await stream.receive_some(65536):
+                decoder.feed(data)
+                while (frame := decoder.next_frame()) is not None:
+                    request = frame.events[0]
+                    assert isinstance(request, wire.BookRequest)
+                    await trio.sleep(self.delay)
+                    self.served += 1
+                    snap = wire.BookSnapshot(request.symbol, request.request_id, self.served,
+                                             [("1", "1")], [("2", "1")], 0)  # fmt: skip
+                    await stream.send_all(framer.tcp_frame([snap]))
+
+
+async def test_poller_survives_slow_down_and_back(nursery: trio.Nursery) -> None:
+    engine = FlakyEngine()
+    await nursery.start(engine.serve)
+    books: list[wire.BookSnapshot] = []
+    got_book = trio.Event()
+
+    def on_book(snapshot: wire.BookSnapshot) -> None:
+        nonlocal got_book
+        books.append(snapshot)
+        got_book.set()
+
+    async def next_book() -> wire.BookSnapshot:
+        nonlocal got_book
+        got_book = trio.Event()
+        with trio.fail_after(10):
+            await got_book.wait()
+        return books[-1]
+
+    config = EngineConfig(snapshot_port=engine.port, request_timeout_s=0.3,
+                          reconnect_initial_s=0.05, reconnect_max_s=0.2)  # fmt: skip
+    poller = SnapshotPoller(config, {"BTCUSDT": MarketConfig(depth_interval_ms=20)}, on_book)
+    nursery.start_soon(poller.run)
+    assert (await next_book()).symbol == "BTCUSDT" and poller.up
+
+    engine.delay = 1.0  # slower than the request timeout
+    failures = poller.failures
+    await wait_for(poller, lambda: poller.failures > failures)
+    assert not poller.up
+    engine.delay = 0.0
+    await next_book()
+    assert poller.up
+
+    engine.stop()  # down: connections refused
+    failures = poller.failures
+    await wait_for(poller, lambda: poller.failures >= failures + 2)
+    assert not poller.up
+    await nursery.start(engine.serve)  # back on the same port
+    await next_book()
+    assert poller.up
+
+
+async def wait_for(poller: SnapshotPoller, condition: Callable[[], bool]) -> None:
+    with trio.fail_after(10):
+        while not condition():
+            await poller.wait_changed()

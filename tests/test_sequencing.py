@@ -1,0 +1,42 @@
+"""Loss, duplication, reordering and restarts, judged per source."""
+
+from __future__ import annotations
+
+from pushd.sequencing import SequenceTracker, Verdict
+
+
+def verdicts(tracker: SequenceTracker, frames: list[tuple[int, int, int]]) -> list[str]:
+    return [tracker.check(*f)[0].value for f in frames]
+
+
+def test_in_order_then_gap_then_late_and_duplicate() -> None:
+    t = SequenceTracker()
+    assert verdicts(t, [(1, 5, 1), (1, 5, 2), (1, 5, 3)]) == ["restart", "in_order", "in_order"]
+    assert t.check(1, 5, 6) == (Verdict.GAP, 2)
+    assert t.check(1, 5, 4) == (Verdict.LATE, 0)  # arrived after its gap was declared
+    assert t.check(1, 5, 4) == (Verdict.DUPLICATE, 0)
+    assert t.check(1, 5, 6) == (Verdict.DUPLICATE, 0)
+    assert t.check(1, 5, 7) == (Verdict.IN_ORDER, 0)
+
+
+def test_sources_are_independent() -> None:
+    t = SequenceTracker()
+    assert verdicts(t, [(1, 1, 1), (2, 1, 1), (1, 1, 2), (2, 1, 3)]) == [
+        "restart", "restart", "in_order", "gap",
+    ]  # fmt: skip
+
+
+def test_restart_and_stale_epoch() -> None:
+    t = SequenceTracker()
+    verdicts(t, [(1, 10, 1), (1, 10, 2)])
+    assert t.check(1, 11, 1) == (Verdict.RESTART, 0)
+    assert t.check(1, 10, 3) == (Verdict.STALE, 0)
+    assert t.check(1, 11, 2) == (Verdict.IN_ORDER, 0)
+
+
+def test_huge_gap_is_bounded_in_memory() -> None:
+    t = SequenceTracker()
+    t.check(1, 1, 1)
+    assert t.check(1, 1, 10**12) == (Verdict.GAP, 10**12 - 2)
+    assert t.check(1, 1, 10**12 - 1) == (Verdict.LATE, 0)
+    assert t.check(1, 1, 5) == (Verdict.DUPLICATE, 0)  # too old to remember: counted as dup
