@@ -72,5 +72,9 @@ class Publisher:
         self._bus.publish(messages)
         return [m.seq for m in messages]
 
+    def seq(self, channel: str) -> int:
+        """The seq of the channel's last message (0 before the first)."""
+        return self._seq.get(channel, 0)
+
     def publish_one(self, channel: str, data: msgspec.Raw) -> int:
         return self.publish([(channel, data)])[0]

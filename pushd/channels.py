@@ -115,6 +115,14 @@ def parse_internal(name: str, symbols: Container[str]) -> Channel:
     return Channel(name, protocol, private=False, symbol=symbol)
 
 
+def market_channel(stream: str, symbol: str, interval: str = "1m") -> str:
+    """The internal channel of a public market stream (``stream`` as in ``PUBLIC_STREAMS``)."""
+    internal = f"{PUBLIC_STREAMS[stream]}_{symbol}"
+    if stream == "kline" and interval != "1m":
+        internal += f"_{interval}"
+    return internal
+
+
 def private_channel(uid: str, stream: str) -> str:
     """The internal channel of one user's private stream (``user_<uid>_<stream>``)."""
     if stream not in PRIVATE_STREAMS:

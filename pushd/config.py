@@ -20,6 +20,7 @@ from pushd.errors import ConfigError
 Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
 PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
 PositiveFloat = Annotated[float, msgspec.Meta(gt=0)]
+DecimalText = Annotated[str, msgspec.Meta(pattern=r"^-?[0-9]{1,30}(\.[0-9]{1,30})?$")]
 
 
 class _Section(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -84,11 +85,31 @@ class AuthConfig(_Section, frozen=True):
     http: HttpAuthConfig = msgspec.field(default_factory=HttpAuthConfig)
 
 
+class FundingConfig(_Section, frozen=True):
+    """One symbol's funding and mark-price parameters (Binance USDT-M defaults; docs/streams.md)."""
+
+    interval_h: Annotated[int, msgspec.Meta(ge=1, le=24)] = 8
+    interest_rate: DecimalText = "0.0001"  # per funding interval (0.03% a day at 8 h)
+    clamp: DecimalText = "0.0005"
+    cap: DecimalText = "0.0075"
+    impact_notional: DecimalText = "10000"  # quote currency
+    premium_sample_ms: Annotated[int, msgspec.Meta(ge=100)] = 5000
+    basis_window_min: PositiveInt = 30
+    index_stale_ms: PositiveInt = 10_000
+    price_decimals: Annotated[int, msgspec.Meta(ge=0, le=18)] = 8
+    rate_decimals: Annotated[int, msgspec.Meta(ge=0, le=18)] = 8
+
+
 class MarketConfig(_Section, frozen=True):
     """One symbol's settings."""
 
     depth_interval_ms: Annotated[int, msgspec.Meta(ge=10, le=60_000)] = 100
     depth_levels: Annotated[int, msgspec.Meta(ge=1, le=5000)] = 500
+    trades_interval_ms: Annotated[int, msgspec.Meta(ge=10, le=60_000)] = 100
+    ticker_interval_ms: Annotated[int, msgspec.Meta(ge=100, le=60_000)] = 1000
+    kline_interval_ms: Annotated[int, msgspec.Meta(ge=100, le=60_000)] = 1000
+    mark_interval_ms: Annotated[int, msgspec.Meta(ge=100, le=60_000)] = 1000
+    funding: FundingConfig = msgspec.field(default_factory=FundingConfig)
 
 
 class IngestConfig(_Section, frozen=True):

@@ -6,7 +6,8 @@
     ├── Gateway.serve          WebSocket listener, flusher, one task per connection
     ├── serve_http             hypercorn: publish API, health, metrics
     ├── serve_udp, serve_tcp   engine events -> Intake -> EngineRouter (private) / Markets
-    └── SnapshotPoller.run     engine books -> Markets
+    ├── SnapshotPoller.run     engine books -> Markets (depth diffs, published at once)
+    └── Markets.run            the timer of the market streams (trades, ticker, kline, mark)
 
 Shutdown (``stop()``, SIGTERM or SIGINT): readiness goes false, the gateway stops accepting and
 closes every client with 1001 (grace period ``SHUTDOWN_GRACE_S``), then the HTTP server stops and
@@ -72,7 +73,8 @@ class Daemon:
         self.registry.register(HubCollector(self.hub, lambda: len(self.gateway.connections)))
         self.api = HttpApi(config, self.publisher, self.gateway, self.registry, self.metrics)
         self.poller = SnapshotPoller(config.engine, config.markets, self._on_book)
-        self.markets = Markets(list(config.markets), self.poller.refresh)
+        self.markets = Markets(dict(config.markets), self.publisher, self.poller.refresh)
+        self.hub.current = self.markets.current
         self.intake = Intake(EngineRouter(self.publisher, self.markets), frozenset(config.markets))
         self.registry.register(IngestCollector(self.intake, self.poller))
         self._stop = trio.Event()
@@ -109,6 +111,7 @@ class Daemon:
                     tcp_port = await nursery.start(serve_tcp, ingest, self.intake)
                 if self.config.engine.snapshot_enabled:
                     nursery.start_soon(self.poller.run)
+                nursery.start_soon(self.markets.run)
                 self.api.ready = True
                 ports = Ports(ws_port, http_port, udp_port, tcp_port)
                 log.info("pushd ready", **msgspec.structs.asdict(ports))

@@ -73,16 +73,28 @@ class Hub:
         self.on_dirty: Callable[[], None] = lambda: None  # the dirty list became non-empty
         self.on_first_subscriber: Callable[[str], None] = lambda _internal: None
         self.on_last_unsubscribe: Callable[[str], None] = lambda _internal: None
+        # a stream's current state and its seq (depth snapshot, ticker, open candle, ...)
+        self.current: Callable[[str], tuple[int, msgspec.Raw] | None] = lambda _internal: None
         self.published = 0
         self.delivered = 0
         self.dropped = 0
 
     def subscribe(self, outlet: Outlet, channel: Channel) -> None:
+        """Add a subscriber; it gets the stream's current state first, where there is one."""
         route = self._routes.get(channel.internal)
         if route is None:
             route = self._routes[channel.internal] = _Route(channel)
             self.on_first_subscriber(channel.internal)
         route.subscribers[outlet] = None
+        self._send_current(outlet, channel)
+
+    def _send_current(self, outlet: Outlet, channel: Channel) -> bool:
+        current = self.current(channel.internal)
+        if current is None:
+            return False
+        seq, data = current
+        self.send(outlet, text_frame(encode_event(channel.protocol, data, seq)))
+        return True
 
     def unsubscribe(self, outlet: Outlet, internal: str) -> None:
         route = self._routes.get(internal)
@@ -153,10 +165,12 @@ class Hub:
             self._mark_dirty(outlet)
 
     def drained(self, outlet: Outlet) -> None:
-        """The outlet's buffer is empty again: tell each lagging channel where it resumes."""
+        """The outlet's buffer is empty again: each lagging channel resumes with its current
+        state (a depth snapshot, ...) or, for a stream of events (trades), a resync notice."""
         lagging, outlet.lagging = outlet.lagging, {}
         for channel, seq in lagging.values():
-            self.send(outlet, text_frame(encode_resync(channel.protocol, seq)))
+            if not self._send_current(outlet, channel):
+                self.send(outlet, text_frame(encode_resync(channel.protocol, seq)))
 
     def _overflow(self, outlet: Outlet, channel: Channel, seq: int) -> None:
         self.dropped += 1

@@ -1,43 +1,96 @@
-"""Per-symbol market state fed by ingest and the poller. Trio-free.
+"""The market streams' Trio shell: feeds the per-symbol computations and publishes their output.
 
-Keeps the engine's latest book per symbol (for new depth subscribers and the REST snapshot),
-and receives trades and index prices for the market streams.
+Engine trades and index prices arrive from ingest, books from the poller; every
+``TICK_MS`` the timer task lets each symbol queue what is due (trade batches, tickers, candles,
+mark prices) and publishes it. A depth diff is published as soon as its snapshot arrives.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
+import msgspec
 import structlog
+import trio
 
 from ingest import wire
+from pushd.bus import Publisher
+from pushd.config import MarketConfig
+from pushd.market.symbol import SymbolMarket
 
 log = structlog.get_logger("pushd.markets")
 
+TICK_MS = 50
+
+
+def wall_ms() -> int:
+    return time.time_ns() // 1_000_000
+
 
 class Markets:
-    def __init__(self, symbols: list[str], refresh_book: Callable[[str], None]) -> None:
-        self.books: dict[str, wire.BookSnapshot] = {}
-        self.last_trade: dict[str, wire.Trade] = {}
-        self.index: dict[str, dict[str, wire.IndexPrice]] = {s: {} for s in symbols}
+    """The daemon's market side: ingest's MarketSink, the poller's book callback, the hub's
+    source of current state for new subscribers."""
+
+    def __init__(
+        self,
+        markets: dict[str, MarketConfig],
+        publisher: Publisher,
+        refresh_book: Callable[[str], None],
+    ) -> None:
+        self.symbols = {symbol: SymbolMarket(symbol, cfg) for symbol, cfg in markets.items()}
+        self._publisher = publisher
+        self._refresh_book = refresh_book
+        self._by_channel: dict[str, SymbolMarket] = {}
+        for market in self.symbols.values():
+            for internal in market.channel_names():
+                self._by_channel[internal] = market
         self.trades = 0
         self.resyncs = 0
-        self._refresh_book = refresh_book
 
     def trade(self, trade: wire.Trade) -> None:
         self.trades += 1
-        self.last_trade[trade.symbol] = trade
+        self.symbols[trade.symbol].trade(trade)
 
     def index_price(self, event: wire.IndexPrice) -> None:
-        self.index[event.symbol][event.source] = event
+        self.symbols[event.symbol].index_price(event)
 
     def book(self, snapshot: wire.BookSnapshot) -> None:
-        self.books[snapshot.symbol] = snapshot
+        market = self.symbols[snapshot.symbol]
+        market.book(snapshot)
+        self._publish(market)
 
     def resync(self, symbols: set[str], reason: str) -> None:
         self.resyncs += 1
-        log.warning(
-            "resyncing symbols after an ingest loss", symbols=sorted(symbols), reason=reason
-        )
+        log.warning("resync after an ingest loss", symbols=sorted(symbols), reason=reason)
         for symbol in symbols:
+            self.symbols[symbol].gap()
             self._refresh_book(symbol)
+
+    def current(self, internal: str) -> tuple[int, msgspec.Raw] | None:
+        """A stream's current state and the seq it stands at, for a new subscriber."""
+        market = self._by_channel.get(internal)
+        if market is None:
+            return None
+        data = market.current(internal, wall_ms())
+        if data is None:
+            return None
+        return self._publisher.seq(internal), msgspec.Raw(data)
+
+    def tick(self, now_ms: int) -> None:
+        for market in self.symbols.values():
+            market.tick(now_ms)
+            self._publish(market)
+
+    async def run(self) -> None:
+        """Tick every ``TICK_MS`` until cancelled."""
+        next_at = trio.current_time()
+        while True:
+            self.tick(wall_ms())
+            next_at = max(next_at + TICK_MS / 1000, trio.current_time())
+            await trio.sleep_until(next_at)
+
+    def _publish(self, market: SymbolMarket) -> None:
+        items = market.take()
+        if items:
+            self._publisher.publish((channel, msgspec.Raw(data)) for channel, data in items)

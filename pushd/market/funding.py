@@ -1,0 +1,166 @@
+"""Index price, premium index, funding rate and mark price of a perpetual. No I/O, no clock.
+
+Binance's published method, with its parameters per symbol (``FundingConfig``); the formulas are
+written out in ``docs/streams.md``. In short, with I the index price:
+
+- I: the median of the spot sources' latest prices, ignoring any older than ``index_stale_ms``.
+- impact bid / ask: the average price of selling / buying ``impact_notional`` (quote currency)
+  into the book.
+- premium index P = (max(0, impact bid - I) - max(0, I - impact ask)) / I, sampled every
+  ``premium_sample_ms``; the funding period's average weights the n-th sample by n.
+- funding rate F = avg P + clamp(interest - avg P, -clamp, +clamp), then capped to +/- cap.
+- price 1 = I * (1 + F * (time to next funding / funding interval));
+  price 2 = I + moving average of the basis (mid price - I), sampled each minute over
+  ``basis_window_min`` minutes;
+  mark price = median(price 1, price 2, last price) (the mean of the first two before any trade).
+- estimated settlement price: the mean of the index samples of the last hour.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections import deque
+from collections.abc import Sequence
+from decimal import Decimal
+
+import msgspec
+
+from pushd.config import FundingConfig
+from pushd.market.decimals import EXACT, ZERO, quantize
+
+HOUR_MS = 3_600_000
+
+
+class MarkPriceData(msgspec.Struct, frozen=True, gc=False):
+    s: str
+    markPrice: str
+    indexPrice: str
+    estimatedSettlePrice: str
+    fundingRate: str
+    premiumIndex: str
+    nextFundingTime: int
+    T: int
+
+
+def clamp(value: Decimal, low: Decimal, high: Decimal) -> Decimal:
+    return max(low, min(high, value))
+
+
+def impact_price(levels: Sequence[tuple[str, str]], notional: Decimal) -> Decimal | None:
+    """Average price of trading ``notional`` against ``levels`` (best first); None if too thin."""
+    remaining, qty = notional, ZERO
+    for price_text, qty_text in levels:
+        price, level_qty = Decimal(price_text), Decimal(qty_text)
+        level_notional = EXACT.multiply(price, level_qty)
+        if level_notional >= remaining:
+            qty = EXACT.add(qty, EXACT.divide(remaining, price))
+            return EXACT.divide(notional, qty)
+        remaining = EXACT.subtract(remaining, level_notional)
+        qty = EXACT.add(qty, level_qty)
+    return None
+
+
+def premium_index(index: Decimal, impact_bid: Decimal, impact_ask: Decimal) -> Decimal:
+    up = max(ZERO, EXACT.subtract(impact_bid, index))
+    down = max(ZERO, EXACT.subtract(index, impact_ask))
+    return EXACT.divide(EXACT.subtract(up, down), index)
+
+
+def weighted_premium(samples: Sequence[Decimal]) -> Decimal:
+    """The period's average premium: the n-th sample weighs n."""
+    if not samples:
+        return ZERO
+    total = sum((EXACT.multiply(Decimal(n), p) for n, p in enumerate(samples, 1)), ZERO)
+    return EXACT.divide(total, Decimal(len(samples) * (len(samples) + 1) // 2))
+
+
+def funding_rate(avg_premium: Decimal, config: FundingConfig) -> Decimal:
+    interest, band, cap = Decimal(config.interest_rate), Decimal(config.clamp), Decimal(config.cap)
+    rate = avg_premium + clamp(interest - avg_premium, -band, band)
+    return clamp(rate, -cap, cap)
+
+
+def mark_price(
+    index: Decimal, rate: Decimal, to_funding_ms: int, interval_ms: int,
+    basis_ma: Decimal, last: Decimal | None,
+) -> Decimal:  # fmt: skip
+    price1 = index * (1 + rate * Decimal(to_funding_ms) / Decimal(interval_ms))
+    price2 = index + basis_ma
+    if last is None:
+        return (price1 + price2) / 2
+    return statistics.median([price1, price2, last])
+
+
+class FundingState:
+    """One symbol's funding inputs over time; ``data(now)`` computes the markPrice event."""
+
+    def __init__(self, symbol: str, config: FundingConfig) -> None:
+        self.symbol = symbol
+        self.config = config
+        self.interval_ms = config.interval_h * HOUR_MS
+        self._sources: dict[str, tuple[Decimal, int]] = {}  # source -> (price, ts)
+        self._premiums: list[Decimal] = []
+        self._period = -1
+        self._next_premium_ms = 0
+        self._basis: deque[Decimal] = deque(maxlen=config.basis_window_min)
+        self._next_basis_ms = 0
+        self._index_hour: deque[tuple[int, Decimal]] = deque()
+        self.last_premium = ZERO
+
+    def index_price(self, source: str, price: str, ts: int) -> None:
+        self._sources[source] = (Decimal(price), ts)
+
+    def index(self, now_ms: int) -> Decimal | None:
+        fresh = [p for p, ts in self._sources.values() if now_ms - ts <= self.config.index_stale_ms]
+        return statistics.median(fresh) if fresh else None
+
+    def next_funding_ms(self, now_ms: int) -> int:
+        return (now_ms // self.interval_ms + 1) * self.interval_ms
+
+    def sample(
+        self, now_ms: int, bids: Sequence[tuple[str, str]], asks: Sequence[tuple[str, str]]
+    ) -> None:
+        """Take the premium, basis and index samples that are due at ``now_ms``."""
+        index = self.index(now_ms)
+        if index is None or not index:
+            return
+        period = now_ms // self.interval_ms
+        if period != self._period:
+            self._period, self._premiums = period, []
+        if now_ms >= self._next_premium_ms:
+            self._next_premium_ms = now_ms + self.config.premium_sample_ms
+            notional = Decimal(self.config.impact_notional)
+            impact_bid, impact_ask = impact_price(bids, notional), impact_price(asks, notional)
+            if impact_bid is not None and impact_ask is not None:
+                self.last_premium = premium_index(index, impact_bid, impact_ask)
+                self._premiums.append(self.last_premium)
+            self._index_hour.append((now_ms, index))
+            while self._index_hour and self._index_hour[0][0] <= now_ms - HOUR_MS:
+                self._index_hour.popleft()
+        if now_ms >= self._next_basis_ms and bids and asks:
+            self._next_basis_ms = now_ms + 60_000
+            mid = (Decimal(bids[0][0]) + Decimal(asks[0][0])) / 2
+            self._basis.append(mid - index)
+
+    def data(self, now_ms: int, last_price: str | None) -> MarkPriceData | None:
+        index = self.index(now_ms)
+        if index is None:
+            return None
+        cfg = self.config
+        rate = funding_rate(weighted_premium(self._premiums), cfg)
+        next_ms = self.next_funding_ms(now_ms)
+        basis = sum(self._basis, ZERO) / len(self._basis) if self._basis else ZERO
+        last = Decimal(last_price) if last_price is not None else None
+        mark = mark_price(index, rate, next_ms - now_ms, self.interval_ms, basis, last)
+        hour = [p for _, p in self._index_hour] or [index]
+        settle = sum(hour, ZERO) / len(hour)
+        return MarkPriceData(
+            self.symbol,
+            quantize(mark, cfg.price_decimals),
+            quantize(index, cfg.price_decimals),
+            quantize(settle, cfg.price_decimals),
+            quantize(rate, cfg.rate_decimals),
+            quantize(self.last_premium, cfg.rate_decimals),
+            next_ms,
+            now_ms,
+        )
