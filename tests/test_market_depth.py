@@ -64,35 +64,32 @@ def test_snapshot_then_diffs_rebuild_the_engines_book(
                 assert late.sorted() == (list(snap.bids), list(snap.asks))
 
 
+def snap(
+    version: int, bids: list[tuple[str, str]], asks: list[tuple[str, str]], _ts: int = 0
+) -> wire.BookSnapshot:
+    return wire.BookSnapshot("BTCUSDT", 0, version, bids, asks, 0)
+
+
 def test_diff_lists_only_changed_levels_with_zero_for_removed() -> None:
     book = DepthBook("BTCUSDT")
-    first = book.apply(
-        wire.BookSnapshot("BTCUSDT", 0, 5, [("10", "1"), ("9", "2")], [("11", "1")], 0)
-    )
+    first = book.apply(snap(5, [("10", "1"), ("9", "2")], [("11", "1")], 0))
     assert first is not None and first.e == "snapshot" and first.u == 5
-    diff = book.apply(
-        wire.BookSnapshot("BTCUSDT", 0, 8, [("10", "1"), ("8", "3")], [("11", "4")], 0)
-    )
+    diff = book.apply(snap(8, [("10", "1"), ("8", "3")], [("11", "4")], 0))
     assert diff is not None and diff.e == "depthUpdate"
     assert (diff.U, diff.u, diff.pu) == (6, 8, 5)
     assert diff.bids == [("9", "0"), ("8", "3")]
     assert diff.asks == [("11", "4")]
     # same version again: nothing; a new version with the same levels: nothing either
-    assert book.apply(wire.BookSnapshot("BTCUSDT", 0, 8, [("10", "1")], [], 0)) is None
-    assert (
-        book.apply(wire.BookSnapshot("BTCUSDT", 0, 9, [("10", "1"), ("8", "3")], [("11", "4")], 0))
-        is None
-    )
-    nxt = book.apply(
-        wire.BookSnapshot("BTCUSDT", 0, 12, [("10", "2"), ("8", "3")], [("11", "4")], 0)
-    )
+    assert book.apply(snap(8, [("10", "1")], [], 0)) is None
+    assert book.apply(snap(9, [("10", "1"), ("8", "3")], [("11", "4")], 0)) is None
+    nxt = book.apply(snap(12, [("10", "2"), ("8", "3")], [("11", "4")], 0))
     assert nxt is not None and (nxt.U, nxt.u, nxt.pu) == (9, 12, 8)
 
 
 def test_engine_restart_sends_a_full_snapshot() -> None:
     book = DepthBook("BTCUSDT")
-    book.apply(wire.BookSnapshot("BTCUSDT", 0, 100, [("10", "1")], [("11", "1")], 0))
-    event = book.apply(wire.BookSnapshot("BTCUSDT", 0, 3, [("10", "2")], [("12", "1")], 0))
+    book.apply(snap(100, [("10", "1")], [("11", "1")], 0))
+    event = book.apply(snap(3, [("10", "2")], [("12", "1")], 0))
     assert event is not None and event.e == "snapshot"
     assert event.bids == [("10", "2")] and event.u == 3
 
@@ -106,9 +103,9 @@ def test_checksum_is_documented_crc32() -> None:
 def test_local_book_rejects_a_gap() -> None:
     book = DepthBook("BTCUSDT")
     client = LocalBook()
-    first = book.apply(wire.BookSnapshot("BTCUSDT", 0, 1, [("10", "1")], [], 0))
-    book.apply(wire.BookSnapshot("BTCUSDT", 0, 2, [("10", "2")], [], 0))  # lost to the client
-    third = book.apply(wire.BookSnapshot("BTCUSDT", 0, 3, [("10", "3")], [], 0))
+    first = book.apply(snap(1, [("10", "1")], [], 0))
+    book.apply(snap(2, [("10", "2")], [], 0))  # lost to the client
+    third = book.apply(snap(3, [("10", "3")], [], 0))
     assert first is not None and third is not None
     client.apply(first)
     with pytest.raises(ValueError, match="gap"):
