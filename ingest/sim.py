@@ -33,6 +33,7 @@ INITIAL_USDT = Decimal(100_000)
 MONEY = Decimal("0.00000001")
 INDEX_SOURCES = ("spotA", "spotB", "spotC")
 INDEX_INTERVAL_MS = 1000
+MAX_STEP_S = 1.0
 
 
 class SymbolSpec(msgspec.Struct, frozen=True):
@@ -54,11 +55,16 @@ DEMO_UIDS = ("1001", "1002", "1003", "1004", "1005")
 
 def decimal_str(units: int, scale: int) -> str:
     """Exact decimal text of ``units * 10**-scale``."""
-    return str(Decimal(units).scaleb(-scale))
+    return plain(Decimal(units).scaleb(-scale))
 
 
 def money(value: Decimal) -> str:
-    return str(value.quantize(MONEY, rounding=ROUND_HALF_EVEN))
+    return plain(value.quantize(MONEY, rounding=ROUND_HALF_EVEN))
+
+
+def plain(value: Decimal) -> str:
+    """Decimal text without an exponent (``str`` writes a tiny zero as ``0E-8``)."""
+    return format(value, "f")
 
 
 class UserOrder:
@@ -175,8 +181,12 @@ class Market:
     # -- driving ---------------------------------------------------------------------------
 
     def step(self, now_ms: int) -> tuple[list[wire.Event], list[wire.Event]]:
-        """Advance to ``now_ms``; returns (market events, private events) in engine order."""
-        dt = max(0, now_ms - self.now_ms) / 1000
+        """Advance to ``now_ms``; returns (market events, private events) in engine order.
+
+        One step simulates at most ``MAX_STEP_S`` of activity: the first step on a wall clock,
+        or one after a pause, does not replay the whole time since the last.
+        """
+        dt = min(MAX_STEP_S, max(0, now_ms - self.now_ms) / 1000)
         self.now_ms = now_ms
         self.market_events, self.private_events = [], []
         rng = self.rng
@@ -357,8 +367,8 @@ class Market:
             wire.PositionUpdate(
                 order.uid,
                 order.symbol,
-                str(pos_qty),
-                str(entry),
+                plain(pos_qty),
+                plain(entry),
                 money(realized + realized_now),
                 self.now_ms,
             )
@@ -395,8 +405,8 @@ class Market:
                 kind="limit",
                 price=decimal_str(order.price, spec.price_scale),
                 qty=decimal_str(order.lots, spec.qty_scale),
-                filled_qty=str(filled),
-                avg_price=str(avg),
+                filled_qty=plain(filled),
+                avg_price=plain(avg),
                 status=status,
                 ts=self.now_ms,
                 last_fill_qty=decimal_str(lots, spec.qty_scale),

@@ -71,9 +71,11 @@ class Daemon:
         self.verifier = verifier if verifier is not None else make_verifier(config.auth)
         self.gateway = Gateway(config, self.hub, self.verifier, self.metrics)
         self.registry.register(HubCollector(self.hub, lambda: len(self.gateway.connections)))
-        self.api = HttpApi(config, self.publisher, self.gateway, self.registry, self.metrics)
         self.poller = SnapshotPoller(config.engine, config.markets, self._on_book)
         self.markets = Markets(dict(config.markets), self.publisher, self.poller.refresh)
+        self.api = HttpApi(
+            config, self.publisher, self.gateway, self.registry, self.metrics, self.markets
+        )
         self.hub.current = self.markets.current
         self.intake = Intake(EngineRouter(self.publisher, self.markets), frozenset(config.markets))
         self.registry.register(IngestCollector(self.intake, self.poller))

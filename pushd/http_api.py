@@ -7,6 +7,9 @@ Starlette routes, served by hypercorn on Trio (``serve_http``). Endpoints, all J
 - ``POST /v1/users/{uid}/disconnect``  close every connection of that uid with 4003 (bearer)
 - ``GET  /v1/stats``               connections, channels, subscriptions, counters (bearer)
 - ``GET  /healthz``, ``GET /readyz``, ``GET /metrics`` (Prometheus text format)
+- ``GET  /v1/depth``, ``/v1/trades``, ``/v1/klines``, ``/v1/ticker``, ``/v1/markPrice``: what a
+  page loads before it subscribes, public: ``{"channel":..., "seq": N, "data": ...}`` where
+  ``seq`` is the channel's seq the data stands at (the next event is ``N + 1``).
 """
 
 from __future__ import annotations
@@ -27,9 +30,11 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from pushd.bus import Publisher
-from pushd.channels import UID_PATTERN, parse_internal
+from pushd.channels import KLINE_INTERVALS, UID_PATTERN, market_channel, parse_internal
 from pushd.config import Config
 from pushd.gateway import Gateway
+from pushd.market.symbol import SymbolMarket
+from pushd.markets import Markets, wall_ms
 from pushd.metrics import GatewayMetrics
 
 MAX_BODY_BYTES = 4 * 1024 * 1024
@@ -62,8 +67,10 @@ class HttpApi:
         gateway: Gateway,
         registry: CollectorRegistry,
         metrics: GatewayMetrics,
+        markets: Markets,
     ) -> None:
         self._config = config
+        self._markets = markets
         self._publisher = publisher
         self._gateway = gateway
         self._registry = registry
@@ -77,6 +84,11 @@ class HttpApi:
                 Route("/v1/publish/batch", self._guard(self.publish_batch), methods=["POST"]),
                 Route("/v1/users/{uid}/disconnect", self._guard(self.disconnect), methods=["POST"]),
                 Route("/v1/stats", self._guard(self.stats), methods=["GET"]),
+                Route("/v1/depth", self._public(self.depth), methods=["GET"]),
+                Route("/v1/trades", self._public(self.trades), methods=["GET"]),
+                Route("/v1/klines", self._public(self.klines), methods=["GET"]),
+                Route("/v1/ticker", self._public(self.ticker), methods=["GET"]),
+                Route("/v1/markPrice", self._public(self.mark_price), methods=["GET"]),
                 Route("/healthz", self.healthz, methods=["GET"]),
                 Route("/readyz", self.readyz, methods=["GET"]),
                 Route("/metrics", self.metrics, methods=["GET"]),
@@ -104,6 +116,69 @@ class HttpApi:
             return _json(result)
 
         return guarded
+
+    @staticmethod
+    def _public(
+        endpoint: Callable[[Request], object],
+    ) -> Callable[[Request], Awaitable[Response]]:
+        """Error mapping for the public snapshot endpoints (no token)."""
+
+        async def public(request: Request) -> Response:
+            try:
+                return _json(endpoint(request))
+            except ApiError as exc:
+                return _json({"error": exc.msg}, exc.status)
+
+        return public
+
+    def _market(self, request: Request) -> SymbolMarket:
+        symbol = request.query_params.get("symbol", "")
+        market = self._markets.symbols.get(symbol)
+        if market is None:
+            raise ApiError(400, f"unknown symbol {symbol!r}")
+        return market
+
+    @staticmethod
+    def _limit(request: Request, default: int, most: int) -> int:
+        text = request.query_params.get("limit", str(default))
+        if not text.isdigit() or not 1 <= int(text) <= most:
+            raise ApiError(400, f"limit must be 1 to {most}")
+        return int(text)
+
+    def _snapshot(self, stream: str, market: SymbolMarket, data: object, iv: str = "1m") -> object:
+        internal = market_channel(stream, market.symbol, iv)
+        protocol = parse_internal(internal, self._symbols).protocol
+        return {"channel": protocol, "seq": self._publisher.seq(internal), "data": data}
+
+    def depth(self, request: Request) -> object:
+        market = self._market(request)
+        limit = self._limit(request, 100, 5000)
+        data = market.depth.snapshot(limit) if market.depth.ready else None
+        return self._snapshot("depth", market, data)
+
+    def trades(self, request: Request) -> object:
+        market = self._market(request)
+        limit = self._limit(request, 100, market.trades.recent.maxlen or 1)
+        recent = list(market.trades.recent)[-limit:]
+        return self._snapshot("trades", market, recent)
+
+    def klines(self, request: Request) -> object:
+        market = self._market(request)
+        interval = request.query_params.get("interval", "1m")
+        if interval not in KLINE_INTERVALS:
+            raise ApiError(400, f"interval must be one of {', '.join(KLINE_INTERVALS)}")
+        limit = self._limit(request, 500, 1000)
+        candles = market.klines[interval].history(limit)
+        return self._snapshot("kline", market, candles, interval)
+
+    def ticker(self, request: Request) -> object:
+        market = self._market(request)
+        return self._snapshot("ticker", market, market.ticker.data(wall_ms()))
+
+    def mark_price(self, request: Request) -> object:
+        market = self._market(request)
+        data = market.funding.data(wall_ms(), market.last_price)
+        return self._snapshot("markPrice", market, data)
 
     async def _body(self, request: Request) -> bytes:
         declared = request.headers.get("content-length")
