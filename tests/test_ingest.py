@@ -94,12 +94,19 @@ async def test_lost_frames_resync_the_sources_symbols(nursery: trio.Nursery) -> 
     sock = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     addr = ("127.0.0.1", running.ports.ingest_udp)
     frames = [framer.datagrams([trade(i)])[0] for i in range(1, 6)]
-    async with open_client(running.ws_url) as c:
+    async with open_client(running.ws_url) as c, open_client(running.ws_url) as watcher:
         await subscribe_private(c, running, "1001")
+        assert await watcher.call({"op": "subscribe", "channel": "BTCUSDT@trades"})
         for i in (0, 1, 4, 3, 4):  # 1, 2, then 5 (3 and 4 lost), 4 late, 5 again
             await sock.sendto(frames[i], addr)
         await sock.sendto(framer.datagrams([order("1001", 1)])[0], addr)
         await c.recv()
+        batches = [(await watcher.recv())["data"]]
+        while sum(len(b["trades"]) for b in batches) < 3:
+            batches.append((await watcher.recv())["data"])
+    # trade clients are told: the batch holding trade 5 says trades may be missing before it
+    assert [t["id"] for b in batches for t in b["trades"]] == [1, 2, 5]
+    assert [b.get("gap", False) for b in batches if 5 in [t["id"] for t in b["trades"]]] == [True]
     intake = running.daemon.intake
     assert intake.lost_frames == 2
     assert (intake.frames["gap"], intake.frames["late"], intake.frames["duplicate"]) == (1, 1, 1)
