@@ -168,7 +168,7 @@ class HttpApi:
         if interval not in KLINE_INTERVALS:
             raise ApiError(400, f"interval must be one of {', '.join(KLINE_INTERVALS)}")
         limit = self._limit(request, 500, 1000)
-        candles = market.klines[interval].history(limit)
+        candles = market.klines.history(interval, limit)
         return self._snapshot("kline", market, candles, interval)
 
     def ticker(self, request: Request) -> object:

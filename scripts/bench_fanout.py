@@ -17,43 +17,20 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
-import os
 import selectors
 import socket
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
-from pathlib import Path
 
 import httpx
 import msgspec
+from benchlib import free_port, proc_cpu_seconds, proc_rss_kib, pushd_server
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, Request, TextMessage
 
 CHANNEL = "trades_BTCUSDT"
 PROTOCOL_CHANNEL = "BTCUSDT@trades"
 TOKEN = "bench-token"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def proc_cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def proc_rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    return 0
 
 
 def open_subscriber(port: int, src: str) -> socket.socket:
@@ -146,29 +123,14 @@ def publisher(http_port: int, batch: int, size: int, rate: float, until_ns: int)
 
 def run(args: argparse.Namespace) -> dict[str, float]:
     ws_port, http_port = free_port(), free_port()
-    with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False) as f:
-        f.write(
-            f"[websocket]\nport = {ws_port}\nmax_connections = {args.subscribers + 100}\n"
-            f"[http]\nport = {http_port}\npublish_token = '{TOKEN}'\nmax_batch = 10000\n"
-            f"[limits]\noutbound_buffer_bytes = {args.buffer}\n"
-            f"[log]\nlevel = 'warning'\nformat = 'json'\n"
-        )
-        config_path = f.name
-    server = subprocess.Popen(
-        [sys.executable, "-m", "pushd", "run", "--config", config_path],
-        stderr=subprocess.DEVNULL,
+    config = (
+        f"[websocket]\nport = {ws_port}\nmax_connections = {args.subscribers + 100}\n"
+        f"[http]\nport = {http_port}\npublish_token = '{TOKEN}'\nmax_batch = 10000\n"
+        f"[limits]\noutbound_buffer_bytes = {args.buffer}\n"
+        f"[engine]\nsnapshot_enabled = false\n"
+        f"[ingest]\nudp_enabled = false\ntcp_enabled = false\n"
     )
-    try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{http_port}/readyz").status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("server did not become ready")
-            time.sleep(0.05)
+    with pushd_server(config, http_port) as server:
         window = mp.Array("q", [0, 0], lock=False)
         out: mp.Queue = mp.Queue()  # type: ignore[type-arg]
         per = args.subscribers // args.clients
@@ -201,10 +163,6 @@ def run(args: argparse.Namespace) -> dict[str, float]:
             client_cpu += f_cpu
         for p in procs:
             p.join()
-    finally:
-        server.terminate()
-        server.wait(10)
-        os.unlink(config_path)
     lat.sort()
 
     def pct(q: float) -> float:

@@ -12,9 +12,9 @@ from hypothesis import strategies as st
 from ingest import wire
 from pushd.channels import KLINE_INTERVALS
 from pushd.market.decimals import text
-from pushd.market.kline import KlineSeries, bucket
+from pushd.market.kline import Candle, Klines, bucket
 from pushd.market.ticker import Ticker
-from pushd.market.trades import TradeMerger
+from pushd.market.trades import PricedTrade, TradeMerger
 
 HOUR = 3_600_000
 
@@ -26,7 +26,7 @@ def trade_runs(draw: st.DrawFn, max_step: int) -> list[wire.Trade]:
     ts = draw(st.integers(0, 10**12))
     out = []
     for i in range(n):
-        ts += draw(st.integers(0, max_step))
+        ts += draw(st.one_of(st.just(0), st.integers(0, 3), st.integers(0, max_step)))
         ticks = draw(st.integers(1, 10**6))
         lots = draw(st.integers(1, 10**5))
         px = str(Decimal(ticks).scaleb(-2))
@@ -62,7 +62,7 @@ def test_ticker_equals_brute_force_at_every_step(
     """After every trade, and at clock times before the next one (the clock only moves on)."""
     ticker = Ticker("BTCUSDT")
     for i, trade in enumerate(trades):
-        ticker.add(trade)
+        ticker.add(PricedTrade(trade))
         until = trades[i + 1].ts if i + 1 < len(trades) else None
         times = sorted({trade.ts, *(trade.ts + p for p in probes)})
         for now in [t for t in times if until is None or t <= until]:
@@ -78,8 +78,8 @@ def test_ticker_equals_brute_force_at_every_step(
 def test_ticker_before_any_trade_is_none_and_change_percent() -> None:
     ticker = Ticker("BTCUSDT")
     assert ticker.data(0) is None
-    ticker.add(wire.Trade("BTCUSDT", 1, "100", "1", "buy", 0))
-    ticker.add(wire.Trade("BTCUSDT", 2, "90.5", "2", "sell", 1000))
+    ticker.add(PricedTrade(wire.Trade("BTCUSDT", 1, "100", "1", "buy", 0)))
+    ticker.add(PricedTrade(wire.Trade("BTCUSDT", 2, "90.5", "2", "sell", 1000)))
     data = ticker.data(2000)
     assert data is not None
     assert (data.change, data.changePercent, data.quoteVolume) == ("-9.5", "-9.500", "281")
@@ -101,24 +101,30 @@ def brute_klines(trades: list[wire.Trade], interval: str) -> list[tuple[object, 
     return out
 
 
-@settings(max_examples=100)
-@given(trade_runs(max_step=2 * HOUR), st.sampled_from(KLINE_INTERVALS))
-def test_klines_equal_brute_force_bucketing(trades: list[wire.Trade], interval: str) -> None:
-    series = KlineSeries("BTCUSDT", interval, history=1000)
-    closed_once = []
-    for trade in trades:
-        if (done := series.close_due(trade.ts)) is not None:  # the clock can close it first
-            closed_once.append(done)
-        if (done := series.add(trade)) is not None:
-            closed_once.append(done)
-    candles = series.history(1000)
-    got = [
-        (c.openTime, c.open, c.high, c.low, c.close, c.volume, c.quoteVolume, c.count)
-        for c in candles
-    ]
-    assert got == brute_klines(trades, interval)
-    assert all(c.closed for c in closed_once) and closed_once == candles[: len(closed_once)]
-    assert len(closed_once) == max(0, len(candles) - 1)  # every candle but the open one, once
+@settings(max_examples=150)
+@given(trade_runs(max_step=2 * HOUR), st.lists(st.integers(0, 3 * HOUR), max_size=3))
+def test_klines_equal_brute_force_bucketing(trades: list[wire.Trade], ticks: list[int]) -> None:
+    """Every interval, with the clock ticking between trades (it may close candles first)."""
+    klines = Klines("BTCUSDT", history=1000)
+    closed_once: list[Candle] = []
+    for i, trade in enumerate(trades):
+        closed_once += klines.close_due(trade.ts)
+        closed_once += klines.add(PricedTrade(trade))
+        until = trades[i + 1].ts if i + 1 < len(trades) else None
+        for now in sorted(trade.ts + t for t in ticks):
+            if until is None or now <= until:
+                closed_once += klines.close_due(now)
+    for interval in KLINE_INTERVALS:
+        candles = klines.history(interval, 1000)
+        got = [
+            (c.openTime, c.open, c.high, c.low, c.close, c.volume, c.quoteVolume, c.count)
+            for c in candles
+        ]
+        assert got == brute_klines(trades, interval), interval
+        mine = [c for c in closed_once if c.i == interval]
+        assert all(c.closed for c in mine) and mine == list(klines.closed[interval])
+        assert [c for c in candles if c.closed] == mine  # each closed candle returned once
+        assert all(not c.closed for c in candles[len(mine) :])
 
 
 def test_bucket_alignment() -> None:

@@ -5,9 +5,10 @@ weeks starting Monday 00:00, months starting on the 1st. A candle exists only fo
 that had a trade (TradingView draws the gap); its ``closeTime`` is the last millisecond of the
 interval. Trade times are taken as non-decreasing per symbol, as in the ticker.
 
-``KlineSeries`` keeps the open candle and a ring of closed ones. A candle closes when a trade of
-a later interval arrives or when the clock passes its end (``close_due``), whichever is first;
-either way it is returned exactly once, so the stream pushes it once with ``closed: true``.
+``Klines`` keeps each interval's open candle and a ring of closed ones. A candle closes when a
+trade of a later interval arrives or when the clock passes its end (``close_due``), whichever is
+first; either way it is returned exactly once, so the stream pushes it once with
+``closed: true``.
 """
 
 from __future__ import annotations
@@ -15,13 +16,12 @@ from __future__ import annotations
 import calendar
 from collections import deque
 from datetime import UTC, datetime
-from decimal import Decimal
 
 import msgspec
 
-from ingest import wire
 from pushd.channels import KLINE_INTERVALS
-from pushd.market.decimals import EXACT, text
+from pushd.market.decimals import EXACT, ZERO, text
+from pushd.market.trades import PricedTrade
 
 MINUTE_MS = 60_000
 FIXED_MS: dict[str, int] = {
@@ -64,75 +64,127 @@ class Candle(msgspec.Struct, gc=False):
 
 
 class _Open:
+    """A candle being built: the trades that set high and low are kept (Decimal and text)."""
+
     __slots__ = ("close", "count", "end", "high", "low", "open", "quote", "start", "volume")
 
-    def __init__(self, start: int, end: int, price: str) -> None:
+    def __init__(self, start: int, end: int, trade: PricedTrade) -> None:
         self.start, self.end = start, end
-        self.open = self.high = self.low = self.close = price
-        self.volume = Decimal(0)
-        self.quote = Decimal(0)
+        self.open = self.close = trade.price_text
+        self.high = self.low = trade
+        self.volume = ZERO
+        self.quote = ZERO
         self.count = 0
 
+    def add(self, trade: PricedTrade) -> None:
+        price = trade.price
+        if price > self.high.price:
+            self.high = trade
+        elif price < self.low.price:
+            self.low = trade
+        self.close = trade.price_text
+        self.volume = EXACT.add(self.volume, trade.qty)
+        self.quote = EXACT.add(self.quote, trade.quote)
+        self.count += 1
 
-class KlineSeries:
-    def __init__(self, symbol: str, interval: str, history: int = HISTORY) -> None:
-        if interval not in KLINE_INTERVALS:
-            raise ValueError(f"unknown kline interval {interval!r}")
+    def fold(self, later: _Open) -> None:
+        """Take in a later candle of the same bucket (a closed minute)."""
+        if later.high.price > self.high.price:
+            self.high = later.high
+        if later.low.price < self.low.price:
+            self.low = later.low
+        self.close = later.close
+        self.volume = EXACT.add(self.volume, later.volume)
+        self.quote = EXACT.add(self.quote, later.quote)
+        self.count += later.count
+
+    def copy(self, start: int, end: int) -> _Open:
+        twin = _Open(start, end, self.high)
+        twin.open, twin.close, twin.low = self.open, self.close, self.low
+        twin.volume, twin.quote, twin.count = self.volume, self.quote, self.count
+        return twin
+
+
+class Klines:
+    """Every interval's candles of one symbol.
+
+    A trade updates only the open minute. When a minute closes it is folded into the open
+    candle of each longer interval (every longer bucket is a union of whole minutes), so a
+    trade costs one candle update, not fourteen. A longer interval's open candle is what its
+    closed minutes add up to, plus the open minute.
+    """
+
+    def __init__(self, symbol: str, history: int = HISTORY) -> None:
         self.symbol = symbol
-        self.interval = interval
-        self.closed: deque[Candle] = deque(maxlen=history)
-        self._open: _Open | None = None
+        self.closed: dict[str, deque[Candle]] = {
+            iv: deque(maxlen=history) for iv in KLINE_INTERVALS
+        }
+        self._minute: _Open | None = None
+        self._longer: dict[str, _Open | None] = dict.fromkeys(KLINE_INTERVALS[1:])
         self._last_ts = 0
-        self.changed = False
+        self.changed = False  # a trade since the open candles were last taken
 
-    def add(self, trade: wire.Trade) -> Candle | None:
-        """Count a trade; returns the candle it closed, if it opened a new interval."""
+    def add(self, trade: PricedTrade) -> list[Candle]:
+        """Count a trade; returns the candles it closed (it opened a later interval)."""
         self._last_ts = max(self._last_ts, trade.ts)
-        done = None
-        candle = self._open
-        if candle is not None and self._last_ts > candle.end:
-            done = self._close()
-            candle = None
-        if candle is None:
-            candle = self._open = _Open(*bucket(self.interval, self._last_ts), trade.price)
-        price, qty = Decimal(trade.price), Decimal(trade.qty)
-        if price > Decimal(candle.high):
-            candle.high = trade.price
-        if price < Decimal(candle.low):
-            candle.low = trade.price
-        candle.close = trade.price
-        candle.volume = EXACT.add(candle.volume, qty)
-        candle.quote = EXACT.add(candle.quote, EXACT.multiply(price, qty))
-        candle.count += 1
+        done = self._roll(self._last_ts)
+        if self._minute is None:
+            self._minute = _Open(*bucket("1m", self._last_ts), trade)
+        self._minute.add(trade)
         self.changed = True
         return done
 
-    def close_due(self, now_ms: int) -> Candle | None:
-        """The open candle, closed, once the clock has passed its end."""
-        if self._open is not None and now_ms > self._open.end:
-            return self._close()
-        return None
+    def close_due(self, now_ms: int) -> list[Candle]:
+        """The open candles whose end the clock has passed, closed."""
+        return self._roll(now_ms)
 
-    def current(self) -> Candle | None:
-        return self._candle(self._open, closed=False) if self._open is not None else None
+    def current(self, interval: str) -> Candle | None:
+        """The open candle of ``interval``, or None if it has no trade yet."""
+        minute = self._minute
+        if interval == "1m":
+            return self._candle("1m", minute, closed=False) if minute is not None else None
+        acc = self._longer[interval]
+        if acc is None:
+            if minute is None:
+                return None
+            return self._candle(interval, minute.copy(*bucket(interval, minute.start)), False)
+        if minute is None:
+            return self._candle(interval, acc, closed=False)
+        merged = acc.copy(acc.start, acc.end)
+        merged.fold(minute)
+        return self._candle(interval, merged, closed=False)
 
-    def history(self, limit: int) -> list[Candle]:
+    def history(self, interval: str, limit: int) -> list[Candle]:
         """The last ``limit`` candles, oldest first, the open one last."""
-        candles = list(self.closed)
-        if self._open is not None:
-            candles.append(self._candle(self._open, closed=False))
+        candles = list(self.closed[interval])
+        if (candle := self.current(interval)) is not None:
+            candles.append(candle)
         return candles[-limit:] if limit > 0 else []
 
-    def _close(self) -> Candle:
-        assert self._open is not None
-        candle = self._candle(self._open, closed=True)
-        self.closed.append(candle)
-        self._open = None
-        self.changed = False
-        return candle
+    def _roll(self, ts: int) -> list[Candle]:
+        done: list[Candle] = []
+        minute = self._minute
+        if minute is not None and ts > minute.end:
+            done.append(self._close("1m", minute))
+            self._minute = None
+            for interval, acc in self._longer.items():
+                if acc is None:
+                    self._longer[interval] = minute.copy(*bucket(interval, minute.start))
+                else:
+                    acc.fold(minute)
+        for interval, acc in self._longer.items():
+            if acc is not None and ts > acc.end:
+                done.append(self._close(interval, acc))
+                self._longer[interval] = None
+        return done
 
-    def _candle(self, c: _Open, *, closed: bool) -> Candle:
+    def _close(self, interval: str, candle: _Open) -> Candle:
+        closed = self._candle(interval, candle, closed=True)
+        self.closed[interval].append(closed)
+        return closed
+
+    def _candle(self, interval: str, c: _Open, closed: bool) -> Candle:
         return Candle(
-            self.symbol, self.interval, c.start, c.end, c.open, c.high, c.low, c.close,
-            text(c.volume), text(c.quote), c.count, closed,
+            self.symbol, interval, c.start, c.end, c.open, c.high.price_text, c.low.price_text,
+            c.close, text(c.volume), text(c.quote), c.count, closed,
         )  # fmt: skip

@@ -15,9 +15,9 @@ from pushd.channels import KLINE_INTERVALS, market_channel
 from pushd.config import MarketConfig
 from pushd.market.depth import DepthBook
 from pushd.market.funding import FundingState
-from pushd.market.kline import KlineSeries
+from pushd.market.kline import Klines
 from pushd.market.ticker import Ticker
-from pushd.market.trades import TradeMerger
+from pushd.market.trades import PricedTrade, TradeMerger
 
 _encode = msgspec.json.Encoder().encode
 
@@ -30,7 +30,7 @@ class SymbolMarket:
         self.trades = TradeMerger(symbol)
         self.ticker = Ticker(symbol)
         self.funding = FundingState(symbol, config.funding)
-        self.klines = {iv: KlineSeries(symbol, iv) for iv in KLINE_INTERVALS}
+        self.klines = Klines(symbol)
         self.last_price: str | None = None
         self.channels = {
             stream: market_channel(stream, symbol)
@@ -46,12 +46,11 @@ class SymbolMarket:
 
     def trade(self, trade: wire.Trade) -> None:
         self.trades.add(trade)
-        self.ticker.add(trade)
+        priced = PricedTrade(trade)
+        self.ticker.add(priced)
         self.last_price = trade.price
-        for interval, series in self.klines.items():
-            closed = series.add(trade)
-            if closed is not None:
-                self._put(self._kline_channels[interval], closed)
+        for closed in self.klines.add(priced):
+            self._put(self._kline_channels[closed.i], closed)
 
     def index_price(self, event: wire.IndexPrice) -> None:
         self.funding.index_price(event.source, event.price, event.ts)
@@ -76,16 +75,14 @@ class SymbolMarket:
             if batch is not None:
                 self._put(self.channels["trades"], batch)
         self.funding.sample(now_ms, self.depth.bids, self.depth.asks)
-        for interval, series in self.klines.items():
-            closed = series.close_due(now_ms)
-            if closed is not None:
-                self._put(self._kline_channels[interval], closed)
-        if now_ms >= due["kline"]:
+        for closed in self.klines.close_due(now_ms):
+            self._put(self._kline_channels[closed.i], closed)
+        if now_ms >= due["kline"] and self.klines.changed:
             due["kline"] = now_ms + cfg.kline_interval_ms
-            for interval, series in self.klines.items():
-                if series.changed and (candle := series.current()) is not None:
-                    series.changed = False
-                    self._put(self._kline_channels[interval], candle)
+            self.klines.changed = False
+            for interval, channel in self._kline_channels.items():
+                if (candle := self.klines.current(interval)) is not None:
+                    self._put(channel, candle)
         if now_ms >= due["ticker"]:
             due["ticker"] = now_ms + cfg.ticker_interval_ms
             self.ticker.expire(now_ms)
@@ -112,8 +109,8 @@ class SymbolMarket:
             state = self.ticker.data(now_ms)
         elif stream == "markPrice":
             state = self.funding.data(now_ms, self.last_price)
-        elif stream in self.klines:
-            state = self.klines[stream].current()
+        elif stream in self._kline_channels:
+            state = self.klines.current(stream)
         return _encode(state) if state is not None else None
 
     def channel_names(self) -> list[str]:

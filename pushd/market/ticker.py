@@ -2,7 +2,9 @@
 
 The window holds the trades whose time is after ``now - 24 h``, in arrival order. Trade times
 are taken as non-decreasing per symbol (a trade stamped earlier than one already seen counts at
-the later time), so the oldest trade is always at the left of the window. Sums (volume, quote
+the later time), so the oldest trade is always at the left of the window. Trades of the same
+millisecond share one entry (they enter and leave together), so memory is bounded by the
+milliseconds with trades, not by the trades. Sums (volume, quote
 volume = sum of price * qty, count) are added on entry and subtracted on expiry, exactly in
 decimals; high and low come from monotonic deques (each trade enters and leaves each deque at
 most once). With no trade in the window, open/high/low equal the last price and the sums are 0.
@@ -15,8 +17,8 @@ from decimal import Decimal
 
 import msgspec
 
-from ingest import wire
 from pushd.market.decimals import EXACT, ZERO, quantize, text
+from pushd.market.trades import PricedTrade
 
 WINDOW_MS = 24 * 3600 * 1000
 
@@ -38,56 +40,80 @@ class TickerData(msgspec.Struct, frozen=True, gc=False):
     closeTime: int
 
 
-class _Entry:
-    __slots__ = ("id", "n", "price", "price_text", "qty", "quote", "ts")
+class _Millisecond:
+    """The trades of one millisecond: they enter and leave the window together."""
 
-    def __init__(self, n: int, trade: wire.Trade, ts: int) -> None:
-        self.n = n
-        self.id = trade.id
+    __slots__ = ("count", "first", "high", "low", "qty", "quote", "ts")
+
+    def __init__(self, trade: PricedTrade, ts: int) -> None:
         self.ts = ts
-        self.price_text = trade.price
-        self.price = Decimal(trade.price)
-        self.qty = Decimal(trade.qty)
-        self.quote = EXACT.multiply(self.price, self.qty)
+        self.first = self.high = self.low = trade
+        self.qty = trade.qty
+        self.quote = trade.quote
+        self.count = 1
 
 
 class Ticker:
     def __init__(self, symbol: str, window_ms: int = WINDOW_MS) -> None:
         self.symbol = symbol
         self.window_ms = window_ms
-        self._trades: deque[_Entry] = deque()
-        self._highs: deque[_Entry] = deque()  # prices strictly decreasing left to right
-        self._lows: deque[_Entry] = deque()  # prices strictly increasing
+        self._window: deque[_Millisecond] = deque()
+        self._highs: deque[_Millisecond] = deque()  # highs strictly decreasing left to right
+        self._lows: deque[_Millisecond] = deque()  # lows strictly increasing
         self._volume = ZERO
         self._quote = ZERO
-        self._n = 0
-        self._last: _Entry | None = None
+        self._count = 0
+        self._last: PricedTrade | None = None
         self._last_ts = 0
         self.changed = False
 
-    def add(self, trade: wire.Trade) -> None:
+    def add(self, trade: PricedTrade) -> None:
         self._last_ts = max(self._last_ts, trade.ts)
-        self._n += 1
-        entry = _Entry(self._n, trade, self._last_ts)
-        self._trades.append(entry)
-        self._volume = EXACT.add(self._volume, entry.qty)
-        self._quote = EXACT.add(self._quote, entry.quote)
-        while self._highs and self._highs[-1].price <= entry.price:
-            self._highs.pop()
-        self._highs.append(entry)
-        while self._lows and self._lows[-1].price >= entry.price:
-            self._lows.pop()
-        self._lows.append(entry)
-        self._last = entry
+        window = self._window
+        if window and window[-1].ts == self._last_ts:
+            ms = window[-1]  # the newest entry: rightmost in both monotonic deques
+            ms.qty = EXACT.add(ms.qty, trade.qty)
+            ms.quote = EXACT.add(ms.quote, trade.quote)
+            ms.count += 1
+            if trade.price > ms.high.price:
+                ms.high = trade
+                self._highs.pop()
+                self._push_high(ms)
+            elif trade.price < ms.low.price:
+                ms.low = trade
+                self._lows.pop()
+                self._push_low(ms)
+        else:
+            ms = _Millisecond(trade, self._last_ts)
+            window.append(ms)
+            self._push_high(ms)
+            self._push_low(ms)
+        self._volume = EXACT.add(self._volume, trade.qty)
+        self._quote = EXACT.add(self._quote, trade.quote)
+        self._count += 1
+        self._last = trade
         self.changed = True
+
+    def _push_high(self, ms: _Millisecond) -> None:
+        highs = self._highs
+        while highs and highs[-1].high.price <= ms.high.price:
+            highs.pop()
+        highs.append(ms)
+
+    def _push_low(self, ms: _Millisecond) -> None:
+        lows = self._lows
+        while lows and lows[-1].low.price >= ms.low.price:
+            lows.pop()
+        lows.append(ms)
 
     def expire(self, now_ms: int) -> None:
         cutoff = now_ms - self.window_ms
-        trades = self._trades
-        while trades and trades[0].ts <= cutoff:
-            gone = trades.popleft()
+        window = self._window
+        while window and window[0].ts <= cutoff:
+            gone = window.popleft()
             self._volume = EXACT.subtract(self._volume, gone.qty)
             self._quote = EXACT.subtract(self._quote, gone.quote)
+            self._count -= gone.count
             if self._highs[0] is gone:
                 self._highs.popleft()
             if self._lows[0] is gone:
@@ -100,10 +126,10 @@ class Ticker:
         last = self._last
         if last is None:
             return None
-        if self._trades:
-            first = self._trades[0]
-            open_, high, low = first, self._highs[0], self._lows[0]
-            first_id: int | None = first.id
+        if self._window:
+            open_ = self._window[0].first
+            high, low = self._highs[0].high, self._lows[0].low
+            first_id: int | None = open_.id
         else:
             open_ = high = low = last
             first_id = None
@@ -114,5 +140,5 @@ class Ticker:
         return TickerData(
             self.symbol, open_.price_text, high.price_text, low.price_text, last.price_text,
             text(self._volume), text(self._quote), text(change), quantize(percent, 3),
-            len(self._trades), first_id, last.id, now_ms - self.window_ms, now_ms,
+            self._count, first_id, last.id, now_ms - self.window_ms, now_ms,
         )  # fmt: skip

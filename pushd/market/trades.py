@@ -9,10 +9,12 @@ client that keeps a trade history reloads it (``GET /v1/trades``).
 from __future__ import annotations
 
 from collections import deque
+from decimal import Decimal
 
 import msgspec
 
 from ingest import wire
+from pushd.market.decimals import EXACT
 
 RECENT_TRADES = 1000
 
@@ -29,6 +31,20 @@ class TradeBatch(msgspec.Struct, frozen=True, omit_defaults=True):
     s: str
     trades: list[TradeItem]
     gap: bool = False
+
+
+class PricedTrade:
+    """A trade with its price, quantity and quote amount parsed once, for every stream."""
+
+    __slots__ = ("id", "price", "price_text", "qty", "quote", "ts")
+
+    def __init__(self, trade: wire.Trade) -> None:
+        self.id = trade.id
+        self.ts = trade.ts
+        self.price_text = trade.price
+        self.price = Decimal(trade.price)
+        self.qty = Decimal(trade.qty)
+        self.quote = EXACT.multiply(self.price, self.qty)
 
 
 def item(trade: wire.Trade) -> TradeItem:

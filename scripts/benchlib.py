@@ -1,0 +1,73 @@
+"""What the benchmarks share: free ports, a ``pushd run`` server process, its CPU and RSS."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+
+def free_port(kind: int = socket.SOCK_STREAM) -> int:
+    with socket.socket(socket.AF_INET, kind) as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def proc_cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def proc_rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+@contextmanager
+def pushd_server(config_toml: str, http_port: int) -> Iterator[subprocess.Popen[bytes]]:
+    """``pushd run`` with this config, as its own process, once it answers /readyz."""
+    with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False) as f:
+        f.write(config_toml + "\n[log]\nlevel = 'warning'\nformat = 'json'\n")
+        config_path = f.name
+    server = subprocess.Popen(
+        [sys.executable, "-m", "pushd", "run", "--config", config_path],
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{http_port}/readyz").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("server did not become ready")
+            time.sleep(0.05)
+        yield server
+    finally:
+        server.terminate()
+        server.wait(10)
+        os.unlink(config_path)
+
+
+def metrics(http_port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """The server's Prometheus samples: (name, sorted labels) -> value."""
+    text = httpx.get(f"http://127.0.0.1:{http_port}/metrics").text
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
