@@ -101,6 +101,7 @@ class Daemon:
                 if handle_signals:
                     nursery.start_soon(self._stop_on_signal)
                 ws_port = await nursery.start(self.gateway.serve)
+                self.api.websocket_port = ws_port
                 http_cfg = self.config.http
                 http_port = await nursery.start(
                     serve_http, self.api, http_cfg.host, http_cfg.port, http_stop

@@ -7,6 +7,7 @@ Starlette routes, served by hypercorn on Trio (``serve_http``). Endpoints, all J
 - ``POST /v1/users/{uid}/disconnect``  close every connection of that uid with 4003 (bearer)
 - ``GET  /v1/stats``               connections, channels, subscriptions, counters (bearer)
 - ``GET  /healthz``, ``GET /readyz``, ``GET /metrics`` (Prometheus text format)
+- ``GET  /`` the demo market page, ``GET /v1/info`` its WebSocket port and symbols
 - ``GET  /v1/depth``, ``/v1/trades``, ``/v1/klines``, ``/v1/ticker``, ``/v1/markPrice``: what a
   page loads before it subscribes, public: ``{"channel":..., "seq": N, "data": ...}`` where
   ``seq`` is the channel's seq the data stands at (the next event is ``N + 1``).
@@ -17,6 +18,7 @@ from __future__ import annotations
 import functools
 import hmac
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import msgspec
@@ -38,6 +40,7 @@ from pushd.markets import Markets, wall_ms
 from pushd.metrics import GatewayMetrics
 
 MAX_BODY_BYTES = 4 * 1024 * 1024
+PAGE = Path(__file__).parent / "static" / "index.html"
 T = TypeVar("T")
 
 
@@ -78,12 +81,15 @@ class HttpApi:
         self._symbols = frozenset(config.markets)
         self._max_data = config.limits.outbound_buffer_bytes // 4
         self.ready = False
+        self.websocket_port = config.websocket.port  # the bound one, once the gateway listens
         self.app = Starlette(
             routes=[
                 Route("/v1/publish", self._guard(self.publish), methods=["POST"]),
                 Route("/v1/publish/batch", self._guard(self.publish_batch), methods=["POST"]),
                 Route("/v1/users/{uid}/disconnect", self._guard(self.disconnect), methods=["POST"]),
                 Route("/v1/stats", self._guard(self.stats), methods=["GET"]),
+                Route("/", self.page, methods=["GET"]),
+                Route("/v1/info", self._public(self.info), methods=["GET"]),
                 Route("/v1/depth", self._public(self.depth), methods=["GET"]),
                 Route("/v1/trades", self._public(self.trades), methods=["GET"]),
                 Route("/v1/klines", self._public(self.klines), methods=["GET"]),
@@ -149,6 +155,14 @@ class HttpApi:
         internal = market_channel(stream, market.symbol, iv)
         protocol = parse_internal(internal, self._symbols).protocol
         return {"channel": protocol, "seq": self._publisher.seq(internal), "data": data}
+
+    async def page(self, request: Request) -> Response:
+        """The demo market page (order book, trades, ticker, kline chart, private events)."""
+        return Response(PAGE.read_bytes(), media_type="text/html; charset=utf-8")
+
+    def info(self, request: Request) -> object:
+        """What the page needs to connect: the WebSocket port and the symbols."""
+        return {"websocket_port": self.websocket_port, "symbols": sorted(self._symbols)}
 
     def depth(self, request: Request) -> object:
         market = self._market(request)

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -17,6 +18,9 @@ from wsproto.events import AcceptConnection, CloseConnection, RejectConnection, 
 from wsproto.events import Event as WsEvent
 from wsproto.events import Request as WsRequest
 
+from ingest.sim import Market
+from ingest.sim_engine import run_feed
+from ingest.transport import BookProvider, serve_snapshots
 from pushd import config as config_mod
 from pushd.auth import issue_hmac_token
 from pushd.daemon import Daemon, Ports
@@ -77,6 +81,24 @@ async def start_daemon(nursery: trio.Nursery, config: config_mod.Config) -> Runn
     daemon = Daemon(config)
     ports: Ports = await nursery.start(daemon.serve)
     return Running(daemon, ports)
+
+
+async def start_simulated(
+    nursery: trio.Nursery, market: Market, provider: BookProvider | None = None
+) -> Running:
+    """A daemon polling ``market``'s books (through ``provider``, if given) on a free port."""
+    snapshot_port = await nursery.start(serve_snapshots, provider or market.book, "127.0.0.1", 0)
+    config = make_config(engine={"snapshot_enabled": True, "snapshot_port": snapshot_port})
+    return await start_daemon(nursery, config)
+
+
+def feed(running: Running, market: Market) -> Callable[[], Awaitable[None]]:
+    """The simulated engine's event feed into ``running`` (UDP and TCP), to start in a nursery."""
+    ports = running.ports
+    return functools.partial(
+        run_feed, market, host="127.0.0.1", tcp_port=ports.ingest_tcp, udp_port=ports.ingest_udp,
+        step_ms=20,
+    )  # fmt: skip
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ logged-in demo user's order, balance and position events add up to its fills.
 
 from __future__ import annotations
 
-import functools
 from collections import defaultdict
 from decimal import Decimal
 from typing import Any
@@ -15,12 +14,10 @@ from typing import Any
 import httpx
 import msgspec
 import trio
-from conftest import Running, make_config, open_client, start_daemon
+from conftest import feed, open_client, start_simulated
 
 from ingest import wire
 from ingest.sim import INITIAL_USDT, Market
-from ingest.sim_engine import run_feed
-from ingest.transport import serve_snapshots
 from pushd.market.depth import DepthEvent, LocalBook
 
 SYMBOLS = ("BTCUSDT", "ETHUSDT", "SOLUSDT")
@@ -105,9 +102,7 @@ def check_private_events_add_up(private: list[dict[str, Any]]) -> None:
 async def test_simulated_engine_to_clients(nursery: trio.Nursery) -> None:
     market = Market(seed=7, rate=8.0)
     recorder = Recorder(market)
-    snapshot_port = await nursery.start(serve_snapshots, recorder, "127.0.0.1", 0)
-    config = make_config(engine={"snapshot_enabled": True, "snapshot_port": snapshot_port})
-    running: Running = await start_daemon(nursery, config)
+    running = await start_simulated(nursery, market, recorder)
     watcher = Watcher(recorder)
     channels = [f"{s}@{k}" for s in SYMBOLS for k in ("depth", "trades", "ticker", "markPrice")]
     channels += [f"{s}@kline" for s in SYMBOLS] + ["@order", "@balance", "@position"]
@@ -117,12 +112,8 @@ async def test_simulated_engine_to_clients(nursery: trio.Nursery) -> None:
         while (reply := await client.recv()).get("id") != 1:
             watcher.see(reply)  # a current state (depth snapshot, ...) may come first
         assert reply == {"result": True, "id": 1}
-        feed = functools.partial(
-            run_feed, market, host="127.0.0.1", tcp_port=running.ports.ingest_tcp,
-            udp_port=running.ports.ingest_udp, step_ms=20,
-        )  # fmt: skip
         async with trio.open_nursery() as engine:
-            engine.start_soon(feed)
+            engine.start_soon(feed(running, market))
             with trio.fail_after(60):
                 while not watcher.done():
                     watcher.see(await client.recv())
@@ -134,10 +125,7 @@ async def test_simulated_engine_to_clients(nursery: trio.Nursery) -> None:
 async def test_rest_snapshots_match_the_stream(nursery: trio.Nursery) -> None:
     market = Market(seed=3)
     market.step(1000)
-    recorder = Recorder(market)
-    snapshot_port = await nursery.start(serve_snapshots, recorder, "127.0.0.1", 0)
-    config = make_config(engine={"snapshot_enabled": True, "snapshot_port": snapshot_port})
-    running: Running = await start_daemon(nursery, config)
+    running = await start_simulated(nursery, market)
     async with open_client(running.ws_url) as client:
         await client.send({"op": "subscribe", "channel": "BTCUSDT@depth"})
         first = await client.recv()
