@@ -35,7 +35,8 @@ def test_example_file_loads_and_mentions_every_setting() -> None:
                 out.append(name)
         return out
 
-    missing = [k for k in keys(config_mod.Config()) if f"{k} =" not in text]
+    settings = keys(config_mod.Config()) + keys(config_mod.MarketConfig())
+    missing = [k for k in settings if f"{k} =" not in text]
     assert missing == []
 
 
