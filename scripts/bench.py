@@ -1,0 +1,657 @@
+#!/usr/bin/env python3
+"""pushd's benchmark harness: pushd against its peers, same client, same workload, one table.
+
+    .venv/bin/python scripts/bench.py                 # the short version of everything
+    .venv/bin/python scripts/bench.py --scenarios broadcast --rates 500 1000 2000 4000
+
+Targets, each started fresh for each run as its own process tree pinned to core 0 (the load
+generator and the publisher are pinned to core 1, so server CPU is measured cleanly):
+
+- ``pushd``: ``pushd run``; subscribers send ``{"op":"subscribe",...}``; the publisher uses
+  the HTTP batch publish API.
+- ``websockets``: the `websockets` library's ``broadcast()`` server (scripts/peers/); the
+  publisher sends over a WebSocket.
+- ``nchan``: nginx (``nginx-light``) with the nchan module (``libnginx-mod-nchan``), one worker;
+  WebSocket subscriber and WebSocket publisher locations. Missing packages are installed with
+  apt-get when run as root, else the target is reported missing.
+
+Scenarios:
+
+1. ``broadcast``: N subscribers on one channel, ~100-byte messages at each offered rate; stops
+   raising the rate for a target once loss appears or p99 passes ``--p99-limit-ms``.
+2. ``market``: pushd only: 20 symbols, each client on a few streams, realistic message sizes,
+   plus one client that stops reading: the others' p99 with and without it, and their gaps.
+3. ``private``: pushd only: logged-in users, each receiving its own order events.
+4. ``idle``: as many subscribed connections as fit (default 15,000): server RSS per connection.
+5. ``storm``: connections + upgrades + subscriptions per second from 4 clients.
+
+Headline figures: delivered messages/s; **deliveries per server CPU-second** (what one core
+buys); publish->receive latency p50/p99/p99.9/max; messages lost; server CPU and RSS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import multiprocessing as mp
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+from bench_client import CLIENT_CPU, idle_main, pin, storm_main, subscriber_main
+from benchlib import free_port, proc_cpu_seconds, proc_rss_kib
+from wsproto import ConnectionType, WSConnection
+from wsproto.events import AcceptConnection, Request, TextMessage
+
+ROOT = Path(__file__).resolve().parent.parent
+SERVER_CPU = 0
+PUBLISH_TOKEN = "bench-token"
+SECRET = "bench-secret"
+NCHAN_MODULE = Path("/usr/lib/nginx/modules/ngx_nchan_module.so")
+
+
+# -- targets --------------------------------------------------------------------------------
+
+
+class Target:
+    """A server under test: how to start it, subscribe to it, publish to it."""
+
+    name = ""
+    path = "/"
+    setup: list[bytes] = []  # frames each subscriber sends after the upgrade (pushd: subscribe)
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.tmp = Path(tempfile.mkdtemp(prefix=f"bench-{self.name}-"))
+
+    def start(self, connections: int) -> None:
+        raise NotImplementedError
+
+    def publisher(self) -> Callable[[list[bytes]], None]:
+        """A function that publishes a batch of JSON messages on the benchmark channel."""
+        raise NotImplementedError
+
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.procs] + self._children()
+
+    def _children(self) -> list[int]:
+        out = []
+        for proc in self.procs:
+            path = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
+            if path.exists():
+                out += [int(pid) for pid in path.read_text().split()]
+        return out
+
+    def cpu(self) -> float:
+        return sum(proc_cpu_seconds(pid) for pid in self.pids())
+
+    def rss_kib(self) -> int:
+        return sum(proc_rss_kib(pid) for pid in self.pids())
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            proc.terminate()
+        for proc in self.procs:
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def _spawn(self, argv: list[str], **kwargs: Any) -> subprocess.Popen[bytes]:
+        taskset = ["taskset", "-c", str(SERVER_CPU)] if shutil.which("taskset") else []
+        proc = subprocess.Popen([*taskset, *argv], **kwargs)
+        self.procs.append(proc)
+        return proc
+
+    def _wait_port(self) -> None:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", self.port)) == 0:
+                    return
+            time.sleep(0.05)
+        raise RuntimeError(f"{self.name} did not start")
+
+
+class Pushd(Target):
+    name = "pushd"
+    path = "/ws"
+    setup = [b'{"op":"subscribe","channel":"BTCUSDT@trades"}']
+    channel = "trades_BTCUSDT"
+
+    def __init__(self, symbols: int = 3) -> None:
+        super().__init__()
+        self.http_port = free_port()
+        self.symbols = [f"S{i:02d}USDT" for i in range(symbols - 1)] + ["BTCUSDT"]
+
+    def start(self, connections: int) -> None:
+        markets = "".join(f"[markets.{s}]\n" for s in self.symbols)
+        config = self.tmp / "pushd.toml"
+        config.write_text(
+            f"[websocket]\nport = {self.port}\nmax_connections = {connections + 500}\n"
+            f"[http]\nport = {self.http_port}\npublish_token = '{PUBLISH_TOKEN}'\n"
+            f"max_batch = 10000\n[auth.hmac]\nsecret = '{SECRET}'\n"
+            f"[limits]\nmax_subscriptions = 200\n"
+            f"[engine]\nsnapshot_enabled = false\n"
+            f"[ingest]\nudp_enabled = false\ntcp_enabled = false\n"
+            f"[log]\nlevel = 'warning'\nformat = 'json'\n{markets}"
+        )
+        self._spawn(
+            [sys.executable, "-m", "pushd", "run", "--config", str(config)],
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{self.http_port}/readyz").status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.05)
+        raise RuntimeError("pushd did not become ready")
+
+    def publisher(self, channels: list[str] | None = None) -> Callable[[list[bytes]], None]:
+        client = httpx.Client(
+            base_url=f"http://127.0.0.1:{self.http_port}",
+            headers={"authorization": f"Bearer {PUBLISH_TOKEN}"},
+        )
+        names = channels or [self.channel]
+
+        def publish(batch: list[bytes]) -> None:
+            items = b",".join(
+                b'{"channel":"%s","data":%s}' % (names[i % len(names)].encode(), message)
+                for i, message in enumerate(batch)
+            )
+            client.post("/v1/publish/batch", content=b'{"messages":[' + items + b"]}")
+
+        return publish
+
+
+class WsPublisher:
+    """Publishes by sending WebSocket text frames to a peer's publish location."""
+
+    def __init__(self, port: int, path: str) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port))
+        self.ws = WSConnection(ConnectionType.CLIENT)
+        self.sock.sendall(self.ws.send(Request(host="127.0.0.1", target=path)))
+        accepted = False
+        while not accepted:
+            self.ws.receive_data(self.sock.recv(65536))
+            accepted = any(isinstance(e, AcceptConnection) for e in self.ws.events())
+
+    def __call__(self, batch: list[bytes]) -> None:
+        self.sock.sendall(b"".join(self.ws.send(TextMessage(m.decode())) for m in batch))
+
+
+class Websockets(Target):
+    name = "websockets"
+    path = "/sub"
+
+    def start(self, connections: int) -> None:
+        script = ROOT / "scripts" / "peers" / "ws_broadcast.py"
+        self._spawn([sys.executable, str(script), str(self.port)], stdout=subprocess.DEVNULL)
+        self._wait_port()
+
+    def publisher(self) -> Callable[[list[bytes]], None]:
+        return WsPublisher(self.port, "/pub")
+
+
+class Nchan(Target):
+    name = "nchan"
+    path = "/sub"
+
+    @staticmethod
+    def available() -> str | None:
+        """None if nginx and nchan are there (installing them if root may), else why not."""
+        missing = shutil.which("nginx") is None or not NCHAN_MODULE.exists()
+        if missing and os.geteuid() == 0 and shutil.which("apt-get"):
+            subprocess.run(
+                ["apt-get", "install", "-y", "-qq", "nginx-light", "libnginx-mod-nchan"],
+                env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                check=False,
+            )
+        if shutil.which("nginx") is None or not NCHAN_MODULE.exists():
+            return "nginx-light and libnginx-mod-nchan are not installed (apt-get install them)"
+        return None
+
+    def start(self, connections: int) -> None:
+        conf = self.tmp / "nginx.conf"
+        tmp = self.tmp
+        conf.write_text(f"""
+load_module {NCHAN_MODULE};
+worker_processes 1;
+daemon off;
+pid {tmp}/nginx.pid;
+error_log {tmp}/error.log warn;
+worker_rlimit_nofile 20000;
+events {{ worker_connections 19500; multi_accept on; }}
+http {{
+  access_log off;
+  client_body_temp_path {tmp}/body; proxy_temp_path {tmp}/proxy;
+  fastcgi_temp_path {tmp}/fcgi; uwsgi_temp_path {tmp}/uwsgi; scgi_temp_path {tmp}/scgi;
+  nchan_shared_memory_size 256m;
+  server {{
+    listen 127.0.0.1:{self.port} backlog=4096;
+    location = /sub {{ nchan_subscriber websocket; nchan_channel_id bench; }}
+    location = /pub {{ nchan_publisher websocket; nchan_channel_id bench;
+                       nchan_message_buffer_length 16; nchan_message_timeout 30s; }}
+  }}
+}}
+""")
+        self._spawn(["nginx", "-c", str(conf), "-p", str(tmp)], stderr=subprocess.DEVNULL)
+        self._wait_port()
+
+    def publisher(self) -> Callable[[list[bytes]], None]:
+        return WsPublisher(self.port, "/pub")
+
+
+TARGETS: dict[str, type[Target]] = {"pushd": Pushd, "websockets": Websockets, "nchan": Nchan}
+
+
+@contextmanager
+def running(target: Target, connections: int) -> Iterator[Target]:
+    target.start(connections)
+    try:
+        yield target
+    finally:
+        target.stop()
+
+
+# -- load ------------------------------------------------------------------------------------
+
+
+def message(n: int, size: int) -> bytes:
+    body = b'{"t":%d,"n":%d,"pad":"' % (time.time_ns(), n)
+    return body + b"x" * max(0, size - len(body) - 2) + b'"}'
+
+
+def split(total: int, parts: int) -> list[int]:
+    return [total // parts + (1 if i < total % parts else 0) for i in range(parts)]
+
+
+class Subscribers:
+    """Client processes holding subscribers; ``collect`` returns what they saw."""
+
+    def __init__(self, target: Target, processes: int, setups: list[list[bytes]]) -> None:
+        """One subscriber per ``setups`` entry (its login and subscribe frames)."""
+        self.control = mp.Array("q", [0, 0], lock=False)
+        self.out: mp.Queue[Any] = mp.Queue()
+        self.procs = [
+            mp.Process(
+                target=subscriber_main,
+                args=(
+                    target.port,
+                    target.path,
+                    setups[i::processes],
+                    f"127.0.0.{10 + i}",
+                    self.control,
+                    self.out,
+                ),
+            )
+            for i in range(processes)
+        ]
+        for p in self.procs:
+            p.start()
+        for _ in self.procs:
+            assert self.out.get(timeout=120)[0] == "ready"
+
+    def collect(self, expected_each: int) -> dict[str, Any]:
+        self.control[0] = expected_each
+        frames, short, lat, cpu = 0, 0, [], 0.0
+        for _ in self.procs:
+            _, f, s, latencies, c = self.out.get(timeout=120)
+            frames, short, cpu = frames + f, short + s, cpu + c
+            lat += latencies
+        for p in self.procs:
+            p.join()
+        lat.sort()
+        return {"frames": frames, "lost": short, "latencies": lat, "client_cpu": cpu}
+
+
+def publish_for(
+    publish: Callable[[list[bytes]], None],
+    rate: float,
+    seconds: float,
+    batch: int,
+    size: int,
+    make: Callable[[int, int], bytes] = message,
+) -> int:
+    """Publish at ``rate`` messages/s for ``seconds`` in batches; returns how many."""
+    sent, interval = 0, batch / rate
+    start = next_at = time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        publish([make(sent + i, size) for i in range(batch)])
+        sent += batch
+        next_at += interval
+        delay = next_at - time.perf_counter()
+        if delay > 0:
+            time.sleep(delay)
+    return sent
+
+
+def pct(lat: list[int], q: float) -> float:
+    return lat[min(len(lat) - 1, int(q * len(lat)))] / 1e6 if lat else float("nan")
+
+
+def row(scenario: str, target: str, params: str, **values: Any) -> dict[str, Any]:
+    return {"scenario": scenario, "target": target, "params": params, **values}
+
+
+def fanout_run(
+    target: Target,
+    subscribers: int,
+    rate: float,
+    args: argparse.Namespace,
+) -> dict[str, Any]:
+    """N subscribers on one channel; ``rate`` messages/s for ``args.duration`` seconds.
+
+    Server CPU and delivery time run from the first publish until every client has its last
+    frame (or gave up after 2 s of silence), so queues drained late are counted too.
+    """
+    batch = max(1, min(args.batch, int(rate // 50) or 1))
+    with running(target, subscribers):
+        subs = Subscribers(target, args.processes, [target.setup] * subscribers)
+        publish = target.publisher()
+        cpu0, t0 = target.cpu(), time.perf_counter()
+        sent = publish_for(publish, rate, args.duration, batch, args.size)
+        seen = subs.collect(expected_each=sent)
+        elapsed = time.perf_counter() - t0
+        cpu = target.cpu() - cpu0
+        rss = target.rss_kib()
+    lat = seen["latencies"]
+    return row(
+        "broadcast",
+        target.name,
+        f"N={subscribers} rate={rate:g}/s size={args.size}",
+        offered=sent * subscribers / args.duration,
+        delivered=seen["frames"] / elapsed,
+        per_cpu_s=seen["frames"] / cpu if cpu else float("nan"),
+        p50=pct(lat, 0.5),
+        p99=pct(lat, 0.99),
+        p999=pct(lat, 0.999),
+        max=lat[-1] / 1e6 if lat else float("nan"),
+        lost=seen["lost"],
+        cpu_pct=100 * cpu / elapsed,
+        rss_mib=rss / 1024,
+        client_cpu_pct=100 * seen["client_cpu"] / elapsed,
+    )
+
+
+def broadcast(args: argparse.Namespace, targets: list[str]) -> list[dict[str, Any]]:
+    rows = []
+    for name in targets:
+        for rate in args.rates:
+            result = fanout_run(TARGETS[name](), args.subscribers, rate, args)
+            rows.append(result)
+            print_row(result)
+            if result["lost"] or result["p99"] > args.p99_limit_ms:
+                break  # this target broke at this rate
+    return rows
+
+
+def idle(args: argparse.Namespace, targets: list[str]) -> list[dict[str, Any]]:
+    rows = []
+    for name in targets:
+        target = TARGETS[name]()
+        with running(target, args.idle):
+            time.sleep(0.5)  # let the server settle before the baseline
+            rss0 = target.rss_kib()
+            control = mp.Array("q", [0, 0], lock=False)
+            out: mp.Queue[Any] = mp.Queue()
+            counts = split(args.idle, 4)
+            procs = [
+                mp.Process(
+                    target=idle_main,
+                    args=(
+                        target.port,
+                        target.path,
+                        target.setup,
+                        counts[i],
+                        f"127.0.0.{20 + i}",
+                        control,
+                        out,
+                    ),
+                )
+                for i in range(4)
+            ]
+            t0 = time.perf_counter()
+            for p in procs:
+                p.start()
+            opened = sum(out.get(timeout=300)[1] for _ in procs)
+            took = time.perf_counter() - t0
+            rss1 = target.rss_kib()
+            control[1] = 1
+            for _ in procs:
+                out.get(timeout=60)
+            for p in procs:
+                p.join()
+        result = row(
+            "idle",
+            name,
+            f"N={opened} subscribed",
+            per_conn_kib=(rss1 - rss0) / opened,
+            rss_mib=rss1 / 1024,
+            open_s=took,
+        )
+        rows.append(result)
+        print_row(result)
+    return rows
+
+
+def storm(args: argparse.Namespace, targets: list[str]) -> list[dict[str, Any]]:
+    rows = []
+    for name in targets:
+        target = TARGETS[name]()
+        with running(target, 4 * 4000):
+            out: mp.Queue[Any] = mp.Queue()
+            procs = [
+                mp.Process(
+                    target=storm_main,
+                    args=(
+                        target.port,
+                        target.path,
+                        target.setup,
+                        args.storm_seconds,
+                        f"127.0.0.{30 + i}",
+                        out,
+                    ),
+                )
+                for i in range(4)
+            ]
+            cpu0 = target.cpu()
+            for p in procs:
+                p.start()
+            opened = sum(out.get(timeout=120)[1] for _ in procs)
+            cpu = target.cpu() - cpu0
+            for p in procs:
+                p.join()
+        result = row(
+            "storm",
+            name,
+            f"4 clients x {args.storm_seconds:g} s",
+            conns_per_s=opened / args.storm_seconds,
+            per_cpu_s=opened / cpu if cpu else 0.0,
+        )
+        rows.append(result)
+        print_row(result)
+    return rows
+
+
+# -- pushd-only scenarios (the peers have no login and no per-user channels) -----------------
+
+
+def token(uid: str) -> str:
+    from pushd.auth import issue_hmac_token
+
+    return issue_hmac_token(SECRET, uid, 3600)
+
+
+def private(args: argparse.Namespace, _targets: list[str]) -> list[dict[str, Any]]:
+    """Each connection logged in as its own user and subscribed to its own @order."""
+    users = args.users
+    target = Pushd()
+    with running(target, users):
+        setups = [
+            [
+                b'{"op":"auth","token":"%s"}' % token(str(1000 + i)).encode(),
+                b'{"op":"subscribe","channel":"@order"}',
+            ]
+            for i in range(users)
+        ]
+        subs = Subscribers(target, args.processes, setups)
+        channels = [f"user_{1000 + i}_order" for i in range(users)]
+        publish = target.publisher(channels)
+        rate = args.private_rate
+        cpu0, t0 = target.cpu(), time.perf_counter()
+        sent = publish_for(publish, rate, args.duration, max(1, users), args.size)
+        seen = subs.collect(expected_each=sent // users)
+        elapsed = time.perf_counter() - t0
+        cpu = target.cpu() - cpu0
+    lat = seen["latencies"]
+    result = row(
+        "private",
+        "pushd",
+        f"users={users} rate={rate:g}/s",
+        delivered=seen["frames"] / elapsed,
+        per_cpu_s=seen["frames"] / cpu if cpu else 0.0,
+        p50=pct(lat, 0.5),
+        p99=pct(lat, 0.99),
+        p999=pct(lat, 0.999),
+        max=lat[-1] / 1e6 if lat else float("nan"),
+        lost=seen["lost"],
+    )
+    print_row(result)
+    return [result]
+
+
+# -- output ----------------------------------------------------------------------------------
+
+COLUMNS = (
+    "delivered",
+    "per_cpu_s",
+    "p50",
+    "p99",
+    "p999",
+    "max",
+    "lost",
+    "cpu_pct",
+    "rss_mib",
+    "per_conn_kib",
+    "conns_per_s",
+    "client_cpu_pct",
+)
+
+
+def fmt(value: Any) -> str:
+    if isinstance(value, float):
+        if value != value:  # nan
+            return "-"
+        return f"{value:,.0f}" if abs(value) >= 100 else f"{value:,.1f}"
+    return str(value)
+
+
+def print_row(result: dict[str, Any]) -> None:
+    print(
+        f"  {result['scenario']:<9} {result['target']:<10} {result['params']:<28} "
+        + "  ".join(f"{k}={fmt(result[k])}" for k in COLUMNS if k in result),
+        flush=True,
+    )
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    cols = [c for c in COLUMNS if any(c in r for r in rows)]
+    head = ["scenario", "target", "params", *cols]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        lines.append("| " + " | ".join(fmt(r.get(c, "")) for c in head) + " |")
+    return "\n".join(lines)
+
+
+def ratios(rows: list[dict[str, Any]]) -> list[str]:
+    """pushd/peer at the highest rate both held, per scenario and headline figure."""
+    out = []
+    for scenario, key in (
+        ("broadcast", "per_cpu_s"),
+        ("broadcast", "delivered"),
+        ("idle", "per_conn_kib"),
+        ("storm", "conns_per_s"),
+    ):
+        mine = [r for r in rows if r["scenario"] == scenario and r["target"] == "pushd"]
+        for peer in ("websockets", "nchan"):
+            theirs = [r for r in rows if r["scenario"] == scenario and r["target"] == peer]
+            pairs = [(a, b) for a in mine for b in theirs if a["params"] == b["params"]]
+            if pairs:
+                a, b = pairs[-1]
+                if b.get(key):
+                    out.append(
+                        f"{scenario} {key}: pushd/{peer} = {a[key] / b[key]:.2f} ({a['params']})"
+                    )
+    return out
+
+
+SCENARIOS: dict[str, Callable[[argparse.Namespace, list[str]], list[dict[str, Any]]]] = {
+    "broadcast": broadcast,
+    "idle": idle,
+    "storm": storm,
+    "private": private,
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--scenarios", nargs="+", default=list(SCENARIOS), choices=SCENARIOS)
+    parser.add_argument("--targets", nargs="+", default=list(TARGETS), choices=TARGETS)
+    parser.add_argument("--subscribers", type=int, default=1000)
+    parser.add_argument("--rates", type=float, nargs="+", default=[250, 500, 1000, 2000])
+    parser.add_argument("--size", type=int, default=100, help="message bytes")
+    parser.add_argument("--batch", type=int, default=50, help="messages per publish call")
+    parser.add_argument("--duration", type=float, default=3.0)
+    parser.add_argument("--processes", type=int, default=2, help="subscriber processes")
+    parser.add_argument("--p99-limit-ms", type=float, default=100.0)
+    parser.add_argument("--idle", type=int, default=15000, help="idle connections")
+    parser.add_argument("--storm-seconds", type=float, default=3.0)
+    parser.add_argument("--users", type=int, default=1000, help="private scenario users")
+    parser.add_argument("--private-rate", type=float, default=5000.0)
+    args = parser.parse_args()
+    pin(CLIENT_CPU)
+    targets = list(args.targets)
+    if "nchan" in targets and (why := Nchan.available()) is not None:
+        print(f"# nchan missing: {why}")
+        targets.remove("nchan")
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        check=False,
+    ).stdout.strip()
+    print(
+        f"# pushd bench {datetime.date.today()} commit {commit} cpus {os.cpu_count()} "
+        f"server on cpu {SERVER_CPU}, clients on cpu {CLIENT_CPU}"
+    )
+    print(f"# {' '.join(sys.argv)}")
+    rows: list[dict[str, Any]] = []
+    for scenario in args.scenarios:
+        rows += SCENARIOS[scenario](args, targets)
+    print()
+    print(table(rows))
+    print()
+    for line in ratios(rows):
+        print(line)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,167 @@
+"""The load generator of scripts/bench.py: processes holding many WebSocket subscribers.
+
+Each process opens its connections from its own 127.0.0.x source address, subscribes (with the
+target's subscribe frame, if it has one), and then counts frames by walking WebSocket frame
+headers, decoding nothing but the publish timestamp of the last frame of every receive (the
+latency sample), so that the client stays cheap. Frame counts per connection tell loss: every
+subscriber must get every message published after it subscribed.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import selectors
+import socket
+import time
+from typing import Any
+
+from wsproto import ConnectionType, WSConnection
+from wsproto.events import AcceptConnection, Request, TextMessage
+
+CLIENT_CPU = 1  # the load generator and publisher run on this core; the server on core 0
+
+
+def pin(cpu: int) -> None:
+    if hasattr(os, "sched_setaffinity") and os.cpu_count() and os.cpu_count() > 1:  # type: ignore[operator]
+        os.sched_setaffinity(0, {cpu})
+
+
+def open_ws(port: int, path: str, src: str, setup: list[bytes]) -> socket.socket:
+    """A connected, upgraded WebSocket that sent ``setup`` (login, subscribe) and got each
+    request's ``{"result":true...}``; blocking until then."""
+    sock = socket.create_connection(("127.0.0.1", port), source_address=(src, 0), timeout=30)
+    ws = WSConnection(ConnectionType.CLIENT)
+    sock.sendall(ws.send(Request(host="127.0.0.1", target=path)))
+    accepted = False
+    while not accepted:
+        data = sock.recv(65536)
+        if not data:
+            raise ConnectionError("server closed during the handshake")
+        ws.receive_data(data)
+        accepted = any(isinstance(e, AcceptConnection) for e in ws.events())
+    for frame in setup:
+        sock.sendall(ws.send(TextMessage(data=frame.decode())))
+        reply = b""
+        while b"result" not in reply:  # {"result":true...}; nothing else can come before it
+            reply += sock.recv(65536)
+    sock.setblocking(False)
+    return sock
+
+
+def walk(buf: bytes) -> tuple[int, int, int]:
+    """(frames complete in buf, offset of the last one's payload or -1, bytes consumed)."""
+    i, n, last, frames = 0, len(buf), -1, 0
+    while i + 2 <= n:
+        length = buf[i + 1] & 0x7F
+        head = 2
+        if length == 126:
+            if i + 4 > n:
+                break
+            length = int.from_bytes(buf[i + 2 : i + 4], "big")
+            head = 4
+        elif length == 127:
+            if i + 10 > n:
+                break
+            length = int.from_bytes(buf[i + 2 : i + 10], "big")
+            head = 10
+        if i + head + length > n:
+            break
+        last = i + head
+        i += head + length
+        frames += 1
+    return frames, last, i
+
+
+def subscriber_main(
+    port: int,
+    path: str,
+    setups: list[list[bytes]],
+    src: str,
+    control: Any,
+    out: mp.Queue,  # type: ignore[type-arg]
+) -> None:
+    """Hold one subscriber per ``setups`` entry until told to stop; report frames, latencies,
+    CPU.
+
+    ``control`` is a shared array: [expected frames per connection (0 = not yet known),
+    stop (1 = give up now)].
+    """
+    pin(CLIENT_CPU)
+    socks = [open_ws(port, path, src, setup) for setup in setups]
+    count = len(socks)
+    sel = selectors.DefaultSelector()
+    rest: dict[socket.socket, bytes] = {}
+    got: dict[socket.socket, int] = {}
+    for s in socks:
+        sel.register(s, selectors.EVENT_READ)
+        rest[s], got[s] = b"", 0
+    out.put(("ready", count))
+    latencies: list[int] = []
+    cpu0 = time.process_time()
+    idle_since = time.monotonic()
+    while not control[1]:
+        expected = control[0]
+        events = sel.select(0.05)
+        now = time.monotonic()
+        if not events:
+            if expected and now - idle_since > 2.0:
+                break  # publishing is over and nothing came for 2 s: the rest is lost
+            if expected and all(v >= expected for v in got.values()):
+                break
+            continue
+        idle_since = now
+        for key, _ in events:
+            sock: socket.socket = key.fileobj  # type: ignore[assignment]
+            try:
+                data = sock.recv(1 << 20)
+            except BlockingIOError:
+                continue
+            except OSError:
+                data = b""
+            if not data:
+                sel.unregister(sock)
+                continue
+            buf = rest[sock] + data if rest[sock] else data
+            frames, last, used = walk(buf)
+            rest[sock] = buf[used:]
+            got[sock] += frames
+            if last >= 0:
+                t_at = buf.find(b'"t":', last)
+                if t_at >= 0:
+                    latencies.append(time.time_ns() - int(buf[t_at + 4 : t_at + 23]))
+        if expected and all(v >= expected for v in got.values()):
+            break
+    frames = sum(got.values())
+    short = sum(max(0, control[0] - v) for v in got.values())
+    out.put(("done", frames, short, latencies, time.process_time() - cpu0))
+    for s in socks:
+        s.close()
+
+
+def idle_main(
+    port: int, path: str, setup: list[bytes], count: int, src: str, control: Any, out: mp.Queue
+) -> None:  # type: ignore[type-arg]
+    """Open ``count`` subscribed connections and hold them until told to stop."""
+    pin(CLIENT_CPU)
+    socks = [open_ws(port, path, src, setup) for _ in range(count)]
+    out.put(("ready", count))
+    while not control[1]:
+        time.sleep(0.05)
+    for s in socks:
+        s.close()
+    out.put(("done", count))
+
+
+def storm_main(
+    port: int, path: str, setup: list[bytes], seconds: float, src: str, out: mp.Queue
+) -> None:  # type: ignore[type-arg]
+    """Connect, upgrade and subscribe as fast as one client can for ``seconds``; count them."""
+    pin(CLIENT_CPU)
+    socks: list[socket.socket] = []
+    end = time.monotonic() + seconds
+    while time.monotonic() < end and len(socks) < 4000:
+        socks.append(open_ws(port, path, src, setup))
+    out.put(("done", len(socks)))
+    for s in socks:
+        s.close()
