@@ -38,6 +38,7 @@ import os
 import shutil
 import socket
 import subprocess
+import statistics
 import sys
 import tempfile
 import time
@@ -47,7 +48,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from bench_client import CLIENT_CPU, idle_main, pin, storm_main, subscriber_main
+from bench_client import CLIENT_CPU, idle_main, pin, probe_main, storm_main, subscriber_main
 from benchlib import free_port, proc_cpu_seconds, proc_rss_kib
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, Request, TextMessage
@@ -165,6 +166,11 @@ class Pushd(Target):
         client = httpx.Client(
             base_url=f"http://127.0.0.1:{self.http_port}",
             headers={"authorization": f"Bearer {PUBLISH_TOKEN}"},
+            # headers and body leave in two writes: without NODELAY, Nagle waits for the
+            # server's delayed ACK (40 ms) before sending the body
+            transport=httpx.HTTPTransport(
+                socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]
+            ),
         )
         names = channels or [self.channel]
 
@@ -282,6 +288,25 @@ def split(total: int, parts: int) -> list[int]:
     return [total // parts + (1 if i < total % parts else 0) for i in range(parts)]
 
 
+class Probe:
+    """The real-time-priority latency probe: one more subscriber, every frame timestamped."""
+
+    def __init__(self, target: Target, setup: list[bytes]) -> None:
+        self.control = mp.Array("q", [0, 0], lock=False)
+        self.out: mp.Queue[Any] = mp.Queue()
+        self.proc = mp.Process(
+            target=probe_main, args=(target.port, target.path, setup, self.control, self.out)
+        )
+        self.proc.start()
+        self.realtime = self.out.get(timeout=60)[1]
+
+    def collect(self) -> list[int]:
+        self.control[1] = 1
+        latencies: list[int] = self.out.get(timeout=60)[1]
+        self.proc.join()
+        return sorted(latencies)
+
+
 class Subscribers:
     """Client processes holding subscribers; ``collect`` returns what they saw."""
 
@@ -364,6 +389,7 @@ def fanout_run(
     batch = max(1, min(args.batch, int(rate // 50) or 1))
     with running(target, subscribers):
         subs = Subscribers(target, args.processes, [target.setup] * subscribers)
+        probe = Probe(target, target.setup)
         publish = target.publisher()
         cpu0, t0 = target.cpu(), time.perf_counter()
         sent = publish_for(publish, rate, args.duration, batch, args.size)
@@ -371,7 +397,8 @@ def fanout_run(
         elapsed = time.perf_counter() - t0
         cpu = target.cpu() - cpu0
         rss = target.rss_kib()
-    lat = seen["latencies"]
+        lat = probe.collect()
+    load_lat = seen["latencies"]
     return row(
         "broadcast",
         target.name,
@@ -383,6 +410,7 @@ def fanout_run(
         p99=pct(lat, 0.99),
         p999=pct(lat, 0.999),
         max=lat[-1] / 1e6 if lat else float("nan"),
+        load_p99=pct(load_lat, 0.99),
         lost=seen["lost"],
         cpu_pct=100 * cpu / elapsed,
         rss_mib=rss / 1024,
@@ -516,7 +544,7 @@ def private(args: argparse.Namespace, _targets: list[str]) -> list[dict[str, Any
         publish = target.publisher(channels)
         rate = args.private_rate
         cpu0, t0 = target.cpu(), time.perf_counter()
-        sent = publish_for(publish, rate, args.duration, max(1, users), args.size)
+        sent = publish_for(publish, rate, args.duration, args.batch, args.size)
         seen = subs.collect(expected_each=sent // users)
         elapsed = time.perf_counter() - t0
         cpu = target.cpu() - cpu0
@@ -537,6 +565,129 @@ def private(args: argparse.Namespace, _targets: list[str]) -> list[dict[str, Any
     return [result]
 
 
+def market_message(kind: str) -> Callable[[int, int], bytes]:
+    """Realistic payloads: a 20-level depth diff, a trade batch of 3, a ticker."""
+    levels = ",".join(f'["65{i:03d}.1","0.{i:03d}"]' for i in range(10))
+    trades = ",".join(
+        f'{{"id":{i},"price":"65001.5","qty":"0.012","side":"buy","ts":1}}' for i in range(3)
+    )
+    bodies = {
+        "depth": f'"e":"depthUpdate","U":1,"u":2,"pu":0,"bids":[{levels}],"asks":[{levels}],'
+        '"checksum":1',
+        "trades": f'"trades":[{trades}]',
+        "ticker": '"open":"64000.1","high":"66000","low":"63900.5","last":"65001.5",'
+        '"volume":"12345.678","quoteVolume":"802341234.5","change":"1001.4",'
+        '"changePercent":"1.565","count":123456',
+    }
+    body = bodies[kind]
+    return lambda n, _size: f'{{"t":{time.time_ns()},"n":{n},{body}}}'.encode()
+
+
+def market_setup(names: list[str], i: int) -> list[bytes]:
+    """Reader ``i``: depth and trades of one symbol, the ticker of another."""
+    a, b = names[i % len(names)], names[(i + 7) % len(names)]
+    channels = f'["{a}@depth","{a}@trades","{b}@ticker"]'
+    return [f'{{"op":"subscribe","channel":{channels}}}'.encode()]
+
+
+def market(args: argparse.Namespace, _targets: list[str]) -> list[dict[str, Any]]:
+    """20 symbols; each reader on depth + trades of one symbol and the ticker of another; the
+    same run again with ``--stallers`` clients that stop reading: the readers' p99 and gaps."""
+    from bench_client import reader_main, staller_main
+
+    symbols = 20
+    rows = []
+    for stallers in (0, args.stallers):
+        target = Pushd(symbols)
+        names = target.symbols
+
+        with running(target, args.readers + stallers):
+            control = mp.Array("q", [0, 0], lock=False)
+            out: mp.Queue[Any] = mp.Queue()
+            readers = [
+                mp.Process(
+                    target=reader_main,
+                    args=(
+                        target.port,
+                        target.path,
+                        [market_setup(names, i) for i in range(p, args.readers, 2)],
+                        f"127.0.0.{40 + p}",
+                        control,
+                        out,
+                    ),
+                )
+                for p in range(2)
+            ]
+            procs = list(readers)
+            if stallers:
+                procs.append(
+                    mp.Process(
+                        target=staller_main,
+                        args=(
+                            target.port,
+                            target.path,
+                            [market_setup(names, i) for i in range(stallers)],
+                            "127.0.0.45",
+                            control,
+                            out,
+                        ),
+                    )
+                )
+            for p in procs:
+                p.start()
+            for _ in procs:
+                assert out.get(timeout=120)[0] == "ready"
+            probe = Probe(target, market_setup(names, 0))
+            kinds = [("depth", 10), ("trades", 10), ("ticker", 1)]  # per symbol per second
+            publishers = {k: target.publisher([f"{k}_{s}" for s in names]) for k, _ in kinds}
+            cpu0, t0 = target.cpu(), time.perf_counter()
+            sent, tick, start = 0, 0, time.perf_counter()
+            while time.perf_counter() - start < args.duration:
+                tick += 1
+                for kind, per_s in kinds:
+                    if tick % (10 // per_s) == 0:
+                        make = market_message(kind)
+                        publishers[kind]([make(tick, 0) for _ in names])
+                        sent += len(names)
+                time.sleep(max(0.0, start + tick / 10 - time.perf_counter()))
+            time.sleep(1.0)  # let the readers take the last messages
+            control[1] = 1
+            probe_lat = probe.collect()
+            frames = gaps = resyncs = 0
+            client_cpu = 0.0
+            lat: list[int] = []
+            for _ in procs:
+                msg = out.get(timeout=60)
+                if len(msg) == 6:
+                    frames, gaps, resyncs = frames + msg[1], gaps + msg[2], resyncs + msg[3]
+                    lat += msg[4]
+                    client_cpu += msg[5]
+            for p in procs:
+                p.join()
+            elapsed = time.perf_counter() - t0
+            cpu = target.cpu() - cpu0
+        lat.sort()
+        result = row(
+            "market",
+            "pushd",
+            f"readers={args.readers} stallers={stallers}",
+            delivered=frames / elapsed,
+            per_cpu_s=frames / cpu if cpu else 0.0,
+            p50=pct(probe_lat, 0.5),
+            p99=pct(probe_lat, 0.99),
+            p999=pct(probe_lat, 0.999),
+            max=probe_lat[-1] / 1e6 if probe_lat else float("nan"),
+            load_p99=pct(lat, 0.99),
+            lost=gaps,
+            resyncs=resyncs,
+            cpu_pct=100 * cpu / elapsed,
+            client_cpu_pct=100 * client_cpu / elapsed,
+        )
+        rows.append(result)
+        print_row(result)
+    return rows
+
+
 # -- output ----------------------------------------------------------------------------------
 
 COLUMNS = (
@@ -546,12 +697,14 @@ COLUMNS = (
     "p99",
     "p999",
     "max",
+    "load_p99",
     "lost",
     "cpu_pct",
     "rss_mib",
     "per_conn_kib",
     "conns_per_s",
     "client_cpu_pct",
+    "runs",
 )
 
 
@@ -569,6 +722,22 @@ def print_row(result: dict[str, Any]) -> None:
         + "  ".join(f"{k}={fmt(result[k])}" for k in COLUMNS if k in result),
         flush=True,
     )
+
+
+def medians(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (scenario, target, params): the median of each figure over the runs."""
+    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+    for r in runs:
+        groups.setdefault((r["scenario"], r["target"], r["params"]), []).append(r)
+    out = []
+    for (scenario, target, params), group in groups.items():
+        merged = row(scenario, target, params, runs=len(group))
+        for key in group[0]:
+            if key not in merged:
+                values = [g[key] for g in group if key in g]
+                merged[key] = statistics.median(values)
+        out.append(merged)
+    return out
 
 
 def table(rows: list[dict[str, Any]]) -> str:
@@ -604,9 +773,10 @@ def ratios(rows: list[dict[str, Any]]) -> list[str]:
 
 SCENARIOS: dict[str, Callable[[argparse.Namespace, list[str]], list[dict[str, Any]]]] = {
     "broadcast": broadcast,
+    "market": market,
+    "private": private,
     "idle": idle,
     "storm": storm,
-    "private": private,
 }
 
 
@@ -620,11 +790,14 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=50, help="messages per publish call")
     parser.add_argument("--duration", type=float, default=3.0)
     parser.add_argument("--processes", type=int, default=2, help="subscriber processes")
+    parser.add_argument("--repeat", type=int, default=1, help="runs; the table has medians")
     parser.add_argument("--p99-limit-ms", type=float, default=100.0)
     parser.add_argument("--idle", type=int, default=15000, help="idle connections")
     parser.add_argument("--storm-seconds", type=float, default=3.0)
     parser.add_argument("--users", type=int, default=1000, help="private scenario users")
     parser.add_argument("--private-rate", type=float, default=5000.0)
+    parser.add_argument("--readers", type=int, default=1000, help="market scenario readers")
+    parser.add_argument("--stallers", type=int, default=50, help="market clients that stall")
     args = parser.parse_args()
     pin(CLIENT_CPU)
     targets = list(args.targets)
@@ -643,9 +816,13 @@ def main() -> None:
         f"server on cpu {SERVER_CPU}, clients on cpu {CLIENT_CPU}"
     )
     print(f"# {' '.join(sys.argv)}")
-    rows: list[dict[str, Any]] = []
-    for scenario in args.scenarios:
-        rows += SCENARIOS[scenario](args, targets)
+    runs: list[dict[str, Any]] = []
+    for n in range(args.repeat):
+        if args.repeat > 1:
+            print(f"# run {n + 1} of {args.repeat}", flush=True)
+        for scenario in args.scenarios:
+            runs += SCENARIOS[scenario](args, targets)
+    rows = medians(runs)
     print()
     print(table(rows))
     print()

@@ -17,6 +17,7 @@ import time
 from typing import Any
 
 from wsproto import ConnectionType, WSConnection
+from wsproto.connection import Connection
 from wsproto.events import AcceptConnection, Request, TextMessage
 
 CLIENT_CPU = 1  # the load generator and publisher run on this core; the server on core 0
@@ -165,3 +166,118 @@ def storm_main(
     out.put(("done", len(socks)))
     for s in socks:
         s.close()
+
+
+def reader_main(
+    port: int,
+    path: str,
+    setups: list[list[bytes]],
+    src: str,
+    control: Any,
+    out: mp.Queue,  # type: ignore[type-arg]
+) -> None:
+    """Like ``subscriber_main`` but decoding every event: per-channel seq gaps and latency of
+    every message (for the market mix, whose rates are lower and messages varied)."""
+    import msgspec
+
+    pin(CLIENT_CPU)
+    socks = [open_ws(port, path, src, setup) for setup in setups]
+    sel = selectors.DefaultSelector()
+    state: dict[socket.socket, tuple[Connection, dict[str, int]]] = {}
+    for s in socks:
+        sel.register(s, selectors.EVENT_READ)
+        state[s] = (Connection(ConnectionType.CLIENT), {})  # already upgraded: frames only
+    out.put(("ready", len(socks)))
+    decode = msgspec.json.Decoder().decode
+    latencies: list[int] = []
+    gaps = frames = resyncs = 0
+    cpu0 = time.process_time()
+    while not control[1]:
+        for key, _ in sel.select(0.05):
+            sock: socket.socket = key.fileobj  # type: ignore[assignment]
+            try:
+                data = sock.recv(1 << 20)
+            except BlockingIOError:
+                continue
+            if not data:
+                sel.unregister(sock)
+                continue
+            ws, seqs = state[sock]
+            ws.receive_data(data)
+            now = time.time_ns()
+            for event in ws.events():
+                if not isinstance(event, TextMessage):
+                    continue
+                message = decode(event.data)
+                name = message.get("event")
+                if message.get("resync"):
+                    resyncs += 1
+                    seqs.pop(name, None)
+                    continue
+                frames += 1
+                seq, prev = message["seq"], seqs.get(name)
+                if prev is not None and seq != prev + 1:
+                    gaps += 1
+                seqs[name] = seq
+                latencies.append(now - message["data"]["t"])
+    out.put(("done", frames, gaps, resyncs, latencies, time.process_time() - cpu0))
+    for s in socks:
+        s.close()
+
+
+def staller_main(
+    port: int, path: str, setups: list[list[bytes]], src: str, control: Any, out: mp.Queue
+) -> None:  # type: ignore[type-arg]
+    """Subscribers that never read again after subscribing (tiny receive buffers)."""
+    pin(CLIENT_CPU)
+    socks = []
+    for setup in setups:
+        sock = open_ws(port, path, src, setup)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        socks.append(sock)
+    out.put(("ready", len(socks)))
+    while not control[1]:
+        time.sleep(0.05)
+    out.put(("done", len(socks)))
+    for s in socks:
+        s.close()
+
+
+def probe_main(port: int, path: str, setup: list[bytes], control: Any, out: mp.Queue) -> None:  # type: ignore[type-arg]
+    """One subscriber at real-time priority (SCHED_FIFO, root only) that timestamps every
+    frame it gets: publish->receive latency as the server delivers it, not as a busy load
+    generator gets round to reading it."""
+    pin(CLIENT_CPU)
+    try:
+        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(10))
+        realtime = True
+    except (AttributeError, PermissionError, OSError):
+        realtime = False
+    sock = open_ws(port, path, "127.0.0.1", setup)
+    sock.settimeout(0.1)
+    latencies: list[int] = []
+    rest = b""
+    out.put(("ready", realtime))
+    while not control[1]:
+        try:
+            data = sock.recv(1 << 20)
+        except (TimeoutError, BlockingIOError):
+            continue
+        now = time.time_ns()
+        if not data:
+            break
+        buf = rest + data
+        i = 0
+        while True:
+            frames, _last, used = walk(buf[i:])
+            if not frames:
+                break
+            start = i
+            i += used
+            at = start
+            while (at := buf.find(b'"t":', at, i)) >= 0:
+                latencies.append(now - int(buf[at + 4 : at + 23]))
+                at += 4
+        rest = buf[i:]
+    sock.close()
+    out.put(("done", latencies))
