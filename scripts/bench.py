@@ -37,8 +37,8 @@ import multiprocessing as mp
 import os
 import shutil
 import socket
-import subprocess
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
