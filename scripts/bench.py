@@ -699,6 +699,7 @@ COLUMNS = (
     "max",
     "load_p99",
     "lost",
+    "resyncs",
     "cpu_pct",
     "rss_mib",
     "per_conn_kib",
