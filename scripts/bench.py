@@ -290,6 +290,14 @@ def split(total: int, parts: int) -> list[int]:
     return [total // parts + (1 if i < total % parts else 0) for i in range(parts)]
 
 
+def spawn(main: Callable[..., None], arguments: list[tuple[Any, ...]]) -> list[mp.Process]:
+    """Start one load-generator process per entry of ``arguments``."""
+    procs = [mp.Process(target=main, args=args) for args in arguments]
+    for p in procs:
+        p.start()
+    return procs
+
+
 class Probe:
     """The real-time-priority latency probe: one more subscriber, every frame timestamped."""
 
@@ -316,22 +324,20 @@ class Subscribers:
         """One subscriber per ``setups`` entry (its login and subscribe frames)."""
         self.control = mp.Array("q", [0, 0], lock=False)
         self.out: mp.Queue[Any] = mp.Queue()
-        self.procs = [
-            mp.Process(
-                target=subscriber_main,
-                args=(
+        self.procs = spawn(
+            subscriber_main,
+            [
+                (
                     target.port,
                     target.path,
                     setups[i::processes],
                     f"127.0.0.{10 + i}",
                     self.control,
                     self.out,
-                ),
-            )
-            for i in range(processes)
-        ]
-        for p in self.procs:
-            p.start()
+                )
+                for i in range(processes)
+            ],
+        )
         for _ in self.procs:
             assert self.out.get(timeout=120)[0] == "ready"
 
@@ -442,10 +448,11 @@ def idle(args: argparse.Namespace, targets: list[str]) -> list[dict[str, Any]]:
             control = mp.Array("q", [0, 0], lock=False)
             out: mp.Queue[Any] = mp.Queue()
             counts = split(args.idle, 4)
-            procs = [
-                mp.Process(
-                    target=idle_main,
-                    args=(
+            t0 = time.perf_counter()
+            procs = spawn(
+                idle_main,
+                [
+                    (
                         target.port,
                         target.path,
                         target.setup,
@@ -453,13 +460,10 @@ def idle(args: argparse.Namespace, targets: list[str]) -> list[dict[str, Any]]:
                         f"127.0.0.{20 + i}",
                         control,
                         out,
-                    ),
-                )
-                for i in range(4)
-            ]
-            t0 = time.perf_counter()
-            for p in procs:
-                p.start()
+                    )
+                    for i in range(4)
+                ],
+            )
             opened = sum(out.get(timeout=300)[1] for _ in procs)
             took = time.perf_counter() - t0
             rss1 = target.rss_kib()
@@ -487,23 +491,21 @@ def storm(args: argparse.Namespace, targets: list[str]) -> list[dict[str, Any]]:
         target = TARGETS[name]()
         with running(target, 4 * 4000):
             out: mp.Queue[Any] = mp.Queue()
-            procs = [
-                mp.Process(
-                    target=storm_main,
-                    args=(
+            cpu0 = target.cpu()
+            procs = spawn(
+                storm_main,
+                [
+                    (
                         target.port,
                         target.path,
                         target.setup,
                         args.storm_seconds,
                         f"127.0.0.{30 + i}",
                         out,
-                    ),
-                )
-                for i in range(4)
-            ]
-            cpu0 = target.cpu()
-            for p in procs:
-                p.start()
+                    )
+                    for i in range(4)
+                ],
+            )
             opened = sum(out.get(timeout=120)[1] for _ in procs)
             cpu = target.cpu() - cpu0
             for p in procs:
@@ -606,40 +608,38 @@ def market(args: argparse.Namespace, _targets: list[str]) -> list[dict[str, Any]
         with running(target, args.readers + stallers):
             control = mp.Array("q", [0, 0], lock=False)
             out: mp.Queue[Any] = mp.Queue()
-            readers = [
-                mp.Process(
-                    target=reader_main,
-                    args=(
+            procs = spawn(
+                reader_main,
+                [
+                    (
                         target.port,
                         target.path,
                         [market_setup(names, i) for i in range(p, args.readers, 2)],
                         f"127.0.0.{40 + p}",
                         control,
                         out,
-                    ),
-                )
-                for p in range(2)
-            ]
-            procs = list(readers)
+                    )
+                    for p in range(2)
+                ],
+            )
             if stallers:
-                procs.append(
-                    mp.Process(
-                        target=staller_main,
-                        args=(
+                procs += spawn(
+                    staller_main,
+                    [
+                        (
                             target.port,
                             target.path,
                             [market_setup(names, i) for i in range(stallers)],
                             "127.0.0.45",
                             control,
                             out,
-                        ),
-                    )
+                        )
+                    ],
                 )
-            for p in procs:
-                p.start()
             for _ in procs:
                 assert out.get(timeout=120)[0] == "ready"
-            probe = Probe(target, market_setup(names, 0))
+            every = ",".join(f'"{n}@depth","{n}@trades"' for n in names)
+            probe = Probe(target, [f'{{"op":"subscribe","channel":[{every}]}}'.encode()])
             kinds = [("depth", 10), ("trades", 10), ("ticker", 1)]  # per symbol per second
             publishers = {k: target.publisher([f"{k}_{s}" for s in names]) for k, _ in kinds}
             cpu0, t0 = target.cpu(), time.perf_counter()
