@@ -54,26 +54,39 @@ PRIVATE = """new Promise((resolve) => {
 
 
 class DevTools:
-    """Just enough of the Chrome DevTools protocol: evaluate an expression in the page."""
+    """Just enough of the Chrome DevTools protocol: call a method, wait for an event."""
 
     def __init__(self, ws: trio_websocket.WebSocketConnection) -> None:
         self._ws = ws
         self._ids = itertools.count(1)
+        self._events: list[str] = []
 
-    async def evaluate(self, expression: str) -> Any:
+    async def call(self, method: str, **params: Any) -> Any:
         call_id = next(self._ids)
-        params = {"expression": expression, "awaitPromise": True, "returnByValue": True}
-        await self._ws.send_message(
-            msgspec.json.encode(
-                {"id": call_id, "method": "Runtime.evaluate", "params": params}
-            ).decode()  # a text frame: DevTools closes on binary ones
+        await self._ws.send_message(  # a text frame: DevTools closes on binary ones
+            msgspec.json.encode({"id": call_id, "method": method, "params": params}).decode()
         )
         while True:
             reply = msgspec.json.decode(await self._ws.get_message())
             if reply.get("id") == call_id:
-                result = reply["result"]
-                assert "exceptionDetails" not in result, result
-                return result["result"].get("value")
+                assert "error" not in reply, reply
+                return reply["result"]
+            if "method" in reply:
+                self._events.append(reply["method"])
+
+    async def wait_event(self, method: str) -> None:
+        while method not in self._events:
+            message = msgspec.json.decode(await self._ws.get_message())
+            if "method" in message:
+                self._events.append(message["method"])
+        self._events.remove(method)
+
+    async def evaluate(self, expression: str) -> Any:
+        result = await self.call(
+            "Runtime.evaluate", expression=expression, awaitPromise=True, returnByValue=True
+        )
+        assert "exceptionDetails" not in result, result
+        return result["result"].get("value")
 
 
 async def devtools_port(stderr: trio.abc.ReceiveStream) -> int:
@@ -91,7 +104,7 @@ async def test_market_page_in_a_browser(nursery: trio.Nursery, tmp_path: Path) -
     market = Market(seed=5, rate=4.0)
     running = await start_simulated(nursery, market)
     nursery.start_soon(feed(running, market))
-    command = [CHROMIUM, *FLAGS, f"--user-data-dir={tmp_path}", f"{running.http_url}/"]
+    command = [CHROMIUM, *FLAGS, f"--user-data-dir={tmp_path}", "about:blank"]
     browser = await trio.lowlevel.open_process(
         command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
     )
@@ -107,6 +120,9 @@ async def test_market_page_in_a_browser(nursery: trio.Nursery, tmp_path: Path) -
                 page["webSocketDebuggerUrl"], max_message_size=16 * 1024 * 1024
             ) as ws:
                 tools = DevTools(ws)
+                await tools.call("Page.enable")
+                await tools.call("Page.navigate", url=f"{running.http_url}/")
+                await tools.wait_event("Page.loadEventFired")
                 assert await tools.evaluate(LIVE) is True
                 token = msgspec.json.encode(running.token("1001")).decode()
                 lines = await tools.evaluate(PRIVATE % token)
