@@ -16,29 +16,11 @@ import trio
 from ingest import wire
 from pushd.config import IngestConfig
 from pushd.intake import Intake
+from pushd.logs import ThrottledLog
 
 log = structlog.get_logger("pushd.ingest")
 
 RECV_BYTES = 1 << 18
-
-
-class ThrottledLog:
-    """One warning per ``interval_s``; what was held back is counted in the next line."""
-
-    def __init__(self, what: str, interval_s: float = 1.0) -> None:
-        self._what = what
-        self._interval = interval_s
-        self._next_at = 0.0
-        self._held = 0
-
-    def warning(self, **fields: object) -> None:
-        now = trio.current_time()
-        if now < self._next_at:
-            self._held += 1
-            return
-        log.warning(self._what, suppressed=self._held, **fields)
-        self._held = 0
-        self._next_at = now + self._interval
 
 
 async def serve_udp(
@@ -61,7 +43,7 @@ async def serve_udp(
         sock.bind((config.udp_host, config.udp_port))
         sock.setblocking(False)
         task_status.started(sock.getsockname()[1])
-        bad = ThrottledLog("bad UDP datagram dropped")
+        bad = ThrottledLog(log, "bad UDP datagram dropped")
         while True:
             await trio.lowlevel.wait_readable(sock)
             for _ in range(256):  # drain what is queued, then let others run
@@ -96,7 +78,7 @@ async def serve_tcp(
     """Accept engine TCP connections; reports the bound port."""
     listeners = await trio.open_tcp_listeners(config.tcp_port, host=config.tcp_host)
     peers = 0
-    bad = ThrottledLog("bad TCP frame")
+    bad = ThrottledLog(log, "bad TCP frame")
 
     async def handle(stream: trio.SocketStream) -> None:
         nonlocal peers

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 from typing import Any
 
 import msgspec
@@ -37,3 +38,24 @@ def configure(level: str = "info", fmt: str = "auto") -> None:
         logger_factory=structlog.PrintLoggerFactory(sys.stderr),
         cache_logger_on_first_use=True,
     )
+
+
+class ThrottledLog:
+    """One warning per ``interval_s`` for a flood of the same event (bad frames, bad clocks);
+    what was held back is counted in the next line."""
+
+    def __init__(self, logger: Any, what: str, interval_s: float = 1.0) -> None:
+        self._log = logger
+        self._what = what
+        self._interval = interval_s
+        self._next_at = 0.0
+        self._held = 0
+
+    def warning(self, **fields: object) -> None:
+        now = time.monotonic()
+        if now < self._next_at:
+            self._held += 1
+            return
+        self._log.warning(self._what, suppressed=self._held, **fields)
+        self._held = 0
+        self._next_at = now + self._interval

@@ -17,11 +17,13 @@ import trio
 from ingest import wire
 from pushd.bus import Publisher
 from pushd.config import MarketConfig
+from pushd.logs import ThrottledLog
 from pushd.market.symbol import SymbolMarket
 
 log = structlog.get_logger("pushd.markets")
 
 TICK_MS = 50
+FUTURE_TOLERANCE_MS = 60_000  # engine clocks ahead of ours by more than this are not trusted
 
 
 def wall_ms() -> int:
@@ -47,9 +49,19 @@ class Markets:
                 self._by_channel[internal] = market
         self.trades = 0
         self.resyncs = 0
+        self.future_trades = 0
+        self._future_log = ThrottledLog(log, "trade stamped in the future: counted at our time")
 
     def trade(self, trade: wire.Trade) -> None:
+        """Feed one engine trade. A trade stamped more than ``FUTURE_TOLERANCE_MS`` ahead of
+        this host's clock counts at the host's time: the ticker and klines take trade times as
+        non-decreasing, so one bad engine clock would otherwise freeze them until that time."""
         self.trades += 1
+        now = wall_ms()
+        if trade.ts > now + FUTURE_TOLERANCE_MS:
+            self.future_trades += 1
+            self._future_log.warning(symbol=trade.symbol, trade_id=trade.id, ts=trade.ts, now=now)
+            trade = msgspec.structs.replace(trade, ts=now)
         self.symbols[trade.symbol].trade(trade)
 
     def index_price(self, event: wire.IndexPrice) -> None:
