@@ -52,6 +52,7 @@ def test_example_file_loads_and_mentions_every_setting() -> None:
         ("[auth]\nkind = 'http'\n", "auth.http.url: an http(s) URL is required"),
         ("[markets.btc]\n", "markets.btc: symbol must be"),
         ("markets = {}\n", "markets: at least one symbol"),
+        ("[markets.BTCUSDT]\ndepth_levels = 5000\n", "markets.BTCUSDT.depth_levels: a 5000-level"),
         ("[websocket]\npaths = ['ws']\n", "websocket.paths: 'ws' must start with '/'"),
         ("[[websocket]]\n", "websocket: Expected `object`, got `array`"),
         ("websocket = [\n", "TOML syntax error"),
