@@ -20,7 +20,7 @@ from pushd.errors import ConfigError
 Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
 PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
 PositiveFloat = Annotated[float, msgspec.Meta(gt=0)]
-DEPTH_LEVEL_BYTES = 64  # a generous [price, qty] pair in JSON
+DEPTH_LEVEL_BYTES = 64  # a generous ["price","qty"] pair in JSON (typically ~25)
 DecimalText = Annotated[str, msgspec.Meta(pattern=r"^-?[0-9]{1,30}(\.[0-9]{1,30})?$")]
 
 
@@ -199,11 +199,11 @@ def _check(config: Config, source: str) -> None:
         raise ConfigError(f"{source}: markets: at least one symbol is needed")
     for symbol, market in config.markets.items():
         # a new depth subscriber's snapshot goes through the outbound buffer in one piece
-        need = market.depth_levels * 2 * DEPTH_LEVEL_BYTES * 2
+        need = market.depth_levels * 2 * DEPTH_LEVEL_BYTES
         if need > config.limits.outbound_buffer_bytes:
             raise ConfigError(
                 f"{source}: markets.{symbol}.depth_levels: a {market.depth_levels}-level "
-                f"snapshot needs limits.outbound_buffer_bytes >= {need} (twice the snapshot)"
+                f"snapshot needs limits.outbound_buffer_bytes >= {need}"
             )
     for ws_path in config.websocket.paths:
         if not ws_path.startswith("/"):

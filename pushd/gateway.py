@@ -446,9 +446,12 @@ class Gateway:
                 case protocol.Auth():
                     await self._auth(conn, session, request, now)
                 case protocol.Subscribe():
-                    for channel in session.subscribe(protocol.channels_of(request)):
-                        self.hub.subscribe(conn, channel)
+                    added = session.subscribe(protocol.channels_of(request))
+                    # the reply first, then each stream's current state: one synchronous step,
+                    # so no event can come between the state and the stream that follows it
                     self._send_ws(conn, protocol.encode_result(request_id))
+                    for channel in added:
+                        self.hub.subscribe(conn, channel)
                 case protocol.Unsubscribe():
                     for channel in session.unsubscribe(protocol.channels_of(request)):
                         self.hub.unsubscribe(conn, channel.internal)
