@@ -123,9 +123,10 @@ async def test_market_page_in_a_browser(nursery: trio.Nursery, tmp_path: Path) -
                 await tools.call("Page.enable")
                 await tools.call("Page.navigate", url=f"{running.http_url}/")
                 await tools.wait_event("Page.loadEventFired")
-                assert await tools.evaluate(LIVE) is True
+                # log in at once, before the page is live: the click must not be lost
                 token = msgspec.json.encode(running.token("1001")).decode()
                 lines = await tools.evaluate(PRIVATE % token)
+                assert await tools.evaluate(LIVE) is True
                 assert all('"uid":"1001"' in line for line in lines if line.startswith("@"))
     finally:
         browser.kill()
