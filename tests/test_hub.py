@@ -86,6 +86,37 @@ def test_public_overflow_drops_then_resyncs_once_drained() -> None:
     assert hub.stats().dropped == 4
 
 
+def test_state_streams_start_and_resume_with_their_current_state() -> None:
+    """A new subscriber gets the current state first; one that lagged gets it again instead of
+    a resync notice, under the seq the stream stands at."""
+    depth = Channel("depth_BTCUSDT", "BTCUSDT@depth", private=False, symbol="BTCUSDT")
+    book = {"seq": 0, "data": msgspec.Raw(b'{"e":"snapshot","u":0}')}
+    hub = Hub()
+    hub.current = lambda internal: (
+        (book["seq"], book["data"]) if internal == depth.internal else None  # type: ignore[return-value]
+    )
+    frame_size = len(text_frame(encode_event("BTCUSDT@depth", DATA, 1)))
+    slow = Outlet(frame_size * 3)
+    hub.subscribe(slow, depth)
+    assert frames(bytes(slow.out)) == [
+        {"event": "BTCUSDT@depth", "data": {"e": "snapshot", "u": 0}, "seq": 0}
+    ]
+    for seq in range(1, 6):
+        hub.publish(depth.internal, seq, DATA)
+    assert [f["seq"] for f in frames(bytes(slow.out))] == [0, 1]  # then it overflowed
+    slow.out.clear()
+    book.update(seq=5, data=msgspec.Raw(b'{"e":"snapshot","u":5}'))
+    hub.drained(slow)
+    hub.publish(depth.internal, 6, DATA)
+    assert frames(bytes(slow.out)) == [
+        {"event": "BTCUSDT@depth", "data": {"e": "snapshot", "u": 5}, "seq": 5},
+        {"event": "BTCUSDT@depth", "data": {"p": "1.5"}, "seq": 6},
+    ]
+    trades = Outlet(10_000)
+    hub.subscribe(trades, PUBLIC)
+    assert trades.out == b""  # no state for trades: nothing is sent first
+
+
 def test_private_overflow_marks_slow_and_never_skips() -> None:
     hub = Hub()
     frame_size = len(text_frame(encode_event("@order", DATA, 1)))
