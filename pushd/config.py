@@ -14,6 +14,7 @@ from typing import Annotated, Literal
 
 import msgspec
 
+from ingest.wire import Decimal  # the one decimal-string form, as the engine writes it
 from pushd.channels import SYMBOL_PATTERN
 from pushd.errors import ConfigError
 
@@ -21,7 +22,6 @@ Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
 PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
 PositiveFloat = Annotated[float, msgspec.Meta(gt=0)]
 DEPTH_LEVEL_BYTES = 64  # a generous ["price","qty"] pair in JSON (typically ~25)
-DecimalText = Annotated[str, msgspec.Meta(pattern=r"^-?[0-9]{1,30}(\.[0-9]{1,30})?$")]
 
 
 class _Section(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -90,10 +90,10 @@ class FundingConfig(_Section, frozen=True):
     """One symbol's funding and mark-price parameters (Binance USDT-M defaults; docs/streams.md)."""
 
     interval_h: Annotated[int, msgspec.Meta(ge=1, le=24)] = 8
-    interest_rate: DecimalText = "0.0001"  # per funding interval (0.03% a day at 8 h)
-    clamp: DecimalText = "0.0005"
-    cap: DecimalText = "0.0075"
-    impact_notional: DecimalText = "10000"  # quote currency
+    interest_rate: Decimal = "0.0001"  # per funding interval (0.03% a day at 8 h)
+    clamp: Decimal = "0.0005"
+    cap: Decimal = "0.0075"
+    impact_notional: Decimal = "10000"  # quote currency
     premium_sample_ms: Annotated[int, msgspec.Meta(ge=100)] = 5000
     basis_window_min: PositiveInt = 30
     index_stale_ms: PositiveInt = 10_000
