@@ -85,3 +85,19 @@ def test_stale_sources_are_ignored_and_no_index_means_no_mark() -> None:
     # price 1 = 200 x (1 + 0.0001 x 28740/28800) = 200.01995833...; price 2 = 200 (no basis)
     assert data is not None and data.fundingRate == "0.00010000"
     assert data.markPrice == "200.00997917"
+
+
+def test_premiums_restart_at_each_funding_time() -> None:
+    state = FundingState("BTCUSDT", CFG)
+    before = 8 * HOUR - 1000  # one second before the 08:00 funding
+    for source in ("spotA", "spotB"):
+        state.index_price(source, "100", before)
+    state.sample(before, [("100.5", "50"), ("100", "100")], [("101", "200")])
+    data = state.data(before, "100")
+    assert data is not None and data.fundingRate == "0.00200627"  # the worked example's
+    after = 8 * HOUR + 10  # the next sample is not due yet (5 s period), but the period turned
+    state.sample(after, [("100.5", "50"), ("100", "100")], [("101", "200")])
+    data = state.data(after, "100")
+    # no premium in the new period yet: rate = 0 + clamp(interest 0.0001) = the interest rate
+    assert data is not None and data.fundingRate == "0.00010000"
+    assert data.nextFundingTime == 16 * HOUR

@@ -120,13 +120,19 @@ class FundingState:
     def sample(
         self, now_ms: int, bids: Sequence[tuple[str, str]], asks: Sequence[tuple[str, str]]
     ) -> None:
-        """Take the premium, basis and index samples that are due at ``now_ms``."""
-        index = self.index(now_ms)
-        if index is None or not index:
-            return
+        """Take the premium, basis and index samples that are due at ``now_ms``.
+
+        Called on every tick of the streams' timer: only the funding period's turn is checked
+        each time; the index is computed only when a sample is due.
+        """
         period = now_ms // self.interval_ms
         if period != self._period:
             self._period, self._premiums = period, []
+        if now_ms < self._next_premium_ms and now_ms < self._next_basis_ms:
+            return
+        index = self.index(now_ms)
+        if index is None or not index:
+            return
         if now_ms >= self._next_premium_ms:
             self._next_premium_ms = now_ms + self.config.premium_sample_ms
             notional = Decimal(self.config.impact_notional)
