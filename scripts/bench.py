@@ -50,7 +50,7 @@ from typing import Any
 
 import httpx
 from bench_client import CLIENT_CPU, idle_main, pin, probe_main, storm_main, subscriber_main
-from benchlib import free_port, proc_cpu_seconds, proc_rss_kib
+from benchlib import free_port, proc_cpu_seconds, proc_rss_kib, wait_ready
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, Request, TextMessage
 
@@ -153,15 +153,7 @@ class Pushd(Target):
             [sys.executable, "-m", "pushd", "run", "--config", str(config)],
             stderr=subprocess.DEVNULL,
         )
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"http://127.0.0.1:{self.http_port}/readyz").status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.05)
-        raise RuntimeError("pushd did not become ready")
+        wait_ready(self.http_port)
 
     def publisher(self, channels: list[str] | None = None) -> Callable[[list[bytes]], None]:
         client = httpx.Client(

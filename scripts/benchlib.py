@@ -35,6 +35,20 @@ def proc_rss_kib(pid: int) -> int:
     return 0
 
 
+def wait_ready(http_port: int, timeout_s: float = 20.0) -> None:
+    """Return once a pushd on ``http_port`` answers /readyz (it polls: another process)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if httpx.get(f"http://127.0.0.1:{http_port}/readyz").status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"pushd on HTTP port {http_port} did not become ready")
+        time.sleep(0.05)
+
+
 @contextmanager
 def pushd_server(config_toml: str, http_port: int) -> Iterator[subprocess.Popen[bytes]]:
     """``pushd run`` with this config, as its own process, once it answers /readyz."""
@@ -46,16 +60,7 @@ def pushd_server(config_toml: str, http_port: int) -> Iterator[subprocess.Popen[
         stderr=subprocess.DEVNULL,
     )
     try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{http_port}/readyz").status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("server did not become ready")
-            time.sleep(0.05)
+        wait_ready(http_port)
         yield server
     finally:
         server.terminate()
