@@ -75,6 +75,7 @@ class Hub:
         self.on_last_unsubscribe: Callable[[str], None] = lambda _internal: None
         # a stream's current state and its seq (depth snapshot, ticker, open candle, ...)
         self.current: Callable[[str], tuple[int, msgspec.Raw] | None] = lambda _internal: None
+        self._current_frames: dict[str, tuple[int, msgspec.Raw, bytes]] = {}  # seq, state, frame
         self.published = 0
         self.delivered = 0
         self.dropped = 0
@@ -93,7 +94,11 @@ class Hub:
         if current is None:
             return False
         seq, data = current
-        self.send(outlet, text_frame(encode_event(channel.protocol, data, seq)))
+        framed = self._current_frames.get(channel.internal)
+        if framed is None or framed[0] != seq or framed[1] is not data:  # once per state
+            framed = (seq, data, text_frame(encode_event(channel.protocol, data, seq)))
+            self._current_frames[channel.internal] = framed
+        self.send(outlet, framed[2])
         return True
 
     def unsubscribe(self, outlet: Outlet, internal: str) -> None:
@@ -104,6 +109,7 @@ class Hub:
         outlet.lagging.pop(internal, None)
         if not route.subscribers:
             del self._routes[internal]
+            self._current_frames.pop(internal, None)
             self.on_last_unsubscribe(internal)
 
     def subscriber_count(self, internal: str) -> int:

@@ -50,6 +50,7 @@ class Markets:
         self.trades = 0
         self.resyncs = 0
         self.future_trades = 0
+        self._current: dict[str, tuple[int, msgspec.Raw]] = {}  # internal -> (seq, state)
         self._future_log = ThrottledLog(log, "trade stamped in the future: counted at our time")
 
     def trade(self, trade: wire.Trade) -> None:
@@ -80,14 +81,25 @@ class Markets:
             self._refresh_book(symbol)
 
     def current(self, internal: str) -> tuple[int, msgspec.Raw] | None:
-        """A stream's current state and the seq it stands at, for a new subscriber."""
+        """A stream's current state and the seq it stands at, for a new subscriber.
+
+        Encoded once per seq: a reconnect storm of thousands of depth subscribers gets one
+        snapshot, not thousands (the hub frames it once too). Between two events of a timed
+        stream (ticker, kline) the state may be a little newer than its seq: the next event
+        carries it anyway.
+        """
         market = self._by_channel.get(internal)
         if market is None:
             return None
+        seq = self._publisher.seq(internal)
+        cached = self._current.get(internal)
+        if cached is not None and cached[0] == seq:
+            return cached
         data = market.current(internal, wall_ms())
         if data is None:
             return None
-        return self._publisher.seq(internal), msgspec.Raw(data)
+        self._current[internal] = current = (seq, msgspec.Raw(data))
+        return current
 
     def tick(self, now_ms: int) -> None:
         for market in self.symbols.values():
