@@ -172,9 +172,21 @@ def from_dict(raw: dict[str, object], *, source: str = "config") -> Config:
         if match is None:
             raise ConfigError(f"{source}: {exc}") from None
         path = re.sub(r"\[(\d+)\]", r".\1", match["path"]).replace("['", ".").replace("']", "")
+        if path.startswith("markets[...]"):  # msgspec does not name dict keys: find the symbol
+            path = f"markets.{_bad_market(raw.get('markets'))}{path.removeprefix('markets[...]')}"
         raise ConfigError(f"{source}: {path or 'top level'}: {match['msg']}") from None
     _check(config, source)
     return config
+
+
+def _bad_market(markets: object) -> str:
+    """The symbol of the first market table that does not convert."""
+    for symbol, table in markets.items() if isinstance(markets, dict) else ():
+        try:
+            msgspec.convert(table, MarketConfig)
+        except msgspec.ValidationError:
+            return str(symbol)
+    return "[...]"
 
 
 def load(path: Path | None) -> Config:

@@ -53,6 +53,7 @@ def test_example_file_loads_and_mentions_every_setting() -> None:
         ("[markets.btc]\n", "markets.btc: symbol must be"),
         ("markets = {}\n", "markets: at least one symbol"),
         ("[markets.BTCUSDT]\ndepth_levels = 5000\n", "markets.BTCUSDT.depth_levels: a 5000-level"),
+        ("[markets.ETHUSDT.funding]\ncap = 0.5\n", "markets.ETHUSDT.funding.cap: Expected `str`"),
         ("[websocket]\npaths = ['ws']\n", "websocket.paths: 'ws' must start with '/'"),
         ("[[websocket]]\n", "websocket: Expected `object`, got `array`"),
         ("websocket = [\n", "TOML syntax error"),
