@@ -34,12 +34,15 @@ class WebSocketConfig(_Section, frozen=True):
     paths: list[str] = msgspec.field(default_factory=lambda: ["/", "/ws"])
     allowed_origins: list[str] = msgspec.field(default_factory=list)
     max_connections: PositiveInt = 15000
+    max_connections_per_ip: PositiveInt = 500
+    handshakes_per_second: PositiveFloat = 2000.0
     backlog: PositiveInt = 4096
 
 
 class LimitsConfig(_Section, frozen=True):
     max_message_bytes: PositiveInt = 4096
     outbound_buffer_bytes: Annotated[int, msgspec.Meta(ge=4096)] = 256 * 1024
+    socket_send_buffer_bytes: Annotated[int, msgspec.Meta(ge=0)] = 64 * 1024  # 0: kernel's
     messages_per_second: PositiveFloat = 20.0
     message_burst: PositiveInt = 50
     max_subscriptions: PositiveInt = 200
@@ -55,6 +58,7 @@ class HttpConfig(_Section, frozen=True):
     port: Port = 8766
     publish_token: str = ""
     max_batch: PositiveInt = 1000
+    allow_market_publish: bool = False  # load tests only: a generator stands in for the engine
 
 
 class HmacAuthConfig(_Section, frozen=True):

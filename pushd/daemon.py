@@ -9,15 +9,20 @@
     ├── SnapshotPoller.run     engine books -> Markets (depth diffs, published at once)
     └── Markets.run            the timer of the market streams (trades, ticker, kline, mark)
 
-Shutdown (``stop()``, SIGTERM or SIGINT): readiness goes false, the gateway stops accepting and
-closes every client with 1001 (grace period ``SHUTDOWN_GRACE_S``), then the HTTP server stops and
-the tree is cancelled.
+Shutdown (``stop()``, SIGTERM or SIGINT): readiness goes false, the gateway closes its listener
+(new connects are refused at once), answers handshakes in flight with 503 and closes every client
+with 1001 (grace period ``SHUTDOWN_GRACE_S``), then the HTTP server stops and the tree is
+cancelled.
+
+A service that cannot start (its port is taken) raises ``ServiceError`` naming the service and
+the address: the one failure that ends the process. Whatever a peer sends ends at most that peer.
 """
 
 from __future__ import annotations
 
-import secrets
 import signal
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import msgspec
 import structlog
@@ -26,7 +31,8 @@ import trio
 from ingest import wire
 from pushd.auth import Verifier, make_verifier
 from pushd.bus import MemoryBus, Publisher
-from pushd.config import AuthConfig, Config
+from pushd.config import Config
+from pushd.errors import ServiceError
 from pushd.gateway import Gateway
 from pushd.http_api import HttpApi, serve_http
 from pushd.hub import Hub
@@ -49,19 +55,19 @@ class Ports(msgspec.Struct, frozen=True):
     ingest_tcp: int = 0
 
 
-def with_hmac_secret(config: Config) -> Config:
-    """The config, with a random HMAC secret if hmac auth is on and none is set."""
-    if config.auth.kind != "hmac" or config.auth.hmac.secret:
-        return config
-    log.warning("auth.hmac.secret not set: using a random one, tokens from other processes fail")
-    hmac_cfg = msgspec.structs.replace(config.auth.hmac, secret=secrets.token_urlsafe(32))
-    auth: AuthConfig = msgspec.structs.replace(config.auth, hmac=hmac_cfg)
-    return msgspec.structs.replace(config, auth=auth)
+async def start_service(
+    nursery: trio.Nursery, what: str, address: str, service: Callable[..., Awaitable[Any]],
+    *args: Any,
+) -> Any:  # fmt: skip
+    """``nursery.start(service, *args)``, with a bind failure told as one ServiceError line."""
+    try:
+        return await nursery.start(service, *args)
+    except OSError as exc:
+        raise ServiceError(f"cannot serve {what} on {address}: {exc.strerror or exc}") from None
 
 
 class Daemon:
     def __init__(self, config: Config, verifier: Verifier | None = None) -> None:
-        config = with_hmac_secret(config)
         self.config = config
         self.registry = make_registry()
         self.metrics = GatewayMetrics(self.registry)
@@ -76,14 +82,42 @@ class Daemon:
         self.api = HttpApi(
             config, self.publisher, self.gateway, self.registry, self.metrics, self.markets
         )
+        self.api.not_ready = self.not_ready
         self.hub.current = self.markets.current
-        self.intake = Intake(EngineRouter(self.publisher, self.markets), frozenset(config.markets))
+        self.hub.last_seq = self.publisher.seq
+        self.markets.stale = self.book_stale
+        router = EngineRouter(self.publisher, self.markets, self._private_gap)
+        self.intake = Intake(router, frozenset(config.markets))
         self.registry.register(IngestCollector(self.intake, self.poller))
+        self._serving = False
         self._stop = trio.Event()
         self.stopped = trio.Event()
 
     def _on_book(self, snapshot: wire.BookSnapshot) -> None:
         self.markets.book(snapshot)
+
+    def book_stale(self, symbol: str) -> bool:
+        """True while the symbol's book may be behind the engine's: the poller is not getting
+        books (engine unreachable), or not this symbol's for three of its intervals."""
+        if not self.config.engine.snapshot_enabled:
+            return False
+        interval_s = self.config.markets[symbol].depth_interval_ms / 1000
+        limit_s = 3 * interval_s + self.config.engine.request_timeout_s
+        return not self.poller.up or self.poller.age(symbol) > limit_s
+
+    def not_ready(self) -> str | None:
+        """Why this node should get no new clients now, or None when it should."""
+        if not self._serving:
+            return "starting or stopping"
+        if self.config.engine.snapshot_enabled and not self.poller.up:
+            return "matching engine unreachable (no book snapshots)"
+        return None
+
+    def _private_gap(self, reason: str) -> None:
+        """Engine frames that may have carried private events were lost: tell every private
+        subscriber (a resync notice per private channel), never leave them silently short."""
+        told = self.hub.resync_private()
+        log.warning("private events may be lost: subscribers told", reason=reason, notices=told)
 
     def stop(self) -> None:
         """Begin a graceful shutdown; ``serve`` returns when it is done."""
@@ -100,28 +134,37 @@ class Daemon:
             async with trio.open_nursery() as nursery:
                 if handle_signals:
                     nursery.start_soon(self._stop_on_signal)
-                ws_port = await nursery.start(self.gateway.serve)
-                self.api.websocket_port = ws_port
-                http_cfg = self.config.http
-                http_port = await nursery.start(
-                    serve_http, self.api, http_cfg.host, http_cfg.port, http_stop
+                cfg = self.config
+                ws, http_cfg, ingest = cfg.websocket, cfg.http, cfg.ingest
+                ws_port = await start_service(
+                    nursery, "WebSocket", f"{ws.host}:{ws.port}", self.gateway.serve
                 )
-                ingest = self.config.ingest
+                self.api.websocket_port = ws_port
+                http_port = await start_service(
+                    nursery, "HTTP", f"{http_cfg.host}:{http_cfg.port}",
+                    serve_http, self.api, http_cfg.host, http_cfg.port, http_stop,
+                )  # fmt: skip
                 udp_port = tcp_port = 0
                 if ingest.udp_enabled:
-                    udp_port = await nursery.start(serve_udp, ingest, self.intake)
+                    udp_port = await start_service(
+                        nursery, "ingest UDP", f"{ingest.udp_host}:{ingest.udp_port}",
+                        serve_udp, ingest, self.intake,
+                    )  # fmt: skip
                 if ingest.tcp_enabled:
-                    tcp_port = await nursery.start(serve_tcp, ingest, self.intake)
-                if self.config.engine.snapshot_enabled:
+                    tcp_port = await start_service(
+                        nursery, "ingest TCP", f"{ingest.tcp_host}:{ingest.tcp_port}",
+                        serve_tcp, ingest, self.intake,
+                    )  # fmt: skip
+                if cfg.engine.snapshot_enabled:
                     nursery.start_soon(self.poller.run)
                 nursery.start_soon(self.markets.run)
-                self.api.ready = True
+                self._serving = True
                 ports = Ports(ws_port, http_port, udp_port, tcp_port)
                 log.info("pushd ready", **msgspec.structs.asdict(ports))
                 task_status.started(ports)
                 await self._stop.wait()
                 log.info("shutting down", connections=len(self.gateway.connections))
-                self.api.ready = False
+                self._serving = False
                 await self.gateway.shutdown(SHUTDOWN_GRACE_S)
                 http_stop.set()
                 nursery.cancel_scope.cancel()

@@ -15,7 +15,8 @@ Exceptions::
     ├── RequestError      a client request is wrong; carries an ErrorCode (connection survives)
     ├── AuthError         a token was refused (bad signature, expired, unknown user)
     │   └── AuthUnavailable   the login backend could not answer (timeout, 5xx)
-    └── ConfigError       the configuration is invalid; the message names the key
+    ├── ConfigError       the configuration is invalid; the message names the key
+    └── ServiceError      a service of the daemon cannot run (its port is taken, ...)
 """
 
 from __future__ import annotations
@@ -94,3 +95,7 @@ class AuthUnavailable(AuthError):
 
 class ConfigError(PushdError):
     """Invalid configuration; ``str(exc)`` is the one line an operator reads."""
+
+
+class ServiceError(PushdError):
+    """A service cannot start (cannot bind its address); ``str(exc)`` names it and the port."""

@@ -1,26 +1,46 @@
 """The WebSocket gateway: Trio shell around wsproto, Session and Hub.
 
+Theory of operation
+-------------------
+A connection lives through four phases, held as one value (``Connection.phase``) and consulted
+before anything is written::
+
+    HANDSHAKE --accept--> OPEN --close()/client close/error--> CLOSING --socket closed--> CLOSED
+        \\----refuse (HTTP answer) or peer gone-------------------------------------------/
+
 Per connection there is one task, which reads: it feeds bytes to wsproto, hands requests to the
 Session, and queues replies through the Hub. Writing has exactly one owner at a time:
 
 - the gateway's single *flusher* task writes every dirty outlet with one non-blocking ``send``
   after the publishers of a scheduler tick have run (frames of one tick coalesce into one
-  syscall per connection);
+  syscall per connection); it yields every ``FLUSH_SLICE_S`` so a round over thousands of
+  connections never stalls the loop;
 - if the kernel buffer is full, the rest is left to a *drain* task started in that connection's
   nursery, which waits until the socket is writable; the flusher skips the connection meanwhile.
-  A drain that sees no progress for ``stall_timeout_s`` ends the connection (slow consumer).
+  A drain that sees no byte leave the kernel's send queue for ``stall_timeout_s`` ends the
+  connection (slow consumer).
+
+Whatever one peer causes ends that peer only: the connection task is an error boundary (log
+line, metric, close 1011 where a close can still be sent), and so is each write of the flusher.
+Only a failure of the gateway itself (cannot bind its port) ends the process.
 
 Sockets are plain non-blocking stdlib sockets waited on with ``trio.lowlevel``; nothing else
-touches them, so no lock is needed anywhere on the fan-out path.
+touches them, so no lock is needed anywhere on the fan-out path. Each has a small configured
+``SO_SNDBUF``, so a client that stops reading holds at most its outbound buffer plus that.
 """
 
 from __future__ import annotations
 
+import array
 import contextlib
+import enum
 import errno
+import fcntl
 import itertools
 import socket
+import termios
 import time
+from typing import Any
 from urllib.parse import urlsplit
 
 import structlog
@@ -38,21 +58,31 @@ from wsproto.events import (
     TextMessage,
 )
 from wsproto.handshake import H11Handshake
-from wsproto.utilities import RemoteProtocolError
 
 from pushd import protocol
 from pushd.auth import Verifier
 from pushd.config import Config
 from pushd.errors import AuthError, AuthUnavailable, CloseCode, ErrorCode, RequestError
-from pushd.hub import Hub, Outlet, text_frame
+from pushd.hub import Hub, Outlet, frame_end, text_frame
 from pushd.metrics import GatewayMetrics
+from pushd.ratelimit import TokenBucket
 from pushd.session import Session
 
 RECV_BYTES = 65536
 ACCEPT_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 ACCEPT_PAUSE_S = 0.1
+FLUSH_SLICE_S = 0.002  # the flusher yields after this much work in one round
+STALL_POLL_S = 0.5  # how often a drain looks at the kernel's send queue while not writable
+PER_IP_FLOOD = 16  # sockets over max_connections_per_ip that are still answered (429)
 
 log = structlog.get_logger("pushd.gateway")
+
+
+class Phase(enum.Enum):
+    HANDSHAKE = "handshake"
+    OPEN = "open"
+    CLOSING = "closing"
+    CLOSED = "closed"
 
 
 class Connection(Outlet):
@@ -60,29 +90,42 @@ class Connection(Outlet):
 
     __slots__ = (
         "close_reason",
-        "closing",
         "conn_id",
         "draining",
+        "ip",
         "nursery",
         "peer",
+        "phase",
         "scope",
         "session",
         "sock",
         "ws",
     )
 
-    def __init__(self, sock: socket.socket, peer: str, conn_id: int, limit: int) -> None:
+    def __init__(self, sock: socket.socket, ip: str, peer: str, conn_id: int, limit: int) -> None:
         super().__init__(limit)
         self.sock = sock
+        self.ip = ip
         self.peer = peer
         self.conn_id = conn_id
+        self.phase = Phase.HANDSHAKE
         self.ws: WsConnection | None = None
         self.session: Session | None = None
         self.scope: trio.CancelScope | None = None
         self.nursery: trio.Nursery | None = None
         self.draining = False
-        self.closing = False
         self.close_reason = "client went away"
+
+    @property
+    def closing(self) -> bool:
+        return self.phase is Phase.CLOSING or self.phase is Phase.CLOSED
+
+
+def unsent_bytes(sock: socket.socket) -> int:
+    """Bytes in the kernel's send queue not yet taken by the peer (SIOCOUTQ)."""
+    buf = array.array("i", [0])
+    fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, buf)
+    return buf[0]
 
 
 class Gateway:
@@ -97,11 +140,18 @@ class Gateway:
         self._metrics = metrics
         self.connections: set[Connection] = set()
         self._by_uid: dict[str, set[Connection]] = {}
-        self._sockets = 0
+        self._per_ip: dict[str, int] = {}
+        ws_cfg = config.websocket
+        self._handshakes = TokenBucket(
+            ws_cfg.handshakes_per_second, max(1, int(ws_cfg.handshakes_per_second)), 0.0
+        )
+        self.open_sockets = 0
         self._ids = itertools.count(1)
         self._flush_wanted = trio.Event()
         self._all_closed = trio.Event()
         self._accepting: trio.CancelScope | None = None
+        self.stopping = False
+        self.flush_stall_max_s = 0.0  # the longest the flusher ran without yielding
         hub.on_dirty = self._flush_wanted_set
 
     def _flush_wanted_set(self) -> None:
@@ -109,22 +159,29 @@ class Gateway:
 
     # -- serving ---------------------------------------------------------------------------
 
-    async def serve(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
-        """Listen and serve until cancelled; reports the bound port through ``task_status``."""
+    def bind(self) -> socket.socket:
+        """The listening socket. Raises OSError (port in use, ...)."""
         ws_cfg = self._config.websocket
         listener = socket.create_server(
             (ws_cfg.host, ws_cfg.port), backlog=ws_cfg.backlog, reuse_port=False
         )
         listener.setblocking(False)
-        with listener:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._flusher)
-                with trio.CancelScope() as self._accepting:
-                    task_status.started(listener.getsockname()[1])
-                    await self._accept_loop(listener, nursery)
-                # accepting stopped (shutdown): connections finish in the nursery
+        return listener
+
+    async def serve(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+        """Listen and serve until cancelled; reports the bound port through ``task_status``
+        (OSError before that: the port cannot be bound). On ``shutdown`` the listener is closed
+        first (new connects are refused at once), then the connections finish here."""
+        listener = self.bind()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._flusher)
+            with listener, trio.CancelScope() as self._accepting:
+                task_status.started(listener.getsockname()[1])
+                await self._accept_loop(listener, nursery)
 
     async def _accept_loop(self, listener: socket.socket, nursery: trio.Nursery) -> None:
+        max_sockets = self._config.websocket.max_connections + 64
+        per_ip_cut = self._config.websocket.max_connections_per_ip + PER_IP_FLOOD
         while True:
             await trio.lowlevel.wait_readable(listener)
             while True:
@@ -134,28 +191,47 @@ class Gateway:
                     break
                 except OSError as exc:
                     if exc.errno not in ACCEPT_ERRNOS:
-                        raise
-                    log.error("accept failed", error=exc.strerror, open_sockets=self._sockets)
+                        log.warning("accept failed", error=exc.strerror)
+                        break
+                    log.error("accept failed", error=exc.strerror, open_sockets=self.open_sockets)
                     await trio.sleep(ACCEPT_PAUSE_S)
                     break
-                if self._sockets >= self._config.websocket.max_connections + 64:
-                    sock.close()  # far past the limit: not even a handshake
-                    self._metrics.rejected.labels(reason="capacity").inc()
+                ip = str(addr[0])
+                if self.open_sockets >= max_sockets or self._per_ip.get(ip, 0) >= per_ip_cut:
+                    sock.close()  # far past a limit: not even a handshake
+                    reason = "capacity" if self.open_sockets >= max_sockets else "per_ip_flood"
+                    self._metrics.rejected.labels(reason=reason).inc()
                     continue
                 sock.setblocking(False)
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                self._sockets += 1
-                nursery.start_soon(self._handle, sock, f"{addr[0]}:{addr[1]}")
+                try:
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                    if self._limits.socket_send_buffer_bytes:
+                        sock.setsockopt(
+                            socket.SOL_SOCKET, socket.SO_SNDBUF,
+                            self._limits.socket_send_buffer_bytes,
+                        )  # fmt: skip
+                except OSError:  # reset between accept and here
+                    sock.close()
+                    continue
+                self.open_sockets += 1
+                self._per_ip[ip] = self._per_ip.get(ip, 0) + 1
+                nursery.start_soon(self._handle, sock, ip, f"{ip}:{addr[1]}")
 
     async def shutdown(self, grace_s: float) -> None:
-        """Stop accepting; close every client with 1001 and wait up to ``grace_s`` for them."""
+        """Close the listener; close every client with 1001 (handshakes in flight get 503) and
+        wait up to ``grace_s`` for them."""
+        self.stopping = True
         if self._accepting is not None:
             self._accepting.cancel()
         for conn in list(self.connections):
             self.close(conn, CloseCode.GOING_AWAY, "server shutting down")
-        if self.connections:
-            with trio.move_on_after(grace_s):
-                await self._all_closed.wait()
+        with trio.move_on_after(grace_s):
+            await self.wait_idle()
+
+    async def wait_idle(self) -> None:
+        """Return once no socket is open (at once if none is)."""
+        if self.open_sockets:
+            await self._all_closed.wait()
 
     def kick(self, uid: str) -> int:
         """Close every connection logged in as ``uid`` (operator's request); returns how many."""
@@ -168,51 +244,83 @@ class Gateway:
 
     async def _flusher(self) -> None:
         hub = self.hub
+        clock = time.perf_counter
         while True:
             await self._flush_wanted.wait()
             self._flush_wanted = trio.Event()
             dirty, hub.dirty = hub.dirty, []
-            for outlet in dirty:
-                self._flush(outlet)  # type: ignore[arg-type]  # gateway outlets are Connections
+            started = clock()
+            for n, outlet in enumerate(dirty, 1):
+                conn: Connection = outlet  # type: ignore[assignment]  # gateway outlets are Connections
+                try:
+                    self._flush(conn)
+                except Exception:  # one connection's failure is that connection's only
+                    log.exception("flush failed", conn_id=conn.conn_id, peer=conn.peer)
+                    self._fail(conn)
+                if not n % 64 and (elapsed := clock() - started) > FLUSH_SLICE_S:
+                    self.flush_stall_max_s = max(self.flush_stall_max_s, elapsed)
+                    await trio.lowlevel.checkpoint()
+                    started = clock()
+            self.flush_stall_max_s = max(self.flush_stall_max_s, clock() - started)
 
     def _flush(self, conn: Connection) -> None:
-        if conn.slow and not conn.closing:
+        if conn.slow and conn.phase is Phase.OPEN:
             self._metrics.closed.labels(reason="slow_consumer").inc()
             self.close(conn, CloseCode.SLOW_CONSUMER, "slow consumer: outbound buffer full")
             return
-        if conn.draining or not conn.out or conn.nursery is None:
+        if conn.draining or not conn.out or conn.nursery is None or conn.phase is Phase.CLOSED:
             return
-        try:
-            sent = conn.sock.send(conn.out)
-        except BlockingIOError:
-            sent = 0
-        except OSError:
-            self._abort(conn, "connection reset while writing")
+        if not self._write(conn):
             return
-        del conn.out[:sent]
         if conn.out:
             conn.draining = True
             conn.nursery.start_soon(self._drain, conn)
         elif conn.lagging:
             self.hub.drained(conn)
 
-    async def _drain(self, conn: Connection) -> None:
+    def _write(self, conn: Connection) -> bool:
+        """One non-blocking send of the outbound buffer; False if the peer is gone."""
+        out = conn.out
         try:
+            sent = conn.sock.send(out)
+        except BlockingIOError:
+            return True
+        except OSError:
+            self._abort(conn, "connection reset while writing")
+            return False
+        if sent == len(out):
+            out.clear()
+            conn.head_left = 0
+        elif sent:
+            conn.head_left = frame_end(out, conn.head_left, sent) - sent
+            del out[:sent]
+        return True
+
+    async def _drain(self, conn: Connection) -> None:
+        stall_s = self._limits.stall_timeout_s
+        try:
+            queued = unsent_bytes(conn.sock)
+            deadline = trio.current_time() + stall_s
             while conn.out:
-                with trio.move_on_after(self._limits.stall_timeout_s) as stalled:
+                with trio.move_on_after(STALL_POLL_S) as polled:
                     await trio.lowlevel.wait_writable(conn.sock)
-                if stalled.cancelled_caught:
-                    self._metrics.closed.labels(reason="stalled").inc()
-                    self._abort(conn, "slow consumer: no progress writing")
-                    return
-                try:
-                    sent = conn.sock.send(conn.out)
-                except BlockingIOError:
+                if polled.cancelled_caught:  # not writable yet: is the peer taking any bytes?
+                    now_queued = unsent_bytes(conn.sock)
+                    if now_queued < queued:
+                        deadline = trio.current_time() + stall_s
+                    queued = now_queued
+                    if trio.current_time() >= deadline:
+                        self._metrics.closed.labels(reason="stalled").inc()
+                        self._abort(conn, "slow consumer: no progress writing")
+                        return
                     continue
-                except OSError:
-                    self._abort(conn, "connection reset while writing")
+                if not self._write(conn):
                     return
-                del conn.out[:sent]
+                queued = unsent_bytes(conn.sock)
+                deadline = trio.current_time() + stall_s
+        except OSError:  # the socket went away under the ioctl
+            self._abort(conn, "connection reset while writing")
+            return
         finally:
             conn.draining = False
         if conn.slow:
@@ -223,15 +331,19 @@ class Gateway:
     def _send_ws(self, conn: Connection, payload: bytes) -> None:
         self.hub.send(conn, text_frame(payload))
 
-    def close(self, conn: Connection, code: CloseCode, reason: str) -> None:
-        """Begin a close handshake: no more events, a close frame, a deadline to finish."""
+    def close(self, conn: Connection, code: int, reason: str) -> None:
+        """Begin a close handshake: no more events, a close frame, a deadline to finish.
+
+        Frames still queued are dropped (whole frames only), so the close frame is the next
+        thing the client reads: it is told why at once, not after a backlog it cannot use."""
         if conn.closing:
             return
-        conn.closing = True
+        conn.phase = Phase.CLOSING
         conn.close_reason = reason
         self._unsubscribe_all(conn)
         ws = conn.ws
         if ws is not None and ws.state is ConnectionState.OPEN:
+            del conn.out[conn.head_left :]
             conn.out += ws.send(CloseConnection(code=int(code), reason=reason))
             conn.slow = False
             self.hub.dirty.append(conn)
@@ -245,11 +357,21 @@ class Gateway:
         """End a connection at once, without a close handshake (peer gone or not reading)."""
         if not conn.closing:
             conn.close_reason = reason
-            conn.closing = True
+            conn.phase = Phase.CLOSING
         self._unsubscribe_all(conn)
         conn.out.clear()
+        conn.head_left = 0
         if conn.scope is not None:
             conn.scope.cancel()
+
+    def _fail(self, conn: Connection) -> None:
+        """This connection hit a bug or an impossible state: 1011 if a close can still be sent,
+        then the socket closes. Nobody else is touched."""
+        self._metrics.closed.labels(reason="internal_error").inc()
+        if conn.phase is Phase.OPEN:
+            self.close(conn, CloseCode.INTERNAL_ERROR, "internal error")
+        else:
+            self._abort(conn, "internal error")
 
     def _unsubscribe_all(self, conn: Connection) -> None:
         if conn.session is not None:
@@ -259,28 +381,58 @@ class Gateway:
 
     # -- one connection ----------------------------------------------------------------------
 
-    async def _handle(self, sock: socket.socket, peer: str) -> None:
-        conn = Connection(sock, peer, next(self._ids), self._limits.outbound_buffer_bytes)
+    async def _handle(self, sock: socket.socket, ip: str, peer: str) -> None:
+        conn = Connection(sock, ip, peer, next(self._ids), self._limits.outbound_buffer_bytes)
         bound = log.bind(conn_id=conn.conn_id, peer=peer)
         try:
             with trio.CancelScope() as conn.scope:
-                async with trio.open_nursery() as conn.nursery:
-                    if await self._handshake(conn):
-                        self.connections.add(conn)
-                        self._metrics.opened.inc()
-                        bound.info("connection open")
-                        await self._read_loop(conn)
-                    conn.nursery.cancel_scope.cancel()
+                try:
+                    async with trio.open_nursery() as conn.nursery:
+                        if await self._handshake(conn):
+                            await self._serve_open(conn, bound)
+                        conn.nursery.cancel_scope.cancel()
+                except BaseExceptionGroup as group:  # the error boundary: this peer ends only
+                    conn.nursery = None  # from here this task is the socket's only writer
+                    errors, cancelled = group.split(Exception)
+                    if errors is not None:
+                        bound.error("connection failed", exc_info=errors)
+                        self._fail(conn)
+                    if cancelled is not None:
+                        raise cancelled from None
+                    if conn.out:  # the 1011 close frame
+                        with trio.move_on_after(self._limits.close_timeout_s):
+                            await self._send_now(conn, bytes(conn.out))
+                        conn.out.clear()
         finally:
             self._forget(conn)
             if conn.out:  # a last close frame, if the kernel takes it now
                 with contextlib.suppress(OSError):
                     sock.send(conn.out)
+            conn.phase = Phase.CLOSED
             trio.lowlevel.notify_closing(sock)
             sock.close()
-            self._sockets -= 1
+            self._release_socket(ip)
             if conn.ws is not None:
                 bound.info("connection closed", reason=conn.close_reason, uid=self._uid_of(conn))
+
+    async def _serve_open(self, conn: Connection, bound: Any) -> None:
+        self.connections.add(conn)
+        self._metrics.opened.inc()
+        bound.info("connection open")
+        if self.stopping:  # shutdown began while this handshake was answered
+            self.close(conn, CloseCode.GOING_AWAY, "server shutting down")
+        await self._read_loop(conn)
+
+    def _release_socket(self, ip: str) -> None:
+        self.open_sockets -= 1
+        left = self._per_ip[ip] - 1
+        if left:
+            self._per_ip[ip] = left
+        else:
+            del self._per_ip[ip]
+        if not self.open_sockets:
+            self._all_closed.set()
+            self._all_closed = trio.Event()
 
     @staticmethod
     def _uid_of(conn: Connection) -> str | None:
@@ -294,9 +446,6 @@ class Gateway:
             uid = self._uid_of(conn)
             if uid is not None:
                 self._leave_uid(conn, uid)
-            if not self.connections:
-                self._all_closed.set()
-                self._all_closed = trio.Event()
 
     def _leave_uid(self, conn: Connection, uid: str) -> None:
         peers = self._by_uid.get(uid)
@@ -316,8 +465,9 @@ class Gateway:
             except OSError:
                 return b""
 
-    async def _send_now(self, conn: Connection, data: bytes) -> None:
-        """Write before the connection joins the hub (handshake answers): no other writer yet."""
+    async def _send_now(self, conn: Connection, data: bytes) -> bool:
+        """Write while nothing else writes this socket (handshake answers, the last close
+        frame); False if the peer is gone."""
         view = memoryview(data)
         while view:
             await trio.lowlevel.wait_writable(conn.sock)
@@ -325,68 +475,84 @@ class Gateway:
                 view = view[conn.sock.send(view) :]
             except BlockingIOError:
                 continue
+            except OSError:
+                return False
+        return True
 
     async def _handshake(self, conn: Connection) -> bool:
+        """Read the upgrade request and answer it; True once the WebSocket is open."""
         handshake = H11Handshake(ConnectionType.SERVER)
+        refusal: tuple[int, str, str] | None = None
+        request: Request | None = None
         with trio.move_on_after(self._limits.handshake_timeout_s):
             try:
-                while True:
+                while request is None:
                     data = await self._recv(conn)
                     if not data:
                         return False
                     handshake.receive_data(data)
                     for event in handshake.events():
                         if isinstance(event, Request):
-                            return await self._answer_upgrade(conn, handshake, event)
-            except RemoteProtocolError as exc:
-                self._metrics.rejected.labels(reason="bad_handshake").inc()
-                await self._reject(conn, handshake, 400, f"bad WebSocket handshake: {exc}")
-                return False
-            except OSError:
-                return False
-        self._metrics.rejected.labels(reason="handshake_timeout").inc()
-        return False
-
-    async def _answer_upgrade(
-        self, conn: Connection, handshake: H11Handshake, request: Request
-    ) -> bool:
-        ws_cfg = self._config.websocket
-        origin = next((v for k, v in request.extra_headers if k.lower() == b"origin"), None)
-        path = urlsplit(request.target).path
-        if path not in ws_cfg.paths:
-            refusal: tuple[int, str, str] | None = (404, "not_found", f"no WebSocket at {path}")
-        elif (
-            ws_cfg.allowed_origins
-            and origin is not None
-            and origin.decode("latin-1") not in ws_cfg.allowed_origins
-        ):
-            refusal = (403, "origin", "origin not allowed")
-        elif len(self.connections) >= ws_cfg.max_connections:
-            refusal = (503, "capacity", "server full, try another node")
-        else:
-            refusal = None
+                            request = event
+                            break
+            except Exception as exc:  # h11/wsproto found the request malformed
+                refusal = (400, "bad_handshake", f"bad WebSocket handshake: {exc}"[:200])
+        if request is None and refusal is None:
+            self._metrics.rejected.labels(reason="handshake_timeout").inc()
+            return False
+        if request is not None:
+            refusal = self._refusal(conn, request)
         if refusal is not None:
             status, reason, text = refusal
             self._metrics.rejected.labels(reason=reason).inc()
             await self._reject(conn, handshake, status, text)
             return False
-        await self._send_now(conn, handshake.send(AcceptConnection()))
+        if not await self._send_now(conn, handshake.send(AcceptConnection())):
+            return False
         conn.ws = handshake.connection
         conn.session = Session(self._symbols, self._limits, trio.current_time())
+        conn.phase = Phase.OPEN
         return conn.ws is not None
+
+    def _refusal(self, conn: Connection, request: Request) -> tuple[int, str, str] | None:
+        """Why an upgrade request is refused (HTTP status, metric reason, text), or None."""
+        ws_cfg = self._config.websocket
+        origin = next((v for k, v in request.extra_headers if k.lower() == b"origin"), None)
+        path = urlsplit(request.target).path
+        if self.stopping:
+            return 503, "shutting_down", "server shutting down, try another node"
+        if path not in ws_cfg.paths:
+            return 404, "not_found", f"no WebSocket at {path}"[:200]
+        if (
+            ws_cfg.allowed_origins
+            and origin is not None
+            and origin.decode("latin-1") not in ws_cfg.allowed_origins
+        ):
+            return 403, "origin", "origin not allowed"
+        if self._per_ip.get(conn.ip, 0) > ws_cfg.max_connections_per_ip:
+            return 429, "per_ip", "too many connections from your address"
+        if len(self.connections) >= ws_cfg.max_connections:
+            return 503, "capacity", "server full, try another node"
+        if not self._handshakes.take(trio.current_time()):
+            return 503, "handshake_rate", "too many connection attempts, retry in a second"
+        return None
 
     async def _reject(
         self, conn: Connection, handshake: H11Handshake, status: int, text: str
     ) -> None:
         body = text.encode()
         headers = [(b"content-type", b"text/plain"), (b"content-length", b"%d" % len(body))]
+        if status in (429, 503):
+            headers.append((b"retry-after", b"1"))
         try:
             data = handshake.send(
                 RejectConnection(status_code=status, headers=headers, has_body=True)
             )
             data += handshake.send(RejectData(data=body))
-        except Exception:  # the handshake is too broken to answer at all
-            return
+        except Exception:  # the request was too broken for h11 to answer it: plain 400
+            data = b"HTTP/1.1 %d Bad Request\r\nconnection: close\r\ncontent-length: %d\r\n" % (
+                status, len(body))  # fmt: skip
+            data += b"content-type: text/plain\r\n\r\n" + body
         with trio.move_on_after(self._limits.close_timeout_s):
             await self._send_now(conn, data)
 
@@ -401,6 +567,8 @@ class Gateway:
             ws.receive_data(data or None)
             for event in ws.events():
                 if isinstance(event, TextMessage | BytesMessage):
+                    if conn.closing:
+                        continue  # we are closing: nothing more is read
                     size += len(event.data)
                     if size > max_bytes:
                         self._metrics.closed.labels(reason="message_too_big").inc()
@@ -413,20 +581,30 @@ class Gateway:
                         text, binary = "".join(parts), isinstance(event, BytesMessage)
                         parts.clear()
                         size = 0
-                        if not conn.closing:
-                            await self._on_message(conn, text, binary)
+                        await self._on_message(conn, text, binary)
                 elif isinstance(event, Ping):
-                    self.hub.send(conn, ws.send(event.response()))
+                    if conn.phase is Phase.OPEN and ws.state is ConnectionState.OPEN:
+                        self.hub.send(conn, ws.send(event.response()))
+                    # closing: RFC 6455 lets us leave it unanswered; the close frame is sent
                 elif isinstance(event, CloseConnection):
-                    if ws.state is ConnectionState.REMOTE_CLOSING:
-                        conn.close_reason = f"client closed ({event.code})"
-                        conn.out += ws.send(event.response())
-                    elif ws.state is ConnectionState.OPEN:  # a protocol error wsproto found
-                        conn.close_reason = f"protocol error: {event.reason}"
-                        conn.out += ws.send(CloseConnection(code=event.code, reason=event.reason))
+                    self._on_close_frame(conn, ws, event)
                     return
             if not data:
                 return
+
+    def _on_close_frame(self, conn: Connection, ws: WsConnection, event: CloseConnection) -> None:
+        """The peer's close frame, or a protocol error wsproto turned into one."""
+        if ws.state is ConnectionState.REMOTE_CLOSING:  # the client closes: answer it
+            conn.close_reason = f"client closed ({event.code})"
+            conn.phase = Phase.CLOSING
+            self._unsubscribe_all(conn)
+            del conn.out[conn.head_left :]
+            conn.out += ws.send(event.response())
+        elif ws.state is ConnectionState.OPEN:  # a protocol error wsproto found
+            conn.close_reason = f"protocol error: {event.reason}"[:200]
+            self._metrics.closed.labels(reason="protocol_error").inc()
+            self.close(conn, int(event.code), conn.close_reason)
+        # LOCAL_CLOSING -> CLOSED: the client answered our close; nothing more to send
 
     async def _on_message(self, conn: Connection, text: str, binary: bool) -> None:
         session = conn.session
@@ -462,7 +640,8 @@ class Gateway:
             if err.request_id is None:
                 err.request_id = request_id
             self._metrics.errors.labels(code=str(int(err.code))).inc()
-            self._send_ws(conn, protocol.encode_error(err))
+            if not conn.closing:
+                self._send_ws(conn, protocol.encode_error(err))
 
     async def _auth(
         self, conn: Connection, session: Session, request: protocol.Auth, now: float

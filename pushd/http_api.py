@@ -9,8 +9,14 @@ Starlette routes, served by hypercorn on Trio (``serve_http``). Endpoints, all J
 - ``GET  /healthz``, ``GET /readyz``, ``GET /metrics`` (Prometheus text format)
 - ``GET  /`` the demo market page, ``GET /v1/info`` its WebSocket port and symbols
 - ``GET  /v1/depth``, ``/v1/trades``, ``/v1/klines``, ``/v1/ticker``, ``/v1/markPrice``: what a
-  page loads before it subscribes, public: ``{"channel":..., "seq": N, "data": ...}`` where
-  ``seq`` is the channel's seq the data stands at (the next event is ``N + 1``).
+  page loads before it subscribes, public: ``{"channel":..., "seq": N, "stale": bool,
+  "data": ...}`` where ``data`` is exactly what the channel's events up to seq ``N`` say (the
+  next event is ``N + 1``), and ``stale`` is true while the book may be behind the engine.
+- ``GET  /openapi.json``: this API as an OpenAPI 3.1 document (request bodies from the Structs).
+
+Backends publish only what they own: ``notice`` and ``user_<uid>_<stream>``. The market
+channels are computed here (their seqs and depth update ids are a chain a backend must not
+break), so publishing to them is refused with 403.
 """
 
 from __future__ import annotations
@@ -32,11 +38,11 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from pushd.bus import Publisher
-from pushd.channels import KLINE_INTERVALS, UID_PATTERN, market_channel, parse_internal
+from pushd.channels import KLINE_INTERVALS, NOTICE, UID_PATTERN, market_channel, parse_internal
 from pushd.config import Config
 from pushd.gateway import Gateway
 from pushd.market.symbol import SymbolMarket
-from pushd.markets import Markets, wall_ms
+from pushd.markets import Markets
 from pushd.metrics import GatewayMetrics
 
 MAX_BODY_BYTES = 4 * 1024 * 1024
@@ -80,7 +86,8 @@ class HttpApi:
         self._metrics = metrics
         self._symbols = frozenset(config.markets)
         self._max_data = config.limits.outbound_buffer_bytes // 4
-        self.ready = False
+        self._market_publish = config.http.allow_market_publish
+        self.not_ready: Callable[[], str | None] = lambda: "starting"  # why not ready, or None
         self.websocket_port = config.websocket.port  # the bound one, once the gateway listens
         self.app = Starlette(
             routes=[
@@ -98,6 +105,7 @@ class HttpApi:
                 Route("/healthz", self.healthz, methods=["GET"]),
                 Route("/readyz", self.readyz, methods=["GET"]),
                 Route("/metrics", self.metrics, methods=["GET"]),
+                Route("/openapi.json", self.openapi, methods=["GET"]),
             ]
         )
 
@@ -154,7 +162,12 @@ class HttpApi:
     def _snapshot(self, stream: str, market: SymbolMarket, data: object, iv: str = "1m") -> object:
         internal = market_channel(stream, market.symbol, iv)
         protocol = parse_internal(internal, self._symbols).protocol
-        return {"channel": protocol, "seq": self._publisher.seq(internal), "data": data}
+        return {
+            "channel": protocol,
+            "seq": self._publisher.seq(internal),
+            "stale": self._markets.stale(market.symbol),
+            "data": data,
+        }
 
     async def page(self, request: Request) -> Response:
         """The demo market page (order book, trades, ticker, kline chart, private events)."""
@@ -182,17 +195,15 @@ class HttpApi:
         if interval not in KLINE_INTERVALS:
             raise ApiError(400, f"interval must be one of {', '.join(KLINE_INTERVALS)}")
         limit = self._limit(request, 500, 1000)
-        candles = market.klines.history(interval, limit)
-        return self._snapshot("kline", market, candles, interval)
+        return self._snapshot("kline", market, market.klines_history(interval, limit), interval)
 
     def ticker(self, request: Request) -> object:
         market = self._market(request)
-        return self._snapshot("ticker", market, market.ticker.data(wall_ms()))
+        return self._snapshot("ticker", market, market.last.get(market.channels["ticker"]))
 
     def mark_price(self, request: Request) -> object:
         market = self._market(request)
-        data = market.funding.data(wall_ms(), market.last_price)
-        return self._snapshot("markPrice", market, data)
+        return self._snapshot("markPrice", market, market.last.get(market.channels["markPrice"]))
 
     async def _body(self, request: Request) -> bytes:
         declared = request.headers.get("content-length")
@@ -207,9 +218,13 @@ class HttpApi:
 
     def _check(self, item: PublishItem) -> tuple[str, msgspec.Raw]:
         try:
-            parse_internal(item.channel, self._symbols)
+            channel = parse_internal(item.channel, self._symbols)
         except ValueError as exc:
             raise ApiError(400, str(exc)) from None
+        if not (channel.private or channel.internal == NOTICE or self._market_publish):
+            raise ApiError(
+                403, f"{item.channel} is computed by pushd: publish notice or user_<uid>_<stream>"
+            )
         if len(item.data) > self._max_data:
             raise ApiError(413, f"data of {item.channel} over {self._max_data} bytes")
         return item.channel, item.data
@@ -243,12 +258,83 @@ class HttpApi:
         return _json({"status": "ok"})
 
     async def readyz(self, request: Request) -> Response:
-        if self.ready:
+        reason = self.not_ready()
+        if reason is None:
             return _json({"status": "ready"})
-        return _json({"status": "not ready"}, 503)
+        return _json({"status": "not ready", "reason": reason}, 503)
+
+    async def openapi(self, request: Request) -> Response:
+        return Response(_OPENAPI, media_type="application/json")
 
     async def metrics(self, request: Request) -> Response:
         return Response(generate_latest(self._registry), media_type=CONTENT_TYPE_LATEST)
+
+
+def openapi_document() -> dict[str, Any]:
+    """The API as OpenAPI 3.1: request bodies are the msgspec Structs' own JSON Schemas."""
+    (item, batch), components = msgspec.json.schema_components(
+        [PublishItem, PublishBatch], ref_template="#/components/schemas/{name}"
+    )
+    error = {
+        "description": "refused",
+        "content": {
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "required": ["error"],
+                    "properties": {"error": {"type": "string"}},
+                }
+            }
+        },
+    }
+    ok = {"description": "done", "content": {"application/json": {"schema": {"type": "object"}}}}
+    guarded = {"401": error, "503": error}
+
+    def body(schema: object) -> dict[str, Any]:
+        return {"required": True, "content": {"application/json": {"schema": schema}}}
+
+    def query(name: str, schema: dict[str, Any], required: bool = False) -> dict[str, Any]:
+        return {"name": name, "in": "query", "required": required, "schema": schema}
+
+    symbol = query("symbol", {"type": "string"}, required=True)
+    limit = query("limit", {"type": "integer", "minimum": 1})
+    snapshot = {"responses": {"200": ok, "400": error}}
+    paths: dict[str, Any] = {
+        "/v1/publish": {"post": {"security": [{"bearer": []}], "requestBody": body(item),
+                                 "responses": {"200": ok, "400": error, "403": error,
+                                               "413": error, **guarded}}},
+        "/v1/publish/batch": {"post": {"security": [{"bearer": []}], "requestBody": body(batch),
+                                       "responses": {"200": ok, "400": error, "403": error,
+                                                     "413": error, **guarded}}},
+        "/v1/users/{uid}/disconnect": {"post": {
+            "security": [{"bearer": []}],
+            "parameters": [{"name": "uid", "in": "path", "required": True,
+                            "schema": {"type": "string"}}],
+            "responses": {"200": ok, "400": error, **guarded}}},
+        "/v1/stats": {"get": {"security": [{"bearer": []}], "responses": {"200": ok, **guarded}}},
+        "/v1/info": {"get": {"responses": {"200": ok}}},
+        "/v1/depth": {"get": {"parameters": [symbol, limit], **snapshot}},
+        "/v1/trades": {"get": {"parameters": [symbol, limit], **snapshot}},
+        "/v1/klines": {"get": {"parameters": [
+            symbol, limit, query("interval", {"type": "string", "enum": list(KLINE_INTERVALS)})],
+            **snapshot}},
+        "/v1/ticker": {"get": {"parameters": [symbol], **snapshot}},
+        "/v1/markPrice": {"get": {"parameters": [symbol], **snapshot}},
+        "/healthz": {"get": {"responses": {"200": ok}}},
+        "/readyz": {"get": {"responses": {"200": ok, "503": ok}}},
+    }  # fmt: skip
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "pushd HTTP API", "version": "1"},
+        "paths": paths,
+        "components": {
+            "schemas": components,
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        },
+    }
+
+
+_OPENAPI = msgspec.json.encode(openapi_document())
 
 
 def _json(body: object, status: int = 200) -> Response:

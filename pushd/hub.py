@@ -27,7 +27,7 @@ import msgspec
 from wsproto.frame_protocol import FrameProtocol
 
 from pushd.channels import Channel
-from pushd.protocol import encode_event, encode_resync
+from pushd.protocol import encode_current_after_lag, encode_event, encode_resync
 
 _server_framer = FrameProtocol(client=False, extensions=[])
 
@@ -37,13 +37,34 @@ def text_frame(payload: bytes) -> bytes:
     return bytes(_server_framer.send_data(payload.decode("utf-8")))
 
 
-class Outlet:
-    """What the hub sees of a connection: its outbound bytes and its overflow state."""
+def frame_end(buf: bytes | bytearray, start: int, upto: int) -> int:
+    """The first frame boundary at or after ``upto`` in a buffer of whole server frames,
+    walking the frame headers from ``start`` (a boundary). Used after a partial ``send`` to
+    know where the frame that went out in part ends: only whole frames may be dropped."""
+    pos = start
+    while pos < upto:
+        length = buf[pos + 1] & 0x7F
+        if length == 126:
+            pos += 4 + int.from_bytes(buf[pos + 2 : pos + 4], "big")
+        elif length == 127:
+            pos += 10 + int.from_bytes(buf[pos + 2 : pos + 10], "big")
+        else:
+            pos += 2 + length
+    return pos
 
-    __slots__ = ("lagging", "limit", "out", "slow")
+
+class Outlet:
+    """What the hub sees of a connection: its outbound bytes and its overflow state.
+
+    ``out`` always holds whole frames, except that its first ``head_left`` bytes are the rest
+    of a frame that a partial ``send`` began (the writer keeps this up to date).
+    """
+
+    __slots__ = ("head_left", "lagging", "limit", "out", "slow")
 
     def __init__(self, limit: int) -> None:
         self.out = bytearray()
+        self.head_left = 0
         self.limit = limit
         self.lagging: dict[str, tuple[Channel, int]] = {}  # internal -> (channel, last lost seq)
         self.slow = False
@@ -76,6 +97,7 @@ class Hub:
         # a stream's current state and its seq (depth snapshot, ticker, open candle, ...)
         self.current: Callable[[str], tuple[int, msgspec.Raw] | None] = lambda _internal: None
         self._current_frames: dict[str, tuple[int, msgspec.Raw, bytes]] = {}  # seq, state, frame
+        self.last_seq: Callable[[str], int] = lambda _internal: 0  # a channel's last seq
         self.published = 0
         self.delivered = 0
         self.dropped = 0
@@ -89,11 +111,14 @@ class Hub:
         route.subscribers[outlet] = None
         self._send_current(outlet, channel)
 
-    def _send_current(self, outlet: Outlet, channel: Channel) -> bool:
+    def _send_current(self, outlet: Outlet, channel: Channel, *, after_lag: bool = False) -> bool:
         current = self.current(channel.internal)
         if current is None:
             return False
         seq, data = current
+        if after_lag:  # rare, and marked so the client knows it replaces what it had
+            self.send(outlet, text_frame(encode_current_after_lag(channel.protocol, data, seq)))
+            return True
         framed = self._current_frames.get(channel.internal)
         if framed is None or framed[0] != seq or framed[1] is not data:  # once per state
             framed = (seq, data, text_frame(encode_event(channel.protocol, data, seq)))
@@ -175,8 +200,22 @@ class Hub:
         state (a depth snapshot, ...) or, for a stream of events (trades), a resync notice."""
         lagging, outlet.lagging = outlet.lagging, {}
         for channel, seq in lagging.values():
-            if not self._send_current(outlet, channel):
+            if not self._send_current(outlet, channel, after_lag=True):
                 self.send(outlet, text_frame(encode_resync(channel.protocol, seq)))
+
+    def resync_private(self) -> int:
+        """Events of private channels may have been lost before they got here (an ingest gap):
+        every private subscriber gets a resync notice per private channel, at the seq its
+        channel stands at. Returns how many notices were queued."""
+        told = 0
+        for route in self._routes.values():
+            if route.channel.private:
+                seq = max(route.seq, self.last_seq(route.channel.internal))
+                frame = text_frame(encode_resync(route.channel.protocol, seq))
+                for outlet in route.subscribers:
+                    self.send(outlet, frame)
+                    told += 1
+        return told
 
     def _overflow(self, outlet: Outlet, channel: Channel, seq: int) -> None:
         self.dropped += 1

@@ -26,6 +26,9 @@ class IngestSink(Protocol):
     def resync(self, symbols: set[str], reason: str) -> None:
         """Events of these symbols may have been lost: rebuild their streams from the engine."""
 
+    def private_gap(self, reason: str) -> None:
+        """Private events may have been lost (of any user): their subscribers must be told."""
+
 
 class Intake:
     def __init__(self, sink: IngestSink, symbols: Container[str]) -> None:
@@ -33,6 +36,7 @@ class Intake:
         self._symbols = symbols
         self._tracker = SequenceTracker()
         self._symbols_by_source: dict[int, set[str]] = {}
+        self._private_sources: set[int] = set()  # sources that have sent private events
         self.frames: Counter[str] = Counter()  # by verdict, plus "bad"
         self.events: Counter[str] = Counter()  # by event type, plus "unknown_symbol", ...
         self.lost_frames = 0
@@ -47,8 +51,12 @@ class Intake:
         if verdict is Verdict.GAP:
             self.lost_frames += missing
             self._resync_source(envelope.src, f"{missing} frame(s) lost from source")
+            if envelope.src in self._private_sources:
+                self._sink.private_gap(f"{missing} frame(s) lost from source {envelope.src}")
         elif verdict is Verdict.RESTART and envelope.src in self._symbols_by_source:
             self._resync_source(envelope.src, "source restarted")
+            if envelope.src in self._private_sources:
+                self._sink.private_gap(f"source {envelope.src} restarted")
         if not verdict.accepted:
             return verdict, missing
         seen = self._symbols_by_source.setdefault(envelope.src, set())
@@ -70,6 +78,7 @@ class Intake:
                     | wire.PositionUpdate()
                     | (wire.AccountUpdate())
                 ):
+                    self._private_sources.add(envelope.src)
                     sink.private(event)
                 case _:  # book requests/snapshots belong to the poller's connection
                     self.events["unexpected"] += 1

@@ -3,6 +3,10 @@
 Bad input is counted, logged (at most one line per second per listener, with the count of what
 was not logged) and dropped. A TCP peer that sends a frame with an impossible length is
 disconnected; its sequence numbering tells the daemon what was lost. Other peers go on.
+
+Each datagram and each TCP peer is an error boundary: whatever one of them causes (a frame that
+trips a bug further in, a reset at any moment) is counted as a bad frame or ends that peer, with
+a log line; the listener and the daemon go on.
 """
 
 from __future__ import annotations
@@ -60,12 +64,13 @@ async def serve_udp(
                     bad.warning(peer=f"{addr[0]}:{addr[1]}", error="datagram too large")
                     continue
                 try:
-                    envelope = wire.decode(data)
+                    intake.frame(wire.decode(data))
                 except wire.WireError as exc:
                     intake.bad_frame()
                     bad.warning(peer=f"{addr[0]}:{addr[1]}", error=str(exc)[:200])
-                    continue
-                intake.frame(envelope)
+                except Exception:  # a valid frame that tripped a bug further in: drop it only
+                    intake.bad_frame()
+                    log.exception("engine frame failed", peer=f"{addr[0]}:{addr[1]}")
             await trio.lowlevel.checkpoint()
 
 
@@ -82,34 +87,26 @@ async def serve_tcp(
 
     async def handle(stream: trio.SocketStream) -> None:
         nonlocal peers
-        peer = "{}:{}".format(*stream.socket.getpeername()[:2])
+        try:
+            peer = "{}:{}".format(*stream.socket.getpeername()[:2])
+        except OSError:  # reset before we looked: nothing to serve
+            await stream.aclose()
+            return
         if peers >= config.max_tcp_peers:
             log.warning("ingest TCP peer refused: too many peers", peer=peer)
             await stream.aclose()
             return
         peers += 1
         log.info("ingest peer connected", peer=peer)
-        decoder = wire.StreamDecoder()
         reason = "peer closed"
         try:
             async with stream:
-                while data := await stream.receive_some(RECV_BYTES):
-                    decoder.feed(data)
-                    while True:
-                        try:
-                            envelope = decoder.next_frame()
-                        except wire.WireError as exc:
-                            intake.bad_frame()
-                            bad.warning(peer=peer, error=str(exc)[:200])
-                            if decoder.broken:
-                                reason = "unframeable input"
-                                return
-                            continue
-                        if envelope is None:
-                            break
-                        intake.frame(envelope)
-        except trio.BrokenResourceError:
+                reason = await _read_frames(stream, intake, bad, peer)
+        except (trio.BrokenResourceError, OSError):
             reason = "connection reset"
+        except Exception:  # the error boundary: this peer ends, the listener goes on
+            log.exception("ingest peer failed", peer=peer)
+            reason = "internal error"
         finally:
             peers -= 1
             log.info("ingest peer disconnected", peer=peer, reason=reason)
@@ -117,3 +114,33 @@ async def serve_tcp(
     async with trio.open_nursery() as nursery:
         task_status.started(listeners[0].socket.getsockname()[1])
         await trio.serve_listeners(handle, listeners, handler_nursery=nursery)
+
+
+async def _read_frames(
+    stream: trio.SocketStream, intake: Intake, bad: ThrottledLog, peer: str
+) -> str:
+    """Frames from one engine connection into ``intake`` until it ends; returns why it ended."""
+    decoder = wire.StreamDecoder()
+    while data := await stream.receive_some(RECV_BYTES):
+        decoder.feed(data)
+        while True:
+            try:
+                envelope = decoder.next_frame()
+            except wire.WireError as exc:
+                intake.bad_frame()
+                bad.warning(peer=peer, error=str(exc)[:200])
+                if decoder.broken:
+                    return "unframeable input"
+                continue
+            if envelope is None:
+                break
+            try:
+                intake.frame(envelope)
+            except Exception:  # a valid frame that tripped a bug further in: drop it only
+                intake.bad_frame()
+                log.exception("engine frame failed", peer=peer)
+    if decoder.buffered:  # the peer closed in the middle of a frame
+        intake.bad_frame()
+        bad.warning(peer=peer, error=f"connection closed inside a frame ({decoder.buffered} B)")
+        return "closed inside a frame"
+    return "peer closed"

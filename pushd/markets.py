@@ -50,7 +50,9 @@ class Markets:
         self.trades = 0
         self.resyncs = 0
         self.future_trades = 0
-        self._current: dict[str, tuple[int, msgspec.Raw]] = {}  # internal -> (seq, state)
+        self._current: dict[str, tuple[int, msgspec.Raw, bool]] = {}  # -> (seq, state, stale)
+        # whether a symbol's book may be behind the engine's (the daemon knows the poller)
+        self.stale: Callable[[str], bool] = lambda _symbol: False
         self._future_log = ThrottledLog(log, "trade stamped in the future: counted at our time")
 
     def trade(self, trade: wire.Trade) -> None:
@@ -63,7 +65,9 @@ class Markets:
             self.future_trades += 1
             self._future_log.warning(symbol=trade.symbol, trade_id=trade.id, ts=trade.ts, now=now)
             trade = msgspec.structs.replace(trade, ts=now)
-        self.symbols[trade.symbol].trade(trade)
+        market = self.symbols[trade.symbol]
+        market.trade(trade)
+        self._publish(market)  # a trade that closed candles: they go out now, with their seq
 
     def index_price(self, event: wire.IndexPrice) -> None:
         self.symbols[event.symbol].index_price(event)
@@ -81,25 +85,25 @@ class Markets:
             self._refresh_book(symbol)
 
     def current(self, internal: str) -> tuple[int, msgspec.Raw] | None:
-        """A stream's current state and the seq it stands at, for a new subscriber.
+        """A stream's current state and the seq it stands at exactly, for a new subscriber.
 
-        Encoded once per seq: a reconnect storm of thousands of depth subscribers gets one
-        snapshot, not thousands (the hub frames it once too). Between two events of a timed
-        stream (ticker, kline) the state may be a little newer than its seq: the next event
-        carries it anyway.
+        Encoded once per seq (and staleness): a reconnect storm of thousands of depth
+        subscribers gets one snapshot, not thousands (the hub frames it once too).
         """
         market = self._by_channel.get(internal)
         if market is None:
             return None
         seq = self._publisher.seq(internal)
+        stale = internal == market.channels["depth"] and self.stale(market.symbol)
         cached = self._current.get(internal)
-        if cached is not None and cached[0] == seq:
-            return cached
-        data = market.current(internal, wall_ms())
+        if cached is not None and cached[0] == seq and cached[2] == stale:
+            return cached[0], cached[1]
+        data = market.current(internal, stale=stale)
         if data is None:
             return None
-        self._current[internal] = current = (seq, msgspec.Raw(data))
-        return current
+        raw = msgspec.Raw(data)
+        self._current[internal] = (seq, raw, stale)
+        return seq, raw
 
     def tick(self, now_ms: int) -> None:
         for market in self.symbols.values():

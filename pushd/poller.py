@@ -38,6 +38,7 @@ class SnapshotPoller:
         self._markets = markets
         self._on_book = on_book
         self._due: dict[str, float] = dict.fromkeys(markets, 0.0)
+        self._got: dict[str, float] = {}  # symbol -> trio time of its last snapshot
         self._wake = trio.Event()
         self._request_ids = itertools.count(1)
         self._seqs = itertools.count(1)
@@ -58,6 +59,11 @@ class SnapshotPoller:
             self.up = up
             self._changed.set()
             self._changed = trio.Event()
+
+    def age(self, symbol: str) -> float:
+        """Seconds since the symbol's last book snapshot arrived (inf before the first)."""
+        got = self._got.get(symbol)
+        return float("inf") if got is None else trio.current_time() - got
 
     def refresh(self, symbol: str) -> None:
         if symbol in self._due:
@@ -115,6 +121,7 @@ class SnapshotPoller:
                 snapshot = await self._answer(stream, decoder, request_id)
             self._set_state(up=True)
             self.snapshots += 1
+            self._got[symbol] = trio.current_time()
             self._due[symbol] = trio.current_time() + market.depth_interval_ms / 1000
             self._on_book(snapshot)
 

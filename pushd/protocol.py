@@ -73,6 +73,15 @@ class Event(msgspec.Struct):
     seq: int
 
 
+class CurrentAfterLag(msgspec.Struct):
+    """A stream's current state sent to a subscriber whose events were dropped (marked so)."""
+
+    event: str
+    data: msgspec.Raw
+    seq: int
+    resync: bool = True
+
+
 class Resync(msgspec.Struct):
     """Told to a subscriber whose events were dropped: seq ``seq`` and earlier are lost to it."""
 
@@ -136,6 +145,10 @@ def encode_pong(ts_ms: int, request_id: RequestId | None = None) -> bytes:
 
 def encode_event(event: str, data: msgspec.Raw, seq: int) -> bytes:
     return _encoder.encode(Event(event=event, data=data, seq=seq))
+
+
+def encode_current_after_lag(event: str, data: msgspec.Raw, seq: int) -> bytes:
+    return _encoder.encode(CurrentAfterLag(event=event, data=data, seq=seq))
 
 
 def encode_resync(event: str, seq: int) -> bytes:

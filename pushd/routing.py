@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 import msgspec
@@ -31,12 +32,15 @@ class MarketSink(Protocol):
 class EngineRouter:
     """The IngestSink of the daemon."""
 
-    def __init__(self, publisher: Publisher, markets: MarketSink) -> None:
+    def __init__(
+        self, publisher: Publisher, markets: MarketSink, private_gap: Callable[[str], None]
+    ) -> None:
         self._publisher = publisher
         self._markets = markets
         self.trade = markets.trade
         self.index_price = markets.index_price
         self.resync = markets.resync
+        self.private_gap = private_gap
 
     def private(self, event: PrivateEvent) -> None:
         channel = private_channel(event.uid, _STREAM[type(event)])

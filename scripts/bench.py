@@ -142,8 +142,9 @@ class Pushd(Target):
         config = self.tmp / "pushd.toml"
         config.write_text(
             f"[websocket]\nport = {self.port}\nmax_connections = {connections + 500}\n"
+            f"max_connections_per_ip = {connections + 500}\nhandshakes_per_second = 1e6\n"
             f"[http]\nport = {self.http_port}\npublish_token = '{PUBLISH_TOKEN}'\n"
-            f"max_batch = 10000\n[auth.hmac]\nsecret = '{SECRET}'\n"
+            f"max_batch = 10000\nallow_market_publish = true\n[auth.hmac]\nsecret = '{SECRET}'\n"
             f"[limits]\nmax_subscriptions = 200\n"
             f"[engine]\nsnapshot_enabled = false\n"
             f"[ingest]\nudp_enabled = false\ntcp_enabled = false\n"

@@ -32,7 +32,8 @@ PUBLISH_TOKEN = "test-publish-token"
 def make_config(**sections: dict[str, Any]) -> config_mod.Config:
     raw: dict[str, Any] = {
         "websocket": {"port": 0},
-        "http": {"port": 0, "publish_token": PUBLISH_TOKEN},
+        # the tests stand in for the market side through the publish API (off by default)
+        "http": {"port": 0, "publish_token": PUBLISH_TOKEN, "allow_market_publish": True},
         "auth": {"hmac": {"secret": SECRET}},
         "ingest": {"udp_port": 0, "tcp_port": 0},
         "engine": {"snapshot_enabled": False},

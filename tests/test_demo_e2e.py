@@ -146,4 +146,4 @@ async def test_rest_snapshots_match_the_stream(nursery: trio.Nursery) -> None:
                 r = await http.get(path, params=params)
                 assert r.status_code == 400 and r.json()["error"]
             ticker = (await http.get("/v1/ticker", params={"symbol": "BTCUSDT"})).json()
-            assert ticker == {"channel": "BTCUSDT@ticker", "seq": 0, "data": None}
+            assert ticker == {"channel": "BTCUSDT@ticker", "seq": 0, "stale": False, "data": None}

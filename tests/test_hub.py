@@ -6,7 +6,7 @@ import msgspec
 from wsproto.frame_protocol import FrameDecoder, Opcode
 
 from pushd.channels import Channel
-from pushd.hub import Hub, Outlet, text_frame
+from pushd.hub import Hub, Outlet, frame_end, text_frame
 from pushd.protocol import encode_event, encode_resync
 
 PUBLIC = Channel("trades_BTCUSDT", "BTCUSDT@trades", private=False, symbol="BTCUSDT")
@@ -109,9 +109,9 @@ def test_state_streams_start_and_resume_with_their_current_state() -> None:
     hub.drained(slow)
     hub.publish(depth.internal, 6, DATA)
     assert frames(bytes(slow.out)) == [
-        {"event": "BTCUSDT@depth", "data": {"e": "snapshot", "u": 5}, "seq": 5},
+        {"event": "BTCUSDT@depth", "data": {"e": "snapshot", "u": 5}, "seq": 5, "resync": True},
         {"event": "BTCUSDT@depth", "data": {"p": "1.5"}, "seq": 6},
-    ]
+    ]  # the state after a lag is marked: the client replaces what it had
     trades = Outlet(10_000)
     hub.subscribe(trades, PUBLIC)
     assert trades.out == b""  # no state for trades: nothing is sent first
@@ -135,3 +135,25 @@ def test_reply_overflow_marks_slow() -> None:
     hub.send(outlet, b"12345")
     hub.send(outlet, b"123456")
     assert outlet.slow and bytes(outlet.out) == b"12345"
+
+
+def test_frame_end_walks_headers_of_every_length() -> None:
+    frames_ = [text_frame(b"x" * n) for n in (0, 5, 125, 126, 300, 65535, 65536, 70000)]
+    buf = b"".join(frames_)
+    ends = [sum(len(f) for f in frames_[: i + 1]) for i in range(len(frames_))]
+    for upto in range(0, len(buf), 997):
+        expected = next((e for e in [0, *ends] if e >= upto), len(buf))
+        assert frame_end(buf, 0, upto) == expected
+    assert frame_end(buf, ends[2], ends[2] + 1) == ends[3]
+
+
+def test_private_gap_tells_every_private_subscriber() -> None:
+    hub = Hub()
+    hub.last_seq = lambda internal: {"user_1_order": 7}.get(internal, 0)
+    mine, public_only = Outlet(10_000), Outlet(10_000)
+    hub.subscribe(mine, PRIVATE)
+    hub.subscribe(mine, PUBLIC)
+    hub.subscribe(public_only, PUBLIC)
+    assert hub.resync_private() == 1
+    assert frames(bytes(mine.out)) == [{"event": "@order", "resync": True, "seq": 7}]
+    assert public_only.out == b""

@@ -38,7 +38,7 @@ def trade_runs(draw: st.DrawFn, max_step: int) -> list[wire.Trade]:
 def brute_ticker(trades: list[wire.Trade], now: int) -> tuple[object, ...] | None:
     if not trades:
         return None
-    window = [t for t in trades if t.ts > now - 24 * HOUR]
+    window = [t for t in trades if t.ts // 60_000 >= (now - 24 * HOUR) // 60_000]
     last = trades[-1]
     if not window:
         return (last.price, last.price, last.price, last.price, "0", "0", "0", 0, None)

@@ -35,6 +35,7 @@ def test_a_trade_from_a_clock_far_ahead_counts_at_our_time() -> None:
     # a day later both trades have left the 24 h window: it was not pinned to the bad time
     ticker = market.ticker.data(now + DAY_MS + FUTURE_TOLERANCE_MS)
     assert ticker is not None and ticker.count == 0
+    markets.tick(now)
     assert [t.id for t in market.trades.recent] == [1, 2]  # the trades stream keeps both
 
 
@@ -46,10 +47,10 @@ def test_new_subscribers_share_one_snapshot_per_seq_and_never_a_stale_one() -> N
     encodes = 0
     real_current = market.current
 
-    def counting(internal: str, now_ms: int) -> bytes | None:
+    def counting(internal: str, *, stale: bool = False) -> bytes | None:
         nonlocal encodes
         encodes += 1
-        return real_current(internal, now_ms)
+        return real_current(internal, stale=stale)
 
     market.current = counting  # type: ignore[method-assign]
     depth = Channel("depth_BTCUSDT", "BTCUSDT@depth", private=False, symbol="BTCUSDT")

@@ -36,8 +36,9 @@ CHECKSUM_LEVELS = 10
 Level = tuple[str, str]
 
 
-class DepthEvent(msgspec.Struct, frozen=True, gc=False):
-    """One depth event: ``e`` is ``"snapshot"`` (replace your book) or ``"depthUpdate"``."""
+class DepthEvent(msgspec.Struct, frozen=True, gc=False, omit_defaults=True):
+    """One depth event: ``e`` is ``"snapshot"`` (replace your book) or ``"depthUpdate"``.
+    ``stale`` is only ever set (true) on a snapshot given while the engine is unreachable."""
 
     e: Literal["snapshot", "depthUpdate"]
     s: str
@@ -48,6 +49,7 @@ class DepthEvent(msgspec.Struct, frozen=True, gc=False):
     asks: list[Level]
     checksum: int
     T: int  # engine time of the snapshot, ms
+    stale: bool = False
 
 
 def checksum(bids: list[Level], asks: list[Level]) -> int:

@@ -8,7 +8,9 @@ interval. Trade times are taken as non-decreasing per symbol, as in the ticker.
 ``Klines`` keeps each interval's open candle and a ring of closed ones. A candle closes when a
 trade of a later interval arrives or when the clock passes its end (``close_due``), whichever is
 first; either way it is returned exactly once, so the stream pushes it once with
-``closed: true``.
+``closed: true``. Trades and the clock move one watermark: a trade stamped before it (a late
+trade of a minute the clock already closed) counts in the open minute, at the watermark, and
+never reopens a closed candle.
 """
 
 from __future__ import annotations
@@ -135,8 +137,12 @@ class Klines:
         return done
 
     def close_due(self, now_ms: int) -> list[Candle]:
-        """The open candles whose end the clock has passed, closed."""
-        return self._roll(now_ms)
+        """The open candles whose end the clock has passed, closed.
+
+        The clock is a watermark, as a trade's time is: a trade stamped before it counts at it,
+        so a late trade lands in the open minute and never reopens a closed candle."""
+        self._last_ts = max(self._last_ts, now_ms)
+        return self._roll(self._last_ts)
 
     def current(self, interval: str) -> Candle | None:
         """The open candle of ``interval``, or None if it has no trade yet."""

@@ -2,8 +2,14 @@
 
 The Trio shell (``pushd.markets``) feeds events in (``trade``, ``index_price``, ``book``,
 ``gap``), calls ``tick(now_ms)`` on a timer, and publishes what ``take()`` returns, in order:
-``(internal channel, JSON bytes)`` pairs. ``current(internal, now_ms)`` is the state a new
-subscriber of a stream gets first (the depth snapshot, the ticker, the open candle, ...).
+``(internal channel, JSON bytes)`` pairs. The shell publishes after every call that can queue
+something, in the same step, so what was queued last on a channel is what was published last.
+``current(internal)`` is the state a new subscriber of a stream gets first: the depth snapshot,
+or the last ticker, mark price or candle pushed, exactly as of the channel's seq.
+
+Time: ticker and klines share one watermark, the latest of the trade times and of the clock's
+``tick``. A trade counts at ``max(its time, watermark)``, so a trade that arrives after the
+timer closed its minute counts in the open minute and never reopens a closed candle.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ from pushd.channels import KLINE_INTERVALS, market_channel
 from pushd.config import MarketConfig
 from pushd.market.depth import DepthBook
 from pushd.market.funding import FundingState
-from pushd.market.kline import Klines
+from pushd.market.kline import Candle, Klines
 from pushd.market.ticker import Ticker
 from pushd.market.trades import PricedTrade, TradeMerger
 
@@ -41,12 +47,20 @@ class SymbolMarket:
         self._by_channel.update({ch: iv for iv, ch in self._kline_channels.items()})
         self._due = {"trades": 0, "ticker": 0, "kline": 0, "markPrice": 0}
         self._outbox: list[tuple[str, bytes]] = []
+        self.last: dict[str, msgspec.Struct] = {}  # channel -> the last payload queued
+        self.watermark = 0  # ms: ticker and klines never go back before it
+        self.late_trades = 0  # trades stamped before the watermark
 
     # -- input --------------------------------------------------------------------------------
 
     def trade(self, trade: wire.Trade) -> None:
         self.trades.add(trade)
         priced = PricedTrade(trade)
+        if priced.ts < self.watermark:
+            priced.ts = self.watermark
+            self.late_trades += 1
+        else:
+            self.watermark = priced.ts
         self.ticker.add(priced)
         self.last_price = trade.price
         for closed in self.klines.add(priced):
@@ -68,6 +82,7 @@ class SymbolMarket:
 
     def tick(self, now_ms: int) -> None:
         """Queue every push that is due at ``now_ms``."""
+        self.watermark = now_ms = max(self.watermark, now_ms)
         cfg, due = self.config, self._due
         if now_ms >= due["trades"]:
             due["trades"] = now_ms + cfg.trades_interval_ms
@@ -99,22 +114,31 @@ class SymbolMarket:
         out, self._outbox = self._outbox, []
         return out
 
-    def current(self, internal: str, now_ms: int) -> bytes | None:
-        """What a new subscriber of ``internal`` gets first; None for trades and unknowns."""
-        stream = self._by_channel.get(internal)
-        state: msgspec.Struct | None = None
-        if stream == "depth":
-            state = self.depth.snapshot() if self.depth.ready else None
-        elif stream == "ticker":
-            state = self.ticker.data(now_ms)
-        elif stream == "markPrice":
-            state = self.funding.data(now_ms, self.last_price)
-        elif stream in self._kline_channels:
-            state = self.klines.current(stream)
+    def current(self, internal: str, *, stale: bool = False) -> bytes | None:
+        """What a new subscriber of ``internal`` gets first; None for trades and unknowns.
+        ``stale`` marks a depth snapshot that may be behind the engine (``"stale": true``)."""
+        if internal == self.channels["depth"]:
+            if not self.depth.ready:
+                return None
+            snapshot = self.depth.snapshot()
+            return _encode(msgspec.structs.replace(snapshot, stale=True) if stale else snapshot)
+        if internal == self.channels["trades"]:
+            return None
+        state = self.last.get(internal)
         return _encode(state) if state is not None else None
+
+    def klines_history(self, interval: str, limit: int) -> list[Candle]:
+        """The last ``limit`` candles pushed on the interval's channel, oldest first: the closed
+        ones, then the open one as last pushed (trades since are in the next push)."""
+        candles = list(self.klines.closed[interval])
+        pushed = self.last.get(self._kline_channels[interval])
+        if isinstance(pushed, Candle) and not pushed.closed:
+            candles.append(pushed)
+        return candles[-limit:]
 
     def channel_names(self) -> list[str]:
         return list(self._by_channel)
 
     def _put(self, channel: str, payload: msgspec.Struct) -> None:
+        self.last[channel] = payload
         self._outbox.append((channel, _encode(payload)))

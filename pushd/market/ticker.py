@@ -1,13 +1,15 @@
-"""The rolling 24 h ticker: exact, O(1) amortised per trade. No I/O.
+"""The rolling 24 h ticker: exact, O(1) amortised per trade, memory bounded by time. No I/O.
 
-The window holds the trades whose time is after ``now - 24 h``, in arrival order. Trade times
-are taken as non-decreasing per symbol (a trade stamped earlier than one already seen counts at
-the later time), so the oldest trade is always at the left of the window. Trades of the same
-millisecond share one entry (they enter and leave together), so memory is bounded by the
-milliseconds with trades, not by the trades. Sums (volume, quote
-volume = sum of price * qty, count) are added on entry and subtracted on expiry, exactly in
-decimals; high and low come from monotonic deques (each trade enters and leaves each deque at
-most once). With no trade in the window, open/high/low equal the last price and the sums are 0.
+The window, as Binance defines its rolling-window ticker: it opens at the start of the minute
+that holds ``now - 24 h`` (``openTime``, always on a minute) and closes at ``now``; so it is up to
+59,999 ms wider than 24 h. It holds exactly the trades whose time is in it. Trade times are
+taken as non-decreasing per symbol (a trade stamped earlier than one already seen counts at the
+later time), so the oldest trade is always at the left of the window. Trades of the same minute
+share one entry (they enter and leave the window together), so a symbol's ticker holds at most
+1,441 entries, however many trades it has. Sums (volume, quote volume = sum of price * qty,
+count) are added on entry and subtracted on expiry, exactly in decimals; high and low come from
+monotonic deques (each entry enters and leaves each deque at most once). With no trade in the
+window, open/high/low equal the last price and the sums are 0.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from pushd.market.decimals import EXACT, ZERO, quantize, text
 from pushd.market.trades import PricedTrade
 
 WINDOW_MS = 24 * 3600 * 1000
+BUCKET_MS = 60_000  # the window moves by whole minutes
 
 
 class TickerData(msgspec.Struct, frozen=True, gc=False):
@@ -40,13 +43,13 @@ class TickerData(msgspec.Struct, frozen=True, gc=False):
     closeTime: int
 
 
-class _Millisecond:
-    """The trades of one millisecond: they enter and leave the window together."""
+class _Bucket:
+    """The trades of one minute: they enter and leave the window together."""
 
-    __slots__ = ("count", "first", "high", "low", "qty", "quote", "ts")
+    __slots__ = ("count", "first", "high", "key", "low", "qty", "quote")
 
-    def __init__(self, trade: PricedTrade, ts: int) -> None:
-        self.ts = ts
+    def __init__(self, trade: PricedTrade, key: int) -> None:
+        self.key = key  # the minute: time // BUCKET_MS
         self.first = self.high = self.low = trade
         self.qty = trade.qty
         self.quote = trade.quote
@@ -57,9 +60,9 @@ class Ticker:
     def __init__(self, symbol: str, window_ms: int = WINDOW_MS) -> None:
         self.symbol = symbol
         self.window_ms = window_ms
-        self._window: deque[_Millisecond] = deque()
-        self._highs: deque[_Millisecond] = deque()  # highs strictly decreasing left to right
-        self._lows: deque[_Millisecond] = deque()  # lows strictly increasing
+        self._window: deque[_Bucket] = deque()
+        self._highs: deque[_Bucket] = deque()  # highs strictly decreasing left to right
+        self._lows: deque[_Bucket] = deque()  # lows strictly increasing
         self._volume = ZERO
         self._quote = ZERO
         self._count = 0
@@ -69,8 +72,9 @@ class Ticker:
 
     def add(self, trade: PricedTrade) -> None:
         self._last_ts = max(self._last_ts, trade.ts)
+        key = self._last_ts // BUCKET_MS
         window = self._window
-        if window and window[-1].ts == self._last_ts:
+        if window and window[-1].key == key:
             ms = window[-1]  # the newest entry: rightmost in both monotonic deques
             ms.qty = EXACT.add(ms.qty, trade.qty)
             ms.quote = EXACT.add(ms.quote, trade.quote)
@@ -84,7 +88,7 @@ class Ticker:
                 self._lows.pop()
                 self._push_low(ms)
         else:
-            ms = _Millisecond(trade, self._last_ts)
+            ms = _Bucket(trade, key)
             window.append(ms)
             self._push_high(ms)
             self._push_low(ms)
@@ -94,22 +98,26 @@ class Ticker:
         self._last = trade
         self.changed = True
 
-    def _push_high(self, ms: _Millisecond) -> None:
+    def _push_high(self, ms: _Bucket) -> None:
         highs = self._highs
         while highs and highs[-1].high.price <= ms.high.price:
             highs.pop()
         highs.append(ms)
 
-    def _push_low(self, ms: _Millisecond) -> None:
+    def _push_low(self, ms: _Bucket) -> None:
         lows = self._lows
         while lows and lows[-1].low.price >= ms.low.price:
             lows.pop()
         lows.append(ms)
 
+    def open_time(self, now_ms: int) -> int:
+        """Where the window that closes at ``now_ms`` opens: the minute of ``now - 24 h``."""
+        return (now_ms - self.window_ms) // BUCKET_MS * BUCKET_MS
+
     def expire(self, now_ms: int) -> None:
-        cutoff = now_ms - self.window_ms
+        first_key = (now_ms - self.window_ms) // BUCKET_MS
         window = self._window
-        while window and window[0].ts <= cutoff:
+        while window and window[0].key < first_key:
             gone = window.popleft()
             self._volume = EXACT.subtract(self._volume, gone.qty)
             self._quote = EXACT.subtract(self._quote, gone.quote)
@@ -140,5 +148,5 @@ class Ticker:
         return TickerData(
             self.symbol, open_.price_text, high.price_text, low.price_text, last.price_text,
             text(self._volume), text(self._quote), text(change), quantize(percent, 3),
-            self._count, first_id, last.id, now_ms - self.window_ms, now_ms,
+            self._count, first_id, last.id, self.open_time(now_ms), now_ms,
         )  # fmt: skip

@@ -56,12 +56,10 @@ class TradeMerger:
         self.symbol = symbol
         self._pending: list[TradeItem] = []
         self._gap = False
-        self.recent: deque[TradeItem] = deque(maxlen=recent)
+        self.recent: deque[TradeItem] = deque(maxlen=recent)  # of the batches flushed so far
 
     def add(self, trade: wire.Trade) -> None:
-        entry = item(trade)
-        self._pending.append(entry)
-        self.recent.append(entry)
+        self._pending.append(item(trade))
 
     def mark_gap(self) -> None:
         """Ingest lost frames: the next batch says so (and goes out even if it is empty)."""
@@ -72,5 +70,6 @@ class TradeMerger:
         if not self._pending and not self._gap:
             return None
         batch = TradeBatch(self.symbol, self._pending, gap=self._gap)
+        self.recent.extend(self._pending)  # what was pushed, so REST matches the stream's seq
         self._pending, self._gap = [], False
         return batch
