@@ -77,16 +77,21 @@ def resolve(name: str, symbols: Container[str], uid: str | None) -> Channel:
         if uid is None:
             raise RequestError(ErrorCode.LOGIN_REQUIRED, f"login required for {name!r}")
         return Channel(f"user_{uid}_{stream}", name, private=True)
-    kind, _, interval = stream.partition("_")
+    kind, underscore, interval = stream.partition("_")
     internal_kind = PUBLIC_STREAMS.get(kind)
-    if internal_kind is None or (interval and (kind != "kline" or interval not in KLINE_INTERVALS)):
+    if internal_kind is None or (
+        underscore and (kind != "kline" or interval not in KLINE_INTERVALS)
+    ):
         raise RequestError(ErrorCode.UNKNOWN_CHANNEL, f"unknown channel {name!r}")
     if symbol not in symbols:
         raise RequestError(ErrorCode.UNKNOWN_SYMBOL, f"unknown symbol {symbol!r}")
     if interval == "1m":  # one stream, one name: @kline_1m is @kline
-        name, interval = f"{symbol}@kline", ""
-    internal = f"{internal_kind}_{symbol}_{interval}" if interval else f"{internal_kind}_{symbol}"
-    return Channel(internal, name, private=False, symbol=symbol)
+        interval = ""
+    # the event name is the stream's one canonical spelling, never the client's
+    if interval:
+        return Channel(f"{internal_kind}_{symbol}_{interval}", f"{symbol}@{kind}_{interval}",
+                       private=False, symbol=symbol)  # fmt: skip
+    return Channel(f"{internal_kind}_{symbol}", f"{symbol}@{kind}", private=False, symbol=symbol)
 
 
 def parse_internal(name: str, symbols: Container[str]) -> Channel:

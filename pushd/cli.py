@@ -7,6 +7,7 @@ import contextlib
 import functools
 import secrets
 import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import msgspec
@@ -20,7 +21,7 @@ from pushd import logs
 from pushd.auth import issue_hmac_token
 from pushd.config import Config
 from pushd.daemon import Daemon, Ports
-from pushd.errors import ConfigError
+from pushd.errors import ConfigError, ServiceError
 
 DEMO_UID = "1001"
 
@@ -33,19 +34,50 @@ def _load(path: Path | None) -> Config:
         raise SystemExit(2) from None
 
 
+def _serve(main: Callable[[], Awaitable[None]]) -> int:
+    """Run the daemon; a service that cannot start is one line on stderr and exit code 1."""
+    failed: list[str] = []
+    try:
+        trio.run(main)
+    except* ServiceError as group:
+        failed += _messages(group)
+    for message in failed:
+        print(f"pushd: {message}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _messages(exc: BaseException) -> list[str]:
+    """The messages of the leaves of a (nested) exception group."""
+    if isinstance(exc, BaseExceptionGroup):
+        return [m for sub in exc.exceptions for m in _messages(sub)]
+    return [str(exc)]
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     config = _load(args.config)
+    if config.auth.kind == "hmac" and not config.auth.hmac.secret:
+        print(
+            "pushd: auth.hmac.secret is empty: set it (tokens are signed with it), "
+            "or use `pushd demo` to try pushd with a throwaway one",
+            file=sys.stderr,
+        )
+        return 2
     logs.configure(config.log.level, config.log.format)
-    trio.run(lambda: Daemon(config).serve(handle_signals=True))
-    return 0
+    return _serve(lambda: Daemon(config).serve(handle_signals=True))
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Simulator and daemon in one process on loopback, with a fresh secret and a demo login."""
+    """Simulator and daemon in one process on loopback, with a demo login. The configured HMAC
+    secret and publish token are used when set (so `pushd token` for that config works);
+    only missing ones are made up for this run."""
     config = _load(args.config)
-    hmac_cfg = msgspec.structs.replace(config.auth.hmac, secret=secrets.token_urlsafe(32))
+    hmac_cfg = config.auth.hmac
+    if not hmac_cfg.secret:
+        hmac_cfg = msgspec.structs.replace(hmac_cfg, secret=secrets.token_urlsafe(32))
     auth = msgspec.structs.replace(config.auth, kind="hmac", hmac=hmac_cfg)
-    http = msgspec.structs.replace(config.http, publish_token=secrets.token_urlsafe(16))
+    http = config.http
+    if not http.publish_token:
+        http = msgspec.structs.replace(http, publish_token=secrets.token_urlsafe(16))
     config = msgspec.structs.replace(config, auth=auth, http=http)
     logs.configure(config.log.level, config.log.format)
     market = Market(seed=args.seed, rate=args.rate, specs=_specs(config))
@@ -75,8 +107,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             await daemon.stopped.wait()
             nursery.cancel_scope.cancel()
 
-    trio.run(main)
-    return 0
+    return _serve(main)
 
 
 def _specs(config: Config) -> tuple[SymbolSpec, ...]:

@@ -62,8 +62,21 @@ async def start_service(
     """``nursery.start(service, *args)``, with a bind failure told as one ServiceError line."""
     try:
         return await nursery.start(service, *args)
-    except OSError as exc:
-        raise ServiceError(f"cannot serve {what} on {address}: {exc.strerror or exc}") from None
+    except (OSError, BaseExceptionGroup) as exc:  # hypercorn binds inside a nursery of its own
+        cause = _os_error(exc)
+        if cause is None:
+            raise
+        raise ServiceError(f"cannot serve {what} on {address}: {cause.strerror or cause}") from None
+
+
+def _os_error(exc: BaseException) -> OSError | None:
+    if isinstance(exc, OSError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for sub in exc.exceptions:
+            if (found := _os_error(sub)) is not None:
+                return found
+    return None
 
 
 class Daemon:

@@ -6,11 +6,14 @@ publishes several megabytes; the server's outbound buffer for it is 64 KiB.
 
 from __future__ import annotations
 
+import socket
+
 import trio
 from conftest import RawClient, Running, make_config, open_client, start_daemon
 from wsproto.events import AcceptConnection
 
 from pushd.errors import CloseCode
+from pushd.gateway import unsent_bytes
 
 PAYLOAD = {"pad": "x" * 16_000}
 COUNT = 400  # 6.4 MB: far more than the kernel buffers plus the 64 KiB outbound buffer
@@ -105,3 +108,86 @@ async def test_client_that_never_reads_is_closed_after_stall_timeout(
             await running.publish_batch([{"channel": "depth_BTCUSDT", "data": PAYLOAD}] * 10)
     assert running.daemon.metrics.closed.labels(reason="stalled")._value.get() == 1
     await raw.aclose()
+
+
+async def test_slow_consumer_close_reaches_a_client_that_reads_late(nursery: trio.Nursery) -> None:
+    """Defaults (2 s close timeout): the 4002 close frame comes right after what the kernel
+    already holds, not after a backlog the client cannot use, so it is read, not a 1006."""
+    config = make_config(limits={"outbound_buffer_bytes": 65536})
+    running = await start_daemon(nursery, config)
+    raw = await stalled_client(
+        running,
+        {"op": "auth", "token": running.token("1001")},
+        {"op": "subscribe", "channel": "@order"},
+    )
+    for _ in range(COUNT // 20):
+        await running.publish_batch([{"channel": "user_1001_order", "data": PAYLOAD}] * 20)
+    messages, code = await raw.read_until_close()
+    assert code == CloseCode.SLOW_CONSUMER
+    seqs = [m["seq"] for m in messages]
+    assert seqs == list(range(1, len(seqs) + 1))  # no gap before the close
+    await raw.aclose()
+
+
+async def test_socket_send_buffer_is_bounded(running: Running) -> None:
+    async with open_client(running.ws_url) as c:
+        await c.call({"op": "ping"})
+        (conn,) = running.daemon.gateway.connections
+        # Linux doubles the value asked for (bookkeeping): 64 KiB asked, 128 KiB held at most
+        assert conn.sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) == 2 * 65536
+
+
+async def test_a_slow_reader_that_takes_bytes_is_not_stalled(nursery: trio.Nursery) -> None:
+    """Stall detection counts bytes leaving the kernel's queue, not writability: a reader that
+    takes 4 KiB every 100 ms for 3 s (never enough to make the socket writable) survives a
+    1 s stall timeout; when it stops reading it is closed."""
+    config = make_config(limits={"outbound_buffer_bytes": 65536, "stall_timeout_s": 1.0})
+    running = await start_daemon(nursery, config)
+    raw = await stalled_client(running, {"op": "subscribe", "channel": "BTCUSDT@trades"})
+    (conn,) = running.daemon.gateway.connections
+    async with open_client(running.ws_url) as fence:
+        for _ in range(10):  # until the kernel buffers are full and a drain waits for the reader
+            await running.publish_batch([{"channel": "trades_BTCUSDT", "data": PAYLOAD}] * 8)
+            await fence.call({"op": "ping"})  # its pong goes out after that flush
+            if conn.draining:
+                break
+    assert conn.draining
+    for _ in range(30):  # the pace of a slow mobile link, not a synchronisation
+        await trio.sleep(0.1)
+        await raw.stream.receive_some(4096)
+    assert conn in running.daemon.gateway.connections
+    assert running.daemon.metrics.closed.labels(reason="stalled")._value.get() == 0
+    for _ in range(4):  # now it stops reading altogether, with more to send than fits
+        await running.publish_batch([{"channel": "trades_BTCUSDT", "data": PAYLOAD}] * 8)
+    with trio.fail_after(10):
+        await running.daemon.gateway.wait_idle()
+    assert running.daemon.metrics.closed.labels(reason="stalled")._value.get() == 1
+    await raw.aclose()
+
+
+async def test_non_readers_cost_readers_nothing_and_memory_stays_bounded(
+    nursery: trio.Nursery,
+) -> None:
+    config = make_config(limits={"outbound_buffer_bytes": 65536, "stall_timeout_s": 60.0})
+    running = await start_daemon(nursery, config)
+    everything = {"op": "subscribe", "channel": ["BTCUSDT@trades", "ETHUSDT@trades", "notice"]}
+    stalled = [await stalled_client(running, everything) for _ in range(40)]
+    async with open_client(running.ws_url) as a, open_client(running.ws_url) as b:
+        for reader in (a, b):
+            await reader.call(everything)
+        got: dict[int, list[int]] = {id(a): [], id(b): []}
+        for _ in range(60):  # 60 x 4 x 16 kB = 3.8 MB to each of 42 clients
+            batch = [{"channel": ch, "data": PAYLOAD} for ch in ("trades_BTCUSDT", "notice") * 2]
+            await running.publish_batch(batch)
+            for reader in (a, b):
+                got[id(reader)] += [(await reader.recv())["seq"] for _ in range(4)]
+        for seqs in got.values():  # each channel's seqs 1..120 in order, no gap
+            assert sorted(seqs) == sorted(list(range(1, 121)) * 2)
+        gateway = running.daemon.gateway
+        slow = [c for c in gateway.connections if c.lagging]
+        assert len(slow) == 40
+        for conn in slow:  # what one non-reader can hold: outbound buffer + kernel send buffer
+            assert len(conn.out) <= 65536
+            assert unsent_bytes(conn.sock) <= 2 * 65536
+    for raw in stalled:
+        await raw.aclose()

@@ -75,6 +75,10 @@ def test_private_needs_login(stream: str) -> None:
         ("BTCUSDT@depth_5m", ErrorCode.UNKNOWN_CHANNEL),
         ("BTCUSDT@kline_7m", ErrorCode.UNKNOWN_CHANNEL),
         ("BTCUSDT@", ErrorCode.UNKNOWN_CHANNEL),
+        ("BTCUSDT@trades_", ErrorCode.UNKNOWN_CHANNEL),
+        ("BTCUSDT@depth_", ErrorCode.UNKNOWN_CHANNEL),
+        ("BTCUSDT@kline_", ErrorCode.UNKNOWN_CHANNEL),
+        ("BTCUSDT@ticker__", ErrorCode.UNKNOWN_CHANNEL),
         ("", ErrorCode.UNKNOWN_CHANNEL),
         ("@", ErrorCode.UNKNOWN_CHANNEL),
     ],
@@ -97,6 +101,25 @@ def test_no_name_reaches_another_users_channel(name: str) -> None:
         assert channel.internal.removeprefix("user_1001_") in PRIVATE_STREAMS
     else:
         assert not channel.internal.startswith("user_")
+
+
+NAME_PARTS = st.sampled_from(
+    ["BTCUSDT", "ETHUSDT", "@", "_", "depth", "trades", "kline", "1m", "5m", "ticker",
+     "markPrice", "balance", "notice", " ", "1M"]
+)  # fmt: skip
+
+
+@given(st.lists(NAME_PARTS, max_size=6).map("".join))
+def test_one_spelling_per_stream(name: str) -> None:
+    """Whatever spelling resolves, the event name is the canonical one of its internal channel,
+    so no client's spelling can become the event name other subscribers see."""
+    try:
+        channel = resolve(name, SYMBOLS, "1001")
+    except RequestError:
+        return
+    if not channel.private:
+        assert channel.protocol == parse_internal(channel.internal, SYMBOLS).protocol
+    assert resolve(channel.protocol, SYMBOLS, "1001") == channel
 
 
 @pytest.mark.parametrize(

@@ -4,9 +4,14 @@ from __future__ import annotations
 
 from decimal import Decimal
 
+from hypothesis import given
+from hypothesis import strategies as st
+
 from pushd.config import FundingConfig
 from pushd.market.funding import (
     FundingState,
+    RunningMean,
+    WeightedPremium,
     funding_rate,
     impact_price,
     premium_index,
@@ -101,3 +106,28 @@ def test_premiums_restart_at_each_funding_time() -> None:
     # no premium in the new period yet: rate = 0 + clamp(interest 0.0001) = the interest rate
     assert data is not None and data.fundingRate == "0.00010000"
     assert data.nextFundingTime == 16 * HOUR
+
+
+DECIMALS = st.decimals(min_value=-1, max_value=1, places=6, allow_nan=False)
+
+
+@given(st.lists(DECIMALS, max_size=50))
+def test_weighted_premium_kept_in_o1_equals_the_sum(premiums: list[Decimal]) -> None:
+    kept = WeightedPremium()
+    for p in premiums:
+        kept.add(p)
+    assert kept.average() == weighted_premium(premiums)
+
+
+@given(st.lists(DECIMALS, max_size=50), st.integers(1, 10))
+def test_running_mean_equals_the_window_mean(values: list[Decimal], maxlen: int) -> None:
+    mean = RunningMean(maxlen=maxlen)
+    hour = RunningMean()
+    for at, v in enumerate(values):
+        mean.add(at, v)
+        hour.add(at, v)
+        hour.drop_until(at - 5)
+        window = values[max(0, at + 1 - maxlen) : at + 1]
+        assert mean.mean() == sum(window, Decimal(0)) / len(window)
+        recent = values[max(0, at - 4) : at + 1]
+        assert hour.mean() == sum(recent, Decimal(0)) / len(recent)

@@ -261,3 +261,18 @@ async def test_invalid_frame_closes_only_that_client(running: Running) -> None:
         assert code == 1002
         await raw.aclose()
         assert (await good.call({"op": "ping"}))["op"] == "pong"
+
+
+async def test_event_name_is_canonical_whoever_subscribed_first(running: Running) -> None:
+    async with open_client(running.ws_url) as first, open_client(running.ws_url) as second:
+        assert await first.call({"op": "subscribe", "channel": "SOLUSDT@kline_1m"}) == {
+            "result": True
+        }
+        bad = await first.call({"op": "subscribe", "channel": "SOLUSDT@trades_", "id": 1})
+        assert bad["code"] == ErrorCode.UNKNOWN_CHANNEL
+        assert await second.call({"op": "subscribe", "channel": "SOLUSDT@kline"}) == {
+            "result": True
+        }
+        seq = await running.publish("kline_SOLUSDT", {"k": 1})
+        for c in (first, second):
+            assert await c.recv() == {"event": "SOLUSDT@kline", "data": {"k": 1}, "seq": seq}

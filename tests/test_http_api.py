@@ -120,3 +120,26 @@ async def test_not_ready_while_shutting_down(running: Running) -> None:
     await trio.testing.wait_all_tasks_blocked()  # the daemon has begun its shutdown
     assert (await get(running, "/readyz")).status_code == 503
     await raw.aclose()
+
+
+@pytest.mark.parametrize(
+    "channel", ["depth_BTCUSDT", "trades_BTCUSDT", "ticker_ETHUSDT", "markprice_BTCUSDT",
+                "kline_BTCUSDT", "kline_BTCUSDT_1h"],
+)  # fmt: skip
+async def test_backends_cannot_publish_market_channels(nursery: Any, channel: str) -> None:
+    """Market channels are computed here: a backend must not break their seq or depth chain."""
+    running = await start_daemon(nursery, make_config(http={"allow_market_publish": False}))
+    r = await post(running, "/v1/publish", {"channel": channel, "data": {}}, headers=AUTH)
+    assert r.status_code == 403 and "computed by pushd" in r.json()["error"]
+    batch = {"messages": [{"channel": "notice", "data": {}}, {"channel": channel, "data": {}}]}
+    assert (await post(running, "/v1/publish/batch", batch, headers=AUTH)).status_code == 403
+    assert running.daemon.hub.published == 0  # all or nothing: the notice did not go either
+    ok = await post(running, "/v1/publish", {"channel": "user_7_account", "data": {}}, headers=AUTH)
+    assert ok.status_code == 200
+
+
+async def test_openapi_document_is_served(running: Running) -> None:
+    doc = (await get(running, "/openapi.json")).json()
+    assert doc["openapi"].startswith("3.")
+    assert {"/v1/publish", "/v1/publish/batch", "/v1/depth", "/readyz"} <= set(doc["paths"])
+    assert "PublishItem" in doc["components"]["schemas"]

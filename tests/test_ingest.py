@@ -196,3 +196,57 @@ async def wait_for(poller: SnapshotPoller, condition: Callable[[], bool]) -> Non
     with trio.fail_after(10):
         while not condition():
             await poller.wait_changed()
+
+
+async def test_lost_private_frames_are_told_to_private_subscribers(running: Running) -> None:
+    """Frames lost from a source that carries private events may have held anyone's: every
+    private subscriber gets a resync notice, never a silent hole (their seqs have none)."""
+    framer = Framer(src=6, epoch=1)
+    sock = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    addr = ("127.0.0.1", running.ports.ingest_udp)
+    frames = [framer.datagrams([order("1001", i)])[0] for i in range(1, 5)]
+    async with open_client(running.ws_url) as alice, open_client(running.ws_url) as public:
+        await subscribe_private(alice, running, "1001")
+        await public.call({"op": "subscribe", "channel": "BTCUSDT@trades"})
+        await sock.sendto(frames[0], addr)
+        first = await alice.recv()
+        assert (first["event"], first["seq"]) == ("@order", 1)
+        await sock.sendto(frames[3], addr)  # frames 2 and 3 (someone's orders) are lost
+        told = [await alice.recv() for _ in range(3)]
+        notices = {m["event"]: m for m in told if m.get("resync")}
+        assert set(notices) == {"@order", "@balance", "@position"}
+        assert notices["@order"]["seq"] == 1  # what it has; what came after may be missing
+        after = await alice.recv()
+        assert (after["event"], after["seq"], after["data"]["order_id"]) == ("@order", 2, 4)
+        assert (await public.call({"op": "ping"}))["op"] == "pong"  # public: nothing to tell
+    sock.close()
+
+
+async def test_engine_unreachable_is_told_not_hidden(nursery: trio.Nursery) -> None:
+    """/readyz goes false and depth snapshots (REST and for new subscribers) say "stale"."""
+    import httpx
+
+    engine = FlakyEngine()
+    await nursery.start(engine.serve)
+    config = make_config(
+        engine={"snapshot_enabled": True, "snapshot_port": engine.port, "request_timeout_s": 0.3,
+                "reconnect_initial_s": 0.05, "reconnect_max_s": 0.2},
+        markets={"BTCUSDT": {"depth_interval_ms": 20}},
+    )  # fmt: skip
+    running = await start_daemon(nursery, config)
+    poller = running.daemon.poller
+    await wait_for(poller, lambda: poller.up)
+    async with httpx.AsyncClient(base_url=running.http_url) as http:
+        assert (await http.get("/readyz")).status_code == 200
+        depth = (await http.get("/v1/depth", params={"symbol": "BTCUSDT"})).json()
+        assert depth["stale"] is False and "stale" not in depth["data"]
+        engine.stop()
+        await wait_for(poller, lambda: not poller.up)
+        ready = await http.get("/readyz")
+        assert ready.status_code == 503 and "engine" in ready.json()["reason"]
+        depth = (await http.get("/v1/depth", params={"symbol": "BTCUSDT"})).json()
+        assert depth["stale"] is True and depth["data"]["bids"] == [["1", "1"]]
+    async with open_client(running.ws_url) as c:
+        await c.call({"op": "subscribe", "channel": "BTCUSDT@depth"})
+        snapshot = await c.recv()
+        assert snapshot["data"]["e"] == "snapshot" and snapshot["data"]["stale"] is True

@@ -76,3 +76,55 @@ def test_new_subscribers_share_one_snapshot_per_seq_and_never_a_stale_one() -> N
     assert encodes == 2
     event = first_event(c)
     assert (event["seq"], event["data"]["u"], event["data"]["bids"]) == (2, 9, [["10", "3"]])
+
+
+def minute_markets() -> tuple[Markets, Hub]:
+    hub = Hub()
+    markets = Markets({"BTCUSDT": MarketConfig()}, Publisher(MemoryBus(hub)), lambda _: None)
+    return markets, hub
+
+
+def test_a_late_trade_never_reopens_a_closed_candle() -> None:
+    """The timer closed the minute; a trade stamped inside it arrives after: it counts in the
+    open minute, and the closed candle stays the only one with its openTime."""
+    markets, _ = minute_markets()
+    market = markets.symbols["BTCUSDT"]
+    minute = (wall_ms() // 60_000 - 5) * 60_000  # a past minute, so the timer closes it
+    markets.tick(minute + 10)
+    markets.trade(wire.Trade("BTCUSDT", 1, "100", "1", "buy", minute + 59_990))
+    markets.tick(minute + 60_050)  # the clock passes the minute's end: it closes
+    markets.trade(wire.Trade("BTCUSDT", 2, "101", "1", "buy", minute + 59_999))  # late
+    markets.tick(minute + 120_100)
+    history = market.klines.history("1m", 10)
+    assert [c.openTime for c in history] == [minute, minute + 60_000]
+    assert [(c.count, c.closed) for c in history] == [(1, True), (1, True)]
+    assert market.late_trades == 1
+    ticker = market.ticker.data(minute + 120_100)
+    assert ticker is not None and ticker.count == 2  # the ticker counts it once, too
+
+
+def test_rest_trades_stand_exactly_at_their_seq() -> None:
+    """Trades still in the merge window are not in the snapshot: they come in event seq+1."""
+    markets, _ = minute_markets()
+    market = markets.symbols["BTCUSDT"]
+    now = wall_ms()
+    markets.trade(wire.Trade("BTCUSDT", 1, "100", "1", "buy", now))
+    markets.tick(now)
+    seq = markets._publisher.seq("trades_BTCUSDT")
+    markets.trade(wire.Trade("BTCUSDT", 2, "100", "1", "buy", now))  # pending
+    assert [t.id for t in market.trades.recent] == [1]
+    assert markets._publisher.seq("trades_BTCUSDT") == seq
+    markets.tick(now + 200)
+    assert [t.id for t in market.trades.recent] == [1, 2]
+    assert markets._publisher.seq("trades_BTCUSDT") == seq + 1
+
+
+def test_ticker_memory_is_bounded_by_time_not_trades() -> None:
+    market = minute_markets()[0].symbols["BTCUSDT"]
+    start = (wall_ms() // 60_000 - 3000) * 60_000
+    for i in range(30_000):  # 30,000 trades over 50 hours: 6 s apart
+        market.trade(wire.Trade("BTCUSDT", i, "100", "1", "buy", start + i * 6000))
+    assert len(market.ticker._window) <= 24 * 60 + 1
+    data = market.ticker.data(start + 30_000 * 6000)
+    assert data is not None and data.openTime % 60_000 == 0
+    assert data.count == sum(1 for i in range(30_000) if start + i * 6000 >= data.openTime)

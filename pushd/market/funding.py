@@ -91,20 +91,65 @@ def mark_price(
     return statistics.median([price1, price2, last])
 
 
+class WeightedPremium:
+    """The period's weighted average premium, kept in O(1) per sample: with n samples,
+    sum(k * p_k) grows by n * p_n, and the weights add up to n (n + 1) / 2."""
+
+    __slots__ = ("count", "weighted")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.weighted = ZERO
+
+    def add(self, premium: Decimal) -> None:
+        self.count += 1
+        self.weighted = EXACT.add(self.weighted, EXACT.multiply(Decimal(self.count), premium))
+
+    def average(self) -> Decimal:
+        if not self.count:
+            return ZERO
+        return EXACT.divide(self.weighted, Decimal(self.count * (self.count + 1) // 2))
+
+
+class RunningMean:
+    """The mean of a sliding window of samples, in O(1) per sample (exact running sum)."""
+
+    __slots__ = ("samples", "total")
+
+    def __init__(self, maxlen: int | None = None) -> None:
+        self.samples: deque[tuple[int, Decimal]] = deque(maxlen=maxlen)
+        self.total = ZERO
+
+    def add(self, at_ms: int, value: Decimal) -> None:
+        if self.samples.maxlen is not None and len(self.samples) == self.samples.maxlen:
+            self.total = EXACT.subtract(self.total, self.samples[0][1])
+        self.samples.append((at_ms, value))
+        self.total = EXACT.add(self.total, value)
+
+    def drop_until(self, cutoff_ms: int) -> None:
+        """Forget the samples taken at or before ``cutoff_ms``."""
+        while self.samples and self.samples[0][0] <= cutoff_ms:
+            self.total = EXACT.subtract(self.total, self.samples.popleft()[1])
+
+    def mean(self) -> Decimal | None:
+        return self.total / len(self.samples) if self.samples else None
+
+
 class FundingState:
-    """One symbol's funding inputs over time; ``data(now)`` computes the markPrice event."""
+    """One symbol's funding inputs over time; ``data(now)`` computes the markPrice event.
+    Every push costs O(1) in the number of samples: the sums are kept as samples come and go."""
 
     def __init__(self, symbol: str, config: FundingConfig) -> None:
         self.symbol = symbol
         self.config = config
         self.interval_ms = config.interval_h * HOUR_MS
         self._sources: dict[str, tuple[Decimal, int]] = {}  # source -> (price, ts)
-        self._premiums: list[Decimal] = []
+        self._premiums = WeightedPremium()
         self._period = -1
         self._next_premium_ms = 0
-        self._basis: deque[Decimal] = deque(maxlen=config.basis_window_min)
+        self._basis = RunningMean(maxlen=config.basis_window_min)
         self._next_basis_ms = 0
-        self._index_hour: deque[tuple[int, Decimal]] = deque()
+        self._index_hour = RunningMean()
         self.last_premium = ZERO
 
     def index_price(self, source: str, price: str, ts: int) -> None:
@@ -127,7 +172,7 @@ class FundingState:
         """
         period = now_ms // self.interval_ms
         if period != self._period:
-            self._period, self._premiums = period, []
+            self._period, self._premiums = period, WeightedPremium()
         if now_ms < self._next_premium_ms and now_ms < self._next_basis_ms:
             return
         index = self.index(now_ms)
@@ -139,27 +184,27 @@ class FundingState:
             impact_bid, impact_ask = impact_price(bids, notional), impact_price(asks, notional)
             if impact_bid is not None and impact_ask is not None:
                 self.last_premium = premium_index(index, impact_bid, impact_ask)
-                self._premiums.append(self.last_premium)
-            self._index_hour.append((now_ms, index))
-            while self._index_hour and self._index_hour[0][0] <= now_ms - HOUR_MS:
-                self._index_hour.popleft()
+                self._premiums.add(self.last_premium)
+            self._index_hour.add(now_ms, index)
+            self._index_hour.drop_until(now_ms - HOUR_MS)
         if now_ms >= self._next_basis_ms and bids and asks:
             self._next_basis_ms = now_ms + 60_000
             mid = (Decimal(bids[0][0]) + Decimal(asks[0][0])) / 2
-            self._basis.append(mid - index)
+            self._basis.add(now_ms, mid - index)
 
     def data(self, now_ms: int, last_price: str | None) -> MarkPriceData | None:
         index = self.index(now_ms)
         if index is None:
             return None
         cfg = self.config
-        rate = funding_rate(weighted_premium(self._premiums), cfg)
+        rate = funding_rate(self._premiums.average(), cfg)
         next_ms = self.next_funding_ms(now_ms)
-        basis = sum(self._basis, ZERO) / len(self._basis) if self._basis else ZERO
+        basis = self._basis.mean()
+        basis = ZERO if basis is None else basis
         last = Decimal(last_price) if last_price is not None else None
         mark = mark_price(index, rate, next_ms - now_ms, self.interval_ms, basis, last)
-        hour = [p for _, p in self._index_hour] or [index]
-        settle = sum(hour, ZERO) / len(hour)
+        settle = self._index_hour.mean()
+        settle = index if settle is None else settle
         return MarkPriceData(
             self.symbol,
             quantize(mark, cfg.price_decimals),

@@ -97,6 +97,7 @@ class Ticker:
         self._count += 1
         self._last = trade
         self.changed = True
+        self.expire(self._last_ts)  # the window is bounded by time even between timer ticks
 
     def _push_high(self, ms: _Bucket) -> None:
         highs = self._highs
