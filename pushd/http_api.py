@@ -42,6 +42,7 @@ from pushd.channels import KLINE_INTERVALS, NOTICE, UID_PATTERN, market_channel,
 from pushd.config import Config
 from pushd.gateway import Gateway
 from pushd.market.symbol import SymbolMarket
+from pushd.market.trades import RECENT_TRADES
 from pushd.markets import Markets
 from pushd.metrics import GatewayMetrics
 
@@ -87,6 +88,7 @@ class HttpApi:
         self._symbols = frozenset(config.markets)
         self._max_data = config.limits.outbound_buffer_bytes // 4
         self._market_publish = config.http.allow_market_publish
+        self._openapi = msgspec.json.encode(openapi_document(config))
         self.not_ready: Callable[[], str | None] = lambda: "starting"  # why not ready, or None
         self.websocket_port = config.websocket.port  # the bound one, once the gateway listens
         self.app = Starlette(
@@ -264,17 +266,24 @@ class HttpApi:
         return _json({"status": "not ready", "reason": reason}, 503)
 
     async def openapi(self, request: Request) -> Response:
-        return Response(_OPENAPI, media_type="application/json")
+        return Response(self._openapi, media_type="application/json")
 
     async def metrics(self, request: Request) -> Response:
         return Response(generate_latest(self._registry), media_type=CONTENT_TYPE_LATEST)
 
 
-def openapi_document() -> dict[str, Any]:
-    """The API as OpenAPI 3.1: request bodies are the msgspec Structs' own JSON Schemas."""
+def openapi_document(config: Config) -> dict[str, Any]:
+    """The API as OpenAPI 3.1: request bodies are the msgspec Structs' own JSON Schemas, with
+    what this node accepts (its symbols, the channels backends own, its limits) filled in."""
     (item, batch), components = msgspec.json.schema_components(
         [PublishItem, PublishBatch], ref_template="#/components/schemas/{name}"
     )
+    if not config.http.allow_market_publish:
+        uid = UID_PATTERN.pattern
+        components["PublishItem"]["properties"]["channel"]["pattern"] = (
+            f"^(notice|user_{uid}_(balance|order|position|account))$"
+        )
+    components["PublishBatch"]["properties"]["messages"]["maxItems"] = config.http.max_batch
     error = {
         "description": "refused",
         "content": {
@@ -296,8 +305,11 @@ def openapi_document() -> dict[str, Any]:
     def query(name: str, schema: dict[str, Any], required: bool = False) -> dict[str, Any]:
         return {"name": name, "in": "query", "required": required, "schema": schema}
 
-    symbol = query("symbol", {"type": "string"}, required=True)
-    limit = query("limit", {"type": "integer", "minimum": 1})
+    symbol = query("symbol", {"type": "string", "enum": sorted(config.markets)}, required=True)
+
+    def limit(most: int) -> dict[str, Any]:
+        return query("limit", {"type": "integer", "minimum": 1, "maximum": most})
+
     snapshot = {"responses": {"200": ok, "400": error}}
     paths: dict[str, Any] = {
         "/v1/publish": {"post": {"security": [{"bearer": []}], "requestBody": body(item),
@@ -309,14 +321,15 @@ def openapi_document() -> dict[str, Any]:
         "/v1/users/{uid}/disconnect": {"post": {
             "security": [{"bearer": []}],
             "parameters": [{"name": "uid", "in": "path", "required": True,
-                            "schema": {"type": "string"}}],
+                            "schema": {"type": "string", "pattern": f"^{UID_PATTERN.pattern}$"}}],
             "responses": {"200": ok, "400": error, **guarded}}},
         "/v1/stats": {"get": {"security": [{"bearer": []}], "responses": {"200": ok, **guarded}}},
         "/v1/info": {"get": {"responses": {"200": ok}}},
-        "/v1/depth": {"get": {"parameters": [symbol, limit], **snapshot}},
-        "/v1/trades": {"get": {"parameters": [symbol, limit], **snapshot}},
+        "/v1/depth": {"get": {"parameters": [symbol, limit(5000)], **snapshot}},
+        "/v1/trades": {"get": {"parameters": [symbol, limit(RECENT_TRADES)], **snapshot}},
         "/v1/klines": {"get": {"parameters": [
-            symbol, limit, query("interval", {"type": "string", "enum": list(KLINE_INTERVALS)})],
+            symbol, limit(1000),
+            query("interval", {"type": "string", "enum": list(KLINE_INTERVALS)})],
             **snapshot}},
         "/v1/ticker": {"get": {"parameters": [symbol], **snapshot}},
         "/v1/markPrice": {"get": {"parameters": [symbol], **snapshot}},
@@ -332,9 +345,6 @@ def openapi_document() -> dict[str, Any]:
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
         },
     }
-
-
-_OPENAPI = msgspec.json.encode(openapi_document())
 
 
 def _json(body: object, status: int = 200) -> Response:

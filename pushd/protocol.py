@@ -106,6 +106,10 @@ def parse_request(text: str | bytes) -> Request:
         request: Request = _decoder.decode(text)
         return request
     except msgspec.ValidationError as exc:
+        try:  # msgspec validates as it parses: a wrong field may hide a malformed tail
+            msgspec.json.decode(text)
+        except msgspec.DecodeError:
+            raise RequestError(ErrorCode.MALFORMED_JSON) from None
         try:
             envelope = _envelope_decoder.decode(text)
         except msgspec.ValidationError:  # valid JSON, but not an object

@@ -70,3 +70,11 @@ def test_replies() -> None:
     event = protocol.encode_event("BTCUSDT@depth", msgspec.Raw(b'{"bids":[]}'), 4)
     assert event == b'{"event":"BTCUSDT@depth","data":{"bids":[]},"seq":4}'
     assert protocol.encode_resync("X@trades", 9) == b'{"event":"X@trades","resync":true,"seq":9}'
+
+
+@pytest.mark.parametrize("text", ['{"op":1}xx', '{"op":"subscribe","channel":5} ]', "[1]x"])
+def test_invalid_then_trailing_garbage_is_malformed(text: str) -> None:
+    """msgspec validates before it sees the tail: found by tests/test_fuzz.py."""
+    with pytest.raises(RequestError) as info:
+        protocol.parse_request(text)
+    assert info.value.code is ErrorCode.MALFORMED_JSON
