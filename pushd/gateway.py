@@ -152,6 +152,7 @@ class Gateway:
         self._accepting: trio.CancelScope | None = None
         self.stopping = False
         self.flush_stall_max_s = 0.0  # the longest the flusher ran without yielding
+        self.flush_round_max_s = 0.0  # the longest round's writing time (all its slices)
         hub.on_dirty = self._flush_wanted_set
 
     def _flush_wanted_set(self) -> None:
@@ -250,6 +251,7 @@ class Gateway:
             self._flush_wanted = trio.Event()
             dirty, hub.dirty = hub.dirty, []
             started = clock()
+            work = 0.0  # this round's time spent writing: what one unbroken round would block
             for n, outlet in enumerate(dirty, 1):
                 conn: Connection = outlet  # type: ignore[assignment]  # gateway outlets are Connections
                 try:
@@ -259,9 +261,12 @@ class Gateway:
                     self._fail(conn)
                 if not n % 64 and (elapsed := clock() - started) > FLUSH_SLICE_S:
                     self.flush_stall_max_s = max(self.flush_stall_max_s, elapsed)
+                    work += elapsed
                     await trio.lowlevel.checkpoint()
                     started = clock()
-            self.flush_stall_max_s = max(self.flush_stall_max_s, clock() - started)
+            elapsed = clock() - started
+            self.flush_stall_max_s = max(self.flush_stall_max_s, elapsed)
+            self.flush_round_max_s = max(self.flush_round_max_s, work + elapsed)
 
     def _flush(self, conn: Connection) -> None:
         if conn.slow and conn.phase is Phase.OPEN:

@@ -253,8 +253,14 @@ class HttpApi:
         return {"result": True, "closed": self._gateway.kick(uid)}
 
     async def stats(self, request: Request) -> dict[str, object]:
-        hub = msgspec.to_builtins(self._gateway.hub.stats())
-        return {"connections": len(self._gateway.connections), **hub}
+        gateway = self._gateway
+        hub = msgspec.to_builtins(gateway.hub.stats())
+        return {
+            "connections": len(gateway.connections),
+            **hub,
+            "flush_stall_max_ms": round(gateway.flush_stall_max_s * 1000, 3),
+            "flush_round_max_ms": round(gateway.flush_round_max_s * 1000, 3),
+        }
 
     async def healthz(self, request: Request) -> Response:
         return _json({"status": "ok"})

@@ -460,6 +460,7 @@ def idle(args: argparse.Namespace, targets: list[str]) -> list[dict[str, Any]]:
             opened = sum(out.get(timeout=300)[1] for _ in procs)
             took = time.perf_counter() - t0
             rss1 = target.rss_kib()
+            flush = flush_rounds(target) if isinstance(target, Pushd) else {}
             control[1] = 1
             for _ in procs:
                 out.get(timeout=60)
@@ -472,10 +473,27 @@ def idle(args: argparse.Namespace, targets: list[str]) -> list[dict[str, Any]]:
             per_conn_kib=(rss1 - rss0) / opened,
             rss_mib=rss1 / 1024,
             open_s=took,
+            **flush,
         )
         rows.append(result)
         print_row(result)
     return rows
+
+
+def flush_rounds(target: Pushd, rounds: int = 20) -> dict[str, float]:
+    """One message at a time to every idle subscriber: how long one flush round writes in
+    all (what an unbroken round would block the loop for) and the longest the flusher ran
+    without yielding (the loop stall the gateway actually causes)."""
+    publish = target.publisher()
+    for n in range(rounds):
+        publish([message(n, 100)])
+        time.sleep(0.2)  # let the round finish before the next one: rounds, not bursts
+    stats = httpx.get(
+        f"http://127.0.0.1:{target.http_port}/v1/stats",
+        headers={"authorization": f"Bearer {PUBLISH_TOKEN}"},
+    ).json()
+    return {"flush_round_ms": stats["flush_round_max_ms"],
+            "loop_stall_ms": stats["flush_stall_max_ms"]}  # fmt: skip
 
 
 def storm(args: argparse.Namespace, targets: list[str]) -> list[dict[str, Any]]:
@@ -704,6 +722,8 @@ COLUMNS = (
     "cpu_pct",
     "rss_mib",
     "per_conn_kib",
+    "flush_round_ms",
+    "loop_stall_ms",
     "conns_per_s",
     "client_cpu_pct",
     "runs",
