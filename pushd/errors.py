@@ -62,13 +62,11 @@ class CloseCode(enum.IntEnum):
 
     NORMAL = 1000
     GOING_AWAY = 1001  # server shutting down: reconnect to another node
-    POLICY_VIOLATION = 1008
     MESSAGE_TOO_BIG = 1009
     INTERNAL_ERROR = 1011
     RATE_LIMITED = 4001  # client sent requests faster than allowed
     SLOW_CONSUMER = 4002  # outbound buffer overflowed on a private stream or stalled
     KICKED = 4003  # disconnected by the operator (publish API)
-    HANDSHAKE_TIMEOUT = 4004  # never used on the wire: the socket closes before a WebSocket
 
 
 class PushdError(Exception):

@@ -78,3 +78,18 @@ def test_invalid_then_trailing_garbage_is_malformed(text: str) -> None:
     with pytest.raises(RequestError) as info:
         protocol.parse_request(text)
     assert info.value.code is ErrorCode.MALFORMED_JSON
+
+
+def test_every_code_is_documented() -> None:
+    """docs/protocol.md has a row for every error code and close code the server sends."""
+    from pathlib import Path
+
+    from pushd.errors import CloseCode
+
+    doc = (Path(__file__).parent.parent / "docs" / "protocol.md").read_text()
+    for code in ErrorCode:
+        assert f"\n| {int(code)} |" in doc, code
+    for close in CloseCode:
+        assert f"\n| {int(close)} |" in doc, close
+    for status in (400, 403, 404, 429, 503):
+        assert f"\n| {status} |" in doc, status
