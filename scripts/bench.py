@@ -135,6 +135,7 @@ class Pushd(Target):
     def __init__(self, symbols: int = 3) -> None:
         super().__init__()
         self.http_port = free_port()
+        self.extra_limits = ""  # more [limits] lines for one scenario
         self.symbols = [f"S{i:02d}USDT" for i in range(symbols - 1)] + ["BTCUSDT"]
 
     def start(self, connections: int) -> None:
@@ -145,7 +146,7 @@ class Pushd(Target):
             f"max_connections_per_ip = {connections + 500}\nhandshakes_per_second = 1e6\n"
             f"[http]\nport = {self.http_port}\npublish_token = '{PUBLISH_TOKEN}'\n"
             f"max_batch = 10000\nallow_market_publish = true\n[auth.hmac]\nsecret = '{SECRET}'\n"
-            f"[limits]\nmax_subscriptions = 200\n"
+            f"[limits]\nmax_subscriptions = 200\n{self.extra_limits}"
             f"[engine]\nsnapshot_enabled = false\n"
             f"[ingest]\nudp_enabled = false\ntcp_enabled = false\n"
             f"[log]\nlevel = 'warning'\nformat = 'json'\n{markets}"
@@ -480,6 +481,60 @@ def idle(args: argparse.Namespace, targets: list[str]) -> list[dict[str, Any]]:
     return rows
 
 
+def kernel_tcp_kib() -> int:
+    """The kernel's TCP buffer memory, all sockets (``/proc/net/sockstat``, pages of 4 KiB)."""
+    for line in Path("/proc/net/sockstat").read_text().splitlines():
+        if line.startswith("TCP:"):
+            fields = line.split()
+            return int(fields[fields.index("mem") + 1]) * 4
+    return 0
+
+
+def stalled(args: argparse.Namespace, _targets: list[str]) -> list[dict[str, Any]]:
+    """pushd only: ``--stallers`` clients subscribe and never read while 2 MB each are offered:
+    what one non-reading client costs the server (RSS) and the kernel (TCP buffer memory, both
+    ends), with the default 64 KiB send buffer and with the kernel's autotuning (0)."""
+    from bench_client import staller_main
+
+    rows = []
+    for sndbuf in (65536, 0):
+        target = Pushd()
+        target.extra_limits = (  # keep them (the worst case) and choose the send buffer
+            f"stall_timeout_s = 600.0\nsocket_send_buffer_bytes = {sndbuf}\n"
+        )
+        with running(target, args.stallers):
+            time.sleep(0.5)
+            rss0, tcp0 = target.rss_kib(), kernel_tcp_kib()
+            control = mp.Array("q", [0, 0], lock=False)
+            out: mp.Queue[Any] = mp.Queue()
+            setups = [target.setup] * args.stallers
+            procs = spawn(
+                staller_main, [(target.port, target.path, setups, "127.0.0.46", control, out)]
+            )
+            for _ in procs:
+                assert out.get(timeout=300)[0] == "ready"
+            rss1, tcp1 = target.rss_kib(), kernel_tcp_kib()
+            publish = target.publisher()
+            for n in range(40):  # 40 x 50 x 1 kB = 2 MB offered to each client
+                publish([message(n * 50 + i, 1000) for i in range(50)])
+            time.sleep(1.0)
+            rss2, tcp2 = target.rss_kib(), kernel_tcp_kib()
+            control[1] = 1
+            for _ in procs:
+                out.get(timeout=60)
+            for p in procs:
+                p.join()
+        n = args.stallers
+        result = row(
+            "stalled", "pushd", f"N={n} never read, 2 MB offered, SO_SNDBUF={sndbuf or 'auto'}",
+            server_kib_per_conn=(rss2 - rss1) / n, kernel_kib_per_conn=(tcp2 - tcp1) / n,
+            rss_mib=rss2 / 1024, idle_kib_per_conn=((rss1 - rss0) + (tcp1 - tcp0)) / n,
+        )  # fmt: skip
+        rows.append(result)
+        print_row(result)
+    return rows
+
+
 def flush_rounds(target: Pushd, rounds: int = 20) -> dict[str, float]:
     """One message at a time to every idle subscriber: how long one flush round writes in
     all (what an unbroken round would block the loop for) and the longest the flusher ran
@@ -724,6 +779,9 @@ COLUMNS = (
     "per_conn_kib",
     "flush_round_ms",
     "loop_stall_ms",
+    "server_kib_per_conn",
+    "kernel_kib_per_conn",
+    "idle_kib_per_conn",
     "conns_per_s",
     "client_cpu_pct",
     "runs",
@@ -814,6 +872,7 @@ SCENARIOS: dict[str, Callable[[argparse.Namespace, list[str]], list[dict[str, An
     "private": private,
     "idle": idle,
     "storm": storm,
+    "stalled": stalled,
 }
 
 
