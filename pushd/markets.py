@@ -50,6 +50,8 @@ class Markets:
         self.trades = 0
         self.resyncs = 0
         self.future_trades = 0
+        self.failures = 0  # computations that raised (a bug): logged, that step skipped
+        self._tick_log = ThrottledLog(log, "market tick failed")
         self._current: dict[str, tuple[int, msgspec.Raw, bool]] = {}  # -> (seq, state, stale)
         # whether a symbol's book may be behind the engine's (the daemon knows the poller)
         self.stale: Callable[[str], bool] = lambda _symbol: False
@@ -74,7 +76,11 @@ class Markets:
 
     def book(self, snapshot: wire.BookSnapshot) -> None:
         market = self.symbols[snapshot.symbol]
-        market.book(snapshot)
+        try:
+            market.book(snapshot)
+        except Exception:  # a book that trips a bug: this symbol's book waits for the next
+            self.failures += 1
+            log.exception("book snapshot failed", symbol=snapshot.symbol)
         self._publish(market)
 
     def resync(self, symbols: set[str], reason: str) -> None:
@@ -107,7 +113,11 @@ class Markets:
 
     def tick(self, now_ms: int) -> None:
         for market in self.symbols.values():
-            market.tick(now_ms)
+            try:
+                market.tick(now_ms)
+            except Exception:  # one symbol's fault stops neither the timer nor other symbols
+                self.failures += 1
+                self._tick_log.warning(symbol=market.symbol, exc_info=True)
             self._publish(market)
 
     async def run(self) -> None:

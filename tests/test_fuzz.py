@@ -80,7 +80,9 @@ class Daemon:
     def check_no_internal_errors(self) -> None:
         log = self.log.read_text()
         assert "connection failed" not in log and "flush failed" not in log, log[-4000:]
-        assert "engine frame failed" not in log and "ingest peer failed" not in log, log[-4000:]
+        for failure in ("engine frame failed", "ingest peer failed", "market tick failed",
+                        "book snapshot failed"):  # fmt: skip
+            assert failure not in log, log[-4000:]
         assert self.metric('pushd_connections_closed_by_server_total{reason="internal_error"}') == 0
 
 

@@ -128,3 +128,24 @@ def test_ticker_memory_is_bounded_by_time_not_trades() -> None:
     data = market.ticker.data(start + 30_000 * 6000)
     assert data is not None and data.openTime % 60_000 == 0
     assert data.count == sum(1 for i in range(30_000) if start + i * 6000 >= data.openTime)
+
+
+def test_one_symbols_fault_stops_neither_the_timer_nor_the_others() -> None:
+    hub = Hub()
+    markets = Markets(
+        {"BTCUSDT": MarketConfig(), "ETHUSDT": MarketConfig()},
+        Publisher(MemoryBus(hub)),
+        lambda _: None,
+    )
+
+    def broken(now_ms: int) -> None:
+        raise ZeroDivisionError("a bug in one symbol's maths")
+
+    markets.symbols["BTCUSDT"].tick = broken  # type: ignore[method-assign]
+    now = wall_ms()
+    markets.trade(wire.Trade("ETHUSDT", 1, "100", "1", "buy", now))
+    with capture_logs() as logs:
+        markets.tick(now)
+    assert markets.failures == 1
+    assert [e["event"] for e in logs] == ["market tick failed"]
+    assert markets._publisher.seq("trades_ETHUSDT") == 1  # the other symbol went on
