@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import socket
 
+import pytest
 import trio
+import trio.testing
 from conftest import RawClient, Running, make_config, open_client, start_daemon
 from wsproto.events import AcceptConnection
 
@@ -191,3 +193,46 @@ async def test_non_readers_cost_readers_nothing_and_memory_stays_bounded(
             assert unsent_bytes(conn.sock) <= 2 * 65536
     for raw in stalled:
         await raw.aclose()
+
+
+async def test_the_flusher_yields_within_a_round(
+    nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A round over many connections lets other tasks run between slices (here a slice of
+    zero seconds: a yield every 64 connections), so no round blocks the loop for long."""
+    from pushd import gateway as gateway_mod
+    from pushd.daemon import Daemon
+    from pushd.hub import text_frame
+
+    monkeypatch.setattr(gateway_mod, "FLUSH_SLICE_S", 0.0)
+    daemon = Daemon(make_config())
+    gateway = daemon.gateway
+    pairs = [socket.socketpair() for _ in range(640)]
+    conns = []
+    for ours, _theirs in pairs:
+        ours.setblocking(False)
+        conn = gateway_mod.Connection(ours, "127.0.0.1", "test", len(conns), 65536)
+        conn.phase = gateway_mod.Phase.OPEN
+        conn.nursery = nursery
+        conns.append(conn)
+    nursery.start_soon(gateway._flusher)
+    await trio.testing.wait_all_tasks_blocked()
+    written: list[int] = []  # how many connections had been written each time the probe ran
+
+    async def probe() -> None:
+        while True:
+            written.append(sum(1 for c in conns if not c.out))
+            await trio.lowlevel.checkpoint()
+
+    frame = text_frame(b'{"x":1}')
+    for conn in conns:
+        daemon.hub.send(conn, frame)
+    nursery.start_soon(probe)
+    with trio.fail_after(10):
+        while any(c.out for c in conns):
+            await trio.lowlevel.checkpoint()
+    assert any(0 < n < len(conns) for n in written)  # the probe ran in the middle of the round
+    assert all(theirs.recv(100) == frame for _ours, theirs in pairs)
+    for ours, theirs in pairs:
+        ours.close()
+        theirs.close()
