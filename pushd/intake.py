@@ -11,7 +11,7 @@ from collections.abc import Container
 from typing import Protocol
 
 from ingest import wire
-from pushd.sequencing import SequenceTracker, Verdict
+from pushd.sequencing import MAX_SOURCES, SequenceTracker, Verdict
 
 PrivateEvent = wire.OrderUpdate | wire.BalanceUpdate | wire.PositionUpdate | wire.AccountUpdate
 
@@ -59,6 +59,8 @@ class Intake:
                 self._sink.private_gap(f"source {envelope.src} restarted")
         if not verdict.accepted:
             return verdict, missing
+        if len(self._symbols_by_source) > MAX_SOURCES:  # forget what the tracker forgot
+            self._forget_sources()
         seen = self._symbols_by_source.setdefault(envelope.src, set())
         sink = self._sink
         for event in envelope.events:
@@ -85,6 +87,11 @@ class Intake:
                     continue
             self.events[type(event).__name__] += 1
         return verdict, missing
+
+    def _forget_sources(self) -> None:
+        known = self._tracker.known
+        self._symbols_by_source = {s: v for s, v in self._symbols_by_source.items() if known(s)}
+        self._private_sources = {s for s in self._private_sources if known(s)}
 
     def _resync_source(self, src: int, reason: str) -> None:
         symbols = self._symbols_by_source.get(src)

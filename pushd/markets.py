@@ -51,6 +51,8 @@ class Markets:
         self.resyncs = 0
         self.future_trades = 0
         self.failures = 0  # computations that raised (a bug): logged, that step skipped
+        self.ignored_index_sources = 0
+        self._sources_log = ThrottledLog(log, "index source ignored: too many sources")
         self._tick_log = ThrottledLog(log, "market tick failed")
         self._current: dict[str, tuple[int, msgspec.Raw, bool]] = {}  # -> (seq, state, stale)
         # whether a symbol's book may be behind the engine's (the daemon knows the poller)
@@ -72,7 +74,9 @@ class Markets:
         self._publish(market)  # a trade that closed candles: they go out now, with their seq
 
     def index_price(self, event: wire.IndexPrice) -> None:
-        self.symbols[event.symbol].index_price(event)
+        if not self.symbols[event.symbol].index_price(event):
+            self.ignored_index_sources += 1
+            self._sources_log.warning(symbol=event.symbol, source=event.source[:32])
 
     def book(self, snapshot: wire.BookSnapshot) -> None:
         market = self.symbols[snapshot.symbol]

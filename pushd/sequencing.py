@@ -14,6 +14,7 @@ import enum
 from collections import deque
 
 MISSING_REMEMBERED = 4096  # lost seqs remembered per source, to tell late from duplicate
+MAX_SOURCES = 1024  # sources tracked; beyond, the one heard from longest ago is forgotten
 
 
 class Verdict(enum.Enum):
@@ -43,12 +44,22 @@ class SequenceTracker:
     def __init__(self) -> None:
         self._sources: dict[int, _Source] = {}
 
+    def known(self, src: int) -> bool:
+        return src in self._sources
+
     def check(self, src: int, epoch: int, seq: int) -> tuple[Verdict, int]:
-        """Judge one frame; returns the verdict and, for a GAP, how many frames were lost."""
-        state = self._sources.get(src)
+        """Judge one frame; returns the verdict and, for a GAP, how many frames were lost.
+
+        At most ``MAX_SOURCES`` sources are remembered (the dict is kept in order of last
+        frame): a forgotten source's next frame is a RESTART, which resyncs what it feeds."""
+        sources = self._sources
+        state = sources.pop(src, None)
         if state is None or epoch > state.epoch:
-            self._sources[src] = _Source(epoch, seq)
+            if len(sources) >= MAX_SOURCES:
+                del sources[next(iter(sources))]
+            sources[src] = _Source(epoch, seq)
             return Verdict.RESTART, 0
+        sources[src] = state  # now the most recently heard from
         if epoch < state.epoch:
             return Verdict.STALE, 0
         if seq == state.next_seq:

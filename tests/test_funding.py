@@ -131,3 +131,15 @@ def test_running_mean_equals_the_window_mean(values: list[Decimal], maxlen: int)
         assert mean.mean() == sum(window, Decimal(0)) / len(window)
         recent = values[max(0, at - 4) : at + 1]
         assert hour.mean() == sum(recent, Decimal(0)) / len(recent)
+
+
+def test_index_sources_are_bounded() -> None:
+    from pushd.market.funding import MAX_INDEX_SOURCES
+
+    state = FundingState("BTCUSDT", CFG)
+    for n in range(MAX_INDEX_SOURCES):
+        assert state.index_price(f"s{n}", "100", 1000)
+    assert not state.index_price("one-too-many", "1", 1000)  # all fresh: the new one waits
+    assert state.index(1000) == Decimal(100)
+    assert state.index_price("fresh", "100", 1000 + CFG.index_stale_ms + 1)  # the stale go
+    assert len(state._sources) == 1

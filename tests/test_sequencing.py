@@ -40,3 +40,18 @@ def test_huge_gap_is_bounded_in_memory() -> None:
     assert t.check(1, 1, 10**12) == (Verdict.GAP, 10**12 - 2)
     assert t.check(1, 1, 10**12 - 1) == (Verdict.LATE, 0)
     assert t.check(1, 1, 5) == (Verdict.DUPLICATE, 0)  # too old to remember: counted as dup
+
+
+def test_sources_are_bounded_and_the_quiet_ones_forgotten() -> None:
+    from pushd.sequencing import MAX_SOURCES
+
+    tracker = SequenceTracker()
+    tracker.check(0, 1, 1)
+    for src in range(1, MAX_SOURCES):
+        tracker.check(src, 1, 1)
+        tracker.check(0, 1, src + 1)  # source 0 keeps talking: it is never the oldest
+    tracker.check(MAX_SOURCES, 1, 1)  # one too many: source 1, silent longest, goes
+    assert len(tracker._sources) == MAX_SOURCES
+    assert tracker.known(0) and not tracker.known(1)
+    assert tracker.check(0, 1, MAX_SOURCES + 1) == (Verdict.IN_ORDER, 0)
+    assert tracker.check(1, 1, 2) == (Verdict.RESTART, 0)  # back: numbering starts over

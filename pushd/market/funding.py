@@ -29,6 +29,7 @@ from pushd.config import FundingConfig
 from pushd.market.decimals import EXACT, ZERO, quantize
 
 HOUR_MS = 3_600_000
+MAX_INDEX_SOURCES = 32  # spot sources kept per symbol (an index has a handful)
 
 
 class MarkPriceData(msgspec.Struct, frozen=True, gc=False):
@@ -152,8 +153,20 @@ class FundingState:
         self._index_hour = RunningMean()
         self.last_premium = ZERO
 
-    def index_price(self, source: str, price: str, ts: int) -> None:
-        self._sources[source] = (Decimal(price), ts)
+    def index_price(self, source: str, price: str, ts: int) -> bool:
+        """Take one spot source's price; False (ignored) for a new source beyond
+        ``MAX_INDEX_SOURCES`` while all the known ones are fresh: memory stays bounded
+        whatever an engine sends."""
+        sources = self._sources
+        if source not in sources and len(sources) >= MAX_INDEX_SOURCES:
+            newest = max(ts, max(t for _p, t in sources.values()))
+            for name in [n for n, (_p, t) in sources.items()
+                         if newest - t > self.config.index_stale_ms]:  # fmt: skip
+                del sources[name]
+            if len(sources) >= MAX_INDEX_SOURCES:
+                return False
+        sources[source] = (Decimal(price), ts)
+        return True
 
     def index(self, now_ms: int) -> Decimal | None:
         fresh = [p for p, ts in self._sources.values() if now_ms - ts <= self.config.index_stale_ms]

@@ -66,8 +66,9 @@ class SymbolMarket:
         for closed in self.klines.add(priced):
             self._put(self._kline_channels[closed.i], closed)
 
-    def index_price(self, event: wire.IndexPrice) -> None:
-        self.funding.index_price(event.source, event.price, event.ts)
+    def index_price(self, event: wire.IndexPrice) -> bool:
+        """False when the event was ignored (one source too many)."""
+        return self.funding.index_price(event.source, event.price, event.ts)
 
     def book(self, snapshot: wire.BookSnapshot) -> None:
         event = self.depth.apply(snapshot)
