@@ -498,7 +498,8 @@ def test_http_api_fuzz(daemon: Daemon) -> None:
     accepted and invalid ones refused)."""
     with Surface(daemon, "http_api") as surface:
         result = subprocess.run(
-            [str(Path(sys.executable).with_name("st")), "run",
+            [str(Path(sys.executable).with_name("st")),
+             "--config-file", str(Path(__file__).with_name("schemathesis.toml")), "run",
              f"http://127.0.0.1:{daemon.http}/openapi.json",
              "-H", f"Authorization: Bearer {PUBLISH_TOKEN}", "--checks", "all",
              "-n", str(max(10, EXAMPLES // 10)), "--no-color", "--generation-database", "none",
