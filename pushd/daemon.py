@@ -38,6 +38,7 @@ from pushd.http_api import HttpApi, serve_http
 from pushd.hub import Hub
 from pushd.intake import Intake
 from pushd.listeners import serve_tcp, serve_udp
+from pushd.logs import ThrottledLog
 from pushd.markets import Markets
 from pushd.metrics import GatewayMetrics, HubCollector, IngestCollector, make_registry
 from pushd.poller import SnapshotPoller
@@ -103,6 +104,7 @@ class Daemon:
         self.intake = Intake(router, frozenset(config.markets))
         self.registry.register(IngestCollector(self.intake, self.poller))
         self._serving = False
+        self._private_gap_log = ThrottledLog(log, "private events may be lost: subscribers told")
         self._stop = trio.Event()
         self.stopped = trio.Event()
 
@@ -130,7 +132,7 @@ class Daemon:
         """Engine frames that may have carried private events were lost: tell every private
         subscriber (a resync notice per private channel), never leave them silently short."""
         told = self.hub.resync_private()
-        log.warning("private events may be lost: subscribers told", reason=reason, notices=told)
+        self._private_gap_log.warning(reason=reason, notices=told)
 
     def stop(self) -> None:
         """Begin a graceful shutdown; ``serve`` returns when it is done."""

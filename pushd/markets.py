@@ -52,6 +52,7 @@ class Markets:
         self.future_trades = 0
         self.failures = 0  # computations that raised (a bug): logged, that step skipped
         self.ignored_index_sources = 0
+        self._resync_log = ThrottledLog(log, "resync after an ingest loss")
         self._sources_log = ThrottledLog(log, "index source ignored: too many sources")
         self._tick_log = ThrottledLog(log, "market tick failed")
         self._current: dict[str, tuple[int, msgspec.Raw, bool]] = {}  # -> (seq, state, stale)
@@ -89,7 +90,7 @@ class Markets:
 
     def resync(self, symbols: set[str], reason: str) -> None:
         self.resyncs += 1
-        log.warning("resync after an ingest loss", symbols=sorted(symbols), reason=reason)
+        self._resync_log.warning(symbols=sorted(symbols), reason=reason)
         for symbol in symbols:
             self.symbols[symbol].gap()
             self._refresh_book(symbol)
