@@ -13,8 +13,9 @@ from __future__ import annotations
 import enum
 from collections import deque
 
-MISSING_REMEMBERED = 4096  # lost seqs remembered per source, to tell late from duplicate
-MAX_SOURCES = 1024  # sources tracked; beyond, the one heard from longest ago is forgotten
+MISSING_REMEMBERED = 1024  # lost seqs remembered per source, to tell late from duplicate
+MAX_SOURCES = 256  # sources tracked; beyond, the one heard from longest ago is forgotten
+# worst case held: MAX_SOURCES x MISSING_REMEMBERED lost seqs, about 26 MB at ~100 B each
 
 
 class Verdict(enum.Enum):
