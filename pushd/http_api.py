@@ -38,7 +38,14 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from pushd.bus import Publisher
-from pushd.channels import KLINE_INTERVALS, NOTICE, UID_PATTERN, market_channel, parse_internal
+from pushd.channels import (
+    KLINE_INTERVALS,
+    NOTICE,
+    PRIVATE_STREAMS,
+    UID_PATTERN,
+    market_channel,
+    parse_internal,
+)
 from pushd.config import Config
 from pushd.gateway import Gateway
 from pushd.market.symbol import SymbolMarket
@@ -47,6 +54,8 @@ from pushd.markets import Markets
 from pushd.metrics import GatewayMetrics
 
 MAX_BODY_BYTES = 4 * 1024 * 1024
+MAX_DEPTH_LEVELS = 5000  # GET /v1/depth?limit=
+MAX_KLINES = 1000  # GET /v1/klines?limit=
 PAGE = Path(__file__).parent / "static" / "index.html"
 T = TypeVar("T")
 
@@ -181,7 +190,7 @@ class HttpApi:
 
     def depth(self, request: Request) -> object:
         market = self._market(request)
-        limit = self._limit(request, 100, 5000)
+        limit = self._limit(request, 100, MAX_DEPTH_LEVELS)
         data = market.depth.snapshot(limit) if market.depth.ready else None
         return self._snapshot("depth", market, data)
 
@@ -196,7 +205,7 @@ class HttpApi:
         interval = request.query_params.get("interval", "1m")
         if interval not in KLINE_INTERVALS:
             raise ApiError(400, f"interval must be one of {', '.join(KLINE_INTERVALS)}")
-        limit = self._limit(request, 500, 1000)
+        limit = self._limit(request, 500, MAX_KLINES)
         return self._snapshot("kline", market, market.klines_history(interval, limit), interval)
 
     def ticker(self, request: Request) -> object:
@@ -287,7 +296,7 @@ def openapi_document(config: Config) -> dict[str, Any]:
     if not config.http.allow_market_publish:
         uid = UID_PATTERN.pattern
         components["PublishItem"]["properties"]["channel"]["pattern"] = (
-            f"^(notice|user_{uid}_(balance|order|position|account))$"
+            f"^({NOTICE}|user_{uid}_({'|'.join(PRIVATE_STREAMS)}))$"
         )
     components["PublishBatch"]["properties"]["messages"]["maxItems"] = config.http.max_batch
     error = {
@@ -331,10 +340,10 @@ def openapi_document(config: Config) -> dict[str, Any]:
             "responses": {"200": ok, "400": error, **guarded}}},
         "/v1/stats": {"get": {"security": [{"bearer": []}], "responses": {"200": ok, **guarded}}},
         "/v1/info": {"get": {"responses": {"200": ok}}},
-        "/v1/depth": {"get": {"parameters": [symbol, limit(5000)], **snapshot}},
+        "/v1/depth": {"get": {"parameters": [symbol, limit(MAX_DEPTH_LEVELS)], **snapshot}},
         "/v1/trades": {"get": {"parameters": [symbol, limit(RECENT_TRADES)], **snapshot}},
         "/v1/klines": {"get": {"parameters": [
-            symbol, limit(1000),
+            symbol, limit(MAX_KLINES),
             query("interval", {"type": "string", "enum": list(KLINE_INTERVALS)})],
             **snapshot}},
         "/v1/ticker": {"get": {"parameters": [symbol], **snapshot}},

@@ -72,7 +72,8 @@ class Markets:
             trade = msgspec.structs.replace(trade, ts=now)
         market = self.symbols[trade.symbol]
         market.trade(trade)
-        self._publish(market)  # a trade that closed candles: they go out now, with their seq
+        if market.has_output:  # a trade that closed candles: they go out now, with their seq
+            self._publish(market)
 
     def index_price(self, event: wire.IndexPrice) -> None:
         if not self.symbols[event.symbol].index_price(event):

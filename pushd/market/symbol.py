@@ -111,6 +111,10 @@ class SymbolMarket:
             if mark is not None:
                 self._put(self.channels["markPrice"], mark)
 
+    @property
+    def has_output(self) -> bool:
+        return bool(self._outbox)
+
     def take(self) -> list[tuple[str, bytes]]:
         out, self._outbox = self._outbox, []
         return out
