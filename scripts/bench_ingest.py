@@ -78,7 +78,7 @@ def run(transport: str, rate: float, args: argparse.Namespace, src: int) -> dict
     http_port, udp_port, tcp_port = free_port(), free_port(socket.SOCK_DGRAM), free_port()
     config = (
         f"[websocket]\nport = {free_port()}\n[http]\nport = {http_port}\n"
-        f"[engine]\nsnapshot_enabled = false\n"
+        f"[engine]\nsnapshot_enabled = false\n[auth.hmac]\nsecret = 'bench'\n"
         f"[ingest]\nudp_port = {udp_port}\ntcp_port = {tcp_port}\n"
     )
     with pushd_server(config, http_port) as server:
