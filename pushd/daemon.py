@@ -30,19 +30,20 @@ import trio
 
 from ingest import wire
 from pushd.auth import Verifier, make_verifier
-from pushd.bus import MemoryBus, Publisher
+from pushd.bus.memory import MemoryBus
+from pushd.bus.publisher import Publisher
 from pushd.config import Config
 from pushd.errors import ServiceError
-from pushd.gateway import Gateway
-from pushd.http_api import HttpApi, serve_http
-from pushd.hub import Hub
-from pushd.intake import Intake
-from pushd.listeners import serve_tcp, serve_udp
+from pushd.feed.intake import Intake
+from pushd.feed.listeners import serve_tcp, serve_udp
+from pushd.feed.poller import SnapshotPoller
+from pushd.feed.routing import EngineRouter
+from pushd.gateway.hub import Hub
+from pushd.gateway.server import Gateway
+from pushd.http.api import HttpApi, serve_http
 from pushd.logs import ThrottledLog
-from pushd.markets import Markets
+from pushd.market.markets import Markets
 from pushd.metrics import GatewayMetrics, HubCollector, IngestCollector, make_registry
-from pushd.poller import SnapshotPoller
-from pushd.routing import EngineRouter
 
 SHUTDOWN_GRACE_S = 5.0
 

@@ -12,9 +12,9 @@ from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from pushd.hub import Hub
-from pushd.intake import Intake
-from pushd.poller import SnapshotPoller
+from pushd.feed.intake import Intake
+from pushd.feed.poller import SnapshotPoller
+from pushd.gateway.hub import Hub
 
 
 class GatewayMetrics:

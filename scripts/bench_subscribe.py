@@ -14,11 +14,12 @@ import statistics
 import time
 
 from ingest.sim import Market
-from pushd.bus import MemoryBus, Publisher
+from pushd.bus.memory import MemoryBus
+from pushd.bus.publisher import Publisher
 from pushd.channels import Channel
 from pushd.config import MarketConfig
-from pushd.hub import Hub, Outlet
-from pushd.markets import Markets
+from pushd.gateway.hub import Hub, Outlet
+from pushd.market.markets import Markets
 
 DEPTH = Channel("depth_BTCUSDT", "BTCUSDT@depth", private=False, symbol="BTCUSDT")
 

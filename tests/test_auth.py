@@ -17,7 +17,7 @@ from starlette.routing import Route
 from pushd.auth import HmacVerifier, HttpVerifier, JwtVerifier, issue_hmac_token
 from pushd.config import HmacAuthConfig, HttpAuthConfig, JwtAuthConfig
 from pushd.errors import AuthError, AuthUnavailable, ErrorCode
-from pushd.http_api import serve_http
+from pushd.http.api import serve_http
 
 
 async def test_hmac_tokens() -> None:

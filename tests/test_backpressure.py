@@ -15,7 +15,7 @@ from conftest import RawClient, Running, make_config, open_client, start_daemon
 from wsproto.events import AcceptConnection
 
 from pushd.errors import CloseCode
-from pushd.gateway import unsent_bytes
+from pushd.gateway.server import unsent_bytes
 
 PAYLOAD = {"pad": "x" * 16_000}
 COUNT = 400  # 6.4 MB: far more than the kernel buffers plus the 64 KiB outbound buffer
@@ -200,9 +200,9 @@ async def test_the_flusher_yields_within_a_round(
 ) -> None:
     """A round over many connections lets other tasks run between slices (here a slice of
     zero seconds: a yield every 64 connections), so no round blocks the loop for long."""
-    from pushd import gateway as gateway_mod
+    from pushd.gateway import server as gateway_mod
     from pushd.daemon import Daemon
-    from pushd.hub import text_frame
+    from pushd.gateway.hub import text_frame
 
     monkeypatch.setattr(gateway_mod, "FLUSH_SLICE_S", 0.0)
     daemon = Daemon(make_config())

@@ -6,8 +6,8 @@ import msgspec
 from wsproto.frame_protocol import FrameDecoder, Opcode
 
 from pushd.channels import Channel
-from pushd.hub import Hub, Outlet, frame_end, text_frame
-from pushd.protocol import encode_event, encode_resync
+from pushd.gateway.hub import Hub, Outlet, frame_end, text_frame
+from pushd.gateway.protocol import encode_event, encode_resync
 
 PUBLIC = Channel("trades_BTCUSDT", "BTCUSDT@trades", private=False, symbol="BTCUSDT")
 PRIVATE = Channel("user_1_order", "@order", private=True)

@@ -12,7 +12,7 @@ from ingest import wire
 from ingest.framing import Framer
 from ingest.transport import TcpSender, UdpSender
 from pushd.config import EngineConfig, MarketConfig
-from pushd.poller import SnapshotPoller
+from pushd.feed.poller import SnapshotPoller
 
 
 def order(uid: str, order_id: int, status: str = "new") -> wire.OrderUpdate:

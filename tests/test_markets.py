@@ -9,12 +9,13 @@ from structlog.testing import capture_logs
 from wsproto.frame_protocol import FrameDecoder
 
 from ingest import wire
-from pushd.bus import MemoryBus, Publisher
+from pushd.bus.memory import MemoryBus
+from pushd.bus.publisher import Publisher
 from pushd.channels import Channel
 from pushd.config import MarketConfig
-from pushd.hub import Hub, Outlet
+from pushd.gateway.hub import Hub, Outlet
 from pushd.market.kline import bucket
-from pushd.markets import FUTURE_TOLERANCE_MS, Markets, wall_ms
+from pushd.market.markets import FUTURE_TOLERANCE_MS, Markets, wall_ms
 
 DAY_MS = 86_400_000
 

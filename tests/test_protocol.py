@@ -7,8 +7,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pushd import protocol
 from pushd.errors import ErrorCode, RequestError
+from pushd.gateway import protocol
 
 
 def test_requests_decode() -> None:

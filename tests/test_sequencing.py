@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pushd.sequencing import SequenceTracker, Verdict
+from pushd.feed.sequencing import SequenceTracker, Verdict
 
 
 def verdicts(tracker: SequenceTracker, frames: list[tuple[int, int, int]]) -> list[str]:
@@ -43,7 +43,7 @@ def test_huge_gap_is_bounded_in_memory() -> None:
 
 
 def test_sources_are_bounded_and_the_quiet_ones_forgotten() -> None:
-    from pushd.sequencing import MAX_SOURCES
+    from pushd.feed.sequencing import MAX_SOURCES
 
     tracker = SequenceTracker()
     tracker.check(0, 1, 1)

@@ -6,8 +6,8 @@ import pytest
 
 from pushd.config import LimitsConfig
 from pushd.errors import ErrorCode, RequestError
-from pushd.ratelimit import TokenBucket
-from pushd.session import Session
+from pushd.gateway.ratelimit import TokenBucket
+from pushd.gateway.session import Session
 
 SYMBOLS = frozenset({"BTCUSDT"})
 

@@ -1,6 +1,6 @@
 """All market streams of one symbol, and what they have to publish. No I/O, no clock.
 
-The Trio shell (``pushd.markets``) feeds events in (``trade``, ``index_price``, ``book``,
+The Trio shell (``pushd.market.markets``) feeds events in (``trade``, ``index_price``, ``book``,
 ``gap``), calls ``tick(now_ms)`` on a timer, and publishes what ``take()`` returns, in order:
 ``(internal channel, JSON bytes)`` pairs. The shell publishes after every call that can queue
 something, in the same step, so what was queued last on a channel is what was published last.

@@ -14,8 +14,6 @@ from typing import Protocol
 
 import msgspec
 
-from pushd.hub import Hub
-
 
 class BusMessage(msgspec.Struct, frozen=True, array_like=True, gc=False):
     """One event on an internal channel; ``data`` is JSON, kept as encoded."""
@@ -34,24 +32,6 @@ class Bus(Protocol):
 
     def disinterest(self, channel: str) -> None:
         """This node's hub has lost its last subscriber on ``channel``."""
-
-
-class MemoryBus:
-    """The embedded default: one process, delivery is a direct call into the hub."""
-
-    def __init__(self, hub: Hub) -> None:
-        self._hub = hub
-
-    def publish(self, messages: Iterable[BusMessage]) -> None:
-        publish = self._hub.publish
-        for message in messages:
-            publish(message.channel, message.seq, message.data)
-
-    def interest(self, channel: str) -> None:
-        pass
-
-    def disinterest(self, channel: str) -> None:
-        pass
 
 
 class Publisher:

@@ -37,7 +37,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from pushd.bus import Publisher
+from pushd.bus.publisher import Publisher
 from pushd.channels import (
     KLINE_INTERVALS,
     NOTICE,
@@ -47,16 +47,16 @@ from pushd.channels import (
     parse_internal,
 )
 from pushd.config import Config
-from pushd.gateway import Gateway
+from pushd.gateway.server import Gateway
+from pushd.market.markets import Markets
 from pushd.market.symbol import SymbolMarket
 from pushd.market.trades import RECENT_TRADES
-from pushd.markets import Markets
 from pushd.metrics import GatewayMetrics
 
 MAX_BODY_BYTES = 4 * 1024 * 1024
 MAX_DEPTH_LEVELS = 5000  # GET /v1/depth?limit=
 MAX_KLINES = 1000  # GET /v1/klines?limit=
-PAGE = Path(__file__).parent / "static" / "index.html"
+PAGE = Path(__file__).parent.parent / "static" / "index.html"
 T = TypeVar("T")
 
 

@@ -59,14 +59,14 @@ from wsproto.events import (
 )
 from wsproto.handshake import H11Handshake
 
-from pushd import protocol
 from pushd.auth import Verifier
 from pushd.config import Config
 from pushd.errors import AuthError, AuthUnavailable, CloseCode, ErrorCode, RequestError
-from pushd.hub import Hub, Outlet, frame_end, text_frame
+from pushd.gateway import protocol
+from pushd.gateway.hub import Hub, Outlet, frame_end, text_frame
+from pushd.gateway.ratelimit import TokenBucket
+from pushd.gateway.session import Session
 from pushd.metrics import GatewayMetrics
-from pushd.ratelimit import TokenBucket
-from pushd.session import Session
 
 RECV_BYTES = 65536
 ACCEPT_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
@@ -75,7 +75,7 @@ FLUSH_SLICE_S = 0.002  # the flusher yields after this much work in one round
 STALL_POLL_S = 0.5  # how often a drain looks at the kernel's send queue while not writable
 PER_IP_FLOOD = 16  # sockets over max_connections_per_ip that are still answered (429)
 
-log = structlog.get_logger("pushd.gateway")
+log = structlog.get_logger("pushd.gateway.server")
 
 
 class Phase(enum.Enum):

@@ -11,7 +11,7 @@ from collections.abc import Container
 from typing import Protocol
 
 from ingest import wire
-from pushd.sequencing import MAX_SOURCES, SequenceTracker, Verdict
+from pushd.feed.sequencing import MAX_SOURCES, SequenceTracker, Verdict
 
 PrivateEvent = wire.OrderUpdate | wire.BalanceUpdate | wire.PositionUpdate | wire.AccountUpdate
 

@@ -15,12 +15,12 @@ import structlog
 import trio
 
 from ingest import wire
-from pushd.bus import Publisher
+from pushd.bus.publisher import Publisher
 from pushd.config import MarketConfig
 from pushd.logs import ThrottledLog
 from pushd.market.symbol import SymbolMarket
 
-log = structlog.get_logger("pushd.markets")
+log = structlog.get_logger("pushd.market.markets")
 
 TICK_MS = 50
 FUTURE_TOLERANCE_MS = 60_000  # engine clocks ahead of ours by more than this are not trusted

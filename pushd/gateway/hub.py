@@ -27,7 +27,7 @@ import msgspec
 from wsproto.frame_protocol import FrameProtocol
 
 from pushd.channels import Channel
-from pushd.protocol import encode_current_after_lag, encode_event, encode_resync
+from pushd.gateway.protocol import encode_current_after_lag, encode_event, encode_resync
 
 _server_framer = FrameProtocol(client=False, extensions=[])
 

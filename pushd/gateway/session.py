@@ -14,7 +14,7 @@ from collections.abc import Container
 from pushd.channels import Channel, resolve
 from pushd.config import LimitsConfig
 from pushd.errors import ErrorCode, RequestError
-from pushd.ratelimit import TokenBucket
+from pushd.gateway.ratelimit import TokenBucket
 
 
 class Session:

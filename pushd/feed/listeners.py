@@ -19,7 +19,7 @@ import trio
 
 from ingest import wire
 from pushd.config import IngestConfig
-from pushd.intake import Intake
+from pushd.feed.intake import Intake
 from pushd.logs import ThrottledLog
 
 log = structlog.get_logger("pushd.ingest")

@@ -18,7 +18,7 @@ import trio
 from ingest import wire
 from pushd.config import EngineConfig, MarketConfig
 
-log = structlog.get_logger("pushd.poller")
+log = structlog.get_logger("pushd.feed.poller")
 
 POLLER_SOURCE_ID = 0
 

@@ -8,9 +8,9 @@ from typing import Protocol
 import msgspec
 
 from ingest import wire
-from pushd.bus import Publisher
+from pushd.bus.publisher import Publisher
 from pushd.channels import private_channel
-from pushd.intake import PrivateEvent
+from pushd.feed.intake import PrivateEvent
 
 _STREAM = {
     wire.OrderUpdate: "order",

@@ -1,0 +1,1 @@
+"""The HTTP API: publish, control, REST snapshots, health, metrics, the page."""
