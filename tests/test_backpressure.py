@@ -200,8 +200,8 @@ async def test_the_flusher_yields_within_a_round(
 ) -> None:
     """A round over many connections lets other tasks run between slices (here a slice of
     zero seconds: a yield every 64 connections), so no round blocks the loop for long."""
-    from pushd.gateway import server as gateway_mod
     from pushd.daemon import Daemon
+    from pushd.gateway import server as gateway_mod
     from pushd.gateway.hub import text_frame
 
     monkeypatch.setattr(gateway_mod, "FLUSH_SLICE_S", 0.0)
