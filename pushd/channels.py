@@ -24,6 +24,7 @@ spelling of a protocol channel can name another user's internal channel.
 
 from __future__ import annotations
 
+import enum
 import re
 from collections.abc import Container
 
@@ -135,3 +136,21 @@ def private_channel(uid: str, stream: str) -> str:
     if not UID_PATTERN.fullmatch(uid):
         raise ValueError(f"invalid uid {uid!r}")
     return f"user_{uid}_{stream}"
+
+
+class StateKind(enum.Enum):
+    """What a stream's events are, which says what a late subscriber needs of it."""
+
+    EVENTS = "events"  # trades, notice, private: each event is news; recovery replays them
+    WHOLE = "whole"  # ticker, kline, markPrice: each event is the whole state
+    DIFF = "diff"  # depth: each event changes a state (the book) a subscriber must start from
+
+
+_STATE_PREFIXES = {"ticker_": StateKind.WHOLE, "kline_": StateKind.WHOLE,
+                   "markprice_": StateKind.WHOLE, "depth_": StateKind.DIFF}  # fmt: skip
+
+
+def state_kind(internal: str) -> StateKind:
+    """The kind of an internal channel's stream (see ``StateKind``)."""
+    prefix = internal[: internal.find("_") + 1]
+    return _STATE_PREFIXES.get(prefix, StateKind.EVENTS)

@@ -144,8 +144,21 @@ class LogConfig(_Section, frozen=True):
     format: Literal["auto", "json", "console"] = "auto"
 
 
+class RedisBusConfig(_Section, frozen=True):
+    url: str = "redis://127.0.0.1:6379"
+    cluster: bool = False  # Redis Cluster: sharded pub/sub (Redis >= 7), hash-tagged keys
+    prefix: Annotated[str, msgspec.Meta(pattern=r"^[0-9A-Za-z.:_-]{1,32}$")] = "pushd"
+    # messages a node keeps while Redis is unreachable, then drops (counted)
+    outage_buffer: Annotated[int, msgspec.Meta(ge=0, le=10_000_000)] = 100_000
+    timeout_s: Annotated[float, msgspec.Meta(gt=0, le=60)] = 2.0
+
+
 class BusConfig(_Section, frozen=True):
-    kind: Literal["memory"] = "memory"
+    kind: Literal["memory", "redis"] = "memory"
+    # what a reconnecting client can recover (trades, notice, private streams), per channel
+    history_size: Annotated[int, msgspec.Meta(ge=0, le=100_000)] = 200
+    history_age_s: Annotated[float, msgspec.Meta(gt=0, le=86_400)] = 300.0
+    redis: RedisBusConfig = msgspec.field(default_factory=RedisBusConfig)
 
 
 def _default_markets() -> dict[str, MarketConfig]:

@@ -31,7 +31,6 @@ import trio
 from ingest import wire
 from pushd.auth import Verifier, make_verifier
 from pushd.bus.memory import MemoryBus
-from pushd.bus.publisher import Publisher
 from pushd.config import Config
 from pushd.errors import ServiceError
 from pushd.feed.intake import Intake
@@ -87,21 +86,21 @@ class Daemon:
         self.registry = make_registry()
         self.metrics = GatewayMetrics(self.registry)
         self.hub = Hub()
-        self.bus = MemoryBus(self.hub)
-        self.publisher = Publisher(self.bus)
+        bus_cfg = config.bus
+        self.bus = MemoryBus(self.hub, bus_cfg.history_size, bus_cfg.history_age_s)
         self.verifier = verifier if verifier is not None else make_verifier(config.auth)
-        self.gateway = Gateway(config, self.hub, self.verifier, self.metrics)
+        self.gateway = Gateway(config, self.hub, self.bus, self.verifier, self.metrics)
         self.registry.register(HubCollector(self.hub, lambda: len(self.gateway.connections)))
         self.poller = SnapshotPoller(config.engine, config.markets, self._on_book)
-        self.markets = Markets(dict(config.markets), self.publisher, self.poller.refresh)
+        self.markets = Markets(dict(config.markets), self.bus, self.poller.refresh)
         self.api = HttpApi(
-            config, self.publisher, self.gateway, self.registry, self.metrics, self.markets
+            config, self.bus, self.gateway, self.registry, self.metrics, self.markets
         )
         self.api.not_ready = self.not_ready
         self.hub.current = self.markets.current
-        self.hub.last_seq = self.publisher.seq
+        self.hub.position = self.bus.position
         self.markets.stale = self.book_stale
-        router = EngineRouter(self.publisher, self.markets, self._private_gap)
+        router = EngineRouter(self.bus, self.markets, self._private_gap)
         self.intake = Intake(router, frozenset(config.markets))
         self.registry.register(IngestCollector(self.intake, self.poller))
         self._serving = False

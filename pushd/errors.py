@@ -39,6 +39,7 @@ class ErrorCode(enum.IntEnum):
     TOO_MANY_SUBSCRIPTIONS = 10
     AUTH_UNAVAILABLE = 11
     BINARY_NOT_SUPPORTED = 12
+    UNAVAILABLE = 13
 
 
 DEFAULT_MESSAGES: dict[ErrorCode, str] = {
@@ -54,6 +55,7 @@ DEFAULT_MESSAGES: dict[ErrorCode, str] = {
     ErrorCode.TOO_MANY_SUBSCRIPTIONS: "too many subscriptions",
     ErrorCode.AUTH_UNAVAILABLE: "login service unavailable, retry later",
     ErrorCode.BINARY_NOT_SUPPORTED: "binary frames are not supported, send JSON text",
+    ErrorCode.UNAVAILABLE: "the message bus is unreachable, retry later",
 }
 
 

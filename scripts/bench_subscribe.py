@@ -15,7 +15,6 @@ import time
 
 from ingest.sim import Market
 from pushd.bus.memory import MemoryBus
-from pushd.bus.publisher import Publisher
 from pushd.channels import Channel
 from pushd.config import MarketConfig
 from pushd.gateway.hub import Hub, Outlet
@@ -26,7 +25,7 @@ DEPTH = Channel("depth_BTCUSDT", "BTCUSDT@depth", private=False, symbol="BTCUSDT
 
 def run(subscribers: int, levels: int) -> tuple[float, int]:
     hub = Hub()
-    markets = Markets({"BTCUSDT": MarketConfig()}, Publisher(MemoryBus(hub)), lambda _: None)
+    markets = Markets({"BTCUSDT": MarketConfig()}, MemoryBus(hub, 200, 300.0), lambda _: None)
     hub.current = markets.current
     engine = Market(seed=1)
     engine.step(1000)

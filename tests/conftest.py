@@ -55,6 +55,11 @@ class Running:
     def token(self, uid: str) -> str:
         return issue_hmac_token(SECRET, uid, 60)
 
+    @property
+    def epoch(self) -> str:
+        """The epoch of every channel of this daemon's memory bus."""
+        return self.daemon.bus.epoch
+
     async def publish(self, channel: str, data: Any) -> int:
         async with httpx.AsyncClient() as client:
             r = await client.post(
@@ -129,6 +134,16 @@ class Client:
 async def open_client(url: str, **kwargs: Any) -> AsyncIterator[Client]:
     async with trio_websocket.open_websocket_url(url, **kwargs) as ws:
         yield Client(ws)
+
+
+def subscribed(reply: Any, *channels: str) -> bool:
+    """A subscribe reply that names exactly ``channels``, each with an epoch and a seq."""
+    streams = reply.get("streams", {}) if isinstance(reply, dict) else {}
+    return (
+        reply.get("result") is True
+        and set(streams) == set(channels)
+        and all(isinstance(s.get("epoch"), str) and s.get("seq", -1) >= 0 for s in streams.values())
+    )
 
 
 def free_port() -> int:

@@ -72,7 +72,7 @@ async def test_public_stream_drops_for_the_slow_one_then_resyncs(nursery: trio.N
         assert first_run == list(range(1, len(first_run) + 1))  # a gap-free prefix ...
         assert len(first_run) < COUNT  # ... that stopped when the buffer filled
         assert messages[-1] == {"event": "BTCUSDT@trades", "data": {"resumed": True},
-                                "seq": after + 1}  # fmt: skip
+                                "seq": after + 1, "epoch": running.epoch}  # fmt: skip
     await raw.aclose()
 
 
@@ -89,7 +89,12 @@ async def test_private_stream_overflow_closes_with_4002(nursery: trio.Nursery) -
         for _ in range(COUNT // 2):
             await running.publish_batch([{"channel": "user_1001_order", "data": PAYLOAD}] * 2)
         seq = await running.publish("user_1002_order", {"ok": 1})
-        assert await other.recv() == {"event": "@order", "data": {"ok": 1}, "seq": seq}
+        assert await other.recv() == {
+            "event": "@order",
+            "data": {"ok": 1},
+            "seq": seq,
+            "epoch": running.epoch,
+        }
 
     messages, code = await raw.read_until_close()
     assert code == CloseCode.SLOW_CONSUMER

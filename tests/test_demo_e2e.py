@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import msgspec
 import trio
-from conftest import feed, open_client, start_simulated
+from conftest import feed, open_client, start_simulated, subscribed
 
 from ingest import wire
 from ingest.sim import INITIAL_USDT, Market
@@ -109,7 +109,8 @@ async def test_simulated_engine_to_clients(nursery: trio.Nursery) -> None:
     async with open_client(running.ws_url) as client:
         assert (await client.call({"op": "auth", "token": running.token(UID)}))["result"]
         await client.send({"op": "subscribe", "channel": channels, "id": 1})
-        assert await client.recv() == {"result": True, "id": 1}
+        reply = await client.recv()
+        assert subscribed(reply, *channels) and reply["id"] == 1
         async with trio.open_nursery() as engine:
             engine.start_soon(feed(running, market))
             with trio.fail_after(60):
@@ -125,15 +126,15 @@ async def test_rest_snapshots_match_the_stream(nursery: trio.Nursery) -> None:
     market.step(1000)
     running = await start_simulated(nursery, market)
     async with open_client(running.ws_url) as client:
-        assert await client.call({"op": "subscribe", "channel": "BTCUSDT@depth"}) == {
-            "result": True
-        }  # the reply comes first, then the book (now, or at its first poll)
+        reply = await client.call({"op": "subscribe", "channel": "BTCUSDT@depth"})
+        assert subscribed(reply, "BTCUSDT@depth")  # the reply first, then the book
         first = await client.recv()
         async with httpx.AsyncClient(base_url=running.http_url) as http:
             rest = (await http.get("/v1/depth", params={"symbol": "BTCUSDT", "limit": 5000})).json()
             # the engine's book is frozen (the market does not step): the stream stands still
             assert rest["channel"] == "BTCUSDT@depth"
             assert (rest["seq"], rest["data"]["u"]) == (first["seq"], first["data"]["u"])
+            assert rest["epoch"] == first["epoch"] == running.epoch
             engine = market.book("BTCUSDT", 5000, 0)
             assert [tuple(lv) for lv in rest["data"]["bids"]] == engine.bids
             top = (await http.get("/v1/depth", params={"symbol": "BTCUSDT", "limit": 5})).json()
@@ -146,4 +147,5 @@ async def test_rest_snapshots_match_the_stream(nursery: trio.Nursery) -> None:
                 r = await http.get(path, params=params)
                 assert r.status_code == 400 and r.json()["error"]
             ticker = (await http.get("/v1/ticker", params={"symbol": "BTCUSDT"})).json()
-            assert ticker == {"channel": "BTCUSDT@ticker", "seq": 0, "stale": False, "data": None}
+            assert ticker == {"channel": "BTCUSDT@ticker", "seq": 0, "epoch": running.epoch,
+                              "stale": False, "data": None}  # fmt: skip

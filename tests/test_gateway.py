@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 import trio
 import trio_websocket
-from conftest import Client, RawClient, Running, make_config, open_client, start_daemon
+from conftest import Client, RawClient, Running, make_config, open_client, start_daemon, subscribed
 from wsproto.events import AcceptConnection
 
 from pushd.errors import CloseCode, ErrorCode
@@ -27,11 +27,21 @@ PRIVATE = ["balance", "order", "position", "account"]
 @pytest.mark.parametrize(("channel", "internal"), PUBLIC)
 async def test_public_channel_without_login(running: Running, channel: str, internal: str) -> None:
     async with open_client(running.ws_url) as c:
-        assert await c.call({"op": "subscribe", "channel": channel}) == {"result": True}
+        assert subscribed(await c.call({"op": "subscribe", "channel": channel}), channel)
         first = await running.publish(internal, {"n": 1})
         second = await running.publish(internal, {"n": 2, "p": "0.1"})
-        assert await c.recv() == {"event": channel, "data": {"n": 1}, "seq": first}
-        assert await c.recv() == {"event": channel, "data": {"n": 2, "p": "0.1"}, "seq": second}
+        assert await c.recv() == {
+            "event": channel,
+            "data": {"n": 1},
+            "seq": first,
+            "epoch": running.epoch,
+        }
+        assert await c.recv() == {
+            "event": channel,
+            "data": {"n": 2, "p": "0.1"},
+            "seq": second,
+            "epoch": running.epoch,
+        }
         assert second == first + 1
         assert await c.call({"op": "unsubscribe", "channel": channel}) == {"result": True}
         await running.publish(internal, {"n": 3})
@@ -45,13 +55,22 @@ async def test_private_channel_reaches_only_its_owner(running: Running, stream: 
         assert reply["code"] == ErrorCode.LOGIN_REQUIRED
         auth = await alice.call({"op": "auth", "token": running.token("1001"), "id": 1})
         assert auth == {"result": True, "id": 1, "uid": "1001"}
-        assert await alice.call({"op": "subscribe", "channel": f"@{stream}"}) == {"result": True}
+        assert subscribed(
+            await alice.call({"op": "subscribe", "channel": f"@{stream}"}), f"@{stream}"
+        )
         await bob.call({"op": "auth", "token": running.token("1002")})
-        assert await bob.call({"op": "subscribe", "channel": f"@{stream}"}) == {"result": True}
+        assert subscribed(
+            await bob.call({"op": "subscribe", "channel": f"@{stream}"}), f"@{stream}"
+        )
 
         await running.publish(f"user_1002_{stream}", {"for": "bob"})
         seq = await running.publish(f"user_1001_{stream}", {"for": "alice"})
-        assert await alice.recv() == {"event": f"@{stream}", "data": {"for": "alice"}, "seq": seq}
+        assert await alice.recv() == {
+            "event": f"@{stream}",
+            "data": {"for": "alice"},
+            "seq": seq,
+            "epoch": running.epoch,
+        }
         assert (await bob.recv())["data"] == {"for": "bob"}
 
 
@@ -124,7 +143,9 @@ async def test_bad_request_gets_error_and_connection_survives(
         assert reply["code"] == code and reply["msg"]
         if request_text.startswith('{"op"'):
             assert reply["id"] == 3
-        assert await c.call({"op": "subscribe", "channel": "BTCUSDT@depth"}) == {"result": True}
+        assert subscribed(
+            await c.call({"op": "subscribe", "channel": "BTCUSDT@depth"}), "BTCUSDT@depth"
+        )
 
 
 async def test_binary_frame_gets_error(running: Running) -> None:
@@ -139,7 +160,7 @@ async def test_channel_list_and_ids(running: Running) -> None:
         reply = await c.call(
             {"op": "subscribe", "channel": ["BTCUSDT@depth", "ETHUSDT@trades"], "id": "a"}
         )
-        assert reply == {"result": True, "id": "a"}
+        assert subscribed(reply, "BTCUSDT@depth", "ETHUSDT@trades") and reply["id"] == "a"
         bad = await c.call({"op": "subscribe", "channel": ["SOLUSDT@ticker", "nope"], "id": 2})
         assert bad["code"] == ErrorCode.UNKNOWN_CHANNEL and bad["id"] == 2
         await running.publish("ticker_SOLUSDT", {})  # all or nothing: not subscribed
@@ -265,14 +286,17 @@ async def test_invalid_frame_closes_only_that_client(running: Running) -> None:
 
 async def test_event_name_is_canonical_whoever_subscribed_first(running: Running) -> None:
     async with open_client(running.ws_url) as first, open_client(running.ws_url) as second:
-        assert await first.call({"op": "subscribe", "channel": "SOLUSDT@kline_1m"}) == {
-            "result": True
-        }
+        reply = await first.call({"op": "subscribe", "channel": "SOLUSDT@kline_1m"})
+        assert subscribed(reply, "SOLUSDT@kline")  # streams go by their canonical event name
         bad = await first.call({"op": "subscribe", "channel": "SOLUSDT@trades_", "id": 1})
         assert bad["code"] == ErrorCode.UNKNOWN_CHANNEL
-        assert await second.call({"op": "subscribe", "channel": "SOLUSDT@kline"}) == {
-            "result": True
-        }
+        reply = await second.call({"op": "subscribe", "channel": "SOLUSDT@kline"})
+        assert subscribed(reply, "SOLUSDT@kline")
         seq = await running.publish("kline_SOLUSDT", {"k": 1})
         for c in (first, second):
-            assert await c.recv() == {"event": "SOLUSDT@kline", "data": {"k": 1}, "seq": seq}
+            assert await c.recv() == {
+                "event": "SOLUSDT@kline",
+                "data": {"k": 1},
+                "seq": seq,
+                "epoch": running.epoch,
+            }

@@ -76,7 +76,7 @@ async def test_batch_is_all_or_nothing_and_ordered(running: Running) -> None:
         ).status_code == 400
         good = [{"channel": "notice", "data": {"i": i}} for i in range(5)]
         r = await post(running, "/v1/publish/batch", {"messages": good}, headers=AUTH)
-        assert r.json() == {"result": True, "seqs": [1, 2, 3, 4, 5]}
+        assert r.json() == {"result": True, "seqs": [1, 2, 3, 4, 5], "epochs": [running.epoch] * 5}
         assert [(await c.recv())["data"]["i"] for _ in range(5)] == [0, 1, 2, 3, 4]
 
 
@@ -93,8 +93,13 @@ async def test_account_stream_through_the_publish_api(running: Running) -> None:
         data = {"uid": "1001", "equity": "1234.50000000"}
         r = await post(running, "/v1/publish", {"channel": "user_1001_account", "data": data},
                        headers=AUTH)  # fmt: skip
-        assert r.json() == {"result": True, "seq": 1}
-        assert await c.recv() == {"event": "@account", "data": data, "seq": 1}
+        assert r.json() == {"result": True, "seq": 1, "epoch": running.epoch}
+        assert await c.recv() == {
+            "event": "@account",
+            "data": data,
+            "seq": 1,
+            "epoch": running.epoch,
+        }
 
 
 async def test_health_ready_metrics_stats(running: Running) -> None:

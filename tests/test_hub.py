@@ -5,6 +5,7 @@ from __future__ import annotations
 import msgspec
 from wsproto.frame_protocol import FrameDecoder, Opcode
 
+from pushd.bus.model import Position
 from pushd.channels import Channel
 from pushd.gateway.hub import Hub, Outlet, frame_end, text_frame
 from pushd.gateway.protocol import encode_event, encode_resync
@@ -40,15 +41,15 @@ def test_one_frame_shared_by_all_subscribers() -> None:
     outlets = [Outlet(10_000) for _ in range(3)]
     for o in outlets:
         hub.subscribe(o, PUBLIC)
-    assert hub.publish("trades_BTCUSDT", 1, DATA) == 3
-    assert hub.publish("trades_BTCUSDT", 2, DATA) == 3
+    assert hub.publish("trades_BTCUSDT", "e1", 1, DATA) == 3
+    assert hub.publish("trades_BTCUSDT", "e1", 2, DATA) == 3
     assert woken == [1]  # one wake per tick, however many frames
     assert hub.dirty == outlets
-    expected = text_frame(encode_event("BTCUSDT@trades", DATA, 1)) + text_frame(
-        encode_event("BTCUSDT@trades", DATA, 2)
+    expected = text_frame(encode_event("BTCUSDT@trades", DATA, 1, "e1")) + text_frame(
+        encode_event("BTCUSDT@trades", DATA, 2, "e1")
     )
     assert all(bytes(o.out) == expected for o in outlets)
-    assert hub.publish("depth_BTCUSDT", 1, DATA) == 0
+    assert hub.publish("depth_BTCUSDT", "e1", 1, DATA) == 0
     assert hub.stats().delivered == 6
 
 
@@ -67,21 +68,21 @@ def test_unsubscribe_removes_route_and_calls_back() -> None:
 
 def test_public_overflow_drops_then_resyncs_once_drained() -> None:
     hub = Hub()
-    frame_size = len(text_frame(encode_event("BTCUSDT@trades", DATA, 1)))
+    frame_size = len(text_frame(encode_event("BTCUSDT@trades", DATA, 1, "e1")))
     slow, fast = Outlet(frame_size * 2), Outlet(10_000)
     hub.subscribe(slow, PUBLIC)
     hub.subscribe(fast, PUBLIC)
     for seq in range(1, 6):
-        hub.publish(PUBLIC.internal, seq, DATA)
+        hub.publish(PUBLIC.internal, "e1", seq, DATA)
     assert [f["seq"] for f in frames(bytes(fast.out))] == [1, 2, 3, 4, 5]
     assert [f["seq"] for f in frames(bytes(slow.out))] == [1, 2]
-    assert not slow.slow and slow.lagging == {PUBLIC.internal: (PUBLIC, 5)}
+    assert not slow.slow and slow.lagging == {PUBLIC.internal: (PUBLIC, Position("e1", 5))}
     slow.out.clear()  # the socket took it all
-    hub.publish(PUBLIC.internal, 6, DATA)  # still lagging: dropped until drained() runs
+    hub.publish(PUBLIC.internal, "e1", 6, DATA)  # still lagging: dropped until drained() runs
     hub.drained(slow)
-    hub.publish(PUBLIC.internal, 7, DATA)
-    assert bytes(slow.out) == text_frame(encode_resync("BTCUSDT@trades", 6)) + text_frame(
-        encode_event("BTCUSDT@trades", DATA, 7)
+    hub.publish(PUBLIC.internal, "e1", 7, DATA)
+    assert bytes(slow.out) == text_frame(encode_resync("BTCUSDT@trades", 6, "e1")) + text_frame(
+        encode_event("BTCUSDT@trades", DATA, 7, "e1")
     )
     assert hub.stats().dropped == 4
 
@@ -90,27 +91,33 @@ def test_state_streams_start_and_resume_with_their_current_state() -> None:
     """A new subscriber gets the current state first; one that lagged gets it again instead of
     a resync notice, under the seq the stream stands at."""
     depth = Channel("depth_BTCUSDT", "BTCUSDT@depth", private=False, symbol="BTCUSDT")
-    book = {"seq": 0, "data": msgspec.Raw(b'{"e":"snapshot","u":0}')}
+    book = {"at": Position("e1", 0), "data": msgspec.Raw(b'{"e":"snapshot","u":0}')}
     hub = Hub()
     hub.current = lambda internal: (
-        (book["seq"], book["data"]) if internal == depth.internal else None  # type: ignore[return-value]
+        (book["at"], book["data"]) if internal == depth.internal else None  # type: ignore[return-value]
     )
-    frame_size = len(text_frame(encode_event("BTCUSDT@depth", DATA, 1)))
+    frame_size = len(text_frame(encode_event("BTCUSDT@depth", DATA, 1, "e1")))
     slow = Outlet(frame_size * 3)
     hub.subscribe(slow, depth)
     assert frames(bytes(slow.out)) == [
-        {"event": "BTCUSDT@depth", "data": {"e": "snapshot", "u": 0}, "seq": 0}
+        {"event": "BTCUSDT@depth", "data": {"e": "snapshot", "u": 0}, "seq": 0, "epoch": "e1"}
     ]
     for seq in range(1, 6):
-        hub.publish(depth.internal, seq, DATA)
+        hub.publish(depth.internal, "e1", seq, DATA)
     assert [f["seq"] for f in frames(bytes(slow.out))] == [0, 1]  # then it overflowed
     slow.out.clear()
-    book.update(seq=5, data=msgspec.Raw(b'{"e":"snapshot","u":5}'))
+    book.update(at=Position("e1", 5), data=msgspec.Raw(b'{"e":"snapshot","u":5}'))
     hub.drained(slow)
-    hub.publish(depth.internal, 6, DATA)
+    hub.publish(depth.internal, "e1", 6, DATA)
     assert frames(bytes(slow.out)) == [
-        {"event": "BTCUSDT@depth", "data": {"e": "snapshot", "u": 5}, "seq": 5, "resync": True},
-        {"event": "BTCUSDT@depth", "data": {"p": "1.5"}, "seq": 6},
+        {
+            "event": "BTCUSDT@depth",
+            "data": {"e": "snapshot", "u": 5},
+            "seq": 5,
+            "epoch": "e1",
+            "resync": True,
+        },
+        {"event": "BTCUSDT@depth", "data": {"p": "1.5"}, "seq": 6, "epoch": "e1"},
     ]  # the state after a lag is marked: the client replaces what it had
     trades = Outlet(10_000)
     hub.subscribe(trades, PUBLIC)
@@ -119,11 +126,11 @@ def test_state_streams_start_and_resume_with_their_current_state() -> None:
 
 def test_private_overflow_marks_slow_and_never_skips() -> None:
     hub = Hub()
-    frame_size = len(text_frame(encode_event("@order", DATA, 1)))
+    frame_size = len(text_frame(encode_event("@order", DATA, 1, "e1")))
     outlet = Outlet(frame_size * 2)
     hub.subscribe(outlet, PRIVATE)
     for seq in range(1, 4):
-        hub.publish(PRIVATE.internal, seq, DATA)
+        hub.publish(PRIVATE.internal, "e1", seq, DATA)
     assert outlet.slow
     assert [f["seq"] for f in frames(bytes(outlet.out))] == [1, 2]
     assert hub.dirty.count(outlet) >= 1
@@ -149,11 +156,11 @@ def test_frame_end_walks_headers_of_every_length() -> None:
 
 def test_private_gap_tells_every_private_subscriber() -> None:
     hub = Hub()
-    hub.last_seq = lambda internal: {"user_1_order": 7}.get(internal, 0)
+    hub.position = lambda internal: Position("e1", {"user_1_order": 7}.get(internal, 0))
     mine, public_only = Outlet(10_000), Outlet(10_000)
     hub.subscribe(mine, PRIVATE)
     hub.subscribe(mine, PUBLIC)
     hub.subscribe(public_only, PUBLIC)
     assert hub.resync_private() == 1
-    assert frames(bytes(mine.out)) == [{"event": "@order", "resync": True, "seq": 7}]
+    assert frames(bytes(mine.out)) == [{"event": "@order", "resync": True, "seq": 7, "epoch": "e1"}]
     assert public_only.out == b""

@@ -6,7 +6,7 @@ import socket
 from collections.abc import Callable
 
 import trio
-from conftest import Client, Running, make_config, open_client, start_daemon
+from conftest import Client, Running, make_config, open_client, start_daemon, subscribed
 
 from ingest import wire
 from ingest.framing import Framer
@@ -30,7 +30,7 @@ def trade(trade_id: int) -> wire.Trade:
 async def subscribe_private(c: Client, running: Running, uid: str) -> None:
     await c.call({"op": "auth", "token": running.token(uid)})
     reply = await c.call({"op": "subscribe", "channel": ["@order", "@balance", "@position"]})
-    assert reply == {"result": True}
+    assert subscribed(reply, "@order", "@balance", "@position")
 
 
 async def test_private_events_reach_their_owner(running: Running) -> None:

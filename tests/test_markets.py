@@ -10,7 +10,6 @@ from wsproto.frame_protocol import FrameDecoder
 
 from ingest import wire
 from pushd.bus.memory import MemoryBus
-from pushd.bus.publisher import Publisher
 from pushd.channels import Channel
 from pushd.config import MarketConfig
 from pushd.gateway.hub import Hub, Outlet
@@ -22,7 +21,7 @@ DAY_MS = 86_400_000
 
 def test_a_trade_from_a_clock_far_ahead_counts_at_our_time() -> None:
     """One bad engine clock must not freeze the ticker and klines until its time comes."""
-    markets = Markets({"BTCUSDT": MarketConfig()}, Publisher(MemoryBus(Hub())), lambda _: None)
+    markets = Markets({"BTCUSDT": MarketConfig()}, MemoryBus(Hub(), 200, 300.0), lambda _: None)
     now = wall_ms()
     with capture_logs() as logs:
         markets.trade(wire.Trade("BTCUSDT", 1, "100", "1", "buy", now + DAY_MS))
@@ -42,7 +41,7 @@ def test_a_trade_from_a_clock_far_ahead_counts_at_our_time() -> None:
 
 def test_new_subscribers_share_one_snapshot_per_seq_and_never_a_stale_one() -> None:
     hub = Hub()
-    markets = Markets({"BTCUSDT": MarketConfig()}, Publisher(MemoryBus(hub)), lambda _: None)
+    markets = Markets({"BTCUSDT": MarketConfig()}, MemoryBus(hub, 200, 300.0), lambda _: None)
     hub.current = markets.current
     market = markets.symbols["BTCUSDT"]
     encodes = 0
@@ -81,7 +80,7 @@ def test_new_subscribers_share_one_snapshot_per_seq_and_never_a_stale_one() -> N
 
 def minute_markets() -> tuple[Markets, Hub]:
     hub = Hub()
-    markets = Markets({"BTCUSDT": MarketConfig()}, Publisher(MemoryBus(hub)), lambda _: None)
+    markets = Markets({"BTCUSDT": MarketConfig()}, MemoryBus(hub, 200, 300.0), lambda _: None)
     return markets, hub
 
 
@@ -111,13 +110,13 @@ def test_rest_trades_stand_exactly_at_their_seq() -> None:
     now = wall_ms()
     markets.trade(wire.Trade("BTCUSDT", 1, "100", "1", "buy", now))
     markets.tick(now)
-    seq = markets._publisher.seq("trades_BTCUSDT")
+    seq = markets._bus.position("trades_BTCUSDT").seq
     markets.trade(wire.Trade("BTCUSDT", 2, "100", "1", "buy", now))  # pending
     assert [t.id for t in market.trades.recent] == [1]
-    assert markets._publisher.seq("trades_BTCUSDT") == seq
+    assert markets._bus.position("trades_BTCUSDT").seq == seq
     markets.tick(now + 200)
     assert [t.id for t in market.trades.recent] == [1, 2]
-    assert markets._publisher.seq("trades_BTCUSDT") == seq + 1
+    assert markets._bus.position("trades_BTCUSDT").seq == seq + 1
 
 
 def test_ticker_memory_is_bounded_by_time_not_trades() -> None:
@@ -135,7 +134,7 @@ def test_one_symbols_fault_stops_neither_the_timer_nor_the_others() -> None:
     hub = Hub()
     markets = Markets(
         {"BTCUSDT": MarketConfig(), "ETHUSDT": MarketConfig()},
-        Publisher(MemoryBus(hub)),
+        MemoryBus(hub, 200, 300.0),
         lambda _: None,
     )
 
@@ -149,4 +148,4 @@ def test_one_symbols_fault_stops_neither_the_timer_nor_the_others() -> None:
         markets.tick(now)
     assert markets.failures == 1
     assert [e["event"] for e in logs] == ["market tick failed"]
-    assert markets._publisher.seq("trades_ETHUSDT") == 1  # the other symbol went on
+    assert markets._bus.position("trades_ETHUSDT").seq == 1  # the other symbol went on

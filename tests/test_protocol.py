@@ -67,9 +67,16 @@ def test_replies() -> None:
     err = RequestError(ErrorCode.UNKNOWN_CHANNEL)
     assert protocol.encode_error(err) == b'{"code":5,"msg":"unknown channel"}'
     assert protocol.encode_pong(123, "a") == b'{"op":"pong","ts":123,"id":"a"}'
-    event = protocol.encode_event("BTCUSDT@depth", msgspec.Raw(b'{"bids":[]}'), 4)
-    assert event == b'{"event":"BTCUSDT@depth","data":{"bids":[]},"seq":4}'
-    assert protocol.encode_resync("X@trades", 9) == b'{"event":"X@trades","resync":true,"seq":9}'
+    event = protocol.encode_event("BTCUSDT@depth", msgspec.Raw(b'{"bids":[]}'), 4, "ab12")
+    assert event == b'{"event":"BTCUSDT@depth","data":{"bids":[]},"seq":4,"epoch":"ab12"}'
+    resync = protocol.encode_resync("X@trades", 9, "ab12")
+    assert resync == b'{"event":"X@trades","resync":true,"seq":9,"epoch":"ab12"}'
+    streams = {"X@trades": protocol.StreamPosition("ab12", 9)}
+    reply = protocol.encode_subscribed(streams, "s1", recovered=True)
+    assert reply == (
+        b'{"result":true,"streams":{"X@trades":{"epoch":"ab12","seq":9}},"id":"s1","recovered":true}'
+    )
+    assert b"recovered" not in protocol.encode_subscribed(streams)  # only when since was asked
 
 
 @pytest.mark.parametrize("text", ['{"op":1}xx', '{"op":"subscribe","channel":5} ]', "[1]x"])

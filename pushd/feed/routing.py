@@ -8,7 +8,7 @@ from typing import Protocol
 import msgspec
 
 from ingest import wire
-from pushd.bus.publisher import Publisher
+from pushd.bus.model import Bus, Outgoing
 from pushd.channels import private_channel
 from pushd.feed.intake import PrivateEvent
 
@@ -32,10 +32,8 @@ class MarketSink(Protocol):
 class EngineRouter:
     """The IngestSink of the daemon."""
 
-    def __init__(
-        self, publisher: Publisher, markets: MarketSink, private_gap: Callable[[str], None]
-    ) -> None:
-        self._publisher = publisher
+    def __init__(self, bus: Bus, markets: MarketSink, private_gap: Callable[[str], None]) -> None:
+        self._bus = bus
         self._markets = markets
         self.trade = markets.trade
         self.index_price = markets.index_price
@@ -44,4 +42,4 @@ class EngineRouter:
 
     def private(self, event: PrivateEvent) -> None:
         channel = private_channel(event.uid, _STREAM[type(event)])
-        self._publisher.publish_one(channel, msgspec.Raw(_encoder.encode(event)))
+        self._bus.publish([Outgoing(channel, msgspec.Raw(_encoder.encode(event)))])

@@ -12,11 +12,17 @@ Buffers are bounded in bytes (``Outlet.limit``). When a frame does not fit:
 
 - public market stream: the frame is dropped for that subscriber and the channel is marked
   *lagging*; further frames of that channel are dropped too until the buffer has drained, then
-  the subscriber gets one ``{"event":...,"resync":true,"seq":N}`` (N = last seq it lost) and
+  the subscriber gets one ``{"event":...,"resync":true,"seq":N,...}`` (N = last seq it lost) and
   the stream goes on. A slow reader never costs anyone else anything.
 - private stream, or a reply: the outlet is marked ``slow``; the gateway closes it with
   ``CloseCode.SLOW_CONSUMER`` so the client reconnects and reloads its private state. Private
   events are never silently skipped.
+
+A subscriber joins in two steps when what it gets first needs a look at the bus (a replay of
+what it missed, or on a node without the book the stream's current state): ``join`` adds it as
+*pending*, so the channel's live events are kept for it; ``settle`` then sends what the bus
+answered and, after it, the kept events it does not have yet (by seq), and makes it live. No
+event is lost or doubled between the replay and the live stream.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from collections.abc import Callable, Iterator
 import msgspec
 from wsproto.frame_protocol import FrameProtocol
 
+from pushd.bus.model import Position, Recovery
 from pushd.channels import Channel
 from pushd.gateway.protocol import encode_current_after_lag, encode_event, encode_resync
 
@@ -66,16 +73,23 @@ class Outlet:
         self.out = bytearray()
         self.head_left = 0
         self.limit = limit
-        self.lagging: dict[str, tuple[Channel, int]] = {}  # internal -> (channel, last lost seq)
+        # internal -> (channel, last lost position)
+        self.lagging: dict[str, tuple[Channel, Position]] = {}
         self.slow = False
 
 
+MAX_PENDING = 10_000  # live events kept for one joining subscriber; more marks it slow
+
+
 class _Route:
-    __slots__ = ("channel", "seq", "subscribers")
+    __slots__ = ("channel", "epoch", "pending", "seq", "subscribers")
 
     def __init__(self, channel: Channel) -> None:
         self.channel = channel
         self.subscribers: dict[Outlet, None] = {}  # an ordered set
+        # joining subscribers -> the live events kept for them: (epoch, seq, data)
+        self.pending: dict[Outlet, list[tuple[str, int, msgspec.Raw]]] = {}
+        self.epoch = ""
         self.seq = 0
 
 
@@ -94,52 +108,90 @@ class Hub:
         self.on_dirty: Callable[[], None] = lambda: None  # the dirty list became non-empty
         self.on_first_subscriber: Callable[[str], None] = lambda _internal: None
         self.on_last_unsubscribe: Callable[[str], None] = lambda _internal: None
-        # a stream's current state and its seq (depth snapshot, ticker, open candle, ...)
-        self.current: Callable[[str], tuple[int, msgspec.Raw] | None] = lambda _internal: None
-        self._current_frames: dict[str, tuple[int, msgspec.Raw, bytes]] = {}  # seq, state, frame
-        self.last_seq: Callable[[str], int] = lambda _internal: 0  # a channel's last seq
+        # a stream's current state and where it stands (depth snapshot, ticker, open candle, ...)
+        self.current: Callable[[str], tuple[Position, msgspec.Raw] | None] = lambda _c: None
+        self._current_frames: dict[str, tuple[Position, msgspec.Raw, bytes]] = {}
+        self.position: Callable[[str], Position | None] = lambda _internal: None
         self.published = 0
         self.delivered = 0
         self.dropped = 0
 
-    def subscribe(self, outlet: Outlet, channel: Channel) -> None:
-        """Add a subscriber; it gets the stream's current state first, where there is one."""
+    def subscribe(self, outlet: Outlet, channel: Channel) -> Position | None:
+        """Add a live subscriber; it gets the stream's current state first, where there is one.
+        Returns where its stream starts."""
+        self.join(outlet, channel)
+        return self.settle(outlet, channel, None)
+
+    def join(self, outlet: Outlet, channel: Channel) -> None:
+        """Add a pending subscriber: live events are kept for it until ``settle``."""
         route = self._routes.get(channel.internal)
         if route is None:
             route = self._routes[channel.internal] = _Route(channel)
             self.on_first_subscriber(channel.internal)
-        route.subscribers[outlet] = None
-        self._send_current(outlet, channel)
+        route.pending[outlet] = []
 
-    def _send_current(self, outlet: Outlet, channel: Channel, *, after_lag: bool = False) -> bool:
+    def settle(
+        self, outlet: Outlet, channel: Channel, recovery: Recovery | None
+    ) -> Position | None:
+        """Make a pending subscriber live: first what it missed (``recovery.recovered``) or
+        else the stream's current state, then the kept events it does not have. Returns where
+        its stream starts (None: unknown, or it left while pending)."""
+        route = self._routes.get(channel.internal)
+        if route is None or outlet not in route.pending:
+            return None
+        kept = route.pending.pop(outlet)
+        route.subscribers[outlet] = None
+        start: Position | None
+        if recovery is not None and recovery.recovered:
+            start = recovery.position
+            protocol, epoch = channel.protocol, start.epoch
+            for entry in recovery.missed:
+                self.send(outlet, text_frame(encode_event(protocol, entry.data, entry.seq, epoch)))
+        else:
+            start = self._send_current(outlet, channel)
+            if start is None and recovery is not None:
+                start = recovery.position
+            elif start is None:
+                start = self.position(channel.internal)
+        for epoch, seq, data in kept:
+            if start is None or epoch != start.epoch or seq > start.seq:
+                self.send(outlet, text_frame(encode_event(channel.protocol, data, seq, epoch)))
+        return start
+
+    def _send_current(
+        self, outlet: Outlet, channel: Channel, *, after_lag: bool = False
+    ) -> Position | None:
         current = self.current(channel.internal)
         if current is None:
-            return False
-        seq, data = current
+            return None
+        at, data = current
         if after_lag:  # rare, and marked so the client knows it replaces what it had
-            self.send(outlet, text_frame(encode_current_after_lag(channel.protocol, data, seq)))
-            return True
+            frame = encode_current_after_lag(channel.protocol, data, at.seq, at.epoch)
+            self.send(outlet, text_frame(frame))
+            return at
         framed = self._current_frames.get(channel.internal)
-        if framed is None or framed[0] != seq or framed[1] is not data:  # once per state
-            framed = (seq, data, text_frame(encode_event(channel.protocol, data, seq)))
+        if framed is None or framed[0] != at or framed[1] is not data:  # once per state
+            frame = text_frame(encode_event(channel.protocol, data, at.seq, at.epoch))
+            framed = (at, data, frame)
             self._current_frames[channel.internal] = framed
         self.send(outlet, framed[2])
-        return True
+        return at
 
     def unsubscribe(self, outlet: Outlet, internal: str) -> None:
         route = self._routes.get(internal)
         if route is None:
             return
         route.subscribers.pop(outlet, None)
+        route.pending.pop(outlet, None)
         outlet.lagging.pop(internal, None)
-        if not route.subscribers:
+        if not route.subscribers and not route.pending:
             del self._routes[internal]
             self._current_frames.pop(internal, None)
             self.on_last_unsubscribe(internal)
 
     def subscriber_count(self, internal: str) -> int:
         route = self._routes.get(internal)
-        return len(route.subscribers) if route is not None else 0
+        return len(route.subscribers) + len(route.pending) if route is not None else 0
 
     def channels(self) -> Iterator[str]:
         return iter(self._routes)
@@ -147,20 +199,23 @@ class Hub:
     def stats(self) -> HubStats:
         return HubStats(
             channels=len(self._routes),
-            subscriptions=sum(len(r.subscribers) for r in self._routes.values()),
+            subscriptions=sum(len(r.subscribers) + len(r.pending) for r in self._routes.values()),
             published=self.published,
             delivered=self.delivered,
             dropped=self.dropped,
         )
 
-    def publish(self, internal: str, seq: int, data: msgspec.Raw) -> int:
+    def publish(self, internal: str, epoch: str, seq: int, data: msgspec.Raw) -> int:
         """Deliver one event to every local subscriber of ``internal``; returns how many got it."""
         self.published += 1
         route = self._routes.get(internal)
         if route is None:
             return 0
+        route.epoch = epoch
         route.seq = seq
-        frame = text_frame(encode_event(route.channel.protocol, data, seq))
+        if route.pending:
+            self._keep(route, epoch, seq, data)
+        frame = text_frame(encode_event(route.channel.protocol, data, seq, epoch))
         size = len(frame)
         dirty = self.dirty
         was_clean = not dirty
@@ -168,10 +223,10 @@ class Hub:
         for outlet in route.subscribers:
             out = outlet.out
             if outlet.lagging and internal in outlet.lagging:
-                outlet.lagging[internal] = (route.channel, seq)
+                outlet.lagging[internal] = (route.channel, Position(epoch, seq))
                 self.dropped += 1
             elif len(out) + size > outlet.limit:
-                self._overflow(outlet, route.channel, seq)
+                self._overflow(outlet, route.channel, Position(epoch, seq))
             else:
                 if not out:
                     dirty.append(outlet)
@@ -181,6 +236,14 @@ class Hub:
         if was_clean and dirty:
             self.on_dirty()
         return delivered
+
+    def _keep(self, route: _Route, epoch: str, seq: int, data: msgspec.Raw) -> None:
+        for outlet, kept in route.pending.items():
+            if len(kept) < MAX_PENDING:
+                kept.append((epoch, seq, data))
+            elif not outlet.slow:  # a join that never settles: end it like a slow reader
+                outlet.slow = True
+                self._mark_dirty(outlet)
 
     def send(self, outlet: Outlet, frame: bytes) -> None:
         """Queue a frame for one outlet (a reply); a reply that does not fit marks it slow."""
@@ -199,9 +262,21 @@ class Hub:
         """The outlet's buffer is empty again: each lagging channel resumes with its current
         state (a depth snapshot, ...) or, for a stream of events (trades), a resync notice."""
         lagging, outlet.lagging = outlet.lagging, {}
-        for channel, seq in lagging.values():
-            if not self._send_current(outlet, channel, after_lag=True):
-                self.send(outlet, text_frame(encode_resync(channel.protocol, seq)))
+        for channel, lost in lagging.values():
+            if self._send_current(outlet, channel, after_lag=True) is None:
+                self.send(outlet, text_frame(encode_resync(channel.protocol, lost.seq, lost.epoch)))
+
+    def resync(self, internal: str, at: Position) -> int:
+        """Events of ``internal`` up to ``at`` may not have reached this node (the bus lost
+        them): every subscriber gets the current state or a resync notice. Returns how many."""
+        route = self._routes.get(internal)
+        if route is None:
+            return 0
+        for outlet in route.subscribers:
+            outlet.lagging[internal] = (route.channel, at)
+            if not outlet.out:
+                self.drained(outlet)
+        return len(route.subscribers)
 
     def resync_private(self) -> int:
         """Events of private channels may have been lost before they got here (an ingest gap):
@@ -210,21 +285,23 @@ class Hub:
         told = 0
         for route in self._routes.values():
             if route.channel.private:
-                seq = max(route.seq, self.last_seq(route.channel.internal))
-                frame = text_frame(encode_resync(route.channel.protocol, seq))
+                at = self.position(route.channel.internal) or Position(route.epoch, route.seq)
+                if route.seq > at.seq and route.epoch == at.epoch:
+                    at = Position(route.epoch, route.seq)
+                frame = text_frame(encode_resync(route.channel.protocol, at.seq, at.epoch))
                 for outlet in route.subscribers:
                     self.send(outlet, frame)
                     told += 1
         return told
 
-    def _overflow(self, outlet: Outlet, channel: Channel, seq: int) -> None:
+    def _overflow(self, outlet: Outlet, channel: Channel, lost: Position) -> None:
         self.dropped += 1
         if channel.private:
             if not outlet.slow:
                 outlet.slow = True
                 self._mark_dirty(outlet)
         else:
-            outlet.lagging[channel.internal] = (channel, seq)
+            outlet.lagging[channel.internal] = (channel, lost)
 
     def _mark_dirty(self, outlet: Outlet) -> None:
         """Hand the outlet to the flusher (a slow one, so that the flusher closes it)."""

@@ -22,9 +22,17 @@ class Auth(msgspec.Struct, tag="auth", tag_field="op", frozen=True):
     id: RequestId | None = None
 
 
+class Since(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The last event a client has of a channel: its ``seq`` in ``epoch``."""
+
+    seq: Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
+    epoch: Annotated[str, msgspec.Meta(max_length=32)]
+
+
 class Subscribe(msgspec.Struct, tag="subscribe", tag_field="op", frozen=True):
     channel: ChannelName | ChannelList
     id: RequestId | None = None
+    since: Since | None = None  # recover what was missed: one channel only
 
 
 class Unsubscribe(msgspec.Struct, tag="unsubscribe", tag_field="op", frozen=True):
@@ -53,6 +61,22 @@ class Result(msgspec.Struct, omit_defaults=True):
     uid: str | None = None
 
 
+class StreamPosition(msgspec.Struct, frozen=True):
+    epoch: str
+    seq: int
+
+
+class Subscribed(msgspec.Struct, omit_defaults=True):
+    """The reply to a subscribe: where each new stream stands (its events that follow have
+    seqs up to ``seq`` for its current state or a replay, then above it); ``recovered`` only
+    when the request had ``since``."""
+
+    result: bool
+    streams: dict[str, StreamPosition]
+    id: RequestId | None = None
+    recovered: bool | None = None
+
+
 class Error(msgspec.Struct, omit_defaults=True):
     code: int
     msg: str
@@ -71,6 +95,7 @@ class Event(msgspec.Struct):
     event: str
     data: msgspec.Raw
     seq: int
+    epoch: str
 
 
 class CurrentAfterLag(msgspec.Struct):
@@ -79,6 +104,7 @@ class CurrentAfterLag(msgspec.Struct):
     event: str
     data: msgspec.Raw
     seq: int
+    epoch: str
     resync: bool = True
 
 
@@ -88,6 +114,7 @@ class Resync(msgspec.Struct):
     event: str
     resync: bool
     seq: int
+    epoch: str
 
 
 _decoder = msgspec.json.Decoder(Request)
@@ -147,13 +174,21 @@ def encode_pong(ts_ms: int, request_id: RequestId | None = None) -> bytes:
     return _encoder.encode(Pong("pong", ts_ms, id=request_id))
 
 
-def encode_event(event: str, data: msgspec.Raw, seq: int) -> bytes:
-    return _encoder.encode(Event(event=event, data=data, seq=seq))
+def encode_subscribed(
+    streams: dict[str, StreamPosition],
+    request_id: RequestId | None = None,
+    recovered: bool | None = None,
+) -> bytes:
+    return _encoder.encode(Subscribed(True, streams, id=request_id, recovered=recovered))
 
 
-def encode_current_after_lag(event: str, data: msgspec.Raw, seq: int) -> bytes:
-    return _encoder.encode(CurrentAfterLag(event=event, data=data, seq=seq))
+def encode_event(event: str, data: msgspec.Raw, seq: int, epoch: str) -> bytes:
+    return _encoder.encode(Event(event=event, data=data, seq=seq, epoch=epoch))
 
 
-def encode_resync(event: str, seq: int) -> bytes:
-    return _encoder.encode(Resync(event=event, resync=True, seq=seq))
+def encode_current_after_lag(event: str, data: msgspec.Raw, seq: int, epoch: str) -> bytes:
+    return _encoder.encode(CurrentAfterLag(event=event, data=data, seq=seq, epoch=epoch))
+
+
+def encode_resync(event: str, seq: int, epoch: str) -> bytes:
+    return _encoder.encode(Resync(event=event, resync=True, seq=seq, epoch=epoch))

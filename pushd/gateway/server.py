@@ -60,6 +60,7 @@ from wsproto.events import (
 from wsproto.handshake import H11Handshake
 
 from pushd.auth import Verifier
+from pushd.bus.model import Bus, BusUnavailable, Position, Recovery
 from pushd.config import Config
 from pushd.errors import AuthError, AuthUnavailable, CloseCode, ErrorCode, RequestError
 from pushd.gateway import protocol
@@ -130,9 +131,10 @@ def unsent_bytes(sock: socket.socket) -> int:
 
 class Gateway:
     def __init__(
-        self, config: Config, hub: Hub, verifier: Verifier, metrics: GatewayMetrics
+        self, config: Config, hub: Hub, bus: Bus, verifier: Verifier, metrics: GatewayMetrics
     ) -> None:
         self._config = config
+        self._bus = bus
         self._limits = config.limits
         self._symbols = frozenset(config.markets)
         self.hub = hub
@@ -629,12 +631,7 @@ class Gateway:
                 case protocol.Auth():
                     await self._auth(conn, session, request, now)
                 case protocol.Subscribe():
-                    added = session.subscribe(protocol.channels_of(request))
-                    # the reply first, then each stream's current state: one synchronous step,
-                    # so no event can come between the state and the stream that follows it
-                    self._send_ws(conn, protocol.encode_result(request_id))
-                    for channel in added:
-                        self.hub.subscribe(conn, channel)
+                    await self._subscribe(conn, session, request)
                 case protocol.Unsubscribe():
                     for channel in session.unsubscribe(protocol.channels_of(request)):
                         self.hub.unsubscribe(conn, channel.internal)
@@ -647,6 +644,45 @@ class Gateway:
             self._metrics.errors.labels(code=str(int(err.code))).inc()
             if not conn.closing:
                 self._send_ws(conn, protocol.encode_error(err))
+
+    async def _subscribe(
+        self, conn: Connection, session: Session, request: protocol.Subscribe
+    ) -> None:
+        """Join each new stream as pending (live events are kept for it), ask the bus what it
+        missed or where it stands, then in one synchronous step: the reply, each stream's
+        replay or current state, and the kept events after it."""
+        names = protocol.channels_of(request)
+        since = None
+        if request.since is not None:
+            if len(names) != 1:
+                raise RequestError(ErrorCode.INVALID_REQUEST, "since takes exactly one channel")
+            since = Position(request.since.epoch, request.since.seq)
+        added = session.subscribe(names)
+        for channel in added:
+            self.hub.join(conn, channel)
+        recoveries: list[Recovery] = []
+        try:
+            for channel in added:
+                recoveries.append(await self._bus.recover(channel.internal, since))
+        except BusUnavailable:
+            for channel in session.unsubscribe([c.protocol for c in added]):
+                self.hub.unsubscribe(conn, channel.internal)
+            raise RequestError(ErrorCode.UNAVAILABLE) from None
+        if conn.closing:
+            return
+        mark = len(conn.out)
+        streams = {}
+        for channel, recovery in zip(added, recoveries, strict=True):
+            start = self.hub.settle(conn, channel, recovery) or recovery.position
+            streams[channel.protocol] = protocol.StreamPosition(start.epoch, start.seq)
+        recovered = recoveries[0].recovered if since is not None and recoveries else None
+        if since is not None and not added:  # already subscribed: nothing to recover
+            recovered = False
+        reply = protocol.encode_subscribed(streams, request.id, recovered)
+        if len(conn.out) == mark:
+            self._send_ws(conn, reply)
+        elif not conn.slow:  # the reply goes before the streams' first events
+            conn.out[mark:mark] = text_frame(reply)
 
     async def _auth(
         self, conn: Connection, session: Session, request: protocol.Auth, now: float

@@ -37,7 +37,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from pushd.bus.publisher import Publisher
+from pushd.bus.model import Bus, Outgoing
 from pushd.channels import (
     KLINE_INTERVALS,
     NOTICE,
@@ -82,7 +82,7 @@ class HttpApi:
     def __init__(
         self,
         config: Config,
-        publisher: Publisher,
+        bus: Bus,
         gateway: Gateway,
         registry: CollectorRegistry,
         metrics: GatewayMetrics,
@@ -90,7 +90,7 @@ class HttpApi:
     ) -> None:
         self._config = config
         self._markets = markets
-        self._publisher = publisher
+        self._bus = bus
         self._gateway = gateway
         self._registry = registry
         self._metrics = metrics
@@ -173,9 +173,11 @@ class HttpApi:
     def _snapshot(self, stream: str, market: SymbolMarket, data: object, iv: str = "1m") -> object:
         internal = market_channel(stream, market.symbol, iv)
         protocol = parse_internal(internal, self._symbols).protocol
+        at = self._bus.position(internal)
         return {
             "channel": protocol,
-            "seq": self._publisher.seq(internal),
+            "seq": at.seq if at is not None else 0,
+            "epoch": at.epoch if at is not None else "",
             "stale": self._markets.stale(market.symbol),
             "data": data,
         }
@@ -227,7 +229,7 @@ class HttpApi:
                 raise ApiError(413, f"body over {MAX_BODY_BYTES} bytes")
         return body
 
-    def _check(self, item: PublishItem) -> tuple[str, msgspec.Raw]:
+    def _check(self, item: PublishItem) -> Outgoing:
         try:
             channel = parse_internal(item.channel, self._symbols)
         except ValueError as exc:
@@ -238,22 +240,26 @@ class HttpApi:
             )
         if len(item.data) > self._max_data:
             raise ApiError(413, f"data of {item.channel} over {self._max_data} bytes")
-        return item.channel, item.data
+        return Outgoing(item.channel, item.data)
 
     async def publish(self, request: Request) -> dict[str, object]:
         item = _decode(await self._body(request), PublishItem)
-        seq = self._publisher.publish_one(*self._check(item))
+        [at] = await self._bus.publish_confirmed([self._check(item)])
         self._metrics.published_api.inc()
-        return {"result": True, "seq": seq}
+        return {"result": True, "seq": at.seq, "epoch": at.epoch}
 
     async def publish_batch(self, request: Request) -> dict[str, object]:
         batch = _decode(await self._body(request), PublishBatch)
         if len(batch.messages) > self._config.http.max_batch:
             raise ApiError(413, f"batch over {self._config.http.max_batch} messages")
         items = [self._check(item) for item in batch.messages]  # all valid, or none published
-        seqs = self._publisher.publish(items)
+        positions = await self._bus.publish_confirmed(items)
         self._metrics.published_api.inc(len(items))
-        return {"result": True, "seqs": seqs}
+        return {
+            "result": True,
+            "seqs": [at.seq for at in positions],
+            "epochs": [at.epoch for at in positions],
+        }
 
     async def disconnect(self, request: Request) -> dict[str, object]:
         uid = request.path_params["uid"]

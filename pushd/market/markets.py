@@ -15,7 +15,7 @@ import structlog
 import trio
 
 from ingest import wire
-from pushd.bus.publisher import Publisher
+from pushd.bus.model import Bus, Outgoing, Position
 from pushd.config import MarketConfig
 from pushd.logs import ThrottledLog
 from pushd.market.symbol import SymbolMarket
@@ -37,11 +37,11 @@ class Markets:
     def __init__(
         self,
         markets: dict[str, MarketConfig],
-        publisher: Publisher,
+        bus: Bus,
         refresh_book: Callable[[str], None],
     ) -> None:
         self.symbols = {symbol: SymbolMarket(symbol, cfg) for symbol, cfg in markets.items()}
-        self._publisher = publisher
+        self._bus = bus
         self._refresh_book = refresh_book
         self._by_channel: dict[str, SymbolMarket] = {}
         for market in self.symbols.values():
@@ -55,7 +55,7 @@ class Markets:
         self._resync_log = ThrottledLog(log, "resync after an ingest loss")
         self._sources_log = ThrottledLog(log, "index source ignored: too many sources")
         self._tick_log = ThrottledLog(log, "market tick failed")
-        self._current: dict[str, tuple[int, msgspec.Raw, bool]] = {}  # -> (seq, state, stale)
+        self._current: dict[str, tuple[Position, msgspec.Raw, bool]] = {}  # -> (at, state, stale)
         # whether a symbol's book may be behind the engine's (the daemon knows the poller)
         self.stale: Callable[[str], bool] = lambda _symbol: False
         self._future_log = ThrottledLog(log, "trade stamped in the future: counted at our time")
@@ -96,8 +96,8 @@ class Markets:
             self.symbols[symbol].gap()
             self._refresh_book(symbol)
 
-    def current(self, internal: str) -> tuple[int, msgspec.Raw] | None:
-        """A stream's current state and the seq it stands at exactly, for a new subscriber.
+    def current(self, internal: str) -> tuple[Position, msgspec.Raw] | None:
+        """A stream's current state and the position it stands at exactly, for a new subscriber.
 
         Encoded once per seq (and staleness): a reconnect storm of thousands of depth
         subscribers gets one snapshot, not thousands (the hub frames it once too).
@@ -105,17 +105,19 @@ class Markets:
         market = self._by_channel.get(internal)
         if market is None:
             return None
-        seq = self._publisher.seq(internal)
+        at = self._bus.position(internal)
+        if at is None:
+            return None
         stale = internal == market.channels["depth"] and self.stale(market.symbol)
         cached = self._current.get(internal)
-        if cached is not None and cached[0] == seq and cached[2] == stale:
+        if cached is not None and cached[0] == at and cached[2] == stale:
             return cached[0], cached[1]
         data = market.current(internal, stale=stale)
         if data is None:
             return None
         raw = msgspec.Raw(data)
-        self._current[internal] = (seq, raw, stale)
-        return seq, raw
+        self._current[internal] = (at, raw, stale)
+        return at, raw
 
     def tick(self, now_ms: int) -> None:
         for market in self.symbols.values():
@@ -137,4 +139,4 @@ class Markets:
     def _publish(self, market: SymbolMarket) -> None:
         items = market.take()
         if items:
-            self._publisher.publish((channel, msgspec.Raw(data)) for channel, data in items)
+            self._bus.publish([Outgoing(channel, msgspec.Raw(data)) for channel, data in items])

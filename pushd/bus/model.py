@@ -1,0 +1,129 @@
+"""What every bus speaks: positions in a channel, messages, history, recovery. No I/O.
+
+Each internal channel is one sequence: its messages are numbered 1, 2, 3, ... (``seq``) within
+an ``epoch``, a short string that names one unbroken life of that numbering. Whoever keeps the
+numbering (this process for the memory bus, Redis for the Redis bus) also keeps a bounded
+history of the channel's last messages; a client that knows its last ``(epoch, seq)`` can get
+exactly what it missed while history reaches back that far. A new epoch means the numbering and
+its history were lost (a restart, an eviction): the client must reload.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections import deque
+from collections.abc import Sequence
+from typing import Protocol
+
+import msgspec
+
+EPOCH_BYTES = 4  # 8 hex characters: new epochs only need to differ from the last few
+
+
+def new_epoch() -> str:
+    return secrets.token_hex(EPOCH_BYTES)
+
+
+class Position(msgspec.Struct, frozen=True, gc=False):
+    """Where a channel stands: the seq of its last message (0 before the first) in an epoch."""
+
+    epoch: str
+    seq: int
+
+
+class Outgoing(msgspec.Struct, frozen=True, array_like=True, gc=False):
+    """A message to publish: ``data`` is JSON, kept as encoded. ``state`` is the stream's whole
+    state after this message, where the stream is a diff stream and a state is due (a depth
+    snapshot every so often), so that nodes without the book can serve new subscribers."""
+
+    channel: str
+    data: msgspec.Raw
+    state: msgspec.Raw | None = None
+
+
+class Entry(msgspec.Struct, frozen=True, array_like=True, gc=False):
+    """One numbered message of a channel, as delivered and as kept in history."""
+
+    seq: int
+    data: msgspec.Raw
+    state: msgspec.Raw | None = None
+
+
+class Recovery(msgspec.Struct, frozen=True, gc=False):
+    """The answer to "what did I miss on this channel since ``since``?".
+
+    ``recovered``: ``missed`` holds exactly the messages after ``since`` up to ``position``.
+    Otherwise (no ``since``, another epoch, history too short) ``missed`` is empty and the
+    subscriber starts from ``position``; a state stream then sends its current state.
+    """
+
+    position: Position
+    recovered: bool
+    missed: tuple[Entry, ...] = ()
+
+
+class Bus(Protocol):
+    """How messages reach the hub of every node (see ``pushd.bus``)."""
+
+    def publish(self, items: Sequence[Outgoing]) -> None:
+        """Hand messages over without blocking; order per channel is kept."""
+
+    async def publish_confirmed(self, items: Sequence[Outgoing]) -> list[Position]:
+        """Publish and wait until each message has its seq (the HTTP publish API)."""
+
+    def position(self, channel: str) -> Position | None:
+        """The channel's position as this node knows it now, or None if it does not."""
+
+    async def recover(self, channel: str, since: Position | None) -> Recovery:
+        """What ``channel`` had after ``since``, and where it stands now."""
+
+    def interest(self, channel: str) -> None:
+        """This node's hub has its first subscriber on ``channel``."""
+
+    def disinterest(self, channel: str) -> None:
+        """This node's hub has lost its last subscriber on ``channel``."""
+
+    def not_ready(self) -> str | None:
+        """Why this node cannot deliver now (the broker is unreachable), or None."""
+
+
+class History:
+    """A channel's last messages, bounded by count and by age (``now`` is passed in)."""
+
+    __slots__ = ("_entries", "_max_age", "_size")
+
+    def __init__(self, size: int, max_age: float) -> None:
+        self._entries: deque[tuple[float, Entry]] = deque(maxlen=size)
+        self._size = size
+        self._max_age = max_age
+
+    def append(self, entry: Entry, now: float) -> None:
+        if self._size:
+            self._entries.append((now, entry))
+
+    def idle(self, now: float) -> bool:
+        """True when every entry is older than history is kept."""
+        return not self._entries or self._entries[-1][0] < now - self._max_age
+
+    def since(self, seq: int, upto: int, now: float) -> tuple[Entry, ...] | None:
+        """The entries after ``seq`` up to ``upto``, or None when history no longer reaches
+        back to ``seq + 1``. ``upto`` is the channel's current seq."""
+        if seq == upto:
+            return ()
+        if seq > upto or seq < 0:
+            return None
+        entries = self._entries
+        oldest = now - self._max_age
+        while entries and entries[0][0] < oldest:
+            entries.popleft()
+        count = upto - seq
+        if count > len(entries):
+            return None
+        missed = tuple(entry for _, entry in list(entries)[len(entries) - count :])
+        if missed[0].seq != seq + 1:  # cannot happen while seqs are contiguous; be sure
+            return None
+        return missed
+
+
+class BusUnavailable(Exception):
+    """The bus could not answer (the broker is unreachable); the request may be retried."""

@@ -1,0 +1,158 @@
+"""Recovery after a reconnect (``since``): the model, the hub's join/settle, and end to end."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+from conftest import make_config, open_client, start_daemon, subscribed
+
+from pushd.bus.memory import MemoryBus
+from pushd.bus.model import Entry, History, Outgoing, Position, Recovery
+from pushd.channels import Channel
+from pushd.errors import ErrorCode
+from pushd.gateway.hub import Hub, Outlet
+
+TRADES = Channel("trades_BTCUSDT", "BTCUSDT@trades", private=False, symbol="BTCUSDT")
+
+
+def frames(buf: bytes) -> list[Any]:
+    out, pos = [], 0
+    while pos < len(buf):
+        length = buf[pos + 1] & 0x7F
+        head = 2
+        if length == 126:
+            length, head = int.from_bytes(buf[pos + 2 : pos + 4], "big"), 4
+        out.append(msgspec.json.decode(buf[pos + head : pos + head + length]))
+        pos += head + length
+    return out
+
+
+def raw(n: int) -> msgspec.Raw:
+    return msgspec.Raw(msgspec.json.encode({"n": n}))
+
+
+def test_history_answers_exactly_or_not_at_all() -> None:
+    history = History(size=3, max_age=10.0)
+    for seq in range(1, 6):
+        history.append(Entry(seq, raw(seq)), now=float(seq))
+    assert [e.seq for e in history.since(2, 5, now=5.0) or ()] == [3, 4, 5]
+    assert history.since(1, 5, now=5.0) is None  # 2 is gone: not a partial answer
+    assert history.since(5, 5, now=5.0) == ()
+    assert history.since(6, 5, now=5.0) is None  # ahead of the channel: a bad since
+    assert history.since(3, 5, now=14.5) is None  # seq 4 is older than 10 s by then
+
+
+def test_memory_bus_recovers_within_its_epoch_and_history() -> None:
+    clock = [0.0]
+    bus = MemoryBus(Hub(), history_size=4, history_age_s=60.0, clock=lambda: clock[0])
+    bus.publish([Outgoing("trades_BTCUSDT", raw(n)) for n in range(1, 7)])
+    here = bus.position("trades_BTCUSDT")
+    assert here == Position(bus.epoch, 6)
+
+    def recover(since: Position | None) -> Recovery:
+        return recover_on(bus, "trades_BTCUSDT", since)
+
+    ok = recover(Position(bus.epoch, 3))
+    assert ok.recovered and [e.seq for e in ok.missed] == [4, 5, 6] and ok.position == here
+    assert not recover(Position(bus.epoch, 1)).recovered  # history holds 3..6 only
+    assert not recover(Position("another", 3)).recovered
+    assert not recover(None).recovered
+    # state streams keep no history: their current state replaces it
+    bus.publish([Outgoing("ticker_BTCUSDT", raw(n)) for n in range(1, 3)])
+    assert not recover_on(bus, "ticker_BTCUSDT", Position(bus.epoch, 1)).recovered
+    assert recover_on(bus, "ticker_BTCUSDT", Position(bus.epoch, 2)).recovered
+
+
+def recover_on(bus: MemoryBus, channel: str, since: Position | None) -> Recovery:
+    """Run the memory bus's recover, which must answer without ever waiting."""
+    coro = bus.recover(channel, since)
+    try:
+        coro.send(None)
+    except StopIteration as done:
+        result: Recovery = done.value
+        return result
+    raise AssertionError("the memory bus answers without waiting")
+
+
+def test_settle_sends_the_replay_then_kept_events_none_twice() -> None:
+    """Events published while a subscriber joins are kept; after the replay only the ones it
+    does not have yet follow, in order."""
+    hub = Hub()
+    outlet = Outlet(100_000)
+    hub.join(outlet, TRADES)
+    for seq in (5, 6, 7):  # live while the bus was asked: 5 and 6 are also in the replay
+        hub.publish(TRADES.internal, "e1", seq, raw(seq))
+    assert outlet.out == b""  # nothing goes out before the replay
+    missed = tuple(Entry(seq, raw(seq)) for seq in (4, 5, 6))
+    start = hub.settle(outlet, TRADES, Recovery(Position("e1", 6), True, missed))
+    assert start == Position("e1", 6)
+    hub.publish(TRADES.internal, "e1", 8, raw(8))
+    assert [f["seq"] for f in frames(bytes(outlet.out))] == [4, 5, 6, 7, 8]
+
+
+def test_a_subscriber_that_leaves_while_joining_is_forgotten() -> None:
+    hub = Hub()
+    left: list[str] = []
+    hub.on_last_unsubscribe = left.append
+    outlet = Outlet(100_000)
+    hub.join(outlet, TRADES)
+    hub.unsubscribe(outlet, TRADES.internal)
+    assert left == [TRADES.internal]
+    assert hub.settle(outlet, TRADES, Recovery(Position("e1", 0), False)) is None
+    hub.publish(TRADES.internal, "e1", 1, raw(1))
+    assert outlet.out == b""
+
+
+async def test_reconnect_with_since_gets_exactly_the_missed_events(nursery: Any) -> None:
+    running = await start_daemon(nursery, make_config())
+    async with open_client(running.ws_url) as c:
+        await c.call({"op": "auth", "token": running.token("1001")})
+        reply = await c.call({"op": "subscribe", "channel": "@order", "id": 1})
+        assert subscribed(reply, "@order") and "recovered" not in reply
+        assert reply["streams"]["@order"] == {"epoch": running.epoch, "seq": 0}
+        await running.publish("user_1001_order", {"n": 1})
+        last = await c.recv()
+    for n in (2, 3, 4):  # while the client is away
+        await running.publish("user_1001_order", {"n": n})
+    async with open_client(running.ws_url) as c:
+        await c.call({"op": "auth", "token": running.token("1001")})
+        since = {"seq": last["seq"], "epoch": last["epoch"]}
+        reply = await c.call({"op": "subscribe", "channel": "@order", "since": since, "id": 2})
+        assert reply["recovered"] is True
+        assert reply["streams"]["@order"] == {"epoch": running.epoch, "seq": 4}
+        replayed = [await c.recv() for _ in range(3)]
+        assert [(e["seq"], e["data"]["n"]) for e in replayed] == [(2, 2), (3, 3), (4, 4)]
+        await running.publish("user_1001_order", {"n": 5})
+        assert (await c.recv())["seq"] == 5  # then live, nothing doubled
+        # another user's history is never reachable: since applies to the session's own uid
+        await c.call({"op": "auth", "token": running.token("1002")})
+        reply = await c.call({"op": "subscribe", "channel": "@order", "since": since})
+        assert reply["recovered"] is False
+        assert reply["streams"]["@order"]["seq"] == 0
+
+
+async def test_since_that_cannot_be_served_says_so(nursery: Any) -> None:
+    running = await start_daemon(nursery, make_config(bus={"history_size": 2}))
+    for n in range(1, 6):
+        await running.publish("trades_BTCUSDT", {"n": n})
+    async with open_client(running.ws_url) as c:
+        old = {"seq": 1, "epoch": running.epoch}  # history keeps 4 and 5 only
+        reply = await c.call({"op": "subscribe", "channel": "BTCUSDT@trades", "since": old})
+        assert reply["recovered"] is False
+        assert reply["streams"]["BTCUSDT@trades"]["seq"] == 5
+        await c.call({"op": "unsubscribe", "channel": "BTCUSDT@trades"})
+        stale = {"seq": 4, "epoch": "0badc0de"}  # a restarted daemon's client
+        reply = await c.call({"op": "subscribe", "channel": "BTCUSDT@trades", "since": stale})
+        assert reply["recovered"] is False
+        await c.call({"op": "unsubscribe", "channel": "BTCUSDT@trades"})
+        ahead = {"seq": 99, "epoch": running.epoch}
+        reply = await c.call({"op": "subscribe", "channel": "BTCUSDT@trades", "since": ahead})
+        assert reply["recovered"] is False
+        two = await c.call(
+            {"op": "subscribe", "channel": ["notice", "BTCUSDT@depth"], "since": old, "id": 9}
+        )
+        assert two["code"] == ErrorCode.INVALID_REQUEST and two["id"] == 9
+        bad = await c.call({"op": "subscribe", "channel": "notice", "since": {"seq": -1}})
+        assert bad["code"] == ErrorCode.INVALID_REQUEST
+        assert (await c.call({"op": "ping"}))["op"] == "pong"  # and nothing else arrived
