@@ -156,3 +156,20 @@ async def test_since_that_cannot_be_served_says_so(nursery: Any) -> None:
         bad = await c.call({"op": "subscribe", "channel": "notice", "since": {"seq": -1}})
         assert bad["code"] == ErrorCode.INVALID_REQUEST
         assert (await c.call({"op": "ping"}))["op"] == "pong"  # and nothing else arrived
+
+
+def test_a_replay_ahead_of_the_nodes_stream_gets_no_event_twice() -> None:
+    """The bus may answer with events this node's own stream has not delivered yet (they are
+    on their way over another connection): when they arrive, the subscriber skips them."""
+    hub = Hub()
+    early, outlet = Outlet(100_000), Outlet(100_000)
+    hub.subscribe(early, TRADES)
+    hub.publish(TRADES.internal, "e1", 4, raw(4))
+    hub.join(outlet, TRADES)
+    missed = tuple(Entry(seq, raw(seq)) for seq in (4, 5, 6))
+    hub.settle(outlet, TRADES, Recovery(Position("e1", 6), True, missed))
+    for seq in (5, 6, 7):  # 5 and 6 reach this node only now
+        hub.publish(TRADES.internal, "e1", seq, raw(seq))
+    assert [f["seq"] for f in frames(bytes(outlet.out))] == [4, 5, 6, 7]
+    assert [f["seq"] for f in frames(bytes(early.out))] == [4, 5, 6, 7]
+    assert hub.subscriber_count(TRADES.internal) == 2

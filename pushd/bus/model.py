@@ -54,12 +54,15 @@ class Recovery(msgspec.Struct, frozen=True, gc=False):
 
     ``recovered``: ``missed`` holds exactly the messages after ``since`` up to ``position``.
     Otherwise (no ``since``, another epoch, history too short) ``missed`` is empty and the
-    subscriber starts from ``position``; a state stream then sends its current state.
+    subscriber starts from ``position``; a state stream then sends its current state: from
+    ``current`` where the bus has it (the state at its seq, then the diffs after it, as the
+    Redis bus keeps them for nodes without the book), else from the hub's ``current`` hook.
     """
 
     position: Position
     recovered: bool
     missed: tuple[Entry, ...] = ()
+    current: tuple[Entry, ...] = ()
 
 
 class Bus(Protocol):

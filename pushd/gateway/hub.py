@@ -32,7 +32,7 @@ from collections.abc import Callable, Iterator
 import msgspec
 from wsproto.frame_protocol import FrameProtocol
 
-from pushd.bus.model import Position, Recovery
+from pushd.bus.model import Entry, Position, Recovery
 from pushd.channels import Channel
 from pushd.gateway.protocol import encode_current_after_lag, encode_event, encode_resync
 
@@ -82,13 +82,16 @@ MAX_PENDING = 10_000  # live events kept for one joining subscriber; more marks 
 
 
 class _Route:
-    __slots__ = ("channel", "epoch", "pending", "seq", "subscribers")
+    __slots__ = ("ahead", "channel", "epoch", "pending", "seq", "subscribers")
 
     def __init__(self, channel: Channel) -> None:
         self.channel = channel
         self.subscribers: dict[Outlet, None] = {}  # an ordered set
         # joining subscribers -> the live events kept for them: (epoch, seq, data)
         self.pending: dict[Outlet, list[tuple[str, int, msgspec.Raw]]] = {}
+        # settled subscribers whose replay went past the last event this node delivered (the
+        # bus answered before its own stream caught up) -> that seq: they go live after it
+        self.ahead: dict[Outlet, Position] = {}
         self.epoch = ""
         self.seq = 0
 
@@ -140,22 +143,34 @@ class Hub:
         if route is None or outlet not in route.pending:
             return None
         kept = route.pending.pop(outlet)
-        route.subscribers[outlet] = None
         start: Position | None
+        replay: tuple[Entry, ...] = ()
         if recovery is not None and recovery.recovered:
-            start = recovery.position
-            protocol, epoch = channel.protocol, start.epoch
-            for entry in recovery.missed:
-                self.send(outlet, text_frame(encode_event(protocol, entry.data, entry.seq, epoch)))
+            start, replay = recovery.position, recovery.missed
+        elif recovery is not None and recovery.current:
+            replay = recovery.current
+            start = Position(recovery.position.epoch, replay[-1].seq)
         else:
+            start = None
+        for entry in replay:
+            assert start is not None
+            frame = encode_event(channel.protocol, entry.data, entry.seq, start.epoch)
+            self.send(outlet, text_frame(frame))
+        if start is None:
             start = self._send_current(outlet, channel)
             if start is None and recovery is not None:
                 start = recovery.position
             elif start is None:
                 start = self.position(channel.internal)
+        last = start
         for epoch, seq, data in kept:
-            if start is None or epoch != start.epoch or seq > start.seq:
+            if last is None or epoch != last.epoch or seq > last.seq:
                 self.send(outlet, text_frame(encode_event(channel.protocol, data, seq, epoch)))
+                last = Position(epoch, seq)
+        if last is not None and route.epoch in ("", last.epoch) and route.seq < last.seq:
+            route.ahead[outlet] = last  # the replay is ahead of this node's stream
+        else:
+            route.subscribers[outlet] = None
         return start
 
     def _send_current(
@@ -183,15 +198,18 @@ class Hub:
             return
         route.subscribers.pop(outlet, None)
         route.pending.pop(outlet, None)
+        route.ahead.pop(outlet, None)
         outlet.lagging.pop(internal, None)
-        if not route.subscribers and not route.pending:
+        if not route.subscribers and not route.pending and not route.ahead:
             del self._routes[internal]
             self._current_frames.pop(internal, None)
             self.on_last_unsubscribe(internal)
 
     def subscriber_count(self, internal: str) -> int:
         route = self._routes.get(internal)
-        return len(route.subscribers) + len(route.pending) if route is not None else 0
+        if route is None:
+            return 0
+        return len(route.subscribers) + len(route.pending) + len(route.ahead)
 
     def channels(self) -> Iterator[str]:
         return iter(self._routes)
@@ -199,7 +217,9 @@ class Hub:
     def stats(self) -> HubStats:
         return HubStats(
             channels=len(self._routes),
-            subscriptions=sum(len(r.subscribers) + len(r.pending) for r in self._routes.values()),
+            subscriptions=sum(
+                len(r.subscribers) + len(r.pending) + len(r.ahead) for r in self._routes.values()
+            ),
             published=self.published,
             delivered=self.delivered,
             dropped=self.dropped,
@@ -215,6 +235,8 @@ class Hub:
         route.seq = seq
         if route.pending:
             self._keep(route, epoch, seq, data)
+        if route.ahead:
+            self._catch_up(route, epoch, seq)
         frame = text_frame(encode_event(route.channel.protocol, data, seq, epoch))
         size = len(frame)
         dirty = self.dirty
@@ -245,6 +267,13 @@ class Hub:
                 outlet.slow = True
                 self._mark_dirty(outlet)
 
+    def _catch_up(self, route: _Route, epoch: str, seq: int) -> None:
+        """Subscribers whose replay was ahead go live with the first event they lack."""
+        live = [o for o, upto in route.ahead.items() if seq > upto.seq or epoch != upto.epoch]
+        for outlet in live:
+            del route.ahead[outlet]
+            route.subscribers[outlet] = None
+
     def send(self, outlet: Outlet, frame: bytes) -> None:
         """Queue a frame for one outlet (a reply); a reply that does not fit marks it slow."""
         if outlet.slow:
@@ -272,11 +301,11 @@ class Hub:
         route = self._routes.get(internal)
         if route is None:
             return 0
-        for outlet in route.subscribers:
+        for outlet in (*route.subscribers, *route.ahead):
             outlet.lagging[internal] = (route.channel, at)
             if not outlet.out:
                 self.drained(outlet)
-        return len(route.subscribers)
+        return len(route.subscribers) + len(route.ahead)
 
     def resync_private(self) -> int:
         """Events of private channels may have been lost before they got here (an ingest gap):
@@ -289,7 +318,7 @@ class Hub:
                 if route.seq > at.seq and route.epoch == at.epoch:
                     at = Position(route.epoch, route.seq)
                 frame = text_frame(encode_resync(route.channel.protocol, at.seq, at.epoch))
-                for outlet in route.subscribers:
+                for outlet in (*route.subscribers, *route.ahead):
                     self.send(outlet, frame)
                     told += 1
         return told
