@@ -166,6 +166,9 @@ def _default_markets() -> dict[str, MarketConfig]:
 
 
 class Config(_Section, frozen=True):
+    # all: one process does everything (the default); gateway: WebSocket + HTTP API only;
+    # compute: ingest, book poller and market streams only (needs bus.kind = "redis")
+    role: Literal["all", "gateway", "compute"] = "all"
     websocket: WebSocketConfig = msgspec.field(default_factory=WebSocketConfig)
     limits: LimitsConfig = msgspec.field(default_factory=LimitsConfig)
     http: HttpConfig = msgspec.field(default_factory=HttpConfig)
@@ -234,6 +237,14 @@ def _check(config: Config, source: str) -> None:
                 f"{source}: markets.{symbol}.depth_levels: a {market.depth_levels}-level "
                 f"snapshot needs limits.outbound_buffer_bytes >= {need}"
             )
+    if config.role != "all" and config.bus.kind != "redis":
+        raise ConfigError(
+            f"{source}: role: {config.role!r} needs bus.kind = 'redis' (nodes share nothing else)"
+        )
+    if config.bus.kind == "redis" and not config.bus.redis.url.startswith(
+        ("redis://", "rediss://", "unix://")
+    ):
+        raise ConfigError(f"{source}: bus.redis.url: want a redis://, rediss:// or unix:// URL")
     for ws_path in config.websocket.paths:
         if not ws_path.startswith("/"):
             raise ConfigError(f"{source}: websocket.paths: {ws_path!r} must start with '/'")

@@ -31,6 +31,8 @@ import trio
 from ingest import wire
 from pushd.auth import Verifier, make_verifier
 from pushd.bus.memory import MemoryBus
+from pushd.bus.model import Bus
+from pushd.bus.redis import RedisBus
 from pushd.config import Config
 from pushd.errors import ServiceError
 from pushd.feed.intake import Intake
@@ -87,7 +89,14 @@ class Daemon:
         self.metrics = GatewayMetrics(self.registry)
         self.hub = Hub()
         bus_cfg = config.bus
-        self.bus = MemoryBus(self.hub, bus_cfg.history_size, bus_cfg.history_age_s)
+        self.redis: RedisBus | None = None
+        self.bus: Bus
+        if bus_cfg.kind == "redis":
+            self.bus = self.redis = RedisBus(self.hub, bus_cfg)
+        else:
+            self.bus = MemoryBus(self.hub, bus_cfg.history_size, bus_cfg.history_age_s)
+        self.hub.on_first_subscriber = self.bus.interest
+        self.hub.on_last_unsubscribe = self.bus.disinterest
         self.verifier = verifier if verifier is not None else make_verifier(config.auth)
         self.gateway = Gateway(config, self.hub, self.bus, self.verifier, self.metrics)
         self.registry.register(HubCollector(self.hub, lambda: len(self.gateway.connections)))
@@ -97,7 +106,9 @@ class Daemon:
             config, self.bus, self.gateway, self.registry, self.metrics, self.markets
         )
         self.api.not_ready = self.not_ready
-        self.hub.current = self.markets.current
+        # the state a new subscriber starts from: this process's books where it numbers the
+        # channels itself; with Redis, the states the compute nodes store beside the seqs
+        self.hub.current = self.redis.current if self.redis is not None else self.markets.current
         self.hub.position = self.bus.position
         self.markets.stale = self.book_stale
         router = EngineRouter(self.bus, self.markets, self._private_gap)
@@ -124,9 +135,17 @@ class Daemon:
         """Why this node should get no new clients now, or None when it should."""
         if not self._serving:
             return "starting or stopping"
-        if self.config.engine.snapshot_enabled and not self.poller.up:
+        if self.computes and self.config.engine.snapshot_enabled and not self.poller.up:
             return "matching engine unreachable (no book snapshots)"
-        return None
+        return self.bus.not_ready()
+
+    @property
+    def computes(self) -> bool:
+        return self.config.role in ("all", "compute")
+
+    @property
+    def serves_clients(self) -> bool:
+        return self.config.role in ("all", "gateway")
 
     def _private_gap(self, reason: str) -> None:
         """Engine frames that may have carried private events were lost: tell every private
@@ -150,29 +169,21 @@ class Daemon:
                 if handle_signals:
                     nursery.start_soon(self._stop_on_signal)
                 cfg = self.config
-                ws, http_cfg, ingest = cfg.websocket, cfg.http, cfg.ingest
-                ws_port = await start_service(
-                    nursery, "WebSocket", f"{ws.host}:{ws.port}", self.gateway.serve
-                )
+                ws, http_cfg = cfg.websocket, cfg.http
+                if self.redis is not None:
+                    await nursery.start(self.redis.run)
+                ws_port = http_port = udp_port = tcp_port = 0
+                if self.serves_clients:
+                    ws_port = await start_service(
+                        nursery, "WebSocket", f"{ws.host}:{ws.port}", self.gateway.serve
+                    )
                 self.api.websocket_port = ws_port
                 http_port = await start_service(
                     nursery, "HTTP", f"{http_cfg.host}:{http_cfg.port}",
                     serve_http, self.api, http_cfg.host, http_cfg.port, http_stop,
                 )  # fmt: skip
-                udp_port = tcp_port = 0
-                if ingest.udp_enabled:
-                    udp_port = await start_service(
-                        nursery, "ingest UDP", f"{ingest.udp_host}:{ingest.udp_port}",
-                        serve_udp, ingest, self.intake,
-                    )  # fmt: skip
-                if ingest.tcp_enabled:
-                    tcp_port = await start_service(
-                        nursery, "ingest TCP", f"{ingest.tcp_host}:{ingest.tcp_port}",
-                        serve_tcp, ingest, self.intake,
-                    )  # fmt: skip
-                if cfg.engine.snapshot_enabled:
-                    nursery.start_soon(self.poller.run)
-                nursery.start_soon(self.markets.run)
+                if self.computes:
+                    udp_port, tcp_port = await self._start_compute(nursery)
                 self._serving = True
                 ports = Ports(ws_port, http_port, udp_port, tcp_port)
                 log.info("pushd ready", **msgspec.structs.asdict(ports))
@@ -181,6 +192,8 @@ class Daemon:
                 log.info("shutting down", connections=len(self.gateway.connections))
                 self._serving = False
                 await self.gateway.shutdown(SHUTDOWN_GRACE_S)
+                if self.redis is not None:  # what was published goes out before we go
+                    await self.redis.drain(SHUTDOWN_GRACE_S)
                 http_stop.set()
                 nursery.cancel_scope.cancel()
         finally:
@@ -188,6 +201,24 @@ class Daemon:
                 await self.verifier.aclose()
             self.stopped.set()
         log.info("stopped")
+
+    async def _start_compute(self, nursery: trio.Nursery) -> tuple[int, int]:
+        """Ingest, the book poller and the market timer; returns the ingest ports bound."""
+        ingest, udp_port, tcp_port = self.config.ingest, 0, 0
+        if ingest.udp_enabled:
+            udp_port = await start_service(
+                nursery, "ingest UDP", f"{ingest.udp_host}:{ingest.udp_port}",
+                serve_udp, ingest, self.intake,
+            )  # fmt: skip
+        if ingest.tcp_enabled:
+            tcp_port = await start_service(
+                nursery, "ingest TCP", f"{ingest.tcp_host}:{ingest.tcp_port}",
+                serve_tcp, ingest, self.intake,
+            )  # fmt: skip
+        if self.config.engine.snapshot_enabled:
+            nursery.start_soon(self.poller.run)
+        nursery.start_soon(self.markets.run)
+        return udp_port, tcp_port
 
     async def _stop_on_signal(self) -> None:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:

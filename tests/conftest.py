@@ -29,8 +29,9 @@ SECRET = "test-secret"
 PUBLISH_TOKEN = "test-publish-token"
 
 
-def make_config(**sections: dict[str, Any]) -> config_mod.Config:
+def make_config(role: str = "all", **sections: dict[str, Any]) -> config_mod.Config:
     raw: dict[str, Any] = {
+        "role": role,
         "websocket": {"port": 0},
         # the tests stand in for the market side through the publish API (off by default)
         "http": {"port": 0, "publish_token": PUBLISH_TOKEN, "allow_market_publish": True},

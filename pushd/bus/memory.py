@@ -17,6 +17,8 @@ SWEEP_EVERY = 4096  # publishes between sweeps of idle channels' histories
 
 
 class MemoryBus:
+    state_every = 0  # the hub asks Markets for current state: publishes carry none
+
     def __init__(
         self,
         hub: Hub,

@@ -68,6 +68,9 @@ class Recovery(msgspec.Struct, frozen=True, gc=False):
 class Bus(Protocol):
     """How messages reach the hub of every node (see ``pushd.bus``)."""
 
+    # a diff stream's publisher attaches the whole state to one message in this many (0: none)
+    state_every: int
+
     def publish(self, items: Sequence[Outgoing]) -> None:
         """Hand messages over without blocking; order per channel is kept."""
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import hmac
+import inspect
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -37,7 +38,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from pushd.bus.model import Bus, Outgoing
+from pushd.bus.model import Bus, BusUnavailable, Outgoing, Position
+from pushd.bus.redis import RedisBus
 from pushd.channels import (
     KLINE_INTERVALS,
     NOTICE,
@@ -50,7 +52,7 @@ from pushd.config import Config
 from pushd.gateway.server import Gateway
 from pushd.market.markets import Markets
 from pushd.market.symbol import SymbolMarket
-from pushd.market.trades import RECENT_TRADES
+from pushd.market.trades import RECENT_TRADES, TradeBatch
 from pushd.metrics import GatewayMetrics
 
 MAX_BODY_BYTES = 4 * 1024 * 1024
@@ -91,6 +93,7 @@ class HttpApi:
         self._config = config
         self._markets = markets
         self._bus = bus
+        self._redis = bus if isinstance(bus, RedisBus) else None
         self._gateway = gateway
         self._registry = registry
         self._metrics = metrics
@@ -144,13 +147,16 @@ class HttpApi:
 
     @staticmethod
     def _public(
-        endpoint: Callable[[Request], object],
+        endpoint: Callable[[Request], Awaitable[object]] | Callable[[Request], object],
     ) -> Callable[[Request], Awaitable[Response]]:
         """Error mapping for the public snapshot endpoints (no token)."""
 
         async def public(request: Request) -> Response:
             try:
-                return _json(endpoint(request))
+                result = endpoint(request)
+                if inspect.isawaitable(result):
+                    result = await result
+                return _json(result)
             except ApiError as exc:
                 return _json({"error": exc.msg}, exc.status)
 
@@ -170,17 +176,31 @@ class HttpApi:
             raise ApiError(400, f"limit must be 1 to {most}")
         return int(text)
 
-    def _snapshot(self, stream: str, market: SymbolMarket, data: object, iv: str = "1m") -> object:
+    def _snapshot(
+        self, stream: str, market: SymbolMarket, data: object, iv: str = "1m",
+        at: Position | None = None, stale: bool | None = None,
+    ) -> object:  # fmt: skip
         internal = market_channel(stream, market.symbol, iv)
         protocol = parse_internal(internal, self._symbols).protocol
-        at = self._bus.position(internal)
+        if at is None:
+            at = self._bus.position(internal)
         return {
             "channel": protocol,
             "seq": at.seq if at is not None else 0,
             "epoch": at.epoch if at is not None else "",
-            "stale": self._markets.stale(market.symbol),
+            "stale": self._markets.stale(market.symbol) if stale is None else stale,
             "data": data,
         }
+
+    async def _stored(
+        self, redis: RedisBus, stream: str, market: SymbolMarket, iv: str = "1m"
+    ) -> tuple[Position, Any]:
+        """A state stream's state as the compute node stored it, exact at its position."""
+        try:
+            at, state = await redis.snapshot(market_channel(stream, market.symbol, iv))
+        except BusUnavailable as exc:
+            raise ApiError(503, f"Redis unreachable: {exc}") from None
+        return at, msgspec.json.decode(state) if state is not None else None
 
     async def page(self, request: Request) -> Response:
         """The demo market page (order book, trades, ticker, kline chart, private events)."""
@@ -190,33 +210,63 @@ class HttpApi:
         """What the page needs to connect: the WebSocket port and the symbols."""
         return {"websocket_port": self.websocket_port, "symbols": sorted(self._symbols)}
 
-    def depth(self, request: Request) -> object:
+    async def depth(self, request: Request) -> object:
         market = self._market(request)
         limit = self._limit(request, 100, MAX_DEPTH_LEVELS)
-        data = market.depth.snapshot(limit) if market.depth.ready else None
-        return self._snapshot("depth", market, data)
+        if self._redis is None:
+            data = market.depth.snapshot(limit) if market.depth.ready else None
+            return self._snapshot("depth", market, data)
+        at, book = await self._stored(self._redis, "depth", market)
+        if book is not None:
+            book["bids"], book["asks"] = book["bids"][:limit], book["asks"][:limit]
+        stale = bool(book.get("stale", False)) if book is not None else False
+        return self._snapshot("depth", market, book, at=at, stale=stale)
 
-    def trades(self, request: Request) -> object:
+    async def trades(self, request: Request) -> object:
         market = self._market(request)
         limit = self._limit(request, 100, market.trades.recent.maxlen or 1)
-        recent = list(market.trades.recent)[-limit:]
-        return self._snapshot("trades", market, recent)
+        if self._redis is None:
+            recent = list(market.trades.recent)[-limit:]
+            return self._snapshot("trades", market, recent)
+        channel = market_channel("trades", market.symbol)
+        try:
+            at, batches = await self._redis.history(channel, limit)
+        except BusUnavailable as exc:
+            raise ApiError(503, f"Redis unreachable: {exc}") from None
+        items = [t for b in batches for t in msgspec.json.decode(b.data, type=TradeBatch).trades]
+        return self._snapshot("trades", market, items[-limit:], at=at, stale=False)
 
-    def klines(self, request: Request) -> object:
+    async def klines(self, request: Request) -> object:
         market = self._market(request)
         interval = request.query_params.get("interval", "1m")
         if interval not in KLINE_INTERVALS:
             raise ApiError(400, f"interval must be one of {', '.join(KLINE_INTERVALS)}")
         limit = self._limit(request, 500, MAX_KLINES)
-        return self._snapshot("kline", market, market.klines_history(interval, limit), interval)
+        if self._redis is None:
+            candles = market.klines_history(interval, limit)
+            return self._snapshot("kline", market, candles, interval)
+        if self._config.role == "gateway":
+            raise ApiError(503, "kline history is served by nodes of role all or compute")
+        at, open_candle = await self._stored(self._redis, "kline", market, interval)
+        closed: list[Any] = list(market.klines.closed[interval])
+        if open_candle is not None and not open_candle.get("closed", False):
+            closed.append(open_candle)
+        return self._snapshot("kline", market, closed[-limit:], interval, at=at, stale=False)
 
-    def ticker(self, request: Request) -> object:
+    async def ticker(self, request: Request) -> object:
         market = self._market(request)
-        return self._snapshot("ticker", market, market.last.get(market.channels["ticker"]))
+        if self._redis is None:
+            return self._snapshot("ticker", market, market.last.get(market.channels["ticker"]))
+        at, data = await self._stored(self._redis, "ticker", market)
+        return self._snapshot("ticker", market, data, at=at, stale=False)
 
-    def mark_price(self, request: Request) -> object:
+    async def mark_price(self, request: Request) -> object:
         market = self._market(request)
-        return self._snapshot("markPrice", market, market.last.get(market.channels["markPrice"]))
+        if self._redis is None:
+            data = market.last.get(market.channels["markPrice"])
+            return self._snapshot("markPrice", market, data)
+        at, data = await self._stored(self._redis, "markPrice", market)
+        return self._snapshot("markPrice", market, data, at=at, stale=False)
 
     async def _body(self, request: Request) -> bytes:
         declared = request.headers.get("content-length")
@@ -244,7 +294,7 @@ class HttpApi:
 
     async def publish(self, request: Request) -> dict[str, object]:
         item = _decode(await self._body(request), PublishItem)
-        [at] = await self._bus.publish_confirmed([self._check(item)])
+        [at] = await self._publish([self._check(item)])
         self._metrics.published_api.inc()
         return {"result": True, "seq": at.seq, "epoch": at.epoch}
 
@@ -253,13 +303,19 @@ class HttpApi:
         if len(batch.messages) > self._config.http.max_batch:
             raise ApiError(413, f"batch over {self._config.http.max_batch} messages")
         items = [self._check(item) for item in batch.messages]  # all valid, or none published
-        positions = await self._bus.publish_confirmed(items)
+        positions = await self._publish(items)
         self._metrics.published_api.inc(len(items))
         return {
             "result": True,
             "seqs": [at.seq for at in positions],
             "epochs": [at.epoch for at in positions],
         }
+
+    async def _publish(self, items: list[Outgoing]) -> list[Position]:
+        try:
+            return await self._bus.publish_confirmed(items)
+        except BusUnavailable as exc:
+            raise ApiError(503, f"not published: {exc}") from None
 
     async def disconnect(self, request: Request) -> dict[str, object]:
         uid = request.path_params["uid"]

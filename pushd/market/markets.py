@@ -56,6 +56,7 @@ class Markets:
         self._sources_log = ThrottledLog(log, "index source ignored: too many sources")
         self._tick_log = ThrottledLog(log, "market tick failed")
         self._current: dict[str, tuple[Position, msgspec.Raw, bool]] = {}  # -> (at, state, stale)
+        self._diffs_since_book: dict[str, int] = {}  # symbol -> depth diffs without a book
         # whether a symbol's book may be behind the engine's (the daemon knows the poller)
         self.stale: Callable[[str], bool] = lambda _symbol: False
         self._future_log = ThrottledLog(log, "trade stamped in the future: counted at our time")
@@ -138,5 +139,25 @@ class Markets:
 
     def _publish(self, market: SymbolMarket) -> None:
         items = market.take()
-        if items:
-            self._bus.publish([Outgoing(channel, msgspec.Raw(data)) for channel, data in items])
+        if not items:
+            return
+        out = [Outgoing(channel, msgspec.Raw(data)) for channel, data in items]
+        if self._bus.state_every:
+            self._attach_book(market, out)
+        self._bus.publish(out)
+
+    def _attach_book(self, market: SymbolMarket, out: list[Outgoing]) -> None:
+        """Every ``state_every``-th depth diff of a symbol carries the book after it, so that
+        nodes without the book can start new subscribers (the Redis bus keeps it)."""
+        depth = market.channels["depth"]
+        last = max((i for i, item in enumerate(out) if item.channel == depth), default=None)
+        if last is None:
+            return
+        due = self._diffs_since_book.get(market.symbol, self._bus.state_every)
+        if due + 1 < self._bus.state_every:
+            self._diffs_since_book[market.symbol] = due + 1
+            return
+        book = market.current(depth, stale=self.stale(market.symbol))
+        if book is not None:
+            out[last] = Outgoing(depth, out[last].data, msgspec.Raw(book))
+            self._diffs_since_book[market.symbol] = 0

@@ -1,0 +1,512 @@
+"""The Redis bus: many processes and machines share channels through one Redis (or a Cluster).
+
+Publishing
+    Every message goes through one Lua script (``lua/publish.lua``) that, atomically, bumps the
+    channel's seq in its meta hash (creating the hash with a new epoch if it is missing),
+    appends the message to the channel's bounded history stream and PUBLISHes (SPUBLISH on a
+    Cluster) ``["<epoch>",<seq>,<data>]``. Publishers queue messages in an outbox that one task
+    sends in pipelined batches. While Redis is unreachable the outbox keeps up to
+    ``bus.redis.outage_buffer`` messages, then drops new ones (counted); ``/readyz`` says why.
+
+Subscribing
+    A node SUBSCRIBEs to a channel when its hub gets the channel's first subscriber and
+    UNSUBSCRIBEs when the last leaves. A joining client is kept *pending* by the hub while this
+    bus asks Redis (``lua/recover.lua``, after the SUBSCRIBE is confirmed) for what it missed
+    or for the stream's state; the hub merges the answer with the live events by seq.
+
+Keeping the node's stream whole
+    Each channel's last delivered position is tracked here. A message whose seq jumps past it
+    (Redis pub/sub is at-most-once: a reconnect loses what was published meanwhile) holds the
+    channel while the gap is read from history; if history no longer has it, the hub tells the
+    channel's subscribers (current state or a resync notice). After a reconnect every channel
+    is checked the same way, so an outage costs clients a replay, or at worst a notice, never
+    a silent hole.
+
+State streams on nodes without the book
+    The compute side stores each stream's state in the meta hash: every ticker, kline and
+    markPrice event is the whole state; depth attaches a snapshot every ``STATE_EVERY`` diffs
+    and the history bridges the diffs after it. A new subscriber gets that state and diffs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections import deque
+from collections.abc import Sequence
+from importlib import resources
+from typing import Any
+
+import anyio
+import coredis
+import coredis.exceptions
+import msgspec
+import structlog
+import trio
+
+from pushd.bus.model import (
+    BusUnavailable,
+    Entry,
+    Outgoing,
+    Position,
+    Recovery,
+    new_epoch,
+)
+from pushd.channels import StateKind, state_kind
+from pushd.config import BusConfig
+from pushd.gateway.hub import Hub
+from pushd.logs import ThrottledLog
+
+log = structlog.get_logger("pushd.bus.redis")
+
+META_TTL_S = 7 * 86_400  # an idle channel's numbering is forgotten after a week
+DIFF_HISTORY = 128  # depth diffs kept to bridge a stored snapshot to the head
+STATE_EVERY = 16  # depth diffs between stored snapshots (< DIFF_HISTORY)
+MAX_REPLAY = 10_000  # entries one recover read returns at most
+BATCH = 512  # messages per pipelined round trip
+BACKOFF_S = (0.05, 2.0)  # reconnect backoff: first, most
+REDIS_ERRORS = (
+    coredis.exceptions.RedisError, OSError, TimeoutError, trio.TooSlowError,
+    anyio.ClosedResourceError, anyio.BrokenResourceError,  # coredis's streams, on a lost link
+)  # fmt: skip
+
+_message = msgspec.json.Decoder(tuple[str, int, msgspec.Raw])
+
+
+def _script(name: str) -> str:
+    return resources.files("pushd.bus").joinpath("lua", name).read_text(encoding="utf-8")
+
+
+class Keys:
+    """Where one channel lives in Redis. The ``{channel}`` hash tag puts its keys and its
+    pub/sub channel in one Cluster slot, so the scripts stay on one shard."""
+
+    __slots__ = ("hist", "meta", "pubsub")
+
+    def __init__(self, prefix: str, channel: str) -> None:
+        tag = f"{prefix}:{{{channel}}}"
+        self.meta = f"{tag}:meta"
+        self.hist = f"{tag}:hist"
+        self.pubsub = tag
+
+
+def recovery_from(since: Position | None, reply: list[Any]) -> Recovery:
+    """Read a ``recover.lua`` reply: the replay after ``since`` if history holds all of it,
+    else the stored state and the diffs after it, if history bridges them."""
+    epoch_b, seq, state_seq, state, raw_entries = reply
+    epoch = epoch_b.decode() if isinstance(epoch_b, bytes) else str(epoch_b)
+    position = Position(epoch, int(seq))
+    entries = [_entry(fields) for _, fields in reversed(raw_entries or [])]
+
+    def after(low: int) -> tuple[Entry, ...] | None:
+        tail = tuple(e for e in entries if e.seq > low)
+        if position.seq < low or len(tail) != position.seq - low:
+            return None
+        return tail
+
+    if since is not None and since.epoch == epoch:
+        missed = after(since.seq)
+        if missed is not None:
+            return Recovery(position, recovered=True, missed=missed)
+    current: tuple[Entry, ...] = ()
+    if state is not None and state_seq is not None:
+        diffs = after(int(state_seq))
+        if diffs is not None:
+            current = (Entry(int(state_seq), msgspec.Raw(state)), *diffs)
+    return Recovery(position, recovered=False, current=current)
+
+
+def _entry(fields: Any) -> Entry:
+    if isinstance(fields, dict):
+        return Entry(int(fields[b"s"]), msgspec.Raw(fields[b"d"]))
+    values = dict(zip(fields[::2], fields[1::2], strict=True))
+    return Entry(int(values[b"s"]), msgspec.Raw(values[b"d"]))
+
+
+class _Feed:
+    """This node's view of one channel it is subscribed to."""
+
+    __slots__ = ("held", "keys", "kind", "position", "subscribed")
+
+    def __init__(self, keys: Keys, kind: StateKind) -> None:
+        self.keys = keys
+        self.kind = kind
+        self.position: Position | None = None  # the last message delivered to the hub
+        self.held: list[tuple[str, int, msgspec.Raw]] | None = None  # while a gap is read
+        self.subscribed = trio.Event()
+
+
+class _Waiter:
+    """A confirmed publish: every one of its messages carries it."""
+
+    __slots__ = ("count", "done", "error", "positions")
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+        self.done = trio.Event()
+        self.positions: list[Position] = []
+        self.error: str | None = None
+
+
+class RedisBus:
+    state_every = STATE_EVERY  # depth publishes carry a snapshot this often
+
+    def __init__(self, hub: Hub, config: BusConfig) -> None:
+        self._hub = hub
+        self._config = config.redis
+        self._history_size = config.history_size
+        self._history_age_ms = int(config.history_age_s * 1000)
+        self._cluster = config.redis.cluster
+        self._publish_command = "spublish" if self._cluster else "publish"
+        self._prefix = config.redis.prefix
+        self._outbox: deque[tuple[Outgoing, _Waiter | None]] = deque()
+        self._outbox_wanted = trio.Event()
+        self._sent = trio.Event()  # set (and replaced) after each batch Redis took
+        self._feeds: dict[str, _Feed] = {}
+        self._whole: dict[str, tuple[Position, msgspec.Raw]] = {}  # WHOLE streams' last state
+        self._ops_send, self._ops_receive = trio.open_memory_channel[tuple[bool, str]](math.inf)
+        self._by_pubsub: dict[bytes, str] = {}
+        self._nursery: trio.Nursery | None = None
+        self._client: Any = None
+        self._publish_script: Any = None
+        self._recover_script: Any = None
+        self.publisher_up = False
+        self.subscriber_up = False
+        self.published = 0
+        self.dropped = 0  # messages refused while the outbox was full (Redis unreachable)
+        self.gaps = 0  # jumps in a channel's seqs seen by this node
+        self.recovered_gaps = 0
+        self.resyncs = 0  # gaps history could not fill: subscribers told
+        self.duplicates = 0
+        self._drop_log = ThrottledLog(log, "Redis unreachable: outbox full, messages dropped")
+        self._gap_log = ThrottledLog(log, "channel gap not in history: subscribers told")
+
+    # -- the Bus interface ------------------------------------------------------------------
+
+    def publish(self, items: Sequence[Outgoing]) -> None:
+        room = self._config.outage_buffer - len(self._outbox)
+        if room < len(items):
+            self.dropped += len(items) - max(room, 0)
+            self._drop_log.warning(dropped=self.dropped, outbox=len(self._outbox))
+            items = items[: max(room, 0)]
+        self._outbox.extend((item, None) for item in items)
+        if items:
+            self._outbox_wanted.set()
+
+    async def publish_confirmed(self, items: Sequence[Outgoing]) -> list[Position]:
+        if not self.publisher_up:
+            raise BusUnavailable("Redis unreachable")
+        waiter = _Waiter(len(items))
+        self._outbox.extend((item, waiter) for item in items)
+        self._outbox_wanted.set()
+        with trio.move_on_after(self._config.timeout_s * 2):
+            await waiter.done.wait()
+        if not waiter.done.is_set() or waiter.error is not None:
+            raise BusUnavailable(waiter.error or "Redis did not answer in time")
+        return waiter.positions
+
+    def position(self, channel: str) -> Position | None:
+        feed = self._feeds.get(channel)
+        return feed.position if feed is not None else None
+
+    def current(self, channel: str) -> tuple[Position, msgspec.Raw] | None:
+        """The last state of a whole-state stream this node follows (the hub's hook)."""
+        return self._whole.get(channel)
+
+    async def recover(self, channel: str, since: Position | None) -> Recovery:
+        feed = self._feeds.get(channel)
+        if feed is None:  # the subscriber left before we got here
+            return Recovery(Position("", 0), recovered=False)
+        with trio.move_on_after(self._config.timeout_s):
+            await feed.subscribed.wait()
+        if not feed.subscribed.is_set():
+            raise BusUnavailable("Redis pub/sub is not connected")
+        recovery = await self._read(feed, since, want_state=feed.kind is not StateKind.EVENTS)
+        if feed.kind is StateKind.WHOLE and recovery.current:
+            self._keep_whole(channel, recovery.position.epoch, recovery.current[-1])
+        return recovery
+
+    async def snapshot(self, channel: str) -> tuple[Position, msgspec.Raw | None]:
+        """A state stream's stored state and the position it is exact at (REST)."""
+        keys = Keys(self._prefix, channel)
+        reply = await self._recover_reply(keys, None, want_state=True, most=0)
+        epoch = reply[0].decode() if isinstance(reply[0], bytes) else str(reply[0])
+        if reply[2] is None:
+            return Position(epoch, 0), None
+        return Position(epoch, int(reply[2])), msgspec.Raw(reply[3])
+
+    async def history(self, channel: str, most: int) -> tuple[Position, list[Entry]]:
+        """An event stream's last ``most`` messages and the position of the last (REST)."""
+        keys = Keys(self._prefix, channel)
+        try:
+            with trio.fail_after(self._config.timeout_s):
+                epoch = await self._client.hget(keys.meta, "e")
+                raw = await self._client.xrevrange(keys.hist, count=most)
+        except REDIS_ERRORS as exc:
+            raise BusUnavailable(str(exc)[:200]) from None
+        entries = [_entry(fields) for _, fields in reversed(raw or [])]
+        last = entries[-1].seq if entries else 0
+        return Position(epoch.decode() if epoch else "", last), entries
+
+    def interest(self, channel: str) -> None:
+        keys = Keys(self._prefix, channel)
+        self._feeds[channel] = _Feed(keys, state_kind(channel))
+        self._by_pubsub[keys.pubsub.encode()] = channel
+        self._ops_send.send_nowait((True, channel))
+
+    def disinterest(self, channel: str) -> None:
+        feed = self._feeds.pop(channel, None)
+        self._whole.pop(channel, None)
+        if feed is not None:
+            self._ops_send.send_nowait((False, channel))
+
+    async def drain(self, timeout_s: float) -> None:
+        """Wait until the outbox is sent, or Redis is down, or ``timeout_s`` passed."""
+        with trio.move_on_after(timeout_s):
+            while self._outbox and self.publisher_up:
+                await self._sent.wait()
+
+    def not_ready(self) -> str | None:
+        if not self.publisher_up or not self.subscriber_up:
+            return "Redis unreachable"
+        return None
+
+    # -- the Trio shell ---------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run until cancelled; Redis being unreachable is a state, not an error."""
+        timeout = self._config.timeout_s
+        kind: Any = coredis.RedisCluster if self._cluster else coredis.Redis
+        client = kind.from_url(
+            self._config.url,
+            decode_responses=False,
+            stream_timeout=timeout,
+            connect_timeout=timeout,
+        )
+        self._client = client
+        self._publish_script = client.register_script(_script("publish.lua"))
+        self._recover_script = client.register_script(_script("recover.lua"))
+        async with client, trio.open_nursery() as nursery:
+            self._nursery = nursery
+            nursery.start_soon(self._publisher)
+            nursery.start_soon(self._subscriber)
+            task_status.started()
+
+    async def _publisher(self) -> None:
+        backoff = BACKOFF_S[0]
+        while not self.publisher_up:  # know whether Redis answers before anything is sent
+            try:
+                with trio.fail_after(self._config.timeout_s):
+                    await self._client.ping()
+                self.publisher_up = True
+            except REDIS_ERRORS as exc:
+                log.warning("Redis unreachable", url=self._config.url, error=str(exc)[:200])
+                await trio.sleep(backoff)
+                backoff = min(backoff * 2, BACKOFF_S[1])
+        while True:
+            await self._outbox_wanted.wait()
+            if not self._outbox:
+                self._outbox_wanted = trio.Event()
+                continue
+            batch = [self._outbox[i] for i in range(min(BATCH, len(self._outbox)))]
+            try:
+                results = await self._send(batch)
+            except REDIS_ERRORS as exc:
+                if self.publisher_up:
+                    log.warning("Redis unreachable: publishing paused", error=str(exc)[:200])
+                self.publisher_up = False
+                self._fail_waiters(str(exc)[:200])
+                await trio.sleep(backoff)
+                backoff = min(backoff * 2, BACKOFF_S[1])
+                continue
+            if not self.publisher_up:
+                log.info("Redis reachable: publishing")
+            self.publisher_up = True
+            backoff = BACKOFF_S[0]
+            for (_, waiter), (epoch, seq) in zip(batch, results, strict=True):
+                self._outbox.popleft()
+                if waiter is not None:
+                    waiter.positions.append(Position(epoch.decode(), int(seq)))
+                    if len(waiter.positions) == waiter.count:
+                        waiter.done.set()
+            self.published += len(batch)
+            self._sent.set()
+            self._sent = trio.Event()
+
+    async def _send(self, batch: list[tuple[Outgoing, _Waiter | None]]) -> list[Any]:
+        with trio.fail_after(self._config.timeout_s):
+            async with self._client.pipeline(transaction=False) as pipe:
+                requests = [self._publish_request(pipe, item) for item, _ in batch]
+            return [await request for request in requests]
+
+    def _publish_request(self, pipe: Any, item: Outgoing) -> Any:
+        keys = Keys(self._prefix, item.channel)
+        kind = state_kind(item.channel)
+        size = {StateKind.EVENTS: self._history_size, StateKind.DIFF: DIFF_HISTORY}.get(kind, 0)
+        args = [
+            keys.pubsub, bytes(item.data), bytes(item.state) if item.state is not None else b"",
+            new_epoch(), size, self._history_age_ms, META_TTL_S, self._publish_command,
+            "1" if kind is StateKind.WHOLE else "0",
+        ]  # fmt: skip
+        return self._publish_script(keys=[keys.meta, keys.hist], args=args, client=pipe)
+
+    def _fail_waiters(self, error: str) -> None:
+        """Confirmed publishes do not wait out an outage: they are told at once (HTTP 503),
+        and their messages leave the outbox (the caller was told no). Others stay queued."""
+        failed = {waiter for _, waiter in self._outbox if waiter is not None}
+        if failed:
+            self._outbox = deque(entry for entry in self._outbox if entry[1] is None)
+            for waiter in failed:
+                waiter.error = error
+                waiter.done.set()
+
+    async def _subscriber(self) -> None:
+        backoff = BACKOFF_S[0]
+        while True:
+            try:
+                await self._follow()
+            except* REDIS_ERRORS as group:
+                if self.subscriber_up:
+                    error = str(group.exceptions[0])[:200]
+                    log.warning("Redis pub/sub lost: resubscribing", error=error)
+            self.subscriber_up = False
+            for feed in self._feeds.values():
+                if feed.subscribed.is_set():
+                    feed.subscribed = trio.Event()
+            await trio.sleep(backoff)
+            backoff = min(backoff * 2, BACKOFF_S[1])
+
+    async def _follow(self) -> None:
+        client = self._client
+        pubsub = client.sharded_pubsub if self._cluster else client.pubsub
+        async with pubsub(retry_policy=None, ignore_subscribe_messages=True) as ps:
+            # drain the ops queued so far: what we follow now is exactly self._feeds
+            while True:
+                try:
+                    self._ops_receive.receive_nowait()
+                except trio.WouldBlock:
+                    break
+            feeds = dict(self._feeds)
+            if feeds:
+                await ps.subscribe(*(feed.keys.pubsub for feed in feeds.values()))
+            for channel, feed in feeds.items():
+                feed.subscribed.set()
+                if feed.position is not None and feed.held is None:
+                    self._start_catch_up(channel, feed)  # what was published while away
+            if not self.subscriber_up:
+                log.info("Redis pub/sub following", channels=len(feeds))
+            self.subscriber_up = True
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._apply_ops, ps)
+                while True:
+                    message = await ps.get_message()
+                    if message is not None and message["type"] in (
+                        b"message",
+                        "message",
+                        b"smessage",
+                        "smessage",
+                    ):
+                        self._on_pubsub(message["channel"], message["data"])
+
+    async def _apply_ops(self, ps: Any) -> None:
+        async for subscribe, channel in self._ops_receive:
+            feed = self._feeds.get(channel)
+            keys = Keys(self._prefix, channel)
+            if subscribe and feed is not None:
+                await ps.subscribe(keys.pubsub)
+                feed.subscribed.set()
+            elif not subscribe and feed is None:
+                await ps.unsubscribe(keys.pubsub)
+                self._by_pubsub.pop(keys.pubsub.encode(), None)
+
+    def _on_pubsub(self, pubsub_channel: bytes, payload: bytes) -> None:
+        channel = self._by_pubsub.get(pubsub_channel)
+        if channel is None:
+            return
+        try:
+            epoch, seq, data = _message.decode(payload)
+        except msgspec.DecodeError:
+            log.warning("undecodable bus message", channel=channel)
+            return
+        self._on_message(channel, epoch, seq, data)
+
+    def _on_message(self, channel: str, epoch: str, seq: int, data: msgspec.Raw) -> None:
+        feed = self._feeds.get(channel)
+        if feed is None:
+            return
+        if feed.held is not None:
+            feed.held.append((epoch, seq, data))
+            return
+        last = feed.position
+        if last is not None and epoch == last.epoch:
+            if seq <= last.seq:
+                self.duplicates += 1
+                return
+            if seq > last.seq + 1:
+                self.gaps += 1
+                feed.held = [(epoch, seq, data)]
+                self._start_catch_up(channel, feed)
+                return
+        self._deliver(channel, feed, epoch, seq, data)
+
+    def _deliver(self, channel: str, feed: _Feed, epoch: str, seq: int, data: msgspec.Raw) -> None:
+        feed.position = Position(epoch, seq)
+        if feed.kind is StateKind.WHOLE:
+            self._whole[channel] = (feed.position, data)
+        self._hub.publish(channel, epoch, seq, data)
+
+    def _keep_whole(self, channel: str, epoch: str, state: Entry) -> None:
+        known = self._whole.get(channel)
+        if known is None or known[0].epoch != epoch or known[0].seq < state.seq:
+            self._whole[channel] = (Position(epoch, state.seq), state.data)
+
+    def _start_catch_up(self, channel: str, feed: _Feed) -> None:
+        if feed.held is None:
+            feed.held = []
+        assert self._nursery is not None
+        self._nursery.start_soon(self._catch_up, channel, feed)
+
+    async def _catch_up(self, channel: str, feed: _Feed) -> None:
+        """Fill a gap in this node's stream of ``channel`` from history, or tell subscribers."""
+        since = feed.position
+        recovery: Recovery | None = None
+        with contextlib.suppress(BusUnavailable):  # the resubscribe will catch up again
+            recovery = await self._read(feed, since, want_state=feed.kind is StateKind.WHOLE)
+        if self._feeds.get(channel) is not feed:
+            return
+        held, feed.held = feed.held or [], None
+        if recovery is not None and recovery.recovered:
+            self.recovered_gaps += 1
+            for entry in recovery.missed:
+                self._deliver(channel, feed, recovery.position.epoch, entry.seq, entry.data)
+        elif recovery is not None:
+            self.resyncs += 1
+            self._gap_log.warning(channel=channel, since=since.seq if since else None)
+            if feed.kind is StateKind.WHOLE and recovery.current:
+                self._keep_whole(channel, recovery.position.epoch, recovery.current[-1])
+            feed.position = recovery.position
+            self._hub.resync(channel, recovery.position)
+        else:
+            feed.held = held  # still held; the next (re)subscribe catches up
+            return
+        for epoch, seq, data in held:
+            self._on_message(channel, epoch, seq, data)
+
+    async def _read(self, feed: _Feed, since: Position | None, *, want_state: bool) -> Recovery:
+        reply = await self._recover_reply(feed.keys, since, want_state=want_state, most=MAX_REPLAY)
+        return recovery_from(since, reply)
+
+    async def _recover_reply(
+        self, keys: Keys, since: Position | None, *, want_state: bool, most: int
+    ) -> list[Any]:
+        args = [
+            str(since.seq) if since is not None else "", since.epoch if since is not None else "",
+            new_epoch(), "1" if want_state else "0", META_TTL_S, most,
+        ]  # fmt: skip
+        try:
+            with trio.fail_after(self._config.timeout_s):
+                keys_ = [keys.meta, keys.hist]
+                reply: list[Any] = await self._recover_script(keys=keys_, args=args)
+        except REDIS_ERRORS as exc:
+            raise BusUnavailable(str(exc)[:200]) from None
+        return reply

@@ -1,0 +1,165 @@
+"""pushd on the Redis bus: several nodes, recovery across them, Redis faults. Real Redis
+servers on free ports (tests/redis_servers.py), real daemons on real sockets."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+import trio
+from conftest import (
+    PUBLISH_TOKEN,
+    Running,
+    feed,
+    make_config,
+    open_client,
+    start_daemon,
+    subscribed,
+)
+from redis_servers import RedisServer
+from test_demo_e2e import DEPTH_EVENTS_EACH, SYMBOLS, Recorder, Watcher
+
+from ingest.sim import Market
+from ingest.transport import serve_snapshots
+
+AUTH = {"authorization": f"Bearer {PUBLISH_TOKEN}"}
+
+
+@pytest.fixture
+def redis() -> Iterator[RedisServer]:
+    with RedisServer() as server:
+        yield server
+
+
+def redis_config(redis: RedisServer, role: str = "all", **sections: dict[str, Any]) -> Any:
+    bus = {
+        "kind": "redis",
+        "redis": {"url": redis.url, "timeout_s": 1.0},
+        **sections.pop("bus", {}),
+    }
+    return make_config(role, bus=bus, **sections)
+
+
+async def publish(node: Running, channel: str, data: Any) -> dict[str, Any]:
+    async with httpx.AsyncClient() as http:
+        r = await http.post(f"{node.http_url}/v1/publish", json={"channel": channel, "data": data},
+                            headers=AUTH)  # fmt: skip
+    assert r.status_code == 200, r.text
+    answer: dict[str, Any] = r.json()
+    return answer
+
+
+async def test_clients_on_two_gateways_see_the_same_events(
+    nursery: trio.Nursery, redis: RedisServer
+) -> None:
+    compute = await start_daemon(nursery, redis_config(redis, "compute"))
+    a = await start_daemon(nursery, redis_config(redis, "gateway"))
+    b = await start_daemon(nursery, redis_config(redis, "gateway"))
+    assert compute.ports.websocket == 0  # a compute node serves no clients
+    async with open_client(a.ws_url) as on_a, open_client(b.ws_url) as on_b:
+        for client, node in ((on_a, a), (on_b, b)):
+            await client.call({"op": "auth", "token": node.token("1001")})
+            reply = await client.call({"op": "subscribe", "channel": ["@order", "BTCUSDT@trades"]})
+            assert subscribed(reply, "@order", "BTCUSDT@trades")
+        published = []
+        for n in range(20):  # from every node: the seqs are Redis's, one sequence per channel
+            node = (compute, a, b)[n % 3]
+            channel = "user_1001_order" if n % 2 else "trades_BTCUSDT"
+            published.append(await publish(node, channel, {"n": n}))
+        seen_a = [await on_a.recv() for _ in range(20)]
+        seen_b = [await on_b.recv() for _ in range(20)]
+    assert seen_a == seen_b
+    for event, answer in zip(seen_a, published, strict=True):
+        assert (event["seq"], event["epoch"]) == (answer["seq"], answer["epoch"])
+    orders = [e["seq"] for e in seen_a if e["event"] == "@order"]
+    trades = [e["seq"] for e in seen_a if e["event"] == "BTCUSDT@trades"]
+    assert orders == list(range(1, 11)) and trades == list(range(1, 11))
+
+
+async def test_reconnect_to_the_other_gateway_recovers_exactly(
+    nursery: trio.Nursery, redis: RedisServer
+) -> None:
+    a = await start_daemon(nursery, redis_config(redis, "gateway"))
+    b = await start_daemon(nursery, redis_config(redis, "gateway"))
+    async with open_client(a.ws_url) as client:
+        await client.call({"op": "auth", "token": a.token("1001")})
+        await client.call({"op": "subscribe", "channel": "@order"})
+        await publish(a, "user_1001_order", {"n": 1})
+        last = await client.recv()
+    for n in (2, 3, 4):
+        await publish(a, "user_1001_order", {"n": n})
+    async with open_client(b.ws_url) as client:
+        await client.call({"op": "auth", "token": b.token("1001")})
+        since = {"seq": last["seq"], "epoch": last["epoch"]}
+        reply = await client.call({"op": "subscribe", "channel": "@order", "since": since})
+        assert reply["recovered"] is True
+        assert reply["streams"]["@order"] == {"epoch": last["epoch"], "seq": 4}
+        assert [(await client.recv())["data"]["n"] for _ in range(3)] == [2, 3, 4]
+        await publish(a, "user_1001_order", {"n": 5})
+        event = await client.recv()
+        assert (event["seq"], event["data"]["n"]) == (5, 5)
+
+
+async def test_a_redis_restart_is_a_new_epoch(nursery: trio.Nursery, redis: RedisServer) -> None:
+    node = await start_daemon(nursery, redis_config(redis))
+    async with open_client(node.ws_url) as client:
+        await client.call({"op": "subscribe", "channel": "notice"})
+        await publish(node, "notice", {"n": 1})
+        before = await client.recv()
+    redis.restart()  # every key is gone: numbering and history
+    async with open_client(node.ws_url) as client:
+        since = {"seq": before["seq"], "epoch": before["epoch"]}
+        request = {"op": "subscribe", "channel": "notice", "since": since}
+        with trio.fail_after(10):  # while the node reconnects, it says so (13): a client retries
+            while (reply := await client.call(request)).get("code") == 13:
+                pass
+        assert reply["recovered"] is False
+        assert reply["streams"]["notice"]["epoch"] != before["epoch"]
+
+
+def public_done(watcher: Watcher) -> bool:
+    return all(watcher.depth_events[s] >= DEPTH_EVENTS_EACH for s in SYMBOLS) and all(
+        watcher.events[k] for k in ("trades", "ticker", "kline", "markPrice")
+    )
+
+
+async def test_a_gateway_without_the_book_starts_subscribers_from_the_stored_state(
+    nursery: trio.Nursery, redis: RedisServer
+) -> None:
+    """Depth on a gateway node: the compute node's stored snapshot plus the diffs after it,
+    then the live stream; the local book matches the engine's at every event. A subscriber
+    that joins late gets the same, and so does the REST snapshot."""
+    market = Market(seed=11)
+    recorder = Recorder(market)
+    snapshot_port = await nursery.start(serve_snapshots, recorder, "127.0.0.1", 0)
+    engine = {"snapshot_enabled": True, "snapshot_port": snapshot_port}
+    compute = await start_daemon(nursery, redis_config(redis, "compute", engine=engine))
+    gateway = await start_daemon(nursery, redis_config(redis, "gateway"))
+    channels = [f"{s}@{k}" for s in SYMBOLS for k in ("depth", "trades", "ticker", "markPrice")]
+    channels += [f"{s}@kline" for s in SYMBOLS]
+    async with trio.open_nursery() as engine_feed:
+        engine_feed.start_soon(feed(compute, market))
+        async with open_client(gateway.ws_url) as early:
+            assert subscribed(await early.call({"op": "subscribe", "channel": channels}), *channels)
+            first = Watcher(recorder)
+            with trio.fail_after(60):
+                while not public_done(first):
+                    first.see(await early.recv())
+            async with open_client(gateway.ws_url) as late:  # joins mid-stream
+                reply = await late.call({"op": "subscribe", "channel": "BTCUSDT@depth"})
+                assert subscribed(reply, "BTCUSDT@depth")
+                second = Watcher(recorder)
+                with trio.fail_after(60):
+                    while second.depth_events["BTCUSDT"] < DEPTH_EVENTS_EACH:
+                        second.see(await late.recv())
+        async with httpx.AsyncClient(base_url=gateway.http_url) as http:
+            rest = (await http.get("/v1/depth", params={"symbol": "BTCUSDT"})).json()
+            served = recorder.served[("BTCUSDT", rest["data"]["u"])]
+            assert [tuple(level) for level in rest["data"]["bids"]] == served.bids[:100]
+            ticker = (await http.get("/v1/ticker", params={"symbol": "ETHUSDT"})).json()
+            assert ticker["seq"] > 0 and ticker["data"]["s"] == "ETHUSDT"
+            klines = await http.get("/v1/klines", params={"symbol": "ETHUSDT"})
+            assert klines.status_code == 503  # kline history lives where the candles are made
+        engine_feed.cancel_scope.cancel()
