@@ -22,6 +22,7 @@ from pushd.auth import issue_hmac_token
 from pushd.config import Config
 from pushd.daemon import Daemon, Ports
 from pushd.errors import ConfigError, ServiceError
+from pushd.supervisor import Supervisor
 
 DEMO_UID = "1001"
 
@@ -55,6 +56,18 @@ def _messages(exc: BaseException) -> list[str]:
 
 def cmd_run(args: argparse.Namespace) -> int:
     config = _load(args.config)
+    try:
+        config = config_mod.with_node(
+            config, role=args.role, websocket_port=args.websocket_port,
+            http_port=args.http_port, reuse_port=True if args.reuse_port else None,
+        )  # fmt: skip
+    except ConfigError as exc:
+        print(f"pushd: {exc}", file=sys.stderr)
+        return 2
+    if args.workers and (config.bus.kind != "redis" or args.config is None):
+        print("pushd: --workers needs a config file with bus.kind = 'redis' "
+              "(the processes share channels through it)", file=sys.stderr)  # fmt: skip
+        return 2
     if config.auth.kind == "hmac" and not config.auth.hmac.secret:
         print(
             "pushd: auth.hmac.secret is empty: set it (tokens are signed with it), "
@@ -63,6 +76,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         )
         return 2
     logs.configure(config.log.level, config.log.format)
+    if args.workers:
+        supervisor = Supervisor(config, args.config, args.workers)
+        return _serve(supervisor.run)
     return _serve(lambda: Daemon(config).serve(handle_signals=True))
 
 
@@ -176,6 +192,17 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the daemon")
     run.add_argument("--config", type=Path, help="TOML config file (defaults if omitted)")
+    run.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        metavar="N",
+        help="N gateway processes on one port plus a compute process (Redis bus)",
+    )
+    run.add_argument("--role", choices=["all", "gateway", "compute"], help="overrides `role`")
+    run.add_argument("--websocket-port", type=int, help="overrides websocket.port")
+    run.add_argument("--http-port", type=int, help="overrides http.port")
+    run.add_argument("--reuse-port", action="store_true", help="sets websocket.reuse_port")
     run.set_defaults(func=cmd_run)
     demo = sub.add_parser("demo", help="run everything on loopback with a demo login")
     demo.add_argument("--config", type=Path)

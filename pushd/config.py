@@ -37,6 +37,8 @@ class WebSocketConfig(_Section, frozen=True):
     max_connections_per_ip: PositiveInt = 500
     handshakes_per_second: PositiveFloat = 2000.0
     backlog: PositiveInt = 4096
+    # SO_REUSEPORT: several processes accept on one port (set by `pushd run --workers`)
+    reuse_port: bool = False
 
 
 class LimitsConfig(_Section, frozen=True):
@@ -220,6 +222,27 @@ def load(path: Path | None) -> Config:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: TOML syntax error: {exc}") from None
     return from_dict(raw, source=str(path))
+
+
+def with_node(
+    config: Config,
+    *,
+    role: str | None = None,
+    websocket_port: int | None = None,
+    http_port: int | None = None,
+    reuse_port: bool | None = None,
+) -> Config:
+    """The config with one node's own settings (command-line options) put in; checked again."""
+    raw = msgspec.to_builtins(config)
+    if role is not None:
+        raw["role"] = role
+    if websocket_port is not None:
+        raw["websocket"]["port"] = websocket_port
+    if http_port is not None:
+        raw["http"]["port"] = http_port
+    if reuse_port is not None:
+        raw["websocket"]["reuse_port"] = reuse_port
+    return from_dict(raw, source="command line")
 
 
 def _check(config: Config, source: str) -> None:

@@ -166,7 +166,7 @@ class Gateway:
         """The listening socket. Raises OSError (port in use, ...)."""
         ws_cfg = self._config.websocket
         listener = socket.create_server(
-            (ws_cfg.host, ws_cfg.port), backlog=ws_cfg.backlog, reuse_port=False
+            (ws_cfg.host, ws_cfg.port), backlog=ws_cfg.backlog, reuse_port=ws_cfg.reuse_port
         )
         listener.setblocking(False)
         return listener

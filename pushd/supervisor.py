@@ -1,0 +1,103 @@
+"""``pushd run --workers N``: N gateway processes sharing the WebSocket port, plus one compute
+process, each a plain ``pushd run`` child supervised here.
+
+::
+
+    supervisor (this process: no sockets of its own but the port reservation)
+    ├── pushd run --role compute           ingest, poller, market streams, the HTTP API
+    ├── pushd run --role gateway --reuse-port --websocket-port P --http-port 0
+    └── ... N gateways; the kernel spreads new connections over them (SO_REUSEPORT)
+
+A child that exits is started again after a backoff (reset once it has run for a while).
+SIGTERM or SIGINT is passed to every child, which drains its clients (close 1001) and exits;
+the supervisor returns when all have. The nodes share state only through Redis, which is why
+``--workers`` needs ``bus.kind = "redis"``.
+"""
+
+from __future__ import annotations
+
+import functools
+import signal
+import socket
+import sys
+from pathlib import Path
+
+import structlog
+import trio
+
+from pushd.config import Config
+
+log = structlog.get_logger("pushd.supervisor")
+
+RESTART_BACKOFF_S = (0.5, 10.0)  # first, most
+STABLE_AFTER_S = 30.0  # a child that ran this long restarts with the first backoff again
+
+
+def reserve_port(host: str, port: int) -> socket.socket:
+    """A bound, non-listening SO_REUSEPORT socket holding the WebSocket port for the workers
+    (port 0: a free one). It takes no connections: only listening sockets do."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    return sock
+
+
+def child_commands(config_path: Path, workers: int, ws_port: int) -> list[tuple[str, list[str]]]:
+    run = [sys.executable, "-m", "pushd", "run", "--config", str(config_path)]
+    gateway = ["--role", "gateway", "--reuse-port", "--websocket-port", str(ws_port),
+               "--http-port", "0"]  # fmt: skip
+    children = [("compute", [*run, "--role", "compute"])]
+    children += [(f"gateway-{i}", [*run, *gateway]) for i in range(1, workers + 1)]
+    return children
+
+
+class Supervisor:
+    def __init__(self, config: Config, config_path: Path, workers: int) -> None:
+        self._config = config
+        self._config_path = config_path
+        self._workers = workers
+        self._stopping = False
+        self._processes: dict[str, trio.Process] = {}
+        self.restarts = 0
+
+    async def run(self) -> None:
+        ws = self._config.websocket
+        with reserve_port(ws.host, ws.port) as reservation:
+            port = reservation.getsockname()[1]
+            log.info("supervising", workers=self._workers, websocket_port=port)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._stop_on_signal)
+                for name, command in child_commands(self._config_path, self._workers, port):
+                    nursery.start_soon(self._keep_running, name, command)
+        log.info("stopped")
+
+    async def _keep_running(self, name: str, command: list[str]) -> None:
+        backoff = RESTART_BACKOFF_S[0]
+        while not self._stopping:
+            started = trio.current_time()
+            async with trio.open_nursery() as nursery:  # cancelled: SIGTERM, SIGKILL after 5 s
+                run = functools.partial(trio.run_process, command, check=False)
+                process: trio.Process = await nursery.start(run)
+                self._processes[name] = process
+                log.info("child started", child=name, pid=process.pid)
+            self._processes.pop(name, None)
+            code = process.returncode
+            if self._stopping:
+                log.info("child stopped", child=name, pid=process.pid, code=code)
+                return
+            self.restarts += 1
+            if trio.current_time() - started > STABLE_AFTER_S:
+                backoff = RESTART_BACKOFF_S[0]
+            log.warning("child exited: restarting", child=name, pid=process.pid, code=code,
+                        after_s=backoff)  # fmt: skip
+            await trio.sleep(backoff)
+            backoff = min(backoff * 2, RESTART_BACKOFF_S[1])
+
+    async def _stop_on_signal(self) -> None:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async for signum in signals:
+                log.info("signal received: stopping children", signal=signal.Signals(signum).name)
+                self._stopping = True
+                for process in self._processes.values():
+                    process.send_signal(signal.SIGTERM)
+                return

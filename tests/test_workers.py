@@ -1,0 +1,153 @@
+"""``pushd run --workers N``: real processes sharing the WebSocket port (SO_REUSEPORT), a
+compute process, supervision (a killed worker comes back), and a drain on SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import trio
+import trio_websocket
+from conftest import PUBLISH_TOKEN, SECRET, free_port, open_client
+from redis_servers import RedisServer
+
+from pushd.auth import issue_hmac_token
+
+AUTH = {"authorization": f"Bearer {PUBLISH_TOKEN}"}
+
+
+@pytest.fixture
+def redis() -> Iterator[RedisServer]:
+    with RedisServer() as server:
+        yield server
+
+
+class Logs:
+    """The JSON log lines of a supervisor and its children, read as they come."""
+
+    def __init__(self, stream: trio.abc.ReceiveStream) -> None:
+        self._stream = stream
+        self._buffer = b""
+        self.lines: list[dict[str, Any]] = []
+
+    async def until(self, event: str, count: int = 1, **fields: Any) -> list[dict[str, Any]]:
+        def matching() -> list[dict[str, Any]]:
+            return [line for line in self.lines if line.get("event") == event
+                    and all(line.get(k) == v for k, v in fields.items())]  # fmt: skip
+
+        while len(matching()) < count:
+            chunk = await self._stream.receive_some()
+            assert chunk, f"the supervisor ended before {count} x {event!r}"
+            self._buffer += chunk
+            *complete, self._buffer = self._buffer.split(b"\n")
+            for raw in complete:
+                if raw.startswith(b"{"):
+                    self.lines.append(json.loads(raw))
+        return matching()
+
+
+@asynccontextmanager
+async def supervisor(tmp_path: Path, redis: RedisServer, workers: int) -> AsyncIterator[Any]:
+    ws_port, http_port = free_port(), free_port()
+    config = tmp_path / "pushd.toml"
+    config.write_text(
+        f"[websocket]\nport = {ws_port}\n[http]\nport = {http_port}\n"
+        f"publish_token = '{PUBLISH_TOKEN}'\n[auth.hmac]\nsecret = '{SECRET}'\n"
+        "[ingest]\nudp_port = 0\ntcp_port = 0\n[engine]\nsnapshot_enabled = false\n"
+        f"[bus]\nkind = 'redis'\n[bus.redis]\nurl = '{redis.url}'\n"
+        "[log]\nformat = 'json'\n"
+    )
+    command = [sys.executable, "-m", "pushd", "run", "--config", str(config),
+               "--workers", str(workers)]  # fmt: skip
+    process = await trio.lowlevel.open_process(
+        command, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL
+    )
+    try:
+        assert process.stderr is not None
+        logs = Logs(process.stderr)
+        with trio.fail_after(30):
+            await logs.until("pushd ready", workers + 1)
+        yield process, logs, ws_port, http_port
+    finally:
+        if process.returncode is None:
+            process.kill()
+        await process.wait()
+
+
+async def test_workers_share_the_port_and_a_killed_one_comes_back(
+    tmp_path: Path, redis: RedisServer
+) -> None:
+    async with supervisor(tmp_path, redis, workers=2) as (process, logs, ws_port, http_port):
+        url = f"ws://127.0.0.1:{ws_port}/ws"
+        gateways = {line["http"]: line for line in await logs.until("pushd ready", 3)
+                    if line["websocket"]}  # fmt: skip
+        assert len(gateways) == 2 and {g["websocket"] for g in gateways.values()} == {ws_port}
+        async with trio.open_nursery() as nursery:
+            clients = []
+            for _ in range(24):
+                client = await nursery.start(hold_client, url)
+                clients.append(client)
+            async with httpx.AsyncClient() as http:
+                counts = [(await http.get(f"http://127.0.0.1:{port}/v1/stats", headers=AUTH)
+                           ).json()["connections"] for port in gateways]  # fmt: skip
+                assert sorted(counts) != [0, 24] and sum(counts) == 24  # the kernel spreads them
+                r = await http.post(
+                    f"http://127.0.0.1:{http_port}/v1/publish",
+                    headers=AUTH,
+                    json={"channel": "user_1001_order", "data": {"n": 1}},
+                )
+                assert r.status_code == 200, r.text
+            for client in clients:
+                assert (await client.recv())["data"] == {"n": 1}
+            started = await logs.until("child started", 3)
+            victim = next(line["pid"] for line in started if line["child"] == "gateway-1")
+            os.kill(victim, signal.SIGKILL)
+            await logs.until("child exited: restarting", child="gateway-1")
+            await logs.until("pushd ready", 4)  # it is back
+            nursery.cancel_scope.cancel()
+        # the killed worker's clients reconnect (to whichever worker the kernel picks)
+        async with open_client(url) as client:
+            await client.call({"op": "auth", "token": issue_hmac_token(SECRET, "1001", 60)})
+            since = {"seq": 1, "epoch": r.json()["epoch"]}
+            async with httpx.AsyncClient() as http:
+                await http.post(
+                    f"http://127.0.0.1:{http_port}/v1/publish",
+                    headers=AUTH,
+                    json={"channel": "user_1001_order", "data": {"n": 2}},
+                )
+            reply = await client.call({"op": "subscribe", "channel": "@order", "since": since})
+            assert reply["recovered"] is True
+            assert (await client.recv())["data"] == {"n": 2}
+            process.send_signal(signal.SIGTERM)  # a drain: every client is told 1001
+            with pytest.raises(trio_websocket.ConnectionClosed) as closed:
+                while True:
+                    await client.recv()
+            assert closed.value.reason.code == 1001
+        with trio.fail_after(20):
+            assert await process.wait() == 0
+        await logs.until("stopped")
+
+
+async def hold_client(url: str, task_status: Any) -> None:
+    async with open_client(url) as client:
+        await client.call({"op": "auth", "token": issue_hmac_token(SECRET, "1001", 60)})
+        await client.call({"op": "subscribe", "channel": "@order"})
+        task_status.started(client)
+        await trio.sleep_forever()
+
+
+def test_workers_need_the_redis_bus(tmp_path: Path) -> None:
+    config = tmp_path / "pushd.toml"
+    config.write_text("[auth.hmac]\nsecret = 's'\n")
+    command = [sys.executable, "-m", "pushd", "run", "--config", str(config), "--workers", "2"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2 and "bus.kind = 'redis'" in result.stderr
