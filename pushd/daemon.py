@@ -30,6 +30,7 @@ import trio
 
 from ingest import wire
 from pushd.auth import Verifier, make_verifier
+from pushd.bus.control import ControlPlane
 from pushd.bus.memory import MemoryBus
 from pushd.bus.model import Bus
 from pushd.bus.redis import RedisBus
@@ -106,6 +107,13 @@ class Daemon:
             config, self.bus, self.gateway, self.registry, self.metrics, self.markets
         )
         self.api.not_ready = self.not_ready
+        self.control: ControlPlane | None = None
+        if self.redis is not None:
+            self.control = ControlPlane(
+                self.redis, config.role, self.api.local_stats, self.gateway.kick,
+                self.hub.resync_private,
+            )  # fmt: skip
+            self.api.control = self.control
         # the state a new subscriber starts from: this process's books where it numbers the
         # channels itself; with Redis, the states the compute nodes store beside the seqs
         self.hub.current = self.redis.current if self.redis is not None else self.markets.current
@@ -149,7 +157,12 @@ class Daemon:
 
     def _private_gap(self, reason: str) -> None:
         """Engine frames that may have carried private events were lost: tell every private
-        subscriber (a resync notice per private channel), never leave them silently short."""
+        subscriber (a resync notice per private channel), never leave them silently short.
+        With Redis the subscribers are on every gateway: the control channel tells them."""
+        if self.control is not None:
+            self.control.private_gap(reason)
+            self._private_gap_log.warning(reason=reason, notices="every node")
+            return
         told = self.hub.resync_private()
         self._private_gap_log.warning(reason=reason, notices=told)
 
@@ -170,8 +183,9 @@ class Daemon:
                     nursery.start_soon(self._stop_on_signal)
                 cfg = self.config
                 ws, http_cfg = cfg.websocket, cfg.http
-                if self.redis is not None:
+                if self.redis is not None and self.control is not None:
                     await nursery.start(self.redis.run)
+                    await nursery.start(self.control.run)
                 ws_port = http_port = udp_port = tcp_port = 0
                 if self.serves_clients:
                     ws_port = await start_service(
@@ -192,8 +206,9 @@ class Daemon:
                 log.info("shutting down", connections=len(self.gateway.connections))
                 self._serving = False
                 await self.gateway.shutdown(SHUTDOWN_GRACE_S)
-                if self.redis is not None:  # what was published goes out before we go
-                    await self.redis.drain(SHUTDOWN_GRACE_S)
+                if self.redis is not None and self.control is not None:
+                    await self.redis.drain(SHUTDOWN_GRACE_S)  # what was published goes out
+                    await self.control.leave()
                 http_stop.set()
                 nursery.cancel_scope.cancel()
         finally:

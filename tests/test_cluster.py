@@ -3,6 +3,7 @@ servers on free ports (tests/redis_servers.py), real daemons on real sockets."""
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Iterator
 from typing import Any
 
@@ -21,7 +22,9 @@ from conftest import (
 )
 from redis_servers import RedisServer
 from test_demo_e2e import DEPTH_EVENTS_EACH, SYMBOLS, Recorder, Watcher
+from test_ingest import order
 
+from ingest.framing import Framer
 from ingest.sim import Market
 from ingest.transport import serve_snapshots
 
@@ -268,3 +271,41 @@ async def test_a_killed_gateways_clients_recover_on_another(
         reply = await client.call({"op": "subscribe", "channel": "@order", "since": since})
         assert reply["recovered"] is True
         assert [(await client.recv())["data"]["n"] for _ in range(2)] == [2, 3]
+
+
+async def test_the_control_plane_reaches_every_node(
+    nursery: trio.Nursery, redis: RedisServer
+) -> None:
+    """Disconnect and stats act on the whole cluster, and a private gap seen by the compute
+    node is told to private subscribers on every gateway."""
+    compute = await start_daemon(nursery, redis_config(redis, "compute"))
+    a = await start_daemon(nursery, redis_config(redis, "gateway"))
+    b = await start_daemon(nursery, redis_config(redis, "gateway"))
+    async with httpx.AsyncClient() as http:
+        stats = (await http.get(f"{a.http_url}/v1/stats", headers=AUTH)).json()
+        assert sorted(node["role"] for node in stats["nodes"]) == ["compute", "gateway", "gateway"]
+        async with open_client(a.ws_url) as on_a, open_client(b.ws_url) as on_b:
+            for client, node in ((on_a, a), (on_b, b)):
+                await client.call({"op": "auth", "token": node.token("1001")})
+                await client.call({"op": "subscribe", "channel": "@order"})
+            # a private gap at the compute node: frames 2 and 3 of a private source are lost
+            framer = Framer(src=6, epoch=1)
+            frames = [framer.datagrams([order("1001", i)])[0] for i in range(1, 5)]
+            with trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+                addr = ("127.0.0.1", compute.ports.ingest_udp)
+                await sock.sendto(frames[0], addr)
+                for client in (on_a, on_b):
+                    assert (await client.recv())["seq"] == 1
+                await sock.sendto(frames[3], addr)
+                for client in (on_a, on_b):
+                    told = [await client.recv() for _ in range(2)]  # the notice and order 4
+                    assert any(m.get("resync") and m["event"] == "@order" for m in told), told
+            stats = (await http.get(f"{compute.http_url}/v1/stats", headers=AUTH)).json()
+            assert stats["connections"] == 2 and stats["nodes"][0]["node"]
+            r = await http.post(f"{compute.http_url}/v1/users/1001/disconnect", headers=AUTH)
+            assert r.json() == {"result": True, "closed": 2, "nodes": 3}
+            for client in (on_a, on_b):
+                with pytest.raises(trio_websocket.ConnectionClosed) as closed:
+                    while True:
+                        await client.recv()
+                assert closed.value.reason.code == 4003

@@ -158,7 +158,7 @@ class RedisBus:
         self._history_age_ms = int(config.history_age_s * 1000)
         self._cluster = config.redis.cluster
         self._publish_command = "spublish" if self._cluster else "publish"
-        self._prefix = config.redis.prefix
+        self.prefix = config.redis.prefix
         self._outbox: deque[tuple[Outgoing, _Waiter | None]] = deque()
         self._outbox_wanted = trio.Event()
         self._sent = trio.Event()  # set (and replaced) after each batch Redis took
@@ -167,7 +167,7 @@ class RedisBus:
         self._ops_send, self._ops_receive = trio.open_memory_channel[tuple[bool, str]](math.inf)
         self._by_pubsub: dict[bytes, str] = {}
         self._nursery: trio.Nursery | None = None
-        self._client: Any = None
+        self.client: Any = None
         self._publish_script: Any = None
         self._recover_script: Any = None
         self.publisher_up = False
@@ -228,7 +228,7 @@ class RedisBus:
 
     async def snapshot(self, channel: str) -> tuple[Position, msgspec.Raw | None]:
         """A state stream's stored state and the position it is exact at (REST)."""
-        keys = Keys(self._prefix, channel)
+        keys = Keys(self.prefix, channel)
         reply = await self._recover_reply(keys, None, want_state=True, most=0)
         epoch = reply[0].decode() if isinstance(reply[0], bytes) else str(reply[0])
         if reply[2] is None:
@@ -237,11 +237,11 @@ class RedisBus:
 
     async def history(self, channel: str, most: int) -> tuple[Position, list[Entry]]:
         """An event stream's last ``most`` messages and the position of the last (REST)."""
-        keys = Keys(self._prefix, channel)
+        keys = Keys(self.prefix, channel)
         try:
             with trio.fail_after(self._config.timeout_s):
-                epoch = await self._client.hget(keys.meta, "e")
-                raw = await self._client.xrevrange(keys.hist, count=most)
+                epoch = await self.client.hget(keys.meta, "e")
+                raw = await self.client.xrevrange(keys.hist, count=most)
         except REDIS_ERRORS as exc:
             raise BusUnavailable(str(exc)[:200]) from None
         entries = [_entry(fields) for _, fields in reversed(raw or [])]
@@ -249,7 +249,7 @@ class RedisBus:
         return Position(epoch.decode() if epoch else "", last), entries
 
     def interest(self, channel: str) -> None:
-        keys = Keys(self._prefix, channel)
+        keys = Keys(self.prefix, channel)
         self._feeds[channel] = _Feed(keys, state_kind(channel))
         self._by_pubsub[keys.pubsub.encode()] = channel
         self._ops_send.send_nowait((True, channel))
@@ -283,7 +283,7 @@ class RedisBus:
             stream_timeout=timeout,
             connect_timeout=timeout,
         )
-        self._client = client
+        self.client = client
         self._publish_script = client.register_script(_script("publish.lua"))
         self._recover_script = client.register_script(_script("recover.lua"))
         async with client, trio.open_nursery() as nursery:
@@ -297,7 +297,7 @@ class RedisBus:
         while not self.publisher_up:  # know whether Redis answers before anything is sent
             try:
                 with trio.fail_after(self._config.timeout_s):
-                    await self._client.ping()
+                    await self.client.ping()
                 self.publisher_up = True
             except REDIS_ERRORS as exc:
                 log.warning("Redis unreachable", url=self._config.url, error=str(exc)[:200])
@@ -335,12 +335,12 @@ class RedisBus:
 
     async def _send(self, batch: list[tuple[Outgoing, _Waiter | None]]) -> list[Any]:
         with trio.fail_after(self._config.timeout_s):
-            async with self._client.pipeline(transaction=False) as pipe:
+            async with self.client.pipeline(transaction=False) as pipe:
                 requests = [self._publish_request(pipe, item) for item, _ in batch]
             return [await request for request in requests]
 
     def _publish_request(self, pipe: Any, item: Outgoing) -> Any:
-        keys = Keys(self._prefix, item.channel)
+        keys = Keys(self.prefix, item.channel)
         kind = state_kind(item.channel)
         size = {StateKind.EVENTS: self._history_size, StateKind.DIFF: DIFF_HISTORY}.get(kind, 0)
         args = [
@@ -377,7 +377,7 @@ class RedisBus:
             backoff = min(backoff * 2, BACKOFF_S[1])
 
     async def _follow(self) -> None:
-        client = self._client
+        client = self.client
         pubsub = client.sharded_pubsub if self._cluster else client.pubsub
         async with pubsub(retry_policy=None, ignore_subscribe_messages=True) as ps:
             # drain the ops queued so far: what we follow now is exactly self._feeds
@@ -411,7 +411,7 @@ class RedisBus:
     async def _apply_ops(self, ps: Any) -> None:
         async for subscribe, channel in self._ops_receive:
             feed = self._feeds.get(channel)
-            keys = Keys(self._prefix, channel)
+            keys = Keys(self.prefix, channel)
             if subscribe and feed is not None:
                 await ps.subscribe(keys.pubsub)
                 feed.subscribed.set()

@@ -38,6 +38,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from pushd.bus.control import ControlPlane
 from pushd.bus.model import Bus, BusUnavailable, Outgoing, Position
 from pushd.bus.redis import RedisBus
 from pushd.channels import (
@@ -102,6 +103,7 @@ class HttpApi:
         self._market_publish = config.http.allow_market_publish
         self._openapi = msgspec.json.encode(openapi_document(config))
         self.not_ready: Callable[[], str | None] = lambda: "starting"  # why not ready, or None
+        self.control: ControlPlane | None = None  # with Redis: stats and disconnect cluster-wide
         self.websocket_port = config.websocket.port  # the bound one, once the gateway listens
         self.app = Starlette(
             routes=[
@@ -321,9 +323,16 @@ class HttpApi:
         uid = request.path_params["uid"]
         if not UID_PATTERN.fullmatch(uid):
             raise ApiError(400, "invalid uid")
-        return {"result": True, "closed": self._gateway.kick(uid)}
+        if self.control is None:
+            return {"result": True, "closed": self._gateway.kick(uid)}
+        try:
+            closed, nodes = await self.control.kick(uid)
+        except BusUnavailable as exc:
+            raise ApiError(503, f"Redis unreachable: {exc}") from None
+        return {"result": True, "closed": closed, "nodes": nodes}
 
-    async def stats(self, request: Request) -> dict[str, object]:
+    def local_stats(self) -> dict[str, Any]:
+        """This node's counters (what ``/v1/stats`` sums over the cluster's nodes)."""
         gateway = self._gateway
         hub = msgspec.to_builtins(gateway.hub.stats())
         return {
@@ -332,6 +341,22 @@ class HttpApi:
             "flush_stall_max_ms": round(gateway.flush_stall_max_s * 1000, 3),
             "flush_round_max_ms": round(gateway.flush_round_max_s * 1000, 3),
         }
+
+    async def stats(self, request: Request) -> dict[str, object]:
+        if self.control is None:
+            return self.local_stats()
+        try:
+            nodes = await self.control.stats()
+        except BusUnavailable as exc:
+            raise ApiError(503, f"Redis unreachable: {exc}") from None
+        totals: dict[str, object] = {}
+        for key in ("connections", "channels", "subscriptions", "published", "delivered",
+                    "dropped"):  # fmt: skip
+            totals[key] = sum(int(node.stats.get(key, 0)) for node in nodes)
+        for key in ("flush_stall_max_ms", "flush_round_max_ms"):
+            totals[key] = max((float(node.stats.get(key, 0)) for node in nodes), default=0.0)
+        listed = [{"node": n.node, "role": n.role, **n.stats} for n in nodes]
+        return {**totals, "nodes": listed}
 
     async def healthz(self, request: Request) -> Response:
         return _json({"status": "ok"})

@@ -1,0 +1,205 @@
+"""What an operator asks of the whole cluster, not of one node: over Redis, every node answers.
+
+- **Registry.** Each node writes a heartbeat to the hash ``<prefix>:nodes`` every
+  ``HEARTBEAT_S`` (field: its node id), so a node knows how many answers to wait for.
+- **Control channel** ``<prefix>:control`` (plain pub/sub, which a Cluster broadcasts to every
+  shard's subscribers): ``kick`` (the publish API's disconnect) and ``stats`` (``/v1/stats``):
+  every node acts and pushes its answer to a reply list the asking node reads; and
+  ``private_gap`` (a compute node lost engine frames that may have held private events: every
+  gateway tells its private subscribers, as one process does).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import socket
+import time
+from collections.abc import Callable
+from typing import Any
+
+import msgspec
+import structlog
+import trio
+
+from pushd.bus.model import BusUnavailable
+from pushd.bus.redis import REDIS_ERRORS, RedisBus
+
+log = structlog.get_logger("pushd.bus.control")
+
+HEARTBEAT_S = 1.0
+FRESH_S = 5.0  # a node silent for longer is left out of the sums (it died, or is cut off)
+REPLY_TTL_S = 30
+
+
+class Command(msgspec.Struct, frozen=True, omit_defaults=True):
+    op: str
+    uid: str | None = None
+    reply: str | None = None
+    reason: str | None = None
+    origin: str | None = None
+
+
+class NodeStats(msgspec.Struct, frozen=True):
+    node: str
+    role: str
+    ts: float
+    stats: dict[str, Any]
+
+
+_command = msgspec.json.Decoder(Command)
+_node = msgspec.json.Decoder(NodeStats)
+
+
+def new_node_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(2)}"
+
+
+class ControlPlane:
+    def __init__(
+        self,
+        bus: RedisBus,
+        role: str,
+        stats: Callable[[], dict[str, Any]],
+        kick: Callable[[str], int],
+        private_gap: Callable[[], int],
+    ) -> None:
+        self._bus = bus
+        self._role = role
+        self._stats = stats
+        self._kick = kick
+        self._private_gap = private_gap
+        self.node_id = new_node_id()
+        prefix = bus.prefix
+        self._registry = f"{prefix}:nodes"
+        self._channel = f"{prefix}:control"
+        self._outgoing_send, self._outgoing = trio.open_memory_channel[Command](1000)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        await self._beat()  # registered before the node reports ready
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._heartbeat)
+            nursery.start_soon(self._listen)
+            nursery.start_soon(self._send_queued)
+            task_status.started()
+
+    async def leave(self) -> None:
+        """Take this node out of the registry (shutdown)."""
+        with contextlib.suppress(*REDIS_ERRORS), trio.fail_after(1):
+            await self._bus.client.hdel(self._registry, [self.node_id])
+
+    async def _heartbeat(self) -> None:
+        while True:
+            await trio.sleep(HEARTBEAT_S)
+            await self._beat()
+
+    async def _beat(self) -> None:
+        entry = NodeStats(self.node_id, self._role, time.time(), self._stats())
+        # an outage: the bus logs it; this node's registry entry just goes stale
+        with contextlib.suppress(*REDIS_ERRORS), trio.fail_after(HEARTBEAT_S * 2):
+            await self._bus.client.hset(self._registry, {self.node_id: msgspec.json.encode(entry)})
+
+    async def _listen(self) -> None:
+        while True:
+            try:
+                async with self._bus.client.pubsub(
+                    channels=[self._channel], ignore_subscribe_messages=True, retry_policy=None
+                ) as ps:
+                    while True:
+                        message = await ps.get_message()
+                        if message is not None and message["type"] in ("message", b"message"):
+                            await self._obey(message["data"])
+            except* REDIS_ERRORS:
+                pass
+            await trio.sleep(HEARTBEAT_S)
+
+    async def _obey(self, payload: bytes) -> None:
+        try:
+            command = _command.decode(payload)
+        except msgspec.DecodeError:
+            log.warning("undecodable control message")
+            return
+        if command.op == "kick" and command.uid is not None:
+            await self._answer(command, str(self._kick(command.uid)).encode())
+        elif command.op == "stats":
+            entry = NodeStats(self.node_id, self._role, time.time(), self._stats())
+            await self._answer(command, msgspec.json.encode(entry))
+        elif command.op == "private_gap":
+            told = self._private_gap()
+            log.info("private gap told", origin=command.origin, reason=command.reason,
+                     notices=told)  # fmt: skip
+
+    async def _answer(self, command: Command, answer: bytes) -> None:
+        if command.reply is None:
+            return
+        with contextlib.suppress(*REDIS_ERRORS), trio.fail_after(HEARTBEAT_S * 2):
+            await self._bus.client.rpush(command.reply, [answer])
+            await self._bus.client.expire(command.reply, REPLY_TTL_S)
+
+    async def _send_queued(self) -> None:
+        async for command in self._outgoing:
+            try:
+                with trio.fail_after(HEARTBEAT_S * 2):
+                    await self._bus.client.publish(self._channel, msgspec.json.encode(command))
+            except REDIS_ERRORS as exc:
+                log.warning("control message not sent", op=command.op, error=str(exc)[:200])
+
+    def private_gap(self, reason: str) -> None:
+        """Tell every node's private subscribers (this one's too, through the channel)."""
+        command = Command("private_gap", reason=reason, origin=self.node_id)
+        with contextlib.suppress(trio.WouldBlock):  # a flood: those queued tell everyone
+            self._outgoing_send.send_nowait(command)
+
+    async def kick(self, uid: str) -> tuple[int, int]:
+        """Close ``uid``'s connections on every node; returns (closed, nodes that answered)."""
+        answers = await self._ask(Command("kick", uid=uid))
+        return sum(int(answer) for answer in answers), len(answers)
+
+    async def stats(self) -> list[NodeStats]:
+        """Every node's counters, as each node has them now."""
+        answers = await self._ask(Command("stats"))
+        entries = []
+        for answer in answers:
+            with contextlib.suppress(msgspec.DecodeError):
+                entries.append(_node.decode(answer))
+        return sorted(entries, key=lambda e: e.node)
+
+    async def _ask(self, command: Command) -> list[bytes]:
+        """Publish ``command`` to every node and collect the answers of those in the
+        registry (for at most two heartbeats: a node that died meanwhile does not answer)."""
+        expected = len(await self.nodes())
+        reply = f"{self._bus.prefix}:reply:{secrets.token_hex(8)}"
+        command = msgspec.structs.replace(command, reply=reply, origin=self.node_id)
+        client = self._bus.client
+        answers: list[bytes] = []
+        try:
+            with trio.fail_after(HEARTBEAT_S * 2):
+                await client.publish(self._channel, msgspec.json.encode(command))
+            with trio.move_on_after(HEARTBEAT_S * 2):
+                while len(answers) < expected:
+                    got = await client.blpop([reply], timeout=HEARTBEAT_S * 2)
+                    if got is None:
+                        break
+                    answers.append(got[1])
+        except REDIS_ERRORS as exc:
+            raise BusUnavailable(str(exc)[:200]) from None
+        return answers
+
+    async def nodes(self) -> list[NodeStats]:
+        """The nodes that reported within ``FRESH_S``."""
+        try:
+            with trio.fail_after(HEARTBEAT_S * 2):
+                raw = await self._bus.client.hgetall(self._registry)
+        except REDIS_ERRORS as exc:
+            raise BusUnavailable(str(exc)[:200]) from None
+        now = time.time()
+        fresh = []
+        for value in raw.values():
+            try:
+                entry = _node.decode(value)
+            except msgspec.DecodeError:
+                continue
+            if now - entry.ts <= FRESH_S:
+                fresh.append(entry)
+        return sorted(fresh, key=lambda e: e.node)
