@@ -20,6 +20,7 @@ the address: the one failure that ends the process. Whatever a peer sends ends a
 
 from __future__ import annotations
 
+import functools
 import signal
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -31,6 +32,7 @@ import trio
 from ingest import wire
 from pushd.auth import Verifier, make_verifier
 from pushd.bus.control import ControlPlane
+from pushd.bus.lease import PRIVATE, Leases
 from pushd.bus.memory import MemoryBus
 from pushd.bus.model import Bus
 from pushd.bus.redis import RedisBus
@@ -114,12 +116,20 @@ class Daemon:
                 self.hub.resync_private,
             )  # fmt: skip
             self.api.control = self.control
+        router = EngineRouter(self.bus, self.markets, self._private_gap)
+        self.leases: Leases | None = None
+        if self.redis is not None and self.control is not None and self.computes:
+            names = [*config.markets, PRIVATE]
+            self.leases = Leases(
+                self.redis, self.control.node_id, names, bus_cfg.redis.lease_s, self._took_over
+            )  # fmt: skip
+            self.markets.leads = self.leases.leads
+            router.leads = functools.partial(self.leases.leads, PRIVATE)
         # the state a new subscriber starts from: this process's books where it numbers the
         # channels itself; with Redis, the states the compute nodes store beside the seqs
         self.hub.current = self.redis.current if self.redis is not None else self.markets.current
         self.hub.position = self.bus.position
         self.markets.stale = self.book_stale
-        router = EngineRouter(self.bus, self.markets, self._private_gap)
         self.intake = Intake(router, frozenset(config.markets))
         self.registry.register(IngestCollector(self.intake, self.poller))
         self._serving = False
@@ -155,10 +165,19 @@ class Daemon:
     def serves_clients(self) -> bool:
         return self.config.role in ("all", "gateway")
 
+    def _took_over(self, name: str) -> None:
+        """This node now publishes ``name`` (a symbol, or the private events)."""
+        if name == PRIVATE:  # what the engine sent while nobody published may be lost
+            self._private_gap("this node took over the private events")
+        else:
+            self.markets.take_over(name)
+
     def _private_gap(self, reason: str) -> None:
         """Engine frames that may have carried private events were lost: tell every private
         subscriber (a resync notice per private channel), never leave them silently short.
         With Redis the subscribers are on every gateway: the control channel tells them."""
+        if self.leases is not None and not self.leases.leads(PRIVATE):
+            return  # the node that publishes private events tells
         if self.control is not None:
             self.control.private_gap(reason)
             self._private_gap_log.warning(reason=reason, notices="every node")
@@ -186,6 +205,8 @@ class Daemon:
                 if self.redis is not None and self.control is not None:
                     await nursery.start(self.redis.run)
                     await nursery.start(self.control.run)
+                    if self.leases is not None:
+                        await nursery.start(self.leases.run)
                 ws_port = http_port = udp_port = tcp_port = 0
                 if self.serves_clients:
                     ws_port = await start_service(

@@ -51,7 +51,7 @@ class Logs:
             *complete, self._buffer = self._buffer.split(b"\n")
             for raw in complete:
                 if raw.startswith(b"{"):
-                    self.lines.append(json.loads(raw))
+                    self.lines.append(json.loads(raw))  # whole lines, even from 3 processes
         return matching()
 
 

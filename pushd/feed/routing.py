@@ -34,6 +34,7 @@ class EngineRouter:
 
     def __init__(self, bus: Bus, markets: MarketSink, private_gap: Callable[[str], None]) -> None:
         self._bus = bus
+        self.leads: Callable[[], bool] = lambda: True  # this node publishes private events
         self._markets = markets
         self.trade = markets.trade
         self.index_price = markets.index_price
@@ -41,5 +42,7 @@ class EngineRouter:
         self.private_gap = private_gap
 
     def private(self, event: PrivateEvent) -> None:
+        if not self.leads():
+            return
         channel = private_channel(event.uid, _STREAM[type(event)])
         self._bus.publish([Outgoing(channel, msgspec.Raw(_encoder.encode(event)))])

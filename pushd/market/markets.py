@@ -59,6 +59,8 @@ class Markets:
         self._diffs_since_book: dict[str, int] = {}  # symbol -> depth diffs without a book
         # whether a symbol's book may be behind the engine's (the daemon knows the poller)
         self.stale: Callable[[str], bool] = lambda _symbol: False
+        # whether this node publishes a symbol (with two compute nodes, the lease holder)
+        self.leads: Callable[[str], bool] = lambda _symbol: True
         self._future_log = ThrottledLog(log, "trade stamped in the future: counted at our time")
 
     def trade(self, trade: wire.Trade) -> None:
@@ -137,9 +139,15 @@ class Markets:
             next_at = max(next_at + TICK_MS / 1000, trio.current_time())
             await trio.sleep_until(next_at)
 
+    def take_over(self, symbol: str) -> None:
+        """This node now publishes ``symbol``: see ``SymbolMarket.take_over``."""
+        market = self.symbols[symbol]
+        market.take_over()
+        self._publish(market)
+
     def _publish(self, market: SymbolMarket) -> None:
         items = market.take()
-        if not items:
+        if not items or not self.leads(market.symbol):  # a standby computes, and keeps quiet
             return
         out = [Outgoing(channel, msgspec.Raw(data)) for channel, data in items]
         if self._bus.state_every:

@@ -79,6 +79,14 @@ class SymbolMarket:
         """Ingest lost frames that may have carried this symbol's trades."""
         self.trades.mark_gap()
 
+    def take_over(self) -> None:
+        """This node starts publishing the symbol (another stopped): the book goes out whole,
+        since the last publisher's diffs chained to its own book, and the next trades batch
+        says ``gap``, since the hand-over window may hold trades twice or not at all."""
+        if self.depth.ready:
+            self._put(self.channels["depth"], self.depth.snapshot())
+        self.trades.mark_gap()
+
     # -- output -------------------------------------------------------------------------------
 
     def tick(self, now_ms: int) -> None:

@@ -1,0 +1,91 @@
+"""Who publishes what when two compute nodes get the same engine feed: a Redis lease per
+symbol (and one for the private events), so each is published once.
+
+Both nodes ingest, poll and compute everything (the standby stays warm); only the holder of a
+symbol's lease publishes its streams. The holder renews every ``ttl / 3``; a node that cannot
+renew (Redis unreachable, or the loop stalled) gives its leases up locally once ``ttl`` has
+passed since its last renewal, which is when Redis lets another node take them. So two nodes
+never publish a symbol at once for longer than clock drift, and a dead leader is replaced
+within ``ttl`` + ``ttl / 3``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from importlib import resources
+from typing import Any
+
+import structlog
+import trio
+
+from pushd.bus.redis import REDIS_ERRORS, RedisBus
+
+log = structlog.get_logger("pushd.bus.lease")
+
+PRIVATE = "private"  # the lease of the private events (orders, balances, positions)
+
+
+class Leases:
+    def __init__(
+        self,
+        bus: RedisBus,
+        node_id: str,
+        names: Iterable[str],
+        ttl_s: float,
+        on_gain: Callable[[str], None],
+    ) -> None:
+        self._bus = bus
+        self._node_id = node_id
+        self._names = list(names)
+        self._ttl_s = ttl_s
+        self._on_gain = on_gain
+        self.held: set[str] = set()
+        self._renewed_at = 0.0
+        self._script: Any = None  # registered once the bus has its client
+        self.gained = 0
+        self.lost = 0
+
+    def leads(self, name: str) -> bool:
+        return name in self.held
+
+    def _key(self, name: str) -> str:
+        return f"{self._bus.prefix}:{{lease:{name}}}"
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Take what is free before reporting started; then renew and take over forever."""
+        source = resources.files("pushd.bus").joinpath("lua", "lease.lua").read_text("utf-8")
+        self._script = self._bus.client.register_script(source)
+        await self._round()
+        task_status.started()
+        while True:
+            await trio.sleep(self._ttl_s / 3)
+            await self._round()
+
+    async def _round(self) -> None:
+        ttl_ms = str(int(self._ttl_s * 1000))
+        try:
+            with trio.fail_after(self._ttl_s / 3):
+                async with self._bus.client.pipeline(transaction=False) as pipe:
+                    args = [self._node_id, ttl_ms]
+                    requests = [
+                        self._script(keys=[self._key(name)], args=args, client=pipe)
+                        for name in self._names
+                    ]
+                held = {name for name, r in zip(self._names, requests, strict=True) if await r}
+        except REDIS_ERRORS as exc:
+            if self.held and trio.current_time() - self._renewed_at > self._ttl_s:
+                log.warning("leases given up: cannot renew", held=sorted(self.held),
+                            error=str(exc)[:200])  # fmt: skip
+                self.lost += len(self.held)
+                self.held = set()
+            return
+        self._renewed_at = trio.current_time()
+        gained, lost = held - self.held, self.held - held
+        self.held = held
+        if lost:
+            self.lost += len(lost)
+            log.warning("leases lost", names=sorted(lost))
+        for name in sorted(gained):
+            self.gained += 1
+            log.info("lease taken: publishing", name=name)
+            self._on_gain(name)
