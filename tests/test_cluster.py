@@ -22,7 +22,7 @@ from conftest import (
     start_daemon,
     subscribed,
 )
-from redis_servers import RedisServer
+from redis_servers import RedisCluster, RedisServer
 from test_demo_e2e import DEPTH_EVENTS_EACH, SYMBOLS, UID, Recorder, Watcher
 from test_ingest import order
 
@@ -31,20 +31,22 @@ from ingest.sim import Market
 from ingest.transport import TcpSender, UdpSender, serve_snapshots
 
 AUTH = {"authorization": f"Bearer {PUBLISH_TOKEN}"}
+Redis = RedisServer | RedisCluster
 
 
-@pytest.fixture
-def redis() -> Iterator[RedisServer]:
-    with RedisServer() as server:
+@pytest.fixture(params=["redis", "redis-cluster"])
+def redis(request: pytest.FixtureRequest) -> Iterator[Redis]:
+    """Every test here runs on one Redis and on a 3-node Redis Cluster (sharded pub/sub)."""
+    server = RedisServer() if request.param == "redis" else RedisCluster()
+    with server:
         yield server
 
 
-def redis_config(redis: RedisServer, role: str = "all", **sections: dict[str, Any]) -> Any:
-    bus = {
-        "kind": "redis",
-        "redis": {"url": redis.url, "timeout_s": 1.0},
-        **sections.pop("bus", {}),
-    }
+def redis_config(redis: Redis, role: str = "all", **sections: dict[str, Any]) -> Any:
+    settings = {"url": redis.url, "timeout_s": 1.0, "cluster": redis.cluster}
+    bus: dict[str, Any] = {"kind": "redis", "redis": settings}
+    for key, value in sections.pop("bus", {}).items():
+        bus[key] = {**settings, **value} if key == "redis" else value
     return make_config(role, bus=bus, **sections)
 
 
@@ -58,7 +60,7 @@ async def publish(node: Running, channel: str, data: Any) -> dict[str, Any]:
 
 
 async def test_clients_on_two_gateways_see_the_same_events(
-    nursery: trio.Nursery, redis: RedisServer
+    nursery: trio.Nursery, redis: Redis
 ) -> None:
     compute = await start_daemon(nursery, redis_config(redis, "compute"))
     a = await start_daemon(nursery, redis_config(redis, "gateway"))
@@ -85,7 +87,7 @@ async def test_clients_on_two_gateways_see_the_same_events(
 
 
 async def test_reconnect_to_the_other_gateway_recovers_exactly(
-    nursery: trio.Nursery, redis: RedisServer
+    nursery: trio.Nursery, redis: Redis
 ) -> None:
     a = await start_daemon(nursery, redis_config(redis, "gateway"))
     b = await start_daemon(nursery, redis_config(redis, "gateway"))
@@ -108,7 +110,7 @@ async def test_reconnect_to_the_other_gateway_recovers_exactly(
         assert (event["seq"], event["data"]["n"]) == (5, 5)
 
 
-async def test_a_redis_restart_is_a_new_epoch(nursery: trio.Nursery, redis: RedisServer) -> None:
+async def test_a_redis_restart_is_a_new_epoch(nursery: trio.Nursery, redis: Redis) -> None:
     node = await start_daemon(nursery, redis_config(redis))
     async with open_client(node.ws_url) as client:
         await client.call({"op": "subscribe", "channel": "notice"})
@@ -141,7 +143,7 @@ def public_done(watcher: Watcher) -> bool:
 
 
 async def test_a_gateway_without_the_book_starts_subscribers_from_the_stored_state(
-    nursery: trio.Nursery, redis: RedisServer
+    nursery: trio.Nursery, redis: Redis
 ) -> None:
     """Depth on a gateway node: the compute node's stored snapshot plus the diffs after it,
     then the live stream; the local book matches the engine's at every event. A subscriber
@@ -204,9 +206,7 @@ class Tape:
         return [m["data"]["n"] for m in self.events if not m.get("resync")]
 
 
-async def test_redis_killed_and_restarted_under_load(
-    nursery: trio.Nursery, redis: RedisServer
-) -> None:
+async def test_redis_killed_and_restarted_under_load(nursery: trio.Nursery, redis: Redis) -> None:
     """Publishes continue through a Redis crash: what a backend was told is published reaches
     the client, or the client is told (resync with the new epoch); nothing goes silently."""
     a = await start_daemon(nursery, redis_config(redis, "gateway"))
@@ -259,7 +259,7 @@ async def test_redis_killed_and_restarted_under_load(
 
 
 async def test_a_killed_gateways_clients_recover_on_another(
-    nursery: trio.Nursery, redis: RedisServer
+    nursery: trio.Nursery, redis: Redis
 ) -> None:
     b = await start_daemon(nursery, redis_config(redis, "gateway"))
     a, kill_a = await nursery.start(killable, redis_config(redis, "gateway"))
@@ -283,9 +283,7 @@ async def test_a_killed_gateways_clients_recover_on_another(
         assert [(await client.recv())["data"]["n"] for _ in range(2)] == [2, 3]
 
 
-async def test_the_control_plane_reaches_every_node(
-    nursery: trio.Nursery, redis: RedisServer
-) -> None:
+async def test_the_control_plane_reaches_every_node(nursery: trio.Nursery, redis: Redis) -> None:
     """Disconnect and stats act on the whole cluster, and a private gap seen by the compute
     node is told to private subscribers on every gateway."""
     compute = await start_daemon(nursery, redis_config(redis, "compute"))
@@ -337,9 +335,7 @@ async def twin_feed(market: Market, nodes: list[Running]) -> None:
         await trio.sleep(0.02)
 
 
-async def test_the_standby_compute_node_takes_over(
-    nursery: trio.Nursery, redis: RedisServer
-) -> None:
+async def test_the_standby_compute_node_takes_over(nursery: trio.Nursery, redis: Redis) -> None:
     """Two compute nodes on one feed; the leader dies; the standby publishes within its lease
     time. Seqs go on (Redis numbers them); the book goes out whole (a snapshot), the trades
     batch says gap, the private streams get a resync notice: told, never silent."""

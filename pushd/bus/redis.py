@@ -36,6 +36,7 @@ from collections import deque
 from collections.abc import Sequence
 from importlib import resources
 from typing import Any
+from urllib.parse import urlsplit
 
 import anyio
 import coredis
@@ -43,6 +44,7 @@ import coredis.exceptions
 import msgspec
 import structlog
 import trio
+from coredis.connection import TCPLocation
 
 from pushd.bus.model import (
     BusUnavailable,
@@ -276,13 +278,17 @@ class RedisBus:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run until cancelled; Redis being unreachable is a state, not an error."""
         timeout = self._config.timeout_s
-        kind: Any = coredis.RedisCluster if self._cluster else coredis.Redis
-        client = kind.from_url(
-            self._config.url,
-            decode_responses=False,
-            stream_timeout=timeout,
-            connect_timeout=timeout,
-        )
+        options: dict[str, Any] = {"stream_timeout": timeout, "connect_timeout": timeout}
+        client: Any
+        if self._cluster:  # from_url of a cluster warns (coredis 6.9): give the node itself
+            url = urlsplit(self._config.url)
+            client = coredis.RedisCluster(
+                startup_nodes=[TCPLocation(url.hostname or "127.0.0.1", url.port or 6379)],
+                username=url.username, password=url.password,
+                ssl=url.scheme == "rediss", decode_responses=False, **options,
+            )  # fmt: skip
+        else:
+            client = coredis.Redis.from_url(self._config.url, decode_responses=False, **options)
         self.client = client
         self._publish_script = client.register_script(_script("publish.lua"))
         self._recover_script = client.register_script(_script("recover.lua"))
