@@ -47,7 +47,13 @@ from pushd.gateway.server import Gateway
 from pushd.http.api import HttpApi, serve_http
 from pushd.logs import ThrottledLog
 from pushd.market.markets import Markets
-from pushd.metrics import GatewayMetrics, HubCollector, IngestCollector, make_registry
+from pushd.metrics import (
+    BusCollector,
+    GatewayMetrics,
+    HubCollector,
+    IngestCollector,
+    make_registry,
+)
 
 SHUTDOWN_GRACE_S = 5.0
 
@@ -132,6 +138,8 @@ class Daemon:
         self.markets.stale = self.book_stale
         self.intake = Intake(router, frozenset(config.markets))
         self.registry.register(IngestCollector(self.intake, self.poller))
+        if self.redis is not None:
+            self.registry.register(BusCollector(self.redis, self.leases))
         self._serving = False
         self._private_gap_log = ThrottledLog(log, "private events may be lost: subscribers told")
         self._stop = trio.Event()

@@ -12,6 +12,8 @@ from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from pushd.bus.lease import Leases
+from pushd.bus.redis import RedisBus
 from pushd.feed.intake import Intake
 from pushd.feed.poller import SnapshotPoller
 from pushd.gateway.hub import Hub
@@ -103,3 +105,36 @@ class IngestCollector(Collector):
         yield CounterMetricFamily(
             "pushd_snapshot_failures", "Snapshot connection failures", value=self._poller.failures
         )
+
+
+class BusCollector(Collector):
+    """The Redis bus: its link, its outbox, the gaps it filled or told, this node's leases."""
+
+    def __init__(self, bus: RedisBus, leases: Leases | None) -> None:
+        self._bus = bus
+        self._leases = leases
+
+    def collect(self) -> Iterator[Metric]:
+        bus = self._bus
+        up = GaugeMetricFamily("pushd_bus_up", "1 while Redis answers, by link", labels=["link"])
+        up.add_metric(["publish"], int(bus.publisher_up))
+        up.add_metric(["subscribe"], int(bus.subscriber_up))
+        yield up
+        yield GaugeMetricFamily("pushd_bus_outbox", "Messages waiting for Redis", bus.outbox_size)
+        yield CounterMetricFamily("pushd_bus_published", "Messages Redis took", value=bus.published)
+        yield CounterMetricFamily(
+            "pushd_bus_dropped", "Messages dropped: outbox full while Redis was unreachable",
+            value=bus.dropped,
+        )  # fmt: skip
+        gaps = CounterMetricFamily(
+            "pushd_bus_gaps", "Jumps in a channel's seqs at this node, by outcome",
+            labels=["outcome"],
+        )  # fmt: skip
+        gaps.add_metric(["replayed"], bus.recovered_gaps)
+        gaps.add_metric(["told"], bus.resyncs)
+        yield gaps
+        if self._leases is not None:
+            yield GaugeMetricFamily(
+                "pushd_leases_held", "Leases this compute node holds (it publishes those)",
+                value=len(self._leases.held),
+            )  # fmt: skip

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import httpx
+import msgspec
 import pytest
 import trio
 import trio_websocket
@@ -29,6 +30,7 @@ from test_ingest import order
 from ingest.framing import Framer
 from ingest.sim import Market
 from ingest.transport import TcpSender, UdpSender, serve_snapshots
+from pushd.bus.model import Outgoing
 
 AUTH = {"authorization": f"Bearer {PUBLISH_TOKEN}"}
 Redis = RedisServer | RedisCluster
@@ -383,3 +385,45 @@ async def test_the_standby_compute_node_takes_over(nursery: trio.Nursery, redis:
             took = trio.current_time() - killed_at
     assert standby.daemon.leases.held == {"BTCUSDT", "ETHUSDT", "SOLUSDT", "private"}
     assert took < 10  # the lease is 1 s: the measured figure is in BENCHMARKS.md
+
+
+async def test_a_redis_outage_is_a_state_not_a_crash(nursery: trio.Nursery, redis: Redis) -> None:
+    """Redis gone: publishes answer 503, subscribes error 13, /readyz says why, the market
+    side's messages wait in the bounded outbox; Redis back: all of it recovers by itself."""
+    node = await start_daemon(nursery, redis_config(redis, bus={"redis": {"outage_buffer": 3}}))
+    bus = node.daemon.redis
+    assert bus is not None
+    servers = redis.nodes if isinstance(redis, RedisCluster) else [redis]
+    async with httpx.AsyncClient(base_url=node.http_url, timeout=10) as http:
+        assert (await http.get("/readyz")).status_code == 200
+        for server in servers:
+            server.kill()
+        with trio.fail_after(10):  # each attempt is a real publish: the first to fail says 503
+            while (
+                r := await http.post(
+                    "/v1/publish", headers=AUTH, json={"channel": "notice", "data": 1}
+                )
+            ).status_code == 200:
+                pass  # fmt: skip
+        assert r.status_code == 503 and "not published" in r.json()["error"]
+        ready = await http.get("/readyz")
+        assert ready.status_code == 503 and ready.json()["reason"] == "Redis unreachable"
+        async with open_client(node.ws_url) as client:
+            reply = await client.call({"op": "subscribe", "channel": "notice", "id": 1})
+            assert reply["code"] == 13 and reply["id"] == 1
+            assert (await client.call({"op": "ping"}))["op"] == "pong"  # the connection lives
+        dropped = bus.dropped
+        bus.publish([Outgoing("notice", msgspec.Raw(b"1"))] * 5)  # the market side goes on
+        assert bus.outbox_size == 3 and bus.dropped >= dropped + 2  # bounded, counted
+        metrics = (await http.get("/metrics")).text
+        assert 'pushd_bus_up{link="publish"} 0.0' in metrics
+        assert f"pushd_bus_dropped_total {float(bus.dropped)}" in metrics
+        for server in servers:
+            server.start()
+        if isinstance(redis, RedisCluster):
+            redis.wait_ok()
+        with trio.fail_after(20):  # the bus reconnects with backoff (at most 2 s apart)
+            await bus.wait_ready()
+        assert (await http.get("/readyz")).status_code == 200
+        await bus.drain(5)
+        assert bus.outbox_size == 0

@@ -24,7 +24,7 @@ import structlog
 import trio
 
 from pushd.bus.model import BusUnavailable
-from pushd.bus.redis import REDIS_ERRORS, RedisBus
+from pushd.bus.redis import REDIS_ERRORS, RedisBus, describe
 
 log = structlog.get_logger("pushd.bus.control")
 
@@ -143,7 +143,7 @@ class ControlPlane:
                 with trio.fail_after(HEARTBEAT_S * 2):
                     await self._bus.client.publish(self._channel, msgspec.json.encode(command))
             except REDIS_ERRORS as exc:
-                log.warning("control message not sent", op=command.op, error=str(exc)[:200])
+                log.warning("control message not sent", op=command.op, error=describe(exc))
 
     def private_gap(self, reason: str) -> None:
         """Tell every node's private subscribers (this one's too, through the channel)."""
@@ -183,7 +183,7 @@ class ControlPlane:
                         break
                     answers.append(got[1])
         except REDIS_ERRORS as exc:
-            raise BusUnavailable(str(exc)[:200]) from None
+            raise BusUnavailable(describe(exc)) from None
         return answers
 
     async def nodes(self) -> list[NodeStats]:
@@ -192,7 +192,7 @@ class ControlPlane:
             with trio.fail_after(HEARTBEAT_S * 2):
                 raw = await self._bus.client.hgetall(self._registry)
         except REDIS_ERRORS as exc:
-            raise BusUnavailable(str(exc)[:200]) from None
+            raise BusUnavailable(describe(exc)) from None
         now = time.time()
         fresh = []
         for value in raw.values():

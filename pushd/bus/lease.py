@@ -18,7 +18,7 @@ from typing import Any
 import structlog
 import trio
 
-from pushd.bus.redis import REDIS_ERRORS, RedisBus
+from pushd.bus.redis import REDIS_ERRORS, RedisBus, describe
 
 log = structlog.get_logger("pushd.bus.lease")
 
@@ -75,7 +75,7 @@ class Leases:
         except REDIS_ERRORS as exc:
             if self.held and trio.current_time() - self._renewed_at > self._ttl_s:
                 log.warning("leases given up: cannot renew", held=sorted(self.held),
-                            error=str(exc)[:200])  # fmt: skip
+                            error=describe(exc))  # fmt: skip
                 self.lost += len(self.held)
                 self.held = set()
             return

@@ -38,7 +38,6 @@ from importlib import resources
 from typing import Any
 from urllib.parse import urlsplit
 
-import anyio
 import coredis
 import coredis.exceptions
 import msgspec
@@ -67,12 +66,18 @@ STATE_EVERY = 16  # depth diffs between stored snapshots (< DIFF_HISTORY)
 MAX_REPLAY = 10_000  # entries one recover read returns at most
 BATCH = 512  # messages per pipelined round trip
 BACKOFF_S = (0.05, 2.0)  # reconnect backoff: first, most
-REDIS_ERRORS = (
-    coredis.exceptions.RedisError, OSError, TimeoutError, trio.TooSlowError,
-    anyio.ClosedResourceError, anyio.BrokenResourceError,  # coredis's streams, on a lost link
-)  # fmt: skip
+# What a call to Redis may raise when Redis, or the link to it, fails: to the bus an outage, to
+# be waited out, never a crash. Wider than coredis's RedisError on purpose: with every node of a
+# Cluster down, coredis 6.9 raises TypeError from a pipeline ("'ConnectionError' object is not
+# iterable"), and its anyio streams raise ClosedResourceError on a lost link.
+REDIS_ERRORS: tuple[type[Exception], ...] = (Exception,)
 
 _message = msgspec.json.Decoder(tuple[str, int, msgspec.Raw])
+
+
+def describe(exc: BaseException) -> str:
+    """One short line for a log or a reply: the error's type and message."""
+    return f"{type(exc).__name__}: {exc}"[:200]
 
 
 def _script(name: str) -> str:
@@ -172,8 +177,9 @@ class RedisBus:
         self.client: Any = None
         self._publish_script: Any = None
         self._recover_script: Any = None
-        self.publisher_up = False
-        self.subscriber_up = False
+        self._publisher_up = False
+        self._subscriber_up = False
+        self._link_changed = trio.Event()  # set (and replaced) when either link goes up or down
         self.published = 0
         self.dropped = 0  # messages refused while the outbox was full (Redis unreachable)
         self.gaps = 0  # jumps in a channel's seqs seen by this node
@@ -245,7 +251,7 @@ class RedisBus:
                 epoch = await self.client.hget(keys.meta, "e")
                 raw = await self.client.xrevrange(keys.hist, count=most)
         except REDIS_ERRORS as exc:
-            raise BusUnavailable(str(exc)[:200]) from None
+            raise BusUnavailable(describe(exc)) from None
         entries = [_entry(fields) for _, fields in reversed(raw or [])]
         last = entries[-1].seq if entries else 0
         return Position(epoch.decode() if epoch else "", last), entries
@@ -261,6 +267,37 @@ class RedisBus:
         self._whole.pop(channel, None)
         if feed is not None:
             self._ops_send.send_nowait((False, channel))
+
+    @property
+    def publisher_up(self) -> bool:
+        return self._publisher_up
+
+    @publisher_up.setter
+    def publisher_up(self, up: bool) -> None:
+        if up != self._publisher_up:
+            self._publisher_up = up
+            self._link_changed.set()
+            self._link_changed = trio.Event()
+
+    @property
+    def subscriber_up(self) -> bool:
+        return self._subscriber_up
+
+    @subscriber_up.setter
+    def subscriber_up(self, up: bool) -> None:
+        if up != self._subscriber_up:
+            self._subscriber_up = up
+            self._link_changed.set()
+            self._link_changed = trio.Event()
+
+    async def wait_ready(self) -> None:
+        """Return once both links to Redis are up."""
+        while self.not_ready() is not None:
+            await self._link_changed.wait()
+
+    @property
+    def outbox_size(self) -> int:
+        return len(self._outbox)
 
     async def drain(self, timeout_s: float) -> None:
         """Wait until the outbox is sent, or Redis is down, or ``timeout_s`` passed."""
@@ -306,7 +343,7 @@ class RedisBus:
                     await self.client.ping()
                 self.publisher_up = True
             except REDIS_ERRORS as exc:
-                log.warning("Redis unreachable", url=self._config.url, error=str(exc)[:200])
+                log.warning("Redis unreachable", url=self._config.url, error=describe(exc))
                 await trio.sleep(backoff)
                 backoff = min(backoff * 2, BACKOFF_S[1])
         while True:
@@ -319,7 +356,7 @@ class RedisBus:
                 results = await self._send(batch)
             except REDIS_ERRORS as exc:
                 if self.publisher_up:
-                    log.warning("Redis unreachable: publishing paused", error=str(exc)[:200])
+                    log.warning("Redis unreachable: publishing paused", error=describe(exc))
                 self.publisher_up = False
                 self._fail_waiters(str(exc)[:200])
                 await trio.sleep(backoff)
@@ -373,7 +410,7 @@ class RedisBus:
                 await self._follow()
             except* REDIS_ERRORS as group:
                 if self.subscriber_up:
-                    error = str(group.exceptions[0])[:200]
+                    error = describe(group.exceptions[0])
                     log.warning("Redis pub/sub lost: resubscribing", error=error)
             self.subscriber_up = False
             for feed in self._feeds.values():
@@ -514,5 +551,5 @@ class RedisBus:
                 keys_ = [keys.meta, keys.hist]
                 reply: list[Any] = await self._recover_script(keys=keys_, args=args)
         except REDIS_ERRORS as exc:
-            raise BusUnavailable(str(exc)[:200]) from None
+            raise BusUnavailable(describe(exc)) from None
         return reply
