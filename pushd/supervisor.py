@@ -16,6 +16,7 @@ the supervisor returns when all have. The nodes share state only through Redis, 
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import signal
 import socket
@@ -30,6 +31,7 @@ from pushd.config import Config
 log = structlog.get_logger("pushd.supervisor")
 
 RESTART_BACKOFF_S = (0.5, 10.0)  # first, most
+PR_SET_PDEATHSIG = 1  # prctl(2)
 STABLE_AFTER_S = 30.0  # a child that ran this long restarts with the first backoff again
 
 
@@ -49,6 +51,13 @@ def child_commands(config_path: Path, workers: int, ws_port: int) -> list[tuple[
     children = [("compute", [*run, "--role", "compute"])]
     children += [(f"gateway-{i}", [*run, *gateway]) for i in range(1, workers + 1)]
     return children
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: SIGTERM when the supervisor dies, even by SIGKILL, so no
+    worker outlives it (Linux ``PR_SET_PDEATHSIG``)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 class Supervisor:
@@ -76,7 +85,9 @@ class Supervisor:
         while not self._stopping:
             started = trio.current_time()
             async with trio.open_nursery() as nursery:  # cancelled: SIGTERM, SIGKILL after 5 s
-                run = functools.partial(trio.run_process, command, check=False)
+                run = functools.partial(
+                    trio.run_process, command, check=False, preexec_fn=_die_with_parent
+                )
                 process: trio.Process = await nursery.start(run)
                 self._processes[name] = process
                 log.info("child started", child=name, pid=process.pid)

@@ -153,3 +153,17 @@ def test_workers_need_the_redis_bus(tmp_path: Path) -> None:
     command = [sys.executable, "-m", "pushd", "run", "--config", str(config), "--workers", "2"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=30)
     assert result.returncode == 2 and "bus.kind = 'redis'" in result.stderr
+
+
+async def test_no_worker_outlives_a_killed_supervisor(tmp_path: Path, redis: RedisServer) -> None:
+    async with supervisor(tmp_path, redis, workers=1) as (process, logs, _, _):
+        children = [line["pid"] for line in await logs.until("child started", 2)]
+        pidfds = [os.pidfd_open(pid) for pid in children]
+        process.kill()  # SIGKILL: the supervisor cannot pass anything on
+        try:
+            with trio.fail_after(20):
+                for pidfd in pidfds:  # readable once that process has exited
+                    await trio.lowlevel.wait_readable(pidfd)
+        finally:
+            for pidfd in pidfds:
+                os.close(pidfd)
