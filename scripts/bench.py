@@ -14,6 +14,10 @@ generator and the publisher are pinned to core 1, so server CPU is measured clea
 - ``nchan``: nginx (``nginx-light``) with the nchan module (``libnginx-mod-nchan``), one worker;
   WebSocket subscriber and WebSocket publisher locations. Missing packages are installed with
   apt-get when run as root, else the target is reported missing.
+- ``pushd-redis``, ``pushd-redis-2gw`` (not in the default set): pushd on the Redis bus with a
+  private ``redis-server`` on the server core: one node of role ``all``, or ``--workers 2`` (two
+  gateway processes and a compute process). Rows add Redis's CPU per published message and
+  deliveries per CPU-second counting Redis too.
 
 Scenarios:
 
@@ -87,10 +91,10 @@ class Target:
         return [p.pid for p in self.procs] + self._children()
 
     def _children(self) -> list[int]:
+        """Child processes of every thread (trio starts processes from a worker thread)."""
         out = []
         for proc in self.procs:
-            path = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
-            if path.exists():
+            for path in Path(f"/proc/{proc.pid}/task").glob("*/children"):
                 out += [int(pid) for pid in path.read_text().split()]
         return out
 
@@ -101,6 +105,9 @@ class Target:
         return sum(proc_rss_kib(pid) for pid in self.pids())
 
     def stop(self) -> None:
+        log = self.tmp / "stderr.log"
+        if log.exists() and b'"level":"error"' in log.read_bytes():  # a server fault: show it
+            print(log.read_text()[-3000:], file=sys.stderr)
         for proc in self.procs:
             proc.terminate()
         for proc in self.procs:
@@ -136,6 +143,8 @@ class Pushd(Target):
         super().__init__()
         self.http_port = free_port()
         self.extra_limits = ""  # more [limits] lines for one scenario
+        self.extra_config = ""  # more sections ([bus] ...)
+        self.run_args: list[str] = []  # more `pushd run` options (--workers N)
         self.symbols = [f"S{i:02d}USDT" for i in range(symbols - 1)] + ["BTCUSDT"]
 
     def start(self, connections: int) -> None:
@@ -149,11 +158,11 @@ class Pushd(Target):
             f"[limits]\nmax_subscriptions = 200\n{self.extra_limits}"
             f"[engine]\nsnapshot_enabled = false\n"
             f"[ingest]\nudp_enabled = false\ntcp_enabled = false\n"
-            f"[log]\nlevel = 'warning'\nformat = 'json'\n{markets}"
+            f"[log]\nlevel = 'warning'\nformat = 'json'\n{markets}{self.extra_config}"
         )
         self._spawn(
-            [sys.executable, "-m", "pushd", "run", "--config", str(config)],
-            stderr=subprocess.DEVNULL,
+            [sys.executable, "-m", "pushd", "run", "--config", str(config), *self.run_args],
+            stderr=open(self.tmp / "stderr.log", "wb"),  # noqa: SIM115 (kept for the run)
         )
         wait_ready(self.http_port)
 
@@ -178,6 +187,50 @@ class Pushd(Target):
             client.post("/v1/publish/batch", content=b'{"messages":[' + items + b"]}")
 
         return publish
+
+
+class PushdRedis(Pushd):
+    """pushd on the Redis bus, with a private ``redis-server`` on the server core: one node of
+    role ``all``, or (``workers``) the supervisor's N gateway workers and compute process.
+    ``cpu()`` is pushd's processes; ``redis_cpu()`` is Redis's, reported beside it."""
+
+    name = "pushd-redis"
+    workers = 0
+
+    def start(self, connections: int) -> None:
+        self.redis_port = free_port()
+        self.redis = self._spawn(
+            ["redis-server", "--port", str(self.redis_port), "--save", "", "--appendonly", "no",
+             "--bind", "127.0.0.1"],
+            stdout=subprocess.DEVNULL,
+        )  # fmt: skip
+        self.procs.remove(self.redis)  # counted apart
+        deadline = time.monotonic() + 20
+        while socket.socket().connect_ex(("127.0.0.1", self.redis_port)) != 0:
+            if time.monotonic() > deadline:
+                raise RuntimeError("redis-server did not start")
+            time.sleep(0.05)
+        self.extra_config = (
+            f"[bus]\nkind = 'redis'\n[bus.redis]\nurl = 'redis://127.0.0.1:{self.redis_port}'\n"
+        )
+        if self.workers:
+            self.run_args = ["--workers", str(self.workers)]
+        super().start(connections)
+        if self.workers:  # the compute process answers first: wait for the gateways too
+            self._wait_port()
+
+    def redis_cpu(self) -> float:
+        return proc_cpu_seconds(self.redis.pid)
+
+    def stop(self) -> None:
+        super().stop()
+        self.redis.terminate()
+        self.redis.wait(10)
+
+
+class PushdRedis2(PushdRedis):
+    name = "pushd-redis-2gw"
+    workers = 2
 
 
 class WsPublisher:
@@ -260,7 +313,14 @@ http {{
         return WsPublisher(self.port, "/pub")
 
 
-TARGETS: dict[str, type[Target]] = {"pushd": Pushd, "websockets": Websockets, "nchan": Nchan}
+TARGETS: dict[str, type[Target]] = {
+    "pushd": Pushd,
+    "websockets": Websockets,
+    "nchan": Nchan,
+    "pushd-redis": PushdRedis,
+    "pushd-redis-2gw": PushdRedis2,
+}
+DEFAULT_TARGETS = ["pushd", "websockets", "nchan"]
 
 
 @contextmanager
@@ -393,11 +453,13 @@ def fanout_run(
         subs = Subscribers(target, args.processes, [target.setup] * subscribers)
         probe = Probe(target, target.setup)
         publish = target.publisher()
-        cpu0, t0 = target.cpu(), time.perf_counter()
+        redis_cpu = getattr(target, "redis_cpu", lambda: 0.0)
+        cpu0, redis0, t0 = target.cpu(), redis_cpu(), time.perf_counter()
         sent = publish_for(publish, rate, args.duration, batch, args.size)
         seen = subs.collect(expected_each=sent)
         elapsed = time.perf_counter() - t0
         cpu = target.cpu() - cpu0
+        redis = redis_cpu() - redis0
         rss = target.rss_kib()
         lat = probe.collect()
     load_lat = seen["latencies"]
@@ -417,7 +479,9 @@ def fanout_run(
         cpu_pct=100 * cpu / elapsed,
         rss_mib=rss / 1024,
         client_cpu_pct=100 * seen["client_cpu"] / elapsed,
-    )
+        **({"redis_us_msg": 1e6 * redis / sent,
+            "per_cpu_s_with_redis": seen["frames"] / (cpu + redis)} if redis else {}),
+    )  # fmt: skip
 
 
 def broadcast(args: argparse.Namespace, targets: list[str]) -> list[dict[str, Any]]:
@@ -784,6 +848,8 @@ COLUMNS = (
     "idle_kib_per_conn",
     "conns_per_s",
     "client_cpu_pct",
+    "redis_us_msg",
+    "per_cpu_s_with_redis",
     "runs",
 )
 
@@ -879,7 +945,7 @@ SCENARIOS: dict[str, Callable[[argparse.Namespace, list[str]], list[dict[str, An
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scenarios", nargs="+", default=list(SCENARIOS), choices=SCENARIOS)
-    parser.add_argument("--targets", nargs="+", default=list(TARGETS), choices=TARGETS)
+    parser.add_argument("--targets", nargs="+", default=DEFAULT_TARGETS, choices=TARGETS)
     parser.add_argument("--subscribers", type=int, default=1000)
     parser.add_argument("--rates", type=float, nargs="+", default=[250, 500, 1000, 2000])
     parser.add_argument("--size", type=int, default=100, help="message bytes")

@@ -1,10 +1,11 @@
 """The Redis bus: many processes and machines share channels through one Redis (or a Cluster).
 
 Publishing
-    Every message goes through one Lua script (``lua/publish.lua``) that, atomically, bumps the
+    Messages go through one Lua script (``lua/publish.lua``) that, atomically, bumps the
     channel's seq in its meta hash (creating the hash with a new epoch if it is missing),
-    appends the message to the channel's bounded history stream and PUBLISHes (SPUBLISH on a
-    Cluster) ``["<epoch>",<seq>,<data>]``. Publishers queue messages in an outbox that one task
+    appends the messages to the channel's bounded history stream and PUBLISHes (SPUBLISH on a
+    Cluster) ``["<epoch>",<first seq>,[<data>,...]]``: consecutive messages of one channel in
+    one call and one pub/sub message. Publishers queue messages in an outbox that one task
     sends in pipelined batches. While Redis is unreachable the outbox keeps up to
     ``bus.redis.outage_buffer`` messages, then drops new ones (counted); ``/readyz`` says why.
 
@@ -31,13 +32,15 @@ State streams on nodes without the book
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from importlib import resources
 from typing import Any
 from urllib.parse import urlsplit
 
+import anyio
 import coredis
 import coredis.exceptions
 import msgspec
@@ -72,7 +75,7 @@ BACKOFF_S = (0.05, 2.0)  # reconnect backoff: first, most
 # iterable"), and its anyio streams raise ClosedResourceError on a lost link.
 REDIS_ERRORS: tuple[type[Exception], ...] = (Exception,)
 
-_message = msgspec.json.Decoder(tuple[str, int, msgspec.Raw])
+_message = msgspec.json.Decoder(tuple[str, int, list[msgspec.Raw]])  # epoch, first seq, data
 
 
 def describe(exc: BaseException) -> str:
@@ -82,6 +85,26 @@ def describe(exc: BaseException) -> str:
 
 def _script(name: str) -> str:
     return resources.files("pushd.bus").joinpath("lua", name).read_text(encoding="utf-8")
+
+
+def _pending_messages(ps: Any) -> Callable[[], Iterator[Any]]:
+    """What coredis's pub/sub object has received and not handed out yet, without waiting
+    (its ``get_message`` yields to the scheduler once per message)."""
+    stream = getattr(ps, "_receive_stream", None)
+
+    def pending() -> Iterator[Any]:
+        if stream is None:  # another coredis: one message per get_message, still correct
+            return
+        while True:
+            try:
+                yield stream.receive_nowait()
+            except (anyio.WouldBlock, anyio.EndOfStream, anyio.ClosedResourceError):
+                return
+
+    return pending
+
+
+_PUBLISH_LUA = _script("publish.lua")
 
 
 class Keys:
@@ -175,7 +198,7 @@ class RedisBus:
         self._by_pubsub: dict[bytes, str] = {}
         self._nursery: trio.Nursery | None = None
         self.client: Any = None
-        self._publish_script: Any = None
+        self._publish_sha: str | None = None  # loaded before a batch, after every failure
         self._recover_script: Any = None
         self._publisher_up = False
         self._subscriber_up = False
@@ -274,10 +297,8 @@ class RedisBus:
 
     @publisher_up.setter
     def publisher_up(self, up: bool) -> None:
-        if up != self._publisher_up:
-            self._publisher_up = up
-            self._link_changed.set()
-            self._link_changed = trio.Event()
+        self._publisher_up, was = up, self._publisher_up
+        self._changed(was, up)
 
     @property
     def subscriber_up(self) -> bool:
@@ -285,8 +306,11 @@ class RedisBus:
 
     @subscriber_up.setter
     def subscriber_up(self, up: bool) -> None:
-        if up != self._subscriber_up:
-            self._subscriber_up = up
+        self._subscriber_up, was = up, self._subscriber_up
+        self._changed(was, up)
+
+    def _changed(self, was: bool, up: bool) -> None:
+        if was != up:  # wake whoever waits for the links
             self._link_changed.set()
             self._link_changed = trio.Event()
 
@@ -327,7 +351,6 @@ class RedisBus:
         else:
             client = coredis.Redis.from_url(self._config.url, decode_responses=False, **options)
         self.client = client
-        self._publish_script = client.register_script(_script("publish.lua"))
         self._recover_script = client.register_script(_script("recover.lua"))
         async with client, trio.open_nursery() as nursery:
             self._nursery = nursery
@@ -354,7 +377,11 @@ class RedisBus:
             batch = [self._outbox[i] for i in range(min(BATCH, len(self._outbox)))]
             try:
                 results = await self._send(batch)
+            except coredis.exceptions.NoScriptError:  # Redis lost its scripts: load, send again
+                self._publish_sha = None
+                continue
             except REDIS_ERRORS as exc:
+                self._publish_sha = None
                 if self.publisher_up:
                     log.warning("Redis unreachable: publishing paused", error=describe(exc))
                 self.publisher_up = False
@@ -366,32 +393,44 @@ class RedisBus:
                 log.info("Redis reachable: publishing")
             self.publisher_up = True
             backoff = BACKOFF_S[0]
-            for (_, waiter), (epoch, seq) in zip(batch, results, strict=True):
+            for (_, waiter), at in zip(batch, results, strict=True):
                 self._outbox.popleft()
                 if waiter is not None:
-                    waiter.positions.append(Position(epoch.decode(), int(seq)))
+                    waiter.positions.append(at)
                     if len(waiter.positions) == waiter.count:
                         waiter.done.set()
             self.published += len(batch)
             self._sent.set()
             self._sent = trio.Event()
 
-    async def _send(self, batch: list[tuple[Outgoing, _Waiter | None]]) -> list[Any]:
+    async def _send(self, batch: list[tuple[Outgoing, _Waiter | None]]) -> list[Position]:
+        """One script call per run of messages on one channel, all in one round trip; a run
+        goes out as one pub/sub message, so a burst reaches each client in one write."""
+        runs = [list(run) for _, run in itertools.groupby(
+            (item for item, _ in batch), key=lambda item: item.channel)]  # fmt: skip
         with trio.fail_after(self._config.timeout_s):
+            if self._publish_sha is None:  # (again: a restarted Redis has no scripts)
+                self._publish_sha = await self.client.script_load(_PUBLISH_LUA)
+            # plain EVALSHA: a pipeline of Script objects asks SCRIPT EXISTS every round trip
             async with self.client.pipeline(transaction=False) as pipe:
-                requests = [self._publish_request(pipe, item) for item, _ in batch]
-            return [await request for request in requests]
+                requests = [self._publish_request(pipe, run) for run in runs]
+            positions = []
+            for run, request in zip(runs, requests, strict=True):
+                epoch, first = await request
+                positions += [Position(epoch.decode(), int(first) + i) for i in range(len(run))]
+            return positions
 
-    def _publish_request(self, pipe: Any, item: Outgoing) -> Any:
-        keys = Keys(self.prefix, item.channel)
-        kind = state_kind(item.channel)
+    def _publish_request(self, pipe: Any, run: list[Outgoing]) -> Any:
+        keys = Keys(self.prefix, run[0].channel)
+        kind = state_kind(run[0].channel)
         size = {StateKind.EVENTS: self._history_size, StateKind.DIFF: DIFF_HISTORY}.get(kind, 0)
-        args = [
-            keys.pubsub, bytes(item.data), bytes(item.state) if item.state is not None else b"",
-            new_epoch(), size, self._history_age_ms, META_TTL_S, self._publish_command,
-            "1" if kind is StateKind.WHOLE else "0",
+        args: list[Any] = [
+            keys.pubsub, new_epoch(), size, self._history_age_ms, META_TTL_S,
+            self._publish_command, "1" if kind is StateKind.WHOLE else "0",
         ]  # fmt: skip
-        return self._publish_script(keys=[keys.meta, keys.hist], args=args, client=pipe)
+        for item in run:
+            args += [bytes(item.data), bytes(item.state) if item.state is not None else b""]
+        return pipe.evalsha(self._publish_sha, keys=[keys.meta, keys.hist], args=args)
 
     def _fail_waiters(self, error: str) -> None:
         """Confirmed publishes do not wait out an outage: they are told at once (HTTP 503),
@@ -441,15 +480,13 @@ class RedisBus:
             self.subscriber_up = True
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._apply_ops, ps)
+                waiting = _pending_messages(ps)
                 while True:
-                    message = await ps.get_message()
-                    if message is not None and message["type"] in (
-                        b"message",
-                        "message",
-                        b"smessage",
-                        "smessage",
-                    ):
-                        self._on_pubsub(message["channel"], message["data"])
+                    self._on_pubsub_message(await ps.get_message())
+                    # every message already received goes to the hub before the flusher runs,
+                    # so a burst leaves in one write per connection, as in one process
+                    for message in waiting():
+                        self._on_pubsub_message(message)
 
     async def _apply_ops(self, ps: Any) -> None:
         async for subscribe, channel in self._ops_receive:
@@ -462,16 +499,21 @@ class RedisBus:
                 await ps.unsubscribe(keys.pubsub)
                 self._by_pubsub.pop(keys.pubsub.encode(), None)
 
+    def _on_pubsub_message(self, message: Any) -> None:
+        if message is not None and message["type"] in ("message", "smessage"):
+            self._on_pubsub(message["channel"], message["data"])
+
     def _on_pubsub(self, pubsub_channel: bytes, payload: bytes) -> None:
         channel = self._by_pubsub.get(pubsub_channel)
         if channel is None:
             return
         try:
-            epoch, seq, data = _message.decode(payload)
+            epoch, first, messages = _message.decode(payload)
         except msgspec.DecodeError:
             log.warning("undecodable bus message", channel=channel)
             return
-        self._on_message(channel, epoch, seq, data)
+        for seq, data in enumerate(messages, first):
+            self._on_message(channel, epoch, seq, data)
 
     def _on_message(self, channel: str, epoch: str, seq: int, data: msgspec.Raw) -> None:
         feed = self._feeds.get(channel)

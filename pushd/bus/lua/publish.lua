@@ -1,34 +1,49 @@
--- One message onto one channel, atomically: number it, keep it, publish it.
+-- Messages onto one channel, atomically: number them, keep them, publish them together.
 -- KEYS[1] the channel's meta hash {e = epoch, s = last seq, st = state, ss = seq of state}
 -- KEYS[2] the channel's history stream (entries {s = seq, d = data})
--- ARGV[1] pub/sub channel      ARGV[2] data (JSON)     ARGV[3] state after it ('' if none)
--- ARGV[4] epoch, if the meta hash must be created      ARGV[5] history size (0: none)
--- ARGV[6] history age (ms)     ARGV[7] meta ttl (s)    ARGV[8] 'publish' or 'spublish'
--- ARGV[9] '1' if the data is the stream's whole state
--- Returns {epoch, seq}. The message published is ["<epoch>",<seq>,<data>].
+-- ARGV[1] pub/sub channel      ARGV[2] epoch, if the meta hash must be created
+-- ARGV[3] history size (0: none)                       ARGV[4] history age (ms)
+-- ARGV[5] meta ttl (s)         ARGV[6] 'publish' or 'spublish'
+-- ARGV[7] '1' if each message is the stream's whole state
+-- ARGV[8], ARGV[9], ...: data (JSON) and state after it ('' if none), for each message
+-- Returns {epoch, seq of the first}. Published: ["<epoch>",<seq of the first>,[<data>,...]].
 local epoch = redis.call('hget', KEYS[1], 'e')
 if not epoch then
   -- a new numbering: whatever history is left belongs to a numbering that is gone
-  epoch = ARGV[4]
+  epoch = ARGV[2]
   redis.call('del', KEYS[2])
   redis.call('hset', KEYS[1], 'e', epoch)
 end
-local seq = redis.call('hincrby', KEYS[1], 's', 1)
-local size = tonumber(ARGV[5])
+local count = (#ARGV - 7) / 2
+local last = redis.call('hincrby', KEYS[1], 's', count)
+local first = last - count + 1
+local size = tonumber(ARGV[3])
+local whole = ARGV[7] == '1'
+local state, state_seq = '', 0
+local data = {}
+for i = 1, count do
+  local message = ARGV[6 + 2 * i]
+  local after = ARGV[7 + 2 * i]
+  local seq = first + i - 1
+  data[i] = message
+  if size > 0 then
+    redis.call('xadd', KEYS[2], 'MAXLEN', '~', size, '*', 's', seq, 'd', message)
+  end
+  if whole then
+    state, state_seq = message, seq
+  elseif after ~= '' then
+    state, state_seq = after, seq
+  end
+end
 if size > 0 then
   local now = redis.call('time')
   local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
-  redis.call('xadd', KEYS[2], 'MAXLEN', '~', size, '*', 's', seq, 'd', ARGV[2])
-  redis.call('xtrim', KEYS[2], 'MINID', '~', now_ms - tonumber(ARGV[6]))
-  redis.call('pexpire', KEYS[2], ARGV[6])
-end
-local state = ARGV[3]
-if ARGV[9] == '1' then
-  state = ARGV[2]
+  redis.call('xtrim', KEYS[2], 'MINID', '~', now_ms - tonumber(ARGV[4]))
+  redis.call('pexpire', KEYS[2], ARGV[4])
 end
 if state ~= '' then
-  redis.call('hset', KEYS[1], 'st', state, 'ss', seq)
+  redis.call('hset', KEYS[1], 'st', state, 'ss', state_seq)
 end
-redis.call('expire', KEYS[1], ARGV[7])
-redis.call(ARGV[8], ARGV[1], '["' .. epoch .. '",' .. seq .. ',' .. ARGV[2] .. ']')
-return {epoch, seq}
+redis.call('expire', KEYS[1], ARGV[5])
+redis.call(ARGV[6], ARGV[1], '["' .. epoch .. '",' .. first .. ',[' .. table.concat(data, ',') .. ']]')
+return {epoch, first}
