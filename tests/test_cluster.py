@@ -184,8 +184,10 @@ async def test_a_gateway_without_the_book_starts_subscribers_from_the_stored_sta
             assert [tuple(level) for level in rest["data"]["bids"]] == served.bids[:100]
             ticker = (await http.get("/v1/ticker", params={"symbol": "ETHUSDT"})).json()
             assert ticker["seq"] > 0 and ticker["data"]["s"] == "ETHUSDT"
-            klines = await http.get("/v1/klines", params={"symbol": "ETHUSDT"})
-            assert klines.status_code == 503  # kline history lives where the candles are made
+            klines = (await http.get("/v1/klines", params={"symbol": "ETHUSDT"})).json()
+            assert klines["seq"] > 0 and klines["data"][-1]["s"] == "ETHUSDT"
+            times = [candle["openTime"] for candle in klines["data"]]
+            assert times == sorted(set(times))  # closed candles from Redis, then the open one
         engine_feed.cancel_scope.cancel()
 
 
@@ -430,3 +432,26 @@ async def test_a_redis_outage_is_a_state_not_a_crash(nursery: trio.Nursery, redi
         assert (await http.get("/readyz")).status_code == 200
         await bus.drain(5)
         assert bus.outbox_size == 0
+
+
+async def test_kline_history_on_a_gateway_comes_from_the_archive(
+    nursery: trio.Nursery, redis: Redis
+) -> None:
+    """Closed candles the compute side published are archived in Redis, so a gateway, which
+    makes no candles, answers ``GET /v1/klines`` too: the archive, then the open candle."""
+    compute = await start_daemon(nursery, redis_config(redis, "compute"))
+    gateway = await start_daemon(nursery, redis_config(redis, "gateway"))
+    bus = compute.daemon.redis
+    assert bus is not None
+
+    def candle(minute: int, closed: bool) -> Outgoing:
+        data = {"s": "SOLUSDT", "i": "1m", "openTime": minute * 60_000, "closed": closed}
+        return Outgoing("kline_SOLUSDT", msgspec.Raw(msgspec.json.encode(data)), archive=closed)
+
+    bus.publish([candle(m, closed=True) for m in range(1, 5)] + [candle(5, closed=False)])
+    await bus.drain(5)
+    async with httpx.AsyncClient(base_url=gateway.http_url) as http:
+        params = {"symbol": "SOLUSDT", "limit": 3}
+        answer = (await http.get("/v1/klines", params=params)).json()
+    assert [c["openTime"] // 60_000 for c in answer["data"]] == [3, 4, 5]
+    assert answer["seq"] == 5 and answer["data"][-1]["closed"] is False

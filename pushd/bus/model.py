@@ -34,11 +34,13 @@ class Position(msgspec.Struct, frozen=True, gc=False):
 class Outgoing(msgspec.Struct, frozen=True, array_like=True, gc=False):
     """A message to publish: ``data`` is JSON, kept as encoded. ``state`` is the stream's whole
     state after this message, where the stream is a diff stream and a state is due (a depth
-    snapshot every so often), so that nodes without the book can serve new subscribers."""
+    snapshot every so often), so that nodes without the book can serve new subscribers.
+    ``archive``: a closed candle, which a bus shared by nodes keeps for their kline history."""
 
     channel: str
     data: msgspec.Raw
     state: msgspec.Raw | None = None
+    archive: bool = False
 
 
 class Entry(msgspec.Struct, frozen=True, array_like=True, gc=False):

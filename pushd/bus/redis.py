@@ -67,6 +67,7 @@ META_TTL_S = 7 * 86_400  # an idle channel's numbering is forgotten after a week
 DIFF_HISTORY = 128  # depth diffs kept to bridge a stored snapshot to the head
 STATE_EVERY = 16  # depth diffs between stored snapshots (< DIFF_HISTORY)
 MAX_REPLAY = 10_000  # entries one recover read returns at most
+ARCHIVE_SIZE = 1000  # closed candles kept per kline channel (GET /v1/klines on any node)
 BATCH = 512  # messages per pipelined round trip
 BACKOFF_S = (0.05, 2.0)  # reconnect backoff: first, most
 # What a call to Redis may raise when Redis, or the link to it, fails: to the bus an outage, to
@@ -111,12 +112,13 @@ class Keys:
     """Where one channel lives in Redis. The ``{channel}`` hash tag puts its keys and its
     pub/sub channel in one Cluster slot, so the scripts stay on one shard."""
 
-    __slots__ = ("hist", "meta", "pubsub")
+    __slots__ = ("archive", "hist", "meta", "pubsub")
 
     def __init__(self, prefix: str, channel: str) -> None:
         tag = f"{prefix}:{{{channel}}}"
         self.meta = f"{tag}:meta"
         self.hist = f"{tag}:hist"
+        self.archive = f"{tag}:archive"
         self.pubsub = tag
 
 
@@ -279,6 +281,16 @@ class RedisBus:
         last = entries[-1].seq if entries else 0
         return Position(epoch.decode() if epoch else "", last), entries
 
+    async def archive(self, channel: str, most: int) -> list[msgspec.Raw]:
+        """The last ``most`` archived messages of ``channel`` (closed candles), oldest first."""
+        keys = Keys(self.prefix, channel)
+        try:
+            with trio.fail_after(self._config.timeout_s):
+                raw = await self.client.lrange(keys.archive, -most, -1)
+        except REDIS_ERRORS as exc:
+            raise BusUnavailable(describe(exc)) from None
+        return [msgspec.Raw(item) for item in raw]
+
     def interest(self, channel: str) -> None:
         keys = Keys(self.prefix, channel)
         self._feeds[channel] = _Feed(keys, state_kind(channel))
@@ -426,11 +438,13 @@ class RedisBus:
         size = {StateKind.EVENTS: self._history_size, StateKind.DIFF: DIFF_HISTORY}.get(kind, 0)
         args: list[Any] = [
             keys.pubsub, new_epoch(), size, self._history_age_ms, META_TTL_S,
-            self._publish_command, "1" if kind is StateKind.WHOLE else "0",
+            self._publish_command, "1" if kind is StateKind.WHOLE else "0", ARCHIVE_SIZE,
         ]  # fmt: skip
         for item in run:
-            args += [bytes(item.data), bytes(item.state) if item.state is not None else b""]
-        return pipe.evalsha(self._publish_sha, keys=[keys.meta, keys.hist], args=args)
+            state = bytes(item.state) if item.state is not None else b""
+            args += [bytes(item.data), state, "1" if item.archive else ""]
+        keys_ = [keys.meta, keys.hist, keys.archive]
+        return pipe.evalsha(self._publish_sha, keys=keys_, args=args)
 
     def _fail_waiters(self, error: str) -> None:
         """Confirmed publishes do not wait out an outage: they are told at once (HTTP 503),

@@ -245,15 +245,17 @@ class HttpApi:
             raise ApiError(400, f"interval must be one of {', '.join(KLINE_INTERVALS)}")
         limit = self._limit(request, 500, MAX_KLINES)
         if self._redis is None:
-            candles = market.klines_history(interval, limit)
-            return self._snapshot("kline", market, candles, interval)
-        if self._config.role == "gateway":
-            raise ApiError(503, "kline history is served by nodes of role all or compute")
+            return self._snapshot("kline", market, market.klines_history(interval, limit), interval)
         at, open_candle = await self._stored(self._redis, "kline", market, interval)
-        closed: list[Any] = list(market.klines.closed[interval])
+        channel = market_channel("kline", market.symbol, interval)
+        try:  # the closed candles the compute node archived, then the open one it stored
+            archived = await self._redis.archive(channel, limit)
+        except BusUnavailable as exc:
+            raise ApiError(503, f"Redis unreachable: {exc}") from None
+        candles: list[Any] = [msgspec.json.decode(raw) for raw in archived]
         if open_candle is not None and not open_candle.get("closed", False):
-            closed.append(open_candle)
-        return self._snapshot("kline", market, closed[-limit:], interval, at=at, stale=False)
+            candles.append(open_candle)
+        return self._snapshot("kline", market, candles[-limit:], interval, at=at, stale=False)
 
     async def ticker(self, request: Request) -> object:
         market = self._market(request)

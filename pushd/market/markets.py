@@ -149,7 +149,9 @@ class Markets:
         items = market.take()
         if not items or not self.leads(market.symbol):  # a standby computes, and keeps quiet
             return
-        out = [Outgoing(channel, msgspec.Raw(data)) for channel, data in items]
+        out = [
+            Outgoing(channel, msgspec.Raw(data), archive=closed) for channel, data, closed in items
+        ]
         if self._bus.state_every:
             self._attach_book(market, out)
         self._bus.publish(out)

@@ -46,7 +46,7 @@ class SymbolMarket:
         self._by_channel: dict[str, str] = {ch: s for s, ch in self.channels.items()}
         self._by_channel.update({ch: iv for iv, ch in self._kline_channels.items()})
         self._due = {"trades": 0, "ticker": 0, "kline": 0, "markPrice": 0}
-        self._outbox: list[tuple[str, bytes]] = []
+        self._outbox: list[tuple[str, bytes, bool]] = []
         self.last: dict[str, msgspec.Struct] = {}  # channel -> the last payload queued
         self.watermark = 0  # ms: ticker and klines never go back before it
         self.late_trades = 0  # trades stamped before the watermark
@@ -123,7 +123,9 @@ class SymbolMarket:
     def has_output(self) -> bool:
         return bool(self._outbox)
 
-    def take(self) -> list[tuple[str, bytes]]:
+    def take(self) -> list[tuple[str, bytes, bool]]:
+        """What to publish, in order: (internal channel, JSON, whether it is a closed candle,
+        which a bus without this book keeps for kline history)."""
         out, self._outbox = self._outbox, []
         return out
 
@@ -154,4 +156,5 @@ class SymbolMarket:
 
     def _put(self, channel: str, payload: msgspec.Struct) -> None:
         self.last[channel] = payload
-        self._outbox.append((channel, _encode(payload)))
+        closed = isinstance(payload, Candle) and payload.closed
+        self._outbox.append((channel, _encode(payload), closed))
