@@ -152,17 +152,34 @@ def public_done(watcher: Watcher) -> bool:
 async def test_a_gateway_without_the_book_starts_subscribers_from_the_stored_state(
     nursery: trio.Nursery, redis: Redis
 ) -> None:
-    """Depth on a gateway node: the compute node's stored snapshot plus the diffs after it,
+    """Depth on gateway nodes: the compute node's stored snapshot plus the diffs after it,
     then the live stream; the local book matches the engine's at every event. A subscriber
-    that joins late gets the same, and so does the REST snapshot."""
+    that joins late on another gateway gets the same, with the same events, seqs and epochs
+    as the first client's from then on; so does the REST snapshot on either node."""
     market = Market(seed=11)
     recorder = Recorder(market)
     snapshot_port = await nursery.start(serve_snapshots, recorder, "127.0.0.1", 0)
     engine = {"snapshot_enabled": True, "snapshot_port": snapshot_port}
     compute = await start_daemon(nursery, redis_config(redis, "compute", engine=engine))
     gateway = await start_daemon(nursery, redis_config(redis, "gateway"))
+    other = await start_daemon(nursery, redis_config(redis, "gateway"))
     channels = [f"{s}@{k}" for s in SYMBOLS for k in ("depth", "trades", "ticker", "markPrice")]
     channels += [f"{s}@kline" for s in SYMBOLS]
+    on_a: dict[int, Any] = {}  # BTCUSDT@depth diffs as each gateway's client got them, by seq
+    on_b: dict[int, Any] = {}
+    caught_up = trio.Event()
+
+    def see_on_a(message: Any, watcher: Watcher) -> None:
+        watcher.see(message)
+        if message["event"] == "BTCUSDT@depth" and message["data"]["e"] == "depthUpdate":
+            on_a[message["seq"]] = message
+            if on_b and message["seq"] >= max(on_b):
+                caught_up.set()
+
+    async def keep_reading(client: Any, watcher: Watcher) -> None:
+        while True:
+            see_on_a(await client.recv(), watcher)
+
     async with trio.open_nursery() as engine_feed:
         engine_feed.start_soon(feed(compute, market))
         async with open_client(gateway.ws_url) as early:
@@ -170,25 +187,33 @@ async def test_a_gateway_without_the_book_starts_subscribers_from_the_stored_sta
             first = Watcher(recorder)
             with trio.fail_after(60):
                 while not public_done(first):
-                    first.see(await early.recv())
-            async with open_client(gateway.ws_url) as late:  # joins mid-stream
+                    see_on_a(await early.recv(), first)
+            async with trio.open_nursery() as reading, open_client(other.ws_url) as late:
+                reading.start_soon(keep_reading, early, first)
+                # joins mid-stream, on the other gateway
                 reply = await late.call({"op": "subscribe", "channel": "BTCUSDT@depth"})
                 assert subscribed(reply, "BTCUSDT@depth")
                 second = Watcher(recorder)
                 with trio.fail_after(60):
                     while second.depth_events["BTCUSDT"] < DEPTH_EVENTS_EACH:
-                        second.see(await late.recv())
-        async with httpx.AsyncClient(base_url=gateway.http_url) as http:
-            rest = (await http.get("/v1/depth", params={"symbol": "BTCUSDT"})).json()
-            served = recorder.served[("BTCUSDT", rest["data"]["u"])]
-            assert [tuple(level) for level in rest["data"]["bids"]] == served.bids[:100]
-            ticker = (await http.get("/v1/ticker", params={"symbol": "ETHUSDT"})).json()
-            assert ticker["seq"] > 0 and ticker["data"]["s"] == "ETHUSDT"
-            klines = (await http.get("/v1/klines", params={"symbol": "ETHUSDT"})).json()
-            assert klines["seq"] > 0 and klines["data"][-1]["s"] == "ETHUSDT"
-            times = [candle["openTime"] for candle in klines["data"]]
-            assert times == sorted(set(times))  # closed candles from Redis, then the open one
+                        message = await late.recv()
+                        second.see(message)
+                        if message["data"]["e"] == "depthUpdate":
+                            on_b[message["seq"]] = message
+                    await caught_up.wait()  # the first client has had the same ones
+                reading.cancel_scope.cancel()
         engine_feed.cancel_scope.cancel()
+    common = set(on_a) & set(on_b)
+    assert len(common) >= DEPTH_EVENTS_EACH - 2  # the same events, seqs and epochs on both
+    assert all(on_a[seq] == on_b[seq] for seq in common)
+    async with httpx.AsyncClient(base_url=other.http_url) as http:
+        rest = (await http.get("/v1/depth", params={"symbol": "BTCUSDT"})).json()
+        served = recorder.served[("BTCUSDT", rest["data"]["u"])]
+        assert [tuple(level) for level in rest["data"]["bids"]] == served.bids[:100]
+        ticker = (await http.get("/v1/ticker", params={"symbol": "ETHUSDT"})).json()
+        assert ticker["seq"] > 0 and ticker["data"]["s"] == "ETHUSDT"
+        klines = (await http.get("/v1/klines", params={"symbol": "ETHUSDT"})).json()
+        assert klines["seq"] > 0 and klines["data"][-1]["s"] == "ETHUSDT"
 
 
 class Tape:
