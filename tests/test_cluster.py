@@ -214,6 +214,10 @@ async def test_a_gateway_without_the_book_starts_subscribers_from_the_stored_sta
         assert ticker["seq"] > 0 and ticker["data"]["s"] == "ETHUSDT"
         klines = (await http.get("/v1/klines", params={"symbol": "ETHUSDT"})).json()
         assert klines["seq"] > 0 and klines["data"][-1]["s"] == "ETHUSDT"
+        trades = (await http.get("/v1/trades", params={"symbol": "BTCUSDT", "limit": 5})).json()
+        assert trades["seq"] > 0 and 0 < len(trades["data"]) <= 5
+        ids = [trade["id"] for trade in trades["data"]]
+        assert ids == sorted(ids)  # the last trades of the history, oldest first
 
 
 class Tape:

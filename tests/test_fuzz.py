@@ -31,6 +31,7 @@ import pytest
 from conftest import PUBLISH_TOKEN, SECRET, free_port
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from redis_servers import RedisServer
 
 from ingest import wire
 
@@ -86,9 +87,8 @@ class Daemon:
         assert self.metric('pushd_connections_closed_by_server_total{reason="internal_error"}') == 0
 
 
-@pytest.fixture(scope="module")
-def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
-    tmp = tmp_path_factory.mktemp("fuzz")
+def run_daemon(tmp: Path, extra_config: str = "") -> Iterator[Daemon]:
+    """A real ``pushd run`` process on free ports, with limits opened for fuzzing."""
     ports = {name: free_port() for name in ("ws", "http", "udp", "tcp")}
     config = tmp / "pushd.toml"
     config.write_text(
@@ -99,7 +99,7 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
         f"[ingest]\nudp_port = {ports['udp']}\ntcp_port = {ports['tcp']}\n"
         "[limits]\nmessages_per_second = 1e9\nmessage_burst = 1000000\n"
         "failed_logins_per_minute = 1e9\nfailed_login_burst = 1000000\nhandshake_timeout_s = 2.0\n"
-        "[log]\nformat = 'json'\nlevel = 'info'\n"
+        f"[log]\nformat = 'json'\nlevel = 'info'\n{extra_config}"
     )
     log = tmp / "daemon.log"
     with log.open("wb") as out:
@@ -117,6 +117,30 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
     yield running
     proc.terminate()
     proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+    yield from run_daemon(tmp_path_factory.mktemp("fuzz"))
+
+
+@pytest.fixture(scope="module")
+def redis_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+    """The same on the Redis bus (a private redis-server): requests with ``since`` reach the
+    recover script, publishes the publish script, REST the stored states."""
+    with RedisServer() as redis:
+        yield from run_daemon(
+            tmp_path_factory.mktemp("fuzz-redis"),
+            f"[bus]\nkind = 'redis'\n[bus.redis]\nurl = '{redis.url}'\n",
+        )
+
+
+@pytest.fixture(params=["memory", "redis"])
+def bus_daemon(request: pytest.FixtureRequest) -> Daemon:
+    """The surfaces that reach the bus run on both buses."""
+    name = "daemon" if request.param == "memory" else "redis_daemon"
+    chosen: Daemon = request.getfixturevalue(name)
+    return chosen
 
 
 def record(surface: str, cases: int, before: int, after: int) -> None:
@@ -379,9 +403,9 @@ MUTATED = st.one_of(
 )  # fmt: skip
 
 
-def test_request_fuzz(daemon: Daemon) -> None:
+def test_request_fuzz(bus_daemon: Daemon) -> None:
     """Each request gets exactly one reply of a documented shape, and the connection stays."""
-    sock = ws_connect(daemon.ws)
+    sock = ws_connect(bus_daemon.ws)
 
     @FUZZ
     @given(MUTATED)
@@ -410,7 +434,7 @@ def test_request_fuzz(daemon: Daemon) -> None:
         ), (text, answer)
         assert all(e["event"] and isinstance(e["seq"], int) for e in events)
 
-    with Surface(daemon, "requests") as surface:
+    with Surface(bus_daemon, "requests") as surface:
         case()
     sock.close()
 
@@ -492,15 +516,15 @@ def test_ingest_tcp_fuzz(daemon: Daemon) -> None:
 # -- HTTP: schemathesis from the served OpenAPI document ----------------------------------
 
 
-def test_http_api_fuzz(daemon: Daemon) -> None:
+def test_http_api_fuzz(bus_daemon: Daemon) -> None:
     """Every operation of /openapi.json, positive and negative cases, all of schemathesis'
     checks (no 5xx, documented status codes and content types, schema-valid requests
     accepted and invalid ones refused)."""
-    with Surface(daemon, "http_api") as surface:
+    with Surface(bus_daemon, "http_api") as surface:
         result = subprocess.run(
             [str(Path(sys.executable).with_name("st")),
              "--config-file", str(Path(__file__).with_name("schemathesis.toml")), "run",
-             f"http://127.0.0.1:{daemon.http}/openapi.json",
+             f"http://127.0.0.1:{bus_daemon.http}/openapi.json",
              "-H", f"Authorization: Bearer {PUBLISH_TOKEN}", "--checks", "all",
              "-n", str(max(10, EXAMPLES // 10)), "--no-color", "--generation-database", "none",
              "--workers", "1"],

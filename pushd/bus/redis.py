@@ -227,6 +227,8 @@ class RedisBus:
             self._outbox_wanted.set()
 
     async def publish_confirmed(self, items: Sequence[Outgoing]) -> list[Position]:
+        if not items:
+            return []
         if not self.publisher_up:
             raise BusUnavailable("Redis unreachable")
         waiter = _Waiter(len(items))
@@ -277,7 +279,7 @@ class RedisBus:
                 raw = await self.client.xrevrange(keys.hist, count=most)
         except REDIS_ERRORS as exc:
             raise BusUnavailable(describe(exc)) from None
-        entries = [_entry(fields) for _, fields in reversed(raw or [])]
+        entries = [_entry(entry.field_values) for entry in reversed(raw or ())]  # StreamEntry
         last = entries[-1].seq if entries else 0
         return Position(epoch.decode() if epoch else "", last), entries
 
