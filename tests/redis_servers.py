@@ -134,7 +134,7 @@ class RedisCluster:
                                 capture_output=True, text=True, timeout=10)  # fmt: skip
         return result.stdout
 
-    def restart(self, tag: str = "notice") -> None:
+    def restart(self, tag: str) -> None:
         """Restart the node that holds the slot of hash tag ``tag`` (a channel's keys)."""
         self.owner(tag).restart()
         self.wait_ok()
