@@ -1,4 +1,5 @@
-"""Recovery after a reconnect (``since``): the model, the hub's join/settle, and end to end."""
+"""Recovery after a reconnect (``since``): the model, the Redis replies, the hub's
+join/settle, and end to end on the memory bus (tests/test_cluster.py: on Redis)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from conftest import make_config, open_client, start_daemon, subscribed
 
 from pushd.bus.memory import MemoryBus
 from pushd.bus.model import Entry, History, Outgoing, Position, Recovery
+from pushd.bus.redis import recovery_from
 from pushd.channels import Channel
 from pushd.errors import ErrorCode
 from pushd.gateway.hub import Hub, Outlet
@@ -173,3 +175,31 @@ def test_a_replay_ahead_of_the_nodes_stream_gets_no_event_twice() -> None:
     assert [f["seq"] for f in frames(bytes(outlet.out))] == [4, 5, 6, 7]
     assert [f["seq"] for f in frames(bytes(early.out))] == [4, 5, 6, 7]
     assert hub.subscriber_count(TRADES.internal) == 2
+
+
+def reply(epoch: str, seq: int, state_seq: int | None, entries: list[int]) -> list[Any]:
+    """A recover.lua reply as Redis sends it: entries newest first, fields as a flat list."""
+    raw = [[f"{s}-0".encode(), [b"s", str(s).encode(), b"d", b'{"n":%d}' % s]] for s in entries]
+    state = b'{"book":1}' if state_seq is not None else None
+    return [epoch.encode(), seq, state_seq, state, list(reversed(raw))]
+
+
+def test_a_redis_reply_recovers_only_when_it_holds_every_missed_event() -> None:
+    ok = recovery_from(Position("e1", 5), reply("e1", 8, None, [6, 7, 8]))
+    assert ok.recovered and [e.seq for e in ok.missed] == [6, 7, 8]
+    assert ok.position == Position("e1", 8)
+    assert not recovery_from(Position("e1", 4), reply("e1", 8, None, [6, 7, 8])).recovered
+    assert not recovery_from(Position("e0", 5), reply("e1", 8, None, [6, 7, 8])).recovered
+    assert not recovery_from(Position("e1", 9), reply("e1", 8, None, [])).recovered  # ahead
+    assert recovery_from(Position("e1", 8), reply("e1", 8, None, [])).recovered  # nothing new
+    holed = recovery_from(Position("e1", 5), reply("e1", 8, None, [6, 8]))
+    assert not holed.recovered and holed.missed == ()
+
+
+def test_a_redis_reply_gives_the_stored_state_and_the_diffs_after_it() -> None:
+    start = recovery_from(None, reply("e1", 8, 6, [5, 6, 7, 8]))
+    assert not start.recovered
+    assert [e.seq for e in start.current] == [6, 7, 8]
+    assert bytes(start.current[0].data) == b'{"book":1}'  # the state, at its seq
+    # diffs after the state missing from history: no current, the hub falls back
+    assert recovery_from(None, reply("e1", 8, 6, [8])).current == ()
