@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import subprocess
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -23,7 +24,7 @@ from conftest import (
     start_daemon,
     subscribed,
 )
-from redis_servers import RedisCluster, RedisServer
+from redis_servers import REDIS_CLI, RedisCluster, RedisServer
 from test_demo_e2e import DEPTH_EVENTS_EACH, SYMBOLS, UID, Recorder, Watcher
 from test_ingest import order
 
@@ -493,3 +494,31 @@ async def test_kline_history_on_a_gateway_comes_from_the_archive(
         answer = (await http.get("/v1/klines", params=params)).json()
     assert [c["openTime"] // 60_000 for c in answer["data"]] == [3, 4, 5]
     assert answer["seq"] == 5 and answer["data"][-1]["closed"] is False
+
+
+def subscribers_in_redis(redis: Redis, pubsub_channel: str) -> int:
+    """How many connections Redis has subscribed to ``pubsub_channel`` (sharded on a Cluster)."""
+    node = redis.owner(pubsub_channel) if isinstance(redis, RedisCluster) else redis
+    command = "SHARDNUMSUB" if isinstance(redis, RedisCluster) else "NUMSUB"
+    out = subprocess.run([REDIS_CLI, "-p", str(node.port), "PUBSUB", command, pubsub_channel],
+                         capture_output=True, text=True, timeout=10).stdout.split()  # fmt: skip
+    return int(out[1])
+
+
+async def test_a_node_follows_a_channel_only_while_it_has_subscribers(
+    nursery: trio.Nursery, redis: Redis
+) -> None:
+    node = await start_daemon(nursery, redis_config(redis))
+    pubsub_channel = "pushd:{notice}"
+    assert subscribers_in_redis(redis, pubsub_channel) == 0
+    async with open_client(node.ws_url) as first, open_client(node.ws_url) as second:
+        await first.call({"op": "subscribe", "channel": "notice"})
+        await second.call({"op": "subscribe", "channel": "notice"})
+        assert subscribers_in_redis(redis, pubsub_channel) == 1  # one per node, not per client
+        await first.call({"op": "unsubscribe", "channel": "notice"})
+        assert subscribers_in_redis(redis, pubsub_channel) == 1  # the second still listens
+        await second.call({"op": "unsubscribe", "channel": "notice"})
+        # the node's subscribe and unsubscribe go out in order: once a later subscribe is
+        # confirmed (its reply), the unsubscribe before it is done
+        await second.call({"op": "subscribe", "channel": "BTCUSDT@trades"})
+        assert subscribers_in_redis(redis, pubsub_channel) == 0
