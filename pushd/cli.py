@@ -17,7 +17,7 @@ from ingest.sim import DEFAULT_SPECS, Market, SymbolSpec
 from ingest.sim_engine import run_feed
 from ingest.transport import serve_snapshots
 from pushd import config as config_mod
-from pushd import logs
+from pushd import __version__, logs
 from pushd.auth import issue_hmac_token
 from pushd.config import Config
 from pushd.daemon import Daemon, Ports
@@ -189,6 +189,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pushd", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"pushd {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the daemon")
     run.add_argument("--config", type=Path, help="TOML config file (defaults if omitted)")
