@@ -16,8 +16,8 @@ import trio
 from ingest.sim import DEFAULT_SPECS, Market, SymbolSpec
 from ingest.sim_engine import run_feed
 from ingest.transport import serve_snapshots
-from pushd import config as config_mod
 from pushd import __version__, logs
+from pushd import config as config_mod
 from pushd.auth import issue_hmac_token
 from pushd.config import Config
 from pushd.daemon import Daemon, Ports

@@ -18,6 +18,7 @@ from conftest import SECRET, free_port, open_client
 
 from pushd.auth import issue_hmac_token
 
+
 def free_udp_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.bind(("127.0.0.1", 0))
