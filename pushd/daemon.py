@@ -54,6 +54,7 @@ from pushd.metrics import (
     IngestCollector,
     make_registry,
 )
+from pushd.notify import Notifier
 
 SHUTDOWN_GRACE_S = 5.0
 
@@ -144,6 +145,7 @@ class Daemon:
         self._private_gap_log = ThrottledLog(log, "private events may be lost: subscribers told")
         self._stop = trio.Event()
         self.stopped = trio.Event()
+        self.notifier = Notifier()
 
     def _on_book(self, snapshot: wire.BookSnapshot) -> None:
         self.markets.book(snapshot)
@@ -193,6 +195,15 @@ class Daemon:
         told = self.hub.resync_private()
         self._private_gap_log.warning(reason=reason, notices=told)
 
+    def status(self) -> str:
+        """One line for ``systemctl status``: clients, and whether ingest and the bus are well."""
+        why = self.not_ready()
+        return (
+            f"{len(self.gateway.connections)} connections, "
+            f"{self.intake.lost_frames} engine frames lost, "
+            + (f"not ready: {why}" if why else "ready")
+        )
+
     def stop(self) -> None:
         """Begin a graceful shutdown; ``serve`` returns when it is done."""
         self._stop.set()
@@ -230,9 +241,12 @@ class Daemon:
                 self._serving = True
                 ports = Ports(ws_port, http_port, udp_port, tcp_port)
                 log.info("pushd ready", **msgspec.structs.asdict(ports))
+                self.notifier.send(READY=1, STATUS=self.status())
+                nursery.start_soon(self.notifier.watchdog, self.status)
                 task_status.started(ports)
                 await self._stop.wait()
                 log.info("shutting down", connections=len(self.gateway.connections))
+                self.notifier.send(STOPPING=1, STATUS="draining connections")
                 self._serving = False
                 await self.gateway.shutdown(SHUTDOWN_GRACE_S)
                 if self.redis is not None and self.control is not None:
@@ -243,6 +257,7 @@ class Daemon:
         finally:
             with trio.CancelScope(shield=True):
                 await self.verifier.aclose()
+            self.notifier.close()
             self.stopped.set()
         log.info("stopped")
 

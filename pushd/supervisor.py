@@ -18,20 +18,25 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import os
 import signal
 import socket
 import sys
+import tempfile
 from pathlib import Path
 
 import structlog
 import trio
 
 from pushd.config import Config
+from pushd.notify import Notifier
 
 log = structlog.get_logger("pushd.supervisor")
 
 RESTART_BACKOFF_S = (0.5, 10.0)  # first, most
 PR_SET_PDEATHSIG = 1  # prctl(2)
+# what systemd gives the service's main process; children get a relay socket instead
+SYSTEMD_VARIABLES = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
 STABLE_AFTER_S = 30.0  # a child that ran this long restarts with the first backoff again
 
 
@@ -68,17 +73,48 @@ class Supervisor:
         self._stopping = False
         self._processes: dict[str, trio.Process] = {}
         self.restarts = 0
+        self._notifier = Notifier()
+        self._child_env = {k: v for k, v in os.environ.items() if k not in SYSTEMD_VARIABLES}
 
     async def run(self) -> None:
         ws = self._config.websocket
-        with reserve_port(ws.host, ws.port) as reservation:
+        with reserve_port(ws.host, ws.port) as reservation, tempfile.TemporaryDirectory() as tmp:
             port = reservation.getsockname()[1]
             log.info("supervising", workers=self._workers, websocket_port=port)
+            children = child_commands(self._config_path, self._workers, port)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._stop_on_signal)
-                for name, command in child_commands(self._config_path, self._workers, port):
-                    nursery.start_soon(self._keep_running, name, command)
+                if self._notifier.enabled:  # systemd hears READY once every child is ready
+                    relay = str(Path(tmp) / "notify.sock")
+                    await nursery.start(self._relay_ready, relay, len(children))
+                    self._child_env["NOTIFY_SOCKET"] = relay
+                async with trio.open_nursery() as running:
+                    for name, command in children:
+                        running.start_soon(self._keep_running, name, command)
+                nursery.cancel_scope.cancel()  # every child has stopped: the relay too
+        self._notifier.close()
         log.info("stopped")
+
+    async def _relay_ready(
+        self, path: str, children: int, *, task_status: trio.TaskStatus[None]
+    ) -> None:
+        """Children notify this socket; the first time all have said READY, tell systemd, then
+        ping systemd's watchdog from this loop. The children's own loops are not watched here:
+        one that exits is restarted, one that hangs is not detected (yet)."""
+        with trio.socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as listener:
+            await listener.bind(path)
+            task_status.started()
+            ready = 0
+            while ready < children:
+                if b"READY=1" in (await listener.recv(4096)).split(b"\n"):
+                    ready += 1
+            status = f"{children - 1} gateway workers and a compute process ready"
+            self._notifier.send(READY=1, STATUS=status)
+            log.info("all children ready")
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._notifier.watchdog, lambda: status)
+                while True:  # later READYs (a restarted child) need no answer
+                    await listener.recv(4096)
 
     async def _keep_running(self, name: str, command: list[str]) -> None:
         backoff = RESTART_BACKOFF_S[0]
@@ -86,8 +122,9 @@ class Supervisor:
             started = trio.current_time()
             async with trio.open_nursery() as nursery:  # cancelled: SIGTERM, SIGKILL after 5 s
                 run = functools.partial(
-                    trio.run_process, command, check=False, preexec_fn=_die_with_parent
-                )
+                    trio.run_process, command, check=False, preexec_fn=_die_with_parent,
+                    env=self._child_env,
+                )  # fmt: skip
                 process: trio.Process = await nursery.start(run)
                 self._processes[name] = process
                 log.info("child started", child=name, pid=process.pid)
@@ -108,6 +145,7 @@ class Supervisor:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async for signum in signals:
                 log.info("signal received: stopping children", signal=signal.Signals(signum).name)
+                self._notifier.send(STOPPING=1, STATUS="draining every child")
                 self._stopping = True
                 for process in self._processes.values():
                     process.send_signal(signal.SIGTERM)

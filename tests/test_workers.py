@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
@@ -56,7 +57,9 @@ class Logs:
 
 
 @asynccontextmanager
-async def supervisor(tmp_path: Path, redis: RedisServer, workers: int) -> AsyncIterator[Any]:
+async def supervisor(
+    tmp_path: Path, redis: RedisServer, workers: int, env: dict[str, str] | None = None
+) -> AsyncIterator[Any]:
     ws_port, http_port = free_port(), free_port()
     config = tmp_path / "pushd.toml"
     config.write_text(
@@ -69,7 +72,7 @@ async def supervisor(tmp_path: Path, redis: RedisServer, workers: int) -> AsyncI
     command = [sys.executable, "-m", "pushd", "run", "--config", str(config),
                "--workers", str(workers)]  # fmt: skip
     process = await trio.lowlevel.open_process(
-        command, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL
+        command, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env={**os.environ, **(env or {})}
     )
     try:
         assert process.stderr is not None
@@ -167,3 +170,31 @@ async def test_no_worker_outlives_a_killed_supervisor(tmp_path: Path, redis: Red
         finally:
             for pidfd in pidfds:
                 os.close(pidfd)
+
+
+async def test_systemd_hears_ready_once_every_child_is(tmp_path: Path, redis: RedisServer) -> None:
+    """Under ``Type=notify`` the supervisor is the main process: the children notify a relay
+    socket of its own, and systemd gets one READY=1 when all of them are ready."""
+    path = tmp_path / "notify.sock"
+    with trio.socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as systemd:
+        await systemd.bind(str(path))
+        env = {"NOTIFY_SOCKET": str(path), "WATCHDOG_USEC": "400000"}
+        async with supervisor(tmp_path, redis, workers=2, env=env) as (
+            process, logs, ws_port, http_port,
+        ):  # fmt: skip
+            with trio.fail_after(30):
+                got = (await systemd.recv(4096)).decode()
+                assert got.startswith("READY=1\n"), got
+                async with httpx.AsyncClient() as http:  # everything serves when READY comes
+                    ready = await http.get(f"http://127.0.0.1:{http_port}/readyz")
+                    assert ready.status_code == 200, ready.text
+                with socket.create_connection(("127.0.0.1", ws_port)):
+                    pass
+                await logs.until("all children ready")
+                assert len(await logs.until("pushd ready", 3)) == 3  # every child said it
+                got = (await systemd.recv(4096)).decode()
+                assert got.startswith("WATCHDOG=1"), got  # the supervisor's own loop pings
+                process.send_signal(signal.SIGTERM)
+                while not (got := (await systemd.recv(4096)).decode()).startswith("STOPPING=1"):
+                    assert got.startswith("WATCHDOG=1"), got  # no child talks to systemd
+                assert await process.wait() == 0
