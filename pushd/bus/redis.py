@@ -31,7 +31,6 @@ State streams on nodes without the book
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import math
 from collections import deque
@@ -568,28 +567,34 @@ class RedisBus:
         self._nursery.start_soon(self._catch_up, channel, feed)
 
     async def _catch_up(self, channel: str, feed: _Feed) -> None:
-        """Fill a gap in this node's stream of ``channel`` from history, or tell subscribers."""
+        """Fill a gap in this node's stream of ``channel`` from history, or tell subscribers.
+        The channel's messages are held meanwhile; a read that fails (Redis still coming back)
+        is tried again with a backoff, since nothing else would release them."""
         since = feed.position
-        recovery: Recovery | None = None
-        with contextlib.suppress(BusUnavailable):  # the resubscribe will catch up again
-            recovery = await self._read(feed, since, want_state=feed.kind is StateKind.WHOLE)
+        backoff = BACKOFF_S[0]
+        while True:
+            try:
+                recovery = await self._read(feed, since, want_state=feed.kind is StateKind.WHOLE)
+                break
+            except BusUnavailable:
+                if self._feeds.get(channel) is not feed:
+                    return
+                await trio.sleep(backoff)
+                backoff = min(backoff * 2, BACKOFF_S[1])
         if self._feeds.get(channel) is not feed:
             return
         held, feed.held = feed.held or [], None
-        if recovery is not None and recovery.recovered:
+        if recovery.recovered:
             self.recovered_gaps += 1
             for entry in recovery.missed:
                 self._deliver(channel, feed, recovery.position.epoch, entry.seq, entry.data)
-        elif recovery is not None:
+        else:
             self.resyncs += 1
             self._gap_log.warning(channel=channel, since=since.seq if since else None)
             if feed.kind is StateKind.WHOLE and recovery.current:
                 self._keep_whole(channel, recovery.position.epoch, recovery.current[-1])
             feed.position = recovery.position
             self._hub.resync(channel, recovery.position)
-        else:
-            feed.held = held  # still held; the next (re)subscribe catches up
-            return
         for epoch, seq, data in held:
             self._on_message(channel, epoch, seq, data)
 
