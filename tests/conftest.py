@@ -147,8 +147,9 @@ def subscribed(reply: Any, *channels: str) -> bool:
     )
 
 
-def free_port() -> int:
-    with socket.socket() as s:
+def free_port(kind: int = socket.SOCK_STREAM) -> int:
+    """A free loopback port (TCP, or UDP with ``socket.SOCK_DGRAM``)."""
+    with socket.socket(socket.AF_INET, kind) as s:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
         return port

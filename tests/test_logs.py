@@ -18,14 +18,6 @@ from conftest import SECRET, free_port, open_client
 
 from pushd.auth import issue_hmac_token
 
-
-def free_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 IDS = {  # event -> the fields every line of it must carry
     "connection open": {"conn_id", "peer"},
     "connection closed": {"conn_id", "peer", "reason", "uid"},
@@ -37,7 +29,7 @@ IDS = {  # event -> the fields every line of it must carry
 
 
 async def test_every_line_has_its_shape(tmp_path: Path) -> None:
-    ws, http, udp = free_port(), free_port(), free_udp_port()
+    ws, http, udp = free_port(), free_port(), free_port(socket.SOCK_DGRAM)
     config = tmp_path / "pushd.toml"
     config.write_text(
         f"[websocket]\nport = {ws}\n[http]\nport = {http}\n[auth.hmac]\nsecret = '{SECRET}'\n"

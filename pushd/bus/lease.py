@@ -12,13 +12,12 @@ within ``ttl`` + ``ttl / 3``.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from importlib import resources
 from typing import Any
 
 import structlog
 import trio
 
-from pushd.bus.redis import REDIS_ERRORS, RedisBus, describe
+from pushd.bus.redis import REDIS_ERRORS, RedisBus, describe, lua_script
 
 log = structlog.get_logger("pushd.bus.lease")
 
@@ -53,8 +52,7 @@ class Leases:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Take what is free before reporting started; then renew and take over forever."""
-        source = resources.files("pushd.bus").joinpath("lua", "lease.lua").read_text("utf-8")
-        self._script = self._bus.client.register_script(source)
+        self._script = self._bus.client.register_script(lua_script("lease.lua"))
         await self._round()
         task_status.started()
         while True:

@@ -10,6 +10,7 @@ its history were lost (a restart, an eviction): the client must reload.
 
 from __future__ import annotations
 
+import itertools
 import secrets
 from collections import deque
 from collections.abc import Sequence
@@ -127,7 +128,7 @@ class History:
         count = upto - seq
         if count > len(entries):
             return None
-        missed = tuple(entry for _, entry in list(entries)[len(entries) - count :])
+        missed = tuple(entry for _, entry in itertools.islice(entries, len(entries) - count, None))
         if missed[0].seq != seq + 1:  # cannot happen while seqs are contiguous; be sure
             return None
         return missed

@@ -83,7 +83,8 @@ def describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"[:200]
 
 
-def _script(name: str) -> str:
+def lua_script(name: str) -> str:
+    """The source of one of the bus's Lua scripts (package data, ``pushd/bus/lua``)."""
     return resources.files("pushd.bus").joinpath("lua", name).read_text(encoding="utf-8")
 
 
@@ -104,7 +105,7 @@ def _pending_messages(ps: Any) -> Callable[[], Iterator[Any]]:
     return pending
 
 
-_PUBLISH_LUA = _script("publish.lua")
+_PUBLISH_LUA = lua_script("publish.lua")
 
 
 class Keys:
@@ -364,7 +365,7 @@ class RedisBus:
         else:
             client = coredis.Redis.from_url(self._config.url, decode_responses=False, **options)
         self.client = client
-        self._recover_script = client.register_script(_script("recover.lua"))
+        self._recover_script = client.register_script(lua_script("recover.lua"))
         async with client, trio.open_nursery() as nursery:
             self._nursery = nursery
             nursery.start_soon(self._publisher)

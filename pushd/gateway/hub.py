@@ -315,8 +315,6 @@ class Hub:
         for route in self._routes.values():
             if route.channel.private:
                 at = self.position(route.channel.internal) or Position(route.epoch, route.seq)
-                if route.seq > at.seq and route.epoch == at.epoch:
-                    at = Position(route.epoch, route.seq)
                 frame = text_frame(encode_resync(route.channel.protocol, at.seq, at.epoch))
                 for outlet in (*route.subscribers, *route.ahead):
                     self.send(outlet, frame)
