@@ -30,6 +30,7 @@ import structlog
 import trio
 
 from ingest import wire
+from pushd import __version__
 from pushd.auth import Verifier, make_verifier
 from pushd.bus.control import ControlPlane
 from pushd.bus.lease import PRIVATE, Leases
@@ -52,6 +53,7 @@ from pushd.metrics import (
     GatewayMetrics,
     HubCollector,
     IngestCollector,
+    NodeCollector,
     make_registry,
 )
 from pushd.notify import Notifier
@@ -109,7 +111,9 @@ class Daemon:
         self.hub.on_last_unsubscribe = self.bus.disinterest
         self.verifier = verifier if verifier is not None else make_verifier(config.auth)
         self.gateway = Gateway(config, self.hub, self.bus, self.verifier, self.metrics)
-        self.registry.register(HubCollector(self.hub, lambda: len(self.gateway.connections)))
+        self.registry.register(
+            HubCollector(self.hub, self.gateway.connection_states, lambda: self.gateway.bytes_sent)
+        )
         self.poller = SnapshotPoller(config.engine, config.markets, self._on_book)
         self.markets = Markets(dict(config.markets), self.bus, self.poller.refresh)
         self.api = HttpApi(
@@ -138,10 +142,16 @@ class Daemon:
         self.hub.position = self.bus.position
         self.markets.stale = self.book_stale
         self.intake = Intake(router, frozenset(config.markets))
-        self.registry.register(IngestCollector(self.intake, self.poller))
+        if self.computes:
+            self.registry.register(IngestCollector(self.intake, self.poller, list(config.markets)))
+        self.markets.tick_late = self.metrics.market_tick_late.observe
         if self.redis is not None:
             self.registry.register(BusCollector(self.redis, self.leases))
         self._serving = False
+        self.registry.register(
+            NodeCollector(__version__, config.role, config.websocket.max_connections,
+                          self.not_ready)
+        )  # fmt: skip
         self._private_gap_log = ThrottledLog(log, "private events may be lost: subscribers told")
         self._stop = trio.Event()
         self.stopped = trio.Event()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
-from prometheus_client import CollectorRegistry, Counter
+from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -17,6 +17,11 @@ from pushd.bus.redis import RedisBus
 from pushd.feed.intake import Intake
 from pushd.feed.poller import SnapshotPoller
 from pushd.gateway.hub import Hub
+
+# the flush and latency buckets: a round over 15k connections is ~1-20 ms; 10 ms is the target
+FAST_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+# close codes a client may send that are worth a label of their own; others count as "other"
+KNOWN_CLOSE_CODES = frozenset({1000, 1001, 1002, 1003, 1007, 1008, 1009, 1011})
 
 
 class GatewayMetrics:
@@ -46,28 +51,87 @@ class GatewayMetrics:
         self.published_api = Counter(
             "pushd_api_published", "Messages accepted by the publish API", registry=registry
         )
+        self.close_codes = Counter(
+            "pushd_close_codes", "Close frames sent (by=server) or received (by=client), by code",
+            ["by", "code"], registry=registry,
+        )  # fmt: skip
+        self.flush_seconds = Histogram(
+            "pushd_flush_seconds", "One flusher round: every dirty connection written once",
+            buckets=FAST_BUCKETS, registry=registry,
+        )  # fmt: skip
+        self.publish_to_flush = Histogram(
+            "pushd_publish_to_flush_seconds",
+            "From the first frame queued after a round to the next round's start",
+            buckets=FAST_BUCKETS, registry=registry,
+        )  # fmt: skip
+        self.market_tick_late = Histogram(
+            "pushd_market_tick_late_seconds", "How late the market timer's ticks ran",
+            buckets=FAST_BUCKETS, registry=registry,
+        )  # fmt: skip
+
+    def close_code(self, by: str, code: int) -> None:
+        known = by == "server" or code in KNOWN_CLOSE_CODES  # clients send any 1000-4999
+        self.close_codes.labels(by=by, code=str(code) if known else "other").inc()
 
 
 class HubCollector(Collector):
-    def __init__(self, hub: Hub, open_connections: Callable[[], int]) -> None:
+    """The fan-out: connections by phase, subscriptions by stream, frames and bytes out."""
+
+    def __init__(
+        self,
+        hub: Hub,
+        connection_states: Callable[[], dict[str, int]],
+        bytes_sent: Callable[[], int],
+    ) -> None:
         self._hub = hub
-        self._open_connections = open_connections
+        self._connection_states = connection_states
+        self._bytes_sent = bytes_sent
 
     def collect(self) -> Iterator[Metric]:
         stats = self._hub.stats()
+        states = self._connection_states()
         yield GaugeMetricFamily(
-            "pushd_connections_open", "Open WebSocket connections", value=self._open_connections()
+            "pushd_connections_open", "Open WebSocket connections (past the handshake)",
+            value=states["open"] + states["closing"],
+        )  # fmt: skip
+        by_state = GaugeMetricFamily(
+            "pushd_connections", "Client sockets, by phase", labels=["state"]
         )
+        for state, count in states.items():
+            by_state.add_metric([state], count)
+        yield by_state
         yield GaugeMetricFamily("pushd_channels", "Channels with local subscribers", stats.channels)
         yield GaugeMetricFamily("pushd_subscriptions", "Local subscriptions", stats.subscriptions)
+        by_stream = GaugeMetricFamily(
+            "pushd_stream_subscriptions", "Local subscriptions, by stream", labels=["stream"]
+        )
+        for stream, count in sorted(stats.by_stream.items()):
+            by_stream.add_metric([stream], count)
+        yield by_stream
         yield CounterMetricFamily(
             "pushd_hub_published", "Messages that reached this node's hub", value=stats.published
         )
         yield CounterMetricFamily(
             "pushd_hub_delivered", "Frames queued to subscribers", value=stats.delivered
         )
+        frames = CounterMetricFamily(
+            "pushd_frames_out", "Frames queued for clients, by kind", labels=["kind"]
+        )
+        frames.add_metric(["event"], stats.delivered)
+        frames.add_metric(["reply"], stats.replies)
+        yield frames
         yield CounterMetricFamily(
-            "pushd_hub_dropped", "Frames dropped for slow subscribers", value=stats.dropped
+            "pushd_bytes_sent", "Bytes written to client sockets", value=self._bytes_sent()
+        )
+        yield CounterMetricFamily(
+            "pushd_hub_dropped",
+            "Frames dropped for slow subscribers (public streams: drop, then resync)",
+            value=stats.dropped,
+        )
+        yield CounterMetricFamily(
+            "pushd_lag_resyncs",
+            "Lagging subscriptions resumed with the current state or a resync notice",
+            value=stats.lag_resyncs,
         )
 
 
@@ -75,30 +139,88 @@ def make_registry() -> CollectorRegistry:
     return CollectorRegistry(auto_describe=True)
 
 
-class IngestCollector(Collector):
-    def __init__(self, intake: Intake, poller: SnapshotPoller) -> None:
-        self._intake = intake
-        self._poller = poller
+class NodeCollector(Collector):
+    """What the node is: version, role, readiness, its connection limit (for the alerts)."""
+
+    def __init__(
+        self, version: str, role: str, max_connections: int, not_ready: Callable[[], str | None]
+    ) -> None:
+        self._version = version
+        self._role = role
+        self._max_connections = max_connections
+        self._not_ready = not_ready
 
     def collect(self) -> Iterator[Metric]:
+        info = GaugeMetricFamily(
+            "pushd_build_info", "Always 1: the version and role", labels=["version", "role"]
+        )
+        info.add_metric([self._version, self._role], 1)
+        yield info
+        yield GaugeMetricFamily(
+            "pushd_ready", "1 while /readyz says ready", value=int(self._not_ready() is None)
+        )
+        yield GaugeMetricFamily(
+            "pushd_connection_limit", "websocket.max_connections", value=self._max_connections
+        )
+
+
+class IngestCollector(Collector):
+    """Engine frames per source and verdict, bad input per transport, the books' freshness."""
+
+    def __init__(self, intake: Intake, poller: SnapshotPoller, symbols: list[str]) -> None:
+        self._intake = intake
+        self._poller = poller
+        self._symbols = symbols
+
+    def collect(self) -> Iterator[Metric]:
+        intake = self._intake
         frames = CounterMetricFamily(
             "pushd_ingest_frames", "Engine frames, by verdict", labels=["verdict"]
         )
-        for verdict, count in sorted(self._intake.frames.items()):
+        for verdict, count in sorted(intake.frames.items()):
             frames.add_metric([verdict], count)
         yield frames
+        by_source = CounterMetricFamily(
+            "pushd_ingest_source_frames", "Engine frames, by source and verdict",
+            labels=["source", "verdict"],
+        )  # fmt: skip
+        for src, verdicts in sorted(intake.source_frames.items()):
+            for verdict, count in sorted(verdicts.items()):
+                by_source.add_metric([str(src), verdict], count)
+        yield by_source
+        lost = CounterMetricFamily(
+            "pushd_ingest_source_lost_frames", "Engine frames lost (gaps), by source",
+            labels=["source"],
+        )  # fmt: skip
+        for src, count in sorted(intake.source_lost.items()):
+            lost.add_metric([str(src)], count)
+        yield lost
+        bad = CounterMetricFamily(
+            "pushd_ingest_bad_frames", "Undecodable engine input, by transport",
+            labels=["transport"],
+        )  # fmt: skip
+        for transport in ("udp", "tcp"):
+            bad.add_metric([transport], intake.bad_frames[transport])
+        yield bad
         events = CounterMetricFamily(
             "pushd_ingest_events", "Engine events, by type", labels=["type"]
         )
-        for kind, count in sorted(self._intake.events.items()):
+        for kind, count in sorted(intake.events.items()):
             events.add_metric([kind], count)
         yield events
         yield CounterMetricFamily(
-            "pushd_ingest_lost_frames", "Engine frames lost (gaps)", value=self._intake.lost_frames
+            "pushd_ingest_lost_frames", "Engine frames lost (gaps)", value=intake.lost_frames
         )
         yield GaugeMetricFamily(
             "pushd_engine_up", "1 while the snapshot poller gets books", value=int(self._poller.up)
         )
+        age = GaugeMetricFamily(
+            "pushd_book_age_seconds", "Since the symbol's last book from the engine (poller lag)",
+            labels=["symbol"],
+        )  # fmt: skip
+        for symbol in self._symbols:
+            age.add_metric([symbol], min(self._poller.age(symbol), 1e9))
+        yield age
         yield CounterMetricFamily(
             "pushd_snapshots", "Book snapshots received", value=self._poller.snapshots
         )

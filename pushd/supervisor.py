@@ -49,12 +49,18 @@ def reserve_port(host: str, port: int) -> socket.socket:
     return sock
 
 
-def child_commands(config_path: Path, workers: int, ws_port: int) -> list[tuple[str, list[str]]]:
+def child_commands(
+    config_path: Path, workers: int, ws_port: int, http_port: int
+) -> list[tuple[str, list[str]]]:
+    """The compute process keeps ``http.port``; gateway i serves its API (``/metrics``) on
+    ``http.port + i``, a fixed port a Prometheus job can name (ephemeral if ``http.port`` is 0)."""
     run = [sys.executable, "-m", "pushd", "run", "--config", str(config_path)]
-    gateway = ["--role", "gateway", "--reuse-port", "--websocket-port", str(ws_port),
-               "--http-port", "0"]  # fmt: skip
+    gateway = ["--role", "gateway", "--reuse-port", "--websocket-port", str(ws_port)]
     children = [("compute", [*run, "--role", "compute"])]
-    children += [(f"gateway-{i}", [*run, *gateway]) for i in range(1, workers + 1)]
+    children += [
+        (f"gateway-{i}", [*run, *gateway, "--http-port", str(http_port + i if http_port else 0)])
+        for i in range(1, workers + 1)
+    ]
     return children
 
 
@@ -81,7 +87,9 @@ class Supervisor:
         with reserve_port(ws.host, ws.port) as reservation, tempfile.TemporaryDirectory() as tmp:
             port = reservation.getsockname()[1]
             log.info("supervising", workers=self._workers, websocket_port=port)
-            children = child_commands(self._config_path, self._workers, port)
+            children = child_commands(
+                self._config_path, self._workers, port, self._config.http.port
+            )
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._stop_on_signal)
                 if self._notifier.enabled:  # systemd hears READY once every child is ready

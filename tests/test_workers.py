@@ -94,6 +94,7 @@ async def test_workers_share_the_port_and_a_killed_one_comes_back(
         gateways = {line["http"]: line for line in await logs.until("pushd ready", 3)
                     if line["websocket"]}  # fmt: skip
         assert len(gateways) == 2 and {g["websocket"] for g in gateways.values()} == {ws_port}
+        assert set(gateways) == {http_port + 1, http_port + 2}  # fixed ports: scrape targets
         async with trio.open_nursery() as nursery:
             clients = []
             for _ in range(24):

@@ -40,16 +40,28 @@ class Intake:
         self.frames: Counter[str] = Counter()  # by verdict, plus "bad"
         self.events: Counter[str] = Counter()  # by event type, plus "unknown_symbol", ...
         self.lost_frames = 0
+        # per source the tracker knows (at most MAX_SOURCES: a sender cannot grow these)
+        self.source_frames: dict[int, Counter[str]] = {}  # by verdict
+        self.source_lost: Counter[int] = Counter()
+        self.bad_frames: Counter[str] = Counter()  # by transport: undecodable, no source
 
-    def bad_frame(self) -> None:
+    def bad_frame(self, transport: str) -> None:
         self.frames["bad"] += 1
+        self.bad_frames[transport] += 1
 
     def frame(self, envelope: wire.Envelope) -> tuple[Verdict, int]:
         """Check and dispatch one frame; returns the verdict (and frames lost, for a gap)."""
         verdict, missing = self._tracker.check(envelope.src, envelope.epoch, envelope.seq)
         self.frames[verdict.value] += 1
+        by_source = self.source_frames.get(envelope.src)
+        if by_source is None:
+            by_source = self.source_frames[envelope.src] = Counter()
+            if len(self.source_frames) > MAX_SOURCES:
+                self._forget_sources()
+        by_source[verdict.value] += 1
         if verdict is Verdict.GAP:
             self.lost_frames += missing
+            self.source_lost[envelope.src] += missing
             self._resync_source(envelope.src, f"{missing} frame(s) lost from source")
             if envelope.src in self._private_sources:
                 self._sink.private_gap(f"{missing} frame(s) lost from source {envelope.src}")
@@ -92,6 +104,8 @@ class Intake:
         known = self._tracker.known
         self._symbols_by_source = {s: v for s, v in self._symbols_by_source.items() if known(s)}
         self._private_sources = {s for s in self._private_sources if known(s)}
+        self.source_frames = {s: v for s, v in self.source_frames.items() if known(s)}
+        self.source_lost = Counter({s: v for s, v in self.source_lost.items() if known(s)})
 
     def _resync_source(self, src: int, reason: str) -> None:
         symbols = self._symbols_by_source.get(src)

@@ -60,16 +60,16 @@ async def serve_udp(
                         continue
                     raise
                 if len(data) > wire.MAX_DATAGRAM_BYTES:
-                    intake.bad_frame()
+                    intake.bad_frame("udp")
                     bad.warning(peer=f"{addr[0]}:{addr[1]}", error="datagram too large")
                     continue
                 try:
                     intake.frame(wire.decode(data))
                 except wire.WireError as exc:
-                    intake.bad_frame()
+                    intake.bad_frame("udp")
                     bad.warning(peer=f"{addr[0]}:{addr[1]}", error=str(exc)[:200])
                 except Exception:  # a valid frame that tripped a bug further in: drop it only
-                    intake.bad_frame()
+                    intake.bad_frame("udp")
                     log.exception("engine frame failed", peer=f"{addr[0]}:{addr[1]}")
             await trio.lowlevel.checkpoint()
 
@@ -127,7 +127,7 @@ async def _read_frames(
             try:
                 envelope = decoder.next_frame()
             except wire.WireError as exc:
-                intake.bad_frame()
+                intake.bad_frame("tcp")
                 bad.warning(peer=peer, error=str(exc)[:200])
                 if decoder.broken:
                     return "unframeable input"
@@ -137,10 +137,10 @@ async def _read_frames(
             try:
                 intake.frame(envelope)
             except Exception:  # a valid frame that tripped a bug further in: drop it only
-                intake.bad_frame()
+                intake.bad_frame("tcp")
                 log.exception("engine frame failed", peer=peer)
     if decoder.buffered:  # the peer closed in the middle of a frame
-        intake.bad_frame()
+        intake.bad_frame("tcp")
         bad.warning(peer=peer, error=f"connection closed inside a frame ({decoder.buffered} B)")
         return "closed inside a frame"
     return "peer closed"

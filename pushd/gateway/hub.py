@@ -102,6 +102,14 @@ class HubStats(msgspec.Struct):
     published: int
     delivered: int
     dropped: int
+    replies: int  # frames queued to one outlet: replies, pongs, resync notices, states
+    lag_resyncs: int  # lagging subscribers that resumed with a state or a resync notice
+    by_stream: dict[str, int]  # subscriptions by stream ("depth", "trades", "kline_1m", ...)
+
+
+def stream_of(protocol_name: str) -> str:
+    """The stream kind of a protocol channel name: what follows the ``@``."""
+    return protocol_name.rpartition("@")[2]
 
 
 class Hub:
@@ -118,6 +126,8 @@ class Hub:
         self.published = 0
         self.delivered = 0
         self.dropped = 0
+        self.replies = 0
+        self.lag_resyncs = 0
 
     def subscribe(self, outlet: Outlet, channel: Channel) -> Position | None:
         """Add a live subscriber; it gets the stream's current state first, where there is one.
@@ -215,14 +225,21 @@ class Hub:
         return iter(self._routes)
 
     def stats(self) -> HubStats:
+        by_stream: dict[str, int] = {}
+        for r in self._routes.values():
+            stream = stream_of(r.channel.protocol)
+            by_stream[stream] = (
+                by_stream.get(stream, 0) + len(r.subscribers) + len(r.pending) + len(r.ahead)
+            )
         return HubStats(
             channels=len(self._routes),
-            subscriptions=sum(
-                len(r.subscribers) + len(r.pending) + len(r.ahead) for r in self._routes.values()
-            ),
+            subscriptions=sum(by_stream.values()),
             published=self.published,
             delivered=self.delivered,
             dropped=self.dropped,
+            replies=self.replies,
+            lag_resyncs=self.lag_resyncs,
+            by_stream=by_stream,
         )
 
     def publish(self, internal: str, epoch: str, seq: int, data: msgspec.Raw) -> int:
@@ -284,6 +301,7 @@ class Hub:
             return
         was_empty = not outlet.out
         outlet.out += frame
+        self.replies += 1
         if was_empty:
             self._mark_dirty(outlet)
 
@@ -291,6 +309,7 @@ class Hub:
         """The outlet's buffer is empty again: each lagging channel resumes with its current
         state (a depth snapshot, ...) or, for a stream of events (trades), a resync notice."""
         lagging, outlet.lagging = outlet.lagging, {}
+        self.lag_resyncs += len(lagging)
         for channel, lost in lagging.values():
             if self._send_current(outlet, channel, after_lag=True) is None:
                 self.send(outlet, text_frame(encode_resync(channel.protocol, lost.seq, lost.epoch)))

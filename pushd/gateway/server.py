@@ -155,10 +155,22 @@ class Gateway:
         self.stopping = False
         self.flush_stall_max_s = 0.0  # the longest the flusher ran without yielding
         self.flush_round_max_s = 0.0  # the longest round's writing time (all its slices)
+        self.bytes_sent = 0
+        self._dirty_since = 0.0  # when the first frame of the next flush round was queued
         hub.on_dirty = self._flush_wanted_set
 
     def _flush_wanted_set(self) -> None:
+        self._dirty_since = time.perf_counter()
         self._flush_wanted.set()
+
+    def connection_states(self) -> dict[str, int]:
+        """Sockets by phase: handshakes in progress, open, closing."""
+        closing = sum(1 for conn in self.connections if conn.phase is not Phase.OPEN)
+        return {
+            Phase.HANDSHAKE.value: self.open_sockets - len(self.connections),
+            Phase.OPEN.value: len(self.connections) - closing,
+            Phase.CLOSING.value: closing,
+        }
 
     # -- serving ---------------------------------------------------------------------------
 
@@ -253,6 +265,7 @@ class Gateway:
             self._flush_wanted = trio.Event()
             dirty, hub.dirty = hub.dirty, []
             started = clock()
+            self._metrics.publish_to_flush.observe(started - self._dirty_since)
             work = 0.0  # this round's time spent writing: what one unbroken round would block
             for n, outlet in enumerate(dirty, 1):
                 conn: Connection = outlet  # type: ignore[assignment]  # gateway outlets are Connections
@@ -269,6 +282,7 @@ class Gateway:
             elapsed = clock() - started
             self.flush_stall_max_s = max(self.flush_stall_max_s, elapsed)
             self.flush_round_max_s = max(self.flush_round_max_s, work + elapsed)
+            self._metrics.flush_seconds.observe(work + elapsed)
 
     def _flush(self, conn: Connection) -> None:
         if conn.slow and conn.phase is Phase.OPEN:
@@ -295,6 +309,7 @@ class Gateway:
         except OSError:
             self._abort(conn, "connection reset while writing")
             return False
+        self.bytes_sent += sent
         if sent == len(out):
             out.clear()
             conn.head_left = 0
@@ -350,6 +365,7 @@ class Gateway:
         self._unsubscribe_all(conn)
         ws = conn.ws
         if ws is not None and ws.state is ConnectionState.OPEN:
+            self._metrics.close_code("server", code)
             del conn.out[conn.head_left :]
             conn.out += ws.send(CloseConnection(code=int(code), reason=reason))
             conn.slow = False
@@ -479,11 +495,13 @@ class Gateway:
         while view:
             await trio.lowlevel.wait_writable(conn.sock)
             try:
-                view = view[conn.sock.send(view) :]
+                sent = conn.sock.send(view)
             except BlockingIOError:
                 continue
             except OSError:
                 return False
+            self.bytes_sent += sent
+            view = view[sent:]
         return True
 
     async def _handshake(self, conn: Connection) -> bool:
@@ -603,6 +621,7 @@ class Gateway:
         """The peer's close frame, or a protocol error wsproto turned into one."""
         if ws.state is ConnectionState.REMOTE_CLOSING:  # the client closes: answer it
             conn.close_reason = f"client closed ({event.code})"
+            self._metrics.close_code("client", int(event.code))
             conn.phase = Phase.CLOSING
             self._unsubscribe_all(conn)
             del conn.out[conn.head_left :]

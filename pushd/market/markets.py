@@ -62,6 +62,8 @@ class Markets:
         # whether this node publishes a symbol (with two compute nodes, the lease holder)
         self.leads: Callable[[str], bool] = lambda _symbol: True
         self._future_log = ThrottledLog(log, "trade stamped in the future: counted at our time")
+        # how late each tick ran, in seconds (a busy loop delays every market stream)
+        self.tick_late: Callable[[float], None] = lambda _s: None
 
     def trade(self, trade: wire.Trade) -> None:
         """Feed one engine trade. A trade stamped more than ``FUTURE_TOLERANCE_MS`` ahead of
@@ -135,6 +137,7 @@ class Markets:
         """Tick every ``TICK_MS`` until cancelled."""
         next_at = trio.current_time()
         while True:
+            self.tick_late(trio.current_time() - next_at)
             self.tick(wall_ms())
             next_at = max(next_at + TICK_MS / 1000, trio.current_time())
             await trio.sleep_until(next_at)
