@@ -40,7 +40,7 @@ def _serve(main: Callable[[], Awaitable[None]]) -> int:
     failed: list[str] = []
     try:
         trio.run(main)
-    except* ServiceError as group:
+    except* (ServiceError, ConfigError) as group:
         failed += _messages(group)
     for message in failed:
         print(f"pushd: {message}", file=sys.stderr)
@@ -54,32 +54,42 @@ def _messages(exc: BaseException) -> list[str]:
     return [str(exc)]
 
 
+def _run_config(args: argparse.Namespace) -> Config:
+    """The config file with this node's command-line settings; what ``run`` needs on top of a
+    valid file. Read at start and again at each reload (SIGHUP). Raises ConfigError."""
+    config = config_mod.with_node(
+        config_mod.load(args.config), role=args.role, websocket_port=args.websocket_port,
+        http_port=args.http_port, reuse_port=True if args.reuse_port else None,
+    )  # fmt: skip
+    if args.workers and (config.bus.kind != "redis" or args.config is None):
+        raise ConfigError("--workers needs a config file with bus.kind = 'redis' "
+                          "(the processes share channels through it)")  # fmt: skip
+    if config.auth.kind == "hmac" and not config.auth.hmac.secret:
+        raise ConfigError(
+            "auth.hmac.secret is empty: set it (tokens are signed with it), "
+            "or use `pushd demo` to try pushd with a throwaway one"
+        )
+    return config
+
+
 def cmd_run(args: argparse.Namespace) -> int:
-    config = _load(args.config)
     try:
-        config = config_mod.with_node(
-            config, role=args.role, websocket_port=args.websocket_port,
-            http_port=args.http_port, reuse_port=True if args.reuse_port else None,
-        )  # fmt: skip
+        config = _run_config(args)
     except ConfigError as exc:
         print(f"pushd: {exc}", file=sys.stderr)
-        return 2
-    if args.workers and (config.bus.kind != "redis" or args.config is None):
-        print("pushd: --workers needs a config file with bus.kind = 'redis' "
-              "(the processes share channels through it)", file=sys.stderr)  # fmt: skip
-        return 2
-    if config.auth.kind == "hmac" and not config.auth.hmac.secret:
-        print(
-            "pushd: auth.hmac.secret is empty: set it (tokens are signed with it), "
-            "or use `pushd demo` to try pushd with a throwaway one",
-            file=sys.stderr,
-        )
         return 2
     logs.configure(config.log.level, config.log.format)
     if args.workers:
         supervisor = Supervisor(config, args.config, args.workers)
         return _serve(supervisor.run)
-    return _serve(lambda: Daemon(config).serve(handle_signals=True))
+
+    async def serve() -> None:
+        daemon = Daemon(config)
+        if args.config is not None:
+            daemon.load_config = functools.partial(_run_config, args)
+        await daemon.serve(handle_signals=True)
+
+    return _serve(serve)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

@@ -28,6 +28,17 @@ class _Section(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
     """Base of every config section: unknown keys are errors, not silently ignored."""
 
 
+class TlsConfig(_Section, frozen=True):
+    """A PEM certificate chain and its key: set both to serve TLS (re-read on reload)."""
+
+    certificate: str = ""
+    key: str = ""
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.certificate)
+
+
 class WebSocketConfig(_Section, frozen=True):
     host: str = "127.0.0.1"
     port: Port = 8765
@@ -39,6 +50,7 @@ class WebSocketConfig(_Section, frozen=True):
     backlog: PositiveInt = 4096
     # SO_REUSEPORT: several processes accept on one port (set by `pushd run --workers`)
     reuse_port: bool = False
+    tls: TlsConfig = msgspec.field(default_factory=TlsConfig)  # wss:// when set
 
 
 class LimitsConfig(_Section, frozen=True):
@@ -61,6 +73,7 @@ class HttpConfig(_Section, frozen=True):
     publish_token: str = ""
     max_batch: PositiveInt = 1000
     allow_market_publish: bool = False  # load tests only: a generator stands in for the engine
+    tls: TlsConfig = msgspec.field(default_factory=TlsConfig)  # https:// when set
 
 
 class HmacAuthConfig(_Section, frozen=True):
@@ -271,6 +284,9 @@ def _check(config: Config, source: str) -> None:
         ("redis://", "rediss://", "unix://")
     ):
         raise ConfigError(f"{source}: bus.redis.url: want a redis://, rediss:// or unix:// URL")
+    for section, tls in (("websocket", config.websocket.tls), ("http", config.http.tls)):
+        if bool(tls.certificate) != bool(tls.key):
+            raise ConfigError(f"{source}: {section}.tls: set both certificate and key, or neither")
     for ws_path in config.websocket.paths:
         if not ws_path.startswith("/"):
             raise ConfigError(f"{source}: websocket.paths: {ws_path!r} must start with '/'")

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import signal
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -30,7 +31,7 @@ import structlog
 import trio
 
 from ingest import wire
-from pushd import __version__
+from pushd import __version__, logs, tls
 from pushd.auth import Verifier, make_verifier
 from pushd.bus.control import ControlPlane
 from pushd.bus.lease import PRIVATE, Leases
@@ -38,7 +39,7 @@ from pushd.bus.memory import MemoryBus
 from pushd.bus.model import Bus
 from pushd.bus.redis import RedisBus
 from pushd.config import Config
-from pushd.errors import ServiceError
+from pushd.errors import ConfigError, ServiceError
 from pushd.feed.intake import Intake
 from pushd.feed.listeners import serve_tcp, serve_udp
 from pushd.feed.poller import SnapshotPoller
@@ -57,8 +58,10 @@ from pushd.metrics import (
     make_registry,
 )
 from pushd.notify import Notifier
+from pushd.reload import Reload, plan
 
 SHUTDOWN_GRACE_S = 5.0
+LOGIN_DRAIN_S = 10.0  # a replaced login verifier is closed this long after a reload
 
 log = structlog.get_logger("pushd.daemon")
 
@@ -156,6 +159,9 @@ class Daemon:
         self._stop = trio.Event()
         self.stopped = trio.Event()
         self.notifier = Notifier()
+        # `pushd run` sets this: the config file read again (SIGHUP, `systemctl reload`)
+        self.load_config: Callable[[], Config] | None = None
+        self._nursery: trio.Nursery | None = None
 
     def _on_book(self, snapshot: wire.BookSnapshot) -> None:
         self.markets.book(snapshot)
@@ -214,6 +220,47 @@ class Daemon:
             + (f"not ready: {why}" if why else "ready")
         )
 
+    async def reload(self) -> Reload | None:
+        """Read the config again and apply what can change live (``pushd.reload``); a file
+        that does not load, or a certificate that does not, changes nothing. No connection
+        is closed by a reload."""
+        if self.load_config is None:
+            log.warning("reload ignored: no config file")
+            return None
+        self.notifier.send(RELOADING=1, MONOTONIC_USEC=time.monotonic_ns() // 1000)
+        try:
+            change = plan(self.config, self.load_config())
+            self._apply(change.config)
+        except ConfigError as exc:
+            log.error("config reload failed: running config kept", error=str(exc))
+            return None
+        finally:
+            self.notifier.send(READY=1, STATUS=self.status())
+        log.info("config reloaded", applied=change.applied)
+        if change.refused:
+            log.warning("config change needs a restart: running value kept", keys=change.refused)
+        logs.set_level(self.config.log.level)  # after the lines above: they are always seen
+        return change
+
+    def _apply(self, config: Config) -> None:
+        """Everything that can fail first (certificates, the login verifier), then the swap."""
+        ws_context, http_context = self.gateway.tls_context, self.api.tls_context
+        if ws_context is not None:
+            tls.reload_context(ws_context, config.websocket.tls, "websocket")
+        if http_context is not None:
+            tls.reload_context(http_context, config.http.tls, "http")
+        verifier = self.verifier
+        if config.auth != self.config.auth:
+            verifier = make_verifier(config.auth)
+            if self._nursery is not None:  # logins in progress finish on the old one
+                self._nursery.start_soon(_close_later, self.verifier, LOGIN_DRAIN_S)
+        self.config = config
+        self.verifier = verifier
+        self.gateway.reconfigure(config, verifier)
+        self.api.reconfigure(config)
+        self.markets.reconfigure(dict(config.markets))
+        self.poller.reconfigure(config.markets)
+
     def stop(self) -> None:
         """Begin a graceful shutdown; ``serve`` returns when it is done."""
         self._stop.set()
@@ -227,8 +274,9 @@ class Daemon:
         http_stop = trio.Event()
         try:
             async with trio.open_nursery() as nursery:
+                self._nursery = nursery
                 if handle_signals:
-                    nursery.start_soon(self._stop_on_signal)
+                    nursery.start_soon(self._on_signals)
                 cfg = self.config
                 ws, http_cfg = cfg.websocket, cfg.http
                 if self.redis is not None and self.control is not None:
@@ -289,9 +337,22 @@ class Daemon:
         nursery.start_soon(self.markets.run)
         return udp_port, tcp_port
 
-    async def _stop_on_signal(self) -> None:
-        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+    async def _on_signals(self) -> None:
+        """SIGTERM/SIGINT stop gracefully; SIGHUP reloads the config."""
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
             async for signum in signals:
                 log.info("signal received", signal=signal.Signals(signum).name)
+                if signum == signal.SIGHUP:
+                    await self.reload()
+                    continue
                 self.stop()
                 return
+
+
+async def _close_later(verifier: Verifier, after_s: float) -> None:
+    """Close a replaced verifier once the logins that use it are done (or at shutdown)."""
+    try:
+        await trio.sleep(after_s)
+    finally:
+        with trio.CancelScope(shield=True):
+            await verifier.aclose()

@@ -18,8 +18,27 @@ def _json_dumps(obj: Any, **_: Any) -> str:
     return msgspec.json.encode(obj, enc_hook=str).decode()
 
 
+class _Threshold:
+    """The lowest level logged; a reload changes it for every logger, bound ones included."""
+
+    level = logging.INFO
+
+    def __call__(self, _logger: Any, method: str, event: Any) -> Any:
+        if _LEVELS.get(method, logging.ERROR) < self.level:
+            raise structlog.DropEvent
+        return event
+
+
+_threshold = _Threshold()
+
+
+def set_level(level: str) -> None:
+    _threshold.level = _LEVELS[level]
+
+
 def configure(level: str = "info", fmt: str = "auto") -> None:
     """Configure structlog once for the process; ``fmt`` is ``auto``, ``json`` or ``console``."""
+    set_level(level)
     console = fmt == "console" or (fmt == "auto" and sys.stderr.isatty())
     renderer: Any = (
         structlog.dev.ConsoleRenderer()
@@ -28,13 +47,15 @@ def configure(level: str = "info", fmt: str = "auto") -> None:
     )
     structlog.configure(
         processors=[
+            _threshold,
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,
             renderer,
         ],
-        wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
+        # debug calls are dropped by the threshold, which a reload can lower
+        wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG),
         # one write per line: processes sharing stderr (--workers) never interleave mid-line
         logger_factory=structlog.WriteLoggerFactory(sys.stderr),
         cache_logger_on_first_use=True,

@@ -150,8 +150,13 @@ class Supervisor:
             backoff = min(backoff * 2, RESTART_BACKOFF_S[1])
 
     async def _stop_on_signal(self) -> None:
-        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
             async for signum in signals:
+                if signum == signal.SIGHUP:  # each child re-reads the file itself
+                    log.info("signal received: reloading children", signal="SIGHUP")
+                    for process in self._processes.values():
+                        process.send_signal(signal.SIGHUP)
+                    continue
                 log.info("signal received: stopping children", signal=signal.Signals(signum).name)
                 self._notifier.send(STOPPING=1, STATUS="draining every child")
                 self._stopping = True

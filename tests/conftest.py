@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import functools
+import json
+import os
 import socket
+import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -230,3 +233,48 @@ class RawClient:
 
     async def aclose(self) -> None:
         await self.stream.aclose()
+
+
+class Logs:
+    """The JSON log lines of a ``pushd`` process (and its children), read as they come."""
+
+    def __init__(self, stream: trio.abc.ReceiveStream) -> None:
+        self._stream = stream
+        self._buffer = b""
+        self.lines: list[dict[str, Any]] = []
+
+    async def until(self, event: str, count: int = 1, **fields: Any) -> list[dict[str, Any]]:
+        def matching() -> list[dict[str, Any]]:
+            return [line for line in self.lines if line.get("event") == event
+                    and all(line.get(k) == v for k, v in fields.items())]  # fmt: skip
+
+        while len(matching()) < count:
+            chunk = await self._stream.receive_some()
+            assert chunk, f"pushd ended before {count} x {event!r}"
+            self._buffer += chunk
+            *complete, self._buffer = self._buffer.split(b"\n")
+            for raw in complete:
+                if raw.startswith(b"{"):
+                    self.lines.append(json.loads(raw))  # whole lines, even from 3 processes
+        return matching()
+
+
+@asynccontextmanager
+async def pushd_process(
+    command: list[str], ready: int = 1, env: dict[str, str] | None = None
+) -> AsyncIterator[tuple[trio.Process, Logs]]:
+    """A ``pushd`` command (``format = 'json'`` logs) once ``ready`` processes said
+    "pushd ready"; killed on the way out if it is still running."""
+    process = await trio.lowlevel.open_process(
+        command, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env={**os.environ, **(env or {})}
+    )
+    try:
+        assert process.stderr is not None
+        logs = Logs(process.stderr)
+        with trio.fail_after(30):
+            await logs.until("pushd ready", ready)
+        yield process, logs
+    finally:
+        if process.returncode is None:
+            process.kill()
+        await process.wait()

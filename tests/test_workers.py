@@ -3,7 +3,6 @@ compute process, supervision (a killed worker comes back), and a drain on SIGTER
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
@@ -18,7 +17,7 @@ import httpx
 import pytest
 import trio
 import trio_websocket
-from conftest import PUBLISH_TOKEN, SECRET, free_port, open_client
+from conftest import PUBLISH_TOKEN, SECRET, free_port, open_client, pushd_process
 from redis_servers import RedisServer
 
 from pushd.auth import issue_hmac_token
@@ -30,30 +29,6 @@ AUTH = {"authorization": f"Bearer {PUBLISH_TOKEN}"}
 def redis() -> Iterator[RedisServer]:
     with RedisServer() as server:
         yield server
-
-
-class Logs:
-    """The JSON log lines of a supervisor and its children, read as they come."""
-
-    def __init__(self, stream: trio.abc.ReceiveStream) -> None:
-        self._stream = stream
-        self._buffer = b""
-        self.lines: list[dict[str, Any]] = []
-
-    async def until(self, event: str, count: int = 1, **fields: Any) -> list[dict[str, Any]]:
-        def matching() -> list[dict[str, Any]]:
-            return [line for line in self.lines if line.get("event") == event
-                    and all(line.get(k) == v for k, v in fields.items())]  # fmt: skip
-
-        while len(matching()) < count:
-            chunk = await self._stream.receive_some()
-            assert chunk, f"the supervisor ended before {count} x {event!r}"
-            self._buffer += chunk
-            *complete, self._buffer = self._buffer.split(b"\n")
-            for raw in complete:
-                if raw.startswith(b"{"):
-                    self.lines.append(json.loads(raw))  # whole lines, even from 3 processes
-        return matching()
 
 
 @asynccontextmanager
@@ -71,19 +46,8 @@ async def supervisor(
     )
     command = [sys.executable, "-m", "pushd", "run", "--config", str(config),
                "--workers", str(workers)]  # fmt: skip
-    process = await trio.lowlevel.open_process(
-        command, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env={**os.environ, **(env or {})}
-    )
-    try:
-        assert process.stderr is not None
-        logs = Logs(process.stderr)
-        with trio.fail_after(30):
-            await logs.until("pushd ready", workers + 1)
+    async with pushd_process(command, workers + 1, env) as (process, logs):
         yield process, logs, ws_port, http_port
-    finally:
-        if process.returncode is None:
-            process.kill()
-        await process.wait()
 
 
 async def test_workers_share_the_port_and_a_killed_one_comes_back(

@@ -65,6 +65,10 @@ class SnapshotPoller:
         got = self._got.get(symbol)
         return float("inf") if got is None else trio.current_time() - got
 
+    def reconfigure(self, markets: Mapping[str, MarketConfig]) -> None:
+        """A reload: each symbol's depth interval from its next poll on."""
+        self._markets = markets
+
     def refresh(self, symbol: str) -> None:
         if symbol in self._due:
             self._due[symbol] = 0.0

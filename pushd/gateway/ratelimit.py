@@ -19,6 +19,12 @@ class TokenBucket:
             self._tokens = min(self._burst, self._tokens + (now - self._at) * self._rate)
             self._at = now
 
+    def retune(self, rate: float, burst: int) -> None:
+        """New limits (a config reload); what the caller saved up is kept up to the burst."""
+        self._rate = rate
+        self._burst = float(burst)
+        self._tokens = min(self._tokens, self._burst)
+
     def has_token(self, now: float) -> bool:
         """Whether a request could be taken now, without taking it."""
         self._refill(now)

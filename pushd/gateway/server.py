@@ -68,6 +68,7 @@ from pushd.gateway.hub import Hub, Outlet, frame_end, text_frame
 from pushd.gateway.ratelimit import TokenBucket
 from pushd.gateway.session import Session
 from pushd.metrics import GatewayMetrics
+from pushd.tls import TlsClosed, TlsLayer, server_context
 
 RECV_BYTES = 65536
 ACCEPT_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
@@ -100,6 +101,8 @@ class Connection(Outlet):
         "scope",
         "session",
         "sock",
+        "tls",
+        "wire",
         "ws",
     )
 
@@ -116,6 +119,8 @@ class Connection(Outlet):
         self.nursery: trio.Nursery | None = None
         self.draining = False
         self.close_reason = "client went away"
+        self.tls: TlsLayer | None = None
+        self.wire = bytearray()  # TLS records not yet written (frames leave ``out`` whole)
 
     @property
     def closing(self) -> bool:
@@ -149,6 +154,7 @@ class Gateway:
         )
         self.open_sockets = 0
         self._ids = itertools.count(1)
+        self.tls_context = server_context(ws_cfg.tls, "websocket")
         self._flush_wanted = trio.Event()
         self._all_closed = trio.Event()
         self._accepting: trio.CancelScope | None = None
@@ -158,6 +164,20 @@ class Gateway:
         self.bytes_sent = 0
         self._dirty_since = 0.0  # when the first frame of the next flush round was queued
         hub.on_dirty = self._flush_wanted_set
+
+    def reconfigure(self, config: Config, verifier: Verifier) -> None:
+        """A reload: new admission rules, limits and logins for what comes next; open
+        connections keep their buffers and get the new request limits."""
+        self._config = config
+        self._limits = config.limits
+        self._verifier = verifier
+        ws_cfg = config.websocket
+        self._handshakes.retune(
+            ws_cfg.handshakes_per_second, max(1, int(ws_cfg.handshakes_per_second))
+        )
+        for conn in self.connections:
+            if conn.session is not None:
+                conn.session.relimit(config.limits)
 
     def _flush_wanted_set(self) -> None:
         self._dirty_since = time.perf_counter()
@@ -293,7 +313,7 @@ class Gateway:
             return
         if not self._write(conn):
             return
-        if conn.out:
+        if conn.out or conn.wire:
             conn.draining = True
             conn.nursery.start_soon(self._drain, conn)
         elif conn.lagging:
@@ -301,6 +321,8 @@ class Gateway:
 
     def _write(self, conn: Connection) -> bool:
         """One non-blocking send of the outbound buffer; False if the peer is gone."""
+        if conn.tls is not None:
+            return self._write_tls(conn, conn.tls)
         out = conn.out
         try:
             sent = conn.sock.send(out)
@@ -318,12 +340,31 @@ class Gateway:
             del out[:sent]
         return True
 
+    def _write_tls(self, conn: Connection, tls: TlsLayer) -> bool:
+        """The queued frames become records once the previous ones are all written, so the
+        plaintext queue keeps counting against the outbound limit while the socket is full."""
+        wire = conn.wire
+        if not wire:
+            wire += tls.send(conn.out)
+            conn.out.clear()
+            conn.head_left = 0
+        try:
+            sent = conn.sock.send(wire)
+        except BlockingIOError:
+            return True
+        except OSError:
+            self._abort(conn, "connection reset while writing")
+            return False
+        self.bytes_sent += sent
+        del wire[:sent]
+        return True
+
     async def _drain(self, conn: Connection) -> None:
         stall_s = self._limits.stall_timeout_s
         try:
             queued = unsent_bytes(conn.sock)
             deadline = trio.current_time() + stall_s
-            while conn.out:
+            while conn.out or conn.wire:
                 with trio.move_on_after(STALL_POLL_S) as polled:
                     await trio.lowlevel.wait_writable(conn.sock)
                 if polled.cancelled_caught:  # not writable yet: is the peer taking any bytes?
@@ -383,6 +424,7 @@ class Gateway:
             conn.phase = Phase.CLOSING
         self._unsubscribe_all(conn)
         conn.out.clear()
+        conn.wire.clear()
         conn.head_left = 0
         if conn.scope is not None:
             conn.scope.cancel()
@@ -422,15 +464,15 @@ class Gateway:
                         self._fail(conn)
                     if cancelled is not None:
                         raise cancelled from None
-                    if conn.out:  # the 1011 close frame
+                    if conn.out or conn.wire:  # the 1011 close frame
                         with trio.move_on_after(self._limits.close_timeout_s):
                             await self._send_now(conn, bytes(conn.out))
                         conn.out.clear()
         finally:
             self._forget(conn)
-            if conn.out:  # a last close frame, if the kernel takes it now
+            if conn.out or conn.wire:  # a last close frame, if the kernel takes it now
                 with contextlib.suppress(OSError):
-                    sock.send(conn.out)
+                    sock.send(self._ciphertext(conn, conn.out))
             conn.phase = Phase.CLOSED
             trio.lowlevel.notify_closing(sock)
             sock.close()
@@ -478,7 +520,23 @@ class Gateway:
                 del self._by_uid[uid]
 
     async def _recv(self, conn: Connection) -> bytes:
-        """Next bytes from the peer; b"" when it closed or reset the connection."""
+        """Next bytes from the peer (decrypted); b"" when it closed or reset the connection."""
+        tls = conn.tls
+        if tls is None:
+            return await self._recv_raw(conn)
+        try:
+            data = tls.receive(b"")  # what came with the records already read
+            while not data:
+                raw = await self._recv_raw(conn)
+                if not raw:
+                    return b""
+                data = tls.receive(raw)
+        except TlsClosed as exc:
+            conn.close_reason = str(exc)
+            return b""
+        return data
+
+    async def _recv_raw(self, conn: Connection) -> bytes:
         while True:
             await trio.lowlevel.wait_readable(conn.sock)
             try:
@@ -488,9 +546,22 @@ class Gateway:
             except OSError:
                 return b""
 
+    @staticmethod
+    def _ciphertext(conn: Connection, data: bytes | bytearray) -> bytes:
+        """What goes on the wire for ``data``: itself, or with TLS every record still unsent
+        and then ``data`` encrypted."""
+        if conn.tls is None:
+            return bytes(data)
+        wire = bytes(conn.wire) + conn.tls.send(data)
+        conn.wire.clear()
+        return wire
+
     async def _send_now(self, conn: Connection, data: bytes) -> bool:
         """Write while nothing else writes this socket (handshake answers, the last close
         frame); False if the peer is gone."""
+        return await self._send_raw(conn, self._ciphertext(conn, data))
+
+    async def _send_raw(self, conn: Connection, data: bytes) -> bool:
         view = memoryview(data)
         while view:
             await trio.lowlevel.wait_writable(conn.sock)
@@ -510,6 +581,8 @@ class Gateway:
         refusal: tuple[int, str, str] | None = None
         request: Request | None = None
         with trio.move_on_after(self._limits.handshake_timeout_s):
+            if self.tls_context is not None and not await self._tls_handshake(conn):
+                return False
             try:
                 while request is None:
                     data = await self._recv(conn)
@@ -538,6 +611,25 @@ class Gateway:
         conn.session = Session(self._symbols, self._limits, trio.current_time())
         conn.phase = Phase.OPEN
         return conn.ws is not None
+
+    async def _tls_handshake(self, conn: Connection) -> bool:
+        """TLS first, on wss://; False (counted) if the peer is gone or its TLS is broken."""
+        assert self.tls_context is not None
+        tls = TlsLayer(self.tls_context)
+        data = b""
+        try:
+            while not tls.handshake(data):
+                if (answer := tls.pending()) and not await self._send_raw(conn, answer):
+                    return False
+                if not (data := await self._recv_raw(conn)):
+                    self._metrics.rejected.labels(reason="tls").inc()
+                    return False
+        except TlsClosed:
+            self._metrics.rejected.labels(reason="tls").inc()
+            await self._send_raw(conn, tls.pending())  # the alert, if there is one
+            return False
+        conn.tls = tls
+        return await self._send_raw(conn, tls.pending())
 
     def _refusal(self, conn: Connection, request: Request) -> tuple[int, str, str] | None:
         """Why an upgrade request is refused (HTTP status, metric reason, text), or None."""

@@ -30,6 +30,15 @@ class Session:
             limits.failed_logins_per_minute / 60.0, limits.failed_login_burst, now
         )
 
+    def relimit(self, limits: LimitsConfig) -> None:
+        """A reload's limits: request rate, login failures, subscriptions (the buffers' sizes
+        stay what the connection opened with)."""
+        self._limits = limits
+        self._requests.retune(limits.messages_per_second, limits.message_burst)
+        self._failed_logins.retune(
+            limits.failed_logins_per_minute / 60.0, limits.failed_login_burst
+        )
+
     def take_request(self, now: float) -> bool:
         """False when the client sends faster than allowed (abuse: the shell closes it)."""
         return self._requests.take(now)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import functools
 import hmac
 import inspect
+import ssl
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -55,6 +56,7 @@ from pushd.market.markets import Markets
 from pushd.market.symbol import SymbolMarket
 from pushd.market.trades import RECENT_TRADES, TradeBatch
 from pushd.metrics import GatewayMetrics
+from pushd.tls import server_context
 
 MAX_BODY_BYTES = 4 * 1024 * 1024
 MAX_DEPTH_LEVELS = 5000  # GET /v1/depth?limit=
@@ -102,6 +104,8 @@ class HttpApi:
         self._max_data = config.limits.outbound_buffer_bytes // 4
         self._market_publish = config.http.allow_market_publish
         self._openapi = msgspec.json.encode(openapi_document(config))
+        self.tls_context = server_context(config.http.tls, "http")
+        self.tls_files = (config.http.tls.certificate, config.http.tls.key)
         self.not_ready: Callable[[], str | None] = lambda: "starting"  # why not ready, or None
         self.control: ControlPlane | None = None  # with Redis: stats and disconnect cluster-wide
         self.websocket_port = config.websocket.port  # the bound one, once the gateway listens
@@ -333,6 +337,12 @@ class HttpApi:
             raise ApiError(503, f"Redis unreachable: {exc}") from None
         return {"result": True, "closed": closed, "nodes": nodes}
 
+    def reconfigure(self, config: Config) -> None:
+        """A reload: the publish token, batch size and limits of requests from now on."""
+        self._config = config
+        self._max_data = config.limits.outbound_buffer_bytes // 4
+        self._openapi = msgspec.json.encode(openapi_document(config))
+
     def local_stats(self) -> dict[str, Any]:
         """This node's counters (what ``/v1/stats`` sums over the cluster's nodes)."""
         gateway = self._gateway
@@ -464,6 +474,16 @@ def _decode(body: bytes, kind: type[T]) -> T:
         raise ApiError(400, "malformed JSON") from None
 
 
+class _Hypercorn(HypercornConfig):
+    """Hypercorn's config with the daemon's TLS context: a reload re-reads the certificate
+    into it, and new connections get the new one."""
+
+    tls_context: ssl.SSLContext | None = None
+
+    def create_ssl_context(self) -> ssl.SSLContext | None:
+        return self.tls_context
+
+
 async def serve_http(
     api: HttpApi,
     host: str,
@@ -473,8 +493,11 @@ async def serve_http(
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the API until ``shutdown`` is set; reports the bound port."""
-    config = HypercornConfig()
+    config = _Hypercorn()
     config.bind = [f"{host}:{port}"]
+    if api.tls_context is not None:  # hypercorn serves TLS when both are set; the context is ours
+        config.certfile, config.keyfile = api.tls_files
+        config.tls_context = api.tls_context
     config.accesslog = None
     config.errorlog = None
     config.graceful_timeout = 1.0

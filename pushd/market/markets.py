@@ -142,6 +142,11 @@ class Markets:
             next_at = max(next_at + TICK_MS / 1000, trio.current_time())
             await trio.sleep_until(next_at)
 
+    def reconfigure(self, markets: dict[str, MarketConfig]) -> None:
+        """A reload: the timers' intervals (the symbols and their maths stay)."""
+        for symbol, config in markets.items():
+            self.symbols[symbol].config = config
+
     def take_over(self, symbol: str) -> None:
         """This node now publishes ``symbol``: see ``SymbolMarket.take_over``."""
         market = self.symbols[symbol]
