@@ -1,4 +1,4 @@
-"""``pushd`` command line: run, demo, token, check-config."""
+"""``pushd`` command line: run, demo, sim, token, check-config, files."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from pushd.auth import issue_hmac_token
 from pushd.config import Config
 from pushd.daemon import Daemon, Ports
 from pushd.errors import ConfigError, ServiceError
+from pushd.shipped import shipped_files
 from pushd.supervisor import Supervisor
 
 DEMO_UID = "1001"
@@ -197,6 +198,12 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_files(args: argparse.Namespace) -> int:
+    for path in shipped_files():
+        print(path)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pushd", description=__doc__)
     parser.add_argument("--version", action="version", version=f"pushd {__version__}")
@@ -235,6 +242,10 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check-config", help="validate a config file and exit")
     check.add_argument("--config", type=Path, required=True)
     check.set_defaults(func=cmd_check_config)
+    files = sub.add_parser(
+        "files", help="where the example config, systemd unit, alert rules and dashboard are"
+    )
+    files.set_defaults(func=cmd_files)
     return parser
 
 

@@ -292,7 +292,8 @@ class Daemon:
                 self.api.websocket_port = ws_port
                 http_port = await start_service(
                     nursery, "HTTP", f"{http_cfg.host}:{http_cfg.port}",
-                    serve_http, self.api, http_cfg.host, http_cfg.port, http_stop,
+                    serve_http, self.api.app, http_cfg.host, http_cfg.port, http_stop,
+                    self.api.tls_context,
                 )  # fmt: skip
                 if self.computes:
                     udp_port, tcp_port = await self._start_compute(nursery)

@@ -53,7 +53,15 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from bench_client import CLIENT_CPU, idle_main, pin, probe_main, storm_main, subscriber_main
+from bench_client import (
+    CLIENT_CPU,
+    TLS_CA,
+    idle_main,
+    pin,
+    probe_main,
+    storm_main,
+    subscriber_main,
+)
 from benchlib import free_port, proc_cpu_seconds, proc_rss_kib, wait_ready
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, Request, TextMessage
@@ -313,8 +321,32 @@ http {{
         return WsPublisher(self.port, "/pub")
 
 
+class PushdTls(Pushd):
+    """pushd serving wss:// itself (a trustme certificate): the clients speak TLS too, so the
+    client core passes its limit sooner; compare per server CPU-second with ``pushd``."""
+
+    name = "pushd-tls"
+
+    def start(self, connections: int) -> None:
+        import trustme
+
+        ca = trustme.CA()
+        cert = ca.issue_cert("127.0.0.1")
+        cert.private_key_and_cert_chain_pem.write_to_path(str(self.tmp / "server.pem"))
+        ca.cert_pem.write_to_path(str(self.tmp / "ca.pem"))
+        pem = self.tmp / "server.pem"
+        self.extra_config += f"[websocket.tls]\ncertificate = '{pem}'\nkey = '{pem}'\n"
+        os.environ[TLS_CA] = str(self.tmp / "ca.pem")  # inherited by the client processes
+        super().start(connections)
+
+    def stop(self) -> None:
+        os.environ.pop(TLS_CA, None)
+        super().stop()
+
+
 TARGETS: dict[str, type[Target]] = {
     "pushd": Pushd,
+    "pushd-tls": PushdTls,
     "websockets": Websockets,
     "nchan": Nchan,
     "pushd-redis": PushdRedis,

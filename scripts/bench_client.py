@@ -13,6 +13,7 @@ import multiprocessing as mp
 import os
 import selectors
 import socket
+import ssl
 import time
 from typing import Any
 
@@ -21,6 +22,7 @@ from wsproto.connection import Connection
 from wsproto.events import AcceptConnection, Request, TextMessage
 
 CLIENT_CPU = 1  # the load generator and publisher run on this core; the server on core 0
+TLS_CA = "BENCH_TLS_CA"  # set (a CA file) by a wss:// target: every client process speaks TLS
 
 
 def pin(cpu: int) -> None:
@@ -32,6 +34,10 @@ def open_ws(port: int, path: str, src: str, setup: list[bytes]) -> socket.socket
     """A connected, upgraded WebSocket that sent ``setup`` (login, subscribe) and got each
     request's ``{"result":true...}``; blocking until then."""
     sock = socket.create_connection(("127.0.0.1", port), source_address=(src, 0), timeout=30)
+    if ca_file := os.environ.get(TLS_CA):
+        sock = ssl.create_default_context(cafile=ca_file).wrap_socket(
+            sock, server_hostname="127.0.0.1"
+        )
     ws = WSConnection(ConnectionType.CLIENT)
     sock.sendall(ws.send(Request(host="127.0.0.1", target=path)))
     accepted = False
@@ -48,6 +54,21 @@ def open_ws(port: int, path: str, src: str, setup: list[bytes]) -> socket.socket
             reply += sock.recv(65536)
     sock.setblocking(False)
     return sock
+
+
+def receive(sock: socket.socket) -> bytes | None:
+    """What the socket has now (b"" at EOF, None if nothing); with TLS, every record that
+    OpenSSL has buffered too (the selector does not see those)."""
+    try:
+        data = sock.recv(1 << 20)
+        if isinstance(sock, ssl.SSLSocket):
+            while sock.pending():
+                data += sock.recv(1 << 20)
+    except (BlockingIOError, ssl.SSLWantReadError, TimeoutError):
+        return None
+    except OSError:
+        return b""
+    return data
 
 
 def walk(buf: bytes) -> tuple[int, int, int]:
@@ -114,12 +135,9 @@ def subscriber_main(
         idle_since = now
         for key, _ in events:
             sock: socket.socket = key.fileobj  # type: ignore[assignment]
-            try:
-                data = sock.recv(1 << 20)
-            except BlockingIOError:
+            data = receive(sock)
+            if data is None:
                 continue
-            except OSError:
-                data = b""
             if not data:
                 sel.unregister(sock)
                 continue
@@ -259,9 +277,8 @@ def probe_main(port: int, path: str, setup: list[bytes], control: Any, out: mp.Q
     rest = b""
     out.put(("ready", realtime))
     while not control[1]:
-        try:
-            data = sock.recv(1 << 20)
-        except (TimeoutError, BlockingIOError):
+        data = receive(sock)
+        if data is None:
             continue
         now = time.time_ns()
         if not data:

@@ -84,10 +84,7 @@ class LoginEndpoint:
 async def serve_endpoint(nursery: trio.Nursery) -> tuple[LoginEndpoint, str]:
     endpoint = LoginEndpoint()
 
-    class _Api:
-        app = endpoint.app
-
-    port = await nursery.start(serve_http, _Api, "127.0.0.1", 0, trio.Event())
+    port = await nursery.start(serve_http, endpoint.app, "127.0.0.1", 0, trio.Event())
     return endpoint, f"http://127.0.0.1:{port}/login"
 
 

@@ -1,5 +1,6 @@
 """``pip install .`` into a fresh venv outside the checkout gives a working ``pushd``: its
-version, the page and the Redis bus's Lua scripts inside the package, a daemon that starts."""
+version, the page and the Redis bus's Lua scripts inside the package, the files an operator
+installs from (example config, systemd unit, alert rules, dashboard), a daemon that starts."""
 
 from __future__ import annotations
 
@@ -39,6 +40,19 @@ def test_pip_install_outside_the_checkout(tmp_path: Path) -> None:
         capture_output=True, text=True, check=True, cwd=tmp_path,
     ).stdout.strip()  # fmt: skip
     assert files == "True"
+    shipped = subprocess.run([pushd, "files"], capture_output=True, text=True, check=True,
+                             cwd=tmp_path).stdout.split()  # fmt: skip
+    assert [Path(p).name for p in shipped] == [
+        "pushd.example.toml",
+        "pushd.service",
+        "alerts.yml",
+        "scrape.yml",
+        "pushd-dashboard.json",
+    ]
+    for path in shipped:
+        assert Path(path).is_file() and Path(path).is_relative_to(venv), path
+    subprocess.run([pushd, "check-config", "--config", shipped[0]], check=True, cwd=tmp_path,
+                   capture_output=True)  # fmt: skip
     http_port = free_port()
     config = tmp_path / "pushd.toml"
     config.write_text(

@@ -38,4 +38,5 @@ def test_the_unit_asks_for_what_pushd_does() -> None:
     assert int(unit["WatchdogSec"]) > 0
     assert int(unit["LimitNOFILE"]) > WebSocketConfig().max_connections
     assert unit["ExecStart"].endswith("run --config /etc/pushd/pushd.toml")
+    assert unit["ExecReload"] == "/bin/kill -HUP $MAINPID"  # SIGHUP: tests/test_reload.py
     assert unit["CapabilityBoundingSet"] == "" and unit["NoNewPrivileges"] == "yes"

@@ -105,7 +105,6 @@ class HttpApi:
         self._market_publish = config.http.allow_market_publish
         self._openapi = msgspec.json.encode(openapi_document(config))
         self.tls_context = server_context(config.http.tls, "http")
-        self.tls_files = (config.http.tls.certificate, config.http.tls.key)
         self.not_ready: Callable[[], str | None] = lambda: "starting"  # why not ready, or None
         self.control: ControlPlane | None = None  # with Redis: stats and disconnect cluster-wide
         self.websocket_port = config.websocket.port  # the bound one, once the gateway listens
@@ -480,29 +479,32 @@ class _Hypercorn(HypercornConfig):
 
     tls_context: ssl.SSLContext | None = None
 
+    @property
+    def ssl_enabled(self) -> bool:
+        return self.tls_context is not None
+
     def create_ssl_context(self) -> ssl.SSLContext | None:
         return self.tls_context
 
 
 async def serve_http(
-    api: HttpApi,
+    app: Starlette,
     host: str,
     port: int,
     shutdown: trio.Event,
+    tls_context: ssl.SSLContext | None = None,
     *,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve the API until ``shutdown`` is set; reports the bound port."""
+    """Serve ``app`` until ``shutdown`` is set (https with a context); reports the port."""
     config = _Hypercorn()
     config.bind = [f"{host}:{port}"]
-    if api.tls_context is not None:  # hypercorn serves TLS when both are set; the context is ours
-        config.certfile, config.keyfile = api.tls_files
-        config.tls_context = api.tls_context
+    config.tls_context = tls_context
     config.accesslog = None
     config.errorlog = None
     config.graceful_timeout = 1.0
     async with trio.open_nursery() as nursery:
         urls = await nursery.start(
-            functools.partial(serve, api.app, config, shutdown_trigger=shutdown.wait),  # type: ignore[arg-type]  # Starlette is ASGI; hypercorn's Framework union misses it
+            functools.partial(serve, app, config, shutdown_trigger=shutdown.wait),  # type: ignore[arg-type]  # Starlette is ASGI; hypercorn's Framework union misses it
         )
         task_status.started(int(urls[0].rsplit(":", 1)[1]))
