@@ -1,7 +1,8 @@
 """Fuzzing every surface of a real ``pushd run`` process over real sockets.
 
 Surfaces: the WebSocket handshake, WebSocket frames, client requests, ingest UDP datagrams and
-TCP streams, and the HTTP API (schemathesis, from the OpenAPI document the daemon serves).
+TCP streams, the HTTP API (schemathesis, from the OpenAPI document the daemon serves), and TLS
+(garbage and mutated ClientHellos on a wss:// port, and the handshake fuzz inside TLS).
 After each: the daemon still serves, no peer tripped the per-connection error boundary (that
 boundary keeps the process alive, so a bug it catches would otherwise go unnoticed), and its
 RSS did not grow past ``RSS_SLACK_KIB``.
@@ -17,6 +18,7 @@ import json
 import os
 import re
 import socket
+import ssl
 import struct
 import subprocess
 import sys
@@ -28,6 +30,7 @@ from pathlib import Path
 
 import msgspec
 import pytest
+import trustme
 from conftest import PUBLISH_TOKEN, SECRET, free_port
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -58,6 +61,7 @@ class Daemon:
     udp: int
     tcp: int
     log: Path
+    client_tls: ssl.SSLContext | None = None  # a wss:// daemon: how its clients connect
 
     def rss_kib(self) -> int:
         status = Path(f"/proc/{self.proc.pid}/status").read_text()
@@ -73,7 +77,7 @@ class Daemon:
     def check_alive(self) -> None:
         """A fresh WebSocket client gets a pong; the process is still there."""
         assert self.proc.poll() is None, "the daemon died"
-        with ws_connect(self.ws) as sock:
+        with ws_connect(self.ws, self.client_tls) as sock:
             sock.sendall(client_frame(1, b'{"op":"ping","id":"alive"}'))
             reply = read_text_frame(sock)
             assert json.loads(reply)["id"] == "alive"
@@ -197,8 +201,10 @@ def client_frame(opcode: int, payload: bytes, *, fin: bool = True, rsv: int = 0,
     return head + key + bytes(b ^ key[i % 4] for i, b in enumerate(payload))
 
 
-def ws_connect(port: int) -> socket.socket:
+def ws_connect(port: int, tls: ssl.SSLContext | None = None) -> socket.socket:
     sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+    if tls is not None:
+        sock = tls.wrap_socket(sock, server_hostname="127.0.0.1")
     sock.sendall(UPGRADE)
     answer = b""
     while b"\r\n\r\n" not in answer:
@@ -534,6 +540,76 @@ def test_http_api_fuzz(bus_daemon: Daemon) -> None:
         generated = re.search(r"(\d+) generated", result.stdout)
         assert generated is not None, result.stdout[-2000:]
         surface.cases = int(generated[1])
+
+
+# -- TLS ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tls_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+    tmp = tmp_path_factory.mktemp("fuzz-tls")
+    ca = trustme.CA()
+    pem = tmp / "server.pem"
+    ca.issue_cert("127.0.0.1").private_key_and_cert_chain_pem.write_to_path(str(pem))
+    for running in run_daemon(tmp, f"[websocket.tls]\ncertificate = '{pem}'\nkey = '{pem}'\n"):
+        running.client_tls = ssl.create_default_context()
+        ca.configure_trust(running.client_tls)
+        yield running
+
+
+def client_hello() -> bytes:
+    """A real TLS ClientHello, as the first flight of a client would send it."""
+    context = ssl.create_default_context()
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    outgoing = ssl.MemoryBIO()
+    tls = context.wrap_bio(ssl.MemoryBIO(), outgoing)
+    with contextlib.suppress(ssl.SSLWantReadError):
+        tls.do_handshake()
+    return outgoing.read()
+
+
+HELLO = client_hello()
+TLS_INPUT = st.one_of(
+    st.binary(max_size=2000),
+    st.builds(lambda flips: bytes(_flip(HELLO, flips)),
+              st.lists(st.tuples(st.integers(0, len(HELLO) - 1), st.integers(0, 255)),
+                       min_size=1, max_size=8)),
+    st.builds(lambda cut: HELLO[:cut], st.integers(0, len(HELLO))),
+)  # fmt: skip
+
+
+def _flip(data: bytes, flips: list[tuple[int, int]]) -> bytearray:
+    out = bytearray(data)
+    for at, value in flips:
+        out[at] = value
+    return out
+
+
+def test_tls_fuzz(tls_daemon: Daemon) -> None:
+    """Before the handshake: garbage, mutated and cut ClientHellos. After a good one: the
+    handshake fuzz inside TLS. Each peer ends alone; wss:// clients are served throughout."""
+    assert tls_daemon.client_tls is not None
+    client_tls = tls_daemon.client_tls
+
+    @FUZZ
+    @given(TLS_INPUT, HANDSHAKES, st.booleans(), st.integers(0, 2))
+    def case(raw: bytes, inside: bytes, handshake_first: bool, how: int) -> None:
+        surface.case()
+        sock = socket.create_connection(("127.0.0.1", tls_daemon.ws), timeout=5)
+        try:
+            if handshake_first:
+                sock = client_tls.wrap_socket(sock, server_hostname="127.0.0.1")
+                sock.sendall(inside)
+            else:
+                sock.sendall(raw)
+                sock.settimeout(0.05)  # an alert comes at once; a cut hello gets nothing
+                sock.recv(4096)
+        except (OSError, TimeoutError):
+            pass
+        end(sock, how)
+
+    with Surface(tls_daemon, "tls") as surface:
+        case()
 
 
 def test_fuzz_cases_reach_real_frames() -> None:
