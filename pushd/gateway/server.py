@@ -324,21 +324,14 @@ class Gateway:
         if conn.tls is not None:
             return self._write_tls(conn, conn.tls)
         out = conn.out
-        try:
-            sent = conn.sock.send(out)
-        except BlockingIOError:
-            return True
-        except OSError:
-            self._abort(conn, "connection reset while writing")
-            return False
-        self.bytes_sent += sent
+        sent = self._send(conn, out)
         if sent == len(out):
             out.clear()
             conn.head_left = 0
-        elif sent:
+        elif sent > 0:
             conn.head_left = frame_end(out, conn.head_left, sent) - sent
             del out[:sent]
-        return True
+        return sent >= 0
 
     def _write_tls(self, conn: Connection, tls: TlsLayer) -> bool:
         """The queued frames become records once the previous ones are all written, so the
@@ -348,16 +341,23 @@ class Gateway:
             wire += tls.send(conn.out)
             conn.out.clear()
             conn.head_left = 0
+        sent = self._send(conn, wire)
+        if sent > 0:
+            del wire[:sent]
+        return sent >= 0
+
+    def _send(self, conn: Connection, data: bytearray) -> int:
+        """Bytes the kernel took now (0: its buffer is full); -1: the peer is gone, and the
+        connection is aborted."""
         try:
-            sent = conn.sock.send(wire)
+            sent = conn.sock.send(data)
         except BlockingIOError:
-            return True
+            return 0
         except OSError:
             self._abort(conn, "connection reset while writing")
-            return False
+            return -1
         self.bytes_sent += sent
-        del wire[:sent]
-        return True
+        return sent
 
     async def _drain(self, conn: Connection) -> None:
         stall_s = self._limits.stall_timeout_s
