@@ -131,8 +131,7 @@ def broadcast_rows(args: argparse.Namespace, targets: list[str], subscribers: in
     for _ in range(args.repeat):
         for name in targets:
             for rate in rates:
-                result = bench.fanout_run(bench.TARGETS[name](), subscribers, rate, options)
-                result["params"] += f" batch={batch}"
+                result = bench.fanout_run(bench.TARGETS[name](), subscribers, rate, options, batch)
                 bench.print_row(result)
                 runs.append(result)
     return bench.medians(runs)
