@@ -46,6 +46,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -141,8 +142,67 @@ class Target:
         raise RuntimeError(f"{self.name} did not start")
 
 
+class HttpPipeline:
+    """pushd's publisher: each call is one POST that goes out at once, without waiting for the
+    answer to the one before (HTTP/1.1 pipelining on one keep-alive connection; a thread reads
+    the answers). That is how the peers' publishers behave (a WebSocket frame per publish, no
+    answer awaited), so every target gets the same offered load; a server that falls behind
+    fills the socket, or has WINDOW answers outstanding, and the publisher waits."""
+
+    WINDOW = 100  # publishes in flight at most: a server far behind holds the publisher
+    PER_CONNECTION = 1000  # hypercorn's keep_alive_max_requests: then a new connection
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self._room = threading.Semaphore(self.WINDOW)
+        self.socks: list[socket.socket] = []
+        self._on_sock = self.PER_CONNECTION
+        self.head = (
+            b"POST %s HTTP/1.1\r\nhost: 127.0.0.1\r\nauthorization: Bearer "
+            + PUBLISH_TOKEN.encode()
+            + b"\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n"
+        )
+        self.sent = self.answered = self.refused = 0
+
+    def post(self, path: bytes, body: bytes) -> None:
+        self._room.acquire()
+        if self._on_sock == self.PER_CONNECTION:
+            sock = socket.create_connection(("127.0.0.1", self.port))
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self.socks.append(sock)
+            threading.Thread(target=self._read, args=(sock,), daemon=True).start()
+            self._on_sock = 0
+        self.socks[-1].sendall(self.head % (path, len(body)) + body)
+        self._on_sock += 1
+        self.sent += 1
+
+    def _read(self, sock: socket.socket) -> None:
+        rest = b""
+        while True:
+            try:
+                data = sock.recv(1 << 20)
+            except OSError:
+                return
+            if not data:
+                return
+            rest += data
+            answers = rest.count(b"HTTP/1.1 ")
+            self.answered += answers
+            for _ in range(answers):
+                self._room.release()
+            self.refused += rest.count(b"HTTP/1.1 ") - rest.count(b"HTTP/1.1 200")
+            rest = rest[rest.rfind(b"HTTP/1.1 ") + 1 :] if b"HTTP/1.1 " in rest else rest[-16:]
+
+    def close(self) -> None:
+        if self.refused:
+            print(f"# {self.refused} of {self.answered} publishes refused", file=sys.stderr)
+        for sock in self.socks:
+            sock.close()
+
+
 class Pushd(Target):
     name = "pushd"
+    limits = ""  # [limits] lines for every pushd target of the run (--pushd-limits)
     path = "/ws"
     setup = [b'{"op":"subscribe","channel":"BTCUSDT@trades"}']
     channel = "trades_BTCUSDT"
@@ -150,10 +210,11 @@ class Pushd(Target):
     def __init__(self, symbols: int = 3) -> None:
         super().__init__()
         self.http_port = free_port()
-        self.extra_limits = ""  # more [limits] lines for one scenario
+        self.extra_limits = Pushd.limits  # more [limits] lines for one scenario
         self.extra_config = ""  # more sections ([bus] ...)
         self.run_args: list[str] = []  # more `pushd run` options (--workers N)
         self.symbols = [f"S{i:02d}USDT" for i in range(symbols - 1)] + ["BTCUSDT"]
+        self.pipelines: list[HttpPipeline] = []
 
     def start(self, connections: int) -> None:
         markets = "".join(f"[markets.{s}]\n" for s in self.symbols)
@@ -175,26 +236,24 @@ class Pushd(Target):
         wait_ready(self.http_port)
 
     def publisher(self, channels: list[str] | None = None) -> Callable[[list[bytes]], None]:
-        client = httpx.Client(
-            base_url=f"http://127.0.0.1:{self.http_port}",
-            headers={"authorization": f"Bearer {PUBLISH_TOKEN}"},
-            # headers and body leave in two writes: without NODELAY, Nagle waits for the
-            # server's delayed ACK (40 ms) before sending the body
-            transport=httpx.HTTPTransport(
-                socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]
-            ),
-        )
         names = [name.encode() for name in channels or [self.channel]]
         turn = itertools.count()  # channels in turn across calls: every one gets its share
+        pipeline = HttpPipeline(self.http_port)
+        self.pipelines.append(pipeline)
 
         def publish(batch: list[bytes]) -> None:
             items = b",".join(
                 b'{"channel":"%s","data":%s}' % (names[next(turn) % len(names)], message)
                 for message in batch
             )
-            client.post("/v1/publish/batch", content=b'{"messages":[' + items + b"]}")
+            pipeline.post(b"/v1/publish/batch", b'{"messages":[' + items + b"]}")
 
         return publish
+
+    def stop(self) -> None:
+        for pipeline in self.pipelines:
+            pipeline.close()
+        super().stop()
 
 
 class PushdRedis(Pushd):
@@ -1018,7 +1077,13 @@ def main() -> None:
     parser.add_argument("--private-rate", type=float, default=5000.0)
     parser.add_argument("--readers", type=int, default=1000, help="market scenario readers")
     parser.add_argument("--stallers", type=int, default=50, help="market clients that stall")
+    parser.add_argument(
+        "--pushd-limits",
+        default="",
+        help='[limits] lines for pushd, e.g. "coalesce_ms = 5" (experiments)',
+    )
     args = parser.parse_args()
+    Pushd.limits = args.pushd_limits.replace(";", "\n") + "\n"
     pin(CLIENT_CPU)
     targets = list(args.targets)
     if "nchan" in targets and (why := Nchan.available()) is not None:

@@ -15,7 +15,7 @@ from conftest import RawClient, Running, make_config, open_client, start_daemon
 from wsproto.events import AcceptConnection
 
 from pushd.errors import CloseCode
-from pushd.gateway.server import unsent_bytes
+from pushd.gateway.server import linger_s, unsent_bytes
 
 PAYLOAD = {"pad": "x" * 16_000}
 COUNT = 400  # 6.4 MB: far more than the kernel buffers plus the 64 KiB outbound buffer
@@ -241,3 +241,13 @@ async def test_the_flusher_yields_within_a_round(
     for ours, theirs in pairs:
         ours.close()
         theirs.close()
+
+
+def test_a_busy_loop_lingers_before_a_round_and_an_idle_one_does_not() -> None:
+    """The flusher's wait (sans-IO): frames wanted out again before the loop was idle for as
+    long as the last round took mean publishers keep it busy; then rounds wait coalesce_ms."""
+    last_end, last_round = 10.0, 0.008  # a round over 1,000 connections took 8 ms
+    assert linger_s(2.0, last_end + 0.001, last_end, last_round) == 0.002  # busy: wait
+    assert linger_s(2.0, last_end + 0.009, last_end, last_round) == 0.0  # idle long enough
+    assert linger_s(0.0, last_end + 0.001, last_end, last_round) == 0.0  # coalescing off
+    assert linger_s(2.0, last_end + 0.00001, last_end, 0.000005) == 0.0  # cheap rounds

@@ -127,6 +127,17 @@ class Connection(Outlet):
         return self.phase is Phase.CLOSING or self.phase is Phase.CLOSED
 
 
+def linger_s(coalesce_ms: float, now: float, last_end: float, last_round: float) -> float:
+    """How long a flush round waits before it starts. When frames are wanted out again before
+    the loop has been idle for as long as the last round took, publishers keep it busy (one
+    message per publish call, say): waiting ``coalesce_ms`` lets several of their frames share
+    each connection's one send, which is most of a round's cost (BENCHMARKS.md, issue 11).
+    An idle loop, or a cheap last round, flushes at once."""
+    if coalesce_ms and now - last_end < last_round:
+        return coalesce_ms / 1000
+    return 0.0
+
+
 def unsent_bytes(sock: socket.socket) -> int:
     """Bytes in the kernel's send queue not yet taken by the peer (SIOCOUTQ)."""
     buf = array.array("i", [0])
@@ -280,8 +291,12 @@ class Gateway:
     async def _flusher(self) -> None:
         hub = self.hub
         clock = time.perf_counter
+        last_round = 0.0  # how long the last round took, and when it ended
+        last_end = 0.0
         while True:
             await self._flush_wanted.wait()
+            if wait_s := linger_s(self._limits.coalesce_ms, clock(), last_end, last_round):
+                await trio.sleep(wait_s)  # the publishers run freely meanwhile
             self._flush_wanted = trio.Event()
             dirty, hub.dirty = hub.dirty, []
             started = clock()
@@ -303,6 +318,7 @@ class Gateway:
             self.flush_stall_max_s = max(self.flush_stall_max_s, elapsed)
             self.flush_round_max_s = max(self.flush_round_max_s, work + elapsed)
             self._metrics.flush_seconds.observe(work + elapsed)
+            last_round, last_end = work + elapsed, clock()
 
     def _flush(self, conn: Connection) -> None:
         if conn.slow and conn.phase is Phase.OPEN:
