@@ -130,11 +130,11 @@ class Connection(Outlet):
 def linger_s(coalesce_ms: float, now: float, last_end: float, last_round: float) -> float:
     """How long a flush round waits before it starts. When frames are wanted out again before
     the loop has been idle for as long as the last round took, publishers keep it busy (one
-    message per publish call, say): waiting ``coalesce_ms`` lets several of their frames share
-    each connection's one send, which is most of a round's cost (BENCHMARKS.md, issue 11).
-    An idle loop, or a cheap last round, flushes at once."""
+    message per publish call, say): waiting half a round, at most ``coalesce_ms``, lets
+    several of their frames share each connection's one send, which is most of a round's
+    cost (BENCHMARKS.md, issue 11). An idle loop flushes at once; cheap rounds barely wait."""
     if coalesce_ms and now - last_end < last_round:
-        return coalesce_ms / 1000
+        return min(coalesce_ms / 1000, last_round / 2)
     return 0.0
 
 
