@@ -102,7 +102,6 @@ class Connection(Outlet):
         "session",
         "sock",
         "tls",
-        "wire",
         "ws",
     )
 
@@ -120,7 +119,11 @@ class Connection(Outlet):
         self.draining = False
         self.close_reason = "client went away"
         self.tls: TlsLayer | None = None
-        self.wire = bytearray()  # TLS records not yet written (frames leave ``out`` whole)
+
+    @property
+    def unsent(self) -> bool:
+        """Bytes wait to be written: frames, or TLS records made of them."""
+        return bool(self.out) or (self.tls is not None and bool(self.tls.unsent))
 
     @property
     def closing(self) -> bool:
@@ -329,7 +332,7 @@ class Gateway:
             return
         if not self._write(conn):
             return
-        if conn.out or conn.wire:
+        if conn.out or (conn.tls is not None and conn.tls.unsent):
             conn.draining = True
             conn.nursery.start_soon(self._drain, conn)
         elif conn.lagging:
@@ -352,7 +355,7 @@ class Gateway:
     def _write_tls(self, conn: Connection, tls: TlsLayer) -> bool:
         """The queued frames become records once the previous ones are all written, so the
         plaintext queue keeps counting against the outbound limit while the socket is full."""
-        wire = conn.wire
+        wire = tls.unsent
         if not wire:
             wire += tls.send(conn.out)
             conn.out.clear()
@@ -380,7 +383,7 @@ class Gateway:
         try:
             queued = unsent_bytes(conn.sock)
             deadline = trio.current_time() + stall_s
-            while conn.out or conn.wire:
+            while conn.unsent:
                 with trio.move_on_after(STALL_POLL_S) as polled:
                     await trio.lowlevel.wait_writable(conn.sock)
                 if polled.cancelled_caught:  # not writable yet: is the peer taking any bytes?
@@ -440,7 +443,8 @@ class Gateway:
             conn.phase = Phase.CLOSING
         self._unsubscribe_all(conn)
         conn.out.clear()
-        conn.wire.clear()
+        if conn.tls is not None:
+            conn.tls.unsent.clear()
         conn.head_left = 0
         if conn.scope is not None:
             conn.scope.cancel()
@@ -480,13 +484,13 @@ class Gateway:
                         self._fail(conn)
                     if cancelled is not None:
                         raise cancelled from None
-                    if conn.out or conn.wire:  # the 1011 close frame
+                    if conn.unsent:  # the 1011 close frame
                         with trio.move_on_after(self._limits.close_timeout_s):
                             await self._send_now(conn, bytes(conn.out))
                         conn.out.clear()
         finally:
             self._forget(conn)
-            if conn.out or conn.wire:  # a last close frame, if the kernel takes it now
+            if conn.unsent:  # a last close frame, if the kernel takes it now
                 with contextlib.suppress(OSError):
                     sock.send(self._ciphertext(conn, conn.out))
             conn.phase = Phase.CLOSED
@@ -568,8 +572,8 @@ class Gateway:
         and then ``data`` encrypted."""
         if conn.tls is None:
             return bytes(data)
-        wire = bytes(conn.wire) + conn.tls.send(data)
-        conn.wire.clear()
+        wire = bytes(conn.tls.unsent) + conn.tls.send(data)
+        conn.tls.unsent.clear()
         return wire
 
     async def _send_now(self, conn: Connection, data: bytes) -> bool:
