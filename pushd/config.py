@@ -65,9 +65,10 @@ class LimitsConfig(_Section, frozen=True):
     handshake_timeout_s: PositiveFloat = 10.0
     stall_timeout_s: PositiveFloat = 10.0
     close_timeout_s: PositiveFloat = 2.0
-    # while publishers keep the loop busy, a flush round first waits half as long as the
-    # last round took, at most this, so frames published one at a time share one send per
-    # connection; an idle loop flushes at once. 0: never wait
+    # after a flush round this long or longer, while publishers keep the loop busy, the next
+    # round first waits half as long as the last took, at most this, so frames published
+    # one at a time share one send per connection; idle loops and cheap rounds flush at
+    # once. 0: never wait
     coalesce_ms: Annotated[float, msgspec.Meta(ge=0, le=100)] = 5.0
 
 

@@ -131,13 +131,15 @@ class Connection(Outlet):
 
 
 def linger_s(coalesce_ms: float, now: float, last_end: float, last_round: float) -> float:
-    """How long a flush round waits before it starts. When frames are wanted out again before
-    the loop has been idle for as long as the last round took, publishers keep it busy (one
-    message per publish call, say): waiting half a round, at most ``coalesce_ms``, lets
-    several of their frames share each connection's one send, which is most of a round's
-    cost (BENCHMARKS.md, issue 11). An idle loop flushes at once; cheap rounds barely wait."""
-    if coalesce_ms and now - last_end < last_round:
-        return min(coalesce_ms / 1000, last_round / 2)
+    """How long a flush round waits before it starts. When the last round was expensive (it
+    took ``coalesce_ms`` or more: a big fan-out) and frames are wanted out again before the
+    loop has been idle that long, publishers keep it busy (one message per publish call, say):
+    waiting half a round, at most ``coalesce_ms``, lets several of their frames share each
+    connection's one send, which is most of a round's cost (BENCHMARKS.md, issue 11). An idle
+    loop, or cheap rounds (the market mix), flush at once."""
+    limit_s = coalesce_ms / 1000
+    if limit_s and last_round >= limit_s and now - last_end < last_round:
+        return min(limit_s, last_round / 2)
     return 0.0
 
 
