@@ -21,6 +21,7 @@ import functools
 import os
 import signal
 import socket
+import struct
 import sys
 import tempfile
 from pathlib import Path
@@ -64,11 +65,24 @@ def child_commands(
     return children
 
 
-def _die_with_parent() -> None:
+UCRED = struct.Struct("iII")  # struct ucred: pid, uid, gid (SCM_CREDENTIALS)
+
+
+def _sender_pid(ancillary: list[tuple[int, int, bytes]]) -> int | None:
+    for level, kind, data in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
+            return int(UCRED.unpack(data[: UCRED.size])[0])
+    return None
+
+
+def _prepare_child() -> None:
     """In the child, before exec: SIGTERM when the supervisor dies, even by SIGKILL, so no
-    worker outlives it (Linux ``PR_SET_PDEATHSIG``)."""
+    worker outlives it (Linux ``PR_SET_PDEATHSIG``); and SIGHUP ignored until the daemon
+    installs its reload handler (a reload passed on while the child still imports would
+    otherwise kill it: the default action; exec keeps an ignored signal ignored)."""
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
 
 
 class Supervisor:
@@ -107,15 +121,20 @@ class Supervisor:
         self, path: str, children: int, *, task_status: trio.TaskStatus[None]
     ) -> None:
         """Children notify this socket; the first time all have said READY, tell systemd, then
-        ping systemd's watchdog from this loop. The children's own loops are not watched here:
-        one that exits is restarted, one that hangs is not detected (yet)."""
+        ping systemd's watchdog from this loop. A READY counts for the child that sent it (the
+        kernel names the sender's pid), so one that says it twice (a reload, a restart) before
+        the others are ready is not counted twice. The children's own loops are not watched
+        here: one that exits is restarted, one that hangs is not detected (yet)."""
         with trio.socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as listener:
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
             await listener.bind(path)
             task_status.started()
-            ready = 0
-            while ready < children:
-                if b"READY=1" in (await listener.recv(4096)).split(b"\n"):
-                    ready += 1
+            ready: set[str] = set()
+            while len(ready) < children:
+                data, ancillary, _, _ = await listener.recvmsg(4096, socket.CMSG_SPACE(UCRED.size))
+                name = self._child_named(_sender_pid(ancillary))
+                if name is not None and b"READY=1" in data.split(b"\n"):
+                    ready.add(name)
             status = f"{children - 1} gateway workers and a compute process ready"
             self._notifier.send(READY=1, STATUS=status)
             log.info("all children ready")
@@ -124,13 +143,16 @@ class Supervisor:
                 while True:  # later READYs (a restarted child) need no answer
                     await listener.recv(4096)
 
+    def _child_named(self, pid: int | None) -> str | None:
+        return next((name for name, p in self._processes.items() if p.pid == pid), None)
+
     async def _keep_running(self, name: str, command: list[str]) -> None:
         backoff = RESTART_BACKOFF_S[0]
         while not self._stopping:
             started = trio.current_time()
             async with trio.open_nursery() as nursery:  # cancelled: SIGTERM, SIGKILL after 5 s
                 run = functools.partial(
-                    trio.run_process, command, check=False, preexec_fn=_die_with_parent,
+                    trio.run_process, command, check=False, preexec_fn=_prepare_child,
                     env=self._child_env,
                 )  # fmt: skip
                 process: trio.Process = await nursery.start(run)

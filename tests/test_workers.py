@@ -17,7 +17,7 @@ import httpx
 import pytest
 import trio
 import trio_websocket
-from conftest import PUBLISH_TOKEN, SECRET, free_port, open_client, pushd_process
+from conftest import PUBLISH_TOKEN, SECRET, Logs, free_port, open_client, pushd_process
 from redis_servers import RedisServer
 
 from pushd.auth import issue_hmac_token
@@ -33,8 +33,10 @@ def redis() -> Iterator[RedisServer]:
 
 @asynccontextmanager
 async def supervisor(
-    tmp_path: Path, redis: RedisServer, workers: int, env: dict[str, str] | None = None
-) -> AsyncIterator[Any]:
+    tmp_path: Path, redis: RedisServer, workers: int, env: dict[str, str] | None = None,
+    ready: int | None = None,
+) -> AsyncIterator[Any]:  # fmt: skip
+    """``pushd run --workers``, once ``ready`` processes (default: every child) are ready."""
     ws_port, http_port = free_port(), free_port()
     config = tmp_path / "pushd.toml"
     config.write_text(
@@ -46,7 +48,9 @@ async def supervisor(
     )
     command = [sys.executable, "-m", "pushd", "run", "--config", str(config),
                "--workers", str(workers)]  # fmt: skip
-    async with pushd_process(command, workers + 1, env) as (process, logs):
+    async with pushd_process(command, workers + 1 if ready is None else ready, env) as (
+        process, logs,
+    ):  # fmt: skip
         yield process, logs, ws_port, http_port
 
 
@@ -163,3 +167,59 @@ async def test_systemd_hears_ready_once_every_child_is(tmp_path: Path, redis: Re
                 while not (got := (await systemd.recv(4096)).decode()).startswith("STOPPING=1"):
                     assert got.startswith("WATCHDOG=1"), got  # no child talks to systemd
                 assert await process.wait() == 0
+
+
+async def test_a_reload_while_children_start_costs_no_child(
+    tmp_path: Path, redis: RedisServer
+) -> None:
+    """SIGHUP reaching a child before its handler is installed (it is still importing) must
+    not kill it: the children start with SIGHUP ignored until they can reload."""
+    ws_port, http_port = free_port(), free_port()
+    config = tmp_path / "pushd.toml"
+    config.write_text(
+        f"[websocket]\nport = {ws_port}\n[http]\nport = {http_port}\n[auth.hmac]\nsecret = 's'\n"
+        "[ingest]\nudp_port = 0\ntcp_port = 0\n[engine]\nsnapshot_enabled = false\n"
+        f"[bus]\nkind = 'redis'\n[bus.redis]\nurl = '{redis.url}'\n[log]\nformat = 'json'\n"
+    )
+    command = [sys.executable, "-m", "pushd", "run", "--config", str(config), "--workers", "1"]
+    process = await trio.lowlevel.open_process(
+        command, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL
+    )
+    try:
+        assert process.stderr is not None
+        logs = Logs(process.stderr)
+        with trio.fail_after(30):
+            await logs.until("child started", 2)  # both are importing pushd now
+            process.send_signal(signal.SIGHUP)
+            await logs.until("pushd ready", 2)
+        assert not [line for line in logs.lines if line["event"] == "child exited: restarting"]
+    finally:
+        process.kill()
+        await process.wait()
+
+
+async def test_a_child_that_says_ready_twice_counts_once(
+    tmp_path: Path, redis: RedisServer
+) -> None:
+    """A child that reloads (RELOADING=1, READY=1) while its siblings still start says READY
+    twice; systemd must still hear READY only once every child listens."""
+    path = tmp_path / "notify.sock"
+    with trio.socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as systemd:
+        await systemd.bind(str(path))
+        env = {"NOTIFY_SOCKET": str(path), "WATCHDOG_USEC": "400000"}
+        async with supervisor(tmp_path, redis, workers=2, env=env, ready=1) as (
+            _, logs, _, http_port,
+        ):  # fmt: skip
+            with trio.fail_after(30):
+                (first,) = await logs.until("pushd ready")
+                name = {http_port: "compute", http_port + 1: "gateway-1",
+                        http_port + 2: "gateway-2"}[first["http"]]  # fmt: skip
+                (started,) = await logs.until("child started", child=name)
+                os.kill(started["pid"], signal.SIGHUP)  # it reloads and says READY again
+                got = (await systemd.recv(4096)).decode()
+                assert got.startswith("READY=1\n"), got
+                async with httpx.AsyncClient() as http:  # every child listens by now
+                    for port in (http_port, http_port + 1, http_port + 2):
+                        assert (
+                            await http.get(f"http://127.0.0.1:{port}/healthz")
+                        ).status_code == 200
