@@ -152,8 +152,8 @@ class Daemon:
             self.registry.register(BusCollector(self.redis, self.leases))
         self._serving = False
         self.registry.register(
-            NodeCollector(__version__, config.role, config.websocket.max_connections,
-                          self.not_ready)
+            NodeCollector(__version__, config.role,
+                          lambda: self.config.websocket.max_connections, self.not_ready)
         )  # fmt: skip
         self._private_gap_log = ThrottledLog(log, "private events may be lost: subscribers told")
         self._stop = trio.Event()

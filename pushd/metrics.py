@@ -143,7 +143,11 @@ class NodeCollector(Collector):
     """What the node is: version, role, readiness, its connection limit (for the alerts)."""
 
     def __init__(
-        self, version: str, role: str, max_connections: int, not_ready: Callable[[], str | None]
+        self,
+        version: str,
+        role: str,
+        max_connections: Callable[[], int],  # a reload may change it
+        not_ready: Callable[[], str | None],
     ) -> None:
         self._version = version
         self._role = role
@@ -160,7 +164,7 @@ class NodeCollector(Collector):
             "pushd_ready", "1 while /readyz says ready", value=int(self._not_ready() is None)
         )
         yield GaugeMetricFamily(
-            "pushd_connection_limit", "websocket.max_connections", value=self._max_connections
+            "pushd_connection_limit", "websocket.max_connections", value=self._max_connections()
         )
 
 

@@ -84,10 +84,11 @@ def test_tls_files_change_live_but_tls_is_not_turned_on_or_off() -> None:
 
 def write_config(
     path: Path, ws: int, http: int, secret: str, *, origins: str = "[]", subscriptions: int = 5,
-    level: str = "info",
+    level: str = "info", connections: int = 15000,
 ) -> None:  # fmt: skip
     path.write_text(
-        f"[websocket]\nport = {ws}\nallowed_origins = {origins}\n[http]\nport = {http}\n"
+        f"[websocket]\nport = {ws}\nallowed_origins = {origins}\n"
+        f"max_connections = {connections}\n[http]\nport = {http}\n"
         f"publish_token = '{PUBLISH_TOKEN}'\n[auth.hmac]\nsecret = '{secret}'\n[ingest]\n"
         "udp_enabled = false\ntcp_enabled = false\n[engine]\nsnapshot_enabled = false\n"
         f"[limits]\nmax_subscriptions = {subscriptions}\n"
@@ -108,7 +109,7 @@ async def test_sighup_applies_live_settings_and_drops_nobody(tmp_path: Path) -> 
 
         write_config(
             path, free_port(), http, NEW_SECRET, origins="['https://exchange.example']",
-            subscriptions=1, level="warning",
+            subscriptions=1, level="warning", connections=1000,
         )  # fmt: skip
         process.send_signal(signal.SIGHUP)
         with trio.fail_after(10):
@@ -128,6 +129,8 @@ async def test_sighup_applies_live_settings_and_drops_nobody(tmp_path: Path) -> 
                 headers={"authorization": f"Bearer {PUBLISH_TOKEN}"},
             )
             assert r.status_code == 200, r.text
+            metrics = (await api.get(f"http://127.0.0.1:{http}/metrics")).text
+            assert "pushd_connection_limit 1000.0" in metrics  # what the alert divides by
         assert (await old.recv())["data"] == {"id": 1}
         reply = await old.call({"op": "subscribe", "channel": "BTCUSDT@trades"})
         assert reply["code"] == 10  # over the new max_subscriptions of 1
