@@ -250,3 +250,43 @@ async def test_engine_unreachable_is_told_not_hidden(nursery: trio.Nursery) -> N
         await c.call({"op": "subscribe", "channel": "BTCUSDT@depth"})
         snapshot = await c.recv()
         assert snapshot["data"]["e"] == "snapshot" and snapshot["data"]["stale"] is True
+
+
+class _Recorder:
+    """What Intake tells its sink, recorded (Intake is sans-IO: no daemon needed)."""
+
+    def __init__(self) -> None:
+        self.trades: list[wire.Trade] = []
+        self.resyncs: list[set[str]] = []
+
+    def trade(self, trade: wire.Trade) -> None:
+        self.trades.append(trade)
+
+    def index_price(self, event: wire.IndexPrice) -> None: ...
+
+    def private(self, event: object) -> None: ...
+
+    def resync(self, symbols: set[str], reason: str) -> None:
+        self.resyncs.append(symbols)
+
+    def private_gap(self, reason: str) -> None: ...
+
+
+def test_a_spray_of_source_ids_cannot_grow_the_per_source_tables() -> None:
+    """Every per-source table (and so every per-source metric series) stays within what the
+    sequence tracker remembers, however many source ids a sender makes up."""
+    from pushd.feed.intake import Intake
+    from pushd.feed.sequencing import MAX_SOURCES
+
+    sink = _Recorder()
+    intake = Intake(sink, {"BTCUSDT"})
+    for src in range(MAX_SOURCES + 300):
+        intake.frame(wire.Envelope(src, 1, 1, [trade(src + 1)]))
+        intake.frame(wire.Envelope(src, 1, 3, [trade(src + 1)]))  # a gap: counted per source
+    assert len(intake.source_frames) == MAX_SOURCES
+    assert len(intake.source_lost) == MAX_SOURCES
+    assert len(intake._symbols_by_source) == MAX_SOURCES
+    assert intake.lost_frames == MAX_SOURCES + 300
+    last = MAX_SOURCES + 299
+    assert intake.source_frames[last] == {"restart": 1, "gap": 1}
+    assert len(sink.trades) == 2 * (MAX_SOURCES + 300)

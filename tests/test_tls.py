@@ -24,6 +24,7 @@ from conftest import (
     start_daemon,
     subscribed,
 )
+from cryptography import x509
 
 from pushd import config as config_mod
 
@@ -44,7 +45,7 @@ class Certificates:
         cert = (ca or self.ca).issue_cert("127.0.0.1", "localhost")
         self.certificate.write_bytes(b"".join(pem.bytes() for pem in cert.cert_chain_pems))
         cert.private_key_pem.write_to_path(str(self.key))
-        return int(_serial(cert.cert_chain_pems[0].bytes()))
+        return x509.load_pem_x509_certificate(cert.cert_chain_pems[0].bytes()).serial_number
 
     def client_context(self) -> ssl.SSLContext:
         context = ssl.create_default_context()
@@ -53,12 +54,6 @@ class Certificates:
 
     def tls_section(self) -> dict[str, object]:
         return {"tls": {"certificate": str(self.certificate), "key": str(self.key)}}
-
-
-def _serial(pem: bytes) -> int:
-    from cryptography import x509
-
-    return x509.load_pem_x509_certificate(pem).serial_number
 
 
 @pytest.fixture
@@ -152,15 +147,13 @@ async def test_broken_tls_peers_end_alone(tls_daemon: Running, certs: Certificat
     assert refused and float(refused[0].split()[-1]) >= 3
 
 
-async def _served_serial(running: Running, certs: Certificates, port: int) -> int:
+async def _served_serial(certs: Certificates, port: int) -> int:
     stream = await trio.open_ssl_over_tcp_stream(
         "127.0.0.1", port, ssl_context=certs.client_context()
     )
     async with stream:
         await stream.do_handshake()
         der = stream.getpeercert(binary_form=True)
-    from cryptography import x509
-
     return x509.load_der_x509_certificate(der).serial_number
 
 
@@ -168,20 +161,20 @@ async def test_a_reload_swaps_the_certificate_for_new_connections(
     tls_daemon: Running, certs: Certificates
 ) -> None:
     ws_port, http_port = tls_daemon.ports.websocket, tls_daemon.ports.http
-    assert await _served_serial(tls_daemon, certs, ws_port) == certs.serial
+    assert await _served_serial(certs, ws_port) == certs.serial
     async with open_client(wss(tls_daemon), ssl_context=certs.client_context()) as old:
         new_serial = certs.issue()  # rotated in place, as certbot does
         change = await tls_daemon.daemon.reload()
         assert change is not None
-        assert await _served_serial(tls_daemon, certs, ws_port) == new_serial
-        assert await _served_serial(tls_daemon, certs, http_port) == new_serial
+        assert await _served_serial(certs, ws_port) == new_serial
+        assert await _served_serial(certs, http_port) == new_serial
         assert (await old.call({"op": "ping"}))["op"] == "pong"  # the open one goes on
 
         # a key that does not match its certificate: refused, the running one stays
         other = trustme.CA().issue_cert("127.0.0.1")
         other.private_key_pem.write_to_path(str(certs.key))
         assert await tls_daemon.daemon.reload() is None
-        assert await _served_serial(tls_daemon, certs, ws_port) == new_serial
+        assert await _served_serial(certs, ws_port) == new_serial
         assert (await old.call({"op": "ping"}))["op"] == "pong"
 
 

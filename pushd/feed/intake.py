@@ -54,10 +54,10 @@ class Intake:
         verdict, missing = self._tracker.check(envelope.src, envelope.epoch, envelope.seq)
         self.frames[verdict.value] += 1
         by_source = self.source_frames.get(envelope.src)
-        if by_source is None:
+        if by_source is None:  # a new source: the tracker may have forgotten another
             by_source = self.source_frames[envelope.src] = Counter()
             if len(self.source_frames) > MAX_SOURCES:
-                self._forget_sources()
+                self._forget_sources()  # every per-source table, not only this one
         by_source[verdict.value] += 1
         if verdict is Verdict.GAP:
             self.lost_frames += missing
@@ -71,8 +71,6 @@ class Intake:
                 self._sink.private_gap(f"source {envelope.src} restarted")
         if not verdict.accepted:
             return verdict, missing
-        if len(self._symbols_by_source) > MAX_SOURCES:  # forget what the tracker forgot
-            self._forget_sources()
         seen = self._symbols_by_source.setdefault(envelope.src, set())
         sink = self._sink
         for event in envelope.events:
