@@ -21,6 +21,7 @@ from wsproto.events import AcceptConnection, CloseConnection, RejectConnection, 
 from wsproto.events import Event as WsEvent
 from wsproto.events import Request as WsRequest
 
+from ingest import wire
 from ingest.sim import Market
 from ingest.sim_engine import run_feed
 from ingest.transport import BookProvider, serve_snapshots
@@ -45,6 +46,18 @@ def make_config(role: str = "all", **sections: dict[str, Any]) -> config_mod.Con
     for name, values in sections.items():
         raw[name] = {**raw.get(name, {}), **values}
     return config_mod.from_dict(raw)
+
+
+def order(uid: str, order_id: int, status: str = "new") -> wire.OrderUpdate:
+    return wire.OrderUpdate(
+        uid=uid, symbol="BTCUSDT", order_id=order_id, side="buy", kind="limit",
+        price="65000.1", qty="0.010", filled_qty="0", avg_price="0", status=status,  # type: ignore[arg-type]
+        ts=1_700_000_000_000,
+    )  # fmt: skip
+
+
+def trade(trade_id: int) -> wire.Trade:
+    return wire.Trade("BTCUSDT", trade_id, "65000.1", "0.001", "buy", 1_700_000_000_000)
 
 
 class Running:

@@ -6,25 +6,22 @@ import socket
 from collections.abc import Callable
 
 import trio
-from conftest import Client, Running, make_config, open_client, start_daemon, subscribed
+from conftest import (
+    Client,
+    Running,
+    make_config,
+    open_client,
+    order,
+    start_daemon,
+    subscribed,
+    trade,
+)
 
 from ingest import wire
 from ingest.framing import Framer
 from ingest.transport import TcpSender, UdpSender
 from pushd.config import EngineConfig, MarketConfig
 from pushd.feed.poller import SnapshotPoller
-
-
-def order(uid: str, order_id: int, status: str = "new") -> wire.OrderUpdate:
-    return wire.OrderUpdate(
-        uid=uid, symbol="BTCUSDT", order_id=order_id, side="buy", kind="limit",
-        price="65000.1", qty="0.010", filled_qty="0", avg_price="0", status=status,  # type: ignore[arg-type]
-        ts=1_700_000_000_000,
-    )  # fmt: skip
-
-
-def trade(trade_id: int) -> wire.Trade:
-    return wire.Trade("BTCUSDT", trade_id, "65000.1", "0.001", "buy", 1_700_000_000_000)
 
 
 async def subscribe_private(c: Client, running: Running, uid: str) -> None:
