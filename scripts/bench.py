@@ -380,6 +380,29 @@ http {{
         return WsPublisher(self.port, "/pub")
 
 
+class ConnectFloor(Target):
+    """The storm's floor (scripts/peers/connect_floor.py): what Python pays per connect +
+    upgrade + subscribe before any server logic; storm only (it cannot publish)."""
+
+    kind = ""
+    setup = [b'{"op":"subscribe","args":["floor"],"id":1}']
+
+    def start(self, connections: int) -> None:
+        script = ROOT / "scripts" / "peers" / "connect_floor.py"
+        self._spawn([sys.executable, str(script), self.kind, str(self.port)])
+        self._wait_port()
+
+
+class TrioFloor(ConnectFloor):
+    name = "trio-floor"
+    kind = "trio"
+
+
+class EpollFloor(ConnectFloor):
+    name = "epoll-floor"
+    kind = "epoll"
+
+
 class PushdTls(Pushd):
     """pushd serving wss:// itself (a trustme certificate): the clients speak TLS too, so the
     client core passes its limit sooner; compare per server CPU-second with ``pushd``."""
@@ -408,6 +431,8 @@ TARGETS: dict[str, type[Target]] = {
     "pushd-tls": PushdTls,
     "websockets": Websockets,
     "nchan": Nchan,
+    "trio-floor": TrioFloor,
+    "epoll-floor": EpollFloor,
     "pushd-redis": PushdRedis,
     "pushd-redis-2gw": PushdRedis2,
 }
