@@ -34,6 +34,7 @@ MONEY = Decimal("0.00000001")
 INDEX_SOURCES = ("spotA", "spotB", "spotC")
 INDEX_INTERVAL_MS = 1000
 MAX_STEP_S = 1.0
+HISTORY_TRADES_PER_S = 0.25  # per symbol, in an average minute of the simulated past
 
 
 class SymbolSpec(msgspec.Struct, frozen=True):
@@ -165,6 +166,7 @@ class Market:
         uids: tuple[str, ...] = DEMO_UIDS,
         start_ms: int = 0,
     ) -> None:
+        self.seed = seed
         self.rng = random.Random(seed)
         self.rate = rate
         self.books = {spec.symbol: Book(spec, self.rng) for spec in specs}
@@ -212,6 +214,50 @@ class Market:
 
     def book(self, symbol: str, depth: int, request_id: int) -> wire.BookSnapshot:
         return self.books[symbol].snapshot(depth, request_id, self.now_ms)
+
+    def history(self, span_ms: int, end_ms: int) -> list[wire.Trade]:
+        """The market's past: ``span_ms`` of trades per symbol before ``end_ms``, oldest first.
+
+        A demo opens on a market with a day behind it (ticker, every candle interval). The
+        price walks back from each book's fair price, so the past ends where the live market
+        stands, and the live trade ids go on from it. It is drawn from a generator of its own
+        (seeded by the market's seed): a seed's live events are the same with or without it.
+        """
+        rng = random.Random(f"history-{self.seed}")
+        seconds = max(0, span_ms // 1000)
+        start_ms = end_ms - seconds * 1000
+        trades: list[wire.Trade] = []
+        for book in self.books.values():
+            spec = book.spec
+            fair = [0.0] * seconds  # in ticks, one per second, walked back from now
+            price = book.fair
+            for i in range(seconds - 1, -1, -1):
+                fair[i] = price
+                price *= math.exp(spec.volatility * rng.gauss(0, 1))
+            activity = 1.0
+            for i, mid in enumerate(fair):
+                if i % 60 == 0:  # busy and quiet minutes: volume bars with a shape
+                    activity = rng.lognormvariate(-0.3, 0.8)
+                if rng.random() >= HISTORY_TRADES_PER_S * activity:
+                    continue
+                for offset in sorted(rng.randrange(1000) for _ in range(1 + int(activity))):
+                    side: wire.Side = "buy" if rng.random() < 0.5 else "sell"
+                    spread = max(1.0, mid * 0.00002)
+                    ticks = math.ceil(mid + spread) if side == "buy" else math.floor(mid - spread)
+                    lots = max(1, int(rng.lognormvariate(0, 1.2) * spec.typical_lots * 0.3))
+                    book.trade_id += 1
+                    trades.append(
+                        wire.Trade(
+                            spec.symbol,
+                            book.trade_id,
+                            decimal_str(ticks, spec.price_scale),
+                            decimal_str(lots, spec.qty_scale),
+                            side,
+                            start_ms + i * 1000 + offset,
+                        )
+                    )
+        trades.sort(key=lambda trade: trade.ts)  # stable: each symbol's ids stay in order
+        return trades
 
     def _poisson(self, mean: float) -> int:
         if mean <= 0:

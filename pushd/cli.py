@@ -7,6 +7,7 @@ import contextlib
 import functools
 import secrets
 import sys
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -109,6 +110,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     logs.configure(config.log.level, config.log.format)
     market = Market(seed=args.seed, rate=args.rate, specs=_specs(config))
 
+    def demo_login() -> dict[str, str]:
+        """The page's "log in as the demo user" button (served by the demo only)."""
+        return {"uid": DEMO_UID, "token": issue_hmac_token(hmac_cfg.secret, DEMO_UID, 3600)}
+
     async def main() -> None:
         engine = config.engine
         async with trio.open_nursery() as nursery:
@@ -116,6 +121,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
                 serve_snapshots, market.book, engine.snapshot_host, engine.snapshot_port
             )
             daemon = Daemon(config)
+            daemon.api.demo_login = demo_login
+            started = time.perf_counter()
+            past = market.history(int(args.history_h * 3_600_000), time.time_ns() // 1_000_000)
+            daemon.markets.replay(past)
+            history = (
+                f"{args.history_h:g} h, {len(past):,} trades, "
+                f"made and loaded in {time.perf_counter() - started:.1f} s"
+            )
             ports: Ports = await nursery.start(functools.partial(daemon.serve, handle_signals=True))
             nursery.start_soon(functools.partial(
                 run_feed, market, host=config.ingest.tcp_host, tcp_port=ports.ingest_tcp,
@@ -128,7 +141,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
                 f"  WebSocket   : ws://{config.websocket.host}:{ports.websocket}/ws\n"
                 f"  HTTP API    : {web}/v1/...  (publish token {http.publish_token})\n"
                 f'  demo login  : {{"op":"auth","token":"{token}"}}  (uid {DEMO_UID})\n'
-                f"  symbols     : {', '.join(config.markets)} (simulated, seed {args.seed})\n",
+                f"  symbols     : {', '.join(config.markets)} (simulated, seed {args.seed})\n"
+                f"  history     : {history}\n",
                 flush=True,
             )
             await daemon.stopped.wait()
@@ -224,6 +238,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=cmd_run)
     demo = sub.add_parser("demo", help="run everything on loopback with a demo login")
     demo.add_argument("--config", type=Path)
+    demo.add_argument(
+        "--history-h", type=float, default=24.0, metavar="H",
+        help="hours of simulated past trades loaded at start (default 24; 0: none)",
+    )  # fmt: skip
     demo.set_defaults(func=cmd_demo)
     for name, helptext in (("demo", None), ("sim", "run the simulated matching engine")):
         p = demo if name == "demo" else sub.add_parser(name, help=helptext)

@@ -149,3 +149,32 @@ def test_one_symbols_fault_stops_neither_the_timer_nor_the_others() -> None:
     assert markets.failures == 1
     assert [e["event"] for e in logs] == ["market tick failed"]
     assert markets._bus.position("trades_ETHUSDT").seq == 1  # the other symbol went on
+
+
+def test_a_replayed_past_fills_the_ticker_and_candles_without_a_push() -> None:
+    """The engine's past (the demo's simulated day) is counted before serving: the ticker and
+    every candle interval have a day behind them, and none of it was pushed on a channel."""
+    from ingest.sim import Market
+
+    bus = MemoryBus(Hub(), 200, 300.0)
+    markets = Markets({"BTCUSDT": MarketConfig()}, bus, lambda _: None)
+    now = wall_ms()
+    past = [t for t in Market(seed=2).history(DAY_MS, now) if t.symbol == "BTCUSDT"]
+    markets.replay(past)
+    market = markets.symbols["BTCUSDT"]
+    pushed = {channel: bus.position(channel) for channel in market.channel_names()}
+    assert all(at is None or at.seq == 0 for at in pushed.values())  # not one event anywhere
+    minutes = market.klines_history("1m", 1000)
+    assert len(minutes) == 500  # the closed ones kept; the open one comes with the first push
+    assert all(c.closed for c in minutes)
+    assert minutes[-1].closeTime < bucket("1m", past[-1].ts)[0]  # the open minute is not closed
+    assert 24 <= len(market.klines_history("1h", 1000)) <= 25
+    assert [t.id for t in market.trades.recent] == [t.id for t in past[-1000:]]
+    markets.tick(now)  # the first tick pushes the day's ticker and the open candles
+    ticker = market.ticker.data(now)
+    assert ticker is not None and ticker.count == len(past) and ticker.lastId == past[-1].id
+    at = bus.position("ticker_BTCUSDT")
+    assert at is not None and at.seq == 1
+    hours = market.klines_history("1h", 1000)
+    assert sum(c.count for c in hours) == len(past)  # the open hour as pushed by the tick
+    assert markets.trades == 0  # replayed trades are not live ones (metrics, rates)

@@ -6,6 +6,8 @@ import statistics
 from collections import defaultdict
 from decimal import Decimal
 
+import msgspec
+
 from ingest import wire
 from ingest.sim import INITIAL_USDT, Market
 
@@ -137,3 +139,44 @@ def test_every_event_is_valid_on_the_wire() -> None:
         events = market_events + private_events
         if events:
             assert wire.decode(wire.encode(wire.Envelope(1, 1, i, events))).events == events
+
+
+# -- the simulated past (the demo opens on a market with 24 h of history) -------------------
+
+DAY_MS = 86_400_000
+NOW_MS = 1_795_573_133_000
+
+
+def test_history_is_reproducible_and_leads_into_the_live_market() -> None:
+    a, b, c = Market(seed=4), Market(seed=4), Market(seed=5)
+    past = a.history(DAY_MS, NOW_MS)
+    assert past == b.history(DAY_MS, NOW_MS)
+    assert past != c.history(DAY_MS, NOW_MS)
+    for symbol, book in a.books.items():
+        trades = [t for t in past if isinstance(t, wire.Trade) and t.symbol == symbol]
+        # a day of trades, every minute-ish, ids 1..n in time order, all inside the window
+        assert len(trades) > 10_000
+        assert [t.id for t in trades] == list(range(1, len(trades) + 1))
+        assert all(NOW_MS - DAY_MS <= t.ts < NOW_MS for t in trades)
+        assert [t.ts for t in trades] == sorted(t.ts for t in trades)
+        # the past ends where the live market stands: its last price is near the fair price
+        last = Decimal(trades[-1].price) * 10**book.spec.price_scale
+        assert abs(float(last) / book.fair - 1) < 0.01
+        # the live market goes on with the next trade id
+        assert book.trade_id == len(trades)
+        # the price moved during the day (a chart with a shape), but stayed a market
+        prices = [Decimal(t.price) for t in trades]
+        assert 1.01 < max(prices) / min(prices) < 3
+    # the live market's own random sequence is untouched by the history
+    fresh = Market(seed=4)
+    assert a.step(NOW_MS)[0][:5] == [
+        _shifted(e, len([t for t in past if isinstance(t, wire.Trade) and t.symbol == e.symbol]))
+        for e in fresh.step(NOW_MS)[0][:5]
+    ]
+
+
+def _shifted(event: wire.Event, ids: int) -> wire.Event:
+    """The same trade with its id after ``ids`` historical trades."""
+    if isinstance(event, wire.Trade):
+        return msgspec.structs.replace(event, id=event.id + ids)
+    return event

@@ -37,7 +37,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
 
 from pushd.bus.control import ControlPlane
 from pushd.bus.model import Bus, BusUnavailable, Outgoing, Position
@@ -61,7 +62,8 @@ from pushd.tls import server_context
 MAX_BODY_BYTES = 4 * 1024 * 1024
 MAX_DEPTH_LEVELS = 5000  # GET /v1/depth?limit=
 MAX_KLINES = 1000  # GET /v1/klines?limit=
-PAGE = Path(__file__).parent.parent / "static" / "index.html"
+STATIC = Path(__file__).parent.parent / "static"  # the page, its client module, the chart library
+PAGE = STATIC / "index.html"
 T = TypeVar("T")
 
 
@@ -108,6 +110,7 @@ class HttpApi:
         self.not_ready: Callable[[], str | None] = lambda: "starting"  # why not ready, or None
         self.control: ControlPlane | None = None  # with Redis: stats and disconnect cluster-wide
         self.websocket_port = config.websocket.port  # the bound one, once the gateway listens
+        self.demo_login: Callable[[], dict[str, str]] | None = None  # set by `pushd demo`
         self.app = Starlette(
             routes=[
                 Route("/v1/publish", self._guard(self.publish), methods=["POST"]),
@@ -115,6 +118,8 @@ class HttpApi:
                 Route("/v1/users/{uid}/disconnect", self._guard(self.disconnect), methods=["POST"]),
                 Route("/v1/stats", self._guard(self.stats), methods=["GET"]),
                 Route("/", self.page, methods=["GET"]),
+                Route("/demo/login", self.demo, methods=["GET"]),
+                Mount("/static", StaticFiles(directory=STATIC), name="static"),
                 Route("/v1/info", self._public(self.info), methods=["GET"]),
                 Route("/v1/depth", self._public(self.depth), methods=["GET"]),
                 Route("/v1/trades", self._public(self.trades), methods=["GET"]),
@@ -210,6 +215,13 @@ class HttpApi:
     async def page(self, request: Request) -> Response:
         """The demo market page (order book, trades, ticker, kline chart, private events)."""
         return Response(PAGE.read_bytes(), media_type="text/html; charset=utf-8")
+
+    async def demo(self, request: Request) -> Response:
+        """A fresh demo-user token for the page's login button: ``pushd demo`` only (404 on a
+        daemon, which has no demo user)."""
+        if self.demo_login is None:
+            return _json({"error": "no demo login here"}, 404)
+        return _json(self.demo_login())
 
     def info(self, request: Request) -> object:
         """What the page needs to connect: the WebSocket port and the symbols."""

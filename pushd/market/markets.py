@@ -8,7 +8,7 @@ mark prices) and publishes it. A depth diff is published as soon as its snapshot
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import msgspec
 import structlog
@@ -79,6 +79,13 @@ class Markets:
         market.trade(trade)
         if market.has_output:  # a trade that closed candles: they go out now, with their seq
             self._publish(market)
+
+    def replay(self, trades: Iterable[wire.Trade]) -> None:
+        """The engine's past, oldest first, before serving (the demo's simulated day): see
+        ``SymbolMarket.replay``. Trades of symbols not configured here are skipped."""
+        for trade in trades:
+            if (market := self.symbols.get(trade.symbol)) is not None:
+                market.replay(trade)
 
     def index_price(self, event: wire.IndexPrice) -> None:
         if not self.symbols[event.symbol].index_price(event):

@@ -23,7 +23,7 @@ from pushd.market.depth import DepthBook
 from pushd.market.funding import FundingState
 from pushd.market.kline import Candle, Klines
 from pushd.market.ticker import Ticker
-from pushd.market.trades import PricedTrade, TradeMerger
+from pushd.market.trades import PricedTrade, TradeMerger, item
 
 _encode = msgspec.json.Encoder().encode
 
@@ -55,6 +55,18 @@ class SymbolMarket:
 
     def trade(self, trade: wire.Trade) -> None:
         self.trades.add(trade)
+        for closed in self._count(trade):
+            self._put(self._kline_channels[closed.i], closed)
+
+    def replay(self, trade: wire.Trade) -> None:
+        """A trade of the engine's past, loaded before serving: counted in the ticker, the
+        candles and the recent trades like a live one, and pushed on no channel (nobody was
+        subscribed then; the first tick pushes the ticker and open candles it led to)."""
+        self.trades.recent.append(item(trade))
+        self._count(trade)
+
+    def _count(self, trade: wire.Trade) -> list[Candle]:
+        """The trade in the ticker and klines, at the watermark; the candles it closed."""
         priced = PricedTrade(trade)
         if priced.ts < self.watermark:
             priced.ts = self.watermark
@@ -63,8 +75,7 @@ class SymbolMarket:
             self.watermark = priced.ts
         self.ticker.add(priced)
         self.last_price = trade.price
-        for closed in self.klines.add(priced):
-            self._put(self._kline_channels[closed.i], closed)
+        return self.klines.add(priced)
 
     def index_price(self, event: wire.IndexPrice) -> bool:
         """False when the event was ignored (one source too many)."""
