@@ -1,0 +1,175 @@
+// pushd-client.js under `node --test`: its pure parts, then against a running daemon.
+//
+//   PUSHD_WS=ws://127.0.0.1:8765/ws PUSHD_HTTP=http://127.0.0.1:8080 \
+//     node --experimental-websocket --test tests/js/
+//
+// Without PUSHD_WS the daemon tests are skipped with that reason; tests/test_client_js.py
+// runs this file against a daemon on a simulated market, so in CI they always run.
+// The token for the private stream: PUSHD_TOKEN, else the demo's GET /demo/login.
+
+import assert from "node:assert/strict";
+import { describe, it } from "node:test";
+
+import {
+  LocalBook,
+  BookError,
+  PushdClient,
+  bookChecksum,
+  crc32,
+  eventName,
+} from "../../pushd/static/pushd-client.js";
+
+const WS = process.env.PUSHD_WS;
+const HTTP = process.env.PUSHD_HTTP ?? "http://127.0.0.1:8080";
+const SYMBOL = process.env.PUSHD_SYMBOL ?? "BTCUSDT";
+const live = WS ? {} : { skip: "PUSHD_WS is not set (no daemon to test against)" };
+
+/** Resolves with the first `type` event's detail that `test` accepts. */
+function next(target, type, test = () => true) {
+  return new Promise((resolve) => {
+    const listener = (event) => {
+      if (test(event.detail)) {
+        target.removeEventListener(type, listener);
+        resolve(event.detail);
+      }
+    };
+    target.addEventListener(type, listener);
+  });
+}
+
+describe("the pure parts", () => {
+  it("computes zlib's CRC-32 over UTF-8", () => {
+    assert.equal(crc32("123456789"), 3421780262);
+    assert.equal(crc32("é€"), 608641629);
+  });
+
+  it("computes the depth checksum as pushd does (values from pushd.market.depth)", () => {
+    const bids = [["65009.3", "1.204"], ["65008.9", "0.5"]];
+    assert.equal(bookChecksum(bids, [["65012.1", "0.300"]]), 2354726420);
+  });
+
+  it("keeps a book and refuses a broken chain or checksum", () => {
+    const book = new LocalBook();
+    const bids = [["100.1", "2"], ["100.0", "1"]];
+    const asks = [["100.3", "1"]];
+    book.apply({ e: "snapshot", u: 5, bids, asks, checksum: bookChecksum(bids, asks), T: 1 });
+    const after = [[["100.1", "2"]], [["100.2", "4"], ["100.3", "1"]]];
+    book.apply({
+      e: "depthUpdate", U: 6, u: 7, pu: 5, bids: [["100.0", "0"]], asks: [["100.2", "4"]],
+      checksum: bookChecksum(...after), T: 2,
+    });
+    assert.deepEqual([book.levels("bids"), book.levels("asks")], after);
+    assert.equal(book.u, 7);
+    const skip = { e: "depthUpdate", U: 9, u: 9, pu: 8, bids: [], asks: [], checksum: 0, T: 3 };
+    assert.throws(() => book.apply(skip), (e) => e instanceof BookError && e.reason === "chain");
+    const wrong = { e: "depthUpdate", U: 8, u: 8, pu: 7, bids: [], asks: [], checksum: 1, T: 3 };
+    assert.throws(() => book.apply(wrong), (e) => e instanceof BookError && e.reason === "checksum");
+    assert.equal(book.u, null); // broken: only a snapshot mends it
+  });
+
+  it("names events as the server does", () => {
+    assert.equal(eventName("BTCUSDT@kline_1m"), "BTCUSDT@kline");
+    assert.equal(eventName("BTCUSDT@kline_5m"), "BTCUSDT@kline_5m");
+  });
+
+  it("reports a seq jump as a gap and a new epoch as a reload", () => {
+    const client = new PushdClient("ws://unused");
+    const seen = [];
+    client.subscribe("BTCUSDT@trades", (event, info) => seen.push([event.seq, info]));
+    const gaps = [];
+    client.addEventListener("gap", (e) => gaps.push(e.detail));
+    for (const [seq, epoch] of [[1, "a"], [2, "a"], [5, "a"], [1, "b"]]) {
+      client._event({ event: "BTCUSDT@trades", data: {}, seq, epoch });
+    }
+    assert.deepEqual(seen, [[1, {}], [2, {}], [5, { gap: true }], [1, { reload: true }]]);
+    assert.deepEqual(gaps, [{ channel: "BTCUSDT@trades", after: 2, seq: 5 }]);
+  });
+});
+
+describe("against a running daemon", live, () => {
+  it("keeps a book equal to GET /v1/depth at the same update id", async () => {
+    const client = new PushdClient(WS).start();
+    try {
+      const seen = new Map(); // u -> top 100 levels, as the book stood
+      const books = watcher();
+      let resyncs = 0;
+      client.addEventListener("resync", () => (resyncs += 1));
+      client.book(SYMBOL, (book) => {
+        seen.set(book.u, JSON.stringify([book.levels("bids", 100), book.levels("asks", 100)]));
+        books.notify();
+      });
+      await books.until(() => seen.size >= 3);
+      const rest = await (await fetch(`${HTTP}/v1/depth?symbol=${SYMBOL}&limit=100`)).json();
+      const u = rest.data.u;
+      await books.until(() => seen.has(u)); // the stream passes every u the REST can answer
+      assert.equal(seen.get(u), JSON.stringify([rest.data.bids, rest.data.asks]));
+      assert.equal(resyncs, 0);
+    } finally {
+      client.stop();
+    }
+  });
+
+  it("logs in and gets its own order events", async () => {
+    const token =
+      process.env.PUSHD_TOKEN ?? (await (await fetch(`${HTTP}/demo/login`)).json()).token;
+    const client = new PushdClient(WS).start();
+    try {
+      const uid = await client.login(token);
+      const order = new Promise((resolve) => client.subscribe("@order", (e) => e.data && resolve(e)));
+      const event = await order;
+      assert.equal(event.data.uid, uid);
+      assert.equal(event.data.type, "order");
+    } finally {
+      client.stop();
+    }
+  });
+
+  it("reconnects after a dropped connection and recovers the trades it missed", async () => {
+    const client = new PushdClient(WS, { minBackoffMs: 50 }).start();
+    try {
+      const ids = [];
+      const trades = watcher();
+      let gaps = 0;
+      client.addEventListener("gap", () => (gaps += 1));
+      let reloads = 0;
+      client.subscribe(`${SYMBOL}@trades`, (event, info) => {
+        if (info.reload) reloads += 1;
+        for (const trade of event.data?.trades ?? []) ids.push(trade.id);
+        trades.notify();
+      });
+      await trades.until(() => ids.length >= 3);
+      const recovery = next(client, "recovery");
+      const reconnecting = next(client, "state", (d) => d.state === "reconnecting");
+      client._ws.close(); // the network drops us
+      await reconnecting;
+      const outcome = await recovery;
+      assert.deepEqual(outcome, { recovered: [`${SYMBOL}@trades`], reloaded: [] });
+      const before = ids.length;
+      await trades.until(() => ids.length > before + 2);
+      // every trade exactly once and in order across the drop: ids rise by one
+      assert.deepEqual(ids, ids.map((_, i) => ids[0] + i));
+      assert.equal(gaps, 0);
+      assert.equal(reloads, 0);
+      assert.equal(client.reconnects, 1);
+    } finally {
+      client.stop();
+    }
+  });
+});
+
+/** Wait for a condition that callbacks change: `until(test)` resolves once `test()` holds,
+ * checked at once and after every `notify()` (no polling). */
+function watcher() {
+  let waiting = [];
+  return {
+    notify() {
+      waiting = waiting.filter((check) => !check());
+    },
+    until(test) {
+      return new Promise((resolve) => {
+        const check = () => test() && (resolve(), true);
+        if (!check()) waiting.push(check);
+      });
+    },
+  };
+}

@@ -1,0 +1,39 @@
+"""The page's client module (pushd/static/pushd-client.js) under ``node --test``, against a
+daemon on a simulated market: its book equals the REST snapshot at the same update id, it logs
+in and gets its own orders, and after a dropped connection it recovers the trades it missed."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import trio
+from conftest import feed, start_simulated
+
+from ingest.sim import Market
+
+ROOT = Path(__file__).parent.parent
+NODE = shutil.which("node") or "/usr/bin/node"
+
+
+async def test_client_module_under_node(nursery: trio.Nursery) -> None:
+    market = Market(seed=9, rate=4.0)
+    running = await start_simulated(nursery, market)
+    nursery.start_soon(feed(running, market))
+    env = {
+        **os.environ,
+        "PUSHD_WS": running.ws_url,
+        "PUSHD_HTTP": running.http_url,
+        "PUSHD_TOKEN": running.token("1001"),
+    }
+    command = [NODE, "--experimental-websocket", "--test", "--test-reporter=tap", "tests/js/"]
+    with trio.fail_after(60):
+        done = await trio.run_process(
+            command, cwd=ROOT, env=env, capture_stdout=True, stderr=subprocess.STDOUT, check=False
+        )
+    report = done.stdout.decode()
+    assert done.returncode == 0, report[-4000:]
+    assert "# fail 0" in report and "# skipped 0" in report, report[-2000:]
+    assert "# pass 8" in report, report[-2000:]  # every test ran, the daemon ones too
