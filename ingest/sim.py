@@ -35,6 +35,11 @@ INDEX_SOURCES = ("spotA", "spotB", "spotC")
 INDEX_INTERVAL_MS = 1000
 MAX_STEP_S = 1.0
 HISTORY_TRADES_PER_S = 0.25  # per symbol, in an average minute of the simulated past
+# A past trade stands for the many small ones of a live minute (a day of live trades would be
+# millions): it is that much bigger, and the price moves as much as the live one does with its
+# sweeps and bursts, so the chart's history and its live candles look alike.
+HISTORY_LOTS_SCALE = 100
+HISTORY_VOLATILITY_SCALE = 2.5
 
 
 class SymbolSpec(msgspec.Struct, frozen=True):
@@ -233,7 +238,7 @@ class Market:
             price = book.fair
             for i in range(seconds - 1, -1, -1):
                 fair[i] = price
-                price *= math.exp(spec.volatility * rng.gauss(0, 1))
+                price *= math.exp(spec.volatility * HISTORY_VOLATILITY_SCALE * rng.gauss(0, 1))
             activity = 1.0
             for i, mid in enumerate(fair):
                 if i % 60 == 0:  # busy and quiet minutes: volume bars with a shape
@@ -244,7 +249,8 @@ class Market:
                     side: wire.Side = "buy" if rng.random() < 0.5 else "sell"
                     spread = max(1.0, mid * 0.00002)
                     ticks = math.ceil(mid + spread) if side == "buy" else math.floor(mid - spread)
-                    lots = max(1, int(rng.lognormvariate(0, 1.2) * spec.typical_lots * 0.3))
+                    size = rng.lognormvariate(0, 1.2) * spec.typical_lots * 0.3 * HISTORY_LOTS_SCALE
+                    lots = max(1, int(size))
                     book.trade_id += 1
                     trades.append(
                         wire.Trade(

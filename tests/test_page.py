@@ -9,8 +9,13 @@ page (no polling sleeps in the test).
 from __future__ import annotations
 
 import itertools
+import secrets
 import shutil
+import socket
 import subprocess
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +23,7 @@ import httpx
 import msgspec
 import trio
 import trio_websocket
-from conftest import feed, start_simulated
-
-from ingest.sim import Market
+from conftest import free_port, pushd_process
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 FLAGS = [
@@ -28,29 +31,6 @@ FLAGS = [
     "--disable-background-networking", "--disable-component-update", "--disable-sync",
     "--remote-debugging-port=0", "--remote-allow-origins=*",
 ]  # fmt: skip
-
-# resolves once the page shows every stream (the test's only wait, bounded by fail_after)
-LIVE = """new Promise((resolve) => {
-  const ready = () => document.querySelectorAll('#bids tr').length >= 10
-    && document.querySelectorAll('#asks tr').length >= 10
-    && document.querySelectorAll('#trades tr').length > 0
-    && document.getElementById('status').textContent === 'live'
-    && document.getElementById('last').textContent !== '\\u2013'
-    && document.getElementById('mark').textContent !== '\\u2013';
-  const check = () => ready() ? resolve(true) : requestAnimationFrame(check);
-  check();
-})"""
-
-PRIVATE = """new Promise((resolve) => {
-  document.getElementById('token').value = %s;
-  document.getElementById('login').click();
-  const seen = () => [...document.querySelectorAll('#events div')].map(d => d.textContent);
-  const check = () => {
-    const lines = seen();
-    lines.some(l => l.startsWith('@order')) ? resolve(lines) : requestAnimationFrame(check);
-  };
-  check();
-})"""
 
 
 class DevTools:
@@ -100,38 +80,141 @@ async def devtools_port(stderr: trio.abc.ReceiveStream) -> int:
     return int(line.split(b"/", 1)[0].rsplit(b":", 1)[1])
 
 
-async def test_market_page_in_a_browser(nursery: trio.Nursery, tmp_path: Path) -> None:
-    market = Market(seed=5, rate=4.0)
-    running = await start_simulated(nursery, market)
-    nursery.start_soon(feed(running, market))
-    command = [CHROMIUM, *FLAGS, f"--user-data-dir={tmp_path}", "about:blank"]
-    browser = await trio.lowlevel.open_process(
+def demo_config(tmp_path: Path) -> Path:
+    """Fixed free ports, so that a restarted demo is found again by the page."""
+    path = tmp_path / "demo.toml"
+    path.write_text(
+        f"[websocket]\nport = {free_port()}\n[http]\nport = {free_port()}\n"
+        f"[ingest]\ntcp_port = {free_port()}\nudp_port = {free_port(socket.SOCK_DGRAM)}\n"
+        f'[engine]\nsnapshot_port = {free_port()}\n[log]\nformat = "json"\n'
+        f'[auth.hmac]\nsecret = "{secrets.token_urlsafe(32)}"\n'  # a login outlives a restart
+    )
+    return path
+
+
+@asynccontextmanager
+async def demo(config: Path, nursery: trio.Nursery) -> AsyncIterator[tuple[trio.Process, str]]:
+    """``pushd demo`` (one hour of history: quick), and its page's address."""
+    command = [sys.executable, "-m", "pushd", "demo", "--config", str(config), "--history-h", "1"]
+    async with pushd_process(command) as (process, logs):
+        ready = (await logs.until("pushd ready"))[0]
+        assert process.stderr is not None
+        nursery.start_soon(_drain, process.stderr)  # a full pipe would stop the demo
+        yield process, f"http://127.0.0.1:{ready['http']}"
+
+
+@asynccontextmanager
+async def browser(tmp_path: Path, nursery: trio.Nursery) -> AsyncIterator[DevTools]:
+    """Headless Chromium with one page, driven over DevTools."""
+    command = [CHROMIUM, *FLAGS, f"--user-data-dir={tmp_path / 'chromium'}", "about:blank"]
+    process = await trio.lowlevel.open_process(
         command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
     )
     try:
-        with trio.fail_after(60):
-            assert browser.stderr is not None
-            port = await devtools_port(browser.stderr)
-            nursery.start_soon(_drain, browser.stderr)
-            async with httpx.AsyncClient() as http:
-                targets = (await http.get(f"http://127.0.0.1:{port}/json/list")).json()
-            page = next(t for t in targets if t["type"] == "page")
-            async with trio_websocket.open_websocket_url(
-                page["webSocketDebuggerUrl"], max_message_size=16 * 1024 * 1024
-            ) as ws:
-                tools = DevTools(ws)
-                await tools.call("Page.enable")
-                await tools.call("Page.navigate", url=f"{running.http_url}/")
-                await tools.wait_event("Page.loadEventFired")
-                # log in at once, before the page is live: the click must not be lost
-                token = msgspec.json.encode(running.token("1001")).decode()
-                lines = await tools.evaluate(PRIVATE % token)
-                assert await tools.evaluate(LIVE) is True
-                assert all('"uid":"1001"' in line for line in lines if line.startswith("@"))
+        assert process.stderr is not None
+        port = await devtools_port(process.stderr)
+        nursery.start_soon(_drain, process.stderr)
+        async with httpx.AsyncClient() as http:
+            targets = (await http.get(f"http://127.0.0.1:{port}/json/list")).json()
+        page = next(t for t in targets if t["type"] == "page")
+        async with trio_websocket.open_websocket_url(
+            page["webSocketDebuggerUrl"], max_message_size=16 * 1024 * 1024
+        ) as ws:
+            yield DevTools(ws)
     finally:
-        browser.kill()
+        process.kill()
         with trio.CancelScope(shield=True):
-            await browser.wait()
+            await process.wait()
+
+
+# Each of these resolves inside the page once what it waits for has happened: the page calls
+# ``window.pushdPage``'s hooks or the test re-checks on every animation frame (no sleeps).
+UNTIL = """(test) => new Promise((resolve) => {
+  const check = () => { const v = test(); v ? resolve(v) : requestAnimationFrame(check); };
+  check();
+})"""
+
+BOOK_EQUALS_REST = f"""(async () => {{
+  const page = window.pushdPage, seen = new Map();
+  const until = {UNTIL};
+  page.bookListeners.add((book) => seen.set(book.u, JSON.stringify(
+    [book.levels("bids", 100), book.levels("asks", 100)])));
+  await until(() => seen.size >= 3);
+  const rest = await (await fetch(`/v1/depth?symbol=${{page.symbol}}&limit=100`)).json();
+  await until(() => seen.has(rest.data.u));
+  const shown = document.querySelectorAll("#bids tr, #asks tr").length;
+  return {{same: seen.get(rest.data.u) === JSON.stringify([rest.data.bids, rest.data.asks]),
+          u: rest.data.u, shown, resyncs: page.resyncs.length}};
+}})()"""
+
+CHART = f"""(async () => {{
+  const page = window.pushdPage, until = {UNTIL};
+  await until(() => page.candles.length > 0);
+  const history = page.candles.filter((c) => c.closed).length;
+  const first = page.liveUpdates, last = JSON.stringify(page.candles.at(-1));
+  await until(() => page.liveUpdates >= first + 2 && JSON.stringify(page.candles.at(-1)) !== last);
+  return {{history, open: page.candles.at(-1).closed === false,
+          drawn: document.querySelectorAll("#chart canvas").length}};
+}})()"""
+
+ACCOUNT = f"""(async () => {{
+  const until = {UNTIL};
+  await until(() => !document.getElementById("demo-login").hidden);
+  document.getElementById("demo-login").click();
+  await until(() => document.querySelectorAll("#balances tr").length > 0
+    && document.querySelectorAll("#orders tr, #fills tr").length > 0);
+  return {{who: document.getElementById("who").textContent,
+          uids: [...window.pushdPage.orders.values(), ...window.pushdPage.fills].map((o) => o.uid),
+          balances: document.querySelectorAll("#balances tr").length}};
+}})()"""
+
+STATUS = """(async () => {{
+  const until = {until};
+  return await until(() => document.getElementById("status").textContent.startsWith({state})
+    && document.getElementById("status").textContent);
+}})()"""
+
+AFTER_RESTART = f"""(async () => {{
+  const page = window.pushdPage, until = {UNTIL};
+  await until(() => page.recoveries.length > 0 && page.book && page.book.u !== null
+    && document.querySelectorAll("#bids tr").length >= 10);
+  return {{recovery: page.recoveries.at(-1), note: document.getElementById("note").textContent,
+          u: page.book.u}};
+}})()"""
+
+
+async def test_market_page_in_a_browser(nursery: trio.Nursery, tmp_path: Path) -> None:
+    """The page against a real ``pushd demo``: the book equals the REST snapshot at the same
+    update id, the chart has history and a live candle that moves, the demo login fills the
+    account panels, and a killed and restarted daemon shows "reconnecting" then live data."""
+    config = demo_config(tmp_path)
+    async with browser(tmp_path, nursery) as tools:
+        with trio.fail_after(90):
+            async with demo(config, nursery) as (process, url):
+                await tools.call("Page.enable")
+                await tools.call("Page.navigate", url=f"{url}/")
+                await tools.wait_event("Page.loadEventFired")
+                assert await tools.evaluate(STATUS.format(until=UNTIL, state='"live"')) == "live"
+                book = await tools.evaluate(BOOK_EQUALS_REST)
+                assert book["same"] is True, book
+                assert book["shown"] >= 20 and book["resyncs"] == 0, book
+                chart = await tools.evaluate(CHART)
+                assert chart["history"] >= 50, chart  # an hour of 1m candles from the start
+                assert chart["open"] is True and chart["drawn"] > 0, chart
+                account = await tools.evaluate(ACCOUNT)
+                assert account["who"] == "logged in as 1001", account
+                assert account["uids"] and set(account["uids"]) == {"1001"}, account
+                process.kill()  # the daemon dies: the page says so and keeps trying
+                await process.wait()
+                shown = await tools.evaluate(STATUS.format(until=UNTIL, state='"reconnecting"'))
+                assert shown.startswith("reconnecting"), shown
+            async with demo(config, nursery):  # the same ports: the page finds it again
+                assert await tools.evaluate(STATUS.format(until=UNTIL, state='"live"')) == "live"
+                after = await tools.evaluate(AFTER_RESTART)
+                # a new daemon: a new epoch on every stream, so nothing could be replayed and
+                # the page says it reloaded them
+                assert after["recovery"]["reloaded"], after
+                assert "reloaded" in after["note"], after
 
 
 async def _drain(stream: trio.abc.ReceiveStream) -> None:

@@ -156,6 +156,7 @@ class Subscription {
  *   "gap"      {channel, after, seq}          a seq jump: events were lost
  *   "resync"   {channel, reason}              a book resubscribed, a resync notice, an epoch
  *   "error"    {message}                      a request failed (also its promise rejects)
+ *   "login"    {ok: false, message}           the token was refused after a reconnect
  */
 export class PushdClient extends EventTarget {
   /** @param {string} url  ws:// or wss:// URL of the gateway @param {ClientOptions} [options] */
@@ -299,7 +300,7 @@ export class PushdClient extends EventTarget {
     const resumed = this._wasLive;
     const outcome = { recovered: [], reloaded: [] };
     try {
-      if (this.token) this.uid = (await this.request({ op: "auth", token: this.token })).uid;
+      if (this.token) await this._relogin();
       for (const sub of this.subscriptions.values()) {
         if (sub.channel.startsWith("@") && !this.uid) continue;
         const recovered = await this._subscribe(sub);
@@ -315,6 +316,19 @@ export class PushdClient extends EventTarget {
     this._wasLive = true;
     this._setState("live");
     if (resumed) this._emit("recovery", outcome);
+  }
+
+  /** Log in again after a reconnect. A refused token (expired, or the daemon's secret changed)
+   * does not hold the connection hostage: public streams go on, "login" says why. */
+  async _relogin() {
+    try {
+      this.uid = (await this.request({ op: "auth", token: this.token })).uid;
+    } catch (error) {
+      if (error.code === undefined) throw error; // no answer: the connection is broken
+      this.token = null;
+      this.uid = null;
+      this._emit("login", { ok: false, message: error.message });
+    }
   }
 
   _received(ws, text) {
