@@ -144,6 +144,19 @@ class Book:
                     ladder[price] = max(1, int(ladder[price] * rng.uniform(0.5, 1.6)))
         self.update_id += 1
 
+    def trade(self, price: int, lots: int, side: wire.Side, ts: int) -> wire.Trade:
+        """The next trade of this symbol (ids rise by one), at ``price`` ticks for ``lots``."""
+        self.trade_id += 1
+        spec = self.spec
+        return wire.Trade(
+            spec.symbol,
+            self.trade_id,
+            decimal_str(price, spec.price_scale),
+            decimal_str(lots, spec.qty_scale),
+            side,
+            ts,
+        )
+
     def _level_lots(self) -> int:
         return max(1, int(self.rng.lognormvariate(0, 0.8) * self.spec.typical_lots))
 
@@ -251,17 +264,7 @@ class Market:
                     ticks = math.ceil(mid + spread) if side == "buy" else math.floor(mid - spread)
                     size = rng.lognormvariate(0, 1.2) * spec.typical_lots * 0.3 * HISTORY_LOTS_SCALE
                     lots = max(1, int(size))
-                    book.trade_id += 1
-                    trades.append(
-                        wire.Trade(
-                            spec.symbol,
-                            book.trade_id,
-                            decimal_str(ticks, spec.price_scale),
-                            decimal_str(lots, spec.qty_scale),
-                            side,
-                            start_ms + i * 1000 + offset,
-                        )
-                    )
+                    trades.append(book.trade(ticks, lots, side, start_ms + i * 1000 + offset))
         trades.sort(key=lambda trade: trade.ts)  # stable: each symbol's ids stay in order
         return trades
 
@@ -312,18 +315,7 @@ class Market:
         book.update_id += 1
 
     def _trade(self, book: Book, price: int, lots: int, side: wire.Side) -> None:
-        book.trade_id += 1
-        spec = book.spec
-        self.market_events.append(
-            wire.Trade(
-                spec.symbol,
-                book.trade_id,
-                decimal_str(price, spec.price_scale),
-                decimal_str(lots, spec.qty_scale),
-                side,
-                self.now_ms,
-            )
-        )
+        self.market_events.append(book.trade(price, lots, side, self.now_ms))
 
     def _index_prices(self) -> None:
         for book in self.books.values():

@@ -36,7 +36,8 @@ def test_pip_install_outside_the_checkout(tmp_path: Path) -> None:
         [str(venv / "bin" / "python"), "-c",
          "from importlib.resources import files; p = files('pushd');"
          "print(all(p.joinpath(f).is_file() for f in ('static/index.html', 'bus/lua/publish.lua',"
-         " 'bus/lua/recover.lua', 'bus/lua/lease.lua')))"],
+         " 'bus/lua/recover.lua', 'bus/lua/lease.lua', 'static/pushd-client.js',"
+         " 'static/vendor/lightweight-charts.standalone.production.js')))"],  # the page offline
         capture_output=True, text=True, check=True, cwd=tmp_path,
     ).stdout.strip()  # fmt: skip
     assert files == "True"
