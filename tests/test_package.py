@@ -23,6 +23,8 @@ def test_pip_install_outside_the_checkout(tmp_path: Path) -> None:
     for name in tracked:
         (source / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / name, source / name)
+    # and what scripts/setup fetched from npm (pinned by package-lock.json): the chart library
+    shutil.copytree(ROOT / "pushd/static/vendor", source / "pushd/static/vendor")
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet", str(source)],
