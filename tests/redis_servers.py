@@ -36,6 +36,7 @@ class RedisServer:
 
     def __init__(self, *, cluster: bool = False, port: int | None = None) -> None:
         self.port = port or (cluster_port() if cluster else free_port())
+        self._may_move = port is None  # a port we picked: another may take it before we bind
         self.cluster = cluster
         self._dir = Path(tempfile.mkdtemp(prefix="pushd-redis-"))
         self._process: subprocess.Popen[bytes] | None = None
@@ -45,6 +46,21 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}"
 
     def start(self) -> None:
+        """Start and wait until it listens. A port picked free and taken by someone else
+        before the first start (the check-then-bind race) is picked again; a restart keeps
+        its port (a Cluster node's place)."""
+        for _ in range(5):
+            said = self._start()
+            if not said:
+                self._may_move = False
+                return
+            if not (self._may_move and b"Address already in use" in said):
+                break
+            self.port = cluster_port() if self.cluster else free_port()
+        raise RuntimeError(f"redis-server on port {self.port} did not start: {said[-500:]!r}")
+
+    def _start(self) -> bytes:
+        """Empty once it listens, else what it said before it ended."""
         args = [
             REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
             "--appendonly", "no", "--dir", str(self._dir), "--protected-mode", "no",
@@ -60,9 +76,9 @@ class RedisServer:
             if b"Ready to accept connections" in line:
                 # read the rest of its log so that a full pipe never blocks it
                 threading.Thread(target=self._process.stdout.read, daemon=True).start()
-                return
+                return b""
         self.kill()
-        raise RuntimeError(f"redis-server on port {self.port} did not start: {said[-500:]!r}")
+        return said or b"(nothing)"
 
     def kill(self) -> None:
         if self._process is not None:
