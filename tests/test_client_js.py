@@ -1,6 +1,7 @@
 """The page's client module (pushd/static/pushd-client.js) under ``node --test``, against a
 daemon on a simulated market: its book equals the REST snapshot at the same update id, it logs
-in and gets its own orders, and after a dropped connection it recovers the trades it missed."""
+in and gets its own orders, a refused token after a reconnect leaves it live and logged
+out, and after a dropped connection it recovers the trades it missed."""
 
 from __future__ import annotations
 
@@ -36,4 +37,4 @@ async def test_client_module_under_node(nursery: trio.Nursery) -> None:
     report = done.stdout.decode()
     assert done.returncode == 0, report[-4000:]
     assert "# fail 0" in report and "# skipped 0" in report, report[-2000:]
-    assert "# pass 8" in report, report[-2000:]  # every test ran, the daemon ones too
+    assert "# pass 9" in report, report[-2000:]  # every test ran, the daemon ones too

@@ -22,7 +22,7 @@ import {
 const WS = process.env.PUSHD_WS;
 const HTTP = process.env.PUSHD_HTTP ?? "http://127.0.0.1:8080";
 const SYMBOL = process.env.PUSHD_SYMBOL ?? "BTCUSDT";
-const live = WS ? {} : { skip: "PUSHD_WS is not set (no daemon to test against)" };
+const live = WS ? { timeout: 20_000 } : { skip: "PUSHD_WS is not set (no daemon to test against)" };
 
 /** Resolves with the first `type` event's detail that `test` accepts. */
 function next(target, type, test = () => true) {
@@ -119,6 +119,25 @@ describe("against a running daemon", live, () => {
       const event = await order;
       assert.equal(event.data.uid, uid);
       assert.equal(event.data.type, "order");
+    } finally {
+      client.stop();
+    }
+  });
+
+  it("goes on with public streams when its token is refused after a reconnect", async () => {
+    const token =
+      process.env.PUSHD_TOKEN ?? (await (await fetch(`${HTTP}/demo/login`)).json()).token;
+    const client = new PushdClient(WS, { minBackoffMs: 50 }).start();
+    try {
+      await client.login(token);
+      client.token = "expired"; // as if the exchange rotated its secret while we were away
+      const refused = next(client, "login");
+      const live = next(client, "state", (d) => d.state === "live");
+      client._ws.close();
+      assert.match((await refused).message, /pushd error 8/);
+      await live; // not a loop of reconnects: live, logged out
+      assert.equal(client.uid, null);
+      assert.equal(client.reconnects, 1);
     } finally {
       client.stop();
     }
