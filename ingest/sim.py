@@ -260,8 +260,8 @@ class Market:
                     continue
                 for offset in sorted(rng.randrange(1000) for _ in range(1 + int(activity))):
                     side: wire.Side = "buy" if rng.random() < 0.5 else "sell"
-                    spread = max(1.0, mid * 0.00002)
-                    ticks = math.ceil(mid + spread) if side == "buy" else math.floor(mid - spread)
+                    half = book.half_spread  # the makers' spread, as in the live book
+                    ticks = math.ceil(mid + half) if side == "buy" else math.floor(mid - half)
                     size = rng.lognormvariate(0, 1.2) * spec.typical_lots * 0.3 * HISTORY_LOTS_SCALE
                     lots = max(1, int(size))
                     trades.append(book.trade(ticks, lots, side, start_ms + i * 1000 + offset))

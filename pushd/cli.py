@@ -112,7 +112,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     def demo_login() -> dict[str, str]:
         """The page's "log in as the demo user" button (served by the demo only)."""
-        return {"uid": DEMO_UID, "token": issue_hmac_token(hmac_cfg.secret, DEMO_UID, 3600)}
+        return {
+            "uid": DEMO_UID,
+            "token": issue_hmac_token(hmac_cfg.secret, DEMO_UID, hmac_cfg.token_ttl_s),
+        }
 
     async def main() -> None:
         engine = config.engine
@@ -133,7 +136,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             nursery.start_soon(functools.partial(
                 run_feed, market, host=config.ingest.tcp_host, tcp_port=ports.ingest_tcp,
                 udp_port=ports.ingest_udp or None))  # fmt: skip
-            token = issue_hmac_token(hmac_cfg.secret, DEMO_UID, hmac_cfg.token_ttl_s)
+            token = demo_login()["token"]
             web = f"http://{config.http.host}:{ports.http}"
             print(
                 f"\npushd demo is running (Ctrl-C stops it)\n"

@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -56,6 +57,8 @@ def main() -> int:
             else:
                 print("screenshot: pushd demo ended before it was ready", file=sys.stderr)
                 return 1
+            # keep reading its log: a full pipe would stop the demo mid-screenshot
+            threading.Thread(target=demo.stderr.read, daemon=True).start()
             url = f"http://127.0.0.1:{line['http']}/#demo"  # logged in as the demo user
             args.out.parent.mkdir(parents=True, exist_ok=True)
             subprocess.run(

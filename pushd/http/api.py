@@ -36,7 +36,7 @@ from hypercorn.trio import serve
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import FileResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
@@ -213,8 +213,8 @@ class HttpApi:
         return at, msgspec.json.decode(state) if state is not None else None
 
     async def page(self, request: Request) -> Response:
-        """The demo market page (order book, trades, ticker, kline chart, private events)."""
-        return Response(PAGE.read_bytes(), media_type="text/html; charset=utf-8")
+        """The market page (its module and chart library are under ``/static``)."""
+        return FileResponse(PAGE, media_type="text/html; charset=utf-8")
 
     async def demo(self, request: Request) -> Response:
         """A fresh demo-user token for the page's login button: ``pushd demo`` only (404 on a

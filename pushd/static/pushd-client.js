@@ -83,6 +83,7 @@ export class LocalBook {
     /** @type {number|null} the engine book version held */ this.u = null;
     /** @type {number} engine time of the book, ms */ this.time = 0;
     this.stale = false;
+    this._sorted = { bids: null, asks: null }; // each side sorted once per event, on demand
   }
 
   /**
@@ -104,6 +105,7 @@ export class LocalBook {
         }
       }
     }
+    this._sorted = { bids: null, asks: null };
     this.u = data.u;
     this.time = data.T;
     this.stale = Boolean(data.stale);
@@ -121,9 +123,12 @@ export class LocalBook {
    * @returns {Level[]}
    */
   levels(side, limit = Infinity) {
-    const sign = side === "bids" ? -1 : 1;
-    const out = [...this[side]].sort((a, b) => sign * (Number(a[0]) - Number(b[0])));
-    return limit < out.length ? out.slice(0, limit) : out;
+    if (this._sorted[side] === null) {
+      const sign = side === "bids" ? -1 : 1;
+      this._sorted[side] = [...this[side]].sort((a, b) => sign * (Number(a[0]) - Number(b[0])));
+    }
+    const sorted = this._sorted[side];
+    return sorted.slice(0, Math.min(limit, sorted.length)); // a copy: the caller may keep it
   }
 }
 
@@ -215,9 +220,12 @@ export class PushdClient extends EventTarget {
       };
       this.addEventListener("state", onState);
     });
+    const before = this.uid;
     const reply = await this.request({ op: "auth", token });
     this.uid = reply.uid;
-    this._resubscribePrivate();
+    // the server dropped the previous user's private streams (a fresh token of the same user
+    // keeps them): subscribe them for this one
+    if (reply.uid !== before) this._resubscribePrivate();
     return reply.uid;
   }
 
