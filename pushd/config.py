@@ -1,31 +1,73 @@
 """Configuration: TOML decoded into frozen msgspec Structs, every setting defaulted.
 
 ``pushd run`` with no file serves on loopback with these defaults. A wrong key, type or value
-stops start-up with one line naming the key (``ConfigError``). ``pushd.example.toml`` documents
-every setting; a test keeps it loadable and complete.
+stops start-up with one line naming the key (``ConfigError``); so does a file that cannot be
+read or is not UTF-8 TOML (``read`` is the I/O, ``parse`` the rest). ``pushd.example.toml``
+documents every setting; a test keeps it loadable and complete.
+
+Secret fields (login secrets and keys, the publish token) are named per section
+(``_secrets``): a section's ``repr`` and ``redacted()`` mask them and the credentials of its
+URLs, so a config in a log line or a dump shows no secret.
 """
 
 from __future__ import annotations
 
+import os
 import re
+import stat
 import tomllib
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, ClassVar, Literal
+from urllib.parse import parse_qsl, urlsplit
 
+import coredis
+import httpx
 import msgspec
 
 from ingest.wire import Decimal  # the one decimal-string form, as the engine writes it
 from pushd.channels import SYMBOL_PATTERN
 from pushd.errors import ConfigError
+from pushd.logs import MASK, redact
 
 Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
 PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
 PositiveFloat = Annotated[float, msgspec.Meta(gt=0)]
 DEPTH_LEVEL_BYTES = 64  # a generous ["price","qty"] pair in JSON (typically ~25)
+MAX_FILE_BYTES = 1 << 20  # a config is a few KiB (~150 bytes a market); more is a mistake
 
 
 class _Section(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     """Base of every config section: unknown keys are errors, not silently ignored."""
+
+    _secrets: ClassVar[frozenset[str]] = frozenset()  # fields never shown (``redacted``)
+
+    def redacted(self) -> dict[str, Any]:
+        """The section as plain data fit for a log line or a dump: secret fields masked
+        (when set), credentials cut out of every URL."""
+        out: dict[str, Any] = {}
+        for name in self.__struct_fields__:
+            value = getattr(self, name)
+            if name in self._secrets and value:
+                out[name] = MASK
+            elif isinstance(value, _Section):
+                out[name] = value.redacted()
+            elif isinstance(value, dict):
+                out[name] = {key: item.redacted() for key, item in value.items()}
+            else:
+                out[name] = _redact_builtins(msgspec.to_builtins(value))
+        return out
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{name}={value!r}" for name, value in self.redacted().items())
+        return f"{type(self).__name__}({fields})"
+
+
+def _redact_builtins(value: Any) -> Any:
+    if isinstance(value, str):
+        return redact(value)
+    if isinstance(value, list):
+        return [_redact_builtins(item) for item in value]
+    return value
 
 
 class TlsConfig(_Section, frozen=True):
@@ -73,6 +115,7 @@ class LimitsConfig(_Section, frozen=True):
 
 
 class HttpConfig(_Section, frozen=True):
+    _secrets = frozenset({"publish_token"})
     host: str = "127.0.0.1"
     port: Port = 8766
     publish_token: str = ""
@@ -82,11 +125,13 @@ class HttpConfig(_Section, frozen=True):
 
 
 class HmacAuthConfig(_Section, frozen=True):
+    _secrets = frozenset({"secret"})
     secret: str = ""
     token_ttl_s: PositiveInt = 86400
 
 
 class JwtAuthConfig(_Section, frozen=True):
+    _secrets = frozenset({"key"})
     key: str = ""
     algorithms: list[str] = msgspec.field(default_factory=lambda: ["HS256"])
     uid_claim: str = "sub"
@@ -233,16 +278,64 @@ def _bad_market(markets: object) -> str:
 
 
 def load(path: Path | None) -> Config:
-    """Read the TOML file at ``path`` (or defaults for None). Raises ConfigError."""
+    """Read and check the TOML file at ``path`` (or defaults for None). Raises ConfigError."""
     if path is None:
         return Config()
+    return parse(read(path), str(path))
+
+
+def read(path: Path) -> bytes:
+    """The bytes of a config file. Only a regular file of at most ``MAX_FILE_BYTES`` is read:
+    a FIFO would block the reading loop and a device (``/dev/zero``) never end. Opened
+    non-blocking, so a FIFO is refused rather than waited on. Raises ConfigError."""
     try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{path}: cannot read: {_reason(exc)}") from None
+    too_big = f"{path}: the file is more than {MAX_FILE_BYTES} bytes (a config is a few KiB)"
+    try:
+        info = os.fstat(fd)
+        if stat.S_ISDIR(info.st_mode):
+            raise ConfigError(f"{path}: cannot read: Is a directory")
+        if not stat.S_ISREG(info.st_mode):
+            raise ConfigError(f"{path}: cannot read: not a regular file (a FIFO, socket or device)")
+        if info.st_size > MAX_FILE_BYTES:
+            raise ConfigError(too_big)
+        data = b""
+        while chunk := os.read(fd, MAX_FILE_BYTES + 1 - len(data)):  # a file may still grow
+            data += chunk
+            if len(data) > MAX_FILE_BYTES:
+                raise ConfigError(too_big)
     except OSError as exc:
-        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+        raise ConfigError(f"{path}: cannot read: {_reason(exc)}") from None
+    finally:
+        os.close(fd)
+    return data
+
+
+def _reason(exc: Exception) -> str:
+    return (exc.strerror if isinstance(exc, OSError) else None) or str(exc)
+
+
+def parse(data: bytes, source: str) -> Config:
+    """A config file's bytes, decoded as UTF-8 TOML and checked (sans-IO). Raises ConfigError
+    naming ``source`` and the problem."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        column = exc.start - data.rfind(b"\n", 0, exc.start)
+        raise ConfigError(
+            f"{source}: not UTF-8: byte 0x{data[exc.start]:02x} at line {line}, column {column} "
+            "(save the file as UTF-8)"
+        ) from None
+    try:
+        raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: TOML syntax error: {exc}") from None
-    return from_dict(raw, source=str(path))
+        raise ConfigError(f"{source}: TOML syntax error: {exc}") from None
+    except RecursionError:  # tomllib recurses per nested array or inline table
+        raise ConfigError(f"{source}: TOML nested too deeply") from None
+    return from_dict(raw, source=source)
 
 
 def with_node(
@@ -285,10 +378,8 @@ def _check(config: Config, source: str) -> None:
         raise ConfigError(
             f"{source}: role: {config.role!r} needs bus.kind = 'redis' (nodes share nothing else)"
         )
-    if config.bus.kind == "redis" and not config.bus.redis.url.startswith(
-        ("redis://", "rediss://", "unix://")
-    ):
-        raise ConfigError(f"{source}: bus.redis.url: want a redis://, rediss:// or unix:// URL")
+    if config.bus.kind == "redis":
+        _check_redis_url(config.bus.redis.url, source)
     for section, tls in (("websocket", config.websocket.tls), ("http", config.http.tls)):
         if bool(tls.certificate) != bool(tls.key):
             raise ConfigError(f"{source}: {section}.tls: set both certificate and key, or neither")
@@ -298,5 +389,39 @@ def _check(config: Config, source: str) -> None:
     auth = config.auth
     if auth.kind == "jwt" and not auth.jwt.key:
         raise ConfigError(f"{source}: auth.jwt.key: required when auth.kind = 'jwt'")
-    if auth.kind == "http" and not auth.http.url.startswith(("http://", "https://")):
-        raise ConfigError(f"{source}: auth.http.url: an http(s) URL is required for kind 'http'")
+    if auth.kind == "http":
+        if not auth.http.url.startswith(("http://", "https://")):
+            raise ConfigError(
+                f"{source}: auth.http.url: an http(s) URL is required for kind 'http'"
+            )
+        try:
+            if not httpx.URL(auth.http.url).host:
+                raise ValueError("no host")
+        except (httpx.InvalidURL, ValueError, TypeError) as exc:
+            reason = _without_secrets(str(exc), auth.http.url)
+            raise ConfigError(f"{source}: auth.http.url: not a valid URL ({reason})") from None
+
+
+def _check_redis_url(url: str, source: str) -> None:
+    """The URL as the bus will read it (coredis, or ``urlsplit`` for a Cluster's node)."""
+    if not url.startswith(("redis://", "rediss://", "unix://")):
+        raise ConfigError(f"{source}: bus.redis.url: want a redis://, rediss:// or unix:// URL")
+    try:
+        _ = urlsplit(url).port
+        coredis.Redis.from_url(url)  # builds a client (its settings), connects nowhere
+    except (ValueError, TypeError) as exc:
+        reason = _without_secrets(str(exc), url)
+        raise ConfigError(f"{source}: bus.redis.url: not a valid Redis URL ({reason})") from None
+
+
+def _without_secrets(text: str, url: str) -> str:
+    """A library's complaint about ``url`` with the URL's credentials masked in it."""
+    try:
+        parts = urlsplit(url)
+        query = parse_qsl(parts.query)
+        secrets = [parts.password, *(value for key, value in query if key == "password")]
+    except ValueError:
+        secrets = []
+    for secret in filter(None, secrets):
+        text = text.replace(secret, MASK)
+    return redact(text)

@@ -94,7 +94,11 @@ class AuthUnavailable(AuthError):
 
 
 class ConfigError(PushdError):
-    """Invalid configuration; ``str(exc)`` is the one line an operator reads."""
+    """Invalid configuration; ``str(exc)`` is the one line an operator reads: control
+    characters (from a key, a value or a file name) are escaped, never printed."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__("".join(c if c.isprintable() else repr(c)[1:-1] for c in message))
 
 
 class ServiceError(PushdError):

@@ -1,10 +1,17 @@
-"""structlog setup: JSON lines for operators and log shippers, readable text on a terminal."""
+"""structlog setup: JSON lines for operators and log shippers, readable text on a terminal.
+
+No secret reaches a log line: every value of every line passes ``redact`` (credentials in any
+URL-looking text, exception text included), and a config section is logged as its
+``redacted()`` form, secret fields masked. Call sites need not remember either.
+"""
 
 from __future__ import annotations
 
 import logging
+import re
 import sys
 import time
+from collections.abc import MutableMapping
 from typing import Any
 
 import msgspec
@@ -12,6 +19,51 @@ import structlog
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
            "error": logging.ERROR}  # fmt: skip
+
+
+MASK = "***"
+# scheme://userinfo@ : userinfo runs to the authority's last "@" (an unescaped "@" in a password)
+_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^/?#\s\"'<>]*@")
+# ?password=... and the like in a query string (Redis and HTTP clients read them)
+_QUERY_SECRET = re.compile(
+    r"(?P<key>[?&;](?:password|passwd|pass|pwd|secret|token|access_token|api_key|apikey|key|"
+    r"auth|sig|signature)=)[^&#\s\"'<>]+",
+    re.IGNORECASE,
+)
+
+
+def redact(text: str) -> str:
+    """``text`` with the credentials of every URL in it (userinfo, secret query values)
+    replaced by ``***``: ``redis://:pw@host`` becomes ``redis://***@host``."""
+    if "@" in text:
+        text = _USERINFO.sub(rf"\g<scheme>{MASK}@", text)
+    if "=" in text:
+        text = _QUERY_SECRET.sub(rf"\g<key>{MASK}", text)
+    return text
+
+
+def redacted(value: Any) -> Any:
+    """``value`` made safe to log: strings through ``redact``, containers item by item, a
+    config section as its ``redacted()`` form, anything else as its (redacted) text."""
+    if isinstance(value, str):
+        return redact(value)
+    if value is None or isinstance(value, bool | int | float):
+        return value
+    if isinstance(value, dict):
+        return {redacted(k): redacted(v) for k, v in value.items()}
+    if isinstance(value, list | tuple | set | frozenset):
+        return [redacted(item) for item in value]
+    masked = getattr(value, "redacted", None)
+    if callable(masked):
+        return redacted(masked())
+    if isinstance(value, msgspec.Struct):
+        return redacted(msgspec.to_builtins(value, enc_hook=str))
+    return redact(str(value))
+
+
+def _redact_line(_logger: Any, _method: str, event: MutableMapping[str, Any]) -> dict[str, Any]:
+    """The structlog processor: every field of the line through ``redacted``."""
+    return {key: redacted(value) for key, value in event.items()}
 
 
 def _json_dumps(obj: Any, **_: Any) -> str:
@@ -68,6 +120,7 @@ def configure(level: str = "info", fmt: str = "auto") -> None:
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,
+            _redact_line,  # after format_exc_info: a traceback's text is redacted too
             renderer,
         ],
         wrapper_class=_Logger,
