@@ -229,7 +229,9 @@ class Daemon:
             return None
         self.notifier.send(RELOADING=1, MONOTONIC_USEC=time.monotonic_ns() // 1000)
         try:
-            change = plan(self.config, self.load_config())
+            # in a thread: a big file takes seconds to parse (1 MiB of TOML), clients are
+            # served meanwhile
+            change = plan(self.config, await trio.to_thread.run_sync(self.load_config))
             self._apply(change.config)
         except ConfigError as exc:
             log.error("config reload failed: running config kept", error=str(exc))

@@ -19,13 +19,14 @@ import sys
 import tempfile
 import typing
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import msgspec
 import pytest
 import trio
-from conftest import SECRET, Logs, free_port, open_client
+from conftest import SECRET, Client, Logs, free_port, open_client
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -376,6 +377,29 @@ def clear(path: Path) -> None:
         path.rmdir()
 
 
+def slow_to_parse(path: Path) -> None:
+    path.write_bytes(b"a = [" + b"1," * ((config_mod.MAX_FILE_BYTES - 8) // 2) + b"]\n")
+
+
+async def slow_file_is_parsed_aside(
+    process: trio.Process, logs: Logs, path: Path, client: Client, count: int
+) -> None:
+    """A file just under the size cap that takes seconds to parse: the client's ping is
+    answered while it is parsed (before the refusal is logged), not after."""
+    clear(path)
+    slow_to_parse(path)
+    process.send_signal(signal.SIGHUP)
+    with trio.fail_after(10):
+        await logs.until("signal received", count, signal="SIGHUP")
+    assert (await client.call({"op": "ping"}))["op"] == "pong"
+    answered = datetime.now(UTC)
+    with trio.fail_after(60):
+        lines = await logs.until("config reload failed: running config kept", count)
+    assert "unknown field `a`" in lines[-1]["error"]
+    refused = datetime.fromisoformat(lines[-1]["timestamp"])
+    assert answered < refused, (answered, refused)
+
+
 async def test_sighup_with_every_bad_file_keeps_serving() -> None:
     """A running daemon given each broken file by SIGHUP logs the refusal, keeps its config
     and serves its client and new ones; a good file after all that still reloads."""
@@ -410,6 +434,7 @@ async def test_sighup_with_every_bad_file_keeps_serving() -> None:
                     async with open_client(url) as new:
                         token = issue_hmac_token(SECRET, "2", 60)
                         assert (await new.call({"op": "auth", "token": token}))["result"], kind
+                await slow_file_is_parsed_aside(process, logs, path, old, len(BAD_FILES) + 1)
                 clear(path)
                 path.write_bytes(good_config(ws, http, level="warning"))
                 process.send_signal(signal.SIGHUP)
