@@ -114,11 +114,12 @@ def configure(level: str = "info", fmt: str = "auto") -> None:
         if console
         else structlog.processors.JSONRenderer(_json_dumps)
     )
+    stamp = structlog.processors.TimeStamper(fmt="iso", utc=True)
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            stamp,
             structlog.processors.format_exc_info,
             _redact_line,  # after format_exc_info: a traceback's text is redacted too
             renderer,
@@ -128,6 +129,28 @@ def configure(level: str = "info", fmt: str = "auto") -> None:
         logger_factory=structlog.WriteLoggerFactory(sys.stderr),
         cache_logger_on_first_use=True,
     )
+    _route_standard_logging(stamp, renderer)
+
+
+class _LibraryHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """pushd's handler on the root logger (one, however often ``configure`` runs)."""
+
+
+def _route_standard_logging(stamp: Any, renderer: Any) -> None:
+    """Libraries that log with ``logging`` (httpx, coredis, hypercorn) write lines of the same
+    shape through the same redaction, warnings and up only (their info is per request)."""
+    formatter = structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=[structlog.stdlib.add_logger_name,
+                           structlog.processors.add_log_level, stamp],
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                    structlog.processors.format_exc_info, _redact_line, renderer],
+    )  # fmt: skip
+    handler = _LibraryHandler(sys.stderr)  # one write per line, as structlog's
+    handler.setFormatter(formatter)
+    root = logging.getLogger()
+    root.handlers[:] = [h for h in root.handlers if not isinstance(h, _LibraryHandler)]
+    root.addHandler(handler)
+    root.setLevel(logging.WARNING)
 
 
 class ThrottledLog:

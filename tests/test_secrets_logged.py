@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
 import secrets
 import signal
 import ssl
@@ -80,6 +81,33 @@ def test_every_log_line_is_redacted() -> None:
     assert lines[1]["config"]["auth"]["hmac"]["secret"] == "***"
     assert lines[1]["config"]["bus"]["redis"]["url"] == "redis://***@h:1"
     for value in (REDIS_PASSWORD, WRONG_PASSWORD, HMAC_SECRET, PUBLISH_TOKEN):
+        assert value not in out.getvalue()
+
+
+def test_libraries_standard_logging_goes_through_the_same_rules() -> None:
+    """httpx, coredis and hypercorn log with the standard ``logging`` module: their warnings
+    and errors are JSON lines of the same shape, redacted; their per-request info is not."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    out, err = io.StringIO(), sys.stderr
+    try:
+        sys.stderr = out
+        logs.configure("debug", "json")
+        library = logging.getLogger("hypercorn.error")
+        library.info("HTTP Request: POST https://u:%s@login/v1", LOGIN_PASSWORD)
+        try:
+            raise OSError(f"redis://:{REDIS_PASSWORD}@h:1 refused")
+        except OSError:
+            library.exception("Error in ASGI Framework at %s", f"redis://:{WRONG_PASSWORD}@h")
+    finally:
+        sys.stderr = err
+        root.handlers[:], root.level = handlers, level
+        logs.set_level("info")
+    (line,) = [json.loads(text) for text in out.getvalue().splitlines()]
+    assert line["level"] == "error" and line["logger"] == "hypercorn.error"
+    assert line["event"] == "Error in ASGI Framework at redis://***@h"
+    assert "redis://***@h:1 refused" in line["exception"] and "timestamp" in line
+    for value in (LOGIN_PASSWORD, REDIS_PASSWORD, WRONG_PASSWORD):
         assert value not in out.getvalue()
 
 
