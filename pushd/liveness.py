@@ -14,31 +14,44 @@ import msgspec
 
 
 class Beats:
-    def __init__(self, timeout_s: float) -> None:
+    def __init__(self, timeout_s: float, stop_grace_s: float = 30.0) -> None:
         self.timeout_s = timeout_s
+        self.stop_grace_s = stop_grace_s
         self._last: dict[str, float] = {}  # child -> when it last beat
+        self._stopping: dict[str, float] = {}  # child -> until when its silence is allowed
 
     def beat(self, child: str, now: float) -> None:
         self._last[child] = now
 
+    def stopping(self, child: str, now: float) -> None:
+        """The child said STOPPING=1: it drains, then its loop ends and the interpreter exits,
+        silently, in seconds on a busy machine. Silence is allowed until ``stop_grace_s``
+        after this (as systemd's ``TimeoutStopSec`` replaces the watchdog while a unit
+        stops); a child still there then is hung in its shutdown."""
+        self._last.setdefault(child, now)
+        self._stopping[child] = now + self.stop_grace_s
+
     def forget(self, child: str) -> None:
         """The child exited: its successor is watched from its own first beat."""
         self._last.pop(child, None)
+        self._stopping.pop(child, None)
+
+    def _deadline(self, child: str) -> float:
+        return max(self._last[child] + self.timeout_s, self._stopping.get(child, 0.0))
 
     def overdue(self, now: float) -> list[tuple[str, float]]:
-        """Children silent for ``timeout_s`` or longer, with their silence; each is reported
-        once (then forgotten: it is about to be replaced)."""
+        """Children silent past their deadline, with their silence; each is reported once
+        (then forgotten: it is about to be replaced)."""
         late = [(child, now - last) for child, last in self._last.items()
-                if now - last >= self.timeout_s]  # fmt: skip
+                if now >= self._deadline(child)]  # fmt: skip
         for child, _ in late:
-            del self._last[child]
+            self.forget(child)
         return late
 
     def next_check(self, now: float) -> float:
         """When a child may next be overdue. A child first heard from after ``now`` is
         overdue no earlier than ``now + timeout_s``, so sleeping until this misses none."""
-        return min((last + self.timeout_s for last in self._last.values()),
-                   default=now + self.timeout_s)  # fmt: skip
+        return min(map(self._deadline, self._last), default=now + self.timeout_s)
 
 
 # what a supervisor puts in its children's environment

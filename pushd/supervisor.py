@@ -177,7 +177,8 @@ class Supervisor:
     ) -> None:  # fmt: skip
         """Children notify this socket. Every READY=1 or WATCHDOG=1 is a beat of the child
         that sent it (the kernel names the sender's pid: a child cannot beat for another,
-        and a replaced child's late datagrams count for nobody). ``all_ready`` is set the
+        and a replaced child's late datagrams count for nobody); after STOPPING=1 its
+        silence is allowed for a while (it drains and exits). ``all_ready`` is set the
         first time every child has said READY; a child that says it twice (a reload, a
         restart) before the others are ready is not counted twice."""
         with trio.socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as listener:
@@ -193,6 +194,9 @@ class Supervisor:
                 said = data.split(b"\n")
                 if b"WATCHDOG=1" in said or b"READY=1" in said:
                     self._beats.beat(name, trio.current_time())
+                if b"STOPPING=1" in said:
+                    log.info("child stopping", child=name, pid=_sender_pid(ancillary))
+                    self._beats.stopping(name, trio.current_time())
                 if b"READY=1" in said and not all_ready.is_set():
                     ready.add(name)
                     if len(ready) == children:

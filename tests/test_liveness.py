@@ -25,3 +25,14 @@ def test_a_replaced_child_is_watched_from_its_own_first_beat() -> None:
     assert beats.overdue(30.0) == []
     beats.beat("compute", 30.0)
     assert beats.overdue(31.9) == [] and beats.overdue(32.0) == [("compute", 2.0)]
+
+
+def test_a_stopping_child_may_fall_silent_for_the_stop_grace_only() -> None:
+    beats = Beats(2.0, stop_grace_s=30.0)
+    beats.beat("gateway-1", 0.0)
+    beats.stopping("gateway-1", 1.0)  # it drains, then the interpreter ends: no more beats
+    assert beats.overdue(10.0) == []
+    assert beats.next_check(10.0) == 31.0
+    beats.beat("gateway-1", 20.0)  # a beat while draining does not shorten the grace
+    assert beats.overdue(30.9) == []
+    assert beats.overdue(31.0) == [("gateway-1", 11.0)]  # hung in its shutdown

@@ -356,3 +356,33 @@ async def _publish_and_read(http_port: int, clients: list[Any], data: Any) -> tu
 
 def _log_time(line: dict[str, Any]) -> float:
     return datetime.fromisoformat(line["timestamp"]).timestamp()
+
+
+async def test_a_child_that_stops_is_not_taken_for_hung(tmp_path: Path, redis: RedisServer) -> None:
+    """A child that drains (SIGTERM, here to it alone) stops beating when its loop ends, while
+    its interpreter exits: that silence is allowed (for 30 s, as systemd's TimeoutStopSec
+    replaces the watchdog while a unit stops). Its stop is frozen right after it said
+    STOPPING=1, for three times ``workers.watchdog_s``: not killed, and replaced as exited."""
+    async with supervisor(tmp_path, redis, workers=1, extra="[workers]\nwatchdog_s = 1.0\n") as (
+        _, logs, _, _,
+    ):  # fmt: skip
+        (started,) = await logs.until("child started", child="gateway-1")
+        victim = started["pid"]
+        os.kill(victim, signal.SIGTERM)
+        with trio.fail_after(20):
+            await logs.until("child stopping", child="gateway-1")
+            os.kill(victim, signal.SIGSTOP)
+            try:
+                with trio.move_on_after(3.0):
+                    await logs.until("child hung: killing it")
+                    raise AssertionError("a stopping child was taken for a hung one")
+                assert _state(victim) == "T"  # it was frozen in its stop, not already gone
+            finally:
+                os.kill(victim, signal.SIGCONT)
+            (exited,) = await logs.until("child exited: restarting", child="gateway-1")
+            assert (exited["reason"], exited["code"]) == ("exited", 0)
+
+
+def _state(pid: int) -> str:
+    """The process state letter of /proc/<pid>/stat (R running, T stopped, Z exited)."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
