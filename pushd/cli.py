@@ -24,7 +24,7 @@ from pushd.config import Config
 from pushd.daemon import Daemon, Ports
 from pushd.errors import ConfigError, ServiceError
 from pushd.shipped import shipped_files
-from pushd.supervisor import Supervisor
+from pushd.supervisor import Supervisor, watch_lifeline
 
 DEMO_UID = "1001"
 
@@ -89,7 +89,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         daemon = Daemon(config)
         if args.config is not None:
             daemon.load_config = functools.partial(_run_config, args)
-        await daemon.serve(handle_signals=True)
+        async with trio.open_nursery() as nursery:  # a child of `--workers`: ends with it
+            nursery.start_soon(watch_lifeline, daemon.stop)
+            await daemon.serve(handle_signals=True)
+            nursery.cancel_scope.cancel()
 
     return _serve(serve)
 

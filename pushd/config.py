@@ -229,6 +229,14 @@ class BusConfig(_Section, frozen=True):
     redis: RedisBusConfig = msgspec.field(default_factory=RedisBusConfig)
 
 
+class WorkersConfig(_Section, frozen=True):
+    """``pushd run --workers N``: how the supervisor watches its children."""
+
+    # a child whose event loop is silent this long (it beats every half of it) is killed
+    # (SIGKILL) and replaced; read by the supervisor at start
+    watchdog_s: Annotated[float, msgspec.Meta(ge=0.5, le=300)] = 5.0
+
+
 def _default_markets() -> dict[str, MarketConfig]:
     return {symbol: MarketConfig() for symbol in ("BTCUSDT", "ETHUSDT", "SOLUSDT")}
 
@@ -246,6 +254,7 @@ class Config(_Section, frozen=True):
     engine: EngineConfig = msgspec.field(default_factory=EngineConfig)
     log: LogConfig = msgspec.field(default_factory=LogConfig)
     bus: BusConfig = msgspec.field(default_factory=BusConfig)
+    workers: WorkersConfig = msgspec.field(default_factory=WorkersConfig)
 
 
 _AT = re.compile(r"^(?P<msg>.*) - at `\$\.?(?P<path>[^`]*)`$")

@@ -21,6 +21,7 @@ the address: the one failure that ends the process. Whatever a peer sends ends a
 from __future__ import annotations
 
 import functools
+import os
 import signal
 import time
 from collections.abc import Awaitable, Callable
@@ -47,6 +48,7 @@ from pushd.feed.routing import EngineRouter
 from pushd.gateway.hub import Hub
 from pushd.gateway.server import Gateway
 from pushd.http.api import HttpApi, serve_http
+from pushd.liveness import REPORT_VARIABLE
 from pushd.logs import ThrottledLog
 from pushd.market.markets import Markets
 from pushd.metrics import (
@@ -55,6 +57,7 @@ from pushd.metrics import (
     HubCollector,
     IngestCollector,
     NodeCollector,
+    SupervisorCollector,
     make_registry,
 )
 from pushd.notify import Notifier
@@ -155,6 +158,7 @@ class Daemon:
             NodeCollector(__version__, config.role,
                           lambda: self.config.websocket.max_connections, self.not_ready)
         )  # fmt: skip
+        self.registry.register(SupervisorCollector(os.environ.get(REPORT_VARIABLE)))
         self._private_gap_log = ThrottledLog(log, "private events may be lost: subscribers told")
         self._stop = trio.Event()
         self.stopped = trio.Event()

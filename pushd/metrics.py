@@ -7,7 +7,9 @@ scrape time by a collector, so the fan-out loop never touches a prometheus objec
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
+import msgspec
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -17,6 +19,7 @@ from pushd.bus.redis import RedisBus
 from pushd.feed.intake import Intake
 from pushd.feed.poller import SnapshotPoller
 from pushd.gateway.hub import Hub
+from pushd.liveness import Report
 
 # the flush and latency buckets: a round over 15k connections is ~1-20 ms; 10 ms is the target
 FAST_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
@@ -264,3 +267,31 @@ class BusCollector(Collector):
                 "pushd_leases_held", "Leases this compute node holds (it publishes those)",
                 value=len(self._leases.held),
             )  # fmt: skip
+
+
+class SupervisorCollector(Collector):
+    """Children of ``pushd run --workers`` replaced, by child and reason (``exited``, ``hung``):
+    counted by the supervisor, which has no HTTP port, and exported by its compute child
+    (``http.port``) from the report file the supervisor keeps. No samples in any other process,
+    so no sum over every scraped process counts a replacement twice."""
+
+    def __init__(self, report: str | None) -> None:
+        self._report = Path(report) if report else None
+
+    def collect(self) -> Iterator[Metric]:
+        replaced = CounterMetricFamily(
+            "pushd_children_replaced", "Children of the supervisor replaced, by child and reason",
+            labels=["child", "reason"],
+        )  # fmt: skip
+        for child, reasons in sorted(self._read().items()):
+            for reason, count in sorted(reasons.items()):
+                replaced.add_metric([child, reason], count)
+        yield replaced
+
+    def _read(self) -> dict[str, dict[str, int]]:
+        if self._report is None:
+            return {}
+        try:
+            return msgspec.json.decode(self._report.read_bytes(), type=Report).replaced
+        except (OSError, msgspec.DecodeError):  # the supervisor is gone, or a bug: no samples
+            return {}

@@ -40,12 +40,15 @@ class Notifier:
         return bool(self._address)
 
     def send(self, **fields: object) -> None:
-        """Send one notification; a failure is logged once and never raised."""
+        """Send one notification; a failure is logged once and never raised. The socket never
+        blocks: a receiver that stops reading (a wedged systemd, a busy ``--workers``
+        supervisor) costs the notifications its queue cannot hold, never this event loop."""
         if not self._address:
             return
         try:
             if self._socket is None:
                 self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+                self._socket.setblocking(False)
             self._socket.sendto(message(**fields), self._address)
         except OSError as exc:
             if not self._failed:

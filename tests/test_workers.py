@@ -8,8 +8,10 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +19,10 @@ import httpx
 import pytest
 import trio
 import trio_websocket
+import yaml
 from conftest import PUBLISH_TOKEN, SECRET, Logs, free_port, open_client, pushd_process
 from redis_servers import RedisServer
+from test_ops import OPS, Scrape, check_expression
 
 from pushd.auth import issue_hmac_token
 
@@ -34,7 +38,7 @@ def redis() -> Iterator[RedisServer]:
 @asynccontextmanager
 async def supervisor(
     tmp_path: Path, redis: RedisServer, workers: int, env: dict[str, str] | None = None,
-    ready: int | None = None,
+    ready: int | None = None, extra: str = "",
 ) -> AsyncIterator[Any]:  # fmt: skip
     """``pushd run --workers``, once ``ready`` processes (default: every child) are ready."""
     ws_port, http_port = free_port(), free_port()
@@ -44,7 +48,7 @@ async def supervisor(
         f"publish_token = '{PUBLISH_TOKEN}'\n[auth.hmac]\nsecret = '{SECRET}'\n"
         "[ingest]\nudp_port = 0\ntcp_port = 0\n[engine]\nsnapshot_enabled = false\n"
         f"[bus]\nkind = 'redis'\n[bus.redis]\nurl = '{redis.url}'\n"
-        "[log]\nformat = 'json'\n"
+        "[log]\nformat = 'json'\n" + extra
     )
     command = [sys.executable, "-m", "pushd", "run", "--config", str(config),
                "--workers", str(workers)]  # fmt: skip
@@ -141,6 +145,39 @@ async def test_no_worker_outlives_a_killed_supervisor(tmp_path: Path, redis: Red
                 os.close(pidfd)
 
 
+async def test_children_outlive_trios_idle_threads_and_not_their_supervisor(
+    tmp_path: Path, redis: RedisServer
+) -> None:
+    """Trio retires an idle worker thread after 10 s; a child must not be tied to the thread
+    that forked it (Linux sends ``PR_SET_PDEATHSIG`` when that *thread* exits), only to its
+    supervisor. A real wait: the idle timer of the supervisor's threads is the point."""
+    async with supervisor(tmp_path, redis, workers=1) as (process, logs, ws_port, http_port):
+        children = [line["pid"] for line in await logs.until("child started", 2)]
+        pidfds = [os.pidfd_open(pid) for pid in children]
+        try:
+            with trio.move_on_after(20):  # twice the idle timeout: every child is still the same
+                async with trio.open_nursery() as nursery:
+                    for pidfd in pidfds:  # readable once that process has exited
+                        nursery.start_soon(_ends, nursery, trio.lowlevel.wait_readable, pidfd)
+                    nursery.start_soon(_ends, nursery, logs.until, "child exited: restarting")
+                raise AssertionError(f"a child ended within 20 s: {logs.lines[-3:]}")
+            process.kill()  # SIGKILL: the supervisor cannot pass anything on
+            with trio.fail_after(20):
+                for pidfd in pidfds:
+                    await trio.lowlevel.wait_readable(pidfd)
+        finally:
+            for pidfd in pidfds:
+                os.close(pidfd)
+        for port in (ws_port, http_port):  # no orphan holds a port: a new supervisor can start
+            with socket.socket() as probe:
+                probe.bind(("127.0.0.1", port))
+
+
+async def _ends(nursery: trio.Nursery, wait: Any, *args: Any) -> None:
+    await wait(*args)
+    nursery.cancel_scope.cancel()
+
+
 async def test_systemd_hears_ready_once_every_child_is(tmp_path: Path, redis: RedisServer) -> None:
     """Under ``Type=notify`` the supervisor is the main process: the children notify a relay
     socket of its own, and systemd gets one READY=1 when all of them are ready."""
@@ -223,3 +260,129 @@ async def test_a_child_that_says_ready_twice_counts_once(
                         assert (
                             await http.get(f"http://127.0.0.1:{port}/healthz")
                         ).status_code == 200
+
+
+async def test_a_hung_gateway_is_killed_and_replaced(tmp_path: Path, redis: RedisServer) -> None:
+    """SIGSTOP one gateway: its event loop stops beating, and once it has been silent for
+    ``workers.watchdog_s`` the supervisor SIGKILLs it and starts another. Its clients see their
+    connection end (so they reconnect), the other gateway's clients keep their events, new
+    clients are served, the compute process's /metrics counts the replacement, and the
+    supervisor's own systemd watchdog goes on throughout."""
+    path = tmp_path / "notify.sock"
+    with trio.socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as systemd:
+        await systemd.bind(str(path))
+        env = {"NOTIFY_SOCKET": str(path), "WATCHDOG_USEC": "1000000"}
+        async with (
+            supervisor(tmp_path, redis, workers=2, env=env, extra="[workers]\nwatchdog_s = 2.0\n")
+            as (_, logs, ws_port, http_port),
+            trio.open_nursery() as nursery,
+        ):  # fmt: skip
+            told: list[tuple[float, str]] = []
+            nursery.start_soon(_listen, systemd, told)
+            url = f"ws://127.0.0.1:{ws_port}/ws"
+            started = {line["child"]: line["pid"] for line in await logs.until("child started", 3)}
+            clients = [await nursery.start(hold_client, url) for _ in range(12)]
+            on_victim = await _open_connections(http_port + 1)  # gateway-1's /metrics
+            assert 0 < on_victim < 12  # the kernel spread them over both gateways
+            with trio.fail_after(20):
+                os.kill(started["gateway-1"], signal.SIGSTOP)
+                stopped_at, stopped_wall = trio.current_time(), time.time()
+                (hung,) = await logs.until("child hung: killing it")
+                assert (hung["child"], hung["pid"]) == ("gateway-1", started["gateway-1"])
+                assert 2.0 <= hung["silent_s"] < 4.0  # a beat every 1 s stopped, checked at 2 s
+                (exited,) = await logs.until("child exited: restarting")
+                assert (exited["reason"], exited["code"]) == ("hung", -signal.SIGKILL)
+                await logs.until("pushd ready", 4)  # the replacement serves
+                replaced_s = trio.current_time() - stopped_at
+                killed_s = _log_time(hung) - stopped_wall
+                ended, served = await _publish_and_read(http_port, clients, {"n": 1})
+                assert ended == on_victim and served == 12 - on_victim
+                fresh = [await nursery.start(hold_client, url) for _ in range(8)]
+                assert await _publish_and_read(http_port, fresh, {"n": 2}) == (0, 8)
+            print(
+                f"SIGSTOP to SIGKILL {killed_s:.2f} s, to the replacement ready {replaced_s:.2f} s"
+            )
+            async with httpx.AsyncClient() as http:
+                text = (await http.get(f"http://127.0.0.1:{http_port}/metrics")).text
+            metrics = Scrape(text)
+            for child in ("compute", "gateway-1", "gateway-2"):
+                for reason in ("exited", "hung"):
+                    want = int((child, reason) == ("gateway-1", "hung"))
+                    got = metrics.value("pushd_children_replaced_total", child=child, reason=reason)
+                    assert got == want, (child, reason, got)
+            rules = yaml.safe_load((OPS / "prometheus" / "alerts.yml").read_text())
+            exprs = [r["expr"] for g in rules["groups"] for r in g["rules"]
+                     if "pushd_children_replaced" in r["expr"]]  # fmt: skip
+            assert exprs
+            for expr in exprs:  # against a process that exports the series with its labels
+                check_expression(expr, metrics, expr)
+            # systemd heard READY once, then the supervisor's pings, during the hang as well
+            assert [text for _, text in told if not text.startswith("WATCHDOG=1\n")] == [
+                "READY=1\nSTATUS=2 gateway workers and a compute process ready"
+            ]
+            assert any(stopped_at < at < stopped_at + replaced_s for at, _ in told)
+            nursery.cancel_scope.cancel()
+
+
+async def _listen(systemd: trio.socket.SocketType, told: list[tuple[float, str]]) -> None:
+    while True:
+        text = (await systemd.recv(4096)).decode()
+        told.append((trio.current_time(), text))
+
+
+async def _open_connections(port: int) -> int:
+    async with httpx.AsyncClient() as http:
+        return int(Scrape((await http.get(f"http://127.0.0.1:{port}/metrics")).text)
+                   .value("pushd_connections_open"))  # fmt: skip
+
+
+async def _publish_and_read(http_port: int, clients: list[Any], data: Any) -> tuple[int, int]:
+    """Publish to uid 1001's orders: how many clients found their connection ended, and how
+    many got the event."""
+    async with httpx.AsyncClient() as http:
+        r = await http.post(f"http://127.0.0.1:{http_port}/v1/publish", headers=AUTH,
+                            json={"channel": "user_1001_order", "data": data})  # fmt: skip
+        assert r.status_code == 200, r.text
+    ended = served = 0
+    for client in clients:
+        try:
+            assert (await client.recv())["data"] == data
+            served += 1
+        except trio_websocket.ConnectionClosed as closed:
+            assert closed.reason.code == 1006  # the kernel closed it: no close frame
+            ended += 1
+    return ended, served
+
+
+def _log_time(line: dict[str, Any]) -> float:
+    return datetime.fromisoformat(line["timestamp"]).timestamp()
+
+
+async def test_a_child_that_stops_is_not_taken_for_hung(tmp_path: Path, redis: RedisServer) -> None:
+    """A child that drains (SIGTERM, here to it alone) stops beating when its loop ends, while
+    its interpreter exits: that silence is allowed (for 30 s, as systemd's TimeoutStopSec
+    replaces the watchdog while a unit stops). Its stop is frozen right after it said
+    STOPPING=1, for three times ``workers.watchdog_s``: not killed, and replaced as exited."""
+    async with supervisor(tmp_path, redis, workers=1, extra="[workers]\nwatchdog_s = 1.0\n") as (
+        _, logs, _, _,
+    ):  # fmt: skip
+        (started,) = await logs.until("child started", child="gateway-1")
+        victim = started["pid"]
+        os.kill(victim, signal.SIGTERM)
+        with trio.fail_after(20):
+            await logs.until("child stopping", child="gateway-1")
+            os.kill(victim, signal.SIGSTOP)
+            try:
+                with trio.move_on_after(3.0):
+                    await logs.until("child hung: killing it")
+                    raise AssertionError("a stopping child was taken for a hung one")
+                assert _state(victim) == "T"  # it was frozen in its stop, not already gone
+            finally:
+                os.kill(victim, signal.SIGCONT)
+            (exited,) = await logs.until("child exited: restarting", child="gateway-1")
+            assert (exited["reason"], exited["code"]) == ("exited", 0)
+
+
+def _state(pid: int) -> str:
+    """The process state letter of /proc/<pid>/stat (R running, T stopped, Z exited)."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
