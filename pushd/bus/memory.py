@@ -14,6 +14,7 @@ across a new epoch.
 
 from __future__ import annotations
 
+import ctypes
 import time
 from collections.abc import Callable, Sequence
 
@@ -25,6 +26,26 @@ from pushd.gateway.hub import Hub
 
 SWEEP_EVERY = 4096  # publishes between sweeps of idle channels
 SWEEPS_PER_AGE = 4  # timed sweeps per history_age_s: a quiet channel goes within 1.25 ages
+TRIM_AFTER = 10_000  # channels forgotten in one sweep that are worth a malloc_trim
+
+
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        trim: Callable[[int], int] = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return None
+    return trim
+
+
+_trim = _malloc_trim()
+
+
+def give_back_memory() -> None:
+    """Return the heap's free pages to the system: Python's allocator frees the forgotten
+    channels' memory (their histories are malloc'd blocks) but glibc keeps it mapped, so
+    without this RSS would stay at its peak for good."""
+    if _trim is not None:
+        _trim(0)
 
 
 class MemoryBus:
@@ -88,14 +109,19 @@ class MemoryBus:
         for channel in idle:
             del self._history[channel]
             self.floor = max(self.floor, self._seq.pop(channel))
+        if len(idle) >= TRIM_AFTER:  # a dict keeps its table at its peak size: copy them
+            self._seq, self._history = dict(self._seq), dict(self._history)
         return len(self._seq)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Sweep on a timer too, so channels are forgotten when publishing stops."""
+        """Sweep on a timer too, so channels are forgotten when publishing stops; after a
+        sweep that forgot many, hand the freed memory back to the system."""
         task_status.started()
         while True:
             await trio.sleep(self._history_age_s / SWEEPS_PER_AGE)
-            self.sweep(self._clock())
+            before = len(self._seq)
+            if before - self.sweep(self._clock()) >= TRIM_AFTER:
+                give_back_memory()
 
     @property
     def channels(self) -> int:
