@@ -290,6 +290,8 @@ class Daemon:
                     await nursery.start(self.control.run)
                     if self.leases is not None:
                         await nursery.start(self.leases.run)
+                if isinstance(self.bus, MemoryBus):
+                    nursery.start_soon(self.bus.run)  # forgets quiet channels
                 ws_port = http_port = udp_port = tcp_port = 0
                 if self.serves_clients:
                     ws_port = await start_service(

@@ -2,18 +2,50 @@
 
 The numbering of every channel lives here, in one epoch per process start: a client that
 reconnects after a restart sees another epoch and reloads.
+
+A channel's state (its seq and history) lasts as long as it is used: once the channel has no
+subscriber on this node and its last message is older than history is kept, it is forgotten,
+so channels named by peers (a uid per private channel) cost nothing after they go quiet. A
+forgotten channel that comes back numbers its messages above every seq this process has
+forgotten (``floor``): no ``(epoch, seq)`` is ever given to two messages, and a ``since``
+from before the gap finds no history reaching back to it (``recovered: false``: reload), as
+across a new epoch.
 """
 
 from __future__ import annotations
 
+import ctypes
 import time
 from collections.abc import Callable, Sequence
+
+import trio
 
 from pushd.bus.model import Entry, History, Outgoing, Position, Recovery, new_epoch
 from pushd.channels import StateKind, state_kind
 from pushd.gateway.hub import Hub
 
-SWEEP_EVERY = 4096  # publishes between sweeps of idle channels' histories
+SWEEP_EVERY = 4096  # publishes between sweeps of idle channels
+SWEEPS_PER_AGE = 4  # timed sweeps per history_age_s: a quiet channel goes within 1.25 ages
+TRIM_AFTER = 10_000  # channels forgotten in one sweep that are worth a malloc_trim
+
+
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        trim: Callable[[int], int] = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return None
+    return trim
+
+
+_trim = _malloc_trim()
+
+
+def give_back_memory() -> None:
+    """Return the heap's free pages to the system: Python's allocator frees the forgotten
+    channels' memory (their histories are malloc'd blocks) but glibc keeps it mapped, so
+    without this RSS would stay at its peak for good."""
+    if _trim is not None:
+        _trim(0)
 
 
 class MemoryBus:
@@ -29,11 +61,12 @@ class MemoryBus:
         self._hub = hub
         self.epoch = new_epoch()
         self._seq: dict[str, int] = {}
-        self._history: dict[str, History] = {}
+        self._history: dict[str, History] = {}  # the same channels as _seq
         self._history_size = history_size
         self._history_age_s = history_age_s
         self._clock = clock
         self._until_sweep = SWEEP_EVERY
+        self.floor = 0  # the highest seq of any channel forgotten: new numberings start above
 
     def publish(self, items: Sequence[Outgoing]) -> None:
         self._publish(items)
@@ -43,34 +76,60 @@ class MemoryBus:
 
     def _publish(self, items: Sequence[Outgoing]) -> list[Position]:
         seqs, histories, epoch, now = self._seq, self._history, self.epoch, self._clock()
-        publish = self._hub.publish
+        hub = self._hub
         positions = []
         for item in items:
             channel = item.channel
-            seq = seqs.get(channel, 0) + 1
+            seq = seqs.get(channel, self.floor) + 1
             seqs[channel] = seq
             history = histories.get(channel)
             if history is None:
                 # a state stream's late subscriber gets its current state, not a replay
                 size = self._history_size if state_kind(channel) is StateKind.EVENTS else 0
                 history = histories[channel] = History(size, self._history_age_s)
-            history.append(Entry(seq, item.data), now)
-            publish(channel, epoch, seq, item.data)
+            undeliverable = hub.undeliverable
+            hub.publish(channel, epoch, seq, item.data)
+            if hub.undeliverable == undeliverable:
+                history.append(Entry(seq, item.data), now)
+            else:  # never replayed: a since across it is not recovered
+                history.skip(now)
             positions.append(Position(epoch, seq))
         self._until_sweep -= len(items)
         if self._until_sweep <= 0:
-            self._sweep(now)
+            self.sweep(now)
         return positions
 
-    def _sweep(self, now: float) -> None:
-        """Drop the histories of channels idle for longer than history is kept."""
+    def sweep(self, now: float) -> int:
+        """Forget the channels nobody here follows whose history has expired; returns how
+        many channels are left."""
         self._until_sweep = SWEEP_EVERY
-        idle = [ch for ch, history in self._history.items() if history.idle(now)]
+        subscribers = self._hub.subscriber_count
+        idle = [ch for ch, history in self._history.items()
+                if history.idle(now) and not subscribers(ch)]  # fmt: skip
         for channel in idle:
             del self._history[channel]
+            self.floor = max(self.floor, self._seq.pop(channel))
+        if len(idle) >= TRIM_AFTER:  # a dict keeps its table at its peak size: copy them
+            self._seq, self._history = dict(self._seq), dict(self._history)
+        return len(self._seq)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Sweep on a timer too, so channels are forgotten when publishing stops; after a
+        sweep that forgot many, hand the freed memory back to the system."""
+        task_status.started()
+        while True:
+            await trio.sleep(self._history_age_s / SWEEPS_PER_AGE)
+            before = len(self._seq)
+            if before - self.sweep(self._clock()) >= TRIM_AFTER:
+                give_back_memory()
+
+    @property
+    def channels(self) -> int:
+        """How many channels this bus keeps state for."""
+        return len(self._seq)
 
     def position(self, channel: str) -> Position:
-        return Position(self.epoch, self._seq.get(channel, 0))
+        return Position(self.epoch, self._seq.get(channel, self.floor))
 
     async def recover(self, channel: str, since: Position | None) -> Recovery:
         position = self.position(channel)

@@ -10,9 +10,8 @@ its history were lost (a restart, an eviction): the client must reload.
 
 from __future__ import annotations
 
-import itertools
+import math
 import secrets
-from collections import deque
 from collections.abc import Sequence
 from typing import Protocol
 
@@ -20,9 +19,29 @@ import msgspec
 
 EPOCH_BYTES = 4  # 8 hex characters: new epochs only need to differ from the last few
 
+_any_json = msgspec.json.Decoder()
+
 
 def new_epoch() -> str:
     return secrets.token_hex(EPOCH_BYTES)
+
+
+class MalformedData(ValueError):
+    """Message data that is not one JSON value in UTF-8: no client could be sent it."""
+
+
+def checked(data: bytes | msgspec.Raw) -> msgspec.Raw:
+    """``data`` as a message's data, once it is known to be one JSON value in UTF-8 throughout.
+
+    What comes from outside (a backend's publish, whatever Redis hands back) goes through
+    here before it gets a seq or reaches the hub: a parser that skips a value (``Raw``) checks
+    neither its UTF-8 nor, for bytes read back from Redis, its syntax; decoding it does both."""
+    raw = data if isinstance(data, msgspec.Raw) else msgspec.Raw(data)
+    try:
+        _any_json.decode(raw)
+    except msgspec.DecodeError as exc:
+        raise MalformedData(str(exc)) from None
+    return raw
 
 
 class Position(msgspec.Struct, frozen=True, gc=False):
@@ -97,22 +116,36 @@ class Bus(Protocol):
 
 
 class History:
-    """A channel's last messages, bounded by count and by age (``now`` is passed in)."""
+    """A channel's last messages, bounded by count and by age (``now`` is passed in).
 
-    __slots__ = ("_entries", "_max_age", "_size")
+    A list, not a deque: most channels (one per uid) hold a message or two, and a deque
+    allocates a 64-slot block for its first one (~600 B a channel)."""
+
+    __slots__ = ("_entries", "_last", "_max_age", "_size")
 
     def __init__(self, size: int, max_age: float) -> None:
-        self._entries: deque[tuple[float, Entry]] = deque(maxlen=size)
+        self._entries: list[tuple[float, Entry]] = []
         self._size = size
         self._max_age = max_age
+        self._last = -math.inf  # when the channel last had a message (kept or not)
 
     def append(self, entry: Entry, now: float) -> None:
+        self._last = now
         if self._size:
-            self._entries.append((now, entry))
+            entries = self._entries
+            entries.append((now, entry))
+            if len(entries) > self._size:
+                del entries[0]
+
+    def skip(self, now: float) -> None:
+        """A message that is not kept (the hub could not deliver it): the hole it leaves makes
+        ``since`` refuse every replay across it (the entries before it no longer line up)."""
+        self._last = now
 
     def idle(self, now: float) -> bool:
-        """True when every entry is older than history is kept."""
-        return not self._entries or self._entries[-1][0] < now - self._max_age
+        """True when the channel's last message is older than history is kept: whatever it
+        kept has expired, and a state stream (which keeps nothing) has been quiet as long."""
+        return self._last < now - self._max_age
 
     def since(self, seq: int, upto: int, now: float) -> tuple[Entry, ...] | None:
         """The entries after ``seq`` up to ``upto``, or None when history no longer reaches
@@ -123,13 +156,15 @@ class History:
             return None
         entries = self._entries
         oldest = now - self._max_age
-        while entries and entries[0][0] < oldest:
-            entries.popleft()
+        expired = 0
+        while expired < len(entries) and entries[expired][0] < oldest:
+            expired += 1
+        del entries[:expired]
         count = upto - seq
         if count > len(entries):
             return None
-        missed = tuple(entry for _, entry in itertools.islice(entries, len(entries) - count, None))
-        if missed[0].seq != seq + 1:  # cannot happen while seqs are contiguous; be sure
+        missed = tuple(entry for _, entry in entries[len(entries) - count :])
+        if missed[0].seq != seq + 1:  # a hole (a skipped message) in the window: no replay
             return None
         return missed
 

@@ -50,9 +50,11 @@ from coredis.connection import TCPLocation
 from pushd.bus.model import (
     BusUnavailable,
     Entry,
+    MalformedData,
     Outgoing,
     Position,
     Recovery,
+    checked,
     new_epoch,
 )
 from pushd.channels import StateKind, state_kind
@@ -122,37 +124,56 @@ class Keys:
         self.pubsub = tag
 
 
+def text(value: Any) -> str:
+    """A string Redis handed back (an epoch), whatever bytes someone stored there."""
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+
+
 def recovery_from(since: Position | None, reply: list[Any]) -> Recovery:
     """Read a ``recover.lua`` reply: the replay after ``since`` if history holds all of it,
-    else the stored state and the diffs after it, if history bridges them."""
+    else the stored state and the diffs after it, if history bridges them. Nothing in it is
+    trusted: an entry or a state that is not well-formed is a hole no replay crosses."""
     epoch_b, seq, state_seq, state, raw_entries = reply
-    epoch = epoch_b.decode() if isinstance(epoch_b, bytes) else str(epoch_b)
-    position = Position(epoch, int(seq))
-    entries = [_entry(fields) for _, fields in reversed(raw_entries or [])]
+    position = Position(text(epoch_b), int(seq))
+    entries = [e for _, fields in reversed(raw_entries or []) if (e := _entry(fields))]
 
     def after(low: int) -> tuple[Entry, ...] | None:
         tail = tuple(e for e in entries if e.seq > low)
-        if position.seq < low or len(tail) != position.seq - low:
+        if position.seq < low or [e.seq for e in tail] != list(range(low + 1, position.seq + 1)):
             return None
         return tail
 
-    if since is not None and since.epoch == epoch:
+    if since is not None and since.epoch == position.epoch:
         missed = after(since.seq)
         if missed is not None:
             return Recovery(position, recovered=True, missed=missed)
     current: tuple[Entry, ...] = ()
-    if state is not None and state_seq is not None:
+    if state is not None and state_seq is not None and well_formed(state):
         diffs = after(int(state_seq))
         if diffs is not None:
             current = (Entry(int(state_seq), msgspec.Raw(state)), *diffs)
     return Recovery(position, recovered=False, current=current)
 
 
-def _entry(fields: Any) -> Entry:
-    if isinstance(fields, dict):
-        return Entry(int(fields[b"s"]), msgspec.Raw(fields[b"d"]))
-    values = dict(zip(fields[::2], fields[1::2], strict=True))
-    return Entry(int(values[b"s"]), msgspec.Raw(values[b"d"]))
+def well_formed(data: bytes) -> bool:
+    try:
+        checked(data)
+    except MalformedData:
+        return False
+    return True
+
+
+def _entry(fields: Any) -> Entry | None:
+    """A history entry, or None where what is stored is not one (then history has a hole)."""
+    try:
+        values = (
+            fields
+            if isinstance(fields, dict)
+            else dict(zip(fields[::2], fields[1::2], strict=True))
+        )
+        return Entry(int(values[b"s"]), checked(values[b"d"]))
+    except (KeyError, ValueError, TypeError):  # MalformedData is a ValueError
+        return None
 
 
 class _Feed:
@@ -211,8 +232,10 @@ class RedisBus:
         self.recovered_gaps = 0
         self.resyncs = 0  # gaps history could not fill: subscribers told
         self.duplicates = 0
+        self.malformed = 0  # messages from Redis no client could be sent: dropped, resync
         self._drop_log = ThrottledLog(log, "Redis unreachable: outbox full, messages dropped")
         self._gap_log = ThrottledLog(log, "channel gap not in history: subscribers told")
+        self._malformed_log = ThrottledLog(log, "malformed message from Redis: subscribers told")
 
     # -- the Bus interface ------------------------------------------------------------------
 
@@ -265,8 +288,8 @@ class RedisBus:
         """A state stream's stored state and the position it is exact at (REST)."""
         keys = Keys(self.prefix, channel)
         reply = await self._recover_reply(keys, None, want_state=True, most=0)
-        epoch = reply[0].decode() if isinstance(reply[0], bytes) else str(reply[0])
-        if reply[2] is None:
+        epoch = text(reply[0])
+        if reply[2] is None or not well_formed(reply[3]):
             return Position(epoch, 0), None
         return Position(epoch, int(reply[2])), msgspec.Raw(reply[3])
 
@@ -279,9 +302,9 @@ class RedisBus:
                 raw = await self.client.xrevrange(keys.hist, count=most)
         except REDIS_ERRORS as exc:
             raise BusUnavailable(describe(exc)) from None
-        entries = [_entry(entry.field_values) for entry in reversed(raw or ())]  # StreamEntry
+        entries = [e for entry in reversed(raw or ()) if (e := _entry(entry.field_values))]
         last = entries[-1].seq if entries else 0
-        return Position(epoch.decode() if epoch else "", last), entries
+        return Position(text(epoch) if epoch else "", last), entries
 
     async def archive(self, channel: str, most: int) -> list[msgspec.Raw]:
         """The last ``most`` archived messages of ``channel`` (closed candles), oldest first."""
@@ -291,7 +314,7 @@ class RedisBus:
                 raw = await self.client.lrange(keys.archive, -most, -1)
         except REDIS_ERRORS as exc:
             raise BusUnavailable(describe(exc)) from None
-        return [msgspec.Raw(item) for item in raw]
+        return [msgspec.Raw(item) for item in raw if well_formed(item)]
 
     def interest(self, channel: str) -> None:
         keys = Keys(self.prefix, channel)
@@ -388,7 +411,14 @@ class RedisBus:
             if not self._outbox:
                 self._outbox_wanted = trio.Event()
                 continue
-            batch = [self._outbox[i] for i in range(min(BATCH, len(self._outbox)))]
+            count = min(BATCH, len(self._outbox))
+            while (
+                count < len(self._outbox)
+                and self._outbox[count][1] is not None
+                and (self._outbox[count][1] is self._outbox[count - 1][1])
+            ):  # a confirmed batch (HTTP) goes in one round trip, never split across two
+                count += 1
+            batch = [self._outbox[i] for i in range(count)]
             try:
                 results = await self._send(batch)
             except coredis.exceptions.NoScriptError:  # Redis lost its scripts: load, send again
@@ -431,7 +461,7 @@ class RedisBus:
             positions = []
             for run, request in zip(runs, requests, strict=True):
                 epoch, first = await request
-                positions += [Position(epoch.decode(), int(first) + i) for i in range(len(run))]
+                positions += [Position(text(epoch), int(first) + i) for i in range(len(run))]
             return positions
 
     def _publish_request(self, pipe: Any, run: list[Outgoing]) -> Any:
@@ -551,10 +581,17 @@ class RedisBus:
         self._deliver(channel, feed, epoch, seq, data)
 
     def _deliver(self, channel: str, feed: _Feed, epoch: str, seq: int, data: msgspec.Raw) -> None:
+        """Hand one message to the hub, which drops what no client can be sent (data that
+        is not UTF-8: anyone with access to Redis can publish) with a resync notice."""
         feed.position = Position(epoch, seq)
-        if feed.kind is StateKind.WHOLE:
+        hub = self._hub
+        undeliverable = hub.undeliverable
+        hub.publish(channel, epoch, seq, data)
+        if hub.undeliverable != undeliverable:
+            self.malformed += 1
+            self._malformed_log.warning(channel=channel, seq=seq, malformed=self.malformed)
+        elif feed.kind is StateKind.WHOLE:
             self._whole[channel] = (feed.position, data)
-        self._hub.publish(channel, epoch, seq, data)
 
     def _keep_whole(self, channel: str, epoch: str, state: Entry) -> None:
         known = self._whole.get(channel)
@@ -585,19 +622,24 @@ class RedisBus:
         if self._feeds.get(channel) is not feed:
             return
         held, feed.held = feed.held or [], None
-        if recovery.recovered:
-            self.recovered_gaps += 1
-            for entry in recovery.missed:
-                self._deliver(channel, feed, recovery.position.epoch, entry.seq, entry.data)
-        else:
-            self.resyncs += 1
-            self._gap_log.warning(channel=channel, since=since.seq if since else None)
-            if feed.kind is StateKind.WHOLE and recovery.current:
-                self._keep_whole(channel, recovery.position.epoch, recovery.current[-1])
-            feed.position = recovery.position
-            self._hub.resync(channel, recovery.position)
-        for epoch, seq, data in held:
-            self._on_message(channel, epoch, seq, data)
+        try:  # what Redis handed back is not trusted: at worst the channel's subscribers are told
+            if recovery.recovered:
+                self.recovered_gaps += 1
+                for entry in recovery.missed:
+                    self._deliver(channel, feed, recovery.position.epoch, entry.seq, entry.data)
+            else:
+                self.resyncs += 1
+                self._gap_log.warning(channel=channel, since=since.seq if since else None)
+                if feed.kind is StateKind.WHOLE and recovery.current:
+                    self._keep_whole(channel, recovery.position.epoch, recovery.current[-1])
+                feed.position = recovery.position
+                self._hub.resync(channel, recovery.position)
+            for epoch, seq, data in held:
+                self._on_message(channel, epoch, seq, data)
+        except Exception:
+            log.exception("catch-up failed: subscribers told", channel=channel)
+            feed.held = None
+            self._hub.resync(channel, feed.position or recovery.position)
 
     async def _read(self, feed: _Feed, since: Position | None, *, want_state: bool) -> Recovery:
         reply = await self._recover_reply(feed.keys, since, want_state=want_state, most=MAX_REPLAY)

@@ -128,6 +128,7 @@ class Hub:
         self.dropped = 0
         self.replies = 0
         self.lag_resyncs = 0
+        self.undeliverable = 0  # messages whose data could not be framed (not UTF-8)
 
     def subscribe(self, outlet: Outlet, channel: Channel) -> Position | None:
         """Add a live subscriber; it gets the stream's current state first, where there is one.
@@ -250,11 +251,15 @@ class Hub:
             return 0
         route.epoch = epoch
         route.seq = seq
+        try:
+            frame = text_frame(encode_event(route.channel.protocol, data, seq, epoch))
+        except UnicodeDecodeError:  # data not UTF-8: the bus should have refused it
+            self._undeliverable(route, Position(epoch, seq))
+            return 0
         if route.pending:
             self._keep(route, epoch, seq, data)
         if route.ahead:
             self._catch_up(route, epoch, seq)
-        frame = text_frame(encode_event(route.channel.protocol, data, seq, epoch))
         size = len(frame)
         dirty = self.dirty
         was_clean = not dirty
@@ -275,6 +280,15 @@ class Hub:
         if was_clean and dirty:
             self.on_dirty()
         return delivered
+
+    def _undeliverable(self, route: _Route, at: Position) -> None:
+        """A message no client can be sent is dropped, and every subscriber of its channel,
+        joining ones included (after their replay), gets a resync notice for it: the
+        stream goes on, nobody is left with a silent hole, and the node is not at risk."""
+        self.undeliverable += 1
+        for outlet in route.pending:
+            outlet.lagging[route.channel.internal] = (route.channel, at)
+        self.resync(route.channel.internal, at)
 
     def _keep(self, route: _Route, epoch: str, seq: int, data: msgspec.Raw) -> None:
         for outlet, kept in route.pending.items():

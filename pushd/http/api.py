@@ -41,7 +41,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from pushd.bus.control import ControlPlane
-from pushd.bus.model import Bus, BusUnavailable, Outgoing, Position
+from pushd.bus.model import Bus, BusUnavailable, MalformedData, Outgoing, Position, checked
 from pushd.bus.redis import RedisBus
 from pushd.channels import (
     KLINE_INTERVALS,
@@ -309,7 +309,11 @@ class HttpApi:
             )
         if len(item.data) > self._max_data:
             raise ApiError(413, f"data of {item.channel} over {self._max_data} bytes")
-        return Outgoing(item.channel, item.data)
+        try:  # before a seq is taken: a message no client can be sent gets none
+            data = checked(item.data)
+        except MalformedData as exc:
+            raise ApiError(400, f"data of {item.channel} is not JSON in UTF-8: {exc}") from None
+        return Outgoing(item.channel, data)
 
     async def publish(self, request: Request) -> dict[str, object]:
         item = _decode(await self._body(request), PublishItem)
@@ -321,7 +325,8 @@ class HttpApi:
         batch = _decode(await self._body(request), PublishBatch)
         if len(batch.messages) > self._config.http.max_batch:
             raise ApiError(413, f"batch over {self._config.http.max_batch} messages")
-        items = [self._check(item) for item in batch.messages]  # all valid, or none published
+        # every message is checked before any is published: all valid, or none published
+        items = [self._check(item) for item in batch.messages]
         positions = await self._publish(items)
         self._metrics.published_api.inc(len(items))
         return {

@@ -1,0 +1,154 @@
+"""Hostile publishes and what a bus hands back: no input ends a node, no seq is given to a
+message that cannot be delivered, a batch is all or nothing, and data read back from Redis is
+never trusted to be well-formed (issue 18, item 2). Real daemons on real sockets, a real
+redis-server for the Redis bus, and a sans-IO check of the hub's last-resort boundary."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import coredis
+import httpx
+import msgspec
+import pytest
+import trio
+from conftest import PUBLISH_TOKEN, Running, make_config, open_client, start_daemon, subscribed
+from redis_servers import RedisServer
+
+from pushd.bus.redis import META_TTL_S, Keys, lua_script
+from pushd.channels import parse_internal
+from pushd.gateway.hub import Hub, Outlet
+
+AUTH = {"authorization": f"Bearer {PUBLISH_TOKEN}", "content-type": "application/json"}
+# invalid UTF-8 inside a JSON string: well-formed JSON to a parser that does not check UTF-8
+BAD_DATA = b'"\xff\xfe"'
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def node(request: pytest.FixtureRequest, nursery: trio.Nursery) -> AsyncIterator[Running]:
+    """One daemon on each bus (the Redis one on a private redis-server)."""
+    if request.param == "memory":
+        yield await start_daemon(nursery, make_config())
+        return
+    with RedisServer() as redis:
+        bus = {"kind": "redis", "redis": {"url": redis.url, "timeout_s": 1.0}}
+        running = await start_daemon(nursery, make_config(bus=bus))
+        running.redis_url = redis.url  # type: ignore[attr-defined]
+        yield running
+
+
+async def post(node: Running, path: str, body: bytes) -> httpx.Response:
+    async with httpx.AsyncClient() as http:
+        return await http.post(f"{node.http_url}{path}", content=body, headers=AUTH)
+
+
+async def test_invalid_utf8_is_refused_before_a_seq_is_taken(node: Running) -> None:
+    """On both buses: 400, no seq spent, no hole for live subscribers or for ``since``, and a
+    batch with one bad message publishes none of it."""
+    async with open_client(node.ws_url) as client:
+        reply = await client.call({"op": "subscribe", "channel": "notice"})
+        assert subscribed(reply, "notice")
+        first = await node.publish("notice", {"n": 1})
+        bad = await post(node, "/v1/publish", b'{"channel":"notice","data":' + BAD_DATA + b"}")
+        assert bad.status_code == 400, bad.text
+        assert "UTF-8" in bad.json()["error"]
+        batch = (b'{"messages":[{"channel":"notice","data":{"n":99}},'
+                 b'{"channel":"notice","data":{"s":' + BAD_DATA + b"}}]}")  # fmt: skip
+        bad = await post(node, "/v1/publish/batch", batch)
+        assert bad.status_code == 400, bad.text
+        second = await node.publish("notice", {"n": 2})
+        assert second == first + 1  # neither refusal spent a seq
+        seen = [await client.recv(), await client.recv()]
+        assert [(e["seq"], e["data"]) for e in seen] == [(first, {"n": 1}), (second, {"n": 2})]
+        epoch = seen[0]["epoch"]
+    async with open_client(node.ws_url) as late:
+        since = {"seq": first - 1, "epoch": epoch}
+        reply = await late.call({"op": "subscribe", "channel": "notice", "since": since})
+        assert reply["recovered"] is True, reply
+        assert [(await late.recv())["data"]["n"] for _ in range(2)] == [1, 2]
+
+
+async def plant(redis_url: str, channel: str, data: bytes, *, announce: bool) -> None:
+    """What any process with access to the shared Redis can do: run the publish script with
+    data that is not UTF-8. ``announce``: on the channel's pub/sub channel (else on one no node
+    follows, so nodes find the message only in history, through a gap)."""
+    keys = Keys("pushd", channel)
+    pubsub = keys.pubsub if announce else f"{keys.pubsub}:nobody"
+    client: Any = coredis.Redis.from_url(redis_url, decode_responses=False)
+    async with client:
+        await client.eval(
+            lua_script("publish.lua"),
+            keys=[keys.meta, keys.hist, keys.archive],
+            args=[pubsub, "planted0", 200, 300_000, META_TTL_S, "publish", "0", 10, data, b"", b""],
+        )
+
+
+@pytest.mark.parametrize("announce", [True, False], ids=["live", "catch-up"])
+async def test_a_malformed_message_from_redis_ends_no_node(
+    nursery: trio.Nursery, announce: bool
+) -> None:
+    """A message planted in Redis (history and pub/sub, or history only, reached through the
+    gap it leaves): the node lives, the subscriber is told (a resync notice at its seq), the
+    stream goes on, and a ``since`` across it is ``recovered: false``, not a closed socket."""
+    with RedisServer() as redis:
+        bus = {"kind": "redis", "redis": {"url": redis.url, "timeout_s": 1.0}}
+        running = await start_daemon(nursery, make_config(bus=bus))
+        async with open_client(running.ws_url) as client:
+            assert subscribed(await client.call({"op": "subscribe", "channel": "notice"}), "notice")
+            first = await running.publish("notice", {"n": 1})
+            assert (await client.recv())["data"] == {"n": 1}
+            await plant(redis.url, "notice", BAD_DATA, announce=announce)
+            third = await running.publish("notice", {"n": 3})
+            assert third == first + 2
+            notice = await client.recv()
+            assert notice["resync"] is True, notice
+            if announce:  # dropped as it came: the notice is for it alone
+                assert notice["seq"] == first + 1, notice
+                event = await client.recv()
+                assert (event["seq"], event["data"]) == (third, {"n": 3})
+            else:  # a gap history could not fill: the notice covers it and what came with it
+                assert notice["seq"] == third, notice
+            fourth = await running.publish("notice", {"n": 4})
+            event = await client.recv()
+            assert (event["seq"], event["data"]) == (fourth, {"n": 4})
+            epoch = event["epoch"]
+        async with open_client(running.ws_url) as late:
+            since = {"seq": first, "epoch": epoch}
+            reply = await late.call({"op": "subscribe", "channel": "notice", "since": since})
+            assert reply["recovered"] is False, reply
+            await running.publish("notice", {"n": 5})
+            assert (await late.recv())["data"] == {"n": 5}  # live after it
+        async with open_client(running.ws_url) as late:
+            since = {"seq": first + 1, "epoch": epoch}  # after the planted one: exact again
+            reply = await late.call({"op": "subscribe", "channel": "notice", "since": since})
+            assert reply["recovered"] is True, reply
+            assert [(await late.recv())["data"]["n"] for _ in range(3)] == [3, 4, 5]
+
+
+def test_the_hub_drops_an_undeliverable_message_with_a_resync_notice() -> None:
+    """The last boundary, whatever bus fed it: a message whose data cannot be framed reaches
+    nobody, its subscribers (live and joining) are told, and the stream goes on."""
+    hub = Hub()
+    channel = parse_internal("notice", frozenset())
+    live, joining = Outlet(1 << 20), Outlet(1 << 20)
+    hub.subscribe(live, channel)
+    hub.join(joining, channel)
+    assert hub.publish("notice", "e1", 1, msgspec.Raw(b"1")) == 1
+    assert hub.publish("notice", "e1", 2, msgspec.Raw(BAD_DATA)) == 0
+    assert hub.publish("notice", "e1", 3, msgspec.Raw(b"3")) == 0  # lagging until drained
+    hub.settle(joining, channel, None)
+    assert msgspec.json.decode(bytes(live.out)[2:])["seq"] == 1  # one frame: 1 only
+    live.out.clear()
+    hub.drained(live)  # its buffer emptied: told what it lost, 2 (undeliverable) and 3
+    assert msgspec.json.decode(bytes(live.out)[2:]) == {
+        "event": "notice", "resync": True, "seq": 3, "epoch": "e1"}  # fmt: skip
+    assert b'"seq":1,' in joining.out and b'"seq":3,' in joining.out  # what was kept for it
+    joining.out.clear()
+    hub.drained(joining)
+    assert msgspec.json.decode(bytes(joining.out)[2:]) == {
+        "event": "notice", "resync": True, "seq": 2, "epoch": "e1"}  # fmt: skip
+    live.out.clear()
+    joining.out.clear()
+    assert hub.publish("notice", "e1", 4, msgspec.Raw(b"4")) == 2
+    assert hub.undeliverable == 1
