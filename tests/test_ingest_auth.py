@@ -9,18 +9,24 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import subprocess
+import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import httpx
 import trio
 import trio.testing
 from conftest import (
+    SECRET,
     Client,
     Running,
+    free_port,
     make_config,
     open_client,
     order,
+    pushd_process,
     start_daemon,
     subscribed,
     trade,
@@ -31,6 +37,7 @@ from structlog.testing import capture_logs
 from ingest import wire
 from ingest.framing import Framer
 from ingest.transport import TcpSender, UdpSender
+from pushd.auth import issue_hmac_token
 from pushd.config import Config
 from pushd.feed.sequencing import CONFLICT_AFTER_S
 
@@ -308,3 +315,92 @@ async def test_a_source_refused_or_silent_is_not_ready(nursery: trio.Nursery) ->
     assert (await metrics(running))[up] == 1
     market.close()
     marker.close()
+
+
+# -- the command line: run refuses an open ingest, sim and demo seal ---------------------------
+
+PUSHD = [sys.executable, "-m", "pushd"]
+
+
+def test_run_refuses_an_unauthenticated_ingest(tmp_path: Path) -> None:
+    config = tmp_path / "pushd.toml"
+    config.write_text("[auth.hmac]\nsecret = 's'\n")
+    result = subprocess.run([*PUSHD, "run", "--config", str(config)], capture_output=True,
+                            text=True, timeout=30, stdin=subprocess.DEVNULL)  # fmt: skip
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "ingest: no [[ingest.sources]] keys" in result.stderr
+    assert "allow_unauthenticated" in result.stderr
+    sim = subprocess.run([*PUSHD, "sim", "--config", str(config)], capture_output=True,
+                         text=True, timeout=30, stdin=subprocess.DEVNULL)  # fmt: skip
+    assert sim.returncode == 2
+    assert "sources 1 (market data) and 2 (private events)" in sim.stderr
+
+
+async def test_sim_seals_with_the_keys_of_the_config_file(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """`pushd sim --config` reads the keys from the file pushd reads: its frames are taken."""
+    running = await sealed(nursery)
+    config = tmp_path / "pushd.toml"
+    config.write_text(
+        f"[ingest]\nudp_port = {running.ports.ingest_udp}\ntcp_port = {running.ports.ingest_tcp}\n"
+        f"sources = [{{id = 1, key = '{KEYS[1].decode()}'}},\n"
+        f"  {{id = 2, key = '{KEYS[2].decode()}', private = true}}]\n"
+        f"[engine]\nsnapshot_port = {free_port()}\n[log]\nformat = 'json'\n"
+    )
+    process = await trio.lowlevel.open_process(
+        [*PUSHD, "sim", "--config", str(config), "--rate", "20", "--step-ms", "20"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        async with open_client(running.ws_url) as watcher:
+            await watcher.call({"op": "subscribe", "channel": "BTCUSDT@trades"})
+            with trio.fail_after(15):
+                assert (await watcher.recv())["data"]["trades"]
+    finally:
+        process.kill()
+        await process.wait()
+    intake = running.daemon.intake
+    assert sum(intake.refused.values()) == 0 and intake.frames["bad"] == 0
+    assert intake.source_frames[1]["restart"] == 1 and intake.source_frames[2]["restart"] == 1
+
+
+async def test_demo_seals_its_feed_and_logs_no_key(tmp_path: Path) -> None:
+    """`pushd demo` with keys in its config (one from a file): its simulator's frames are all
+    taken, both sources are up, and no key appears in a debug log."""
+    key_file = tmp_path / "market.key"
+    key_file.write_text(KEYS[1].decode() + "\n")
+    http, ws = free_port(), free_port()
+    config = tmp_path / "pushd.toml"
+    config.write_text(
+        f"[websocket]\nport = {ws}\n[http]\nport = {http}\n[auth.hmac]\nsecret = '{SECRET}'\n"
+        f"[ingest]\nudp_port = {free_port(socket.SOCK_DGRAM)}\ntcp_port = {free_port()}\n"
+        f"sources = [{{id = 1, key_file = '{key_file}'}},\n"
+        f"  {{id = 2, key = '{KEYS[2].decode()}', private = true}}]\n"
+        f"[engine]\nsnapshot_port = {free_port()}\n[log]\nformat = 'json'\nlevel = 'debug'\n"
+    )
+    command = [*PUSHD, "demo", "--config", str(config), "--history-h", "0"]
+    async with pushd_process(command) as (process, logs):
+        async with open_client(f"ws://127.0.0.1:{ws}/ws") as c:
+            await c.call({"op": "auth", "token": issue_hmac_token(SECRET, "1001", 60)})
+            await c.call({"op": "subscribe", "channel": ["BTCUSDT@trades", "@balance"]})
+            with trio.fail_after(15):
+                seen = {(await c.recv())["event"] for _ in range(2)}
+            while seen != {"BTCUSDT@trades", "@balance"}:
+                with trio.fail_after(15):
+                    seen.add((await c.recv())["event"])
+        async with httpx.AsyncClient() as client:
+            text = (await client.get(f"http://127.0.0.1:{http}/metrics")).text
+        process.terminate()
+        await process.wait()
+        with trio.fail_after(10):
+            await logs.until("stopped")
+    scrape = {(s.name, frozenset(s.labels.items())): s.value
+              for f in text_string_to_metric_families(text) for s in f.samples}  # fmt: skip
+    assert sum(v for (name, _), v in scrape.items()
+               if name == "pushd_ingest_refused_frames_total") == 0  # fmt: skip
+    for src in ("1", "2"):
+        assert scrape[("pushd_ingest_source_up", frozenset({("source", src)}))] == 1
+    logged = "\n".join(map(str, logs.lines))
+    assert "ingest peer authenticated" in logged
+    assert KEYS[1].decode() not in logged and KEYS[2].decode() not in logged
