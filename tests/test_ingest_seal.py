@@ -239,3 +239,15 @@ def test_a_key_file_is_read(tmp_path: Path) -> None:
     config = config_mod.load(path)
     assert config.ingest.key(3) == b"s" * 40 and config.ingest.key(4) is None
     assert config.ingest.sources[0].private
+
+
+def test_the_example_in_wire_md_is_what_the_code_seals() -> None:
+    """docs/wire.md's byte-by-byte example is the one an engine in another language checks its
+    sealing against: it must be exactly what ``wire.seal`` makes."""
+    text = (Path(__file__).resolve().parent.parent / "docs" / "wire.md").read_text()
+    block = text.split("### A sealed frame, byte by byte", 1)[1].split("```", 2)[1]
+    listed = bytes.fromhex(
+        " ".join(line.split("   ")[0] for line in block.splitlines() if line[:2].isalnum())
+    )
+    body = wire.encode(wire.Envelope(1, 1, 1, [wire.Heartbeat()]))
+    assert listed == wire.seal(body, 1, b"0123456789abcdef0123456789abcdef", 1764028800123)
