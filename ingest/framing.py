@@ -1,14 +1,15 @@
-"""Numbering and packing events into frames, for any sender. No I/O.
+"""Numbering, sealing and packing events into frames, for any sender. No I/O.
 
 ``Framer`` numbers frames 1, 2, 3, ... for one source and epoch (a new process = a new epoch, so
-pushd tells a restart from a loss). ``pack_datagrams`` fills UDP datagrams greedily up to the
-size limit without ever splitting an event.
+pushd tells a restart from a loss) and, given the source's key, seals each one (``wire.seal``:
+the header and HMAC pushd checks before it trusts a byte of the body). ``pack_datagrams`` fills
+UDP datagrams greedily up to the size limit without ever splitting an event.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from ingest import wire
 
@@ -16,22 +17,48 @@ ENVELOPE_OVERHEAD = 48  # map header, src, epoch, seq, array header: generous
 
 
 class Framer:
-    def __init__(self, src: int, epoch: int | None = None) -> None:
+    """Frames of one source. ``key`` None: unsealed frames (only for a pushd configured with
+    ``ingest.allow_unauthenticated``); ``clock`` gives the Unix time in ns (epoch, seal time)."""
+
+    def __init__(
+        self,
+        src: int,
+        epoch: int | None = None,
+        key: bytes | None = None,
+        clock: Callable[[], int] = time.time_ns,
+    ) -> None:
+        if key is not None and len(key) < wire.MIN_KEY_BYTES:
+            raise ValueError(f"a source key has at least {wire.MIN_KEY_BYTES} bytes")
         self.src = src
-        self.epoch = time.time_ns() if epoch is None else epoch
+        self.epoch = clock() if epoch is None else epoch
+        self.key = key
+        self._clock = clock
         self._seq = 0
 
     def envelope(self, events: Sequence[wire.Event]) -> wire.Envelope:
         self._seq += 1
         return wire.Envelope(self.src, self.epoch, self._seq, list(events))
 
+    def frame(self, events: Sequence[wire.Event]) -> bytes:
+        """One frame's bytes (a datagram, or a TCP frame's body): sealed when there is a key."""
+        body = wire.encode(self.envelope(events))
+        if self.key is None:
+            return body
+        return wire.seal(body, self.src, self.key, self._clock() // 1_000_000)
+
     def tcp_frame(self, events: Sequence[wire.Event]) -> bytes:
-        return wire.frame_tcp(self.envelope(events))
+        return wire.length_prefixed(self.frame(events))
 
     def datagrams(
         self, events: Sequence[wire.Event], limit: int = wire.MAX_DATAGRAM_BYTES
     ) -> list[bytes]:
-        return [wire.encode(self.envelope(group)) for group in pack_datagrams(events, limit)]
+        if self.key is not None:
+            limit -= wire.SEAL_OVERHEAD
+        return [self.frame(group) for group in pack_datagrams(events, limit)]
+
+    def heartbeat(self) -> bytes:
+        """A frame that only says the source is alive (a TCP hello, an idle sender's beat)."""
+        return self.frame([wire.Heartbeat()])
 
 
 def pack_datagrams(

@@ -1,7 +1,8 @@
 """Trio senders for a Python matching engine, and the engine's snapshot server.
 
-``UdpSender`` and ``TcpSender`` number, pack and send events (see ``ingest.framing``).
-``serve_snapshots`` answers pushd's book requests from a callback.
+``UdpSender`` and ``TcpSender`` number, seal (with the source's ``key``), pack and send events
+(see ``ingest.framing``); ``heartbeat()`` says "alive, nothing to send" (call it when idle for
+a second). ``serve_snapshots`` answers pushd's book requests from a callback.
 """
 
 from __future__ import annotations
@@ -18,10 +19,13 @@ BookProvider = Callable[[str, int, int], wire.BookSnapshot]  # (symbol, depth, r
 
 
 class UdpSender:
-    def __init__(self, host: str, port: int, src: int, epoch: int | None = None) -> None:
+    def __init__(
+        self, host: str, port: int, src: int, epoch: int | None = None, *,
+        key: bytes | None = None,
+    ) -> None:  # fmt: skip
         self._sock = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self._addr = (host, port)
-        self.framer = Framer(src, epoch)
+        self.framer = Framer(src, epoch, key)
         self.datagrams = 0
 
     async def send(self, events: Sequence[wire.Event]) -> None:
@@ -29,28 +33,48 @@ class UdpSender:
             await self._sock.sendto(datagram, self._addr)
             self.datagrams += 1
 
+    async def heartbeat(self) -> None:
+        await self._sock.sendto(self.framer.heartbeat(), self._addr)
+        self.datagrams += 1
+
     def close(self) -> None:
         self._sock.close()
 
 
 class TcpSender:
-    """One TCP connection to pushd; frames that cannot be sent are lost (pushd sees the gap)."""
+    """One TCP connection to pushd; frames that cannot be sent are lost (pushd sees the gap).
 
-    def __init__(self, host: str, port: int, src: int, epoch: int | None = None) -> None:
+    A new connection starts with a heartbeat: pushd drops a peer that has not authenticated
+    (sent a valid frame) within ``ingest.auth_timeout_s``."""
+
+    def __init__(
+        self, host: str, port: int, src: int, epoch: int | None = None, *,
+        key: bytes | None = None,
+    ) -> None:  # fmt: skip
         self._host, self._port = host, port
         self._stream: trio.SocketStream | None = None
-        self.framer = Framer(src, epoch)
+        self.framer = Framer(src, epoch, key)
 
     async def connect(self) -> None:
-        self._stream = await trio.open_tcp_stream(self._host, self._port)
+        stream = await trio.open_tcp_stream(self._host, self._port)
+        self._stream = stream
+        await self._send(stream, self.framer.tcp_frame([wire.Heartbeat()]))
 
     async def send(self, events: Sequence[wire.Event]) -> None:
-        frame = self.framer.tcp_frame(events)
         if self._stream is None:
-            await self.connect()
+            await self.connect()  # its hello is numbered before these events
         assert self._stream is not None
+        await self._send(self._stream, self.framer.tcp_frame(events))
+
+    async def heartbeat(self) -> None:
+        if self._stream is None:
+            await self.connect()  # its hello is the beat
+        else:
+            await self.send([wire.Heartbeat()])
+
+    async def _send(self, stream: trio.SocketStream, frame: bytes) -> None:
         try:
-            await self._stream.send_all(frame)
+            await stream.send_all(frame)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             self._stream = None
             raise

@@ -8,18 +8,28 @@ frame. Over TCP each frame is preceded by its length as a 4-byte big-endian unsi
 
 Events are maps tagged by ``"type"``. Prices and quantities are decimal strings (``"61234.5"``),
 never floats, so they stay exact from the engine to the client.
+
+A *sealed* frame (the default ingest mode) wraps that body: a 16-byte header (``PDA1``, ``src``,
+the time it was sealed) before it and an HMAC-SHA256 tag, keyed per ``src``, after it; see
+``seal`` and ``SealedHeader``.
 """
 
 from __future__ import annotations
 
+import hmac
 import struct
-from typing import Annotated, Literal
+from typing import Annotated, Literal, NamedTuple
 
 import msgspec
 
 MAX_DATAGRAM_BYTES = 65_000  # one frame per UDP datagram, at most this size
 MAX_FRAME_BYTES = 4 * 1024 * 1024  # one TCP frame (a deep book snapshot fits)
 LENGTH_PREFIX = struct.Struct(">I")
+SEAL_MAGIC = b"PDA1"  # "pushd, authenticated, version 1": never the first bytes of an envelope
+SEAL_HEADER = struct.Struct(">4sIQ")  # magic, src (uint32), sealed at (uint64 ms, Unix epoch)
+MAC_BYTES = 32  # HMAC-SHA256
+SEAL_OVERHEAD = SEAL_HEADER.size + MAC_BYTES
+MIN_KEY_BYTES = 32
 
 Decimal = Annotated[str, msgspec.Meta(pattern=r"^-?[0-9]{1,30}(\.[0-9]{1,30})?$")]
 Symbol = Annotated[str, msgspec.Meta(pattern=r"^[0-9A-Z]{2,32}$")]
@@ -99,6 +109,11 @@ class IndexPrice(_Event, tag="index", frozen=True):
     ts: Millis
 
 
+class Heartbeat(_Event, tag="heartbeat", frozen=True):
+    """Nothing to say but "this source is alive": a TCP connection's hello, and what an idle
+    sender sends (at least once a second) so that pushd can tell quiet from gone."""
+
+
 class BookRequest(_Event, tag="book_request", frozen=True):
     symbol: Symbol
     request_id: Annotated[int, msgspec.Meta(ge=0)]
@@ -126,6 +141,7 @@ Event = (
     | PositionUpdate
     | AccountUpdate
     | IndexPrice
+    | Heartbeat
     | BookRequest
     | BookSnapshot
 )
@@ -168,10 +184,55 @@ def decode(data: bytes | bytearray | memoryview) -> Envelope:
 
 
 def frame_tcp(envelope: Envelope) -> bytes:
-    body = encode(envelope)
+    return length_prefixed(encode(envelope))
+
+
+def length_prefixed(body: bytes) -> bytes:
+    """A TCP frame: the body (an envelope, sealed or not) after its 4-byte length."""
     if len(body) > MAX_FRAME_BYTES:
         raise WireError(f"frame of {len(body)} bytes over {MAX_FRAME_BYTES}")
     return LENGTH_PREFIX.pack(len(body)) + body
+
+
+class SealedHeader(NamedTuple):
+    src: int
+    sealed_ms: int
+
+
+def mac(key: bytes, data: bytes | bytearray | memoryview) -> bytes:
+    return hmac.digest(key, data, "sha256")
+
+
+def seal(body: bytes, src: int, key: bytes, sealed_ms: int) -> bytes:
+    """``body`` (an encoded envelope of ``src``) as a sealed frame:
+    ``PDA1 | src | sealed_ms | body | HMAC-SHA256(key, everything before)``."""
+    signed = SEAL_HEADER.pack(SEAL_MAGIC, src, sealed_ms) + body
+    return signed + mac(key, signed)
+
+
+def is_sealed(data: bytes | bytearray | memoryview) -> bool:
+    return bytes(data[:4]) == SEAL_MAGIC
+
+
+def sealed_header(data: bytes | bytearray | memoryview) -> SealedHeader:
+    """The header of a sealed frame, read *before* it is verified: only to pick the key.
+
+    Raises:
+        WireError: too short to hold a header, a tag and a body.
+    """
+    if len(data) <= SEAL_OVERHEAD:
+        raise WireError(f"sealed frame of {len(data)} bytes: too short")
+    _, src, sealed_ms = SEAL_HEADER.unpack_from(data)
+    return SealedHeader(src, sealed_ms)
+
+
+def verify(data: bytes | bytearray | memoryview, key: bytes) -> memoryview | None:
+    """The body of a sealed frame whose tag is ``key``'s, or None (in constant time)."""
+    view = memoryview(data)
+    signed, tag = view[:-MAC_BYTES], view[-MAC_BYTES:]
+    if not hmac.compare_digest(mac(key, signed), tag):
+        return None
+    return signed[SEAL_HEADER.size :]
 
 
 class StreamDecoder:
@@ -196,6 +257,11 @@ class StreamDecoder:
         self._buf += data
 
     def next_frame(self) -> Envelope | None:
+        body = self.next_body()
+        return None if body is None else decode(body)
+
+    def next_body(self) -> bytes | None:
+        """The next frame's bytes, not decoded (a sealed frame is verified before it is)."""
         if self._broken is not None:
             raise self._broken
         buf, pos = self._buf, self._pos
@@ -208,7 +274,7 @@ class StreamDecoder:
         if len(buf) - pos - 4 < length:
             return None
         self._pos = pos + 4 + length
-        return decode(buf[pos + 4 : pos + 4 + length])
+        return bytes(buf[pos + 4 : pos + 4 + length])
 
     @property
     def broken(self) -> bool:

@@ -15,12 +15,12 @@ import msgspec
 import trio
 
 from ingest.sim import DEFAULT_SPECS, Market, SymbolSpec
-from ingest.sim_engine import run_feed
+from ingest.sim_engine import SOURCE_MARKET, SOURCE_PRIVATE, run_feed
 from ingest.transport import serve_snapshots
 from pushd import __version__, logs
 from pushd import config as config_mod
 from pushd.auth import issue_hmac_token
-from pushd.config import Config
+from pushd.config import Config, IngestSourceConfig
 from pushd.daemon import Daemon, Ports
 from pushd.errors import ConfigError, ServiceError
 from pushd.shipped import shipped_files
@@ -71,7 +71,42 @@ def _run_config(args: argparse.Namespace) -> Config:
             "auth.hmac.secret is empty: set it (tokens are signed with it), "
             "or use `pushd demo` to try pushd with a throwaway one"
         )
+    ingest = config.ingest
+    if (config.role != "gateway" and (ingest.udp_enabled or ingest.tcp_enabled)
+            and not ingest.sources and not ingest.allow_unauthenticated):  # fmt: skip
+        raise ConfigError(
+            "ingest: no [[ingest.sources]] keys, so every engine frame would be refused: give "
+            "each engine source a key (docs/wire.md), or set ingest.allow_unauthenticated = "
+            "true where only the engine can reach the ingest ports"
+        )
     return config
+
+
+SIM_SOURCES = {SOURCE_MARKET: "market data", SOURCE_PRIVATE: "private events"}
+
+
+def _with_sim_keys(config: Config) -> Config:
+    """``pushd demo``: the simulator's two sources get made-up keys where the config has none
+    (the private one may carry private events); the keys never leave the process."""
+    ingest = config.ingest
+    added = [
+        IngestSourceConfig(id=src, key=secrets.token_urlsafe(32), private=src == SOURCE_PRIVATE)
+        for src in SIM_SOURCES
+        if ingest.key(src) is None
+    ]
+    ingest = msgspec.structs.replace(ingest, sources=[*ingest.sources, *added])
+    return msgspec.structs.replace(config, ingest=ingest)
+
+
+def _sim_keys(config: Config) -> dict[int, bytes]:
+    """The simulator's keys, from the config pushd reads. Raises ConfigError when one is
+    missing and pushd would refuse the unsealed frames."""
+    keys = {src: key for src in SIM_SOURCES if (key := config.ingest.key(src)) is not None}
+    missing = [f"{src} ({what})" for src, what in SIM_SOURCES.items() if src not in keys]
+    if missing and not config.ingest.allow_unauthenticated:
+        raise ConfigError(f"ingest.sources: the simulator sends as sources {' and '.join(missing)}:"
+                          " give them keys (the daemon's config file is read)")  # fmt: skip
+    return keys
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -109,7 +144,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     http = config.http
     if not http.publish_token:
         http = msgspec.structs.replace(http, publish_token=secrets.token_urlsafe(16))
-    config = msgspec.structs.replace(config, auth=auth, http=http)
+    config = _with_sim_keys(msgspec.structs.replace(config, auth=auth, http=http))
     logs.configure(config.log.level, config.log.format)
     market = Market(seed=args.seed, rate=args.rate, specs=_specs(config))
 
@@ -138,7 +173,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             ports: Ports = await nursery.start(functools.partial(daemon.serve, handle_signals=True))
             nursery.start_soon(functools.partial(
                 run_feed, market, host=config.ingest.tcp_host, tcp_port=ports.ingest_tcp,
-                udp_port=ports.ingest_udp or None))  # fmt: skip
+                udp_port=ports.ingest_udp or None, keys=_sim_keys(config)))  # fmt: skip
             token = demo_login()["token"]
             web = f"http://{config.http.host}:{ports.http}"
             print(
@@ -169,6 +204,11 @@ def _specs(config: Config) -> tuple[SymbolSpec, ...]:
 def cmd_sim(args: argparse.Namespace) -> int:
     """The simulated matching engine alone, sending to a pushd configured by ``--config``."""
     config = _load(args.config)
+    try:
+        keys = _sim_keys(config)
+    except ConfigError as exc:
+        print(f"pushd: {exc}", file=sys.stderr)
+        return 2
     logs.configure(config.log.level, config.log.format)
     market = Market(seed=args.seed, rate=args.rate, specs=_specs(config))
     ingest, engine = config.ingest, config.engine
@@ -190,6 +230,7 @@ def cmd_sim(args: argparse.Namespace) -> int:
                 tcp_port=ingest.tcp_port,
                 udp_port=ingest.udp_port if ingest.udp_enabled and not args.tcp_only else None,
                 step_ms=args.step_ms,
+                keys=keys,
             )
 
     with contextlib.suppress(KeyboardInterrupt):

@@ -24,7 +24,7 @@ import coredis
 import httpx
 import msgspec
 
-from ingest.wire import Decimal  # the one decimal-string form, as the engine writes it
+from ingest.wire import MIN_KEY_BYTES, Decimal  # Decimal: the engine's decimal-string form
 from pushd.channels import SYMBOL_PATTERN
 from pushd.errors import ConfigError
 from pushd.logs import MASK, redact
@@ -182,6 +182,21 @@ class MarketConfig(_Section, frozen=True):
     funding: FundingConfig = msgspec.field(default_factory=FundingConfig)
 
 
+MAX_INGEST_SOURCES = 256  # sources with a key; every per-source table is bounded by it
+
+
+class IngestSourceConfig(_Section, frozen=True):
+    """One engine source (a frame's ``src``) and the key its frames are sealed with."""
+
+    id: Annotated[int, msgspec.Meta(ge=0, le=2**32 - 1)]
+    key: str = ""  # secret: HMAC-SHA256 key (its UTF-8 bytes, at least 32); or key_file
+    key_file: str = ""  # a file holding the key (whitespace around it ignored)
+    private: bool = False  # may carry order/balance/position/account events (and their gaps)
+    # no valid frame for this long: the source is down (/readyz, pushd_ingest_source_up);
+    # senders beat once a second when idle. 0: a source that may be silent
+    silent_after_s: Annotated[float, msgspec.Meta(ge=0)] = 10.0
+
+
 class IngestConfig(_Section, frozen=True):
     udp_enabled: bool = True
     udp_host: str = "127.0.0.1"
@@ -191,6 +206,23 @@ class IngestConfig(_Section, frozen=True):
     tcp_host: str = "127.0.0.1"
     tcp_port: Port = 7002
     max_tcp_peers: PositiveInt = 64
+    # authenticated engine link (docs/wire.md): frames sealed with their source's key
+    sources: list[IngestSourceConfig] = msgspec.field(default_factory=list)
+    # true: unsealed frames are also taken, from any src without a key (a network only the
+    # engine can reach; `pushd run` refuses to start with no keys unless this is set)
+    allow_unauthenticated: bool = False
+    # a TCP peer that has sent no valid frame this long after connecting is dropped
+    auth_timeout_s: Annotated[float, msgspec.Meta(gt=0, le=60)] = 2.0
+    # a sealed frame's seal time may differ from pushd's clock by this much (replays after
+    # a restart, clock skew); epochs may be at most this far ahead of the clock
+    replay_window_s: Annotated[float, msgspec.Meta(ge=1, le=3600)] = 30.0
+
+    def key(self, src: int) -> bytes | None:
+        """The key of source ``src`` (None: no key configured)."""
+        for source in self.sources:
+            if source.id == src:
+                return source.key.encode()
+        return None
 
 
 class EngineConfig(_Section, frozen=True):
@@ -273,7 +305,31 @@ def from_dict(raw: dict[str, object], *, source: str = "config") -> Config:
             path = f"markets.{_bad_market(raw.get('markets'))}{path.removeprefix('markets[...]')}"
         raise ConfigError(f"{source}: {path or 'top level'}: {match['msg']}") from None
     _check(config, source)
-    return config
+    return _with_keys(config, source)
+
+
+def _with_keys(config: Config, source: str) -> Config:
+    """Each ingest source's ``key_file`` read into its ``key`` (checked: long enough)."""
+    sources = []
+    for i, src in enumerate(config.ingest.sources):
+        where = f"{source}: ingest.sources.{i}"
+        if bool(src.key) == bool(src.key_file):
+            raise ConfigError(f"{where}: set key or key_file (one of them) for source {src.id}")
+        if src.key_file:
+            try:
+                key = Path(src.key_file).read_text(encoding="utf-8").strip()
+            except (OSError, UnicodeDecodeError) as exc:
+                why = exc.strerror if isinstance(exc, OSError) else "not UTF-8"
+                raise ConfigError(f"{where}.key_file: cannot read: {why}") from None
+            src = msgspec.structs.replace(src, key=key, key_file="")
+        if len(src.key.encode()) < MIN_KEY_BYTES:
+            raise ConfigError(f"{where}: the key of source {src.id} is shorter than "
+                              f"{MIN_KEY_BYTES} bytes")  # fmt: skip
+        sources.append(src)
+    if not sources:
+        return config
+    ingest = msgspec.structs.replace(config.ingest, sources=sources)
+    return msgspec.structs.replace(config, ingest=ingest)
 
 
 def _bad_market(markets: object) -> str:
@@ -395,6 +451,11 @@ def _check(config: Config, source: str) -> None:
     for ws_path in config.websocket.paths:
         if not ws_path.startswith("/"):
             raise ConfigError(f"{source}: websocket.paths: {ws_path!r} must start with '/'")
+    ids = [src.id for src in config.ingest.sources]
+    if len(set(ids)) != len(ids):
+        raise ConfigError(f"{source}: ingest.sources: a source id appears twice")
+    if len(ids) > MAX_INGEST_SOURCES:
+        raise ConfigError(f"{source}: ingest.sources: at most {MAX_INGEST_SOURCES} sources")
     auth = config.auth
     if auth.kind == "jwt" and not auth.jwt.key:
         raise ConfigError(f"{source}: auth.jwt.key: required when auth.kind = 'jwt'")

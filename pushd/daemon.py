@@ -41,8 +41,8 @@ from pushd.bus.model import Bus
 from pushd.bus.redis import RedisBus
 from pushd.config import Config
 from pushd.errors import ConfigError, ServiceError
-from pushd.feed.intake import Intake
-from pushd.feed.listeners import serve_tcp, serve_udp
+from pushd.feed.intake import Intake, Policy, Source
+from pushd.feed.listeners import TcpPeers, serve_tcp, serve_udp
 from pushd.feed.poller import SnapshotPoller
 from pushd.feed.routing import EngineRouter
 from pushd.gateway.hub import Hub
@@ -147,9 +147,12 @@ class Daemon:
         self.hub.current = self.redis.current if self.redis is not None else self.markets.current
         self.hub.position = self.bus.position
         self.markets.stale = self.book_stale
-        self.intake = Intake(router, frozenset(config.markets))
+        self.intake = Intake(router, frozenset(config.markets), ingest_policy(config))
+        self.tcp_peers = TcpPeers()
         if self.computes:
-            self.registry.register(IngestCollector(self.intake, self.poller, list(config.markets)))
+            self.registry.register(IngestCollector(
+                self.intake, self.poller, list(config.markets), self.tcp_peers, trio.current_time
+            ))  # fmt: skip
         self.markets.tick_late = self.metrics.market_tick_late.observe
         if self.redis is not None:
             self.registry.register(BusCollector(self.redis, self.leases))
@@ -185,6 +188,8 @@ class Daemon:
             return "starting or stopping"
         if self.computes and self.config.engine.snapshot_enabled and not self.poller.up:
             return "matching engine unreachable (no book snapshots)"
+        if self.computes and (down := self.intake.down(trio.current_time())):
+            return "engine source " + "; source ".join(f"{s}: {why}" for s, why in down.items())
         return self.bus.not_ready()
 
     @property
@@ -331,6 +336,9 @@ class Daemon:
     async def _start_compute(self, nursery: trio.Nursery) -> tuple[int, int]:
         """Ingest, the book poller and the market timer; returns the ingest ports bound."""
         ingest, udp_port, tcp_port = self.config.ingest, 0, 0
+        if ingest.allow_unauthenticated and (ingest.udp_enabled or ingest.tcp_enabled):
+            log.warning("ingest takes unauthenticated frames (ingest.allow_unauthenticated): "
+                        "anyone who reaches its ports can send as the engine")  # fmt: skip
         if ingest.udp_enabled:
             udp_port = await start_service(
                 nursery, "ingest UDP", f"{ingest.udp_host}:{ingest.udp_port}",
@@ -339,8 +347,10 @@ class Daemon:
         if ingest.tcp_enabled:
             tcp_port = await start_service(
                 nursery, "ingest TCP", f"{ingest.tcp_host}:{ingest.tcp_port}",
-                serve_tcp, ingest, self.intake,
+                serve_tcp, ingest, self.intake, self.tcp_peers,
             )  # fmt: skip
+        if ingest.udp_enabled or ingest.tcp_enabled:
+            self.intake.open(trio.current_time())  # a keyed source's silence counts from now
         if self.config.engine.snapshot_enabled:
             nursery.start_soon(self.poller.run)
         nursery.start_soon(self.markets.run)
@@ -356,6 +366,16 @@ class Daemon:
                     continue
                 self.stop()
                 return
+
+
+def ingest_policy(config: Config) -> Policy:
+    """What the intake believes, from ``[ingest]``: the sources' keys and permissions."""
+    ingest = config.ingest
+    sources = {
+        s.id: Source(s.key.encode(), private=s.private, silent_after_s=s.silent_after_s)
+        for s in ingest.sources
+    }
+    return Policy(sources, ingest.allow_unauthenticated, ingest.replay_window_s)
 
 
 async def _close_later(verifier: Verifier, after_s: float) -> None:

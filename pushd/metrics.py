@@ -16,7 +16,8 @@ from prometheus_client.registry import Collector
 
 from pushd.bus.lease import Leases
 from pushd.bus.redis import RedisBus
-from pushd.feed.intake import Intake
+from pushd.feed.intake import Intake, Refusal
+from pushd.feed.listeners import TcpPeers
 from pushd.feed.poller import SnapshotPoller
 from pushd.gateway.hub import Hub
 from pushd.liveness import Report
@@ -174,10 +175,15 @@ class NodeCollector(Collector):
 class IngestCollector(Collector):
     """Engine frames per source and verdict, bad input per transport, the books' freshness."""
 
-    def __init__(self, intake: Intake, poller: SnapshotPoller, symbols: list[str]) -> None:
+    def __init__(
+        self, intake: Intake, poller: SnapshotPoller, symbols: list[str], peers: TcpPeers,
+        clock: Callable[[], float],
+    ) -> None:  # fmt: skip
         self._intake = intake
         self._poller = poller
         self._symbols = symbols
+        self._peers = peers
+        self._clock = clock
 
     def collect(self) -> Iterator[Metric]:
         intake = self._intake
@@ -218,6 +224,42 @@ class IngestCollector(Collector):
         yield CounterMetricFamily(
             "pushd_ingest_lost_frames", "Engine frames lost (gaps)", value=intake.lost_frames
         )
+        refused = CounterMetricFamily(
+            "pushd_ingest_refused_frames",
+            "Engine frames not believed (no seal, unknown source, bad MAC, outside the replay "
+            "window, epoch ahead), by transport and reason",
+            labels=["transport", "reason"],
+        )  # fmt: skip
+        for transport in ("udp", "tcp"):
+            for reason in Refusal:
+                refused.add_metric(
+                    [transport, reason.value], intake.refused[transport, reason.value]
+                )
+        yield refused
+        down = intake.down(self._clock())
+        up = GaugeMetricFamily(
+            "pushd_ingest_source_up",
+            "1 while a keyed engine source's frames are accepted (a valid one within its "
+            "silent_after_s)",
+            labels=["source"],
+        )  # fmt: skip
+        for src in sorted(intake.keyed_sources()):
+            up.add_metric([str(src)], int(src not in down))
+        yield up
+        peers = GaugeMetricFamily(
+            "pushd_ingest_tcp_peers", "Engine TCP connections, by state", labels=["state"]
+        )
+        peers.add_metric(["waiting"], len(self._peers.waiting))
+        peers.add_metric(["authenticated"], self._peers.authenticated)
+        yield peers
+        dropped = CounterMetricFamily(
+            "pushd_ingest_tcp_peers_dropped",
+            "Engine TCP connections dropped before they authenticated, by reason",
+            labels=["reason"],
+        )  # fmt: skip
+        for why in ("auth_timeout", "evicted", "refused", "full"):
+            dropped.add_metric([why], self._peers.dropped[why])
+        yield dropped
         yield GaugeMetricFamily(
             "pushd_engine_up", "1 while the snapshot poller gets books", value=int(self._poller.up)
         )

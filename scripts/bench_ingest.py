@@ -10,7 +10,9 @@ Every accepted trade goes the whole way through the market computations (trade b
 (read from the server's own ``/metrics`` once its counters stop moving), frames lost (UDP: the
 kernel dropped datagrams, which pushd sees as sequence gaps), and the server's CPU use.
 The UDP receive buffer is ``[ingest] udp_receive_buffer_bytes`` (default 8 MiB), capped by the
-kernel's ``net.core.rmem_max``: the script prints both.
+kernel's ``net.core.rmem_max``: the script prints both. Frames are sealed (HMAC-SHA256 with the
+source's key, as in production); ``--unsealed`` sends them bare to a pushd with
+``allow_unauthenticated``, to see what the seal costs.
 """
 
 from __future__ import annotations
@@ -28,11 +30,12 @@ from ingest.framing import Framer
 
 TRADES = "pushd_ingest_events_total", (("type", "Trade"),)
 LOST = "pushd_ingest_lost_frames_total", ()
+KEY = "bench-ingest-key-" + "k" * 32
 
 
 def sender(transport: str, port: int, batch: int, rate: float, duration: float, src: int,
-           out: mp.Queue) -> None:  # type: ignore[type-arg]  # fmt: skip
-    framer = Framer(src=src)
+           sealed: bool, out: mp.Queue) -> None:  # type: ignore[type-arg]  # fmt: skip
+    framer = Framer(src=src, key=KEY.encode() if sealed else None)
     ts = int(time.time() * 1000)
     events = [wire.Trade("BTCUSDT", i, "65000.1", "0.010", "buy", ts) for i in range(batch)]
     if transport == "udp":
@@ -40,7 +43,7 @@ def sender(transport: str, port: int, batch: int, rate: float, duration: float, 
         sock.connect(("127.0.0.1", port))
 
         def send() -> None:
-            sock.send(wire.encode(framer.envelope(events)))
+            sock.send(framer.frame(events))
     else:
         sock = socket.create_connection(("127.0.0.1", port))
 
@@ -80,14 +83,17 @@ def run(transport: str, rate: float, args: argparse.Namespace, src: int) -> dict
         f"[websocket]\nport = {free_port()}\n[http]\nport = {http_port}\n"
         f"[engine]\nsnapshot_enabled = false\n[auth.hmac]\nsecret = 'bench'\n"
         f"[ingest]\nudp_port = {udp_port}\ntcp_port = {tcp_port}\n"
-    )
+        + ("allow_unauthenticated = true\n" if args.unsealed else
+           f"sources = [{{id = {src}, key = '{KEY}', silent_after_s = 0}}]\n")
+    )  # fmt: skip
     with pushd_server(config, http_port) as server:
         before = metrics(http_port)
         cpu0 = proc_cpu_seconds(server.pid)
         out: mp.Queue = mp.Queue()  # type: ignore[type-arg]
         port = udp_port if transport == "udp" else tcp_port
         proc = mp.Process(
-            target=sender, args=(transport, port, args.batch, rate, args.duration, src, out)
+            target=sender,
+            args=(transport, port, args.batch, rate, args.duration, src, not args.unsealed, out),
         )
         start = time.perf_counter()
         proc.start()
@@ -111,6 +117,7 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=3.0)
     parser.add_argument("--rates", type=float, nargs="+", default=[0.0], help="events/s, 0 = max")
     parser.add_argument("--transports", nargs="+", default=["udp", "tcp"])
+    parser.add_argument("--unsealed", action="store_true", help="bare frames (no HMAC)")
     args = parser.parse_args()
     rmem_max = Path("/proc/sys/net/core/rmem_max").read_text().strip()
     print(f"# ingest: {vars(args)}  net.core.rmem_max={rmem_max}")

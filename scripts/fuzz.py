@@ -32,7 +32,8 @@ def main() -> int:
                "PUSHD_FUZZ_REPORT": str(report)}  # fmt: skip
         started = time.monotonic()
         command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                   str(ROOT / "tests" / "test_fuzz.py")]  # fmt: skip
+                   str(ROOT / "tests" / "test_fuzz.py"),
+                   str(ROOT / "tests" / "test_ingest_auth_fuzz.py")]  # fmt: skip
         command += ["-k", args.k] if args.k else []
         code = subprocess.call(command, cwd=ROOT, env=env)
         rows = (

@@ -31,6 +31,7 @@ from pushd.daemon import Daemon, Ports
 
 SECRET = "test-secret"
 PUBLISH_TOKEN = "test-publish-token"
+INGEST_KEY = "test-ingest-key-of-source-100-for-tests"  # sealed frames of source 100
 
 
 def make_config(role: str = "all", **sections: dict[str, Any]) -> config_mod.Config:
@@ -40,7 +41,13 @@ def make_config(role: str = "all", **sections: dict[str, Any]) -> config_mod.Con
         # the tests stand in for the market side through the publish API (off by default)
         "http": {"port": 0, "publish_token": PUBLISH_TOKEN, "allow_market_publish": True},
         "auth": {"hmac": {"secret": SECRET}},
-        "ingest": {"udp_port": 0, "tcp_port": 0},
+        # most tests send unsealed frames (tests/test_ingest_auth.py: sealed ones only)
+        "ingest": {
+            "udp_port": 0,
+            "tcp_port": 0,
+            "allow_unauthenticated": True,
+            "sources": [{"id": 100, "key": INGEST_KEY, "private": True, "silent_after_s": 0}],
+        },
         "engine": {"snapshot_enabled": False},
     }
     for name, values in sections.items():

@@ -100,7 +100,8 @@ def run_daemon(tmp: Path, extra_config: str = "") -> Iterator[Daemon]:
         "handshakes_per_second = 1e9\n"
         f"[http]\nport = {ports['http']}\npublish_token = '{PUBLISH_TOKEN}'\n"
         f"[auth.hmac]\nsecret = '{SECRET}'\n[engine]\nsnapshot_enabled = false\n"
-        f"[ingest]\nudp_port = {ports['udp']}\ntcp_port = {ports['tcp']}\n"
+        "[ingest]\nallow_unauthenticated = true\n"  # no engine keys here
+        f"udp_port = {ports['udp']}\ntcp_port = {ports['tcp']}\n"
         "[limits]\nmessages_per_second = 1e9\nmessage_burst = 1000000\n"
         "failed_logins_per_minute = 1e9\nfailed_login_burst = 1000000\nhandshake_timeout_s = 2.0\n"
         f"[log]\nformat = 'json'\nlevel = 'info'\n{extra_config}"

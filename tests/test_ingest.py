@@ -278,8 +278,8 @@ def test_a_spray_of_source_ids_cannot_grow_the_per_source_tables() -> None:
     sink = _Recorder()
     intake = Intake(sink, {"BTCUSDT"})
     for src in range(MAX_SOURCES + 300):
-        intake.frame(wire.Envelope(src, 1, 1, [trade(src + 1)]))
-        intake.frame(wire.Envelope(src, 1, 3, [trade(src + 1)]))  # a gap: counted per source
+        intake.frame(wire.Envelope(src, 1, 1, [trade(src + 1)]), 0.0)
+        intake.frame(wire.Envelope(src, 1, 3, [trade(src + 1)]), 0.0)  # a gap: counted per src
     assert len(intake.source_frames) == MAX_SOURCES
     assert len(intake.source_lost) == MAX_SOURCES
     assert len(intake._symbols_by_source) == MAX_SOURCES

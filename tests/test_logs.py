@@ -33,7 +33,8 @@ async def test_every_line_has_its_shape(tmp_path: Path) -> None:
     config = tmp_path / "pushd.toml"
     config.write_text(
         f"[websocket]\nport = {ws}\n[http]\nport = {http}\n[auth.hmac]\nsecret = '{SECRET}'\n"
-        f"[ingest]\nudp_port = {udp}\ntcp_port = 0\n[engine]\nsnapshot_enabled = false\n"
+        "[ingest]\nallow_unauthenticated = true\n"  # no engine keys here
+        f"udp_port = {udp}\ntcp_port = 0\n[engine]\nsnapshot_enabled = false\n"
         "[log]\nformat = 'json'\n"
     )
     process = await trio.lowlevel.open_process(

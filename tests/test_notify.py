@@ -37,7 +37,8 @@ async def test_ready_watchdog_and_stopping_on_a_real_socket(tmp_path: Path) -> N
         config = tmp_path / "pushd.toml"
         config.write_text(
             f"[websocket]\nport = {ws}\n[http]\nport = {http}\n[auth.hmac]\nsecret = '{SECRET}'\n"
-            "[ingest]\nudp_port = 0\ntcp_port = 0\n[engine]\nsnapshot_enabled = false\n"
+            "[ingest]\nallow_unauthenticated = true\n"  # no engine keys here
+            "udp_port = 0\ntcp_port = 0\n[engine]\nsnapshot_enabled = false\n"
             "[log]\nformat = 'json'\nlevel = 'warning'\n"
         )
         env = {**os.environ, "NOTIFY_SOCKET": str(path), "WATCHDOG_USEC": "200000"}

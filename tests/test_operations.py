@@ -40,7 +40,8 @@ def test_port_in_use_is_one_line(tmp_path: Path, service: str) -> None:
         ports = {"websocket": 0, "http": 0, "ingest": 0} | {service: port}
         config = write_config(tmp_path, (
             f"[websocket]\nport = {ports['websocket']}\n[http]\nport = {ports['http']}\n"
-            f"[ingest]\nudp_enabled = false\ntcp_port = {ports['ingest']}\n"
+            "[ingest]\nallow_unauthenticated = true\n"  # no engine keys here
+            f"udp_enabled = false\ntcp_port = {ports['ingest']}\n"
             "[engine]\nsnapshot_enabled = false\n[auth.hmac]\nsecret = 's'\n"
             "[log]\nformat = 'json'\nlevel = 'error'\n"
         ))  # fmt: skip

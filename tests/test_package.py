@@ -60,7 +60,8 @@ def test_pip_install_outside_the_checkout(tmp_path: Path) -> None:
     config = tmp_path / "pushd.toml"
     config.write_text(
         f"[websocket]\nport = 0\n[http]\nport = {http_port}\n[auth.hmac]\nsecret = 's'\n"
-        "[ingest]\nudp_port = 0\ntcp_port = 0\n[engine]\nsnapshot_enabled = false\n"
+        "[ingest]\nallow_unauthenticated = true\n"  # no engine keys here
+        "udp_port = 0\ntcp_port = 0\n[engine]\nsnapshot_enabled = false\n"
         "[log]\nformat = 'json'\n"
     )
     daemon = subprocess.Popen([pushd, "run", "--config", str(config)], cwd=tmp_path,

@@ -46,7 +46,8 @@ async def supervisor(
     config.write_text(
         f"[websocket]\nport = {ws_port}\n[http]\nport = {http_port}\n"
         f"publish_token = '{PUBLISH_TOKEN}'\n[auth.hmac]\nsecret = '{SECRET}'\n"
-        "[ingest]\nudp_port = 0\ntcp_port = 0\n[engine]\nsnapshot_enabled = false\n"
+        "[ingest]\nallow_unauthenticated = true\n"  # no engine keys here
+        "udp_port = 0\ntcp_port = 0\n[engine]\nsnapshot_enabled = false\n"
         f"[bus]\nkind = 'redis'\n[bus.redis]\nurl = '{redis.url}'\n"
         "[log]\nformat = 'json'\n" + extra
     )
@@ -215,7 +216,8 @@ async def test_a_reload_while_children_start_costs_no_child(
     config = tmp_path / "pushd.toml"
     config.write_text(
         f"[websocket]\nport = {ws_port}\n[http]\nport = {http_port}\n[auth.hmac]\nsecret = 's'\n"
-        "[ingest]\nudp_port = 0\ntcp_port = 0\n[engine]\nsnapshot_enabled = false\n"
+        "[ingest]\nallow_unauthenticated = true\n"  # no engine keys here
+        "udp_port = 0\ntcp_port = 0\n[engine]\nsnapshot_enabled = false\n"
         f"[bus]\nkind = 'redis'\n[bus.redis]\nurl = '{redis.url}'\n[log]\nformat = 'json'\n"
     )
     command = [sys.executable, "-m", "pushd", "run", "--config", str(config), "--workers", "1"]

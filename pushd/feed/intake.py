@@ -1,14 +1,25 @@
-"""From engine frames to events: sequence checks, symbol checks, dispatch. No I/O.
+"""From engine frames to events: authentication, sequence checks, permissions, dispatch. No I/O.
 
-The ingest listeners (UDP, TCP) decode frames and hand them here; this module decides what is
-accepted, counts everything, and tells the sink which symbols to resync after a loss.
+The ingest listeners (UDP, TCP) hand each frame's bytes here (``receive``); this module decides
+what is accepted, counts everything, and tells the sink which symbols to resync after a loss.
+
+A frame is believed only once it is *authenticated*: sealed (docs/wire.md) with the key of the
+``src`` in its header, sealed within ``replay_window_s`` of this clock, its body's ``src`` the
+header's and its epoch not ahead of the clock. Only then does it reach the sequence tracker, so
+only a key holder can move a source's epoch or seq. Unsealed frames are taken only with
+``allow_unauthenticated`` and only for a ``src`` that has no key. A frame that fails is counted
+by reason (``refused``) and never acted on. Private events (and the gaps that may have held
+them) are believed only from a source allowed to carry them.
 """
 
 from __future__ import annotations
 
+import enum
 from collections import Counter
-from collections.abc import Container
-from typing import Protocol
+from collections.abc import Container, Iterable
+from typing import NamedTuple, Protocol
+
+import msgspec
 
 from ingest import wire
 from pushd.feed.sequencing import MAX_SOURCES, SequenceTracker, Verdict
@@ -30,48 +41,176 @@ class IngestSink(Protocol):
         """Private events may have been lost (of any user): their subscribers must be told."""
 
 
+class Refusal(enum.Enum):
+    """Why a frame was not believed (the ``reason`` label of the refused-frames counter)."""
+
+    UNSEALED = "unsealed"  # no seal, where one is required
+    UNKNOWN_SOURCE = "unknown_source"  # sealed, but its src has no key here
+    BAD_MAC = "bad_mac"  # the tag is not that src's key's: forged, corrupted, or a wrong key
+    EXPIRED = "expired"  # sealed longer ago than the replay window (a replay, or a slow clock)
+    FUTURE = "future"  # sealed ahead of this clock by more than the replay window
+    SRC_MISMATCH = "src_mismatch"  # the body's src is not the header's
+    EPOCH_AHEAD = "epoch_ahead"  # an epoch (ns) ahead of this clock: it would silence the source
+
+
+class Source(msgspec.Struct, frozen=True):
+    """What pushd knows of one keyed engine source."""
+
+    key: bytes
+    private: bool = False  # may carry private events
+    silent_after_s: float = 10.0  # down after this long without a valid frame; 0: never
+
+
+class Policy(msgspec.Struct, frozen=True):
+    sources: dict[int, Source] = msgspec.field(default_factory=dict)
+    allow_unsealed: bool = False  # unsealed frames, from a src without a key
+    replay_window_s: float = 30.0
+
+
+class Received(NamedTuple):
+    """What became of one frame's bytes."""
+
+    authenticated: bool  # the sender proved itself: a valid seal (or an allowed unsealed frame)
+    verdict: Verdict | None = None  # the sequence verdict, once authenticated and decoded
+    refusal: Refusal | None = None
+    src: int | None = None  # the source it claimed, when known
+    error: str = ""  # a one-line reason for the log (refused, undecodable)
+    not_permitted: int = 0  # private events dropped: the source may not carry them
+
+
 class Intake:
-    def __init__(self, sink: IngestSink, symbols: Container[str]) -> None:
+    def __init__(
+        self, sink: IngestSink, symbols: Container[str], policy: Policy | None = None
+    ) -> None:
         self._sink = sink
         self._symbols = symbols
-        self._tracker = SequenceTracker()
+        self.policy = policy if policy is not None else Policy()
+        self._keyed = SequenceTracker(max_sources=len(self.policy.sources) + 1)
+        self._open = SequenceTracker()  # unsealed sources: at most MAX_SOURCES
         self._symbols_by_source: dict[int, set[str]] = {}
-        self._private_sources: set[int] = set()  # sources that have sent private events
-        self.frames: Counter[str] = Counter()  # by verdict, plus "bad"
+        self._private_sources: set[int] = set()  # unsealed sources that sent private events
+        self.frames: Counter[str] = Counter()  # by verdict, plus "bad", "refused"
         self.events: Counter[str] = Counter()  # by event type, plus "unknown_symbol", ...
+        self.refused: Counter[tuple[str, str]] = Counter()  # by (transport, reason)
         self.lost_frames = 0
-        # per source the tracker knows (at most MAX_SOURCES: a sender cannot grow these)
-        self.source_frames: dict[int, Counter[str]] = {}  # by verdict
+        # per source the trackers know (keyed ones, and at most MAX_SOURCES others: a
+        # sender cannot grow these)
+        self.source_frames: dict[int, Counter[str]] = {s: Counter() for s in self.policy.sources}
         self.source_lost: Counter[int] = Counter()
         self.bad_frames: Counter[str] = Counter()  # by transport: undecodable, no source
+        self._opened_at: float | None = None
+        self._accepted_at: dict[int, float] = {}  # keyed source -> when its last frame was
+        self._refused_at: dict[int, tuple[float, Refusal]] = {}  # keyed source -> last refusal
+
+    # -- authentication ------------------------------------------------------------------
+
+    def receive(
+        self, data: bytes | bytearray | memoryview, transport: str, now: float, wall_ns: int
+    ) -> Received:
+        """Authenticate, decode, check and dispatch one frame's bytes (a datagram or a TCP
+        frame's body). ``now``: a monotonic clock (s); ``wall_ns``: Unix time (ns)."""
+        policy = self.policy
+        if not wire.is_sealed(data):
+            if not policy.allow_unsealed:
+                return self._refuse(transport, Refusal.UNSEALED, None, now)
+            try:
+                envelope = wire.decode(data)
+            except wire.WireError as exc:
+                return self._bad(transport, str(exc), authenticated=False)
+            if envelope.src in policy.sources:  # a key exists: its frames must be sealed
+                return self._refuse(transport, Refusal.UNSEALED, envelope.src, now)
+        else:
+            try:
+                header = wire.sealed_header(data)
+            except wire.WireError as exc:
+                return self._bad(transport, str(exc), authenticated=False)
+            src = header.src
+            source = policy.sources.get(src)
+            if source is None:
+                return self._refuse(transport, Refusal.UNKNOWN_SOURCE, src, now)
+            body = wire.verify(data, source.key)
+            if body is None:
+                return self._refuse(transport, Refusal.BAD_MAC, src, now)
+            window_ms = policy.replay_window_s * 1000
+            age_ms = wall_ns / 1_000_000 - header.sealed_ms
+            if age_ms > window_ms:
+                return self._refuse(transport, Refusal.EXPIRED, src, now)
+            if age_ms < -window_ms:
+                return self._refuse(transport, Refusal.FUTURE, src, now)
+            try:
+                envelope = wire.decode(body)
+            except wire.WireError as exc:  # the engine's own bug: its key is sound
+                return self._bad(transport, str(exc), authenticated=True, src=src)
+            if envelope.src != src:
+                return self._refuse(transport, Refusal.SRC_MISMATCH, src, now)
+        if envelope.epoch > wall_ns + policy.replay_window_s * 1e9:
+            return self._refuse(transport, Refusal.EPOCH_AHEAD, envelope.src, now)
+        verdict, _ = self._sequence(envelope, now)
+        not_permitted = self._dispatch(envelope, now) if verdict.accepted else 0
+        return Received(True, verdict, src=envelope.src, not_permitted=not_permitted)
+
+    def _refuse(self, transport: str, why: Refusal, src: int | None, now: float) -> Received:
+        self.frames["refused"] += 1
+        self.refused[transport, why.value] += 1
+        if src is not None and src in self.policy.sources:
+            self._refused_at[src] = (now, why)
+        claimed = "" if src is None else f" (claims source {src})"
+        return Received(False, refusal=why, src=src, error=f"refused: {why.value}{claimed}")
+
+    def _bad(
+        self, transport: str, error: str, *, authenticated: bool, src: int | None = None
+    ) -> Received:
+        self.bad_frame(transport)
+        return Received(authenticated, src=src, error=error[:200])
 
     def bad_frame(self, transport: str) -> None:
         self.frames["bad"] += 1
         self.bad_frames[transport] += 1
 
-    def frame(self, envelope: wire.Envelope) -> tuple[Verdict, int]:
-        """Check and dispatch one frame; returns the verdict (and frames lost, for a gap)."""
-        verdict, missing = self._tracker.check(envelope.src, envelope.epoch, envelope.seq)
+    # -- sequencing and dispatch ---------------------------------------------------------
+
+    def frame(self, envelope: wire.Envelope, now: float) -> tuple[Verdict, int]:
+        """Check and dispatch one authenticated frame; returns the verdict (and frames lost,
+        for a gap)."""
+        verdict, missing = self._sequence(envelope, now)
+        if verdict.accepted:
+            self._dispatch(envelope, now)
+        return verdict, missing
+
+    def _sequence(self, envelope: wire.Envelope, now: float) -> tuple[Verdict, int]:
+        src = envelope.src
+        source = self.policy.sources.get(src)
+        tracker = self._keyed if source is not None else self._open
+        verdict, missing = tracker.check(src, envelope.epoch, envelope.seq, now)
         self.frames[verdict.value] += 1
-        by_source = self.source_frames.get(envelope.src)
-        if by_source is None:  # a new source: the tracker may have forgotten another
-            by_source = self.source_frames[envelope.src] = Counter()
-            if len(self.source_frames) > MAX_SOURCES:
+        by_source = self.source_frames.get(src)
+        if by_source is None:  # a new unsealed source: the tracker may have forgotten another
+            by_source = self.source_frames[src] = Counter()
+            if len(self.source_frames) > MAX_SOURCES + len(self.policy.sources):
                 self._forget_sources()  # every per-source table, not only this one
         by_source[verdict.value] += 1
+        private = source.private if source is not None else src in self._private_sources
         if verdict is Verdict.GAP:
             self.lost_frames += missing
-            self.source_lost[envelope.src] += missing
-            self._resync_source(envelope.src, f"{missing} frame(s) lost from source")
-            if envelope.src in self._private_sources:
-                self._sink.private_gap(f"{missing} frame(s) lost from source {envelope.src}")
-        elif verdict is Verdict.RESTART and envelope.src in self._symbols_by_source:
-            self._resync_source(envelope.src, "source restarted")
-            if envelope.src in self._private_sources:
-                self._sink.private_gap(f"source {envelope.src} restarted")
-        if not verdict.accepted:
-            return verdict, missing
-        seen = self._symbols_by_source.setdefault(envelope.src, set())
+            self.source_lost[src] += missing
+            self._resync_source(src, f"{missing} frame(s) lost from source")
+            if private:
+                self._sink.private_gap(f"{missing} frame(s) lost from source {src}")
+        elif verdict is Verdict.RESTART and src in self._symbols_by_source:
+            self._resync_source(src, "source restarted")
+            if private:
+                self._sink.private_gap(f"source {src} restarted")
+        return verdict, missing
+
+    def _dispatch(self, envelope: wire.Envelope, now: float) -> int:
+        """The events of an accepted frame to the sink; returns how many private events were
+        dropped because the source may not carry them."""
+        src = envelope.src
+        source = self.policy.sources.get(src)
+        not_permitted = 0
+        if source is not None:
+            self._accepted_at[src] = now
+        seen = self._symbols_by_source.setdefault(src, set())
         sink = self._sink
         for event in envelope.events:
             symbol = getattr(event, "symbol", None)
@@ -90,16 +229,27 @@ class Intake:
                     | wire.PositionUpdate()
                     | (wire.AccountUpdate())
                 ):
-                    self._private_sources.add(envelope.src)
+                    if source is not None and not source.private:
+                        self.events["not_permitted"] += 1
+                        not_permitted += 1
+                        continue
+                    if source is None:
+                        self._private_sources.add(src)
                     sink.private(event)
+                case wire.Heartbeat():
+                    pass
                 case _:  # book requests/snapshots belong to the poller's connection
                     self.events["unexpected"] += 1
                     continue
             self.events[type(event).__name__] += 1
-        return verdict, missing
+        return not_permitted
 
     def _forget_sources(self) -> None:
-        known = self._tracker.known
+        keyed = self.policy.sources
+
+        def known(src: int) -> bool:
+            return src in keyed or self._open.known(src)
+
         self._symbols_by_source = {s: v for s, v in self._symbols_by_source.items() if known(s)}
         self._private_sources = {s for s in self._private_sources if known(s)}
         self.source_frames = {s: v for s, v in self.source_frames.items() if known(s)}
@@ -109,3 +259,34 @@ class Intake:
         symbols = self._symbols_by_source.get(src)
         if symbols:
             self._sink.resync(set(symbols), reason)
+
+    # -- liveness ------------------------------------------------------------------------
+
+    def open(self, now: float) -> None:
+        """The listeners are up: a keyed source's silence counts from now."""
+        self._opened_at = now
+
+    def down(self, now: float) -> dict[int, str]:
+        """Keyed sources not accepted lately (no valid frame for their ``silent_after_s``),
+        each with why; empty before ``open``."""
+        if self._opened_at is None:
+            return {}
+        down: dict[int, str] = {}
+        for src, source in self.policy.sources.items():
+            if not source.silent_after_s:
+                continue
+            last = self._accepted_at.get(src)
+            quiet = now - (self._opened_at if last is None else last)
+            if quiet <= source.silent_after_s:
+                continue
+            refused = self._refused_at.get(src)
+            if refused is not None and (last is None or refused[0] > last):
+                down[src] = f"only refused frames ({refused[1].value}) for {quiet:.0f} s"
+            elif last is None:
+                down[src] = f"not heard from in {quiet:.0f} s"
+            else:
+                down[src] = f"no valid frame for {quiet:.0f} s"
+        return down
+
+    def keyed_sources(self) -> Iterable[int]:
+        return self.policy.sources.keys()

@@ -1,8 +1,13 @@
 """Ingest listeners: the engine's UDP datagrams and TCP frames, into ``Intake``. Trio shell.
 
-Bad input is counted, logged (at most one line per second per listener, with the count of what
-was not logged) and dropped. A TCP peer that sends a frame with an impossible length is
-disconnected; its sequence numbering tells the daemon what was lost. Other peers go on.
+Refused and bad input is counted, logged (at most one line per second per listener and kind,
+with the count of what was not logged) and dropped. A TCP peer that sends a frame with an
+impossible length is disconnected; its sequence numbering tells the daemon what was lost.
+
+A TCP peer holds a slot only once it has authenticated (its first frame is valid: sealed with
+its source's key). Until then it waits, at most ``auth_timeout_s``; a peer whose first frame is
+refused is dropped at once, and when ``max_tcp_peers`` peers already wait, the one waiting
+longest is dropped to make room: idle connections cannot keep the engine out.
 
 Each datagram and each TCP peer is an error boundary: whatever one of them causes (a frame that
 trips a bug further in, a reset at any moment) is counted as a bad frame or ends that peer, with
@@ -12,19 +17,52 @@ a log line; the listener and the daemon go on.
 from __future__ import annotations
 
 import errno
+import math
 import socket
+import time
+from collections import Counter
+from collections.abc import Callable
 
 import structlog
 import trio
 
 from ingest import wire
 from pushd.config import IngestConfig
-from pushd.feed.intake import Intake
+from pushd.feed.intake import Intake, Received
+from pushd.feed.sequencing import Verdict
 from pushd.logs import ThrottledLog
 
 log = structlog.get_logger("pushd.ingest")
 
 RECV_BYTES = 1 << 18
+
+
+class FrameLogs:
+    """The throttled log lines of one listener: refused frames, bad ones, private events from
+    a source without permission, a second engine sending as one source."""
+
+    def __init__(self, transport: str) -> None:
+        self.refused = ThrottledLog(log, f"{transport} engine frame refused")
+        self.bad = ThrottledLog(log, f"bad {transport} engine frame dropped")
+        self.not_permitted = ThrottledLog(
+            log, "private events dropped: their source may not carry them"
+        )
+        self.conflict = ThrottledLog(log, "two engines send as one source")
+        self.dropped = ThrottledLog(log, "ingest TCP peer dropped before it authenticated")
+
+    def tell(self, got: Received, peer: str) -> None:
+        """Log what is worth a line (at most one a second of each kind)."""
+        if got.refusal is not None:
+            self.refused.warning(peer=peer, reason=got.refusal.value, src=got.src)
+        elif got.error:
+            self.bad.warning(peer=peer, error=got.error, src=got.src)
+        elif got.not_permitted:
+            self.not_permitted.warning(peer=peer, src=got.src, events=got.not_permitted)
+        elif got.verdict is Verdict.CONFLICT:
+            self.conflict.warning(
+                peer=peer, src=got.src, why="an older epoch still numbers frames: the newest "
+                "epoch wins, the other engine's frames are dropped",
+            )  # fmt: skip
 
 
 async def serve_udp(
@@ -47,9 +85,10 @@ async def serve_udp(
         sock.bind((config.udp_host, config.udp_port))
         sock.setblocking(False)
         task_status.started(sock.getsockname()[1])
-        bad = ThrottledLog(log, "bad UDP datagram dropped")
+        logs = FrameLogs("UDP")
         while True:
             await trio.lowlevel.wait_readable(sock)
+            now, wall_ns = trio.current_time(), time.time_ns()
             for _ in range(256):  # drain what is queued, then let others run
                 try:
                     data, addr = sock.recvfrom(wire.MAX_DATAGRAM_BYTES + 1)
@@ -61,55 +100,97 @@ async def serve_udp(
                     raise
                 if len(data) > wire.MAX_DATAGRAM_BYTES:
                     intake.bad_frame("udp")
-                    bad.warning(peer=f"{addr[0]}:{addr[1]}", error="datagram too large")
+                    logs.bad.warning(peer=f"{addr[0]}:{addr[1]}", error="datagram too large")
                     continue
                 try:
-                    intake.frame(wire.decode(data))
-                except wire.WireError as exc:
-                    intake.bad_frame("udp")
-                    bad.warning(peer=f"{addr[0]}:{addr[1]}", error=str(exc)[:200])
+                    got = intake.receive(data, "udp", now, wall_ns)
                 except Exception:  # a valid frame that tripped a bug further in: drop it only
                     intake.bad_frame("udp")
                     log.exception("engine frame failed", peer=f"{addr[0]}:{addr[1]}")
+                    continue
+                if got.verdict is not None and got.verdict.accepted and not got.not_permitted:
+                    continue
+                logs.tell(got, f"{addr[0]}:{addr[1]}")
             await trio.lowlevel.checkpoint()
+
+
+class TcpPeers:
+    """The ingest TCP listener's peers: how many wait to authenticate or have, and how many
+    were dropped, by reason (read by the metrics)."""
+
+    def __init__(self) -> None:
+        self.waiting: dict[object, _Waiting] = {}  # oldest first
+        self.authenticated = 0
+        self.dropped: Counter[str] = Counter()  # auth_timeout, evicted, refused, full
+
+
+class _Waiting:
+    __slots__ = ("evicted", "scope")
+
+    def __init__(self, scope: trio.CancelScope) -> None:
+        self.scope = scope
+        self.evicted = False
 
 
 async def serve_tcp(
     config: IngestConfig,
     intake: Intake,
+    peers: TcpPeers | None = None,
     *,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Accept engine TCP connections; reports the bound port."""
     listeners = await trio.open_tcp_listeners(config.tcp_port, host=config.tcp_host)
-    peers = 0
-    bad = ThrottledLog(log, "bad TCP frame")
+    state = peers if peers is not None else TcpPeers()
+    logs = FrameLogs("TCP")
 
     async def handle(stream: trio.SocketStream) -> None:
-        nonlocal peers
         try:
             peer = "{}:{}".format(*stream.socket.getpeername()[:2])
         except OSError:  # reset before we looked: nothing to serve
             await stream.aclose()
             return
-        if peers >= config.max_tcp_peers:
-            log.warning("ingest TCP peer refused: too many peers", peer=peer)
-            await stream.aclose()
-            return
-        peers += 1
-        log.info("ingest peer connected", peer=peer)
+        if len(state.waiting) >= config.max_tcp_peers:  # make room: the longest waiting goes
+            oldest = state.waiting.pop(next(iter(state.waiting)))
+            oldest.evicted = True
+            oldest.scope.cancel()
+        token = object()
+        waiting = _Waiting(trio.CancelScope(deadline=trio.current_time() + config.auth_timeout_s))
+        state.waiting[token] = waiting
+        authenticated = False
+
+        def admit() -> bool:
+            """The peer's first valid frame: a slot, if one is free, and no more deadline."""
+            nonlocal authenticated
+            state.waiting.pop(token, None)
+            waiting.scope.deadline = math.inf
+            if state.authenticated >= config.max_tcp_peers:
+                return False
+            state.authenticated += 1
+            authenticated = True
+            log.info("ingest peer authenticated", peer=peer)
+            return True
+
         reason = "peer closed"
         try:
             async with stream:
-                reason = await _read_frames(stream, intake, bad, peer)
+                with waiting.scope:
+                    reason = await _read_frames(stream, intake, logs, peer, admit)
+                if waiting.scope.cancelled_caught:
+                    reason = "evicted" if waiting.evicted else "auth_timeout"
         except (trio.BrokenResourceError, OSError):
             reason = "connection reset"
         except Exception:  # the error boundary: this peer ends, the listener goes on
             log.exception("ingest peer failed", peer=peer)
             reason = "internal error"
         finally:
-            peers -= 1
-            log.info("ingest peer disconnected", peer=peer, reason=reason)
+            state.waiting.pop(token, None)
+            if authenticated:
+                state.authenticated -= 1
+                log.info("ingest peer disconnected", peer=peer, reason=reason)
+            elif reason in ("evicted", "auth_timeout", "refused", "full"):
+                state.dropped[reason] += 1
+                logs.dropped.warning(peer=peer, reason=reason)
 
     async with trio.open_nursery() as nursery:
         task_status.started(listeners[0].socket.getsockname()[1])
@@ -117,30 +198,45 @@ async def serve_tcp(
 
 
 async def _read_frames(
-    stream: trio.SocketStream, intake: Intake, bad: ThrottledLog, peer: str
+    stream: trio.SocketStream,
+    intake: Intake,
+    logs: FrameLogs,
+    peer: str,
+    admit: Callable[[], bool],
 ) -> str:
-    """Frames from one engine connection into ``intake`` until it ends; returns why it ended."""
+    """Frames from one engine connection into ``intake`` until it ends; returns why it ended.
+    The first frame must authenticate the peer (``admit``), or the connection ends."""
     decoder = wire.StreamDecoder()
+    admitted = False
     while data := await stream.receive_some(RECV_BYTES):
         decoder.feed(data)
+        now, wall_ns = trio.current_time(), time.time_ns()
         while True:
             try:
-                envelope = decoder.next_frame()
-            except wire.WireError as exc:
+                body = decoder.next_body()
+            except wire.WireError as exc:  # an impossible length: the stream is lost
                 intake.bad_frame("tcp")
-                bad.warning(peer=peer, error=str(exc)[:200])
-                if decoder.broken:
-                    return "unframeable input"
-                continue
-            if envelope is None:
+                logs.bad.warning(peer=peer, error=str(exc)[:200])
+                return "unframeable input" if admitted else "refused"
+            if body is None:
                 break
             try:
-                intake.frame(envelope)
+                got = intake.receive(body, "tcp", now, wall_ns)
             except Exception:  # a valid frame that tripped a bug further in: drop it only
                 intake.bad_frame("tcp")
                 log.exception("engine frame failed", peer=peer)
+                continue
+            logs.tell(got, peer)
+            if not admitted:
+                if not got.authenticated:
+                    return "refused"
+                if not admit():
+                    return "full"
+                admitted = True
     if decoder.buffered:  # the peer closed in the middle of a frame
         intake.bad_frame("tcp")
-        bad.warning(peer=peer, error=f"connection closed inside a frame ({decoder.buffered} B)")
+        logs.bad.warning(
+            peer=peer, error=f"connection closed inside a frame ({decoder.buffered} B)"
+        )
         return "closed inside a frame"
     return "peer closed"
