@@ -23,10 +23,18 @@ what it missed, or on a node without the book the stream's current state): ``joi
 *pending*, so the channel's live events are kept for it; ``settle`` then sends what the bus
 answered and, after it, the kept events it does not have yet (by seq), and makes it live. No
 event is lost or doubled between the replay and the live stream.
+
+A replay may be larger than the outbound buffer (a ``since`` of a busy trades stream): it is
+*paced*. ``settle`` queues what fits; the rest of the replay, and the live events kept after
+it, wait in the joining state and go out in order as the buffer drains (``drained``), and the
+subscriber goes live when nothing is left. A replay never overflows the buffer, so recovery
+always finishes; only a single event larger than the whole buffer cannot be paced, and
+``unpaceable`` says so before the reply (the client is told ``recovered: false``).
 """
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable, Iterator
 
 import msgspec
@@ -67,7 +75,7 @@ class Outlet:
     of a frame that a partial ``send`` began (the writer keeps this up to date).
     """
 
-    __slots__ = ("head_left", "lagging", "limit", "out", "slow")
+    __slots__ = ("head_left", "lagging", "limit", "out", "replaying", "slow")
 
     def __init__(self, limit: int) -> None:
         self.out = bytearray()
@@ -75,10 +83,37 @@ class Outlet:
         self.limit = limit
         # internal -> (channel, last lost position)
         self.lagging: dict[str, tuple[Channel, Position]] = {}
+        # channels whose replay is being paced into the buffer: internal -> channel
+        self.replaying: dict[str, Channel] = {}
         self.slow = False
+
+    @property
+    def behind(self) -> bool:
+        """The hub wants to hear when the buffer has drained (``Hub.drained``): a lagging
+        channel resumes, or a paced replay goes on."""
+        return bool(self.lagging or self.replaying)
 
 
 MAX_PENDING = 10_000  # live events kept for one joining subscriber; more marks it slow
+FRAME_OVERHEAD = 96  # an event's envelope and frame header beyond its data and channel name
+
+# a kept live event: (epoch, seq, data); data None marks a resync notice at that seq (events
+# up to it may have been lost before they reached this node)
+_Kept = tuple[str, int, msgspec.Raw | None]
+
+
+class _Joining:
+    """A subscriber on its way in: the live events kept for it and, once settled, what is left
+    of its replay (paced into its buffer as it drains)."""
+
+    __slots__ = ("epoch", "kept", "last", "replay", "settled")
+
+    def __init__(self) -> None:
+        self.kept: deque[_Kept] = deque()
+        self.replay: deque[Entry] = deque()
+        self.epoch = ""  # the replay's epoch
+        self.last: Position | None = None  # the last event queued to the subscriber
+        self.settled = False
 
 
 class _Route:
@@ -87,8 +122,8 @@ class _Route:
     def __init__(self, channel: Channel) -> None:
         self.channel = channel
         self.subscribers: dict[Outlet, None] = {}  # an ordered set
-        # joining subscribers -> the live events kept for them: (epoch, seq, data)
-        self.pending: dict[Outlet, list[tuple[str, int, msgspec.Raw]]] = {}
+        # joining subscribers -> the live events kept for them and what is left of the replay
+        self.pending: dict[Outlet, _Joining] = {}
         # settled subscribers whose replay went past the last event this node delivered (the
         # bus answered before its own stream caught up) -> that seq: they go live after it
         self.ahead: dict[Outlet, Position] = {}
@@ -142,47 +177,89 @@ class Hub:
         if route is None:
             route = self._routes[channel.internal] = _Route(channel)
             self.on_first_subscriber(channel.internal)
-        route.pending[outlet] = []
+        route.pending[outlet] = _Joining()
 
     def settle(
         self, outlet: Outlet, channel: Channel, recovery: Recovery | None
     ) -> Position | None:
         """Make a pending subscriber live: first what it missed (``recovery.recovered``) or
-        else the stream's current state, then the kept events it does not have. Returns where
+        else the stream's current state, then the kept events it does not have. What does not
+        fit the buffer now follows as it drains (see the module's docstring). Returns where
         its stream starts (None: unknown, or it left while pending)."""
         route = self._routes.get(channel.internal)
-        if route is None or outlet not in route.pending:
+        joining = route.pending.get(outlet) if route is not None else None
+        if route is None or joining is None or joining.settled:
             return None
-        kept = route.pending.pop(outlet)
+        joining.settled = True
         start: Position | None
-        replay: tuple[Entry, ...] = ()
         if recovery is not None and recovery.recovered:
-            start, replay = recovery.position, recovery.missed
+            start = recovery.position
+            joining.replay.extend(recovery.missed)
         elif recovery is not None and recovery.current:
-            replay = recovery.current
-            start = Position(recovery.position.epoch, replay[-1].seq)
+            start = Position(recovery.position.epoch, recovery.current[-1].seq)
+            joining.replay.extend(recovery.current)
         else:
-            start = None
-        for entry in replay:
-            assert start is not None
-            frame = encode_event(channel.protocol, entry.data, entry.seq, start.epoch)
-            self.send(outlet, text_frame(frame))
-        if start is None:
             start = self._send_current(outlet, channel)
             if start is None and recovery is not None:
                 start = recovery.position
             elif start is None:
                 start = self.position(channel.internal)
-        last = start
-        for epoch, seq, data in kept:
-            if last is None or epoch != last.epoch or seq > last.seq:
-                self.send(outlet, text_frame(encode_event(channel.protocol, data, seq, epoch)))
-                last = Position(epoch, seq)
+        if start is not None:
+            joining.epoch = start.epoch
+            joining.last = (
+                Position(start.epoch, joining.replay[0].seq - 1) if joining.replay else start
+            )
+        self._feed(route, outlet, joining)
+        return start
+
+    def unpaceable(self, outlet: Outlet, channel: Channel, recovery: Recovery) -> str | None:
+        """Why a replay cannot be paced into this outlet's buffer (one of its events is larger
+        than the whole buffer), or None: every other replay can, however long."""
+        room = outlet.limit - FRAME_OVERHEAD - len(channel.protocol)
+        if any(len(entry.data) > room for entry in recovery.missed):
+            return "size"
+        return None
+
+    def _feed(self, route: _Route, outlet: Outlet, joining: _Joining) -> None:
+        """Queue what fits of a settled subscriber's replay, then of its kept events (those it
+        does not have yet, by seq); when nothing is left it goes live."""
+        protocol = route.channel.protocol
+        internal = route.channel.internal
+        out = outlet.out
+        while joining.replay and not outlet.slow:
+            entry = joining.replay[0]
+            frame = text_frame(encode_event(protocol, entry.data, entry.seq, joining.epoch))
+            if out and len(out) + len(frame) > outlet.limit:
+                outlet.replaying[internal] = route.channel  # the rest when it has drained
+                return
+            joining.replay.popleft()
+            self.send(outlet, frame)
+            joining.last = Position(joining.epoch, entry.seq)
+        kept = joining.kept
+        while kept and not outlet.slow:
+            epoch, seq, data = kept[0]
+            last = joining.last
+            if data is None:
+                frame = text_frame(encode_resync(protocol, seq, epoch))
+            elif last is None or epoch != last.epoch or seq > last.seq:
+                frame = text_frame(encode_event(protocol, data, seq, epoch))
+            else:  # the replay had it
+                kept.popleft()
+                continue
+            if out and len(out) + len(frame) > outlet.limit:
+                outlet.replaying[internal] = route.channel
+                return
+            kept.popleft()
+            self.send(outlet, frame)
+            if data is not None:
+                joining.last = Position(epoch, seq)
+        outlet.replaying.pop(internal, None)
+        del route.pending[outlet]
+        last = joining.last
         if last is not None and route.epoch in ("", last.epoch) and route.seq < last.seq:
             route.ahead[outlet] = last  # the replay is ahead of this node's stream
         else:
             route.subscribers[outlet] = None
-        return start
 
     def _send_current(
         self, outlet: Outlet, channel: Channel, *, after_lag: bool = False
@@ -211,6 +288,7 @@ class Hub:
         route.pending.pop(outlet, None)
         route.ahead.pop(outlet, None)
         outlet.lagging.pop(internal, None)
+        outlet.replaying.pop(internal, None)
         if not route.subscribers and not route.pending and not route.ahead:
             del self._routes[internal]
             self._current_frames.pop(internal, None)
@@ -291,12 +369,29 @@ class Hub:
         self.resync(route.channel.internal, at)
 
     def _keep(self, route: _Route, epoch: str, seq: int, data: msgspec.Raw) -> None:
-        for outlet, kept in route.pending.items():
-            if len(kept) < MAX_PENDING:
-                kept.append((epoch, seq, data))
+        behind: list[tuple[Outlet, _Joining]] = []
+        for outlet, joining in route.pending.items():
+            if len(joining.kept) < MAX_PENDING:
+                joining.kept.append((epoch, seq, data))
+            elif joining.settled and not route.channel.private:
+                behind.append((outlet, joining))
             elif not outlet.slow:  # a join that never settles: end it like a slow reader
                 outlet.slow = True
                 self._mark_dirty(outlet)
+        for outlet, joining in behind:
+            self._give_up_replay(route, outlet, joining, Position(epoch, seq))
+
+    def _give_up_replay(
+        self, route: _Route, outlet: Outlet, joining: _Joining, lost: Position
+    ) -> None:
+        """A public stream's paced replay fell a whole ``MAX_PENDING`` behind the live stream:
+        what is left is dropped and the subscriber goes on as a lagging one (a resync notice
+        once its buffer has drained), as any slow reader of a public stream does."""
+        joining.replay.clear()
+        joining.kept.clear()
+        self.dropped += 1
+        outlet.lagging[route.channel.internal] = (route.channel, lost)
+        self._feed(route, outlet, joining)
 
     def _catch_up(self, route: _Route, epoch: str, seq: int) -> None:
         """Subscribers whose replay was ahead go live with the first event they lack."""
@@ -320,8 +415,16 @@ class Hub:
             self._mark_dirty(outlet)
 
     def drained(self, outlet: Outlet) -> None:
-        """The outlet's buffer is empty again: each lagging channel resumes with its current
-        state (a depth snapshot, ...) or, for a stream of events (trades), a resync notice."""
+        """The outlet's buffer is empty again: each paced replay goes on, and each lagging
+        channel resumes with its current state (a depth snapshot, ...) or, for a stream of
+        events (trades), a resync notice."""
+        for internal in list(outlet.replaying):
+            route = self._routes.get(internal)
+            joining = route.pending.get(outlet) if route is not None else None
+            if route is None or joining is None:
+                outlet.replaying.pop(internal, None)
+            else:
+                self._feed(route, outlet, joining)
         lagging, outlet.lagging = outlet.lagging, {}
         self.lag_resyncs += len(lagging)
         for channel, lost in lagging.values():
@@ -338,7 +441,9 @@ class Hub:
             outlet.lagging[internal] = (route.channel, at)
             if not outlet.out:
                 self.drained(outlet)
-        return len(route.subscribers) + len(route.ahead)
+        for joining in route.pending.values():  # told in order, after what was kept for them
+            joining.kept.append((at.epoch, at.seq, None))
+        return len(route.subscribers) + len(route.ahead) + len(route.pending)
 
     def resync_private(self) -> int:
         """Events of private channels may have been lost before they got here (an ingest gap):
@@ -351,6 +456,9 @@ class Hub:
                 frame = text_frame(encode_resync(route.channel.protocol, at.seq, at.epoch))
                 for outlet in (*route.subscribers, *route.ahead):
                     self.send(outlet, frame)
+                    told += 1
+                for joining in route.pending.values():
+                    joining.kept.append((at.epoch, at.seq, None))
                     told += 1
         return told
 

@@ -69,12 +69,13 @@ class StreamPosition(msgspec.Struct, frozen=True):
 class Subscribed(msgspec.Struct, omit_defaults=True):
     """The reply to a subscribe: where each new stream stands (its events that follow have
     seqs up to ``seq`` for its current state or a replay, then above it); ``recovered`` only
-    when the request had ``since``."""
+    when the request had ``since``, and ``reason`` why not when it is false."""
 
     result: bool
     streams: dict[str, StreamPosition]
     id: RequestId | None = None
     recovered: bool | None = None
+    reason: str | None = None
 
 
 class Error(msgspec.Struct, omit_defaults=True):
@@ -178,8 +179,11 @@ def encode_subscribed(
     streams: dict[str, StreamPosition],
     request_id: RequestId | None = None,
     recovered: bool | None = None,
+    reason: str | None = None,
 ) -> bytes:
-    return _encoder.encode(Subscribed(True, streams, id=request_id, recovered=recovered))
+    return _encoder.encode(
+        Subscribed(True, streams, id=request_id, recovered=recovered, reason=reason)
+    )
 
 
 def encode_event(event: str, data: msgspec.Raw, seq: int, epoch: str) -> bytes:

@@ -61,6 +61,7 @@ from wsproto.handshake import H11Handshake
 
 from pushd.auth import Verifier
 from pushd.bus.model import Bus, BusUnavailable, Position, Recovery
+from pushd.channels import Channel
 from pushd.config import Config
 from pushd.errors import AuthError, AuthUnavailable, CloseCode, ErrorCode, RequestError
 from pushd.gateway import protocol
@@ -337,7 +338,7 @@ class Gateway:
         if conn.out or (conn.tls is not None and conn.tls.unsent):
             conn.draining = True
             conn.nursery.start_soon(self._drain, conn)
-        elif conn.lagging:
+        elif conn.behind:
             self.hub.drained(conn)
 
     def _write(self, conn: Connection) -> bool:
@@ -409,7 +410,7 @@ class Gateway:
             conn.draining = False
         if conn.slow:
             self._flush(conn)
-        elif conn.lagging:
+        elif conn.behind:
             self.hub.drained(conn)
 
     def _send_ws(self, conn: Connection, payload: bytes) -> None:
@@ -803,19 +804,37 @@ class Gateway:
             raise RequestError(ErrorCode.UNAVAILABLE) from None
         if conn.closing:
             return
+        recovered: bool | None = None
+        reason: str | None = None
+        if since is not None:
+            recovered, reason = self._recovered(conn, added, recoveries, since)
+            if not recovered and recoveries and recoveries[0].recovered:  # cannot be paced
+                recoveries[0] = Recovery(recoveries[0].position, False)
         mark = len(conn.out)
         streams = {}
         for channel, recovery in zip(added, recoveries, strict=True):
             start = self.hub.settle(conn, channel, recovery) or recovery.position
             streams[channel.protocol] = protocol.StreamPosition(start.epoch, start.seq)
-        recovered = recoveries[0].recovered if since is not None and recoveries else None
-        if since is not None and not added:  # already subscribed: nothing to recover
-            recovered = False
-        reply = protocol.encode_subscribed(streams, request.id, recovered)
+        reply = protocol.encode_subscribed(streams, request.id, recovered, reason)
         if len(conn.out) == mark:
             self._send_ws(conn, reply)
         elif not conn.slow:  # the reply goes before the streams' first events
             conn.out[mark:mark] = text_frame(reply)
+
+    def _recovered(
+        self, conn: Connection, added: list[Channel], recoveries: list[Recovery], since: Position
+    ) -> tuple[bool, str | None]:
+        """Whether a ``since`` is answered with a replay, else why not: ``subscribed`` (the
+        channel was already subscribed), ``epoch`` (the numbering restarted), ``history``
+        (history no longer reaches back, or ``since`` is ahead of the stream), ``size`` (an
+        event to replay is larger than the whole outbound buffer: it cannot be paced)."""
+        if not added:
+            return False, "subscribed"
+        recovery = recoveries[0]
+        if not recovery.recovered:
+            return False, "epoch" if recovery.position.epoch != since.epoch else "history"
+        reason = self.hub.unpaceable(conn, added[0], recovery)
+        return reason is None, reason
 
     async def _auth(
         self, conn: Connection, session: Session, request: protocol.Auth, now: float

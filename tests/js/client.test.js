@@ -174,6 +174,68 @@ describe("against a running daemon", live, () => {
       client.stop();
     }
   });
+
+  it("recovers a replay larger than its buffer while events pour in, and converges", async () => {
+    // ~190 notices of 2 KB while it is away: more than the 256 KiB outbound buffer, which
+    // closed it with 4002 before the reply (and again on every retry) until replays were paced
+    const publishToken = process.env.PUSHD_PUBLISH_TOKEN;
+    assert.ok(publishToken, "PUSHD_PUBLISH_TOKEN names the daemon's publish token");
+    const publish = async (count) => {
+      const messages = Array.from({ length: count }, () => ({
+        channel: "notice", data: { pad: "z".repeat(2000) },
+      }));
+      const r = await fetch(`${HTTP}/v1/publish/batch`, {
+        method: "POST", body: JSON.stringify({ messages }),
+        headers: { authorization: `Bearer ${publishToken}`, "content-type": "application/json" },
+      });
+      const body = await r.text();
+      assert.equal(r.status, 200, body);
+      return JSON.parse(body).seqs.at(-1);
+    };
+    const client = new PushdClient(WS, { minBackoffMs: 50 });
+    const started = next(client, "state", (d) => d.state === "live");
+    client.start();
+    try {
+      const seqs = [];
+      const notices = watcher();
+      let trouble = 0;
+      for (const type of ["gap", "resync"]) client.addEventListener(type, () => (trouble += 1));
+      client.subscribe("notice", (event, info) => {
+        if (info.reload || info.gap || info.resync) trouble += 1;
+        if (event.data) seqs.push(event.seq);
+        notices.notify();
+      });
+      await started; // subscribed
+      let last = await publish(1);
+      await notices.until(() => seqs.includes(last));
+      const connect = client._connect.bind(client);
+      let release;
+      const gate = new Promise((resolve) => (release = resolve));
+      client._connect = () => gate.then(connect); // the network stays down until released
+      const reconnecting = next(client, "state", (d) => d.state === "reconnecting");
+      client._ws.close();
+      await reconnecting;
+      last = await publish(190);
+      const since = Date.now();
+      const recovery = next(client, "recovery");
+      release();
+      let pouring = true;
+      let pours = 0;
+      const poured = (async () => {
+        for (; pouring || pours < 20; pours++) last = await publish(1); // live during the replay
+      })();
+      assert.deepEqual(await recovery, { recovered: ["notice"], reloaded: [] });
+      pouring = false;
+      await poured;
+      await notices.until(() => seqs.includes(last));
+      console.log(`# converged: ${Date.now() - since} ms to recover and reach seq ${last}`);
+      assert.deepEqual(seqs, seqs.map((_, i) => seqs[0] + i)); // no gap, double or reorder
+      assert.equal(trouble, 0);
+      assert.equal(client.reconnects, 1); // one reconnect: no 4002 loop
+    } finally {
+      client.stop();
+    }
+  });
 });
 
 /** Wait for a condition that callbacks change: `until(test)` resolves once `test()` holds,
