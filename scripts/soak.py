@@ -249,6 +249,7 @@ async def soak(args: argparse.Namespace) -> int:
                     lambda: legit.progress, 60, "legitimate traffic",
                 )  # fmt: skip
                 nursery.start_soon(watch.run)
+                legit.t0 = trio.current_time()
                 until = trio.current_time() + args.duration - DRAIN_S
                 for name, tally in tallies.items():
                     nursery.start_soon(ATTACKS[name], target, tally, until)
@@ -335,7 +336,7 @@ def report(args: argparse.Namespace, target: Target, watch: Watch, logs: LogWatc
     w(f"  resyncs announced: {dict(legit.resyncs) or 0}")
     w(f"  unannounced gaps: {len(legit.gaps)} {legit.gaps[:5]}")
     w(f"  book errors: {len(legit.book_errors)} {legit.book_errors[:3]}")
-    w(f"  closed by the server: {dict(legit.closed) or 0}")
+    w(f"  closed by the server, or no connection: {dict(legit.closed) or 0}")
     w(f"  refusals/errors: {dict(legit.errors) or 0}")
     w(f"  forged events delivered: {dict(legit.forged) or 0}")
     silences = {k: round(v, 1) for k, v in legit.longest_silence.items()}
@@ -357,7 +358,8 @@ def report(args: argparse.Namespace, target: Target, watch: Watch, logs: LogWatc
         if quiet > SILENCE_LIMIT_S:
             failures.append(f"legitimate {kind} stream silent for {quiet:.0f} s")
     leaked = {**logs.leaked, **{f"sim: {k}": v for k, v in sim_logs.leaked.items()}}
-    w(f"secrets in log lines: {leaked or 0} (of {len(logs.lines):,} lines)")
+    w(f"secrets in log lines: {leaked or 0} (of {len(logs.lines):,} lines); lines not JSON "
+      f"(tracebacks): {len(logs.unstructured):,} {logs.unstructured[-1:] or ''}")  # fmt: skip
     if leaked:
         failures.append(f"secrets logged: {leaked}")
     w("\nattack          sent / how the server answered")

@@ -108,6 +108,7 @@ class LogWatch:
         self.children: dict[str, int] = {}  # name -> pid, from "child started"
         self.starts: Counter[str] = Counter()
         self.leaked: Counter[str] = Counter()
+        self.unstructured: list[str] = []  # lines that are not JSON (tracebacks)
         self.ready = 0
         self.changed = trio.Event()
         self._secrets = {k: v.encode() for k, v in secrets.items() if v}
@@ -130,8 +131,10 @@ class LogWatch:
         try:
             line = json.loads(raw)
         except ValueError:
-            line = {"event": raw.decode(errors="replace")[:200]}
-        if not isinstance(line, dict):
+            line = None
+        if not isinstance(line, dict):  # a traceback, most likely
+            if raw.strip():
+                self.unstructured.append(raw.decode(errors="replace")[:160])
             return
         self.lines.append(line)
         event = line.get("event")

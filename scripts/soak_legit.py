@@ -145,21 +145,25 @@ class Subscriber:
                 self.tally.gaps.append(f"{self.name} {name}: seq {stream.seq} -> {seq} {shape}"
                                        f" at {at:.0f} s")  # fmt: skip
         stream.seq, stream.epoch, stream.fresh = seq, epoch, False
-        self.tally.saw(kind)
         data = message.get("data")
+        genuine = True  # the stream's silence is judged on the engine's own events only
         if kind == "depth":
             self._depth(stream, name, data)
         elif kind == "trades":
-            forged = sum(1 for t in data.get("trades", ()) if t.get("qty") == FORGED_TRADE_QTY)
+            trades = data.get("trades", ())
+            forged = sum(1 for t in trades if t.get("qty") == FORGED_TRADE_QTY)
             if forged:
                 self.tally.forged["trades"] += forged
+            genuine = forged < len(trades) or not trades
         elif kind == "order" and isinstance(data, dict):
             if data.get("client_order_id") == FORGED_ORDER_TAG:
                 self.tally.forged["order"] += 1
+                genuine = False
             if data.get("uid") != self.uid:
                 self.tally.forged[f"order of uid {data.get('uid')} to uid {self.uid}"] += 1
         elif name == "notice" and isinstance(data, dict) and data.get("tag") == BATCH_HEAD_TAG:
             self.tally.forged["notice from a batch that was refused"] += 1
+        self.tally.saw(kind if genuine else f"{kind} (forged)")
 
     def _depth(self, stream: Stream, name: str, data: Any) -> None:
         event = msgspec.convert(data, DepthEvent)
