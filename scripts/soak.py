@@ -311,7 +311,10 @@ def report(args: argparse.Namespace, target: Target, watch: Watch, logs: LogWatc
         warm = after[0] if after else values[-1]
         growth = values[-1] - warm
         pushd_process = name not in ("simulator", "redis-server")
-        note = "" if pushd_process else "   (not judged)"
+        restarted = logs.starts.get(name, 1) > 1 or name.startswith("child ")
+        note = "   (restarted: not judged)" if restarted else ""
+        note = note if pushd_process else "   (not judged)"
+        pushd_process = pushd_process and not restarted
         w(f"{name:<14} {values[0]:9.1f} {min(values):9.1f} {max(values):9.1f} {warm:9.1f} "
           f"{values[-1]:9.1f} {growth:+8.1f}{note}")  # fmt: skip
         if pushd_process and growth > args.rss_tolerance_mib:
