@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # red
 
 from benchlib import free_port, metrics, proc_rss_kib
 from redis_servers import REDIS_CLI, RedisServer
-from soak_attacks import ATTACKS
+from soak_attacks import ATTACKS, Attack
 from soak_common import AttackTally, LegitTally, LogWatch, Target
 from soak_legit import backend, subscribers
 
@@ -252,7 +252,7 @@ async def soak(args: argparse.Namespace) -> int:
                 legit.t0 = trio.current_time()
                 until = trio.current_time() + args.duration - DRAIN_S
                 for name, tally in tallies.items():
-                    nursery.start_soon(ATTACKS[name], target, tally, until)
+                    nursery.start_soon(guarded, ATTACKS[name], target, tally, until)
                 await trio.sleep(args.duration)
                 watch.sample()
                 nursery.cancel_scope.cancel()
@@ -273,6 +273,14 @@ async def soak(args: argparse.Namespace) -> int:
     harness_cpu = time.process_time() - started_cpu
     return report(args, target, watch, logs, sim_logs, legit, tallies, final_metrics,
                   supervisor_code, harness_cpu)  # fmt: skip
+
+
+async def guarded(attack: Attack, target: Target, tally: AttackTally, until: float) -> None:
+    """An attacker that breaks is the harness's bug: said in the table, the soak goes on."""
+    try:
+        await attack(target, tally, until)
+    except Exception as exc:
+        tally.fail(f"the attacker itself broke: {type(exc).__name__}: {str(exc)[:120]}")
 
 
 def _metrics(target: Target) -> dict[str, dict[str, float]]:

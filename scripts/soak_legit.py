@@ -72,6 +72,8 @@ class Subscriber:
                 self.tally.closed[f"{self.name}: close {reason.code if reason else '?'}"] += 1
             except (OSError, trio_websocket.HandshakeError) as exc:
                 self.tally.closed[f"{self.name}: {type(exc).__name__}"] += 1
+            except Exception as exc:  # what the server sent broke this client: said, not fatal
+                self.tally.errors[f"{self.name}: {type(exc).__name__}: {str(exc)[:80]}"] += 1
             self.connected = False
             await trio.sleep(0.5)
 
