@@ -1,0 +1,26 @@
+"""Issue 18's soak, short: legitimate traffic and every outside attack at once, on ``pushd run
+--workers 2`` with the Redis bus, must leave every process running, RSS flat after warm-up, and
+the legitimate clients whole (scripts/soak.py judges; this runs it for 70 s)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "soak.py"
+ATTACKS = ("continuation", "ping", "oversize", "bad-tokens", "storm", "since", "token-expiry",
+           "uids", "publish-utf8", "ingest-forge", "ingest-idle", "sighup")  # fmt: skip
+
+
+def test_soak_with_every_attack_at_once(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), "--duration", "70", "--dir", str(tmp_path)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    report = result.stdout + result.stderr[-4000:]
+    attacked = {line.split()[0] for line in result.stdout.splitlines() if " sent: " in line
+                and line.split(" sent: ", 1)[1].strip()}  # fmt: skip
+    assert result.returncode == 0, report
+    assert result.stdout.rstrip().endswith("PASS"), report
+    assert attacked == set(ATTACKS), f"attacks that sent nothing: {set(ATTACKS) - attacked}"
