@@ -27,7 +27,7 @@ import msgspec
 from ingest.wire import MIN_KEY_BYTES, Decimal  # Decimal: the engine's decimal-string form
 from pushd.channels import SYMBOL_PATTERN
 from pushd.errors import ConfigError
-from pushd.logs import MASK, redact
+from pushd.logs import MASK, redact, redacted
 
 Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
 PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
@@ -54,20 +54,12 @@ class _Section(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
             elif isinstance(value, dict):
                 out[name] = {key: item.redacted() for key, item in value.items()}
             else:
-                out[name] = _redact_builtins(msgspec.to_builtins(value))
+                out[name] = redacted(msgspec.to_builtins(value))  # URLs' credentials cut
         return out
 
     def __repr__(self) -> str:
         fields = ", ".join(f"{name}={value!r}" for name, value in self.redacted().items())
         return f"{type(self).__name__}({fields})"
-
-
-def _redact_builtins(value: Any) -> Any:
-    if isinstance(value, str):
-        return redact(value)
-    if isinstance(value, list):
-        return [_redact_builtins(item) for item in value]
-    return value
 
 
 class TlsConfig(_Section, frozen=True):

@@ -56,8 +56,8 @@ def redacted(value: Any) -> Any:
     masked = getattr(value, "redacted", None)
     if callable(masked):
         return redacted(masked())
-    if isinstance(value, msgspec.Struct):
-        return redacted(msgspec.to_builtins(value, enc_hook=str))
+    if isinstance(value, msgspec.Struct):  # field by field: a config inside is masked too
+        return {name: redacted(getattr(value, name)) for name in value.__struct_fields__}
     return redact(str(value))
 
 

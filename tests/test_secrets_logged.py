@@ -31,6 +31,7 @@ from pushd import config as config_mod
 from pushd import logs
 from pushd.auth import issue_hmac_token
 from pushd.cli import main
+from pushd.reload import Reload
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -80,6 +81,7 @@ def test_every_log_line_is_redacted() -> None:
     assert "redis://***@h:1" in lines[0]["exception"]
     assert lines[1]["config"]["auth"]["hmac"]["secret"] == "***"
     assert lines[1]["config"]["bus"]["redis"]["url"] == "redis://***@h:1"
+    assert lines[2]["change"]["config"]["http"]["publish_token"] == "***"
     for value in (REDIS_PASSWORD, WRONG_PASSWORD, HMAC_SECRET, PUBLISH_TOKEN):
         assert value not in out.getvalue()
 
@@ -123,6 +125,7 @@ def log_everything(out: io.StringIO) -> list[dict[str, Any]]:
     except ConnectionError:
         log.exception("failed", nested={"urls": [f"redis://:{WRONG_PASSWORD}@h"]})
     log.warning("config", config=config, error=ValueError(f"redis://:{REDIS_PASSWORD}@h"))
+    log.info("reload", change=Reload(config, ["auth.hmac.secret"], []))
     return [json.loads(line) for line in out.getvalue().splitlines()]
 
 
