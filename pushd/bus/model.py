@@ -41,6 +41,8 @@ def checked(data: bytes | msgspec.Raw) -> msgspec.Raw:
         _any_json.decode(raw)
     except msgspec.DecodeError as exc:
         raise MalformedData(str(exc)) from None
+    except RecursionError:  # msgspec's answer to nesting past its depth limit
+        raise MalformedData("nested too deep") from None
     return raw
 
 
