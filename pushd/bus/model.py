@@ -55,9 +55,10 @@ class Position(msgspec.Struct, frozen=True, gc=False):
 
 class Outgoing(msgspec.Struct, frozen=True, array_like=True, gc=False):
     """A message to publish: ``data`` is JSON, kept as encoded (encoded here from a Struct, or
-    from outside and passed through ``checked``: what reaches a bus is always well-formed). ``state`` is the stream's whole
-    state after this message, where the stream is a diff stream and a state is due (a depth
-    snapshot every so often), so that nodes without the book can serve new subscribers.
+    from outside and passed through ``checked``: what reaches a bus is always well-formed).
+    ``state`` is the stream's whole state after this message, where the stream is a diff
+    stream and a state is due (a depth snapshot every so often), so that nodes without the
+    book can serve new subscribers.
     ``archive``: a closed candle, which a bus shared by nodes keeps for their kline history."""
 
     channel: str
