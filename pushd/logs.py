@@ -172,3 +172,26 @@ class ThrottledLog:
         self._log.warning(self._what, suppressed=self._held, **fields)
         self._held = 0
         self._next_at = now + self._interval
+
+
+class _ToStructlog(logging.Handler):
+    """Hands a standard-library log record to structlog, traceback included, so a library
+    that logs through ``logging`` (hypercorn) lands in the daemon's one log stream."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self._name = name
+
+    def emit(self, record: logging.LogRecord) -> None:
+        log = structlog.get_logger(self._name)  # not cached: follows configure() and tests
+        method = "error" if record.levelno >= logging.ERROR else "warning"
+        getattr(log, method)(record.getMessage(), exc_info=record.exc_info or False)
+
+
+def stdlib_logger(name: str, level: int = logging.WARNING) -> logging.Logger:
+    """A standard-library logger whose records at ``level`` and above go to structlog."""
+    logger = logging.getLogger(name)
+    logger.handlers = [_ToStructlog(name)]
+    logger.setLevel(level)
+    logger.propagate = False
+    return logger

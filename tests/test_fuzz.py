@@ -86,7 +86,7 @@ class Daemon:
         log = self.log.read_text()
         assert "connection failed" not in log and "flush failed" not in log, log[-4000:]
         for failure in ("engine frame failed", "ingest peer failed", "market tick failed",
-                        "book snapshot failed"):  # fmt: skip
+                        "book snapshot failed", "Error in ASGI Framework"):  # fmt: skip
             assert failure not in log, log[-4000:]
         assert self.metric('pushd_connections_closed_by_server_total{reason="internal_error"}') == 0
 

@@ -5,7 +5,8 @@ redis-server for the Redis bus, and a sans-IO check of the hub's last-resort bou
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import json
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import coredis
@@ -14,7 +15,10 @@ import msgspec
 import pytest
 import trio
 from conftest import PUBLISH_TOKEN, Running, make_config, open_client, start_daemon, subscribed
+from hypothesis import example, given
+from hypothesis import strategies as st
 from redis_servers import RedisServer
+from test_fuzz import FUZZ, Daemon, Surface, client_frame, read_text_frame, run_daemon, ws_connect
 
 from pushd.bus.redis import META_TTL_S, Keys, lua_script
 from pushd.channels import parse_internal
@@ -152,3 +156,71 @@ def test_the_hub_drops_an_undeliverable_message_with_a_resync_notice() -> None:
     joining.out.clear()
     assert hub.publish("notice", "e1", 4, msgspec.Raw(b"4")) == 2
     assert hub.undeliverable == 1
+
+
+# -- fuzz: publish encodings, through a real process, on both buses ----------------------------
+
+
+@pytest.fixture(scope="module")
+def memory_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+    yield from run_daemon(tmp_path_factory.mktemp("publish-memory"))
+
+
+@pytest.fixture(scope="module")
+def redis_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+    with RedisServer() as redis:
+        extra = f"[bus]\nkind = 'redis'\n[bus.redis]\nurl = '{redis.url}'\n"
+        yield from run_daemon(tmp_path_factory.mktemp("publish-redis"), extra)
+
+
+@pytest.fixture(params=["memory", "redis"])
+def daemon(request: pytest.FixtureRequest) -> Daemon:
+    chosen: Daemon = request.getfixturevalue(f"{request.param}_daemon")
+    return chosen
+
+
+def utf8(raw: bytes) -> str | None:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+
+
+def test_publish_encodings_fuzz(daemon: Daemon) -> None:
+    """Any bytes inside a published JSON string, alone or in a batch: valid UTF-8 is published
+    and reaches a subscriber as sent, in seq order; anything else is a 400 that takes no seq
+    and reaches nobody (the next event's seq proves it), and a batch is all or nothing."""
+    url = f"http://127.0.0.1:{daemon.http}"
+    with Surface(daemon, "publish_encodings") as surface, httpx.Client(base_url=url) as http:
+        sock = ws_connect(daemon.ws)
+        sock.sendall(client_frame(1, b'{"op":"subscribe","channel":"notice","id":"s"}'))
+        last = json.loads(read_text_frame(sock))["streams"]["notice"]["seq"]
+
+        @FUZZ
+        @given(chunks=st.lists(st.binary(max_size=16), min_size=1, max_size=3), batch=st.booleans())
+        @example(chunks=[b"ok", b"\xff\xfe"], batch=True)
+        @example(chunks=[b"\xed\xa0\x80"], batch=False)  # a UTF-16 surrogate, UTF-8 encoded
+        def one(chunks: list[bytes], batch: bool) -> None:
+            nonlocal last
+            surface.case()
+            # what JSON itself forbids in a string is left out: the bytes' encoding is the point
+            chunks = [bytes(b for b in c if b >= 0x20 and b not in b'"\\') for c in chunks]
+            items = [b'{"channel":"notice","data":"' + c + b'"}' for c in chunks]
+            if batch:
+                body = b'{"messages":[' + b",".join(items) + b"]}"
+            else:
+                chunks, body = chunks[:1], items[0]
+            r = http.post("/v1/publish/batch" if batch else "/v1/publish", content=body,
+                          headers=AUTH)  # fmt: skip
+            texts = [utf8(c) for c in chunks]
+            if any(text is None for text in texts):
+                assert r.status_code == 400, (chunks, r.text)
+                return
+            assert r.status_code == 200, (chunks, r.text)
+            for text in texts:
+                event = json.loads(read_text_frame(sock))
+                assert (event["seq"], event["data"]) == (last + 1, text), (chunks, event)
+                last += 1
+
+        one()
+        sock.close()

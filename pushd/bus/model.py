@@ -41,6 +41,8 @@ def checked(data: bytes | msgspec.Raw) -> msgspec.Raw:
         _any_json.decode(raw)
     except msgspec.DecodeError as exc:
         raise MalformedData(str(exc)) from None
+    except RecursionError:  # msgspec's answer to nesting past its depth limit
+        raise MalformedData("nested too deep") from None
     return raw
 
 
@@ -52,9 +54,11 @@ class Position(msgspec.Struct, frozen=True, gc=False):
 
 
 class Outgoing(msgspec.Struct, frozen=True, array_like=True, gc=False):
-    """A message to publish: ``data`` is JSON, kept as encoded. ``state`` is the stream's whole
-    state after this message, where the stream is a diff stream and a state is due (a depth
-    snapshot every so often), so that nodes without the book can serve new subscribers.
+    """A message to publish: ``data`` is JSON, kept as encoded (encoded here from a Struct, or
+    from outside and passed through ``checked``: what reaches a bus is always well-formed).
+    ``state`` is the stream's whole state after this message, where the stream is a diff
+    stream and a state is due (a depth snapshot every so often), so that nodes without the
+    book can serve new subscribers.
     ``archive``: a closed candle, which a bus shared by nodes keeps for their kline history."""
 
     channel: str

@@ -53,6 +53,7 @@ from pushd.channels import (
 )
 from pushd.config import Config
 from pushd.gateway.server import Gateway
+from pushd.logs import stdlib_logger
 from pushd.market.markets import Markets
 from pushd.market.symbol import SymbolMarket
 from pushd.market.trades import RECENT_TRADES, TradeBatch
@@ -182,7 +183,8 @@ class HttpApi:
     @staticmethod
     def _limit(request: Request, default: int, most: int) -> int:
         text = request.query_params.get("limit", str(default))
-        if not text.isdigit() or not 1 <= int(text) <= most:
+        # ASCII digits only: str.isdigit() is true of "²", which int() refuses
+        if not (text.isascii() and text.isdigit() and len(text) <= 9 and 1 <= int(text) <= most):
             raise ApiError(400, f"limit must be 1 to {most}")
         return int(text)
 
@@ -210,7 +212,7 @@ class HttpApi:
             at, state = await redis.snapshot(market_channel(stream, market.symbol, iv))
         except BusUnavailable as exc:
             raise ApiError(503, f"Redis unreachable: {exc}") from None
-        return at, msgspec.json.decode(state) if state is not None else None
+        return at, _stored_value(state, dict[str, Any]) if state is not None else None
 
     async def page(self, request: Request) -> Response:
         """The market page (its module and chart library are under ``/static``)."""
@@ -234,8 +236,14 @@ class HttpApi:
             data = market.depth.snapshot(limit) if market.depth.ready else None
             return self._snapshot("depth", market, data)
         at, book = await self._stored(self._redis, "depth", market)
-        if book is not None:
+        if (
+            book is not None
+            and isinstance(book.get("bids"), list)
+            and isinstance(book.get("asks"), list)
+        ):
             book["bids"], book["asks"] = book["bids"][:limit], book["asks"][:limit]
+        else:  # none stored, or not a book (Redis is not trusted)
+            book = None
         stale = bool(book.get("stale", False)) if book is not None else False
         return self._snapshot("depth", market, book, at=at, stale=stale)
 
@@ -250,7 +258,8 @@ class HttpApi:
             at, batches = await self._redis.history(channel, limit)
         except BusUnavailable as exc:
             raise ApiError(503, f"Redis unreachable: {exc}") from None
-        items = [t for b in batches for t in msgspec.json.decode(b.data, type=TradeBatch).trades]
+        decoded = (_stored_value(b.data, TradeBatch) for b in batches)
+        items = [t for batch in decoded if batch is not None for t in batch.trades]
         return self._snapshot("trades", market, items[-limit:], at=at, stale=False)
 
     async def klines(self, request: Request) -> object:
@@ -267,7 +276,7 @@ class HttpApi:
             archived = await self._redis.archive(channel, limit)
         except BusUnavailable as exc:
             raise ApiError(503, f"Redis unreachable: {exc}") from None
-        candles: list[Any] = [msgspec.json.decode(raw) for raw in archived]
+        candles: list[Any] = [c for raw in archived if (c := _stored_value(raw, dict[str, Any]))]
         if open_candle is not None and not open_candle.get("closed", False):
             candles.append(open_candle)
         return self._snapshot("kline", market, candles[-limit:], interval, at=at, stale=False)
@@ -488,6 +497,16 @@ def _decode(body: bytes, kind: type[T]) -> T:
         raise ApiError(400, f"invalid request: {exc}") from None
     except msgspec.DecodeError:
         raise ApiError(400, "malformed JSON") from None
+    except RecursionError:  # msgspec's answer to JSON nested past its depth limit
+        raise ApiError(400, "JSON nested too deep") from None
+
+
+def _stored_value(raw: bytes | msgspec.Raw, kind: Any) -> Any:
+    """A value Redis handed back, decoded as ``kind``, or None where it is not one."""
+    try:
+        return msgspec.json.decode(raw, type=kind)
+    except (msgspec.DecodeError, RecursionError):
+        return None
 
 
 class _Hypercorn(HypercornConfig):
@@ -518,7 +537,8 @@ async def serve_http(
     config.bind = [f"{host}:{port}"]
     config.tls_context = tls_context
     config.accesslog = None
-    config.errorlog = None
+    # any 5xx is a bug: hypercorn logs the app's exception ("Error in ASGI Framework") here
+    config.errorlog = stdlib_logger("pushd.http")
     config.graceful_timeout = 1.0
     async with trio.open_nursery() as nursery:
         urls = await nursery.start(
