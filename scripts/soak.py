@@ -166,13 +166,17 @@ class Watch:
             processes[f"child {pid}"] = pid  # started but not logged yet
         for name, pid in processes.items():
             try:
-                self.rss[name].append((t, proc_rss_kib(pid)))
+                kib = proc_rss_kib(pid)
             except OSError:
-                if f"{name} {pid}" not in self.vanished:
-                    self.vanished.append(f"{name} {pid}")
+                kib = 0
+            if kib:
+                self.rss[name].append((t, kib))
+            elif f"{name} {pid}" not in self.vanished:  # gone, or a zombie (no VmRSS)
+                self.vanished.append(f"{name} {pid}")
         for name, pid in self.others.items():
             with suppress(OSError):
-                self.rss[name].append((t, proc_rss_kib(pid)))
+                if kib := proc_rss_kib(pid):
+                    self.rss[name].append((t, kib))
         if t >= self.warmup_s:
             now = trio.current_time()
             for kind in WATCHED_STREAMS:
@@ -312,7 +316,7 @@ def report(args: argparse.Namespace, target: Target, watch: Watch, logs: LogWatc
     w(f"\n=== soak: {args.duration:.0f} s (warm-up {watch.warmup_s:.0f} s), "
       f"harness CPU {harness_cpu:.1f} s ===")  # fmt: skip
     w(f"{'process':<14} {'first':>9} {'min':>9} {'max':>9} {'warm':>9} {'last':>9} {'growth':>8}"
-      "   (RSS MiB)")  # fmt: skip
+      f"   (RSS MiB; tolerance +{args.rss_tolerance_mib:g} after warm-up)")  # fmt: skip
     for name, series in sorted(watch.rss.items()):
         values = [kib / 1024 for _, kib in series]
         after = [kib / 1024 for t, kib in series if t >= watch.warmup_s]
