@@ -50,6 +50,7 @@ from soak_legit import backend, subscribers
 
 SAMPLE_EVERY_S = 2.0
 DRAIN_S = 5.0  # attacks stop this long before the end; legit clients read on
+START_S = 120.0  # for the processes to be ready, and for legitimate traffic to flow
 SILENCE_LIMIT_S = 15.0  # a legitimate stream quiet this long (after warm-up) is a failure
 WATCHED_STREAMS = ("trades", "depth", "order")
 SIM_RATE = 2.0
@@ -187,13 +188,13 @@ class Watch:
 
 
 async def until_true(condition: Callable[[], bool], changed: Callable[[], trio.Event],
-                     timeout_s: float, what: str) -> None:  # fmt: skip
+                     timeout_s: float) -> bool:  # fmt: skip
     """Wait for ``condition``, re-checked each time ``changed()`` (a fresh Event) fires."""
     with trio.move_on_after(timeout_s):
         while not condition():
             await changed().wait()
-        return
-    raise RuntimeError(f"soak: no {what} within {timeout_s:.0f} s")
+        return True
+    return False
 
 
 async def soak(args: argparse.Namespace) -> int:
@@ -209,6 +210,7 @@ async def soak(args: argparse.Namespace) -> int:
     legit = LegitTally()
     tallies = {name: AttackTally(name) for name in args.attacks}
     warmup = min(60.0, max(15.0, args.duration / 4))
+    setup: list[str] = []  # what went wrong before the soak proper
     started_cpu = time.process_time()
     with RedisServer() as redis:
         password = ["config", "set", "requirepass", target.redis_password]
@@ -234,8 +236,11 @@ async def soak(args: argparse.Namespace) -> int:
             async with trio.open_nursery() as nursery:
                 assert pushd.stderr is not None
                 nursery.start_soon(logs.follow, pushd.stderr)
-                await until_true(lambda: logs.ready >= 3, lambda: logs.changed, 60,
-                                 "'pushd ready' from all 3 processes")  # fmt: skip
+                if not await until_true(lambda: logs.ready >= 3, lambda: logs.changed, START_S):
+                    setup.append(f"{logs.ready} of 3 processes said 'pushd ready' in {START_S} s")
+                    nursery.cancel_scope.cancel()
+                    return report(args, target, watch, logs, sim_logs, legit, tallies, {},
+                                  pushd.returncode, 0.0, setup)  # fmt: skip
                 sim = await trio.lowlevel.open_process(
                     [sys.executable, "-m", "pushd", "sim", "--config", str(target.config_path),
                      "--rate", str(SIM_RATE)],
@@ -247,11 +252,13 @@ async def soak(args: argparse.Namespace) -> int:
                 for reader in readers:
                     nursery.start_soon(reader.run)
                 nursery.start_soon(backend, target, legit)
-                await until_true(
+                under_way = await until_true(
                     lambda: all(r.connected for r in readers)
                     and bool(legit.events["depth"] and legit.events["trades"]),
-                    lambda: legit.progress, 60, "legitimate traffic",
+                    lambda: legit.progress, START_S,
                 )  # fmt: skip
+                if not under_way:  # the soak goes on: what it finds says why
+                    setup.append(f"legitimate traffic was not under way after {START_S} s")
                 nursery.start_soon(watch.run)
                 legit.t0 = trio.current_time()
                 until = trio.current_time() + args.duration - DRAIN_S
@@ -276,7 +283,7 @@ async def soak(args: argparse.Namespace) -> int:
                         await process.wait()
     harness_cpu = time.process_time() - started_cpu
     return report(args, target, watch, logs, sim_logs, legit, tallies, final_metrics,
-                  supervisor_code, harness_cpu)  # fmt: skip
+                  supervisor_code, harness_cpu, setup)  # fmt: skip
 
 
 async def guarded(attack: Attack, target: Target, tally: AttackTally, until: float) -> None:
@@ -309,8 +316,8 @@ def _metrics(target: Target) -> dict[str, dict[str, float]]:
 def report(args: argparse.Namespace, target: Target, watch: Watch, logs: LogWatch,
            sim_logs: LogWatch, legit: LegitTally, tallies: dict[str, AttackTally],
            final_metrics: dict[str, dict[str, float]], supervisor_code: int | None,
-           harness_cpu: float) -> int:  # fmt: skip
-    failures: list[str] = []
+           harness_cpu: float, setup: list[str]) -> int:  # fmt: skip
+    failures: list[str] = list(setup)
     out: list[str] = []
     w = out.append
     w(f"\n=== soak: {args.duration:.0f} s (warm-up {watch.warmup_s:.0f} s), "
