@@ -86,7 +86,9 @@ class Subscriber:
         ) as ws:
             self.streams, self.resubscribe = {}, set()
             if self.uid is not None:
-                token = issue_hmac_token(self.target.hmac_secret, self.uid, 3600)
+                token = issue_hmac_token(
+                    self.target.hmac_secret, self.uid, 86_400
+                )  # outlives any soak
                 await ws.send_message(msgspec.json.encode({"op": "auth", "token": token}).decode())
                 reply = _decode(await ws.get_message())
                 if reply.get("result") is not True:
