@@ -21,6 +21,13 @@ legitimate client saw a seq gap or a broken book the server did not announce, wa
 server, had a login or publish refused, got a forged engine event or a private resync; a
 legitimate stream (trades, depth, private orders) went silent for 15 s; a configured secret
 appeared in a log line; or an attacker got an answer the issue calls wrong (see its tally).
+The config, pushd's and the simulator's logs stay in the run's directory (printed first).
+
+Items of issue 18 not driven as attacks: 1 (workers killed ~10 s after start) needs none, the
+run's length is the test; 12 (a hung gateway, SIGSTOP) ends in a replaced process by design, so
+it would read as a restart; 13 only as the grep of every log line for every secret (Redis is
+reached with the right password); 15's pool exhaustion needs ``auth.kind = "http"`` (the bad
+token bursts here go to the HMAC verifier).
 """
 
 from __future__ import annotations
