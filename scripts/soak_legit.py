@@ -142,7 +142,8 @@ class Subscriber:
             stream.recent.append(f"resync {seq}")
             if "data" not in message:  # a notice: nothing to go on with
                 if name.endswith("@depth"):  # a gateway has no book: subscribe again
-                    self.resubscribe.add(name)
+                    self.resubscribe.add(name)  # (maybe after another channel's reply)
+                    stream.want_snapshot = True  # till then, diffs have nothing to apply to
                 return
         elif epoch != stream.epoch and stream.epoch is not None:
             self.tally.resyncs[f"new epoch {kind}"] += 1
@@ -198,6 +199,7 @@ class Subscriber:
             story = " | ".join(stream.recent)
             self.tally.book_errors.append(f"{self.name} {name}: {exc} after: {story}")
             self.resubscribe.add(name)  # what a client does: a fresh snapshot
+            stream.want_snapshot = True
 
 
 def subscribers(target: Target, tally: LegitTally, public: int = 2) -> list[Subscriber]:
