@@ -10,6 +10,7 @@ server ends is counted with its close code and opened again.
 
 from __future__ import annotations
 
+from collections import deque
 from typing import Any
 
 import httpx
@@ -40,7 +41,7 @@ _decode = msgspec.json.Decoder().decode
 class Stream:
     """One subscriber's view of one channel."""
 
-    __slots__ = ("book", "epoch", "fresh", "seq", "want_snapshot")
+    __slots__ = ("book", "epoch", "fresh", "recent", "seq", "want_snapshot")
 
     def __init__(self) -> None:
         self.fresh = False  # seq is the subscribe reply's: the next may be at or below it
@@ -48,6 +49,7 @@ class Stream:
         self.epoch: str | None = None
         self.book: LocalBook | None = None
         self.want_snapshot = False
+        self.recent: deque[str] = deque(maxlen=6)  # what came last, for a failure's story
 
 
 class Subscriber:
@@ -59,6 +61,7 @@ class Subscriber:
         self.streams: dict[str, Stream] = {}
         self.name = f"uid {uid}" if uid else "public"
         self.connected = False
+        self.resubscribe: set[str] = set()  # depth channels to subscribe to again
         self._ids = 0
 
     async def run(self) -> None:
@@ -81,9 +84,11 @@ class Subscriber:
         async with trio_websocket.open_websocket_url(
             self.target.ws_url, max_message_size=1 << 22
         ) as ws:
-            self.streams = {}
+            self.streams, self.resubscribe = {}, set()
             if self.uid is not None:
-                token = issue_hmac_token(self.target.hmac_secret, self.uid, 3600)
+                token = issue_hmac_token(
+                    self.target.hmac_secret, self.uid, 86_400
+                )  # outlives any soak
                 await ws.send_message(msgspec.json.encode({"op": "auth", "token": token}).decode())
                 reply = _decode(await ws.get_message())
                 if reply.get("result") is not True:
@@ -93,8 +98,14 @@ class Subscriber:
             self.connected = True
             self.tally.poke()
             while True:
-                message = _decode(await ws.get_message())
-                await self._see(ws, message)
+                self._see(_decode(await ws.get_message()))
+                while self.resubscribe:  # one at a time: a reply is awaited by its id
+                    name = self.resubscribe.pop()
+                    await ws.send_message(
+                        msgspec.json.encode({"op": "unsubscribe", "channel": name}).decode()
+                    )
+                    self.streams.pop(name, None)
+                    await self._subscribe(ws, [name])
 
     async def _subscribe(self, ws: trio_websocket.WebSocketConnection, channels: list[str]) -> None:
         self._ids += 1
@@ -107,17 +118,18 @@ class Subscriber:
             message = _decode(await ws.get_message())
             if message.get("id") == request_id:
                 break
-            await self._see(ws, message)
+            self._see(message)
         if message.get("result") is not True:
             self.tally.errors[f"subscribe refused: {message.get('code')}"] += 1
             return
         for name, at in message.get("streams", {}).items():
             stream = self.streams.setdefault(name, Stream())
             stream.seq, stream.epoch, stream.fresh = at["seq"], at["epoch"], True
+            stream.recent.append(f"reply {at['seq']}")
             if name.endswith("@depth"):
                 stream.book, stream.want_snapshot = LocalBook(), True
 
-    async def _see(self, ws: trio_websocket.WebSocketConnection, message: dict[str, Any]) -> None:
+    def _see(self, message: dict[str, Any]) -> None:
         name = message.get("event")
         if not isinstance(name, str):
             return  # a reply
@@ -127,12 +139,16 @@ class Subscriber:
         if message.get("resync"):
             self.tally.resyncs[f"{'private' if name.startswith('@') else 'public'} {kind}"] += 1
             stream.seq, stream.epoch = seq, epoch
+            stream.recent.append(f"resync {seq}")
             if "data" not in message:  # a notice: nothing to go on with
                 if name.endswith("@depth"):  # a gateway has no book: subscribe again
-                    await self._resubscribe(ws, name)
+                    self.resubscribe.add(name)  # (maybe after another channel's reply)
+                    stream.want_snapshot = True  # till then, diffs have nothing to apply to
                 return
         elif epoch != stream.epoch and stream.epoch is not None:
             self.tally.resyncs[f"new epoch {kind}"] += 1
+        elif stream.want_snapshot:
+            pass  # (re)subscribed to depth: the chain starts again at the snapshot
         elif stream.seq is not None and seq != stream.seq + 1:
             # after a subscribe reply saying N, a state (or a replay) may start at or below N
             state_on_subscribe = stream.fresh and seq <= stream.seq
@@ -169,6 +185,8 @@ class Subscriber:
 
     def _depth(self, stream: Stream, name: str, data: Any) -> None:
         event = msgspec.convert(data, DepthEvent)
+        stream.recent.append(f"{'W' if stream.want_snapshot else ''}{stream.seq}:{event.e[0]}"
+                             f" {event.U}-{event.u} pu {event.pu}")  # fmt: skip
         if stream.book is None:
             stream.book, stream.want_snapshot = LocalBook(), True
         if stream.want_snapshot:
@@ -178,13 +196,10 @@ class Subscriber:
         try:
             stream.book.apply(event)
         except ValueError as exc:
-            self.tally.book_errors.append(f"{self.name} {name}: {exc}")
+            story = " | ".join(stream.recent)
+            self.tally.book_errors.append(f"{self.name} {name}: {exc} after: {story}")
+            self.resubscribe.add(name)  # what a client does: a fresh snapshot
             stream.want_snapshot = True
-
-    async def _resubscribe(self, ws: trio_websocket.WebSocketConnection, name: str) -> None:
-        await ws.send_message(msgspec.json.encode({"op": "unsubscribe", "channel": name}).decode())
-        self.streams.pop(name, None)
-        await self._subscribe(ws, [name])
 
 
 def subscribers(target: Target, tally: LegitTally, public: int = 2) -> list[Subscriber]:

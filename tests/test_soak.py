@@ -16,7 +16,7 @@ ATTACKS = ("continuation", "ping", "oversize", "bad-tokens", "storm", "since", "
 def test_soak_with_every_attack_at_once(tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, str(SCRIPT), "--duration", "70", "--dir", str(tmp_path)],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True, text=True, timeout=480,
     )  # fmt: skip
     report = result.stdout + result.stderr[-4000:]
     attacked = {line.split()[0] for line in result.stdout.splitlines() if " sent: " in line
