@@ -82,18 +82,19 @@ async def read_events(raw: RawClient, done: Callable[[list[Any]], bool]) -> list
     fails on a close frame or EOF before that."""
     events: list[Any] = []
     with trio.fail_after(10):
-        while not done(events):
-            data = await raw.stream.receive_some(1 << 20)
-            assert data, f"EOF after {events[-5:]}"
-            raw.ws.receive_data(data)
-            for event in raw.ws.events():
+        while True:
+            for event in raw.ws.events():  # first what came with the handshake's answer, if any
                 assert not isinstance(event, CloseConnection), (event, events[-5:])
                 if isinstance(event, TextMessage):
                     assert event.message_finished  # the server never fragments
                     events.append(msgspec.json.decode(event.data))
                 else:
                     events.append(event)
-    return events
+            if done(events):
+                return events
+            data = await raw.stream.receive_some(1 << 20)
+            assert data, f"EOF after {events[-5:]}"
+            raw.ws.receive_data(data)
 
 
 def pongs(events: list[Any]) -> list[bytes]:
@@ -285,6 +286,21 @@ async def test_fragmented_message_with_pings_between_is_served(running: Running)
     events = await read_events(raw, replied("fragmented"))
     assert pongs(events) == [b"%d" % i for i in range(LIMITS.max_pongs_owed)]
     assert events[-1]["op"] == "pong"
+    await raw.aclose()
+
+
+async def test_close_inside_a_fragmented_message_is_answered(running: Running) -> None:
+    """A close frame between a message's fragments (legal: it is a control frame) is answered
+    with the same code; the frames after it are not read (a flood there costs nothing)."""
+    raw = await raw_open(running.ports.websocket)
+    await raw.send_raw(
+        frame(TEXT, b'{"op":', fin=False)
+        + frame(PING, b"inside")
+        + frame(CLOSE, struct.pack(">H", 1000) + b"bye")
+        + frame(CONTINUATION, fin=False) * 5000
+    )
+    _, code = await raw.read_until_close()
+    assert code == 1000
     await raw.aclose()
 
 
