@@ -28,6 +28,7 @@ from ingest.wire import MIN_KEY_BYTES, Decimal  # Decimal: the engine's decimal-
 from pushd.channels import SYMBOL_PATTERN
 from pushd.errors import ConfigError
 from pushd.logs import MASK, redact, redacted
+from pushd.gateway import ratelimit
 
 Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
 PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
@@ -104,6 +105,14 @@ class LimitsConfig(_Section, frozen=True):
     # one at a time share one send per connection; idle loops and cheap rounds flush at
     # once. 0: never wait
     coalesce_ms: Annotated[float, msgspec.Meta(ge=0, le=100)] = 5.0
+    # what received frames cost (pushd.gateway.ratelimit): every frame of any opcode takes a
+    # token (a data frame arriving in pieces, one per piece; a read completing no frame, one);
+    # past the budget: close 4001
+    frames_per_second: PositiveFloat = ratelimit.FRAMES_PER_SECOND
+    frame_burst: PositiveInt = ratelimit.FRAME_BURST
+    max_fragments_per_message: PositiveInt = ratelimit.MAX_FRAGMENTS_PER_MESSAGE  # more: 1009
+    message_timeout_s: PositiveFloat = ratelimit.MESSAGE_TIMEOUT_S  # to finish one: else 1008
+    max_pongs_owed: PositiveInt = ratelimit.MAX_PONGS_OWED  # unwritten; then the latest only
 
 
 class HttpConfig(_Section, frozen=True):

@@ -69,6 +69,7 @@ class CloseCode(enum.IntEnum):
     RATE_LIMITED = 4001  # client sent requests faster than allowed
     SLOW_CONSUMER = 4002  # outbound buffer overflowed on a private stream or stalled
     KICKED = 4003  # disconnected by the operator (publish API)
+    POLICY_VIOLATION = 1008  # a message not finished within limits.message_timeout_s
 
 
 class PushdError(Exception):

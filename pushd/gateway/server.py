@@ -8,7 +8,8 @@ before anything is written::
     HANDSHAKE --accept--> OPEN --close()/client close/error--> CLOSING --socket closed--> CLOSED
         \\----refuse (HTTP answer) or peer gone-------------------------------------------/
 
-Per connection there is one task, which reads: it feeds bytes to wsproto, hands requests to the
+Per connection there is one task, which reads: it feeds bytes to wsproto, charges every frame
+to the connection's ``FrameBudget`` (any opcode; a breach closes it), hands requests to the
 Session, and queues replies through the Hub. Writing has exactly one owner at a time:
 
 - the gateway's single *flusher* task writes every dirty outlet with one non-blocking ``send``
@@ -52,6 +53,7 @@ from wsproto.events import (
     BytesMessage,
     CloseConnection,
     Ping,
+    Pong,
     RejectConnection,
     RejectData,
     Request,
@@ -66,7 +68,7 @@ from pushd.config import Config
 from pushd.errors import AuthError, AuthUnavailable, CloseCode, ErrorCode, RequestError
 from pushd.gateway import protocol
 from pushd.gateway.hub import Hub, Outlet, frame_end, text_frame
-from pushd.gateway.ratelimit import TokenBucket
+from pushd.gateway.ratelimit import Breach, FrameBudget, TokenBucket
 from pushd.gateway.session import Session
 from pushd.metrics import GatewayMetrics
 from pushd.tls import TlsClosed, TlsLayer, server_context
@@ -77,6 +79,11 @@ ACCEPT_PAUSE_S = 0.1
 FLUSH_SLICE_S = 0.002  # the flusher yields after this much work in one round
 STALL_POLL_S = 0.5  # how often a drain looks at the kernel's send queue while not writable
 PER_IP_FLOOD = 16  # sockets over max_connections_per_ip that are still answered (429)
+BREACH_CLOSE = {  # how a connection that breaks its frame budget is closed
+    Breach.FRAME_RATE: (CloseCode.RATE_LIMITED, "too many frames"),
+    Breach.FRAGMENTS: (CloseCode.MESSAGE_TOO_BIG, "message in too many fragments"),
+    Breach.MESSAGE_TIMEOUT: (CloseCode.POLICY_VIOLATION, "message not finished in time"),
+}
 
 log = structlog.get_logger("pushd.gateway.server")
 
@@ -95,10 +102,13 @@ class Connection(Outlet):
         "close_reason",
         "conn_id",
         "draining",
+        "frames",
         "ip",
         "nursery",
         "peer",
         "phase",
+        "pong_due",
+        "pongs_owed",
         "scope",
         "session",
         "sock",
@@ -120,6 +130,9 @@ class Connection(Outlet):
         self.draining = False
         self.close_reason = "client went away"
         self.tls: TlsLayer | None = None
+        self.frames: FrameBudget | None = None  # what its received frames may cost (once open)
+        self.pongs_owed = 0  # pongs queued since its outbound buffer was last empty
+        self.pong_due: bytes | None = None  # the latest ping, when past the pongs owed
 
     @property
     def unsent(self) -> bool:
@@ -195,6 +208,8 @@ class Gateway:
         for conn in self.connections:
             if conn.session is not None:
                 conn.session.relimit(config.limits)
+            if conn.frames is not None:
+                conn.frames.retune(config.limits)
 
     def _flush_wanted_set(self) -> None:
         self._dirty_since = time.perf_counter()
@@ -338,8 +353,8 @@ class Gateway:
         if conn.out or (conn.tls is not None and conn.tls.unsent):
             conn.draining = True
             conn.nursery.start_soon(self._drain, conn)
-        elif conn.behind:
-            self.hub.drained(conn)
+        else:
+            self._written(conn)
 
     def _write(self, conn: Connection) -> bool:
         """One non-blocking send of the outbound buffer; False if the peer is gone."""
@@ -410,7 +425,20 @@ class Gateway:
             conn.draining = False
         if conn.slow:
             self._flush(conn)
-        elif conn.behind:
+        else:
+            self._written(conn)
+
+    def _written(self, conn: Connection) -> None:
+        """All that was queued is written: no pong is owed any more (the latest ping past the
+        cap gets its pong now), and each lagging channel resumes."""
+        conn.pongs_owed = 0
+        if conn.pong_due is not None:
+            payload, conn.pong_due = conn.pong_due, None
+            ws = conn.ws
+            if conn.phase is Phase.OPEN and ws is not None and ws.state is ConnectionState.OPEN:
+                conn.pongs_owed = 1
+                self.hub.send(conn, ws.send(Pong(payload)))
+        if conn.behind:
             self.hub.drained(conn)
 
     def _send_ws(self, conn: Connection, payload: bytes) -> None:
@@ -697,15 +725,40 @@ class Gateway:
             await self._send_now(conn, data)
 
     async def _read_loop(self, conn: Connection) -> None:
+        """Bytes to wsproto, its events to the session. Every frame is charged to the
+        connection's FrameBudget before it is looked at, whatever its opcode; a breach closes
+        the connection (``BREACH_CLOSE``). Once closing, a connection that breaches again is
+        read no more and ends at once: a flood costs at most a burst of frames after its
+        close frame, and holds nothing for the close timeout."""
         ws = conn.ws
         assert ws is not None
+        conn.frames = budget = FrameBudget(self._limits, trio.current_time())
         max_bytes = self._limits.max_message_bytes
         parts: list[str] = []
         size = 0
-        while True:
-            data = await self._recv(conn)
+        reading = True
+        while reading:
+            data: bytes | None = None
+            with trio.move_on_at(budget.deadline):  # a message under way must finish in time
+                data = await self._recv(conn)
+            if data is None:
+                reading = self._breach(conn, budget, Breach.MESSAGE_TIMEOUT)
+                continue
             ws.receive_data(data or None)
+            events = 0
             for event in ws.events():
+                events += 1
+                now = trio.current_time()
+                if isinstance(event, TextMessage | BytesMessage):
+                    breach = budget.data(
+                        now,
+                        frame_finished=event.frame_finished,
+                        message_finished=event.message_finished,
+                    )
+                else:
+                    breach = budget.frame(now)
+                if breach is not None and not (reading := self._breach(conn, budget, breach)):
+                    break
                 if isinstance(event, TextMessage | BytesMessage):
                     if conn.closing:
                         continue  # we are closing: nothing more is read
@@ -724,13 +777,42 @@ class Gateway:
                         await self._on_message(conn, text, binary)
                 elif isinstance(event, Ping):
                     if conn.phase is Phase.OPEN and ws.state is ConnectionState.OPEN:
-                        self.hub.send(conn, ws.send(event.response()))
+                        self._answer_ping(conn, ws, event.payload)
                     # closing: RFC 6455 lets us leave it unanswered; the close frame is sent
                 elif isinstance(event, CloseConnection):
                     self._on_close_frame(conn, ws, event)
                     return
             if not data:
                 return
+            if not events and reading:  # a read that completed no frame costs one too
+                breach = budget.frame(trio.current_time())
+                reading = breach is None or self._breach(conn, budget, breach)
+        # closing, and over its budget again: read no more, end it now (the close frame went
+        # out with the flush after the first breach, or goes with the socket's last write)
+
+    def _breach(self, conn: Connection, budget: FrameBudget, breach: Breach) -> bool:
+        """Close a connection that broke its frame budget; False (read no more) if it was
+        closing already."""
+        budget.abandon()
+        if conn.closing:
+            return False
+        code, reason = BREACH_CLOSE[breach]
+        self._metrics.closed.labels(reason=breach.value).inc()
+        self.close(conn, code, reason)
+        return True
+
+    def _answer_ping(self, conn: Connection, ws: WsConnection, payload: bytes) -> None:
+        """A pong for each ping while at most ``limits.max_pongs_owed`` wait to be written;
+        past that, only the latest ping is answered, once the others are out (RFC 6455 5.5.3
+        allows it): a client that pings and does not read costs a few pongs, not a buffer."""
+        if not conn.unsent:
+            conn.pongs_owed = 0
+        if conn.pongs_owed < self._limits.max_pongs_owed:
+            conn.pongs_owed += 1
+            conn.pong_due = None  # this one is the latest
+            self.hub.send(conn, ws.send(Pong(payload)))
+        else:
+            conn.pong_due = bytes(payload)
 
     def _on_close_frame(self, conn: Connection, ws: WsConnection, event: CloseConnection) -> None:
         """The peer's close frame, or a protocol error wsproto turned into one."""
