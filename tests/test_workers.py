@@ -3,6 +3,7 @@ compute process, supervision (a killed worker comes back), and a drain on SIGTER
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -284,21 +285,25 @@ async def test_a_hung_gateway_is_killed_and_replaced(tmp_path: Path, redis: Redi
             clients = [await nursery.start(hold_client, url) for _ in range(12)]
             on_victim = await _open_connections(http_port + 1)  # gateway-1's /metrics
             assert 0 < on_victim < 12  # the kernel spread them over both gateways
-            with trio.fail_after(20):
-                os.kill(started["gateway-1"], signal.SIGSTOP)
-                stopped_at, stopped_wall = trio.current_time(), time.time()
-                (hung,) = await logs.until("child hung: killing it")
-                assert (hung["child"], hung["pid"]) == ("gateway-1", started["gateway-1"])
-                assert 2.0 <= hung["silent_s"] < 4.0  # a beat every 1 s stopped, checked at 2 s
-                (exited,) = await logs.until("child exited: restarting")
-                assert (exited["reason"], exited["code"]) == ("hung", -signal.SIGKILL)
-                await logs.until("pushd ready", 4)  # the replacement serves
-                replaced_s = trio.current_time() - stopped_at
-                killed_s = _log_time(hung) - stopped_wall
-                ended, served = await _publish_and_read(http_port, clients, {"n": 1})
-                assert ended == on_victim and served == 12 - on_victim
-                fresh = [await nursery.start(hold_client, url) for _ in range(8)]
-                assert await _publish_and_read(http_port, fresh, {"n": 2}) == (0, 8)
+            try:
+                with trio.fail_after(20):
+                    os.kill(started["gateway-1"], signal.SIGSTOP)
+                    stopped_at, stopped_wall = trio.current_time(), time.time()
+                    (hung,) = await logs.until("child hung: killing it")
+                    assert (hung["child"], hung["pid"]) == ("gateway-1", started["gateway-1"])
+                    assert 2.0 <= hung["silent_s"] < 4.0  # a beat every 1 s stopped, checked at 2 s
+                    (exited,) = await logs.until("child exited: restarting")
+                    assert (exited["reason"], exited["code"]) == ("hung", -signal.SIGKILL)
+                    await logs.until("pushd ready", 4)  # the replacement serves
+                    replaced_s = trio.current_time() - stopped_at
+                    killed_s = _log_time(hung) - stopped_wall
+                    ended, served = await _publish_and_read(http_port, clients, {"n": 1})
+                    assert ended == on_victim and served == 12 - on_victim
+                    fresh = [await nursery.start(hold_client, url) for _ in range(8)]
+                    assert await _publish_and_read(http_port, fresh, {"n": 2}) == (0, 8)
+            finally:  # a failed test leaves no frozen process (it could not read its lifeline)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(started["gateway-1"], signal.SIGCONT)
             print(
                 f"SIGSTOP to SIGKILL {killed_s:.2f} s, to the replacement ready {replaced_s:.2f} s"
             )
