@@ -27,8 +27,8 @@ import msgspec
 from ingest.wire import MIN_KEY_BYTES, Decimal  # Decimal: the engine's decimal-string form
 from pushd.channels import SYMBOL_PATTERN
 from pushd.errors import ConfigError
-from pushd.logs import MASK, redact, redacted
 from pushd.gateway import ratelimit
+from pushd.logs import MASK, redact, redacted
 
 Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
 PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
