@@ -181,6 +181,8 @@ def decode(data: bytes | bytearray | memoryview) -> Envelope:
         raise WireError(f"invalid frame: {exc}") from None
     except msgspec.DecodeError as exc:
         raise WireError(f"undecodable frame: {exc}") from None
+    except RecursionError:  # msgspec's answer to nesting past its depth limit
+        raise WireError("undecodable frame: nested too deep") from None
 
 
 def frame_tcp(envelope: Envelope) -> bytes:

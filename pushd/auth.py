@@ -124,7 +124,7 @@ class HttpVerifier:
             raise AuthError(f"login endpoint refused the token ({response.status_code})")
         try:
             body = msgspec.json.decode(response.content)
-        except msgspec.DecodeError:
+        except (msgspec.DecodeError, RecursionError):
             raise AuthUnavailable("login endpoint answered malformed JSON") from None
         if not isinstance(body, dict):
             raise AuthUnavailable("login endpoint answered no JSON object")

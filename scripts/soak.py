@@ -55,6 +55,8 @@ from soak_attacks import ATTACKS, Attack
 from soak_common import AttackTally, LegitTally, LogWatch, Target
 from soak_legit import backend, subscribers
 
+from ingest.sim_engine import SOURCE_MARKET, SOURCE_PRIVATE
+
 SAMPLE_EVERY_S = 2.0
 DRAIN_S = 5.0  # attacks stop this long before the end; legit clients read on
 START_S = 120.0  # for the processes to be ready, and for legitimate traffic to flow
@@ -69,6 +71,11 @@ def write_config(target: Target, redis_port: int) -> str:
     picks them up from the same file."""
     symbols = "".join(f"[markets.{s}]\ndepth_levels = 100\n" for s in ("BTCUSDT", "ETHUSDT",
                                                                          "SOLUSDT"))  # fmt: skip
+    sources = "".join(
+        f'\n[[ingest.sources]]\nid = {src}\nkey = "{key}"\n'
+        f"private = {'true' if src == SOURCE_PRIVATE else 'false'}\n"
+        for src, key in target.engine_keys.items()
+    )
     return f"""\
 role = "all"
 
@@ -93,7 +100,7 @@ udp_host = "127.0.0.1"
 udp_port = {target.udp_port}
 tcp_host = "127.0.0.1"
 tcp_port = {target.tcp_port}
-
+{sources}
 [engine]
 snapshot_host = "127.0.0.1"
 snapshot_port = {target.snapshot_port}
@@ -213,6 +220,7 @@ async def soak(args: argparse.Namespace) -> int:
         udp_port=free_port(socket.SOCK_DGRAM), tcp_port=free_port(), snapshot_port=free_port(),
         publish_token=secrets.token_urlsafe(16), hmac_secret=secrets.token_urlsafe(24),
         redis_password=secrets.token_urlsafe(12),
+        engine_keys={src: secrets.token_urlsafe(32) for src in (SOURCE_MARKET, SOURCE_PRIVATE)},
     )  # fmt: skip
     legit = LegitTally()
     tallies = {name: AttackTally(name) for name in args.attacks}

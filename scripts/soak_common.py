@@ -34,6 +34,7 @@ class Target:
     publish_token: str
     hmac_secret: str
     redis_password: str
+    engine_keys: dict[int, str]  # the simulated engine's per-source keys (ingest sealing)
     supervisor_pid: int = 0
     logs: LogWatch | None = None  # the supervisor's (and so every child's) log lines
 
@@ -55,6 +56,7 @@ class Target:
             "publish token": self.publish_token,
             "hmac secret": self.hmac_secret,
             "redis password": self.redis_password,
+            **{f"engine key {src}": key for src, key in self.engine_keys.items()},
         }
 
 

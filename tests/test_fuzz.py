@@ -523,10 +523,11 @@ def test_ingest_tcp_fuzz(daemon: Daemon) -> None:
 # -- HTTP: schemathesis from the served OpenAPI document ----------------------------------
 
 
-def test_http_api_fuzz(bus_daemon: Daemon) -> None:
+def test_http_api_fuzz(bus_daemon: Daemon, tmp_path: Path) -> None:
     """Every operation of /openapi.json, positive and negative cases, all of schemathesis'
     checks (no 5xx, documented status codes and content types, schema-valid requests
-    accepted and invalid ones refused)."""
+    accepted and invalid ones refused). It runs in a temporary folder: schemathesis keeps its
+    cache (``.schemathesis/``) in the working directory, never in the checkout."""
     with Surface(bus_daemon, "http_api") as surface:
         result = subprocess.run(
             [str(Path(sys.executable).with_name("st")),
@@ -536,6 +537,7 @@ def test_http_api_fuzz(bus_daemon: Daemon) -> None:
              "-n", str(max(10, EXAMPLES // 10)), "--no-color", "--generation-database", "none",
              "--workers", "1"],
             capture_output=True, text=True, timeout=3000, stdin=subprocess.DEVNULL,
+            cwd=tmp_path,
         )  # fmt: skip
         assert result.returncode == 0, result.stdout[-6000:]
         generated = re.search(r"(\d+) generated", result.stdout)

@@ -100,3 +100,14 @@ def test_every_code_is_documented() -> None:
         assert f"\n| {int(close)} |" in doc, close
     for status in (400, 403, 404, 429, 503):
         assert f"\n| {status} |" in doc, status
+
+
+@pytest.mark.parametrize(
+    "text",
+    ['{"op":"subscribe","channel":' + "[" * 1200 + "]" * 1200 + "}", "[" * 3000 + "]" * 3000],
+)
+def test_deeply_nested_request_is_malformed_not_a_crash(text: str) -> None:
+    # msgspec raises RecursionError past its depth limit; fits in the 4 KiB message limit
+    with pytest.raises(RequestError) as caught:
+        protocol.parse_request(text)
+    assert caught.value.code is ErrorCode.MALFORMED_JSON

@@ -188,3 +188,10 @@ def test_datagram_packing_respects_the_limit() -> None:
     big = wire.BookSnapshot("BTCUSDT", 1, 1, [("1", "1")] * 5000, [], 1)
     with pytest.raises(wire.WireError):
         pack_datagrams([big], limit=1400)
+
+
+def test_a_frame_nested_past_the_depth_limit_is_a_wire_error() -> None:
+    # an unknown key's value is skipped by the decoder, but still nested: RecursionError
+    body = b"\x82" + msgspec.msgpack.encode("src") + b"\x01" + msgspec.msgpack.encode("zz")
+    with pytest.raises(wire.WireError, match="nested too deep"):
+        wire.decode(body + b"\x91" * 5000 + b"\x00")

@@ -555,7 +555,7 @@ class RedisBus:
             return
         try:
             epoch, first, messages = _message.decode(payload)
-        except msgspec.DecodeError:
+        except (msgspec.DecodeError, RecursionError):
             log.warning("undecodable bus message", channel=channel)
             return
         for seq, data in enumerate(messages, first):

@@ -136,7 +136,7 @@ def parse_request(text: str | bytes) -> Request:
     except msgspec.ValidationError as exc:
         try:  # msgspec validates as it parses: a wrong field may hide a malformed tail
             msgspec.json.decode(text)
-        except msgspec.DecodeError:
+        except (msgspec.DecodeError, RecursionError):  # nested past msgspec's depth limit
             raise RequestError(ErrorCode.MALFORMED_JSON) from None
         try:
             envelope = _envelope_decoder.decode(text)
@@ -149,7 +149,7 @@ def parse_request(text: str | bytes) -> Request:
             err = RequestError(ErrorCode.INVALID_REQUEST, f"invalid request: {exc}")
         err.request_id = request_id
         raise err from None
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, RecursionError):
         raise RequestError(ErrorCode.MALFORMED_JSON) from None
 
 
