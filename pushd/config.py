@@ -101,6 +101,9 @@ class HttpAuthConfig(_Section, frozen=True):
     cache_ttl_s: Annotated[float, msgspec.Meta(ge=0)] = 30.0
     cache_size: PositiveInt = 10000
     uid_field: str = "uid"
+    # verifications in flight on the node at once (and the HTTP pool's size); a login that
+    # waits timeout_s for a slot is answered "unavailable" (error 11)
+    max_concurrent: PositiveInt = 32
 
 
 class AuthConfig(_Section, frozen=True):

@@ -843,6 +843,7 @@ class Gateway:
         try:
             uid = await self._verifier.verify(request.token)
         except AuthUnavailable as exc:
+            session.login_failed(now)  # a burst of tokens costs its connection either way
             self._metrics.auth.labels(result="unavailable").inc()
             log.warning("login backend unavailable", conn_id=conn.conn_id, error=str(exc))
             raise RequestError(ErrorCode.AUTH_UNAVAILABLE) from None
