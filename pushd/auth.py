@@ -31,9 +31,16 @@ from pushd.errors import AuthError, AuthUnavailable
 _HMAC_SALT = "pushd-auth"
 
 
+class Login(msgspec.Struct, frozen=True):
+    """What a token proves: a uid, until ``exp`` (Unix time; None: the token has no end)."""
+
+    uid: str
+    exp: float | None = None
+
+
 class Verifier(Protocol):
-    async def verify(self, token: str) -> str:
-        """The uid the token proves; raises AuthError (or AuthUnavailable)."""
+    async def verify(self, token: str) -> Login:
+        """The login the token proves; raises AuthError (or AuthUnavailable)."""
         ...
 
     async def aclose(self) -> None: ...
@@ -66,14 +73,14 @@ class HmacVerifier:
             raise ValueError("auth.hmac.secret is empty")
         self._serializer = itsdangerous.URLSafeSerializer(config.secret, salt=_HMAC_SALT)
 
-    async def verify(self, token: str) -> str:
+    async def verify(self, token: str) -> Login:
         try:
             claims = msgspec.convert(self._serializer.loads(token), _HmacClaims)
         except (itsdangerous.BadData, msgspec.ValidationError) as exc:
             raise AuthError(f"bad token: {type(exc).__name__}") from None
         if claims.exp < time.time():
             raise AuthError("token expired")
-        return _checked_uid(claims.uid)
+        return Login(_checked_uid(claims.uid), claims.exp)
 
     async def aclose(self) -> None:
         pass
@@ -83,7 +90,7 @@ class JwtVerifier:
     def __init__(self, config: JwtAuthConfig) -> None:
         self._config = config
 
-    async def verify(self, token: str) -> str:
+    async def verify(self, token: str) -> Login:
         cfg = self._config
         try:
             claims = jwt.decode(
@@ -97,7 +104,9 @@ class JwtVerifier:
             )
         except jwt.PyJWTError as exc:
             raise AuthError(f"bad token: {type(exc).__name__}") from None
-        return _checked_uid(claims.get(cfg.uid_claim))
+        exp = claims.get("exp")
+        exp = float(exp) if isinstance(exp, int | float) and not isinstance(exp, bool) else None
+        return Login(_checked_uid(claims.get(cfg.uid_claim)), exp)
 
     async def aclose(self) -> None:
         pass
@@ -119,7 +128,7 @@ class HttpVerifier:
         self._config = config
         self._slots = trio.Semaphore(config.max_concurrent)
         self._client = self._new_client()
-        self._cache: OrderedDict[str, tuple[str, float]] = OrderedDict()
+        self._cache: OrderedDict[str, tuple[Login, float]] = OrderedDict()
         self.replaced = 0  # clients replaced after a pool timeout or a missed deadline
 
     def _new_client(self) -> httpx.AsyncClient:
@@ -127,11 +136,13 @@ class HttpVerifier:
         limits = httpx.Limits(max_connections=size, max_keepalive_connections=size)
         return httpx.AsyncClient(timeout=self._config.timeout_s, limits=limits)
 
-    async def verify(self, token: str) -> str:
+    async def verify(self, token: str) -> Login:
         now = time.monotonic()
         cached = self._cache.get(token)
         if cached is not None and cached[1] > now:
             self._cache.move_to_end(token)
+            if cached[0].exp is not None and cached[0].exp <= time.time():
+                raise AuthError("token expired")
             return cached[0]
         with trio.move_on_after(self._config.timeout_s) as waited:
             await self._slots.acquire()
@@ -151,12 +162,21 @@ class HttpVerifier:
             raise AuthUnavailable("login endpoint answered malformed JSON") from None
         if not isinstance(body, dict):
             raise AuthUnavailable("login endpoint answered no JSON object")
-        uid = _checked_uid(body.get(self._config.uid_field))
+        login = Login(_checked_uid(body.get(self._config.uid_field)), self.exp_of(body))
+        if login.exp is not None and login.exp <= time.time():
+            raise AuthError("login endpoint answered an expired token")
         if self._config.cache_ttl_s > 0:
-            self._cache[token] = (uid, now + self._config.cache_ttl_s)
+            self._cache[token] = (login, now + self._config.cache_ttl_s)
             while len(self._cache) > self._config.cache_size:
                 self._cache.popitem(last=False)
-        return uid
+        return login
+
+    def exp_of(self, body: dict[str, object]) -> float | None:
+        """The token's expiry in the endpoint's answer (Unix seconds), if it gives one."""
+        exp = body.get(self._config.exp_field)
+        if isinstance(exp, int | float) and not isinstance(exp, bool):
+            return float(exp)
+        return None
 
     async def _post(self, token: str) -> httpx.Response:
         client = self._client

@@ -70,6 +70,9 @@ class LimitsConfig(_Section, frozen=True):
     # one at a time share one send per connection; idle loops and cheap rounds flush at
     # once. 0: never wait
     coalesce_ms: Annotated[float, msgspec.Meta(ge=0, le=100)] = 5.0
+    # a logged-in client is told this long before its token's exp ({"event":"@auth",...});
+    # at exp, unless it sent a fresh token, it is closed with 4004
+    token_notice_s: PositiveFloat = 60.0
 
 
 class HttpConfig(_Section, frozen=True):
@@ -104,6 +107,7 @@ class HttpAuthConfig(_Section, frozen=True):
     # verifications in flight on the node at once (and the HTTP pool's size); a login that
     # waits timeout_s for a slot is answered "unavailable" (error 11)
     max_concurrent: PositiveInt = 32
+    exp_field: str = "exp"  # field of the answer with the token's expiry (Unix s); optional
 
 
 class AuthConfig(_Section, frozen=True):

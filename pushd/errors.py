@@ -69,6 +69,7 @@ class CloseCode(enum.IntEnum):
     RATE_LIMITED = 4001  # client sent requests faster than allowed
     SLOW_CONSUMER = 4002  # outbound buffer overflowed on a private stream or stalled
     KICKED = 4003  # disconnected by the operator (publish API)
+    TOKEN_EXPIRED = 4004  # the login's token reached its exp with no fresh auth
 
 
 class PushdError(Exception):
