@@ -113,6 +113,9 @@ class LimitsConfig(_Section, frozen=True):
     max_fragments_per_message: PositiveInt = ratelimit.MAX_FRAGMENTS_PER_MESSAGE  # more: 1009
     message_timeout_s: PositiveFloat = ratelimit.MESSAGE_TIMEOUT_S  # to finish one: else 1008
     max_pongs_owed: PositiveInt = ratelimit.MAX_PONGS_OWED  # unwritten; then the latest only
+    # a logged-in client is told this long before its token's exp ({"event":"@auth",...});
+    # at exp, unless it sent a fresh token, it is closed with 4004
+    token_notice_s: PositiveFloat = 60.0
 
 
 class HttpConfig(_Section, frozen=True):
@@ -147,6 +150,10 @@ class HttpAuthConfig(_Section, frozen=True):
     cache_ttl_s: Annotated[float, msgspec.Meta(ge=0)] = 30.0
     cache_size: PositiveInt = 10000
     uid_field: str = "uid"
+    # verifications in flight on the node at once (and the HTTP pool's size); a login that
+    # waits timeout_s for a slot is answered "unavailable" (error 11)
+    max_concurrent: PositiveInt = 32
+    exp_field: str = "exp"  # field of the answer with the token's expiry (Unix s); optional
 
 
 class AuthConfig(_Section, frozen=True):

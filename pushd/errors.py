@@ -70,6 +70,7 @@ class CloseCode(enum.IntEnum):
     SLOW_CONSUMER = 4002  # outbound buffer overflowed on a private stream or stalled
     KICKED = 4003  # disconnected by the operator (publish API)
     POLICY_VIOLATION = 1008  # a message not finished within limits.message_timeout_s
+    TOKEN_EXPIRED = 4004  # the login's token reached its exp with no fresh auth
 
 
 class PushdError(Exception):

@@ -22,7 +22,7 @@ from pushd.http.api import serve_http
 
 async def test_hmac_tokens() -> None:
     verifier = HmacVerifier(HmacAuthConfig(secret="s1"))
-    assert await verifier.verify(issue_hmac_token("s1", "1001", 60)) == "1001"
+    assert (await verifier.verify(issue_hmac_token("s1", "1001", 60))).uid == "1001"
     for token in (
         issue_hmac_token("s2", "1001", 60),  # other secret
         issue_hmac_token("s1", "1001", -1),  # expired
@@ -43,7 +43,7 @@ async def test_jwt_tokens() -> None:
     verifier = JwtVerifier(JwtAuthConfig(key=KEY, audience="pushd"))
     exp = int(time.time()) + 60
     good = jwt.encode({"sub": "42", "exp": exp, "aud": "pushd"}, KEY, algorithm="HS256")
-    assert await verifier.verify(good) == "42"
+    assert (await verifier.verify(good)).uid == "42"
     bad = [
         jwt.encode({"sub": "42", "exp": exp, "aud": "pushd"}, KEY + "x", algorithm="HS256"),
         jwt.encode({"sub": "42", "exp": exp - 120, "aud": "pushd"}, KEY, algorithm="HS256"),
@@ -92,8 +92,8 @@ async def test_http_login_endpoint(nursery: trio.Nursery) -> None:
     endpoint, url = await serve_endpoint(nursery)
     verifier = HttpVerifier(HttpAuthConfig(url=url, timeout_s=0.5, cache_ttl_s=60))
     try:
-        assert await verifier.verify("good") == "1001"
-        assert await verifier.verify("good") == "1001"
+        assert (await verifier.verify("good")).uid == "1001"
+        assert (await verifier.verify("good")).uid == "1001"
         assert endpoint.calls == 1  # the second answer came from the cache
         with pytest.raises(AuthError) as refused:
             await verifier.verify("bad")

@@ -88,5 +88,5 @@ def test_cli_token(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from pushd.auth import HmacVerifier
     from pushd.config import HmacAuthConfig
 
-    assert trio.run(HmacVerifier(HmacAuthConfig(secret="abc")).verify, token) == "1001"
+    assert trio.run(HmacVerifier(HmacAuthConfig(secret="abc")).verify, token).uid == "1001"
     assert main(["token", "--uid", "1001"]) == 2  # no secret configured

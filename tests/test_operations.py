@@ -78,7 +78,7 @@ def test_demo_uses_the_configured_secret_and_token(tmp_path: Path) -> None:
                 break
         token = printed.split('"token":"', 1)[1].split('"', 1)[0]
         verifier = HmacVerifier(HmacAuthConfig(secret="my-secret"))
-        assert trio.run(verifier.verify, token) == "1001"
+        assert trio.run(verifier.verify, token).uid == "1001"
         assert "publish token my-token" in printed
     finally:
         proc.send_signal(signal.SIGTERM)

@@ -25,11 +25,12 @@ answered and, after it, the kept events it does not have yet (by seq), and makes
 event is lost or doubled between the replay and the live stream.
 
 A replay may be larger than the outbound buffer (a ``since`` of a busy trades stream): it is
-*paced*. ``settle`` queues what fits; the rest of the replay, and the live events kept after
-it, wait in the joining state and go out in order as the buffer drains (``drained``), and the
-subscriber goes live when nothing is left. A replay never overflows the buffer, so recovery
-always finishes; only a single event larger than the whole buffer cannot be paced, and
-``unpaceable`` says so before the reply (the client is told ``recovered: false``).
+*paced*. ``settle`` queues what fits in half the buffer (the other half stays free for
+replies, current states and the other channels' events); the rest of the replay, and the live
+events kept after it, wait in the joining state and go out in order as the buffer drains
+(``drained``), and the subscriber goes live when nothing is left. A replay never overflows
+the buffer, so recovery always finishes; only a single event larger than the whole buffer
+cannot be paced, and ``unpaceable`` says so before the reply (``recovered: false``).
 """
 
 from __future__ import annotations
@@ -226,10 +227,11 @@ class Hub:
         protocol = route.channel.protocol
         internal = route.channel.internal
         out = outlet.out
+        fill = outlet.limit // 2  # the other half: replies, states, other channels' events
         while joining.replay and not outlet.slow:
             entry = joining.replay[0]
             frame = text_frame(encode_event(protocol, entry.data, entry.seq, joining.epoch))
-            if out and len(out) + len(frame) > outlet.limit:
+            if out and len(out) + len(frame) > fill:
                 outlet.replaying[internal] = route.channel  # the rest when it has drained
                 return
             joining.replay.popleft()
@@ -246,7 +248,7 @@ class Hub:
             else:  # the replay had it
                 kept.popleft()
                 continue
-            if out and len(out) + len(frame) > outlet.limit:
+            if out and len(out) + len(frame) > fill:
                 outlet.replaying[internal] = route.channel
                 return
             kept.popleft()

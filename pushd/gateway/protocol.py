@@ -118,6 +118,19 @@ class Resync(msgspec.Struct):
     epoch: str
 
 
+class ExpiryData(msgspec.Struct, rename="camel"):
+    expires_in: float
+    exp: float
+
+
+class AuthNotice(msgspec.Struct):
+    """``{"event":"@auth","data":{"expiresIn":..,"exp":..}}``: log in again with a fresh
+    token before ``exp`` (Unix seconds). Not a stream: no seq, no epoch."""
+
+    event: str
+    data: ExpiryData
+
+
 _decoder = msgspec.json.Decoder(Request)
 _envelope_decoder = msgspec.json.Decoder(_Envelope)
 _encoder = msgspec.json.Encoder()
@@ -196,3 +209,7 @@ def encode_current_after_lag(event: str, data: msgspec.Raw, seq: int, epoch: str
 
 def encode_resync(event: str, seq: int, epoch: str) -> bytes:
     return _encoder.encode(Resync(event=event, resync=True, seq=seq, epoch=epoch))
+
+
+def encode_auth_notice(expires_in: float, exp: float) -> bytes:
+    return _encoder.encode(AuthNotice("@auth", ExpiryData(expires_in, exp)))

@@ -69,7 +69,7 @@ from pushd.errors import AuthError, AuthUnavailable, CloseCode, ErrorCode, Reque
 from pushd.gateway import protocol
 from pushd.gateway.hub import Hub, Outlet, frame_end, text_frame
 from pushd.gateway.ratelimit import Breach, FrameBudget, TokenBucket
-from pushd.gateway.session import Session
+from pushd.gateway.session import Session, TokenExpired, TokenNotice
 from pushd.metrics import GatewayMetrics
 from pushd.tls import TlsClosed, TlsLayer, server_context
 
@@ -113,6 +113,7 @@ class Connection(Outlet):
         "session",
         "sock",
         "tls",
+        "token_timer",
         "ws",
     )
 
@@ -133,6 +134,7 @@ class Connection(Outlet):
         self.frames: FrameBudget | None = None  # what its received frames may cost (once open)
         self.pongs_owed = 0  # pongs queued since its outbound buffer was last empty
         self.pong_due: bytes | None = None  # the latest ping, when past the pongs owed
+        self.token_timer = False  # a task watches the login's token expiry
 
     @property
     def unsent(self) -> bool:
@@ -903,6 +905,21 @@ class Gateway:
         elif not conn.slow:  # the reply goes before the streams' first events
             conn.out[mark:mark] = text_frame(reply)
 
+    async def _token_timer(self, conn: Connection, session: Session) -> None:
+        """The login's token's lifetime: the ``@auth`` notice before ``exp``, then 4004 at
+        ``exp`` unless a fresh token moved it (the session is asked again at each wake)."""
+        try:
+            while not conn.closing and (at := session.token_check_at()) is not None:
+                await trio.sleep(max(0.0, at - time.time()))
+                match session.token_due(time.time()):
+                    case TokenNotice(expires_in=expires_in, exp=exp):
+                        self._send_ws(conn, protocol.encode_auth_notice(expires_in, exp))
+                    case TokenExpired():
+                        self._metrics.closed.labels(reason="token_expired").inc()
+                        self.close(conn, CloseCode.TOKEN_EXPIRED, "token expired")
+        finally:
+            conn.token_timer = False
+
     def _recovered(
         self, conn: Connection, added: list[Channel], recoveries: list[Recovery], since: Position
     ) -> tuple[bool, str | None]:
@@ -923,8 +940,9 @@ class Gateway:
     ) -> None:
         session.check_login_allowed(now)
         try:
-            uid = await self._verifier.verify(request.token)
+            login = await self._verifier.verify(request.token)
         except AuthUnavailable as exc:
+            session.login_failed(now)  # a burst of tokens costs its connection either way
             self._metrics.auth.labels(result="unavailable").inc()
             log.warning("login backend unavailable", conn_id=conn.conn_id, error=str(exc))
             raise RequestError(ErrorCode.AUTH_UNAVAILABLE) from None
@@ -935,9 +953,12 @@ class Gateway:
             raise RequestError(ErrorCode.AUTH_FAILED) from None
         if conn.closing:
             return
-        previous = session.uid
-        for channel in session.login(uid):
+        previous, uid = session.uid, login.uid
+        for channel in session.login(uid, login.exp, time.time()):
             self.hub.unsubscribe(conn, channel.internal)
+        if login.exp is not None and not conn.token_timer and conn.nursery is not None:
+            conn.token_timer = True
+            conn.nursery.start_soon(self._token_timer, conn, session)
         if previous != uid:
             if previous is not None:
                 self._leave_uid(conn, previous)

@@ -28,7 +28,11 @@
  *   maxBackoffMs?: number,
  *   pingMs?: number,
  *   requestTimeoutMs?: number,
+ *   token?: () => string | Promise<string>,
  * }} ClientOptions
+ *   token: where a fresh token comes from (the exchange's backend). With it the client logs
+ *   in again by itself when the server says the login's token expires (the "@auth" notice)
+ *   and before every reconnect; without it, answer the "expiring" event with `login()`.
  */
 
 const CHECKSUM_LEVELS = 10;
@@ -162,6 +166,8 @@ class Subscription {
  *   "resync"   {channel, reason}              a book resubscribed, a resync notice, an epoch
  *   "error"    {message}                      a request failed (also its promise rejects)
  *   "login"    {ok: false, message}           the token was refused after a reconnect
+ *   "expiring" {expiresIn, exp}               the login's token expires soon (server's notice);
+ *                                             log in with a fresh one, or 4004 closes at exp
  */
 export class PushdClient extends EventTarget {
   /** @param {string} url  ws:// or wss:// URL of the gateway @param {ClientOptions} [options] */
@@ -173,6 +179,7 @@ export class PushdClient extends EventTarget {
     this.maxBackoffMs = options.maxBackoffMs ?? 15_000;
     this.pingMs = options.pingMs ?? 15_000;
     this.requestTimeoutMs = options.requestTimeoutMs ?? 10_000;
+    this.tokenSource = options.token ?? null;
     /** @type {ClientState} */ this.state = "idle";
     /** @type {string|null} */ this.uid = null;
     this.token = /** @type {string|null} */ (null);
@@ -330,6 +337,7 @@ export class PushdClient extends EventTarget {
    * does not hold the connection hostage: public streams go on, "login" says why. */
   async _relogin() {
     try {
+      if (this.tokenSource) this.token = await this.tokenSource(); // the old one may be spent
       this.uid = (await this.request({ op: "auth", token: this.token })).uid;
     } catch (error) {
       if (error.code === undefined) throw error; // no answer: the connection is broken
@@ -348,6 +356,7 @@ export class PushdClient extends EventTarget {
     } catch {
       return;
     }
+    if (message.event === "@auth") return this._expiring(message.data ?? {});
     if (message.event !== undefined) return this._event(message);
     if (message.id !== undefined && this._pending.has(message.id)) {
       const { resolve, reject, timer } = this._pending.get(message.id);
@@ -359,6 +368,17 @@ export class PushdClient extends EventTarget {
         return reject(error);
       }
       resolve(message);
+    }
+  }
+
+  /** The server's notice that the login's token expires soon: log in with a fresh one. */
+  async _expiring(data) {
+    this._emit("expiring", data);
+    if (!this.tokenSource) return;
+    try {
+      await this.login(await this.tokenSource());
+    } catch (error) {
+      this._emit("error", { message: `token refresh failed: ${error.message ?? error}` });
     }
   }
 

@@ -84,6 +84,27 @@ describe("the pure parts", () => {
     assert.deepEqual(seen, [[1, {}], [2, {}], [5, { gap: true }], [1, { reload: true }]]);
     assert.deepEqual(gaps, [{ channel: "BTCUSDT@trades", after: 2, seq: 5 }]);
   });
+
+  it("logs in with a fresh token when the server says its token expires", async () => {
+    const tokens = ["fresh-1"];
+    const client = new PushdClient("ws://unused", { token: async () => tokens.shift() });
+    const sent = [];
+    const ws = { readyState: 1, send: (text) => sent.push(JSON.parse(text)), close() {} };
+    client._ws = ws;
+    client.state = "live";
+    client.uid = "1001";
+    const expiring = next(client, "expiring");
+    client._received(ws, JSON.stringify({ event: "@auth", data: { expiresIn: 59.9, exp: 1e9 } }));
+    assert.deepEqual(await expiring, { expiresIn: 59.9, exp: 1e9 });
+    await new Promise((resolve) => setImmediate(resolve));
+    assert.equal(sent.length, 1);
+    assert.deepEqual({ ...sent[0], id: 0 }, { op: "auth", token: "fresh-1", id: 0 });
+    client._received(ws, JSON.stringify({ result: true, uid: "1001", id: sent[0].id }));
+    await new Promise((resolve) => setImmediate(resolve));
+    assert.equal(client.token, "fresh-1");
+    assert.equal(client.uid, "1001");
+    client.stop();
+  });
 });
 
 describe("against a running daemon", live, () => {

@@ -1,0 +1,107 @@
+"""A session does not outlive its token (issue 18, item 14): told ``limits.token_notice_s``
+before ``exp`` (an ``@auth`` event), closed with 4004 at ``exp`` unless it logged in again
+with a fresh token of the same user. Sans-IO with a fake clock, then a real daemon and a real
+token that expires."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import msgspec
+import trio
+import trio_websocket
+from conftest import SECRET, make_config, open_client, start_daemon
+from test_session import make
+
+from pushd.auth import HmacVerifier, HttpVerifier, issue_hmac_token
+from pushd.config import HmacAuthConfig, HttpAuthConfig
+from pushd.errors import CloseCode
+from pushd.gateway.session import TokenExpired, TokenNotice
+
+
+def test_a_session_is_told_before_exp_and_expires_at_it() -> None:
+    s = make(token_notice_s=30)
+    s.login("1001", exp=1000.0)
+    assert s.token_check_at() == 970.0
+    assert s.token_due(969.9) is None
+    assert s.token_due(970.0) == TokenNotice(expires_in=30.0, exp=1000.0)
+    assert s.token_due(980.0) is None  # told once
+    assert s.token_check_at() == 1000.0
+    assert s.token_due(1000.0) == TokenExpired()
+
+
+def test_a_fresh_token_of_the_same_user_extends_the_session() -> None:
+    s = make(token_notice_s=30)
+    s.login("1001", exp=1000.0)
+    s.subscribe(["@order"])
+    assert s.token_due(975.0) == TokenNotice(expires_in=25.0, exp=1000.0)
+    assert s.login("1001", exp=2000.0) == []  # private streams kept
+    assert s.token_due(1000.0) is None and s.token_check_at() == 1970.0
+    assert s.token_due(1971.0) == TokenNotice(expires_in=29.0, exp=2000.0)  # told again
+    assert s.token_due(2000.5) == TokenExpired()
+    assert list(s.subscriptions) == ["user_1001_order"]
+
+
+def test_a_token_without_exp_never_expires_and_a_short_one_is_told_at_once() -> None:
+    s = make(token_notice_s=30)
+    s.login("1001")
+    assert s.token_check_at() is None and s.token_due(1e12) is None
+    s.login("1001", exp=100.0)
+    assert s.token_due(90.0) == TokenNotice(expires_in=10.0, exp=100.0)
+    s.login("1002", exp=None)  # another user's token without exp: nothing left to expire
+    assert s.token_check_at() is None
+
+
+def test_a_short_token_is_told_at_half_its_life_not_at_once() -> None:
+    s = make(token_notice_s=60)
+    s.login("1001", exp=1060.0, now=1000.0)  # a 60 s token: told after 30 s, not at login
+    assert s.token_due(1000.0) is None and s.token_check_at() == 1030.0
+    assert s.token_due(1030.0) == TokenNotice(expires_in=30.0, exp=1060.0)
+    s.login("1001", exp=5000.0, now=1040.0)  # a long one: 60 s before its exp
+    assert s.token_check_at() == 4940.0
+
+
+async def test_verifiers_say_when_a_token_expires() -> None:
+    verifier = HmacVerifier(HmacAuthConfig(secret="s1"))
+    login = await verifier.verify(issue_hmac_token("s1", "1001", 60, now=time.time()))
+    assert login.uid == "1001" and login.exp is not None
+    assert abs(login.exp - (time.time() + 60)) < 5
+    assert HttpVerifier(HttpAuthConfig(url="http://127.0.0.1:1/")).exp_of({"exp": 7}) == 7.0
+    assert HttpVerifier(HttpAuthConfig(url="http://127.0.0.1:1/")).exp_of({}) is None
+
+
+async def receive(c: Any) -> Any:
+    """The next message, however long it takes (the test's own deadline bounds it)."""
+    return msgspec.json.decode(await c.ws.get_message())
+
+
+async def test_a_session_outlives_no_real_token_and_a_fresh_token_extends_it(
+    nursery: trio.Nursery,
+) -> None:
+    running = await start_daemon(nursery, make_config(limits={"token_notice_s": 1.0}))
+    ttl = 2.5
+    async with open_client(running.ws_url) as stale, open_client(running.ws_url) as fresh:
+        for c in (stale, fresh):
+            token = issue_hmac_token(SECRET, "1001", ttl)
+            assert (await c.call({"op": "auth", "token": token}))["uid"] == "1001"
+            assert (await c.call({"op": "subscribe", "channel": "@order"}))["result"] is True
+        logged_in = time.time()
+        with trio.fail_after(ttl + 3):
+            notice = await receive(fresh)
+            assert notice["event"] == "@auth" and 0 < notice["data"]["expiresIn"] <= 1.0
+            token = issue_hmac_token(SECRET, "1001", 10)
+            await fresh.send({"op": "auth", "token": token, "id": 7})
+            assert (await receive(fresh)) == {"result": True, "id": 7, "uid": "1001"}
+            notice = await receive(stale)
+            assert notice["event"] == "@auth"
+            try:
+                await receive(stale)
+                raise AssertionError("the stale session got more than its notice")
+            except trio_websocket.ConnectionClosed as closed:
+                assert closed.reason is not None
+                assert closed.reason.code == CloseCode.TOKEN_EXPIRED
+        assert time.time() - logged_in >= ttl - 0.1  # not before its exp
+        seq = await running.publish("user_1001_order", {"after": "exp"})
+        event = await receive(fresh)  # the extended session goes on past the first exp
+        assert (event["event"], event["seq"]) == ("@order", seq)
