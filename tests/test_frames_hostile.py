@@ -379,7 +379,8 @@ def daemon_port(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int,
     config.write_text(
         f"[websocket]\nport = {ws}\nmax_connections_per_ip = 100000\nhandshakes_per_second = 1e9\n"
         f"[http]\nport = {http}\n[auth.hmac]\nsecret = 's'\n[engine]\nsnapshot_enabled = false\n"
-        f"[ingest]\nudp_port = {free_port(socket.SOCK_DGRAM)}\ntcp_port = {free_port()}\n"
+        "[ingest]\nallow_unauthenticated = true\n"  # no engine keys here
+        f"udp_port = {free_port(socket.SOCK_DGRAM)}\ntcp_port = {free_port()}\n"
         "[limits]\nmessage_timeout_s = 1.0\n[log]\nformat = 'json'\n"
     )
     log = tmp / "daemon.log"
