@@ -104,6 +104,7 @@ def run_daemon(tmp: Path, extra_config: str = "") -> Iterator[Daemon]:
         f"udp_port = {ports['udp']}\ntcp_port = {ports['tcp']}\n"
         "[limits]\nmessages_per_second = 1e9\nmessage_burst = 1000000\n"
         "failed_logins_per_minute = 1e9\nfailed_login_burst = 1000000\nhandshake_timeout_s = 2.0\n"
+        "frames_per_second = 1e9\nframe_burst = 1000000\n"  # the budget has its own tests
         f"[log]\nformat = 'json'\nlevel = 'info'\n{extra_config}"
     )
     log = tmp / "daemon.log"

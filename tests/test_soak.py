@@ -4,6 +4,7 @@ the legitimate clients whole (scripts/soak.py judges; this runs it for 70 s)."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -19,8 +20,10 @@ def test_soak_with_every_attack_at_once(tmp_path: Path) -> None:
         capture_output=True, text=True, timeout=480,
     )  # fmt: skip
     report = result.stdout + result.stderr[-4000:]
-    attacked = {line.split()[0] for line in result.stdout.splitlines() if " sent: " in line
-                and line.split(" sent: ", 1)[1].strip()}  # fmt: skip
+    # an attack's own line starts at the margin ("ping   sent: pings 19,000, ..."); the lines
+    # under it are indented (and may say "sent:" too: "16 x header ..., 8 KiB sent: close")
+    attacked = {found[1] for line in result.stdout.splitlines()
+                if (found := re.match(r"(\S+)\s+sent: \S", line))}  # fmt: skip
     assert result.returncode == 0, report
     assert result.stdout.rstrip().endswith("PASS"), report
     assert attacked == set(ATTACKS), f"attacks that sent nothing: {set(ATTACKS) - attacked}"
