@@ -8,7 +8,7 @@ for a fuzzing source, with wild epochs, seqs and events); the daemon stays up wi
 error and bounded RSS (``test_fuzz.Surface``), and the honest source's numbering never moved.
 
 ``PUSHD_FUZZ_EXAMPLES`` sets the cases of the socket surfaces (as in test_fuzz.py); the
-sans-IO property runs ``SANS_IO_EXAMPLES`` (10x that) cases.
+sans-IO property runs ``SANS_IO_EXAMPLES`` (3x that) cases.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from pushd.feed.intake import Intake, Policy, Source
 HONEST_KEY = b"honest-source-key-of-the-fuzz-tests!"
 FUZZ_KEY = b"fuzzing-source-key-the-fuzzer-holds!"  # source 3: valid seals, wild content
 WALL_NS = 1_764_028_800_000_000_000
-SANS_IO_EXAMPLES = int(os.environ.get("PUSHD_FUZZ_SANS_IO_EXAMPLES", str(10 * EXAMPLES)))
+SANS_IO_EXAMPLES = int(os.environ.get("PUSHD_FUZZ_SANS_IO_EXAMPLES", str(3 * EXAMPLES)))
 STRANGER_IDS = 1_000_000  # order/trade ids at or above this are the stranger's
 
 

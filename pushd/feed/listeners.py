@@ -43,7 +43,9 @@ class FrameLogs:
 
     def __init__(self, transport: str) -> None:
         self.refused = ThrottledLog(log, f"{transport} engine frame refused")
-        self.bad = ThrottledLog(log, f"bad {transport} engine frame dropped")
+        self.bad = ThrottledLog(
+            log, "bad UDP datagram dropped" if transport == "UDP" else "bad TCP frame"
+        )
         self.not_permitted = ThrottledLog(
             log, "private events dropped: their source may not carry them"
         )
