@@ -196,6 +196,8 @@ MAX_INGEST_SOURCES = 256  # sources with a key; every per-source table is bounde
 class IngestSourceConfig(_Section, frozen=True):
     """One engine source (a frame's ``src``) and the key its frames are sealed with."""
 
+    _secrets = frozenset({"key"})
+
     id: Annotated[int, msgspec.Meta(ge=0, le=2**32 - 1)]
     key: str = ""  # secret: HMAC-SHA256 key (its UTF-8 bytes, at least 32); or key_file
     key_file: str = ""  # a file holding the key (whitespace around it ignored)

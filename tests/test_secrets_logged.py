@@ -11,6 +11,7 @@ import json
 import logging
 import secrets
 import signal
+import socket
 import ssl
 import subprocess
 import sys
@@ -27,6 +28,7 @@ import trustme
 from conftest import Logs, free_port, open_client
 from redis_servers import REDIS_CLI, RedisServer
 
+from ingest import wire
 from pushd import config as config_mod
 from pushd import logs
 from pushd.auth import issue_hmac_token
@@ -46,6 +48,7 @@ HMAC_SECRET = secret("hmac-secret")
 PUBLISH_TOKEN = secret("publish-token")
 JWT_KEY = secret("jwt-key")
 LOGIN_PASSWORD = secret("login-password")
+ENGINE_KEY = secret("engine-key")  # an ingest source's key: also a secret
 
 
 # -- sans-IO: the rules ----------------------------------------------------------------------
@@ -174,6 +177,7 @@ class Setup:
         self.folder = folder
         self.redis_port = redis_port
         self.ws, self.http = free_port(), free_port()
+        self.udp = free_port(socket.SOCK_DGRAM)
         self.ca = trustme.CA()
         cert = self.ca.issue_cert("127.0.0.1")
         self.certificate, self.key = folder / "server.pem", folder / "server.key"
@@ -197,7 +201,8 @@ class Setup:
             f"[auth.jwt]\nkey = '{JWT_KEY}'\n[auth.http]\nurl = '{login_url}'\n"
             f"[bus]\nkind = 'redis'\n[bus.redis]\n"
             f"url = 'redis://:{password}@127.0.0.1:{self.redis_port}/0'\ntimeout_s = 1.0\n"
-            "[ingest]\nudp_enabled = false\ntcp_enabled = false\n"
+            f"[ingest]\nudp_port = {self.udp}\ntcp_enabled = false\n"
+            f"[[ingest.sources]]\nid = 7\nkey = '{ENGINE_KEY}'\nprivate = true\n"
             "[engine]\nsnapshot_enabled = false\n[log]\nformat = 'json'\nlevel = 'debug'\n" + tail
         )
 
@@ -272,7 +277,7 @@ async def test_no_secret_in_anything_a_daemon_writes(tmp_path: Path) -> None:
     everything = {
         "Redis password": REDIS_PASSWORD, "wrong Redis password": WRONG_PASSWORD,
         "HMAC secret": HMAC_SECRET, "publish token": PUBLISH_TOKEN, "JWT key": JWT_KEY,
-        "login endpoint password": LOGIN_PASSWORD,
+        "login endpoint password": LOGIN_PASSWORD, "engine key": ENGINE_KEY,
         **{f"TLS key line {n}": line for n, line in enumerate(setup.key_contents)},
     }  # fmt: skip
     leaked = [name for name, value in everything.items() if value.encode() in found]
@@ -305,6 +310,11 @@ async def right_password(setup: Setup) -> None:
         assert r.status_code == 401
         r = await api.post("/v1/publish", json={"channel": "notice", "data": 1}, headers=auth)
         assert r.status_code == 200, r.text
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:  # refused: logged
+            body = wire.encode(wire.Envelope(src=7, epoch=1, seq=1, events=[]))
+            udp.sendto(wire.seal(body, 7, b"not-the-key" * 4, int(time.time() * 1000)),
+                       ("127.0.0.1", setup.udp))  # fmt: skip
+        await lines.until("UDP engine frame refused")
         for path in ("/v1/stats", "/metrics", "/readyz", "/healthz", "/openapi.json"):
             setup.output.append((await api.get(path, headers=auth)).content)
 
