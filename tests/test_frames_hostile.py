@@ -19,9 +19,6 @@ import os
 import re
 import socket
 import struct
-import subprocess
-import sys
-import time
 import urllib.request
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -35,7 +32,6 @@ import trio.testing
 from conftest import (
     RawClient,
     Running,
-    free_port,
     make_config,
     open_client,
     start_daemon,
@@ -43,6 +39,7 @@ from conftest import (
 )
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_fuzz import client_frame, daemon_ports, spawn_daemon, ws_connect
 from wsproto.events import AcceptConnection, CloseConnection, Pong, TextMessage
 
 from pushd.config import LimitsConfig
@@ -50,25 +47,10 @@ from pushd.errors import CloseCode
 from pushd.gateway.ratelimit import Breach, FrameBudget
 
 LIMITS = LimitsConfig()
-MASK_KEY = b"\x37\xfa\x21\x3d"
 CONTINUATION, TEXT, BINARY, CLOSE, PING, PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
 
 
-def frame(opcode: int, payload: bytes = b"", *, fin: bool = True, rsv: int = 0,
-          mask: bool = True) -> bytes:  # fmt: skip
-    """A client frame as a broken or hostile client may write it (wsproto would refuse most)."""
-    n = len(payload)
-    head = bytes([(0x80 if fin else 0) | (rsv << 4) | opcode])
-    bit = 0x80 if mask else 0
-    if n < 126:
-        head += bytes([bit | n])
-    elif n < 65536:
-        head += bytes([bit | 126]) + struct.pack(">H", n)
-    else:
-        head += bytes([bit | 127]) + struct.pack(">Q", n)
-    if not mask:
-        return head + payload
-    return head + MASK_KEY + bytes(b ^ MASK_KEY[i % 4] for i, b in enumerate(payload))
+frame = client_frame  # a client frame as a broken or hostile client may write it
 
 
 async def raw_open(port: int) -> RawClient:
@@ -374,49 +356,17 @@ def daemon_port(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int,
     """A ``pushd run`` process (default frame limits, a 1 s message timeout): its WebSocket
     and HTTP ports and its log file."""
     tmp = tmp_path_factory.mktemp("frames")
-    ws, http = free_port(), free_port()
-    config = tmp / "pushd.toml"
-    config.write_text(
-        f"[websocket]\nport = {ws}\nmax_connections_per_ip = 100000\nhandshakes_per_second = 1e9\n"
-        f"[http]\nport = {http}\n[auth.hmac]\nsecret = 's'\n[engine]\nsnapshot_enabled = false\n"
+    ports = daemon_ports()
+    for running in spawn_daemon(tmp, ports, (
+        f"[websocket]\nport = {ports['ws']}\nmax_connections_per_ip = 100000\n"
+        f"handshakes_per_second = 1e9\n[http]\nport = {ports['http']}\n[auth.hmac]\nsecret = 's'\n"
+        "[engine]\nsnapshot_enabled = false\n"
         "[ingest]\nallow_unauthenticated = true\n"  # no engine keys here
-        f"udp_port = {free_port(socket.SOCK_DGRAM)}\ntcp_port = {free_port()}\n"
+        f"udp_port = {ports['udp']}\ntcp_port = {ports['tcp']}\n"
         "[limits]\nmessage_timeout_s = 1.0\n[log]\nformat = 'json'\n"
-    )
-    log = tmp / "daemon.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "pushd", "run", "--config", str(config)],
-                                stdout=out, stderr=out, stdin=subprocess.DEVNULL)  # fmt: skip
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{http}/readyz")
-                break
-            except OSError:
-                assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
-                time.sleep(0.05)
-        yield ws, http, log
-        assert proc.poll() is None, log.read_text()[-4000:]
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-
-
-def ws_connect(port: int) -> socket.socket:
-    sock = socket.create_connection(("127.0.0.1", port), timeout=5)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    sock.sendall(
-        b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
-    )
-    answer = b""
-    while b"\r\n\r\n" not in answer:
-        chunk = sock.recv(4096)
-        assert chunk, answer
-        answer += chunk
-    assert answer.startswith(b"HTTP/1.1 101") and answer.endswith(b"\r\n\r\n"), answer
-    return sock
+    )):  # fmt: skip
+        yield running.ws, running.http, running.log
+        assert running.proc.poll() is None, running.log.read_text()[-4000:]
 
 
 def outcome(sock: socket.socket) -> tuple[str, int | None]:

@@ -91,38 +91,56 @@ class Daemon:
         assert self.metric('pushd_connections_closed_by_server_total{reason="internal_error"}') == 0
 
 
-def run_daemon(tmp: Path, extra_config: str = "") -> Iterator[Daemon]:
-    """A real ``pushd run`` process on free ports, with limits opened for fuzzing."""
-    ports = {name: free_port() for name in ("ws", "http", "udp", "tcp")}
+def daemon_ports() -> dict[str, int]:
+    return {"ws": free_port(), "http": free_port(), "udp": free_port(socket.SOCK_DGRAM),
+            "tcp": free_port()}  # fmt: skip
+
+
+def spawn_daemon(tmp: Path, ports: dict[str, int], config_text: str) -> Iterator[Daemon]:
+    """``pushd run`` on ``config_text`` (which uses ``ports``), once it answers /readyz;
+    terminated after the ``yield``. Its stdout and stderr go to ``tmp / "daemon.log"``."""
     config = tmp / "pushd.toml"
-    config.write_text(
-        f"[websocket]\nport = {ports['ws']}\nmax_connections_per_ip = 100000\n"
-        "handshakes_per_second = 1e9\n"
-        f"[http]\nport = {ports['http']}\npublish_token = '{PUBLISH_TOKEN}'\n"
-        f"[auth.hmac]\nsecret = '{SECRET}'\n[engine]\nsnapshot_enabled = false\n"
-        "[ingest]\nallow_unauthenticated = true\n"  # no engine keys here
-        f"udp_port = {ports['udp']}\ntcp_port = {ports['tcp']}\n"
-        "[limits]\nmessages_per_second = 1e9\nmessage_burst = 1000000\n"
-        "failed_logins_per_minute = 1e9\nfailed_login_burst = 1000000\nhandshake_timeout_s = 2.0\n"
-        "frames_per_second = 1e9\nframe_burst = 1000000\n"  # the budget has its own tests
-        f"[log]\nformat = 'json'\nlevel = 'info'\n{extra_config}"
-    )
+    config.write_text(config_text)
     log = tmp / "daemon.log"
     with log.open("wb") as out:
         proc = subprocess.Popen([sys.executable, "-m", "pushd", "run", "--config", str(config)],
                                 stdout=out, stderr=out, stdin=subprocess.DEVNULL)  # fmt: skip
     running = Daemon(proc, ports["ws"], ports["http"], ports["udp"], ports["tcp"], log)
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{running.http}/readyz")
-            break
-        except OSError:
-            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
-            time.sleep(0.05)
-    yield running
-    proc.terminate()
-    proc.wait(timeout=30)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{running.http}/readyz")
+                break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+                time.sleep(0.05)
+        yield running
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def run_daemon(tmp: Path, extra_config: str = "") -> Iterator[Daemon]:
+    """A real ``pushd run`` process on free ports, with limits opened for fuzzing."""
+    ports = daemon_ports()
+    yield from spawn_daemon(
+        tmp,
+        ports,
+        (
+            f"[websocket]\nport = {ports['ws']}\nmax_connections_per_ip = 100000\n"
+            "handshakes_per_second = 1e9\n"
+            f"[http]\nport = {ports['http']}\npublish_token = '{PUBLISH_TOKEN}'\n"
+            f"[auth.hmac]\nsecret = '{SECRET}'\n[engine]\nsnapshot_enabled = false\n"
+            "[ingest]\nallow_unauthenticated = true\n"  # no engine keys here
+            f"udp_port = {ports['udp']}\ntcp_port = {ports['tcp']}\n"
+            "[limits]\nmessages_per_second = 1e9\nmessage_burst = 1000000\n"
+            "failed_logins_per_minute = 1e9\nfailed_login_burst = 1000000\n"
+            "handshake_timeout_s = 2.0\n"
+            "frames_per_second = 1e9\nframe_burst = 1000000\n"  # the budget has its own tests
+            f"[log]\nformat = 'json'\nlevel = 'info'\n{extra_config}"
+        ),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -185,7 +203,7 @@ class Surface:
 # -- wire helpers (plain blocking sockets: the client side is deliberately dumb) ---------------
 
 
-def client_frame(opcode: int, payload: bytes, *, fin: bool = True, rsv: int = 0,
+def client_frame(opcode: int, payload: bytes = b"", *, fin: bool = True, rsv: int = 0,
                  mask: bool = True, length: int | None = None) -> bytes:  # fmt: skip
     """A client frame, masked unless told otherwise; ``length`` may lie about the payload."""
     n = len(payload) if length is None else length
@@ -205,6 +223,7 @@ def client_frame(opcode: int, payload: bytes, *, fin: bool = True, rsv: int = 0,
 
 def ws_connect(port: int, tls: ssl.SSLContext | None = None) -> socket.socket:
     sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     if tls is not None:
         sock = tls.wrap_socket(sock, server_hostname="127.0.0.1")
     sock.sendall(UPGRADE)

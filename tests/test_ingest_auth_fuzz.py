@@ -17,8 +17,6 @@ import contextlib
 import os
 import socket
 import struct
-import subprocess
-import sys
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -26,10 +24,10 @@ from pathlib import Path
 
 import msgspec
 import pytest
-from conftest import PUBLISH_TOKEN, SECRET, free_port, order, trade
+from conftest import PUBLISH_TOKEN, SECRET, order, trade
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_fuzz import ENVELOPES, EXAMPLES, FUZZ, Daemon, Surface, end
+from test_fuzz import ENVELOPES, EXAMPLES, FUZZ, Daemon, Surface, daemon_ports, end, spawn_daemon
 
 from ingest import wire
 from ingest.framing import Framer
@@ -139,34 +137,22 @@ def test_a_stranger_changes_nothing_for_the_honest_source(steps: list[tuple[str,
 def run_sealed_daemon(tmp: Path) -> Iterator[Daemon]:
     """A real ``pushd run`` taking sealed frames only: source 1 (the honest one), source 3
     (whose key the fuzzer holds)."""
-    ports = {name: free_port() for name in ("ws", "http", "tcp")}
-    ports["udp"] = free_port(socket.SOCK_DGRAM)
-    config = tmp / "pushd.toml"
-    config.write_text(
-        f"[websocket]\nport = {ports['ws']}\n[http]\nport = {ports['http']}\n"
-        f"publish_token = '{PUBLISH_TOKEN}'\n[auth.hmac]\nsecret = '{SECRET}'\n"
-        f"[engine]\nsnapshot_enabled = false\n"
-        f"[ingest]\nudp_port = {ports['udp']}\ntcp_port = {ports['tcp']}\nauth_timeout_s = 1.0\n"
-        f"sources = [{{id = 1, key = '{HONEST_KEY.decode()}', private = true, silent_after_s = 0}},"
-        f" {{id = 3, key = '{FUZZ_KEY.decode()}', private = true, silent_after_s = 0}}]\n"
-        "[log]\nformat = 'json'\nlevel = 'info'\n"
+    ports = daemon_ports()
+    yield from spawn_daemon(
+        tmp,
+        ports,
+        (
+            f"[websocket]\nport = {ports['ws']}\n[http]\nport = {ports['http']}\n"
+            f"publish_token = '{PUBLISH_TOKEN}'\n[auth.hmac]\nsecret = '{SECRET}'\n"
+            f"[engine]\nsnapshot_enabled = false\n"
+            f"[ingest]\nudp_port = {ports['udp']}\ntcp_port = {ports['tcp']}\n"
+            "auth_timeout_s = 1.0\n"
+            f"sources = [{{id = 1, key = '{HONEST_KEY.decode()}', private = true,"
+            " silent_after_s = 0},"
+            f" {{id = 3, key = '{FUZZ_KEY.decode()}', private = true, silent_after_s = 0}}]\n"
+            "[log]\nformat = 'json'\nlevel = 'info'\n"
+        ),
     )
-    log = tmp / "daemon.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "pushd", "run", "--config", str(config)],
-                                stdout=out, stderr=out, stdin=subprocess.DEVNULL)  # fmt: skip
-    running = Daemon(proc, ports["ws"], ports["http"], ports["udp"], ports["tcp"], log)
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{running.http}/readyz")
-            break
-        except OSError:
-            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
-            time.sleep(0.05)
-    yield running
-    proc.terminate()
-    proc.wait(timeout=30)
 
 
 @pytest.fixture(scope="module")

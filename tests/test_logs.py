@@ -23,7 +23,7 @@ IDS = {  # event -> the fields every line of it must carry
     "connection closed": {"conn_id", "peer", "reason", "uid"},
     "login": {"conn_id", "uid"},
     "login failed": {"conn_id", "peer", "error"},
-    "bad UDP engine frame dropped": {"peer", "suppressed"},
+    "bad UDP datagram dropped": {"peer", "suppressed"},
     "pushd ready": {"websocket", "http"},
 }
 
@@ -68,7 +68,7 @@ async def test_every_line_has_its_shape(tmp_path: Path) -> None:
     events = [line["event"] for line in lines]
     for event in IDS:
         assert event in events, f"no {event!r} line: {events}"
-    floods = [line for line in lines if line["event"] == "bad UDP engine frame dropped"]
+    floods = [line for line in lines if line["event"] == "bad UDP datagram dropped"]
     # 500 bad datagrams: a line a second at most, each counting what it held back
     assert len(floods) <= 5 and sum(line["suppressed"] for line in floods) + len(floods) <= 500
     assert events[-1] == "stopped"

@@ -375,7 +375,7 @@ async def test_a_child_that_stops_is_not_taken_for_hung(tmp_path: Path, redis: R
     async with supervisor(tmp_path, redis, workers=1, extra="[workers]\nwatchdog_s = 1.0\n") as (
         _, logs, _, _,
     ):  # fmt: skip
-        (started,) = await logs.until("child started", child="gateway-1")
+        started = (await logs.until("child started", child="gateway-1"))[-1]  # the live one
         victim = started["pid"]
         os.kill(victim, signal.SIGTERM)
         with trio.fail_after(20):
