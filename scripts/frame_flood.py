@@ -25,33 +25,19 @@ import statistics
 import struct
 import sys
 import time
+from pathlib import Path
 
 from benchlib import free_port, proc_cpu_seconds, proc_rss_kib, pushd_server
 
-MASK = b"\x00\x00\x00\x00"  # a zero mask key: payload bytes go as they are
-UPGRADE = (
-    b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
-)
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # wsframes
+from wsframes import ZERO_MASK, client_frame, ws_connect
 
 
 def frame(opcode: int, payload: bytes = b"", fin: bool = True) -> bytes:
-    """A masked client frame of under 126 payload bytes."""
-    return bytes([(0x80 if fin else 0) | opcode, 0x80 | len(payload)]) + MASK + payload
+    return client_frame(opcode, payload, fin=fin, mask_key=ZERO_MASK)
 
 
-def connect(port: int) -> socket.socket:
-    sock = socket.create_connection(("127.0.0.1", port), timeout=5)
-    sock.sendall(UPGRADE)
-    answer = b""
-    while b"\r\n\r\n" not in answer:
-        chunk = sock.recv(4096)
-        if not chunk:
-            raise ConnectionError("closed during the handshake")
-        answer += chunk
-    if not answer.startswith(b"HTTP/1.1 101"):
-        raise ConnectionError(answer[:40].decode("latin-1"))
-    return sock
+connect = ws_connect
 
 
 class ServerFrames:

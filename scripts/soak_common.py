@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import struct
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import trio
+from wsframes import ZERO_MASK, client_frame  # tests/ is on the path (soak.py)
 
 FORGED_ORDER_TAG = "soak-forged"  # client_order_id of every order event the attacker forges
 FORGED_TRADE_QTY = "0.0000001337"  # qty of every trade it forges (the simulator never has it)
@@ -150,21 +150,8 @@ class LogWatch:
 
 
 def ws_frame(opcode: int, payload: bytes = b"", *, fin: bool = True) -> bytes:
-    """One masked client frame (RFC 6455 5.2), built by hand: what wsproto would refuse to send
-    (an empty continuation, a length the server must not believe) is the point here."""
-    head = bytes([(0x80 if fin else 0) | opcode])
-    n = len(payload)
-    if n < 126:
-        head += bytes([0x80 | n])
-    elif n < 1 << 16:
-        head += bytes([0x80 | 126]) + struct.pack(">H", n)
-    else:
-        head += bytes([0x80 | 127]) + struct.pack(">Q", n)
-    key = os.urandom(4)
-    masked = bytes(b ^ key[i % 4] for i, b in enumerate(payload)) if n < 256 else payload
-    if n >= 256:  # big payloads: a zero mask key leaves them as they are, and is legal
-        key = b"\0\0\0\0"
-    return head + key + masked
+    """A client frame built by hand (``wsframes``), with a zero mask key: floods stay cheap."""
+    return client_frame(opcode, payload, fin=fin, mask_key=ZERO_MASK)
 
 
 TEXT, CONTINUATION, CLOSE, PING = 0x1, 0x0, 0x8, 0x9

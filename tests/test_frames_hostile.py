@@ -39,7 +39,8 @@ from conftest import (
 )
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_fuzz import client_frame, daemon_ports, spawn_daemon, ws_connect
+from test_fuzz import daemon_ports, spawn_daemon
+from wsframes import client_frame, ws_connect
 from wsproto.events import AcceptConnection, CloseConnection, Pong, TextMessage
 
 from pushd.config import LimitsConfig

@@ -35,6 +35,7 @@ from conftest import PUBLISH_TOKEN, SECRET, free_port
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from redis_servers import RedisServer
+from wsframes import KEY, client_frame, ws_connect
 
 from ingest import wire
 
@@ -45,12 +46,6 @@ FUZZ = settings(
     max_examples=EXAMPLES, deadline=None, database=None, derandomize=False,
     suppress_health_check=list(HealthCheck),
 )  # fmt: skip
-KEY = b"dGhlIHNhbXBsZSBub25jZQ=="
-MASK_KEY = b"\x37\xfa\x21\x3d"
-UPGRADE = (
-    b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-    b"Sec-WebSocket-Key: " + KEY + b"\r\nSec-WebSocket-Version: 13\r\n\r\n"
-)
 
 
 @dataclass
@@ -201,39 +196,6 @@ class Surface:
 
 
 # -- wire helpers (plain blocking sockets: the client side is deliberately dumb) ---------------
-
-
-def client_frame(opcode: int, payload: bytes = b"", *, fin: bool = True, rsv: int = 0,
-                 mask: bool = True, length: int | None = None) -> bytes:  # fmt: skip
-    """A client frame, masked unless told otherwise; ``length`` may lie about the payload."""
-    n = len(payload) if length is None else length
-    head = bytes([(0x80 if fin else 0) | (rsv << 4) | opcode])
-    bit = 0x80 if mask else 0
-    if n < 126:
-        head += bytes([bit | n])
-    elif n < 65536:
-        head += bytes([bit | 126]) + struct.pack(">H", n)
-    else:
-        head += bytes([bit | 127]) + struct.pack(">Q", n)
-    if not mask:
-        return head + payload
-    key = MASK_KEY
-    return head + key + bytes(b ^ key[i % 4] for i, b in enumerate(payload))
-
-
-def ws_connect(port: int, tls: ssl.SSLContext | None = None) -> socket.socket:
-    sock = socket.create_connection(("127.0.0.1", port), timeout=5)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    if tls is not None:
-        sock = tls.wrap_socket(sock, server_hostname="127.0.0.1")
-    sock.sendall(UPGRADE)
-    answer = b""
-    while b"\r\n\r\n" not in answer:
-        chunk = sock.recv(4096)
-        assert chunk, answer
-        answer += chunk
-    assert answer.startswith(b"HTTP/1.1 101"), answer
-    return sock
 
 
 def read_text_frame(sock: socket.socket) -> bytes:
