@@ -113,7 +113,7 @@ class Connection(Outlet):
         "session",
         "sock",
         "tls",
-        "token_timer",
+        "token_wait",
         "ws",
     )
 
@@ -134,7 +134,7 @@ class Connection(Outlet):
         self.frames: FrameBudget | None = None  # what its received frames may cost (once open)
         self.pongs_owed = 0  # pongs queued since its outbound buffer was last empty
         self.pong_due: bytes | None = None  # the latest ping, when past the pongs owed
-        self.token_timer = False  # a task watches the login's token expiry
+        self.token_wait: trio.CancelScope | None = None  # the token timer's sleep, if running
 
     @property
     def unsent(self) -> bool:
@@ -907,10 +907,12 @@ class Gateway:
 
     async def _token_timer(self, conn: Connection, session: Session) -> None:
         """The login's token's lifetime: the ``@auth`` notice before ``exp``, then 4004 at
-        ``exp`` unless a fresh token moved it (the session is asked again at each wake)."""
+        ``exp``. The session owns the deadline: a login cancels the sleep (``token_wait``),
+        so the timer asks again and follows the latest token's ``exp``, longer or shorter."""
         try:
             while not conn.closing and (at := session.token_check_at()) is not None:
-                await trio.sleep(max(0.0, at - time.time()))
+                with trio.CancelScope() as conn.token_wait:
+                    await trio.sleep(max(0.0, at - time.time()))
                 match session.token_due(time.time()):
                     case TokenNotice(expires_in=expires_in, exp=exp):
                         self._send_ws(conn, protocol.encode_auth_notice(expires_in, exp))
@@ -918,7 +920,7 @@ class Gateway:
                         self._metrics.closed.labels(reason="token_expired").inc()
                         self.close(conn, CloseCode.TOKEN_EXPIRED, "token expired")
         finally:
-            conn.token_timer = False
+            conn.token_wait = None
 
     def _recovered(
         self, conn: Connection, added: list[Channel], recoveries: list[Recovery], since: Position
@@ -956,8 +958,10 @@ class Gateway:
         previous, uid = session.uid, login.uid
         for channel in session.login(uid, login.exp, time.time()):
             self.hub.unsubscribe(conn, channel.internal)
-        if login.exp is not None and not conn.token_timer and conn.nursery is not None:
-            conn.token_timer = True
+        if conn.token_wait is not None:
+            conn.token_wait.cancel()  # the running timer reads the new exp
+        elif login.exp is not None and conn.nursery is not None:
+            conn.token_wait = trio.CancelScope()  # taken by the timer when it first sleeps
             conn.nursery.start_soon(self._token_timer, conn, session)
         if previous != uid:
             if previous is not None:
