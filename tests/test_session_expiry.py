@@ -43,7 +43,7 @@ def test_a_fresh_token_of_the_same_user_extends_the_session() -> None:
     assert list(s.subscriptions) == ["user_1001_order"]
 
 
-def test_a_token_without_exp_never_expires_and_a_short_one_is_told_at_once() -> None:
+def test_a_token_without_exp_never_expires_and_one_with_exp_is_told_before_it() -> None:
     s = make(token_notice_s=30)
     s.login("1001")
     assert s.token_check_at() is None and s.token_due(1e12) is None
