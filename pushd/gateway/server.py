@@ -574,20 +574,28 @@ class Gateway:
 
     async def _recv(self, conn: Connection) -> bytes:
         """Next bytes from the peer (decrypted); b"" when it closed or reset the connection."""
+        while (data := await self._recv_read(conn)) == b"":
+            pass  # a TLS read that completed no record
+        return data or b""
+
+    async def _recv_read(self, conn: Connection) -> bytes | None:
+        """The plaintext of one read of the socket: b"" when it completed no TLS record (the
+        frame budget charges it like a read that completed no frame), None when the peer
+        closed or reset the connection."""
         tls = conn.tls
         if tls is None:
-            return await self._recv_raw(conn)
+            return await self._recv_raw(conn) or None
         try:
             data = tls.receive(b"")  # what came with the records already read
-            while not data:
-                raw = await self._recv_raw(conn)
-                if not raw:
-                    return b""
-                data = tls.receive(raw)
+            if data:
+                return data
+            raw = await self._recv_raw(conn)
+            if not raw:
+                return None
+            return tls.receive(raw)
         except TlsClosed as exc:
             conn.close_reason = str(exc)
-            return b""
-        return data
+            return None
 
     async def _recv_raw(self, conn: Connection) -> bytes:
         while True:
@@ -741,12 +749,13 @@ class Gateway:
         reading = True
         while reading:
             data: bytes | None = None
-            with trio.move_on_at(budget.deadline):  # a message under way must finish in time
-                data = await self._recv(conn)
-            if data is None:
+            with trio.move_on_at(budget.deadline) as waited:  # a message must finish in time
+                data = await self._recv_read(conn)  # each read is charged, TLS or not
+            if waited.cancelled_caught:
                 reading = self._breach(conn, budget, Breach.MESSAGE_TIMEOUT)
                 continue
-            ws.receive_data(data or None)
+            if data is None or data:  # b"": a TLS read that completed no record
+                ws.receive_data(data)
             events = 0
             for event in ws.events():
                 events += 1
@@ -784,7 +793,7 @@ class Gateway:
                 elif isinstance(event, CloseConnection):
                     self._on_close_frame(conn, ws, event)
                     return
-            if not data:
+            if data is None:
                 return
             if not events and reading:  # a read that completed no frame costs one too
                 breach = budget.frame(trio.current_time())
