@@ -147,11 +147,12 @@ def test_the_hub_drops_an_undeliverable_message_with_a_resync_notice() -> None:
     hub.drained(live)  # its buffer emptied: told what it lost, 2 (undeliverable) and 3
     assert msgspec.json.decode(bytes(live.out)[2:]) == {
         "event": "notice", "resync": True, "seq": 3, "epoch": "e1"}  # fmt: skip
-    assert b'"seq":1,' in joining.out and b'"seq":3,' in joining.out  # what was kept for it
+    told = bytes(joining.out)  # what was kept for it, the notice in its place, told once
+    assert told.index(b'"seq":1,') < told.index(b'"resync":true,"seq":2,') < told.index(b'"seq":3,')
+    assert told.count(b'"resync"') == 1
     joining.out.clear()
     hub.drained(joining)
-    assert msgspec.json.decode(bytes(joining.out)[2:]) == {
-        "event": "notice", "resync": True, "seq": 2, "epoch": "e1"}  # fmt: skip
+    assert joining.out == b""
     live.out.clear()
     joining.out.clear()
     assert hub.publish("notice", "e1", 4, msgspec.Raw(b"4")) == 2

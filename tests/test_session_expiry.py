@@ -43,7 +43,7 @@ def test_a_fresh_token_of_the_same_user_extends_the_session() -> None:
     assert list(s.subscriptions) == ["user_1001_order"]
 
 
-def test_a_token_without_exp_never_expires_and_a_short_one_is_told_at_once() -> None:
+def test_a_token_without_exp_never_expires_and_one_with_exp_is_told_before_it() -> None:
     s = make(token_notice_s=30)
     s.login("1001")
     assert s.token_check_at() is None and s.token_due(1e12) is None
@@ -105,3 +105,26 @@ async def test_a_session_outlives_no_real_token_and_a_fresh_token_extends_it(
         seq = await running.publish("user_1001_order", {"after": "exp"})
         event = await receive(fresh)  # the extended session goes on past the first exp
         assert (event["event"], event["seq"]) == ("@order", seq)
+
+
+async def test_a_shorter_token_later_shortens_the_session(nursery: trio.Nursery) -> None:
+    """The timer follows the latest login's exp: a session that logged in with a long token
+    and then with a short one (another user's) is told and closed at the short one's exp,
+    not at the first token's."""
+    running = await start_daemon(nursery, make_config(limits={"token_notice_s": 1.0}))
+    ttl = 2.5
+    async with open_client(running.ws_url) as c:
+        long_token = issue_hmac_token(SECRET, "1001", 600)
+        assert (await c.call({"op": "auth", "token": long_token}))["uid"] == "1001"
+        short_token = issue_hmac_token(SECRET, "1002", ttl)
+        assert (await c.call({"op": "auth", "token": short_token}))["uid"] == "1002"
+        assert (await c.call({"op": "subscribe", "channel": "@order"}))["result"] is True
+        with trio.fail_after(ttl + 3):  # the long token's timer would sleep ~600 s
+            notice = await receive(c)
+            assert notice["event"] == "@auth" and 0 < notice["data"]["expiresIn"] <= ttl
+            try:
+                message = await receive(c)
+                raise AssertionError(f"the session went on past its exp: {message}")
+            except trio_websocket.ConnectionClosed as closed:
+                assert closed.reason is not None
+                assert closed.reason.code == CloseCode.TOKEN_EXPIRED

@@ -366,22 +366,24 @@ class Hub:
         joining ones included (after their replay), gets a resync notice for it: the
         stream goes on, nobody is left with a silent hole, and the node is not at risk."""
         self.undeliverable += 1
-        for outlet in route.pending:
-            outlet.lagging[route.channel.internal] = (route.channel, at)
-        self.resync(route.channel.internal, at)
+        self.resync(route.channel.internal, at)  # joining ones: a kept notice, in order
 
-    def _keep(self, route: _Route, epoch: str, seq: int, data: msgspec.Raw) -> None:
-        behind: list[tuple[Outlet, _Joining]] = []
-        for outlet, joining in route.pending.items():
-            if len(joining.kept) < MAX_PENDING:
-                joining.kept.append((epoch, seq, data))
-            elif joining.settled and not route.channel.private:
-                behind.append((outlet, joining))
-            elif not outlet.slow:  # a join that never settles: end it like a slow reader
-                outlet.slow = True
-                self._mark_dirty(outlet)
-        for outlet, joining in behind:
-            self._give_up_replay(route, outlet, joining, Position(epoch, seq))
+    def _keep(self, route: _Route, epoch: str, seq: int, data: msgspec.Raw | None) -> None:
+        """Keep a live event (data None: a resync notice) for every joining subscriber."""
+        for outlet, joining in list(route.pending.items()):  # a give-up makes one live
+            self._keep_for(route, outlet, joining, (epoch, seq, data))
+
+    def _keep_for(self, route: _Route, outlet: Outlet, joining: _Joining, kept: _Kept) -> None:
+        """At most MAX_PENDING kept, events and notices alike: past that, a public stream's
+        paced replay is given up (it goes on lagging), any other join ends like a slow
+        reader."""
+        if len(joining.kept) < MAX_PENDING:
+            joining.kept.append(kept)
+        elif joining.settled and not route.channel.private:
+            self._give_up_replay(route, outlet, joining, Position(kept[0], kept[1]))
+        elif not outlet.slow:  # a join that never settles: end it like a slow reader
+            outlet.slow = True
+            self._mark_dirty(outlet)
 
     def _give_up_replay(
         self, route: _Route, outlet: Outlet, joining: _Joining, lost: Position
@@ -443,9 +445,9 @@ class Hub:
             outlet.lagging[internal] = (route.channel, at)
             if not outlet.out:
                 self.drained(outlet)
-        for joining in route.pending.values():  # told in order, after what was kept for them
-            joining.kept.append((at.epoch, at.seq, None))
-        return len(route.subscribers) + len(route.ahead) + len(route.pending)
+        told = len(route.subscribers) + len(route.ahead) + len(route.pending)
+        self._keep(route, at.epoch, at.seq, None)  # told in order, after what was kept for them
+        return told
 
     def resync_private(self) -> int:
         """Events of private channels may have been lost before they got here (an ingest gap):
@@ -459,9 +461,8 @@ class Hub:
                 for outlet in (*route.subscribers, *route.ahead):
                     self.send(outlet, frame)
                     told += 1
-                for joining in route.pending.values():
-                    joining.kept.append((at.epoch, at.seq, None))
-                    told += 1
+                told += len(route.pending)
+                self._keep(route, at.epoch, at.seq, None)
         return told
 
     def _overflow(self, outlet: Outlet, channel: Channel, lost: Position) -> None:

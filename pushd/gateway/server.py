@@ -113,7 +113,7 @@ class Connection(Outlet):
         "session",
         "sock",
         "tls",
-        "token_timer",
+        "token_wait",
         "ws",
     )
 
@@ -134,7 +134,7 @@ class Connection(Outlet):
         self.frames: FrameBudget | None = None  # what its received frames may cost (once open)
         self.pongs_owed = 0  # pongs queued since its outbound buffer was last empty
         self.pong_due: bytes | None = None  # the latest ping, when past the pongs owed
-        self.token_timer = False  # a task watches the login's token expiry
+        self.token_wait: trio.CancelScope | None = None  # the token timer's sleep, if running
 
     @property
     def unsent(self) -> bool:
@@ -574,20 +574,28 @@ class Gateway:
 
     async def _recv(self, conn: Connection) -> bytes:
         """Next bytes from the peer (decrypted); b"" when it closed or reset the connection."""
+        while (data := await self._recv_read(conn)) == b"":
+            pass  # a TLS read that completed no record
+        return data or b""
+
+    async def _recv_read(self, conn: Connection) -> bytes | None:
+        """The plaintext of one read of the socket: b"" when it completed no TLS record (the
+        frame budget charges it like a read that completed no frame), None when the peer
+        closed or reset the connection."""
         tls = conn.tls
         if tls is None:
-            return await self._recv_raw(conn)
+            return await self._recv_raw(conn) or None
         try:
             data = tls.receive(b"")  # what came with the records already read
-            while not data:
-                raw = await self._recv_raw(conn)
-                if not raw:
-                    return b""
-                data = tls.receive(raw)
+            if data:
+                return data
+            raw = await self._recv_raw(conn)
+            if not raw:
+                return None
+            return tls.receive(raw)
         except TlsClosed as exc:
             conn.close_reason = str(exc)
-            return b""
-        return data
+            return None
 
     async def _recv_raw(self, conn: Connection) -> bytes:
         while True:
@@ -741,12 +749,13 @@ class Gateway:
         reading = True
         while reading:
             data: bytes | None = None
-            with trio.move_on_at(budget.deadline):  # a message under way must finish in time
-                data = await self._recv(conn)
-            if data is None:
+            with trio.move_on_at(budget.deadline) as waited:  # a message must finish in time
+                data = await self._recv_read(conn)  # each read is charged, TLS or not
+            if waited.cancelled_caught:
                 reading = self._breach(conn, budget, Breach.MESSAGE_TIMEOUT)
                 continue
-            ws.receive_data(data or None)
+            if data is None or data:  # b"": a TLS read that completed no record
+                ws.receive_data(data)
             events = 0
             for event in ws.events():
                 events += 1
@@ -784,7 +793,7 @@ class Gateway:
                 elif isinstance(event, CloseConnection):
                     self._on_close_frame(conn, ws, event)
                     return
-            if not data:
+            if data is None:
                 return
             if not events and reading:  # a read that completed no frame costs one too
                 breach = budget.frame(trio.current_time())
@@ -907,10 +916,12 @@ class Gateway:
 
     async def _token_timer(self, conn: Connection, session: Session) -> None:
         """The login's token's lifetime: the ``@auth`` notice before ``exp``, then 4004 at
-        ``exp`` unless a fresh token moved it (the session is asked again at each wake)."""
+        ``exp``. The session owns the deadline: a login cancels the sleep (``token_wait``),
+        so the timer asks again and follows the latest token's ``exp``, longer or shorter."""
         try:
             while not conn.closing and (at := session.token_check_at()) is not None:
-                await trio.sleep(max(0.0, at - time.time()))
+                with trio.CancelScope() as conn.token_wait:
+                    await trio.sleep(max(0.0, at - time.time()))
                 match session.token_due(time.time()):
                     case TokenNotice(expires_in=expires_in, exp=exp):
                         self._send_ws(conn, protocol.encode_auth_notice(expires_in, exp))
@@ -918,7 +929,7 @@ class Gateway:
                         self._metrics.closed.labels(reason="token_expired").inc()
                         self.close(conn, CloseCode.TOKEN_EXPIRED, "token expired")
         finally:
-            conn.token_timer = False
+            conn.token_wait = None
 
     def _recovered(
         self, conn: Connection, added: list[Channel], recoveries: list[Recovery], since: Position
@@ -956,8 +967,10 @@ class Gateway:
         previous, uid = session.uid, login.uid
         for channel in session.login(uid, login.exp, time.time()):
             self.hub.unsubscribe(conn, channel.internal)
-        if login.exp is not None and not conn.token_timer and conn.nursery is not None:
-            conn.token_timer = True
+        if conn.token_wait is not None:
+            conn.token_wait.cancel()  # the running timer reads the new exp
+        elif login.exp is not None and conn.nursery is not None:
+            conn.token_wait = trio.CancelScope()  # taken by the timer when it first sleeps
             conn.nursery.start_soon(self._token_timer, conn, session)
         if previous != uid:
             if previous is not None:
