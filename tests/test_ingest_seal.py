@@ -251,3 +251,21 @@ def test_the_example_in_wire_md_is_what_the_code_seals() -> None:
     )
     body = wire.encode(wire.Envelope(1, 1, 1, [wire.Heartbeat()]))
     assert listed == wire.seal(body, 1, b"0123456789abcdef0123456789abcdef", 1764028800123)
+
+
+def test_the_first_tcp_frame_is_small_until_the_peer_is_admitted() -> None:
+    """A stream decoder for a peer not yet admitted refuses a length over the first frame's
+    limit at the prefix, before buffering the body; once admitted, the limit is the frame's."""
+    first = wire.frame_tcp(wire.Envelope(1, 1, 1, [wire.Heartbeat()]))
+    big = wire.frame_tcp(wire.Envelope(1, 1, 2, [trade(i) for i in range(1, 2001)]))
+    assert wire.MAX_FIRST_FRAME_BYTES < len(big) <= wire.MAX_FRAME_BYTES
+    stranger = wire.StreamDecoder(max_frame=wire.MAX_FIRST_FRAME_BYTES)
+    stranger.feed(big[:4])  # the length alone: refused, nothing more need arrive
+    with pytest.raises(wire.WireError):
+        stranger.next_body()
+    engine = wire.StreamDecoder(max_frame=wire.MAX_FIRST_FRAME_BYTES)
+    engine.feed(first)
+    assert engine.next_body() == first[4:]
+    engine.max_frame = wire.MAX_FRAME_BYTES  # admitted
+    engine.feed(big)
+    assert engine.next_body() == big[4:]
