@@ -395,3 +395,34 @@ async def test_a_child_that_stops_is_not_taken_for_hung(tmp_path: Path, redis: R
 def _state(pid: int) -> str:
     """The process state letter of /proc/<pid>/stat (R running, T stopped, Z exited)."""
     return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+
+
+async def test_a_report_that_cannot_be_written_ends_no_child(
+    tmp_path: Path, redis: RedisServer
+) -> None:
+    """The supervisor's report of replaced children is a convenience for /metrics: when it
+    cannot be written (a full disk, the temporary directory cleaned under a long-running
+    supervisor) that is logged, and the supervisor and every child go on."""
+    async with supervisor(tmp_path, redis, workers=1) as (process, logs, _, http_port):
+        started = {line["child"]: line["pid"] for line in await logs.until("child started", 2)}
+        _block_report(started["compute"])
+        os.kill(started["gateway-1"], signal.SIGKILL)
+        with trio.fail_after(20):
+            (failed,) = await logs.until("supervisor report not written")
+            assert "directory" in failed["error"].lower()
+            await logs.until("child exited: restarting", child="gateway-1")
+            await logs.until("pushd ready", 3)  # the replacement serves
+        assert process.returncode is None
+        assert _state(started["compute"]) in "RS"  # the compute child was never restarted
+        assert len(await logs.until("child started", 3)) == 3
+        async with httpx.AsyncClient() as http:
+            assert (await http.get(f"http://127.0.0.1:{http_port}/healthz")).status_code == 200
+
+
+def _block_report(compute: int) -> None:
+    """Make the supervisor's next report write fail: a directory where it writes the file (the
+    compute child is told the report's path in its environment)."""
+    environ = Path(f"/proc/{compute}/environ").read_bytes().split(b"\0")
+    (report,) = [v.split(b"=", 1)[1] for v in environ
+                 if v.startswith(b"PUSHD_SUPERVISOR_REPORT=")]  # fmt: skip
+    Path(report.decode()).with_suffix(".part").mkdir()
