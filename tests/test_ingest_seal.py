@@ -196,6 +196,12 @@ def test_a_keyed_source_is_down_after_its_silence_and_says_why() -> None:
     got.receive(forged, "tcp", 110.0, WALL_NS)
     assert got.down(111.5) == {2: "only refused frames (bad_mac) for 6 s"}
     assert got.down(111.5).keys() == {2}  # source 1 may be silent (silent_after_s 0 there)
+    # a valid frame brings it back at once, for another silent_after_s; and after that, the
+    # refusal it outlived is not its reason
+    beat = framer(2, PRIVATE_KEY, epoch=8).frame([wire.Heartbeat()])
+    assert got.receive(beat, "tcp", 1000.0, WALL_NS).authenticated
+    assert got.down(1000.0) == {} and got.down(1005.0) == {}
+    assert got.down(1005.1) == {2: "no valid frame for 5 s"}
 
 
 def test_framer_seals_datagrams_within_the_limit() -> None:
