@@ -286,23 +286,30 @@ async def test_a_hung_gateway_is_killed_and_replaced(tmp_path: Path, redis: Redi
             nursery.start_soon(_listen, systemd, told)
             url = f"ws://127.0.0.1:{ws_port}/ws"
             started = {line["child"]: line["pid"] for line in await logs.until("child started", 3)}
+            # the kernel spreads connections over both gateways: open them until both hold
+            # some (12 land on one gateway about once in 2000 runs; 64, never)
             clients = [await nursery.start(hold_client, url) for _ in range(12)]
             on_victim = await _open_connections(http_port + 1)  # gateway-1's /metrics
-            assert 0 < on_victim < 12  # the kernel spread them over both gateways
+            while not 0 < on_victim < len(clients) and len(clients) < 64:
+                clients.append(await nursery.start(hold_client, url))
+                on_victim = await _open_connections(http_port + 1)
+            assert 0 < on_victim < len(clients)
             try:
                 with trio.fail_after(20):
                     os.kill(started["gateway-1"], signal.SIGSTOP)
                     stopped_at, stopped_wall = trio.current_time(), time.time()
                     (hung,) = await logs.until("child hung: killing it")
                     assert (hung["child"], hung["pid"]) == ("gateway-1", started["gateway-1"])
-                    assert 2.0 <= hung["silent_s"] < 4.0  # a beat every 1 s stopped, checked at 2 s
+                    # not before watchdog_s of silence; the bound after it is only generous
+                    # (the real timer is the point: a loaded machine delays the check)
+                    assert 2.0 <= hung["silent_s"] < 15.0
                     (exited,) = await logs.until("child exited: restarting")
                     assert (exited["reason"], exited["code"]) == ("hung", -signal.SIGKILL)
                     await logs.until("pushd ready", 4)  # the replacement serves
                     replaced_s = trio.current_time() - stopped_at
                     killed_s = _log_time(hung) - stopped_wall
                     ended, served = await _publish_and_read(http_port, clients, {"n": 1})
-                    assert ended == on_victim and served == 12 - on_victim
+                    assert ended == on_victim and served == len(clients) - on_victim
                     fresh = [await nursery.start(hold_client, url) for _ in range(8)]
                     assert await _publish_and_read(http_port, fresh, {"n": 2}) == (0, 8)
             finally:  # a failed test leaves no frozen process (it could not read its lifeline)
