@@ -24,6 +24,9 @@ import msgspec
 
 MAX_DATAGRAM_BYTES = 65_000  # one frame per UDP datagram, at most this size
 MAX_FRAME_BYTES = 4 * 1024 * 1024  # one TCP frame (a deep book snapshot fits)
+# a TCP connection's first frame, before its peer is admitted (a heartbeat is ~100 bytes):
+# a stranger cannot make pushd buffer and MAC 4 MiB per waiting connection
+MAX_FIRST_FRAME_BYTES = 64 * 1024
 LENGTH_PREFIX = struct.Struct(">I")
 SEAL_MAGIC = b"PDA1"  # "pushd, authenticated, version 1": never the first bytes of an envelope
 SEAL_HEADER = struct.Struct(">4sIQ")  # magic, src (uint32), sealed at (uint64 ms, Unix epoch)
@@ -242,14 +245,16 @@ class StreamDecoder:
     until it returns None.
 
     A length over ``max_frame`` raises WireError every time from then on: the stream cannot be
-    trusted past it, so the connection must be dropped. A frame whose body does not decode raises
-    WireError once and is skipped (its length was sound).
+    trusted past it, so the connection must be dropped. ``max_frame`` may be raised between
+    frames (pushd starts a peer at ``MAX_FIRST_FRAME_BYTES`` and raises it once admitted).
+    A frame whose body does not decode raises WireError once and is skipped (its length was
+    sound).
     """
 
     def __init__(self, max_frame: int = MAX_FRAME_BYTES) -> None:
         self._buf = bytearray()
         self._pos = 0
-        self._max = max_frame
+        self.max_frame = max_frame
         self._broken: WireError | None = None
 
     def feed(self, data: bytes) -> None:
@@ -270,8 +275,8 @@ class StreamDecoder:
         if len(buf) - pos < 4:
             return None
         (length,) = LENGTH_PREFIX.unpack_from(buf, pos)
-        if length > self._max:
-            self._broken = WireError(f"frame length {length} over {self._max}")
+        if length > self.max_frame:
+            self._broken = WireError(f"frame length {length} over {self.max_frame}")
             raise self._broken
         if len(buf) - pos - 4 < length:
             return None

@@ -326,11 +326,14 @@ def _with_keys(config: Config, source: str) -> Config:
         if bool(src.key) == bool(src.key_file):
             raise ConfigError(f"{where}: set key or key_file (one of them) for source {src.id}")
         if src.key_file:
-            try:
-                key = Path(src.key_file).read_text(encoding="utf-8").strip()
-            except (OSError, UnicodeDecodeError) as exc:
-                why = exc.strerror if isinstance(exc, OSError) else "not UTF-8"
-                raise ConfigError(f"{where}.key_file: cannot read: {why}") from None
+            try:  # read like the config itself: a FIFO or a device is refused, not waited on
+                key_path = Path(src.key_file)
+                key = read(key_path).decode("utf-8").strip()
+            except ConfigError as exc:
+                why = str(exc).removeprefix(f"{key_path}: ")
+                raise ConfigError(f"{where}.key_file: {why}") from None
+            except UnicodeDecodeError:
+                raise ConfigError(f"{where}.key_file: cannot read: not UTF-8") from None
             src = msgspec.structs.replace(src, key=key, key_file="")
         if len(src.key.encode()) < MIN_KEY_BYTES:
             raise ConfigError(f"{where}: the key of source {src.id} is shorter than "

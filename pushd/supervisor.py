@@ -260,10 +260,15 @@ class Supervisor:
             backoff = min(backoff * 2, RESTART_BACKOFF_S[1])
 
     def _write_report(self) -> None:
-        """Replace the report file whole: a scrape never reads half of it."""
+        """Replace the report file whole: a scrape never reads half of it. A write that fails
+        (a full disk, the directory cleaned away) is logged: the report only feeds /metrics,
+        and the supervisor ending would end every child."""
         part = self._report.with_suffix(".part")
-        part.write_bytes(msgspec.json.encode(Report(self._replaced)))
-        part.replace(self._report)
+        try:
+            part.write_bytes(msgspec.json.encode(Report(self._replaced)))
+            part.replace(self._report)
+        except OSError as exc:
+            log.error("supervisor report not written", path=str(part), error=str(exc))
 
     async def _stop_on_signal(self) -> None:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:

@@ -449,3 +449,43 @@ async def test_sighup_with_every_bad_file_keeps_serving() -> None:
             if process.returncode is None:
                 process.kill()
             await process.wait()
+
+
+# -- an ingest source's key_file -------------------------------------------------------------
+
+KEY_FILES: dict[str, tuple[Callable[[Path], None], str]] = {
+    "a FIFO": (lambda p: os.mkfifo(p), "not a regular file"),
+    "a device": (lambda p: p.symlink_to("/dev/zero"), "not a regular file"),
+    "a directory": (lambda p: p.mkdir(), "directory"),
+    "huge": (lambda p: p.write_bytes(b"k" * (2 << 20)), "more than"),
+    "not UTF-8": (lambda p: p.write_bytes(b"k" * 40 + b"\xe9"), "not UTF-8"),
+}
+
+
+def limited_memory() -> None:
+    """The child may not take the machine's memory while it reads ``/dev/zero``."""
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))
+
+
+@pytest.mark.parametrize("kind", list(KEY_FILES))
+def test_a_bad_key_file_is_one_line(tmp_path: Path, kind: str) -> None:
+    """A key file is read like the config: a FIFO or a device is refused at once (never waited
+    on or read without end), so start, ``check-config`` and a reload cannot hang on it. The
+    timeout only guards the test run; a refusal takes well under a second."""
+    make, word = KEY_FILES[kind]
+    key = tmp_path / "engine.key"
+    make(key)
+    path = tmp_path / "pushd.toml"
+    path.write_text(f"[ingest]\nsources = [{{id = 1, key_file = '{key}'}}]\n")
+    done = subprocess.run(
+        [sys.executable, "-m", "pushd", "check-config", "--config", str(path)],
+        capture_output=True, text=True, timeout=30, cwd=ROOT, preexec_fn=limited_memory,
+    )  # fmt: skip
+    refused("check-config", done.returncode, done.stdout, done.stderr, path, word)
+    assert f"{path}: ingest.sources.0.key_file: " in done.stderr
+    with pytest.raises(ConfigError) as info:  # and in this process, now that it cannot hang
+        config_mod.load(path)
+    one_line(str(info.value), str(path))
+    assert word in str(info.value)

@@ -283,9 +283,41 @@ async def test_idle_tcp_peers_cannot_keep_the_engine_out(nursery: trio.Nursery) 
         await stream.aclose()
 
 
+async def test_a_stranger_announcing_a_huge_frame_is_dropped_at_its_length(
+    nursery: trio.Nursery,
+) -> None:
+    """Until a TCP peer has authenticated, its first frame may be at most
+    ``wire.MAX_FIRST_FRAME_BYTES``: a stranger announcing a 4 MiB frame is dropped at its length
+    prefix (refused), long before its auth timeout, so 64 waiting strangers cannot make pushd
+    buffer (and MAC) 4 MiB each. The engine, once admitted, may still send frames that large."""
+    running = await sealed(nursery, auth_timeout_s=60.0)
+    stream = await trio.open_tcp_stream("127.0.0.1", running.ports.ingest_tcp)
+    async with stream:
+        await stream.send_all(wire.LENGTH_PREFIX.pack(wire.MAX_FRAME_BYTES) + b"\x00" * 1024)
+        with trio.fail_after(10):  # the auth timeout is 60 s: only the length can end it
+            with contextlib.suppress(trio.BrokenResourceError):  # reset: closed with our bytes
+                assert await stream.receive_some(10) == b""
+    assert running.daemon.tcp_peers.dropped == {"refused": 1}
+    scrape = await metrics(running)
+    assert scrape[("pushd_ingest_tcp_peers_dropped_total", frozenset({("reason", "refused")}))] == 1
+    async with open_client(running.ws_url) as watcher:
+        await watcher.call({"op": "subscribe", "channel": "BTCUSDT@trades"})
+        engine = TcpSender("127.0.0.1", running.ports.ingest_tcp, src=1, key=KEYS[1])
+        await engine.connect()  # its hello is small; then one frame over the first frame's limit
+        big = [trade(i) for i in range(1, 2001)]
+        assert len(wire.frame_tcp(wire.Envelope(1, 1, 1, big))) > wire.MAX_FIRST_FRAME_BYTES
+        await engine.send(big)
+        assert await trades_until(watcher, 2000) == list(range(1, 2001))
+        await engine.aclose()
+
+
 async def test_a_source_refused_or_silent_is_not_ready(nursery: trio.Nursery) -> None:
     """A keyed source with no valid frame for its silent_after_s is down in /readyz and
-    pushd_ingest_source_up; frames with a wrong key say why; a valid one brings it back."""
+    pushd_ingest_source_up; frames with a wrong key say why; a valid one brings it back.
+
+    The daemon's real timer is the point here (the boundaries are in test_ingest_seal, on a
+    clock passed in): the wait only outlives silent_after_s, which a slow machine lengthens
+    and never shortens, and the source, once back, beats on, so no window is timed."""
     sources = [
         {"id": 1, "key": KEYS[1].decode(), "silent_after_s": 3.0},
         {"id": 2, "key": KEYS[2].decode(), "silent_after_s": 0},  # marks what has been read
@@ -297,7 +329,7 @@ async def test_a_source_refused_or_silent_is_not_ready(nursery: trio.Nursery) ->
     up = ("pushd_ingest_source_up", frozenset({("source", "1")}))
     async with open_client(running.ws_url) as watcher:
         await watcher.call({"op": "subscribe", "channel": "BTCUSDT@trades"})
-        await trio.sleep(3.1)  # the silence timer is the point
+        await trio.sleep(3.1)  # the real silence timer is the point: a slow machine only adds
         answer = await readyz(running)
         assert answer.status_code == 503
         assert answer.json()["reason"].startswith("engine source 1: not heard from in")
@@ -308,13 +340,22 @@ async def test_a_source_refused_or_silent_is_not_ready(nursery: trio.Nursery) ->
         assert answer.json()["reason"].startswith("engine source 1: only refused frames (bad_mac)")
         assert (await metrics(running))[up] == 0
         market = UdpSender("127.0.0.1", running.ports.ingest_udp, src=1, key=KEYS[1])
-        await market.heartbeat()
-        await marker.send([trade(3)])
-        assert await trades_until(watcher, 3) == [3]
-        assert (await metrics(running))[up] == 1  # within 3 s of the beat
-        assert (await readyz(running)).status_code == 200
+        async with trio.open_nursery() as beats:
+            beats.start_soon(beat_on, market)
+            await marker.send([trade(3)])
+            assert await trades_until(watcher, 3) == [3]
+            assert (await metrics(running))[up] == 1
+            assert (await readyz(running)).status_code == 200
+            beats.cancel_scope.cancel()
     market.close()
     marker.close()
+
+
+async def beat_on(sender: UdpSender) -> None:
+    """An engine idle but alive: a heartbeat every 0.2 s, far within silent_after_s."""
+    while True:
+        await sender.heartbeat()
+        await trio.sleep(0.2)
 
 
 # -- the command line: run refuses an open ingest, sim and demo seal ---------------------------

@@ -196,6 +196,12 @@ def test_a_keyed_source_is_down_after_its_silence_and_says_why() -> None:
     got.receive(forged, "tcp", 110.0, WALL_NS)
     assert got.down(111.5) == {2: "only refused frames (bad_mac) for 6 s"}
     assert got.down(111.5).keys() == {2}  # source 1 may be silent (silent_after_s 0 there)
+    # a valid frame brings it back at once, for another silent_after_s; and after that, the
+    # refusal it outlived is not its reason
+    beat = framer(2, PRIVATE_KEY, epoch=8).frame([wire.Heartbeat()])
+    assert got.receive(beat, "tcp", 1000.0, WALL_NS).authenticated
+    assert got.down(1000.0) == {} and got.down(1005.0) == {}
+    assert got.down(1005.1) == {2: "no valid frame for 5 s"}
 
 
 def test_framer_seals_datagrams_within_the_limit() -> None:
@@ -251,3 +257,21 @@ def test_the_example_in_wire_md_is_what_the_code_seals() -> None:
     )
     body = wire.encode(wire.Envelope(1, 1, 1, [wire.Heartbeat()]))
     assert listed == wire.seal(body, 1, b"0123456789abcdef0123456789abcdef", 1764028800123)
+
+
+def test_the_first_tcp_frame_is_small_until_the_peer_is_admitted() -> None:
+    """A stream decoder for a peer not yet admitted refuses a length over the first frame's
+    limit at the prefix, before buffering the body; once admitted, the limit is the frame's."""
+    first = wire.frame_tcp(wire.Envelope(1, 1, 1, [wire.Heartbeat()]))
+    big = wire.frame_tcp(wire.Envelope(1, 1, 2, [trade(i) for i in range(1, 2001)]))
+    assert wire.MAX_FIRST_FRAME_BYTES < len(big) <= wire.MAX_FRAME_BYTES
+    stranger = wire.StreamDecoder(max_frame=wire.MAX_FIRST_FRAME_BYTES)
+    stranger.feed(big[:4])  # the length alone: refused, nothing more need arrive
+    with pytest.raises(wire.WireError):
+        stranger.next_body()
+    engine = wire.StreamDecoder(max_frame=wire.MAX_FIRST_FRAME_BYTES)
+    engine.feed(first)
+    assert engine.next_body() == first[4:]
+    engine.max_frame = wire.MAX_FRAME_BYTES  # admitted
+    engine.feed(big)
+    assert engine.next_body() == big[4:]

@@ -286,23 +286,30 @@ async def test_a_hung_gateway_is_killed_and_replaced(tmp_path: Path, redis: Redi
             nursery.start_soon(_listen, systemd, told)
             url = f"ws://127.0.0.1:{ws_port}/ws"
             started = {line["child"]: line["pid"] for line in await logs.until("child started", 3)}
+            # the kernel spreads connections over both gateways: open them until both hold
+            # some (12 land on one gateway about once in 2000 runs; 64, never)
             clients = [await nursery.start(hold_client, url) for _ in range(12)]
             on_victim = await _open_connections(http_port + 1)  # gateway-1's /metrics
-            assert 0 < on_victim < 12  # the kernel spread them over both gateways
+            while not 0 < on_victim < len(clients) and len(clients) < 64:
+                clients.append(await nursery.start(hold_client, url))
+                on_victim = await _open_connections(http_port + 1)
+            assert 0 < on_victim < len(clients)
             try:
                 with trio.fail_after(20):
                     os.kill(started["gateway-1"], signal.SIGSTOP)
                     stopped_at, stopped_wall = trio.current_time(), time.time()
                     (hung,) = await logs.until("child hung: killing it")
                     assert (hung["child"], hung["pid"]) == ("gateway-1", started["gateway-1"])
-                    assert 2.0 <= hung["silent_s"] < 4.0  # a beat every 1 s stopped, checked at 2 s
+                    # not before watchdog_s of silence; the bound after it is only generous
+                    # (the real timer is the point: a loaded machine delays the check)
+                    assert 2.0 <= hung["silent_s"] < 15.0
                     (exited,) = await logs.until("child exited: restarting")
                     assert (exited["reason"], exited["code"]) == ("hung", -signal.SIGKILL)
                     await logs.until("pushd ready", 4)  # the replacement serves
                     replaced_s = trio.current_time() - stopped_at
                     killed_s = _log_time(hung) - stopped_wall
                     ended, served = await _publish_and_read(http_port, clients, {"n": 1})
-                    assert ended == on_victim and served == 12 - on_victim
+                    assert ended == on_victim and served == len(clients) - on_victim
                     fresh = [await nursery.start(hold_client, url) for _ in range(8)]
                     assert await _publish_and_read(http_port, fresh, {"n": 2}) == (0, 8)
             finally:  # a failed test leaves no frozen process (it could not read its lifeline)
@@ -395,3 +402,34 @@ async def test_a_child_that_stops_is_not_taken_for_hung(tmp_path: Path, redis: R
 def _state(pid: int) -> str:
     """The process state letter of /proc/<pid>/stat (R running, T stopped, Z exited)."""
     return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+
+
+async def test_a_report_that_cannot_be_written_ends_no_child(
+    tmp_path: Path, redis: RedisServer
+) -> None:
+    """The supervisor's report of replaced children is a convenience for /metrics: when it
+    cannot be written (a full disk, the temporary directory cleaned under a long-running
+    supervisor) that is logged, and the supervisor and every child go on."""
+    async with supervisor(tmp_path, redis, workers=1) as (process, logs, _, http_port):
+        started = {line["child"]: line["pid"] for line in await logs.until("child started", 2)}
+        _block_report(started["compute"])
+        os.kill(started["gateway-1"], signal.SIGKILL)
+        with trio.fail_after(20):
+            (failed,) = await logs.until("supervisor report not written")
+            assert "directory" in failed["error"].lower()
+            await logs.until("child exited: restarting", child="gateway-1")
+            await logs.until("pushd ready", 3)  # the replacement serves
+        assert process.returncode is None
+        assert _state(started["compute"]) in "RS"  # the compute child was never restarted
+        assert len(await logs.until("child started", 3)) == 3
+        async with httpx.AsyncClient() as http:
+            assert (await http.get(f"http://127.0.0.1:{http_port}/healthz")).status_code == 200
+
+
+def _block_report(compute: int) -> None:
+    """Make the supervisor's next report write fail: a directory where it writes the file (the
+    compute child is told the report's path in its environment)."""
+    environ = Path(f"/proc/{compute}/environ").read_bytes().split(b"\0")
+    (report,) = [v.split(b"=", 1)[1] for v in environ
+                 if v.startswith(b"PUSHD_SUPERVISOR_REPORT=")]  # fmt: skip
+    Path(report.decode()).with_suffix(".part").mkdir()

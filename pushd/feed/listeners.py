@@ -207,8 +207,9 @@ async def _read_frames(
     admit: Callable[[], bool],
 ) -> str:
     """Frames from one engine connection into ``intake`` until it ends; returns why it ended.
-    The first frame must authenticate the peer (``admit``), or the connection ends."""
-    decoder = wire.StreamDecoder()
+    The first frame must authenticate the peer (``admit``), or the connection ends; until it
+    has, a frame may be at most ``MAX_FIRST_FRAME_BYTES`` (a stranger's big length ends it)."""
+    decoder = wire.StreamDecoder(max_frame=wire.MAX_FIRST_FRAME_BYTES)
     admitted = False
     while data := await stream.receive_some(RECV_BYTES):
         decoder.feed(data)
@@ -235,6 +236,7 @@ async def _read_frames(
                 if not admit():
                     return "full"
                 admitted = True
+                decoder.max_frame = wire.MAX_FRAME_BYTES
     if decoder.buffered:  # the peer closed in the middle of a frame
         intake.bad_frame("tcp")
         logs.bad.warning(
