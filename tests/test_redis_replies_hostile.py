@@ -16,8 +16,17 @@ import trio
 from conftest import make_config, open_client, start_daemon, subscribed
 from redis_servers import RedisServer
 
-from pushd.bus.model import Outgoing
-from pushd.bus.redis import MAX_HELD, META_TTL_S, Keys, RedisBus, lua_script
+from pushd.bus.lease import held_by_us
+from pushd.bus.model import MalformedData, Outgoing
+from pushd.bus.redis import (
+    MAX_HELD,
+    META_TTL_S,
+    Keys,
+    RedisBus,
+    decode_published,
+    decode_recovered,
+    lua_script,
+)
 from pushd.channels import parse_internal
 from pushd.config import BusConfig, RedisBusConfig
 from pushd.gateway.hub import Hub, Outlet
@@ -140,3 +149,17 @@ async def test_messages_held_while_a_gap_is_read_stay_bounded(nursery: trio.Nurs
         assert feed.held is None and feed.position == last
         frame = msgspec.json.decode(bytes(outlet.out)[2:])
         assert (frame.get("resync"), frame["seq"]) == (True, last.seq), frame
+
+
+def test_each_script_reply_is_read_in_one_place() -> None:
+    """A reply of another shape is malformed data (or no lease), never an unpacking error."""
+    assert decode_published([b"e1", 7]) == ("e1", 7)
+    assert decode_recovered([b"e1", 3, None, None, None]).entries is None
+    for bad in ([b"e1"], [b"e1", b"7"], None, [b"e1", 7, 1]):
+        with pytest.raises(MalformedData):
+            decode_published(bad)
+    for bad in ([b"e1", 3], [b"e1", 3, b"2", b"{}", []], [b"e1", None, None, None, []]):
+        with pytest.raises(MalformedData):
+            decode_recovered(bad)
+    assert held_by_us(1)
+    assert not any(held_by_us(reply) for reply in (0, b"1", "1", True, None, [1]))
