@@ -268,6 +268,8 @@ class BusConfig(_Section, frozen=True):
     # what a reconnecting client can recover (trades, notice, private streams), per channel
     history_size: Annotated[int, msgspec.Meta(ge=0, le=100_000)] = 200
     history_age_s: Annotated[float, msgspec.Meta(gt=0, le=86_400)] = 300.0
+    # memory bus: channels kept (seq, history); past it the longest-quiet unfollowed go
+    max_channels: Annotated[int, msgspec.Meta(ge=100, le=10_000_000)] = 100_000
     redis: RedisBusConfig = msgspec.field(default_factory=RedisBusConfig)
 
 

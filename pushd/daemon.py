@@ -112,7 +112,12 @@ class Daemon:
         if bus_cfg.kind == "redis":
             self.bus = self.redis = RedisBus(self.hub, bus_cfg)
         else:
-            self.bus = MemoryBus(self.hub, bus_cfg.history_size, bus_cfg.history_age_s)
+            self.bus = MemoryBus(
+                self.hub,
+                bus_cfg.history_size,
+                bus_cfg.history_age_s,
+                max_channels=bus_cfg.max_channels,
+            )
         self.hub.on_first_subscriber = self.bus.interest
         self.hub.on_last_unsubscribe = self.bus.disinterest
         self.verifier = verifier if verifier is not None else make_verifier(config.auth)

@@ -10,7 +10,7 @@ from conftest import make_config, open_client, start_daemon, subscribed
 
 from pushd.bus.memory import MemoryBus
 from pushd.bus.model import Entry, History, Outgoing, Position, Recovery
-from pushd.bus.redis import recovery_from
+from pushd.bus.redis import Recovered, decode_recovered, recovery_from
 from pushd.channels import Channel
 from pushd.errors import ErrorCode
 from pushd.gateway.hub import Hub, Outlet
@@ -177,11 +177,11 @@ def test_a_replay_ahead_of_the_nodes_stream_gets_no_event_twice() -> None:
     assert hub.subscriber_count(TRADES.internal) == 2
 
 
-def reply(epoch: str, seq: int, state_seq: int | None, entries: list[int]) -> list[Any]:
+def reply(epoch: str, seq: int, state_seq: int | None, entries: list[int]) -> Recovered:
     """A recover.lua reply as Redis sends it: entries newest first, fields as a flat list."""
     raw = [[f"{s}-0".encode(), [b"s", str(s).encode(), b"d", b'{"n":%d}' % s]] for s in entries]
     state = b'{"book":1}' if state_seq is not None else None
-    return [epoch.encode(), seq, state_seq, state, list(reversed(raw))]
+    return decode_recovered([epoch.encode(), seq, state_seq, state, list(reversed(raw))])
 
 
 def test_a_redis_reply_recovers_only_when_it_holds_every_missed_event() -> None:

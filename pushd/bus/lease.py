@@ -24,6 +24,12 @@ log = structlog.get_logger("pushd.bus.lease")
 PRIVATE = "private"  # the lease of the private events (orders, balances, positions)
 
 
+def held_by_us(reply: Any) -> bool:
+    """The one place a ``lease.lua`` reply is read: exactly 1 is "this node holds it"; any
+    other answer is not a lease held."""
+    return type(reply) is int and reply == 1
+
+
 class Leases:
     def __init__(
         self,
@@ -69,7 +75,11 @@ class Leases:
                         self._script(keys=[self._key(name)], args=args, client=pipe)
                         for name in self._names
                     ]
-                held = {name for name, r in zip(self._names, requests, strict=True) if await r}
+                held = {
+                    name
+                    for name, r in zip(self._names, requests, strict=True)
+                    if held_by_us(await r)
+                }
         except REDIS_ERRORS as exc:
             if self.held and trio.current_time() - self._renewed_at > self._ttl_s:
                 log.warning("leases given up: cannot renew", held=sorted(self.held),

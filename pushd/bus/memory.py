@@ -10,6 +10,11 @@ forgotten channel that comes back numbers its messages above every seq this proc
 forgotten (``floor``): no ``(epoch, seq)`` is ever given to two messages, and a ``since``
 from before the gap finds no history reaching back to it (``recovered: false``: reload), as
 across a new epoch.
+
+Channels are named by peers (a uid each), so age alone does not bound the table: past
+``max_channels`` the channels nobody here follows that were quiet longest are forgotten at
+once (the same way, ``floor`` included), down to nine tenths of it, so a flood of new names
+costs a sort now and then, not one per name.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from pushd.gateway.hub import Hub
 SWEEP_EVERY = 4096  # publishes between sweeps of idle channels
 SWEEPS_PER_AGE = 4  # timed sweeps per history_age_s: a quiet channel goes within 1.25 ages
 TRIM_AFTER = 10_000  # channels forgotten in one sweep that are worth a malloc_trim
+MAX_CHANNELS = 100_000  # channels kept by default (bus.max_channels)
 
 
 def _malloc_trim() -> Callable[[int], int] | None:
@@ -57,6 +63,7 @@ class MemoryBus:
         history_size: int,
         history_age_s: float,
         clock: Callable[[], float] = time.monotonic,
+        max_channels: int = MAX_CHANNELS,
     ) -> None:
         self._hub = hub
         self.epoch = new_epoch()
@@ -66,6 +73,9 @@ class MemoryBus:
         self._history_age_s = history_age_s
         self._clock = clock
         self._until_sweep = SWEEP_EVERY
+        self._max_channels = max_channels
+        self._shed_above = max_channels  # raised while followed channels alone pass the cap
+        self.shed = 0  # channels forgotten before their history expired (past max_channels)
         self.floor = 0  # the highest seq of any channel forgotten: new numberings start above
 
     def publish(self, items: Sequence[Outgoing]) -> None:
@@ -97,12 +107,31 @@ class MemoryBus:
         self._until_sweep -= len(items)
         if self._until_sweep <= 0:
             self.sweep(now)
+        if len(seqs) > self._shed_above:
+            self._shed()
         return positions
+
+    def _shed(self) -> None:
+        """Past ``max_channels``: forget the channels nobody here follows that had their last
+        message longest ago, down to nine tenths of the cap (followed channels are kept: they
+        are bounded by the node's subscriptions)."""
+        subscribers = self._hub.subscriber_count
+        keep = self._max_channels - self._max_channels // 10
+        idle = [(history.last, ch) for ch, history in self._history.items()
+                if not subscribers(ch)]  # fmt: skip
+        idle.sort()
+        for _, channel in idle[: max(len(self._seq) - keep, 0)]:
+            del self._history[channel]
+            self.floor = max(self.floor, self._seq.pop(channel))
+            self.shed += 1
+        # followed channels alone past the cap: not one scan per new name (a sweep resets it)
+        self._shed_above = max(self._max_channels, len(self._seq) + self._max_channels // 10)
 
     def sweep(self, now: float) -> int:
         """Forget the channels nobody here follows whose history has expired; returns how
         many channels are left."""
         self._until_sweep = SWEEP_EVERY
+        self._shed_above = self._max_channels
         subscribers = self._hub.subscriber_count
         idle = [ch for ch, history in self._history.items()
                 if history.idle(now) and not subscribers(ch)]  # fmt: skip

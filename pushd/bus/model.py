@@ -141,6 +141,11 @@ class History:
             if len(entries) > self._size:
                 del entries[0]
 
+    @property
+    def last(self) -> float:
+        """When the channel last had a message (kept or not)."""
+        return self._last
+
     def skip(self, now: float) -> None:
         """A message that is not kept (the hub could not deliver it): the hole it leaves makes
         ``since`` refuse every replay across it (the entries before it no longer line up)."""

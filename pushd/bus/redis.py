@@ -68,6 +68,7 @@ META_TTL_S = 7 * 86_400  # an idle channel's numbering is forgotten after a week
 DIFF_HISTORY = 128  # depth diffs kept to bridge a stored snapshot to the head
 STATE_EVERY = 16  # depth diffs between stored snapshots (< DIFF_HISTORY)
 MAX_REPLAY = 10_000  # entries one recover read returns at most
+MAX_HELD = 10_000  # live messages of one channel held while a gap is read; past it, a resync
 ARCHIVE_SIZE = 1000  # closed candles kept per kline channel (GET /v1/klines on any node)
 BATCH = 512  # messages per pipelined round trip
 BACKOFF_S = (0.05, 2.0)  # reconnect backoff: first, most
@@ -129,13 +130,41 @@ def text(value: Any) -> str:
     return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
 
 
-def recovery_from(since: Position | None, reply: list[Any]) -> Recovery:
+class Recovered(msgspec.Struct, array_like=True, frozen=True, gc=False):
+    """A ``recover.lua`` reply, its shape and types checked (a Lua false is a None)."""
+
+    epoch: bytes
+    seq: int
+    state_seq: int | None
+    state: bytes | None
+    entries: list[Any] | None  # XREVRANGE ... COUNT 0 answers nil
+
+
+def decode_recovered(reply: Any) -> Recovered:
+    """The one place a ``recover.lua`` reply is read: whatever Redis handed back either has
+    the script's shape or is malformed data (the caller's resync), never an exception past it."""
+    try:
+        return msgspec.convert(reply, Recovered)
+    except msgspec.ValidationError as exc:
+        raise MalformedData(f"recover.lua reply: {exc}") from None
+
+
+def decode_published(reply: Any) -> tuple[str, int]:
+    """The one place a ``publish.lua`` reply is read: ``(epoch, seq of the first)``."""
+    try:
+        epoch, first = msgspec.convert(reply, tuple[bytes, int])
+    except msgspec.ValidationError as exc:
+        raise MalformedData(f"publish.lua reply: {exc}") from None
+    return text(epoch), first
+
+
+def recovery_from(since: Position | None, reply: Recovered) -> Recovery:
     """Read a ``recover.lua`` reply: the replay after ``since`` if history holds all of it,
     else the stored state and the diffs after it, if history bridges them. Nothing in it is
     trusted: an entry or a state that is not well-formed is a hole no replay crosses."""
-    epoch_b, seq, state_seq, state, raw_entries = reply
-    position = Position(text(epoch_b), int(seq))
-    entries = [e for _, fields in reversed(raw_entries or []) if (e := _entry(fields))]
+    position = Position(text(reply.epoch), reply.seq)
+    state_seq, state = reply.state_seq, reply.state
+    entries = [e for item in reversed(reply.entries or ()) if (e := _stream_entry(item))]
 
     def after(low: int) -> tuple[Entry, ...] | None:
         tail = tuple(e for e in entries if e.seq > low)
@@ -155,6 +184,13 @@ def recovery_from(since: Position | None, reply: list[Any]) -> Recovery:
     return Recovery(position, recovered=False, current=current)
 
 
+def _stream_entry(item: Any) -> Entry | None:
+    """One XRANGE item, ``[id, fields]``, as an entry (None where it is not one)."""
+    if not isinstance(item, (list, tuple)) or len(item) != 2:
+        return None
+    return _entry(item[1])
+
+
 def well_formed(data: bytes) -> bool:
     try:
         checked(data)
@@ -171,7 +207,10 @@ def _entry(fields: Any) -> Entry | None:
             if isinstance(fields, dict)
             else dict(zip(fields[::2], fields[1::2], strict=True))
         )
-        return Entry(int(values[b"s"]), checked(values[b"d"]))
+        seq, data = values[b"s"], values[b"d"]
+        if not isinstance(seq, bytes) or not isinstance(data, bytes):
+            return None
+        return Entry(int(seq), checked(data))
     except (KeyError, ValueError, TypeError):  # MalformedData is a ValueError
         return None
 
@@ -287,11 +326,15 @@ class RedisBus:
     async def snapshot(self, channel: str) -> tuple[Position, msgspec.Raw | None]:
         """A state stream's stored state and the position it is exact at (REST)."""
         keys = Keys(self.prefix, channel)
-        reply = await self._recover_reply(keys, None, want_state=True, most=0)
-        epoch = text(reply[0])
-        if reply[2] is None or not well_formed(reply[3]):
+        try:
+            reply = await self._recover_reply(keys, None, want_state=True, most=0)
+        except MalformedData as exc:
+            self._on_malformed_reply(channel, exc)
+            return Position("", 0), None
+        epoch = text(reply.epoch)
+        if reply.state_seq is None or reply.state is None or not well_formed(reply.state):
             return Position(epoch, 0), None
-        return Position(epoch, int(reply[2])), msgspec.Raw(reply[3])
+        return Position(epoch, reply.state_seq), msgspec.Raw(reply.state)
 
     async def history(self, channel: str, most: int) -> tuple[Position, list[Entry]]:
         """An event stream's last ``most`` messages and the position of the last (REST)."""
@@ -460,8 +503,8 @@ class RedisBus:
                 requests = [self._publish_request(pipe, run) for run in runs]
             positions = []
             for run, request in zip(runs, requests, strict=True):
-                epoch, first = await request
-                positions += [Position(text(epoch), int(first) + i) for i in range(len(run))]
+                epoch, first = decode_published(await request)
+                positions += [Position(epoch, first + i) for i in range(len(run))]
             return positions
 
     def _publish_request(self, pipe: Any, run: list[Outgoing]) -> Any:
@@ -566,6 +609,9 @@ class RedisBus:
         if feed is None:
             return
         if feed.held is not None:
+            if len(feed.held) >= MAX_HELD:  # the oldest go: a gap the replay of the rest finds
+                del feed.held[: MAX_HELD // 2]
+                self.gaps += 1
             feed.held.append((epoch, seq, data))
             return
         last = feed.position
@@ -642,12 +688,25 @@ class RedisBus:
             self._hub.resync(channel, feed.position or recovery.position)
 
     async def _read(self, feed: _Feed, since: Position | None, *, want_state: bool) -> Recovery:
-        reply = await self._recover_reply(feed.keys, since, want_state=want_state, most=MAX_REPLAY)
+        """What ``feed`` had after ``since``; a reply that is not the script's is a resync at
+        what the node knows (the scripts check what they read, so only a broken Redis sends
+        one)."""
+        try:
+            reply = await self._recover_reply(
+                feed.keys, since, want_state=want_state, most=MAX_REPLAY
+            )
+        except MalformedData as exc:
+            self._on_malformed_reply(feed.keys.pubsub, exc)
+            return Recovery(feed.position or since or Position("", 0), recovered=False)
         return recovery_from(since, reply)
+
+    def _on_malformed_reply(self, channel: str, exc: MalformedData) -> None:
+        self.malformed += 1
+        self._malformed_log.warning(channel=channel, error=str(exc)[:200])
 
     async def _recover_reply(
         self, keys: Keys, since: Position | None, *, want_state: bool, most: int
-    ) -> list[Any]:
+    ) -> Recovered:
         args = [
             str(since.seq) if since is not None else "", since.epoch if since is not None else "",
             new_epoch(), "1" if want_state else "0", META_TTL_S, most,
@@ -655,7 +714,7 @@ class RedisBus:
         try:
             with trio.fail_after(self._config.timeout_s):
                 keys_ = [keys.meta, keys.hist]
-                reply: list[Any] = await self._recover_script(keys=keys_, args=args)
+                reply = await self._recover_script(keys=keys_, args=args)
         except REDIS_ERRORS as exc:
             raise BusUnavailable(describe(exc)) from None
-        return reply
+        return decode_recovered(reply)

@@ -9,11 +9,15 @@
 -- ARGV[9], ARGV[10], ARGV[11], ...: for each message its data (JSON), the state after it
 -- ('' if none) and '1' if it goes to the archive
 -- Returns {epoch, seq of the first}. Published: ["<epoch>",<seq of the first>,[<data>,...]].
-local epoch = redis.call('hget', KEYS[1], 'e')
-if not epoch then
-  -- a new numbering: whatever history is left belongs to a numbering that is gone
+local meta = redis.call('hmget', KEYS[1], 'e', 's')
+local epoch = meta[1]
+-- anyone with access to Redis can write the hash: an epoch or a seq this script would not
+-- have written (not letters and digits, not an integer) is a numbering started again
+if not (epoch and string.match(epoch, '^%w+$') and #epoch <= 32
+        and (not meta[2] or string.match(meta[2], '^%-?%d+$'))) then
+  -- a new numbering: whatever history and state are left belong to a numbering that is gone
   epoch = ARGV[2]
-  redis.call('del', KEYS[2])
+  redis.call('del', KEYS[1], KEYS[2])
   redis.call('hset', KEYS[1], 'e', epoch)
 end
 local count = (#ARGV - 8) / 3

@@ -5,14 +5,25 @@
 -- ARGV[6] most entries to return
 -- Returns {epoch, seq, state seq or false, state or false, entries newest first}: the entries
 -- after the lowest of since (same epoch) and the state's seq, as many as history still has.
-local epoch = redis.call('hget', KEYS[1], 'e')
-if not epoch then
+-- Anyone with access to Redis can write the hash: a field is used only if it is what the
+-- scripts write (an integer, an epoch of letters and digits); a numbering whose epoch or seq
+-- is not is started again (as if the hash were gone), a state whose seq is not is none.
+local function integer(value)
+  if value and string.match(value, '^%-?%d+$') then
+    return tonumber(value)
+  end
+  return nil
+end
+local meta = redis.call('hmget', KEYS[1], 'e', 's')
+local epoch = meta[1]
+if not (epoch and string.match(epoch, '^%w+$') and #epoch <= 32
+        and (not meta[2] or integer(meta[2]))) then
   epoch = ARGV[3]
-  redis.call('del', KEYS[2])
+  redis.call('del', KEYS[1], KEYS[2])
   redis.call('hset', KEYS[1], 'e', epoch, 's', 0)
   redis.call('expire', KEYS[1], ARGV[5])
 end
-local seq = tonumber(redis.call('hget', KEYS[1], 's') or '0')
+local seq = integer(redis.call('hget', KEYS[1], 's')) or 0
 local from = false
 if ARGV[1] ~= '' and ARGV[2] == epoch then
   from = tonumber(ARGV[1])
@@ -20,8 +31,9 @@ end
 local state, state_seq = false, false
 if ARGV[4] == '1' then
   local got = redis.call('hmget', KEYS[1], 'st', 'ss')
-  if got[1] then
-    state, state_seq = got[1], tonumber(got[2])
+  local ss = integer(got[2])
+  if got[1] and ss then
+    state, state_seq = got[1], ss
     if not from or state_seq < from then
       from = state_seq
     end
