@@ -74,25 +74,22 @@ async def test_resubscribe_storm_from_several_clients(nursery: trio.Nursery, red
     ):
         clients = [c0, c1, c2, c3]
 
-        async def storm(client: Any) -> None:
-            for _ in range(8):
-                await resubscribe_at_once(client)
+        for client in clients:
+            assert subscribed(await client.call({"op": "subscribe", "channel": "notice"}), "notice")
+        for turn in range(8):  # each turn the node's last subscriber leaves and one comes back
+            *others, last = clients[turn % count :] + clients[: turn % count]
+            for client in others:
                 await client.call({"op": "unsubscribe", "channel": "notice"})
-            await resubscribe_at_once(client)
-
-        async with trio.open_nursery() as storms:
-            for client in clients:
-                storms.start_soon(storm, client)
-        for n in range(3):
-            await publish(compute, "notice", {"n": n})
-        with trio.fail_after(10):
-            for client in clients:
-                got = []
-                while len(got) < 3:
-                    message = await client.recv()
-                    if message.get("event") == "notice":
-                        got.append(message["data"]["n"])
-                assert got == [0, 1, 2]
+            await resubscribe_at_once(last)  # the node's last subscriber, back at once
+            async with trio.open_nursery() as storm:  # then the others, all together
+                for client in others:
+                    storm.start_soon(client.call, {"op": "subscribe", "channel": "notice"})
+            await publish(compute, "notice", {"n": turn})  # and every client gets it live
+            with trio.fail_after(5):
+                for client in clients:
+                    while (message := await client.recv()).get("event") != "notice":
+                        pass
+                    assert message["data"] == {"n": turn}
         assert gateway.daemon.hub.subscriber_count("notice") == count
         await assert_carried(gateway, redis)
 
@@ -146,3 +143,57 @@ async def assert_carried(node: Running, redis: Redis) -> None:
             if carrier.port == server.port
         }
         assert set(on_server) == expected_channels
+
+
+async def test_an_unconfirmed_subscribe_leaves_no_subscription_behind(
+    nursery: trio.Nursery, redis: Redis
+) -> None:
+    """Issue 19, item 5: Redis does not confirm a SUBSCRIBE in time (paused, as a half-open
+    link is): the node drops that pub/sub connection with every subscription on it and
+    subscribes again on a new one. Afterwards Redis holds, over all of the nodes'
+    connections, exactly what the hubs want plus one control subscription per node; and
+    the control link, listened to again, carries only the control channel."""
+    compute = await start_daemon(nursery, redis_config(redis, "compute"))
+    gateway = await start_daemon(nursery, redis_config(redis, "gateway"))
+    bus = gateway.daemon.redis
+    assert bus is not None
+    async with open_client(gateway.ws_url) as client:
+        channels = ["notice", "BTCUSDT@trades", "ETHUSDT@trades"]
+        assert subscribed(await client.call({"op": "subscribe", "channel": channels}), *channels)
+        server = redis.owner("SOLUSDT@trades") if isinstance(redis, RedisCluster) else redis
+        redis_cli(server.port, "CLIENT", "PAUSE", "2500", "ALL")
+        request = {"op": "subscribe", "channel": "SOLUSDT@trades"}
+        with trio.fail_after(20):  # while the node resubscribes, it says so (13): retried
+            while (reply := await client.call(request)).get("code") == 13:
+                pass
+        assert subscribed(reply, "SOLUSDT@trades"), reply
+        await live(client, compute, 1)  # the old channels still live on the new connection
+        await settled_in_redis(redis)  # no leftover of the dropped connection
+        for n in (compute, gateway):  # the control links are listened to again
+            assert n.daemon.redis is not None
+            for server in redis.nodes if isinstance(redis, RedisCluster) else [redis]:
+                for client_id, fields in client_list(server.port).items():
+                    if fields.get("name") == n.daemon.redis.control_name:
+                        redis_cli(server.port, "CLIENT", "KILL", "ID", str(client_id))
+        await settled_in_redis(redis)  # control listened to again, on a connection of its own
+        await assert_carried(gateway, redis)
+
+
+async def settled_in_redis(redis: Redis) -> None:
+    """Until Redis holds the gateway's 4 channels and one control subscription per node, and
+    nothing else (Redis has no event to await for this: it is polled)."""
+    with trio.fail_after(10):
+        while subscriptions(redis) != (4, 2):  # noqa: ASYNC110
+            await trio.sleep(0.05)
+
+
+def subscriptions(redis: Redis) -> tuple[int, int]:
+    """(channel subscriptions, control subscriptions) over every connection Redis has."""
+    servers = redis.nodes if isinstance(redis, RedisCluster) else [redis]
+    channels = control = 0
+    for server in servers:
+        for fields in client_list(server.port).values():
+            channels += int(fields.get("ssub", 0)) + int(fields.get("sub", 0))
+        numsub = redis_cli(server.port, "PUBSUB", "NUMSUB", "pushd:control").split()
+        control += int(numsub[1])
+    return channels - control, control

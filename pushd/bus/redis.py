@@ -255,6 +255,7 @@ class RedisBus:
         self._commands: trio.MemorySendChannel[tuple[Action, str]] | None = None  # this link's
         self._acked = trio.Event()  # set (and replaced) when a channel's state changed
         self._ps: Any = None  # the pub/sub session now, to say which connection carries what
+        self._rejoining: set[str] = set()  # subscribed again by this session, not confirmed yet
         self._nursery: trio.Nursery | None = None
         self.client: Any = None
         self._data_client: Any = None  # pub/sub of the channels only
@@ -605,7 +606,9 @@ class RedisBus:
         ) as ps:  # fmt: skip
             try:
                 self._ps, self._commands = ps, commands
-                for channel, actions in self._following.up().items():
+                rejoining = self._following.up()
+                self._rejoining = set(rejoining)  # up (ready) once these are confirmed
+                for channel, actions in rejoining.items():
                     self._act(channel, actions)
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._send_commands, ps, to_send)
@@ -681,11 +684,12 @@ class RedisBus:
                 return
             channel = self._channel_of(message["channel"])
             if channel is not None and kind in ("subscribe", "ssubscribe"):
+                self._rejoining.discard(channel)
                 self._act(channel, self._following.subscribed(channel))
             elif channel is not None and kind in ("unsubscribe", "sunsubscribe"):
                 self._act(channel, self._following.unsubscribed(channel))
             self._changed_state()
-        if not self.subscriber_up and self._following.settled():
+        if not self.subscriber_up and not self._rejoining and self._following.link_up:
             log.info("Redis pub/sub following", channels=len(self._following.following()))
             self.subscriber_up = True
 
