@@ -151,7 +151,7 @@ class Model:
             assert self.carried == set()
 
 
-@settings(max_examples=2000, deadline=None)
+@settings(max_examples=1000, deadline=None)
 @given(
     st.lists(
         st.tuples(st.sampled_from(["want", "drop", "ack", "fail", "up"]),

@@ -246,6 +246,7 @@ class RedisBus:
         self._cluster = config.redis.cluster
         self._publish_command = "spublish" if self._cluster else "publish"
         self.prefix = config.redis.prefix
+        self._pubsub_head = f"{self.prefix}:{{".encode()  # what every pub/sub name starts with
         self._outbox: deque[tuple[Outgoing, _Waiter | None]] = deque()
         self._outbox_wanted = trio.Event()
         self._sent = trio.Event()  # set (and replaced) after each batch Redis took
@@ -695,10 +696,9 @@ class RedisBus:
 
     def _channel_of(self, pubsub_channel: bytes) -> str | None:
         """The channel a pub/sub name (``<prefix>:{<channel>}``) is of; None if not ours."""
-        name = pubsub_channel.decode(errors="replace")
-        head = f"{self.prefix}:{{"
-        if name.startswith(head) and name.endswith("}"):
-            return name[len(head) : -1]
+        head = self._pubsub_head
+        if pubsub_channel.startswith(head) and pubsub_channel.endswith(b"}"):
+            return pubsub_channel[len(head) : -1].decode(errors="replace")
         return None
 
     def _on_pubsub(self, pubsub_channel: bytes, payload: bytes) -> None:
