@@ -103,9 +103,7 @@ class ControlPlane:
     async def _listen(self) -> None:
         while True:
             try:
-                async with self._bus.client.pubsub(
-                    channels=[self._channel], ignore_subscribe_messages=True, retry_policy=None
-                ) as ps:
+                async with self._bus.listen(self._channel) as ps:  # a connection of its own
                     while True:
                         message = await ps.get_message()
                         if message is not None and message["type"] in ("message", b"message"):

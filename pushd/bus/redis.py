@@ -11,7 +11,12 @@ Publishing
 
 Subscribing
     A node SUBSCRIBEs to a channel when its hub gets the channel's first subscriber and
-    UNSUBSCRIBEs when the last leaves. A joining client is kept *pending* by the hub while this
+    UNSUBSCRIBEs when the last leaves, each channel through one explicit state
+    (``follow.py``): a subscribe during an unsubscribe waits for it, and messages reach the
+    hub only for channels Redis confirmed and the hub wants. Pub/sub has connections of its
+    own, named ``<name>:data`` and ``<name>:control`` (``CLIENT LIST``), never lent to
+    commands; one that ends is discarded with every subscription on it, and the next one
+    subscribes exactly what the hub wants. A joining client is kept *pending* by the hub while this
     bus asks Redis (``lua/recover.lua``, after the SUBSCRIBE is confirmed) for what it missed
     or for the stream's state; the hub merges the answer with the live events by seq.
 
@@ -31,10 +36,13 @@ State streams on nodes without the book
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import itertools
 import math
+import secrets
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from importlib import resources
 from typing import Any
 from urllib.parse import urlsplit
@@ -45,8 +53,12 @@ import coredis.exceptions
 import msgspec
 import structlog
 import trio
+from coredis._utils import hash_slot
 from coredis.connection import TCPLocation
+from coredis.patterns.pubsub import ClusterPubSub, PubSub, ShardedPubSub
+from coredis.pool import ClusterConnectionPool
 
+from pushd.bus.follow import Action, Following, State
 from pushd.bus.model import (
     BusUnavailable,
     Entry,
@@ -82,7 +94,10 @@ _message = msgspec.json.Decoder(tuple[str, int, list[msgspec.Raw]])  # epoch, fi
 
 
 def describe(exc: BaseException) -> str:
-    """One short line for a log or a reply: the error's type and message."""
+    """One short line for a log or a reply: the error's type and message (the first one
+    inside a group: a nursery's wrapping says nothing)."""
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
     return f"{type(exc).__name__}: {exc}"[:200]
 
 
@@ -215,6 +230,25 @@ def _entry(fields: Any) -> Entry | None:
         return None
 
 
+def _discard(ps: Any) -> None:
+    """End a pub/sub session's connections for good: one handed back to a pool would still
+    carry what it was subscribed to, and the next borrower would get that (issue 19, item 5)."""
+    connections = list(getattr(ps, "shard_connections", {}).values())
+    with contextlib.suppress(Exception):  # a plain pub/sub that got no connection: none
+        connections.append(ps.connection)
+    for connection in connections:
+        connection.invalidate("pub/sub session ended")
+
+
+class Carrier(msgspec.Struct, frozen=True):
+    """The Redis connection a followed channel is delivered on (its ``CLIENT LIST`` entry)."""
+
+    name: str
+    client_id: int
+    host: str
+    port: int
+
+
 class _Feed:
     """This node's view of one channel it is subscribed to."""
 
@@ -251,15 +285,24 @@ class RedisBus:
         self._cluster = config.redis.cluster
         self._publish_command = "spublish" if self._cluster else "publish"
         self.prefix = config.redis.prefix
+        self._pubsub_head = f"{self.prefix}:{{".encode()  # what every pub/sub name starts with
         self._outbox: deque[tuple[Outgoing, _Waiter | None]] = deque()
         self._outbox_wanted = trio.Event()
         self._sent = trio.Event()  # set (and replaced) after each batch Redis took
         self._feeds: dict[str, _Feed] = {}
         self._whole: dict[str, tuple[Position, msgspec.Raw]] = {}  # WHOLE streams' last state
-        self._ops_send, self._ops_receive = trio.open_memory_channel[tuple[bool, str]](math.inf)
-        self._by_pubsub: dict[bytes, str] = {}
+        self._following = Following()  # each channel's state in Redis (follow.py)
+        self._commands: trio.MemorySendChannel[tuple[Action, str]] | None = None  # this link's
+        self._acked = trio.Event()  # set (and replaced) when a channel's state changed
+        self._ps: Any = None  # the pub/sub session now, to say which connection carries what
+        self._rejoining: set[str] = set()  # subscribed again by this session, not confirmed yet
         self._nursery: trio.Nursery | None = None
         self.client: Any = None
+        self._data_client: Any = None  # pub/sub of the channels only
+        self._control_client: Any = None  # pub/sub of the control channel only
+        self.name = f"{config.redis.prefix}-{secrets.token_hex(4)}"  # in CLIENT LIST
+        self.data_name = f"{self.name}:data"
+        self.control_name = f"{self.name}:control"
         self._publish_sha: str | None = None  # loaded before a batch, after every failure
         self._recover_script: Any = None
         self._publisher_up = False
@@ -360,16 +403,56 @@ class RedisBus:
         return [msgspec.Raw(item) for item in raw if well_formed(item)]
 
     def interest(self, channel: str) -> None:
-        keys = Keys(self.prefix, channel)
-        self._feeds[channel] = _Feed(keys, state_kind(channel))
-        self._by_pubsub[keys.pubsub.encode()] = channel
-        self._ops_send.send_nowait((True, channel))
+        self._feeds[channel] = _Feed(Keys(self.prefix, channel), state_kind(channel))
+        self._act(channel, self._following.want(channel))
 
     def disinterest(self, channel: str) -> None:
-        feed = self._feeds.pop(channel, None)
+        self._feeds.pop(channel, None)
         self._whole.pop(channel, None)
-        if feed is not None:
-            self._ops_send.send_nowait((False, channel))
+        self._act(channel, self._following.drop(channel))
+
+    def carriers(self) -> dict[str, Carrier]:
+        """For every channel this node follows, the connection Redis delivers it on."""
+        ps = self._ps
+        if ps is None:
+            return {}
+        carried = {}
+        for channel in self._following.following():
+            pubsub = Keys(self.prefix, channel).pubsub
+            if self._cluster:  # the shard's connection, found as ShardedPubSub routes
+                layout = self._data_client.connection_pool.cluster_layout
+                node = layout.node_for_slot(hash_slot(pubsub.encode()))
+                connection = ps.shard_connections[node.node_id]
+            else:
+                connection = ps.connection
+            location = connection.location
+            carried[channel] = Carrier(
+                self.data_name, connection.client_id, location.host, location.port
+            )
+        return carried
+
+    async def settled(self) -> None:
+        """Return once the pub/sub link is up and Redis confirmed every command sent: then
+        it carries exactly the channels the hub wants."""
+        while not (self._following.link_up and self._following.settled()):
+            await self._acked.wait()
+
+    @contextlib.asynccontextmanager
+    async def listen(self, channel: str) -> AsyncIterator[Any]:
+        """A plain pub/sub session on ``channel`` (the control plane's), on a connection that
+        carries nothing else and is discarded after."""
+        pool = self._control_client.connection_pool
+        cls = ClusterPubSub if self._cluster else PubSub
+        timeout = self._config.timeout_s
+        async with cls(
+            pool, ignore_subscribe_messages=True, retry_policy=None,
+            subscription_timeout=timeout, unsubscription_timeout=timeout,
+        ) as ps:  # fmt: skip
+            try:
+                await ps.subscribe(channel)
+                yield ps
+            finally:
+                _discard(ps)
 
     @property
     def publisher_up(self) -> bool:
@@ -418,25 +501,35 @@ class RedisBus:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run until cancelled; Redis being unreachable is a state, not an error."""
-        timeout = self._config.timeout_s
-        options: dict[str, Any] = {"stream_timeout": timeout, "connect_timeout": timeout}
         client: Any
-        if self._cluster:  # from_url of a cluster warns (coredis 6.9): give the node itself
-            url = urlsplit(self._config.url)
-            client = coredis.RedisCluster(
-                startup_nodes=[TCPLocation(url.hostname or "127.0.0.1", url.port or 6379)],
-                username=url.username, password=url.password,
-                ssl=url.scheme == "rediss", decode_responses=False, **options,
-            )  # fmt: skip
-        else:
-            client = coredis.Redis.from_url(self._config.url, decode_responses=False, **options)
-        self.client = client
+        self.client = client = self._client(f"{self.name}:commands")
+        # pub/sub on clients (pools) of their own: a pool lends a connection to whoever asks
+        # next, and a pub/sub connection must never be lent to anyone
+        self._data_client = self._client(self.data_name)
+        self._control_client = self._client(self.control_name)
         self._recover_script = client.register_script(lua_script("recover.lua"))
-        async with client, trio.open_nursery() as nursery:
+        async with client, self._data_client, self._control_client, trio.open_nursery() as nursery:
             self._nursery = nursery
             nursery.start_soon(self._publisher)
             nursery.start_soon(self._subscriber)
             task_status.started()
+
+    def _client(self, name: str) -> Any:
+        timeout = self._config.timeout_s
+        options: dict[str, Any] = {
+            "stream_timeout": timeout, "connect_timeout": timeout, "decode_responses": False,
+        }  # fmt: skip
+        if self._cluster:  # from_url of a cluster warns (coredis 6.9): give the node itself
+            url = urlsplit(self._config.url)
+            # (the cluster client takes no client_name: its pool does)
+            named_pool: Any = functools.partial(ClusterConnectionPool, client_name=name)
+            return coredis.RedisCluster(
+                startup_nodes=[TCPLocation(url.hostname or "127.0.0.1", url.port or 6379)],
+                username=url.username, password=url.password,
+                ssl=url.scheme == "rediss", **options,
+                connection_pool_cls=named_pool,
+            )  # fmt: skip
+        return coredis.Redis.from_url(self._config.url, client_name=name, **options)
 
     async def _publisher(self) -> None:
         backoff = BACKOFF_S[0]
@@ -541,61 +634,120 @@ class RedisBus:
                     error = describe(group.exceptions[0])
                     log.warning("Redis pub/sub lost: resubscribing", error=error)
             self.subscriber_up = False
-            for feed in self._feeds.values():
-                if feed.subscribed.is_set():
-                    feed.subscribed = trio.Event()
             await trio.sleep(backoff)
             backoff = min(backoff * 2, BACKOFF_S[1])
 
     async def _follow(self) -> None:
-        client = self.client
-        pubsub = client.sharded_pubsub if self._cluster else client.pubsub
-        async with pubsub(retry_policy=None, ignore_subscribe_messages=True) as ps:
-            # drain the ops queued so far: what we follow now is exactly self._feeds
+        """One pub/sub session: a new connection (one per shard on a Cluster) subscribes
+        what the hub wants and then follows the hub's changes, until it fails. Then the
+        connection is discarded, so nothing it was subscribed to outlives the session."""
+        cls = ShardedPubSub if self._cluster else PubSub
+        timeout = self._config.timeout_s
+        commands, to_send = trio.open_memory_channel[tuple[Action, str]](math.inf)
+        async with cls(
+            self._data_client.connection_pool, ignore_subscribe_messages=False,
+            retry_policy=None, subscription_timeout=timeout, unsubscription_timeout=timeout,
+        ) as ps:  # fmt: skip
+            try:
+                self._ps, self._commands = ps, commands
+                rejoining = self._following.up()
+                self._rejoining = set(rejoining)  # up (ready) once these are confirmed
+                for channel, actions in rejoining.items():
+                    self._act(channel, actions)
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._send_commands, ps, to_send)
+                    waiting = _pending_messages(ps)
+                    self._on_pubsub_message(None)  # up at once if there is nothing to follow
+                    while True:
+                        self._on_pubsub_message(await ps.get_message())
+                        # every message already received goes to the hub before the flusher
+                        # runs, so a burst leaves in one write per connection, as in one process
+                        for message in waiting():
+                            self._on_pubsub_message(message)
+            finally:
+                self._ps = self._commands = None
+                _discard(ps)
+                for channel, actions in self._following.down().items():
+                    self._act(channel, actions)
+                self._changed_state()
+
+    async def _send_commands(
+        self, ps: Any, to_send: trio.MemoryReceiveChannel[tuple[Action, str]]
+    ) -> None:
+        """Send this session's SUBSCRIBEs and UNSUBSCRIBEs in order, those queued together in
+        one command. One Redis does not confirm in time ends the session: its outcome is
+        unknown, and only a new connection is known to carry nothing."""
+        async for action, channel in to_send:
+            batch = [(action, channel)]
             while True:
                 try:
-                    self._ops_receive.receive_nowait()
+                    batch.append(to_send.receive_nowait())
                 except trio.WouldBlock:
                     break
-            feeds = dict(self._feeds)
-            if feeds:
-                await ps.subscribe(*(feed.keys.pubsub for feed in feeds.values()))
-            for channel, feed in feeds.items():
+            for kind, group in itertools.groupby(batch, key=lambda item: item[0]):
+                run = [channel for _, channel in group]
+                keys = [Keys(self.prefix, c).pubsub for c in run]
+                if kind is Action.SUBSCRIBE:
+                    await ps.subscribe(*keys)  # raises TimeoutError if not confirmed
+                else:  # (coredis only logs an UNSUBSCRIBE it has no confirmation of)
+                    await ps.unsubscribe(*keys)
+                    await self._confirmed(set(run))
+
+    async def _confirmed(self, channels: set[str]) -> None:
+        """Wait for Redis to confirm the UNSUBSCRIBE of ``channels``, or end the session."""
+        leaving = (State.UNSUBSCRIBING, State.UNSUBSCRIBING_WANTED)
+        with trio.move_on_after(self._config.timeout_s):
+            while any(self._following.state(c) in leaving for c in channels):
+                await self._acked.wait()
+            return
+        raise BusUnavailable("Redis did not confirm UNSUBSCRIBE in time")
+
+    def _act(self, channel: str, actions: list[Action]) -> None:
+        """Do what the follow machine says, for ``channel``."""
+        for action in actions:
+            feed = self._feeds.get(channel)
+            if action is Action.SUBSCRIBE or action is Action.UNSUBSCRIBE:
+                assert self._commands is not None, "a command with no pub/sub link"
+                self._commands.send_nowait((action, channel))
+            elif action is Action.READY and feed is not None:
                 feed.subscribed.set()
                 if feed.position is not None and feed.held is None:
                     self._start_catch_up(channel, feed)  # what was published while away
-            if not self.subscriber_up:
-                log.info("Redis pub/sub following", channels=len(feeds))
-            self.subscriber_up = True
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._apply_ops, ps)
-                waiting = _pending_messages(ps)
-                while True:
-                    self._on_pubsub_message(await ps.get_message())
-                    # every message already received goes to the hub before the flusher runs,
-                    # so a burst leaves in one write per connection, as in one process
-                    for message in waiting():
-                        self._on_pubsub_message(message)
+            elif action is Action.UNREADY and feed is not None:
+                feed.subscribed = trio.Event()
 
-    async def _apply_ops(self, ps: Any) -> None:
-        async for subscribe, channel in self._ops_receive:
-            feed = self._feeds.get(channel)
-            keys = Keys(self.prefix, channel)
-            if subscribe and feed is not None:
-                await ps.subscribe(keys.pubsub)
-                feed.subscribed.set()
-            elif not subscribe and feed is None:
-                await ps.unsubscribe(keys.pubsub)
-                self._by_pubsub.pop(keys.pubsub.encode(), None)
+    def _changed_state(self) -> None:
+        self._acked.set()
+        self._acked = trio.Event()
 
     def _on_pubsub_message(self, message: Any) -> None:
-        if message is not None and message["type"] in ("message", "smessage"):
-            self._on_pubsub(message["channel"], message["data"])
+        if message is not None:
+            kind = message["type"]
+            if kind in ("message", "smessage"):
+                self._on_pubsub(message["channel"], message["data"])
+                return
+            channel = self._channel_of(message["channel"])
+            if channel is not None and kind in ("subscribe", "ssubscribe"):
+                self._rejoining.discard(channel)
+                self._act(channel, self._following.subscribed(channel))
+            elif channel is not None and kind in ("unsubscribe", "sunsubscribe"):
+                self._act(channel, self._following.unsubscribed(channel))
+            self._changed_state()
+        if not self.subscriber_up and not self._rejoining and self._following.link_up:
+            log.info("Redis pub/sub following", channels=len(self._following.following()))
+            self.subscriber_up = True
+
+    def _channel_of(self, pubsub_channel: bytes) -> str | None:
+        """The channel a pub/sub name (``<prefix>:{<channel>}``) is of; None if not ours."""
+        head = self._pubsub_head
+        if pubsub_channel.startswith(head) and pubsub_channel.endswith(b"}"):
+            return pubsub_channel[len(head) : -1].decode(errors="replace")
+        return None
 
     def _on_pubsub(self, pubsub_channel: bytes, payload: bytes) -> None:
-        channel = self._by_pubsub.get(pubsub_channel)
-        if channel is None:
-            return
+        channel = self._channel_of(pubsub_channel)
+        if channel is None or self._following.state(channel) is not State.FOLLOWING:
+            return  # Redis delivers what it was asked to until it confirms an UNSUBSCRIBE
         try:
             epoch, first, messages = _message.decode(payload)
         except (msgspec.DecodeError, RecursionError):
