@@ -6,10 +6,8 @@ numbering guarantee as an expiry (no ``(epoch, seq)`` given twice, a ``since`` a
 
 from __future__ import annotations
 
-from collections.abc import Coroutine
-from typing import Any, TypeVar
-
 import msgspec
+from test_bus_expiry import at_once
 
 from pushd.bus.memory import MemoryBus
 from pushd.bus.model import Outgoing, Position
@@ -17,18 +15,8 @@ from pushd.channels import parse_internal
 from pushd.config import BusConfig
 from pushd.gateway.hub import Hub, Outlet
 
-T = TypeVar("T")
 AGE_S = 300.0
 CAP = 100
-
-
-def at_once(coro: Coroutine[Any, Any, T]) -> T:
-    try:
-        coro.send(None)
-    except StopIteration as done:
-        result: T = done.value
-        return result
-    raise AssertionError("the memory bus waited")
 
 
 def test_past_max_channels_the_longest_quiet_unfollowed_channels_are_forgotten() -> None:
