@@ -7,15 +7,18 @@ import json
 import os
 import socket
 import subprocess
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import msgspec
 import pytest
 import trio
 import trio_websocket
+
+if TYPE_CHECKING:
+    import redis_servers
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, CloseConnection, RejectConnection, TextMessage
 from wsproto.events import Event as WsEvent
@@ -298,3 +301,16 @@ async def pushd_process(
         if process.returncode is None:
             process.kill()
         await process.wait()
+
+
+@pytest.fixture(params=["redis", "redis-cluster"])
+def redis(request: pytest.FixtureRequest) -> Iterator[redis_servers.Redis]:
+    """One Redis and a 3-node Redis Cluster (sharded pub/sub): a test asking for ``redis`` runs
+    on both (test modules that want a single server define their own ``redis``)."""
+    import redis_servers  # it imports this module: not at the top
+
+    server = (
+        redis_servers.RedisServer() if request.param == "redis" else redis_servers.RedisCluster()
+    )
+    with server:
+        yield server

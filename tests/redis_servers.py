@@ -173,3 +173,6 @@ class RedisCluster:
     def __exit__(self, *exc: object) -> None:
         for node in self.nodes:
             node.__exit__()
+
+
+Redis = RedisServer | RedisCluster  # either kind a test may run against

@@ -7,7 +7,6 @@ import contextlib
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -24,7 +23,7 @@ from conftest import (
     start_daemon,
     subscribed,
 )
-from redis_servers import REDIS_CLI, RedisCluster, RedisServer
+from redis_servers import REDIS_CLI, Redis, RedisCluster
 from test_demo_e2e import DEPTH_EVENTS_EACH, SYMBOLS, UID, Recorder, Watcher
 from test_ingest import order
 
@@ -34,15 +33,6 @@ from ingest.transport import TcpSender, UdpSender, serve_snapshots
 from pushd.bus.model import Outgoing
 
 AUTH = {"authorization": f"Bearer {PUBLISH_TOKEN}"}
-Redis = RedisServer | RedisCluster
-
-
-@pytest.fixture(params=["redis", "redis-cluster"])
-def redis(request: pytest.FixtureRequest) -> Iterator[Redis]:
-    """Every test here runs on one Redis and on a 3-node Redis Cluster (sharded pub/sub)."""
-    server = RedisServer() if request.param == "redis" else RedisCluster()
-    with server:
-        yield server
 
 
 def lose_channel(redis: Redis, channel: str) -> None:

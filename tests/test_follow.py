@@ -6,23 +6,12 @@ belongs to, as Redis itself reports it. Real redis-server (and a 3-node Cluster)
 from __future__ import annotations
 
 import subprocess
-from collections.abc import Iterator
 from typing import Any
 
-import pytest
 import trio
 from conftest import Running, open_client, start_daemon, subscribed
-from redis_servers import REDIS_CLI, RedisCluster, RedisServer
+from redis_servers import REDIS_CLI, Redis, RedisCluster
 from test_cluster import publish, redis_config
-
-Redis = RedisServer | RedisCluster
-
-
-@pytest.fixture(params=["redis", "redis-cluster"])
-def redis(request: pytest.FixtureRequest) -> Iterator[Redis]:
-    server = RedisServer() if request.param == "redis" else RedisCluster()
-    with server:
-        yield server
 
 
 async def live(client: Any, node: Running, n: int) -> None:

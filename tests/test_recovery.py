@@ -7,6 +7,7 @@ from typing import Any
 
 import msgspec
 from conftest import make_config, open_client, start_daemon, subscribed
+from test_bus_expiry import at_once
 
 from pushd.bus.memory import MemoryBus
 from pushd.bus.model import Entry, History, Outgoing, Position, Recovery
@@ -68,13 +69,7 @@ def test_memory_bus_recovers_within_its_epoch_and_history() -> None:
 
 def recover_on(bus: MemoryBus, channel: str, since: Position | None) -> Recovery:
     """Run the memory bus's recover, which must answer without ever waiting."""
-    coro = bus.recover(channel, since)
-    try:
-        coro.send(None)
-    except StopIteration as done:
-        result: Recovery = done.value
-        return result
-    raise AssertionError("the memory bus answers without waiting")
+    return at_once(bus.recover(channel, since))
 
 
 def test_settle_sends_the_replay_then_kept_events_none_twice() -> None:
