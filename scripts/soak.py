@@ -50,6 +50,7 @@ import trio
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # redis_servers
 
 from benchlib import free_port, metrics, proc_rss_kib
+from ports import free_port_block
 from redis_servers import REDIS_CLI, RedisServer
 from soak_attacks import ATTACKS, Attack
 from soak_common import AttackTally, LegitTally, LogWatch, Target
@@ -118,25 +119,6 @@ history_age_s = 30.0  # per-channel state must go with its history: bounded with
 url = "redis://:{target.redis_password}@127.0.0.1:{redis_port}"
 prefix = "soak"
 """
-
-
-def free_run(count: int) -> int:
-    """A free TCP port followed by ``count - 1`` free ones (the gateways' API ports)."""
-    while True:
-        base = free_port()
-        if base + count > 65535:
-            continue
-        with suppress(OSError):
-            holders = []
-            try:
-                for port in range(base, base + count):
-                    s = socket.socket()
-                    holders.append(s)
-                    s.bind(("127.0.0.1", port))
-                return base
-            finally:
-                for s in holders:
-                    s.close()
 
 
 def proc_children(pid: int) -> set[int]:
@@ -214,7 +196,7 @@ async def until_true(condition: Callable[[], bool], changed: Callable[[], trio.E
 async def soak(args: argparse.Namespace) -> int:
     tmp = Path(args.dir or os.environ.get("TMPDIR", "/tmp")) / f"pushd-soak-{os.getpid()}"
     tmp.mkdir(parents=True, exist_ok=True)
-    http = free_run(3)
+    http = free_port_block(3)
     target = Target(
         dir=tmp, config_path=tmp / "pushd.toml", ws_port=free_port(), http_port=http,
         udp_port=free_port(socket.SOCK_DGRAM), tcp_port=free_port(), snapshot_port=free_port(),

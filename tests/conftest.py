@@ -19,6 +19,8 @@ import trio_websocket
 
 if TYPE_CHECKING:
     import redis_servers
+from ports import free_port as free_port
+from ports import free_port_block as free_port_block
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, CloseConnection, RejectConnection, TextMessage
 from wsproto.events import Event as WsEvent
@@ -173,14 +175,6 @@ def subscribed(reply: Any, *channels: str) -> bool:
     )
 
 
-def free_port(kind: int = socket.SOCK_STREAM) -> int:
-    """A free loopback port (TCP, or UDP with ``socket.SOCK_DGRAM``)."""
-    with socket.socket(socket.AF_INET, kind) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 class RawClient:
     """A WebSocket client over a bare socket (wsproto), for clients that misbehave on purpose:
     never read, send garbage, or have a tiny receive buffer."""
@@ -273,7 +267,7 @@ class Logs:
 
         while len(matching()) < count:
             chunk = await self._stream.receive_some()
-            assert chunk, f"pushd ended before {count} x {event!r}"
+            assert chunk, f"pushd ended before {count} x {event!r}: {self.lines[-5:]}"
             self._buffer += chunk
             *complete, self._buffer = self._buffer.split(b"\n")
             for raw in complete:
@@ -294,8 +288,12 @@ async def pushd_process(
     try:
         assert process.stderr is not None
         logs = Logs(process.stderr)
-        with trio.fail_after(30):
+        with trio.move_on_after(30) as waited:
             await logs.until("pushd ready", ready)
+        if waited.cancelled_caught:  # say why: the last lines, errors first
+            errors = [line for line in logs.lines if line.get("level") in ("error", "warning")]
+            raise AssertionError(f"not {ready} x 'pushd ready' in 30 s: {errors[-5:]} "
+                                 f"{logs.lines[-5:]}")  # fmt: skip
         yield process, logs
     finally:
         if process.returncode is None:

@@ -10,7 +10,7 @@ import threading
 import time
 from pathlib import Path
 
-from conftest import free_port
+from ports import free_port
 
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 REDIS_CLI = shutil.which("redis-cli") or "/usr/bin/redis-cli"

@@ -21,7 +21,15 @@ import pytest
 import trio
 import trio_websocket
 import yaml
-from conftest import PUBLISH_TOKEN, SECRET, Logs, free_port, open_client, pushd_process
+from conftest import (
+    PUBLISH_TOKEN,
+    SECRET,
+    Logs,
+    free_port,
+    free_port_block,
+    open_client,
+    pushd_process,
+)  # fmt: skip
 from redis_servers import RedisServer
 from test_ops import OPS, Scrape, check_expression
 
@@ -42,7 +50,7 @@ async def supervisor(
     ready: int | None = None, extra: str = "",
 ) -> AsyncIterator[Any]:  # fmt: skip
     """``pushd run --workers``, once ``ready`` processes (default: every child) are ready."""
-    ws_port, http_port = free_port(), free_port()
+    ws_port, http_port = free_port(), free_port_block(workers + 1)  # gateway i: http_port + i
     config = tmp_path / "pushd.toml"
     config.write_text(
         f"[websocket]\nport = {ws_port}\n[http]\nport = {http_port}\n"
@@ -215,7 +223,7 @@ async def test_a_reload_while_children_start_costs_no_child(
 ) -> None:
     """SIGHUP reaching a child before its handler is installed (it is still importing) must
     not kill it: the children start with SIGHUP ignored until they can reload."""
-    ws_port, http_port = free_port(), free_port()
+    ws_port, http_port = free_port(), free_port_block(2)
     config = tmp_path / "pushd.toml"
     config.write_text(
         f"[websocket]\nport = {ws_port}\n[http]\nport = {http_port}\n[auth.hmac]\nsecret = 's'\n"
