@@ -16,7 +16,16 @@ Exceptions::
     ├── AuthError         a token was refused (bad signature, expired, unknown user)
     │   └── AuthUnavailable   the login backend could not answer (timeout, 5xx)
     ├── ConfigError       the configuration is invalid; the message names the key
-    └── ServiceError      a service of the daemon cannot run (its port is taken, ...)
+    ├── ServiceError      a service of the daemon cannot run (its port is taken, ...)
+    ├── ApiError          an HTTP API request is refused; carries the HTTP status
+    ├── BusUnavailable    the bus could not answer (Redis unreachable); the request may be retried
+    ├── MalformedData     message data that is not one JSON value in UTF-8 (also a ValueError)
+    ├── EngineUnavailable the matching engine's snapshot service did not answer a book request
+    ├── TlsClosed         a client's TLS is broken (bad record, failed handshake) or it closed
+    └── FollowError       an event the follow table has no row for: a bug (also a RuntimeError)
+
+Each is raised where its module says (``pushd.http.api``, ``pushd.bus``, ``pushd.feed.poller``,
+``pushd.tls``, ``pushd.bus.follow``); those modules import it from here.
 """
 
 from __future__ import annotations
@@ -105,3 +114,32 @@ class ConfigError(PushdError):
 
 class ServiceError(PushdError):
     """A service cannot start (cannot bind its address); ``str(exc)`` names it and the port."""
+
+
+class ApiError(PushdError):
+    """An HTTP API request is refused: ``status`` is the HTTP status, ``msg`` the reason."""
+
+    def __init__(self, status: int, msg: str) -> None:
+        super().__init__(msg)
+        self.status = status
+        self.msg = msg
+
+
+class BusUnavailable(PushdError):
+    """The bus could not answer (the broker is unreachable); the request may be retried."""
+
+
+class MalformedData(PushdError, ValueError):
+    """Message data that is not one JSON value in UTF-8: no client could be sent it."""
+
+
+class EngineUnavailable(PushdError):
+    """The matching engine's snapshot service closed the connection or answered nothing."""
+
+
+class TlsClosed(PushdError):
+    """The peer's TLS is broken (bad record, failed handshake) or it sent close_notify."""
+
+
+class FollowError(PushdError, RuntimeError):
+    """An event the follow table has no row for: a bug in whoever sent it."""

@@ -15,6 +15,7 @@ import ssl
 
 from pushd.config import TlsConfig
 from pushd.errors import ConfigError
+from pushd.errors import TlsClosed as TlsClosed  # still imported from here by the gateway
 
 
 def _fresh(tls: TlsConfig, section: str) -> ssl.SSLContext:
@@ -40,10 +41,6 @@ def reload_context(context: ssl.SSLContext, tls: TlsConfig, section: str) -> Non
     leaves the running certificate in place. Raises ConfigError."""
     _fresh(tls, section)
     context.load_cert_chain(tls.certificate, tls.key)
-
-
-class TlsClosed(Exception):
-    """The peer's TLS is broken (bad record, failed handshake) or it sent close_notify."""
 
 
 class TlsLayer:

@@ -6,7 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pushd.bus.follow import TABLE, Action, Event, FollowError, Following, State
+from pushd.bus.follow import TABLE, Action, Event, Following, State
+from pushd.errors import FollowError
 
 S, E, A = State, Event, Action
 

@@ -17,7 +17,7 @@ from conftest import make_config, open_client, start_daemon, subscribed
 from redis_servers import RedisServer
 
 from pushd.bus.lease import held_by_us
-from pushd.bus.model import MalformedData, Outgoing
+from pushd.bus.model import Outgoing
 from pushd.bus.redis import (
     MAX_HELD,
     META_TTL_S,
@@ -29,6 +29,7 @@ from pushd.bus.redis import (
 )
 from pushd.channels import parse_internal
 from pushd.config import BusConfig, RedisBusConfig
+from pushd.errors import MalformedData
 from pushd.gateway.hub import Hub, Outlet
 
 TICKER = "ticker_BTCUSDT"  # a whole-state stream: recover reads its stored state

@@ -23,8 +23,8 @@ import msgspec
 import structlog
 import trio
 
-from pushd.bus.model import BusUnavailable
 from pushd.bus.redis import REDIS_ERRORS, RedisBus, describe
+from pushd.errors import BusUnavailable
 
 log = structlog.get_logger("pushd.bus.control")
 

@@ -22,6 +22,8 @@ from __future__ import annotations
 import enum
 from collections.abc import Iterator
 
+from pushd.errors import FollowError
+
 
 class State(enum.Enum):
     NOT_FOLLOWING = "not following"  # Redis not asked; the hub does not want it (no entry)
@@ -74,10 +76,6 @@ TABLE: dict[tuple[State, Event], tuple[State, tuple[Action, ...]]] = {
 # (the invariant: with nothing outstanding, carried == wanted)
 WANTED = {S.WAITING, S.SUBSCRIBING, S.FOLLOWING, S.UNSUBSCRIBING_WANTED}
 OUTSTANDING = {S.SUBSCRIBING, S.SUBSCRIBING_UNWANTED, S.UNSUBSCRIBING, S.UNSUBSCRIBING_WANTED}
-
-
-class FollowError(RuntimeError):
-    """An event the table has no row for: a bug in whoever sent it."""
 
 
 class Following:

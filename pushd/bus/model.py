@@ -17,6 +17,9 @@ from typing import Protocol
 
 import msgspec
 
+from pushd.errors import BusUnavailable as BusUnavailable  # still imported from here by the gateway
+from pushd.errors import MalformedData
+
 EPOCH_BYTES = 4  # 8 hex characters: new epochs only need to differ from the last few
 
 _any_json = msgspec.json.Decoder()
@@ -24,10 +27,6 @@ _any_json = msgspec.json.Decoder()
 
 def new_epoch() -> str:
     return secrets.token_hex(EPOCH_BYTES)
-
-
-class MalformedData(ValueError):
-    """Message data that is not one JSON value in UTF-8: no client could be sent it."""
 
 
 def checked(data: bytes | msgspec.Raw) -> msgspec.Raw:
@@ -176,7 +175,3 @@ class History:
         if missed[0].seq != seq + 1:  # a hole (a skipped message) in the window: no replay
             return None
         return missed
-
-
-class BusUnavailable(Exception):
-    """The bus could not answer (the broker is unreachable); the request may be retried."""

@@ -59,18 +59,10 @@ from coredis.patterns.pubsub import ClusterPubSub, PubSub, ShardedPubSub
 from coredis.pool import ClusterConnectionPool
 
 from pushd.bus.follow import Action, Following, State
-from pushd.bus.model import (
-    BusUnavailable,
-    Entry,
-    MalformedData,
-    Outgoing,
-    Position,
-    Recovery,
-    checked,
-    new_epoch,
-)
+from pushd.bus.model import Entry, Outgoing, Position, Recovery, checked, new_epoch
 from pushd.channels import StateKind, state_kind
 from pushd.config import BusConfig
+from pushd.errors import BusUnavailable, MalformedData
 from pushd.gateway.hub import Hub
 from pushd.logs import ThrottledLog
 

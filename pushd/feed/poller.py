@@ -17,14 +17,11 @@ import trio
 
 from ingest import wire
 from pushd.config import EngineConfig, MarketConfig
+from pushd.errors import EngineUnavailable
 
 log = structlog.get_logger("pushd.feed.poller")
 
 POLLER_SOURCE_ID = 0
-
-
-class EngineUnavailable(Exception):
-    pass
 
 
 class SnapshotPoller:

@@ -41,7 +41,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from pushd.bus.control import ControlPlane
-from pushd.bus.model import Bus, BusUnavailable, MalformedData, Outgoing, Position, checked
+from pushd.bus.model import Bus, Outgoing, Position, checked
 from pushd.bus.redis import RedisBus
 from pushd.channels import (
     KLINE_INTERVALS,
@@ -52,6 +52,7 @@ from pushd.channels import (
     parse_internal,
 )
 from pushd.config import Config
+from pushd.errors import ApiError, BusUnavailable, MalformedData
 from pushd.gateway.server import Gateway
 from pushd.logs import stdlib_logger
 from pushd.market.markets import Markets
@@ -75,13 +76,6 @@ class PublishItem(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 class PublishBatch(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     messages: list[PublishItem]
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, msg: str) -> None:
-        super().__init__(msg)
-        self.status = status
-        self.msg = msg
 
 
 class HttpApi:
