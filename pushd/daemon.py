@@ -39,6 +39,13 @@ from pushd.bus.lease import PRIVATE, Leases
 from pushd.bus.memory import MemoryBus
 from pushd.bus.model import Bus
 from pushd.bus.redis import RedisBus
+from pushd.collectors import (
+    BusCollector,
+    HubCollector,
+    IngestCollector,
+    NodeCollector,
+    SupervisorCollector,
+)
 from pushd.config import Config
 from pushd.errors import ConfigError, ServiceError
 from pushd.feed.intake import Intake, Policy, Source
@@ -51,15 +58,7 @@ from pushd.http.api import HttpApi, serve_http
 from pushd.liveness import REPORT_VARIABLE
 from pushd.logs import ThrottledLog
 from pushd.market.markets import Markets
-from pushd.metrics import (
-    BusCollector,
-    GatewayMetrics,
-    HubCollector,
-    IngestCollector,
-    NodeCollector,
-    SupervisorCollector,
-    make_registry,
-)
+from pushd.metrics import GatewayMetrics, make_registry
 from pushd.notify import Notifier
 from pushd.reload import Reload, plan
 
