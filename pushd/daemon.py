@@ -2,12 +2,22 @@
 
 ::
 
-    Daemon.serve
-    ├── Gateway.serve          WebSocket listener, flusher, one task per connection
-    ├── serve_http             hypercorn: publish API, health, metrics
-    ├── serve_udp, serve_tcp   engine events -> Intake -> EngineRouter (private) / Markets
-    ├── SnapshotPoller.run     engine books -> Markets (depth diffs, published at once)
-    └── Markets.run            the timer of the market streams (trades, ticker, kline, mark)
+    Daemon.serve                          [when]
+    ├── _on_signals        SIGTERM/SIGINT: stop(); SIGHUP: reload()     [pushd run]
+    ├── RedisBus.run       the Redis link: outbox, pub/sub, gap refill  [bus.kind redis]
+    ├── ControlPlane.run   cluster-wide disconnect, stats, private gaps [bus.kind redis]
+    ├── Leases.run         which compute node publishes what            [redis, computes]
+    ├── MemoryBus.run      forgets quiet channels                       [bus.kind memory]
+    ├── Gateway.serve      WebSocket listener, flusher, a task per conn [role all, gateway]
+    ├── serve_http         hypercorn: publish API, REST, health, metrics, the page
+    ├── serve_udp/_tcp     engine events -> Intake -> EngineRouter / Markets  [computes]
+    ├── SnapshotPoller.run engine books -> Markets (depth diffs at once)      [computes]
+    ├── Markets.run        the market streams' timer (trades, ticker, kline)  [computes]
+    ├── Notifier.watchdog  systemd WATCHDOG=1 and STATUS=
+    └── _close_later       a verifier a reload replaced, closed once its logins are done
+
+Once every listener is bound it logs ``pushd ready`` with the ports bound (``Ports``: an
+address given with port 0 is reported as the port the kernel chose) and tells systemd READY=1.
 
 Shutdown (``stop()``, SIGTERM or SIGINT): readiness goes false, the gateway closes its listener
 (new connects are refused at once), answers handshakes in flight with 503 and closes every client

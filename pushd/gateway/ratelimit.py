@@ -67,8 +67,8 @@ class FrameBudget:
     """Every frame a client sends costs it, whatever its opcode: control frames are as cheap
     to send and as dear to parse as data. One token per frame (a data frame that arrives in
     pieces costs one per piece; a read that completes no frame costs one, so a frame dribbled
-    in tiny TCP segments pays per segment); a message may take ``max_fragments`` frames and
-    ``message_timeout_s`` from its first byte to its last."""
+    in tiny TCP segments pays per segment); a message may take ``max_fragments_per_message`` frames
+    and ``message_timeout_s`` from its first byte to its last."""
 
     __slots__ = ("_bucket", "_fragments", "_max_fragments", "_message_timeout_s", "deadline")
 
