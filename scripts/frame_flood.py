@@ -22,7 +22,6 @@ import multiprocessing as mp
 import os
 import socket
 import statistics
-import struct
 import sys
 import time
 from pathlib import Path
@@ -30,7 +29,7 @@ from pathlib import Path
 from benchlib import free_port, proc_cpu_seconds, proc_rss_kib, pushd_server
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # wsframes
-from wsframes import ZERO_MASK, client_frame, ws_connect
+from wsframes import ZERO_MASK, ServerFrames, client_frame, close_code, ws_connect
 
 
 def frame(opcode: int, payload: bytes = b"", fin: bool = True) -> bytes:
@@ -40,28 +39,20 @@ def frame(opcode: int, payload: bytes = b"", fin: bool = True) -> bytes:
 connect = ws_connect
 
 
-class ServerFrames:
-    """Walks the server's frames as they come, keeping only an unfinished one; notes the code of
-    a close frame."""
+class ServerAnswers:
+    """The server's frames as they come (wsproto's decoder, ``wsframes.ServerFrames``); notes the
+    code of a close frame."""
 
     def __init__(self) -> None:
-        self.buffer = b""
+        self._frames = ServerFrames()
         self.close_code: int | None = None
         self.eof = False
 
     def feed(self, data: bytes) -> None:
-        self.buffer += data
-        while len(self.buffer) >= 2:
-            opcode, n, head = self.buffer[0] & 0x0F, self.buffer[1] & 0x7F, 2
-            if n == 126:
-                n, head = struct.unpack(">H", self.buffer[2:4])[0], 4
-            elif n == 127:
-                n, head = struct.unpack(">Q", self.buffer[2:10])[0], 10
-            if len(self.buffer) < head + n:
-                return
-            if opcode == 8 and n >= 2 and self.close_code is None:
-                self.close_code = struct.unpack(">H", self.buffer[head : head + 2])[0]
-            self.buffer = self.buffer[head + n :]
+        for opcode, payload in self._frames.feed(data):
+            if opcode == 8 and self.close_code is None:
+                self.close_code = close_code(payload)
+        self._frames.pending.clear()
 
     def read_ready(self, sock: socket.socket) -> None:
         """Whatever the socket has now, without waiting."""
@@ -95,7 +86,7 @@ def flood(port: int, mode: str, seconds: float, out: mp.Queue[dict[str, object]]
         except OSError:
             continue
         connections += 1
-        server = ServerFrames()
+        server = ServerAnswers()
         if mode == "continuation":
             sock.sendall(frame(1, b'{"op":', fin=False))
         try:

@@ -35,7 +35,9 @@ from conftest import PUBLISH_TOKEN, SECRET, free_port
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from redis_servers import RedisServer
-from wsframes import KEY, client_frame, ws_connect
+from scrape import Scrape
+from wsframes import KEY, client_frame, frames, read_frame, ws_connect
+from wsproto.frame_protocol import FrameDecoder, Opcode
 
 from ingest import wire
 
@@ -64,10 +66,9 @@ class Daemon:
         assert match is not None
         return int(match[1])
 
-    def metric(self, name: str) -> float:
+    def metric(self, name: str, **labels: str) -> float:
         text = urllib.request.urlopen(f"http://127.0.0.1:{self.http}/metrics").read().decode()
-        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                   if line.startswith(name))  # fmt: skip
+        return Scrape(text).total(name, **labels)
 
     def check_alive(self) -> None:
         """A fresh WebSocket client gets a pong; the process is still there."""
@@ -83,7 +84,7 @@ class Daemon:
         for failure in ("engine frame failed", "ingest peer failed", "market tick failed",
                         "book snapshot failed", "Error in ASGI Framework"):  # fmt: skip
             assert failure not in log, log[-4000:]
-        assert self.metric('pushd_connections_closed_by_server_total{reason="internal_error"}') == 0
+        assert self.metric("pushd_connections_closed_by_server_total", reason="internal_error") == 0
 
 
 def daemon_ports() -> dict[str, int]:
@@ -201,27 +202,11 @@ class Surface:
 def read_text_frame(sock: socket.socket) -> bytes:
     """The payload of the next server frame (text expected; control frames are skipped)."""
     while True:
-        head = recv_exact(sock, 2)
-        n = head[1] & 0x7F
-        if n == 126:
-            n = struct.unpack(">H", recv_exact(sock, 2))[0]
-        elif n == 127:
-            n = struct.unpack(">Q", recv_exact(sock, 8))[0]
-        payload = recv_exact(sock, n)
-        if head[0] & 0x0F == 1:
+        opcode, payload = read_frame(sock)
+        if opcode is Opcode.TEXT:
             return payload
-        if head[0] & 0x0F == 8:
+        if opcode is Opcode.CLOSE:
             raise ConnectionError(f"closed: {payload[:2].hex()}")
-
-
-def recv_exact(sock: socket.socket, n: int) -> bytes:
-    data = b""
-    while len(data) < n:
-        chunk = sock.recv(n - len(data))
-        if not chunk:
-            raise ConnectionError("EOF")
-        data += chunk
-    return data
 
 
 def reset(sock: socket.socket) -> None:
@@ -337,19 +322,10 @@ def test_frame_fuzz(daemon: Daemon) -> None:
 
 def answered(data: bytes) -> bool:
     """Whether the server frames in ``data`` include our fence's pong or a close frame."""
-    pos = 0
-    while pos + 2 <= len(data):
-        opcode, n, head = data[pos] & 0x0F, data[pos + 1] & 0x7F, 2
-        if n == 126:
-            n, head = int.from_bytes(data[pos + 2 : pos + 4], "big"), 4
-        elif n == 127:
-            n, head = int.from_bytes(data[pos + 2 : pos + 10], "big"), 10
-        if pos + head + n > len(data):
-            return False
-        if opcode == 8 or (opcode == 10 and data[pos + head : pos + head + n] == FENCE):
-            return True
-        pos += head + n
-    return False
+    return any(
+        opcode is Opcode.CLOSE or (opcode is Opcode.PONG and payload == FENCE)
+        for opcode, payload in frames(data)
+    )
 
 
 # -- requests -----------------------------------------------------------------------------
@@ -464,7 +440,7 @@ DATAGRAMS = st.one_of(
 
 def test_ingest_udp_fuzz(daemon: Daemon) -> None:
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    bad_before = daemon.metric('pushd_ingest_frames_total{verdict="bad"}')
+    bad_before = daemon.metric("pushd_ingest_frames_total", verdict="bad")
 
     @FUZZ
     @given(DATAGRAMS)
@@ -477,7 +453,7 @@ def test_ingest_udp_fuzz(daemon: Daemon) -> None:
         case()
         sock.sendto(b"\xc1", ("127.0.0.1", daemon.udp))  # surely bad
         deadline = time.monotonic() + 10
-        while daemon.metric('pushd_ingest_frames_total{verdict="bad"}') <= bad_before:
+        while daemon.metric("pushd_ingest_frames_total", verdict="bad") <= bad_before:
             assert time.monotonic() < deadline  # the bad ones were counted
             time.sleep(0.05)
     sock.close()
@@ -599,8 +575,6 @@ def test_tls_fuzz(tls_daemon: Daemon) -> None:
 
 def test_fuzz_cases_reach_real_frames() -> None:
     """The frame helper makes what a server can parse (so the fuzz starts from real frames)."""
-    from wsproto.frame_protocol import FrameDecoder
-
     decoder = FrameDecoder(client=False, extensions=[])
     decoder.receive_bytes(client_frame(1, b"hello") + client_frame(9, b"p"))
     first, second = decoder.process_buffer(), decoder.process_buffer()

@@ -31,7 +31,7 @@ from conftest import (
     subscribed,
     trade,
 )
-from prometheus_client.parser import text_string_to_metric_families
+from scrape import Scrape
 from structlog.testing import capture_logs
 
 from ingest import wire
@@ -67,21 +67,13 @@ async def private_subscriber(running: Running, client: Client, uid: str) -> None
     assert subscribed(reply, "@order", "@balance", "@position")
 
 
-async def metrics(running: Running) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+async def metrics(running: Running) -> Scrape:
     async with httpx.AsyncClient() as http:
-        text = (await http.get(f"{running.http_url}/metrics")).text
-    return {
-        (s.name, frozenset(s.labels.items())): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
+        return Scrape((await http.get(f"{running.http_url}/metrics")).text)
 
 
-def refused(scrape: dict[tuple[str, frozenset[tuple[str, str]]], float], transport: str,
-            reason: str) -> float:  # fmt: skip
-    key = ("pushd_ingest_refused_frames_total",
-           frozenset({("transport", transport), ("reason", reason)}))  # fmt: skip
-    return scrape[key]
+def refused(scrape: Scrape, transport: str, reason: str) -> float:
+    return scrape.value("pushd_ingest_refused_frames_total", transport=transport, reason=reason)
 
 
 async def readyz(running: Running) -> httpx.Response:
@@ -153,7 +145,7 @@ async def test_forged_fills_and_trades_reach_nobody(nursery: trio.Nursery) -> No
     assert refused(scrape, "udp", "bad_mac") == 2
     assert refused(scrape, "udp", "unknown_source") == 1
     assert refused(scrape, "tcp", "unsealed") == 1
-    assert scrape[("pushd_ingest_tcp_peers_dropped_total", frozenset({("reason", "refused")}))] == 1
+    assert scrape.value("pushd_ingest_tcp_peers_dropped_total", reason="refused") == 1
 
 
 async def test_max_epoch_or_seq_from_a_stranger_changes_nothing(nursery: trio.Nursery) -> None:
@@ -247,9 +239,7 @@ async def test_two_engines_claiming_one_source_are_told(nursery: trio.Nursery) -
             await newer.send([trade(5)])
             assert await trades_until(watcher, 5) == [5]
     scrape = await metrics(running)
-    series = ("pushd_ingest_source_frames_total", frozenset({("source", "1"),
-                                                             ("verdict", "conflict")}))  # fmt: skip
-    assert scrape[series] == 1
+    assert scrape.value("pushd_ingest_source_frames_total", source="1", verdict="conflict") == 1
     assert running.daemon.intake.source_frames[1]["stale"] == 1
     assert [e["src"] for e in logs if e["event"] == "two engines send as one source"] == [1]
     older.close()
@@ -299,7 +289,7 @@ async def test_a_stranger_announcing_a_huge_frame_is_dropped_at_its_length(
                 assert await stream.receive_some(10) == b""
     assert running.daemon.tcp_peers.dropped == {"refused": 1}
     scrape = await metrics(running)
-    assert scrape[("pushd_ingest_tcp_peers_dropped_total", frozenset({("reason", "refused")}))] == 1
+    assert scrape.value("pushd_ingest_tcp_peers_dropped_total", reason="refused") == 1
     async with open_client(running.ws_url) as watcher:
         await watcher.call({"op": "subscribe", "channel": "BTCUSDT@trades"})
         engine = TcpSender("127.0.0.1", running.ports.ingest_tcp, src=1, key=KEYS[1])
@@ -326,7 +316,6 @@ async def test_a_source_refused_or_silent_is_not_ready(nursery: trio.Nursery) ->
         "allow_unauthenticated": False, "sources": sources}))  # fmt: skip
     stranger = Stranger(running)
     marker = UdpSender("127.0.0.1", running.ports.ingest_udp, src=2, key=KEYS[2])
-    up = ("pushd_ingest_source_up", frozenset({("source", "1")}))
     async with open_client(running.ws_url) as watcher:
         await watcher.call({"op": "subscribe", "channel": "BTCUSDT@trades"})
         await trio.sleep(3.1)  # the real silence timer is the point: a slow machine only adds
@@ -338,13 +327,13 @@ async def test_a_source_refused_or_silent_is_not_ready(nursery: trio.Nursery) ->
         assert await trades_until(watcher, 2) == [2]
         answer = await readyz(running)
         assert answer.json()["reason"].startswith("engine source 1: only refused frames (bad_mac)")
-        assert (await metrics(running))[up] == 0
+        assert (await metrics(running)).value("pushd_ingest_source_up", source="1") == 0
         market = UdpSender("127.0.0.1", running.ports.ingest_udp, src=1, key=KEYS[1])
         async with trio.open_nursery() as beats:
             beats.start_soon(beat_on, market)
             await marker.send([trade(3)])
             assert await trades_until(watcher, 3) == [3]
-            assert (await metrics(running))[up] == 1
+            assert (await metrics(running)).value("pushd_ingest_source_up", source="1") == 1
             assert (await readyz(running)).status_code == 200
             beats.cancel_scope.cancel()
     market.close()
@@ -436,12 +425,10 @@ async def test_demo_seals_its_feed_and_logs_no_key(tmp_path: Path) -> None:
         await process.wait()
         with trio.fail_after(10):
             await logs.until("stopped")
-    scrape = {(s.name, frozenset(s.labels.items())): s.value
-              for f in text_string_to_metric_families(text) for s in f.samples}  # fmt: skip
-    assert sum(v for (name, _), v in scrape.items()
-               if name == "pushd_ingest_refused_frames_total") == 0  # fmt: skip
+    scrape = Scrape(text)
+    assert scrape.total("pushd_ingest_refused_frames_total") == 0
     for src in ("1", "2"):
-        assert scrape[("pushd_ingest_source_up", frozenset({("source", src)}))] == 1
+        assert scrape.value("pushd_ingest_source_up", source=src) == 1
     logged = "\n".join(map(str, logs.lines))
     assert "ingest peer authenticated" in logged
     assert KEYS[1].decode() not in logged and KEYS[2].decode() not in logged

@@ -27,6 +27,7 @@ import pytest
 from conftest import PUBLISH_TOKEN, SECRET, order, trade
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from scrape import Scrape
 from test_fuzz import ENVELOPES, EXAMPLES, FUZZ, Daemon, Surface, daemon_ports, end, spawn_daemon
 
 from ingest import wire
@@ -192,12 +193,8 @@ class Honest:
 
     def verdicts(self) -> dict[str, float]:
         text = urllib.request.urlopen(f"http://127.0.0.1:{self.daemon.http}/metrics").read()
-        out: dict[str, float] = {}
-        for line in text.decode().splitlines():
-            if line.startswith('pushd_ingest_source_frames_total{source="1"'):
-                verdict = line.split('verdict="', 1)[1].split('"', 1)[0]
-                out[verdict] = float(line.rsplit(" ", 1)[1])
-        return out
+        samples = Scrape(text.decode()).samples("pushd_ingest_source_frames_total", source="1")
+        return {labels["verdict"]: value for labels, value in samples}
 
     def check_in_order(self) -> None:
         """Every frame sent so far was taken in order: no fuzz frame moved the numbering."""

@@ -6,7 +6,7 @@ from typing import Any
 
 import msgspec
 from structlog.testing import capture_logs
-from wsproto.frame_protocol import FrameDecoder
+from wsframes import frames
 
 from ingest import wire
 from pushd.bus.memory import MemoryBus
@@ -56,11 +56,7 @@ def test_new_subscribers_share_one_snapshot_per_seq_and_never_a_stale_one() -> N
     depth = Channel("depth_BTCUSDT", "BTCUSDT@depth", private=False, symbol="BTCUSDT")
 
     def first_event(outlet: Outlet) -> dict[str, Any]:
-        decoder = FrameDecoder(client=True, extensions=[])
-        decoder.receive_bytes(bytes(outlet.out))
-        frame = decoder.process_buffer()
-        assert frame is not None
-        event: dict[str, Any] = msgspec.json.decode(frame.payload)
+        event: dict[str, Any] = msgspec.json.decode(frames(bytes(outlet.out))[0][1])
         return event
 
     markets.book(wire.BookSnapshot("BTCUSDT", 0, 7, [("10", "1")], [("11", "2")], 0))

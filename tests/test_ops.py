@@ -17,17 +17,14 @@ import trio
 import trio_websocket
 import yaml
 from conftest import Running, make_config, open_client, order, start_daemon, subscribed
-from prometheus_client.parser import text_string_to_metric_families
 from redis_servers import RedisServer
+from scrape import Scrape
 
 from ingest.transport import UdpSender
 
 OPS = Path(__file__).resolve().parent.parent / "ops"
 PROMETHEUS_OWN = {"up"}  # series Prometheus makes itself
 TARGET_LABELS = {"instance", "job"}  # labels Prometheus adds to every scraped series
-SUFFIXES = {"counter": ("_total", "_created"), "histogram": ("_bucket", "_sum", "_count",
-            "_created"), "gauge": ("",), "info": ("_info",), "unknown": ("",)}  # fmt: skip
-
 # what the operations issue asks the daemon to export, by family
 REQUIRED = {
     "pushd_connections",  # by state
@@ -41,27 +38,6 @@ REQUIRED = {
     "pushd_bus_up", "pushd_bus_outbox", "pushd_bus_dropped", "pushd_leases_held",
     "pushd_ready", "pushd_build_info",
 }  # fmt: skip
-
-
-class Scrape:
-    """One /metrics answer: the exported series names (with the suffixes each type gets) and
-    the label names each family's samples carry."""
-
-    def __init__(self, text: str) -> None:
-        self.families: dict[str, Any] = {f.name: f for f in text_string_to_metric_families(text)}
-        self.labels: dict[str, set[str]] = {}
-        for family in self.families.values():
-            for suffix in SUFFIXES[family.type]:
-                self.labels[family.name + suffix] = set()
-            for sample in family.samples:
-                self.labels.setdefault(sample.name, set()).update(sample.labels)
-
-    def value(self, name: str, **labels: str) -> float:
-        for family in self.families.values():
-            for sample in family.samples:
-                if sample.name == name and labels.items() <= sample.labels.items():
-                    return float(sample.value)
-        raise KeyError(f"{name}{labels}")
 
 
 @pytest.fixture

@@ -8,6 +8,7 @@ from typing import Any
 import msgspec
 from conftest import make_config, open_client, start_daemon, subscribed
 from test_bus_expiry import at_once
+from wsframes import frames as server_frames
 
 from pushd.bus.memory import MemoryBus
 from pushd.bus.model import Entry, History, Outgoing, Position, Recovery
@@ -20,15 +21,8 @@ TRADES = Channel("trades_BTCUSDT", "BTCUSDT@trades", private=False, symbol="BTCU
 
 
 def frames(buf: bytes) -> list[Any]:
-    out, pos = [], 0
-    while pos < len(buf):
-        length = buf[pos + 1] & 0x7F
-        head = 2
-        if length == 126:
-            length, head = int.from_bytes(buf[pos + 2 : pos + 4], "big"), 4
-        out.append(msgspec.json.decode(buf[pos + head : pos + head + length]))
-        pos += head + length
-    return out
+    """The JSON of each frame in ``buf``."""
+    return [msgspec.json.decode(payload) for _, payload in server_frames(buf)]
 
 
 def raw(n: int) -> msgspec.Raw:

@@ -21,6 +21,7 @@ from conftest import (
     pushd_process,
     subscribed,
 )
+from scrape import Scrape
 from wsproto.events import RejectConnection
 
 from pushd import config as config_mod
@@ -129,8 +130,8 @@ async def test_sighup_applies_live_settings_and_drops_nobody(tmp_path: Path) -> 
                 headers={"authorization": f"Bearer {PUBLISH_TOKEN}"},
             )
             assert r.status_code == 200, r.text
-            metrics = (await api.get(f"http://127.0.0.1:{http}/metrics")).text
-            assert "pushd_connection_limit 1000.0" in metrics  # what the alert divides by
+            metrics = Scrape((await api.get(f"http://127.0.0.1:{http}/metrics")).text)
+            assert metrics.value("pushd_connection_limit") == 1000  # what the alert divides by
         assert (await old.recv())["data"] == {"id": 1}
         reply = await old.call({"op": "subscribe", "channel": "BTCUSDT@trades"})
         assert reply["code"] == 10  # over the new max_subscriptions of 1

@@ -31,7 +31,8 @@ from conftest import (
     pushd_process,
 )  # fmt: skip
 from redis_servers import RedisServer
-from test_ops import OPS, Scrape, check_expression
+from scrape import Scrape
+from test_ops import OPS, check_expression
 
 from pushd.auth import issue_hmac_token
 

@@ -1,12 +1,20 @@
 """A WebSocket client's bytes built by hand, for the hostile tests, the fuzz and the soak: what
 wsproto would refuse to send (an empty continuation, a length the server must not believe, a
-frame in odd states) is the point. Plain blocking sockets: the client side is deliberately dumb."""
+frame in odd states) is the point. Plain blocking sockets: the client side is deliberately dumb.
+
+What the server sends back is read with wsproto's own frame decoder (``frames``,
+``ServerFrames``, ``read_frame``): one parser for every test, and a strict one (a frame a
+client must refuse raises ``ParseFailed``)."""
 
 from __future__ import annotations
 
 import socket
 import ssl
 import struct
+import weakref
+from collections import deque
+
+from wsproto.frame_protocol import FrameDecoder, Opcode
 
 KEY = b"dGhlIHNhbXBsZSBub25jZQ=="
 MASK_KEY = b"\x37\xfa\x21\x3d"
@@ -55,3 +63,57 @@ def ws_connect(port: int, tls: ssl.SSLContext | None = None) -> socket.socket:
     if not answer.startswith(b"HTTP/1.1 101"):
         raise ConnectionError(answer[:80].decode("latin-1"))
     return sock
+
+
+ServerFrame = tuple[Opcode, bytes]  # a whole frame: its opcode and its payload in one piece
+
+
+class ServerFrames:
+    """wsproto's ``FrameDecoder`` over the bytes a server sends, fed as they are read: each
+    frame once it is whole (the decoder hands out pieces of a long payload; they are joined)."""
+
+    def __init__(self) -> None:
+        self._decoder = FrameDecoder(client=True, extensions=[])
+        self._pieces: list[bytes] = []
+        self._opcode = Opcode.CONTINUATION  # the first piece's (later pieces say CONTINUATION)
+        self.pending: deque[ServerFrame] = deque()  # fed, not taken yet (``read_frame``)
+
+    def feed(self, data: bytes) -> list[ServerFrame]:
+        """The frames ``data`` completed (also appended to ``pending``)."""
+        self._decoder.receive_bytes(data)
+        done: list[ServerFrame] = []
+        while (frame := self._decoder.process_buffer()) is not None:
+            assert isinstance(frame.payload, bytes)  # FrameDecoder leaves payloads raw
+            if not self._pieces:
+                self._opcode = frame.opcode
+            self._pieces.append(frame.payload)
+            if frame.frame_finished:
+                done.append((self._opcode, b"".join(self._pieces)))
+                self._pieces.clear()
+        self.pending.extend(done)
+        return done
+
+
+def frames(data: bytes) -> list[ServerFrame]:
+    """Every whole server frame in ``data`` (an unfinished one at its end is left out)."""
+    return ServerFrames().feed(data)
+
+
+def close_code(payload: bytes) -> int | None:
+    """The code of a close frame's payload, or None when it carries none."""
+    return int(struct.unpack(">H", payload[:2])[0]) if len(payload) >= 2 else None
+
+
+_READERS: weakref.WeakKeyDictionary[socket.socket, ServerFrames] = weakref.WeakKeyDictionary()
+
+
+def read_frame(sock: socket.socket) -> ServerFrame:
+    """The next whole frame the server sent on ``sock``, blocking; what a read brought past it
+    is kept (per socket) for the next call."""
+    reader = _READERS.setdefault(sock, ServerFrames())
+    while not reader.pending:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ConnectionError("EOF")
+        reader.feed(chunk)
+    return reader.pending.popleft()
