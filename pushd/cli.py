@@ -158,10 +158,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     async def main() -> None:
         engine = config.engine
         async with trio.open_nursery() as nursery:
-            await nursery.start(
+            snapshot_port = await nursery.start(
                 serve_snapshots, market.book, engine.snapshot_host, engine.snapshot_port
             )
-            daemon = Daemon(config)
+            # snapshot_port 0: the engine took a free port, which the daemon polls
+            engine = msgspec.structs.replace(engine, snapshot_port=snapshot_port)
+            daemon = Daemon(msgspec.structs.replace(config, engine=engine))
             daemon.api.demo_login = demo_login
             started = time.perf_counter()
             past = market.history(int(args.history_h * 3_600_000), time.time_ns() // 1_000_000)

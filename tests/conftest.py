@@ -276,6 +276,13 @@ class Logs:
         return matching()
 
 
+def ready_ports(logs: Logs, index: int = 0) -> Ports:
+    """The ports a ``pushd`` process bound, from its ``index``-th "pushd ready" line (start it
+    with port 0 everywhere: the kernel picks free ports, no check-then-bind race)."""
+    line = [line for line in logs.lines if line.get("event") == "pushd ready"][index]
+    return Ports(**{field: line[field] for field in Ports.__struct_fields__})
+
+
 @asynccontextmanager
 async def pushd_process(
     command: list[str], ready: int = 1, env: dict[str, str] | None = None
