@@ -1,9 +1,12 @@
-"""What the benchmarks share: free ports, a ``pushd run`` server process, its CPU and RSS."""
+"""What the benchmarks share: free ports, a ``pushd run`` server process, its CPU and RSS.
+
+The benchmarks choose their servers' ports (``free_port``, the tests' ``ports`` module): a
+``pushd run`` here logs at ``warning``, where its "pushd ready" line (which names the ports it
+bound to port 0) is not written, so the servers' costs stay what earlier runs measured."""
 
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -15,12 +18,8 @@ from pathlib import Path
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-
-def free_port(kind: int = socket.SOCK_STREAM) -> int:
-    with socket.socket(socket.AF_INET, kind) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # ports
+from ports import free_port as free_port
 
 
 def proc_cpu_seconds(pid: int) -> float:

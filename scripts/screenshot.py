@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -21,13 +20,6 @@ import threading
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port(kind: int = socket.SOCK_STREAM) -> int:
-    with socket.socket(socket.AF_INET, kind) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def main() -> int:
@@ -40,9 +32,9 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="pushd-shot-") as tmp:
         config = Path(tmp) / "demo.toml"
         config.write_text(
-            f"[websocket]\nport = {free_port()}\n[http]\nport = {free_port()}\n"
-            f"[ingest]\ntcp_port = {free_port()}\nudp_port = {free_port(socket.SOCK_DGRAM)}\n"
-            f'[engine]\nsnapshot_port = {free_port()}\n[log]\nformat = "json"\n'
+            # port 0 everywhere: the kernel picks, the "pushd ready" line names the HTTP port
+            "[websocket]\nport = 0\n[http]\nport = 0\n[ingest]\ntcp_port = 0\nudp_port = 0\n"
+            '[engine]\nsnapshot_port = 0\n[log]\nformat = "json"\n'
         )
         demo = subprocess.Popen(
             [sys.executable, "-m", "pushd", "demo", "--config", str(config)],

@@ -1,5 +1,8 @@
-"""Free loopback ports for the servers the tests and scripts start (check, then bind: a
-small race, kept small by binding every port of a block at once)."""
+"""Free loopback ports for servers that cannot bind port 0 themselves (check, then bind: a
+small race, kept small by binding every port of a block at once): redis-server, and the
+ports ``pushd run --workers`` shares between its children. A pushd process binds port 0 and
+names the ports it got in its "pushd ready" line (``conftest.ready_ports``); the tests and
+scripts read them there. ``scripts/`` import this module too (``benchlib``)."""
 
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import msgspec
 import trio
-from conftest import free_port, make_config, open_client, start_daemon
+from conftest import make_config, open_client, start_daemon
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -27,15 +27,19 @@ from pushd.http.api import serve_http
 
 
 class LoginServer:
-    """The exchange's login endpoint on a fixed port: slow to refuse, quick to accept."""
+    """The exchange's login endpoint: slow to refuse, quick to accept. Its first run binds a
+    port the kernel picks; a restart binds the same one."""
 
-    def __init__(self, port: int) -> None:
-        self.port = port
-        self.url = f"http://127.0.0.1:{port}/login"
+    def __init__(self) -> None:
+        self.port = 0
         self.calls = 0
         self.good_calls = 0
         self._scope: trio.CancelScope | None = None
         self.app = Starlette(routes=[Route("/login", self.login, methods=["POST"])])
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/login"
 
     async def login(self, request: Request) -> JSONResponse:
         self.calls += 1
@@ -49,7 +53,9 @@ class LoginServer:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         with trio.CancelScope() as self._scope:
             async with trio.open_nursery() as nursery:
-                await nursery.start(serve_http, self.app, "127.0.0.1", self.port, trio.Event())
+                self.port = await nursery.start(
+                    serve_http, self.app, "127.0.0.1", self.port, trio.Event()
+                )
                 task_status.started()
 
     def kill(self) -> None:
@@ -91,7 +97,7 @@ async def bad_logins(url: str, replies: Replies) -> None:
 async def test_a_bad_token_burst_is_capped_counted_and_survives_an_endpoint_restart(
     nursery: trio.Nursery,
 ) -> None:
-    server = LoginServer(free_port())
+    server = LoginServer()
     await nursery.start(server.run)
     auth = {"kind": "http", "http": {"url": server.url, "timeout_s": 1.0, "cache_ttl_s": 0}}
     running = await start_daemon(

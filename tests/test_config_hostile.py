@@ -26,7 +26,7 @@ from typing import Any
 import msgspec
 import pytest
 import trio
-from conftest import SECRET, Client, Logs, free_port, open_client
+from conftest import SECRET, Client, Logs, open_client, ready_ports
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -362,9 +362,10 @@ def test_fuzz_found_both_outcomes() -> None:
 # -- reload in a real daemon -----------------------------------------------------------------
 
 
-def good_config(ws: int, http: int, level: str = "info") -> bytes:
+def good_config(level: str = "info") -> bytes:
+    """Port 0 everywhere: the running daemon's ports come from its ready line."""
     return (
-        f"[websocket]\nport = {ws}\n[http]\nport = {http}\n[auth.hmac]\nsecret = '{SECRET}'\n"
+        f"[websocket]\nport = 0\n[http]\nport = 0\n[auth.hmac]\nsecret = '{SECRET}'\n"
         "[ingest]\nudp_enabled = false\ntcp_enabled = false\n[engine]\n"
         f"snapshot_enabled = false\n[log]\nformat = 'json'\nlevel = '{level}'\n"
     ).encode()
@@ -403,10 +404,9 @@ async def slow_file_is_parsed_aside(
 async def test_sighup_with_every_bad_file_keeps_serving() -> None:
     """A running daemon given each broken file by SIGHUP logs the refusal, keeps its config
     and serves its client and new ones; a good file after all that still reloads."""
-    ws, http = free_port(), free_port()
     with shared_dir() as folder:
         path = folder / "pushd.toml"
-        path.write_bytes(good_config(ws, http))
+        path.write_bytes(good_config())
         path.chmod(0o644)
         process = await trio.lowlevel.open_process(
             [*AS_USER, sys.executable, "-m", "pushd", "run", "--config", str(path)],
@@ -417,7 +417,7 @@ async def test_sighup_with_every_bad_file_keeps_serving() -> None:
             logs = Logs(process.stderr)
             with trio.fail_after(30):
                 await logs.until("pushd ready")
-            url = f"ws://127.0.0.1:{ws}/ws"
+            url = f"ws://127.0.0.1:{ready_ports(logs).websocket}/ws"
             async with open_client(url) as old:
                 reply = await old.call({"op": "auth", "token": issue_hmac_token(SECRET, "1", 60)})
                 assert reply["result"] is True
@@ -436,7 +436,7 @@ async def test_sighup_with_every_bad_file_keeps_serving() -> None:
                         assert (await new.call({"op": "auth", "token": token}))["result"], kind
                 await slow_file_is_parsed_aside(process, logs, path, old, len(BAD_FILES) + 1)
                 clear(path)
-                path.write_bytes(good_config(ws, http, level="warning"))
+                path.write_bytes(good_config(level="warning"))
                 process.send_signal(signal.SIGHUP)
                 with trio.fail_after(10):
                     (reloaded,) = await logs.until("config reloaded")

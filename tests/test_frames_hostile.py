@@ -40,7 +40,7 @@ from conftest import (
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from scrape import Scrape
-from test_fuzz import daemon_ports, spawn_daemon
+from test_fuzz import spawn_daemon
 from wsframes import ServerFrames, client_frame, close_code, ws_connect
 from wsproto.events import AcceptConnection, CloseConnection, Pong, TextMessage
 
@@ -358,13 +358,12 @@ def daemon_port(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int,
     """A ``pushd run`` process (default frame limits, a 1 s message timeout): its WebSocket
     and HTTP ports and its log file."""
     tmp = tmp_path_factory.mktemp("frames")
-    ports = daemon_ports()
-    for running in spawn_daemon(tmp, ports, (
-        f"[websocket]\nport = {ports['ws']}\nmax_connections_per_ip = 100000\n"
-        f"handshakes_per_second = 1e9\n[http]\nport = {ports['http']}\n[auth.hmac]\nsecret = 's'\n"
+    for running in spawn_daemon(tmp, (
+        "[websocket]\nport = 0\nmax_connections_per_ip = 100000\n"
+        "handshakes_per_second = 1e9\n[http]\nport = 0\n[auth.hmac]\nsecret = 's'\n"
         "[engine]\nsnapshot_enabled = false\n"
         "[ingest]\nallow_unauthenticated = true\n"  # no engine keys here
-        f"udp_port = {ports['udp']}\ntcp_port = {ports['tcp']}\n"
+        "udp_port = 0\ntcp_port = 0\n"
         "[limits]\nmessage_timeout_s = 1.0\n[log]\nformat = 'json'\n"
     )):  # fmt: skip
         yield running.ws, running.http, running.log

@@ -31,7 +31,7 @@ from pathlib import Path
 import msgspec
 import pytest
 import trustme
-from conftest import PUBLISH_TOKEN, SECRET, free_port
+from conftest import PUBLISH_TOKEN, SECRET
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from redis_servers import RedisServer
@@ -87,23 +87,25 @@ class Daemon:
         assert self.metric("pushd_connections_closed_by_server_total", reason="internal_error") == 0
 
 
-def daemon_ports() -> dict[str, int]:
-    return {"ws": free_port(), "http": free_port(), "udp": free_port(socket.SOCK_DGRAM),
-            "tcp": free_port()}  # fmt: skip
-
-
-def spawn_daemon(tmp: Path, ports: dict[str, int], config_text: str) -> Iterator[Daemon]:
-    """``pushd run`` on ``config_text`` (which uses ``ports``), once it answers /readyz;
-    terminated after the ``yield``. Its stdout and stderr go to ``tmp / "daemon.log"``."""
+def spawn_daemon(tmp: Path, config_text: str) -> Iterator[Daemon]:
+    """``pushd run`` on ``config_text`` (port 0 everywhere: the ports bound come from its ready
+    line), once it answers /readyz; terminated after the ``yield``. Its stdout and stderr go to
+    ``tmp / "daemon.log"`` (a JSON log: ``[log] format = 'json'``)."""
     config = tmp / "pushd.toml"
     config.write_text(config_text)
     log = tmp / "daemon.log"
     with log.open("wb") as out:
         proc = subprocess.Popen([sys.executable, "-m", "pushd", "run", "--config", str(config)],
                                 stdout=out, stderr=out, stdin=subprocess.DEVNULL)  # fmt: skip
-    running = Daemon(proc, ports["ws"], ports["http"], ports["udp"], ports["tcp"], log)
     try:
         deadline = time.monotonic() + 30
+        while not (ready := [line for line in log.read_text().splitlines()
+                             if '"pushd ready"' in line]):  # fmt: skip
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)  # a file another process writes: nothing to await
+        ports = json.loads(ready[0])
+        running = Daemon(proc, ports["websocket"], ports["http"], ports["ingest_udp"],
+                         ports["ingest_tcp"], log)  # fmt: skip
         while True:
             try:
                 urllib.request.urlopen(f"http://127.0.0.1:{running.http}/readyz")
@@ -119,17 +121,15 @@ def spawn_daemon(tmp: Path, ports: dict[str, int], config_text: str) -> Iterator
 
 def run_daemon(tmp: Path, extra_config: str = "") -> Iterator[Daemon]:
     """A real ``pushd run`` process on free ports, with limits opened for fuzzing."""
-    ports = daemon_ports()
     yield from spawn_daemon(
         tmp,
-        ports,
         (
-            f"[websocket]\nport = {ports['ws']}\nmax_connections_per_ip = 100000\n"
+            "[websocket]\nport = 0\nmax_connections_per_ip = 100000\n"
             "handshakes_per_second = 1e9\n"
-            f"[http]\nport = {ports['http']}\npublish_token = '{PUBLISH_TOKEN}'\n"
+            f"[http]\nport = 0\npublish_token = '{PUBLISH_TOKEN}'\n"
             f"[auth.hmac]\nsecret = '{SECRET}'\n[engine]\nsnapshot_enabled = false\n"
             "[ingest]\nallow_unauthenticated = true\n"  # no engine keys here
-            f"udp_port = {ports['udp']}\ntcp_port = {ports['tcp']}\n"
+            "udp_port = 0\ntcp_port = 0\n"
             "[limits]\nmessages_per_second = 1e9\nmessage_burst = 1000000\n"
             "failed_logins_per_minute = 1e9\nfailed_login_burst = 1000000\n"
             "handshake_timeout_s = 2.0\n"

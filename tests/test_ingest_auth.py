@@ -22,11 +22,11 @@ from conftest import (
     SECRET,
     Client,
     Running,
-    free_port,
     make_config,
     open_client,
     order,
     pushd_process,
+    ready_ports,
     start_daemon,
     subscribed,
     trade,
@@ -376,7 +376,7 @@ async def test_sim_seals_with_the_keys_of_the_config_file(
         f"[ingest]\nudp_port = {running.ports.ingest_udp}\ntcp_port = {running.ports.ingest_tcp}\n"
         f"sources = [{{id = 1, key = '{KEYS[1].decode()}'}},\n"
         f"  {{id = 2, key = '{KEYS[2].decode()}', private = true}}]\n"
-        f"[engine]\nsnapshot_port = {free_port()}\n[log]\nformat = 'json'\n"
+        "[engine]\nsnapshot_port = 0\n[log]\nformat = 'json'\n"  # nobody polls it here
     )
     process = await trio.lowlevel.open_process(
         [*PUSHD, "sim", "--config", str(config), "--rate", "20", "--step-ms", "20"],
@@ -400,17 +400,17 @@ async def test_demo_seals_its_feed_and_logs_no_key(tmp_path: Path) -> None:
     taken, both sources are up, and no key appears in a debug log."""
     key_file = tmp_path / "market.key"
     key_file.write_text(KEYS[1].decode() + "\n")
-    http, ws = free_port(), free_port()
     config = tmp_path / "pushd.toml"
     config.write_text(
-        f"[websocket]\nport = {ws}\n[http]\nport = {http}\n[auth.hmac]\nsecret = '{SECRET}'\n"
-        f"[ingest]\nudp_port = {free_port(socket.SOCK_DGRAM)}\ntcp_port = {free_port()}\n"
+        f"[websocket]\nport = 0\n[http]\nport = 0\n[auth.hmac]\nsecret = '{SECRET}'\n"
+        "[ingest]\nudp_port = 0\ntcp_port = 0\n"
         f"sources = [{{id = 1, key_file = '{key_file}'}},\n"
         f"  {{id = 2, key = '{KEYS[2].decode()}', private = true}}]\n"
-        f"[engine]\nsnapshot_port = {free_port()}\n[log]\nformat = 'json'\nlevel = 'debug'\n"
+        "[engine]\nsnapshot_port = 0\n[log]\nformat = 'json'\nlevel = 'debug'\n"
     )
     command = [*PUSHD, "demo", "--config", str(config), "--history-h", "0"]
     async with pushd_process(command) as (process, logs):
+        ws, http = ready_ports(logs).websocket, ready_ports(logs).http
         async with open_client(f"ws://127.0.0.1:{ws}/ws") as c:
             await c.call({"op": "auth", "token": issue_hmac_token(SECRET, "1001", 60)})
             await c.call({"op": "subscribe", "channel": ["BTCUSDT@trades", "@balance"]})

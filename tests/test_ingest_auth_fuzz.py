@@ -28,7 +28,7 @@ from conftest import PUBLISH_TOKEN, SECRET, order, trade
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from scrape import Scrape
-from test_fuzz import ENVELOPES, EXAMPLES, FUZZ, Daemon, Surface, daemon_ports, end, spawn_daemon
+from test_fuzz import ENVELOPES, EXAMPLES, FUZZ, Daemon, Surface, end, spawn_daemon
 
 from ingest import wire
 from ingest.framing import Framer
@@ -138,15 +138,13 @@ def test_a_stranger_changes_nothing_for_the_honest_source(steps: list[tuple[str,
 def run_sealed_daemon(tmp: Path) -> Iterator[Daemon]:
     """A real ``pushd run`` taking sealed frames only: source 1 (the honest one), source 3
     (whose key the fuzzer holds)."""
-    ports = daemon_ports()
     yield from spawn_daemon(
         tmp,
-        ports,
         (
-            f"[websocket]\nport = {ports['ws']}\n[http]\nport = {ports['http']}\n"
+            "[websocket]\nport = 0\n[http]\nport = 0\n"
             f"publish_token = '{PUBLISH_TOKEN}'\n[auth.hmac]\nsecret = '{SECRET}'\n"
             f"[engine]\nsnapshot_enabled = false\n"
-            f"[ingest]\nudp_port = {ports['udp']}\ntcp_port = {ports['tcp']}\n"
+            "[ingest]\nudp_port = 0\ntcp_port = 0\n"
             "auth_timeout_s = 1.0\n"
             f"sources = [{{id = 1, key = '{HONEST_KEY.decode()}', private = true,"
             " silent_after_s = 0},"

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import trio
-from conftest import SECRET, free_port, open_client
+from conftest import SECRET, open_client
 
 from pushd.auth import issue_hmac_token
 
@@ -29,12 +29,11 @@ IDS = {  # event -> the fields every line of it must carry
 
 
 async def test_every_line_has_its_shape(tmp_path: Path) -> None:
-    ws, http, udp = free_port(), free_port(), free_port(socket.SOCK_DGRAM)
     config = tmp_path / "pushd.toml"
     config.write_text(
-        f"[websocket]\nport = {ws}\n[http]\nport = {http}\n[auth.hmac]\nsecret = '{SECRET}'\n"
+        f"[websocket]\nport = 0\n[http]\nport = 0\n[auth.hmac]\nsecret = '{SECRET}'\n"
         "[ingest]\nallow_unauthenticated = true\n"  # no engine keys here
-        f"udp_port = {udp}\ntcp_port = 0\n[engine]\nsnapshot_enabled = false\n"
+        "udp_port = 0\ntcp_port = 0\n[engine]\nsnapshot_enabled = false\n"
         "[log]\nformat = 'json'\n"
     )
     process = await trio.lowlevel.open_process(
@@ -46,6 +45,8 @@ async def test_every_line_has_its_shape(tmp_path: Path) -> None:
     with trio.fail_after(30):
         while b'"pushd ready"' not in text:
             text += await process.stderr.receive_some()
+    (ready,) = [json.loads(line) for line in text.splitlines() if b'"pushd ready"' in line]
+    ws, udp = ready["websocket"], ready["ingest_udp"]  # the ports the kernel picked
     async with open_client(f"ws://127.0.0.1:{ws}/ws") as client:
         await client.call({"op": "auth", "token": "forged"})
         await client.call({"op": "auth", "token": issue_hmac_token(SECRET, "1001", 60)})

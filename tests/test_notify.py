@@ -6,12 +6,11 @@ from __future__ import annotations
 import os
 import signal
 import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import trio
-from conftest import SECRET, free_port
+from conftest import SECRET, pushd_process, ready_ports
 
 from pushd.notify import Notifier, message
 
@@ -33,24 +32,21 @@ async def test_ready_watchdog_and_stopping_on_a_real_socket(tmp_path: Path) -> N
     path = tmp_path / "notify.sock"
     with trio.socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as listener:
         await listener.bind(str(path))
-        ws, http = free_port(), free_port()
         config = tmp_path / "pushd.toml"
         config.write_text(
-            f"[websocket]\nport = {ws}\n[http]\nport = {http}\n[auth.hmac]\nsecret = '{SECRET}'\n"
+            f"[websocket]\nport = 0\n[http]\nport = 0\n[auth.hmac]\nsecret = '{SECRET}'\n"
             "[ingest]\nallow_unauthenticated = true\n"  # no engine keys here
             "udp_port = 0\ntcp_port = 0\n[engine]\nsnapshot_enabled = false\n"
-            "[log]\nformat = 'json'\nlevel = 'warning'\n"
+            "[log]\nformat = 'json'\n"
         )
-        env = {**os.environ, "NOTIFY_SOCKET": str(path), "WATCHDOG_USEC": "200000"}
-        process = await trio.lowlevel.open_process(
-            [sys.executable, "-m", "pushd", "run", "--config", str(config)],
-            env=env, stdin=subprocess.DEVNULL,
-        )  # fmt: skip
-        try:
+        env = {"NOTIFY_SOCKET": str(path), "WATCHDOG_USEC": "200000"}
+        command = [sys.executable, "-m", "pushd", "run", "--config", str(config)]
+        async with pushd_process(command, env=env) as (process, logs):
             with trio.fail_after(30):
                 first = (await listener.recv(4096)).decode().split("\n")
                 assert first[0] == "READY=1" and first[1].startswith("STATUS=0 connections")
-                with socket.create_connection(("127.0.0.1", ws)):  # bound before READY was sent
+                ws = ready_ports(logs).websocket  # bound before READY was sent
+                with socket.create_connection(("127.0.0.1", ws)):
                     pass
                 pings = 0
                 while pings < 3:  # every 0.1 s (half of 0.2 s), from the event loop
@@ -61,7 +57,3 @@ async def test_ready_watchdog_and_stopping_on_a_real_socket(tmp_path: Path) -> N
                 while not (got := (await listener.recv(4096)).decode()).startswith("STOPPING=1"):
                     assert got.startswith("WATCHDOG=1"), got
                 assert await process.wait() == 0
-        finally:
-            if process.returncode is None:
-                process.kill()
-                await process.wait()

@@ -4,14 +4,13 @@ installs from (example config, systemd unit, alert rules, dashboard), a daemon t
 
 from __future__ import annotations
 
+import json
 import shutil
 import signal
 import subprocess
 import sys
 import urllib.request
 from pathlib import Path
-
-from conftest import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -56,10 +55,9 @@ def test_pip_install_outside_the_checkout(tmp_path: Path) -> None:
         assert Path(path).is_file() and Path(path).is_relative_to(venv), path
     subprocess.run([pushd, "check-config", "--config", shipped[0]], check=True, cwd=tmp_path,
                    capture_output=True)  # fmt: skip
-    http_port = free_port()
     config = tmp_path / "pushd.toml"
     config.write_text(
-        f"[websocket]\nport = 0\n[http]\nport = {http_port}\n[auth.hmac]\nsecret = 's'\n"
+        "[websocket]\nport = 0\n[http]\nport = 0\n[auth.hmac]\nsecret = 's'\n"
         "[ingest]\nallow_unauthenticated = true\n"  # no engine keys here
         "udp_port = 0\ntcp_port = 0\n[engine]\nsnapshot_enabled = false\n"
         "[log]\nformat = 'json'\n"
@@ -68,8 +66,9 @@ def test_pip_install_outside_the_checkout(tmp_path: Path) -> None:
                               stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)  # fmt: skip
     try:
         assert daemon.stderr is not None
-        for line in daemon.stderr:  # the daemon says when it listens
+        for line in daemon.stderr:  # the daemon says when it listens, and on which ports
             if b'"pushd ready"' in line:
+                http_port = json.loads(line)["http"]
                 break
         with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/", timeout=10) as page:
             assert b"<html" in page.read().lower()  # the page comes from the installed package

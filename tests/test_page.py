@@ -9,9 +9,7 @@ page (no polling sleeps in the test).
 from __future__ import annotations
 
 import itertools
-import secrets
 import shutil
-import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -23,7 +21,9 @@ import httpx
 import msgspec
 import trio
 import trio_websocket
-from conftest import free_port, pushd_process
+from conftest import SECRET, pushd_process, ready_ports
+
+from pushd.daemon import Ports
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 FLAGS = [
@@ -80,27 +80,27 @@ async def devtools_port(stderr: trio.abc.ReceiveStream) -> int:
     return int(line.split(b"/", 1)[0].rsplit(b":", 1)[1])
 
 
-def demo_config(tmp_path: Path) -> Path:
-    """Fixed free ports, so that a restarted demo is found again by the page."""
+def demo_config(tmp_path: Path, websocket: int = 0, http: int = 0) -> Path:
+    """The first demo binds ports the kernel picks; a restarted one the same WebSocket and HTTP
+    ports, so that the page finds it again."""
     path = tmp_path / "demo.toml"
     path.write_text(
-        f"[websocket]\nport = {free_port()}\n[http]\nport = {free_port()}\n"
-        f"[ingest]\ntcp_port = {free_port()}\nudp_port = {free_port(socket.SOCK_DGRAM)}\n"
-        f'[engine]\nsnapshot_port = {free_port()}\n[log]\nformat = "json"\n'
-        f'[auth.hmac]\nsecret = "{secrets.token_urlsafe(32)}"\n'  # a login outlives a restart
+        f"[websocket]\nport = {websocket}\n[http]\nport = {http}\n"
+        "[ingest]\ntcp_port = 0\nudp_port = 0\n"
+        '[engine]\nsnapshot_port = 0\n[log]\nformat = "json"\n'
+        f'[auth.hmac]\nsecret = "{SECRET}"\n'  # a login outlives a restart
     )
     return path
 
 
 @asynccontextmanager
-async def demo(config: Path, nursery: trio.Nursery) -> AsyncIterator[tuple[trio.Process, str]]:
-    """``pushd demo`` (one hour of history: quick), and its page's address."""
+async def demo(config: Path, nursery: trio.Nursery) -> AsyncIterator[tuple[trio.Process, Ports]]:
+    """``pushd demo`` (one hour of history: quick), and the ports it bound."""
     command = [sys.executable, "-m", "pushd", "demo", "--config", str(config), "--history-h", "1"]
     async with pushd_process(command) as (process, logs):
-        ready = (await logs.until("pushd ready"))[0]
         assert process.stderr is not None
         nursery.start_soon(_drain, process.stderr)  # a full pipe would stop the demo
-        yield process, f"http://127.0.0.1:{ready['http']}"
+        yield process, ready_ports(logs)
 
 
 @asynccontextmanager
@@ -190,7 +190,8 @@ async def test_market_page_in_a_browser(nursery: trio.Nursery, tmp_path: Path) -
     config = demo_config(tmp_path)
     async with browser(tmp_path, nursery) as tools:
         with trio.fail_after(90):
-            async with demo(config, nursery) as (process, url):
+            async with demo(config, nursery) as (process, ports):
+                url = f"http://127.0.0.1:{ports.http}"
                 await tools.call("Page.enable")
                 await tools.call("Page.navigate", url=f"{url}/")
                 await tools.wait_event("Page.loadEventFired")
@@ -208,7 +209,8 @@ async def test_market_page_in_a_browser(nursery: trio.Nursery, tmp_path: Path) -
                 await process.wait()
                 shown = await tools.evaluate(STATUS.format(until=UNTIL, state='"reconnecting"'))
                 assert shown.startswith("reconnecting"), shown
-            async with demo(config, nursery):  # the same ports: the page finds it again
+            config = demo_config(tmp_path, ports.websocket, ports.http)  # the same ports
+            async with demo(config, nursery):  # the page finds it again
                 assert await tools.evaluate(STATUS.format(until=UNTIL, state='"live"')) == "live"
                 after = await tools.evaluate(AFTER_RESTART)
                 # a new daemon: a new epoch on every stream, so nothing could be replayed and

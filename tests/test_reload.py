@@ -15,10 +15,10 @@ from conftest import (
     PUBLISH_TOKEN,
     SECRET,
     RawClient,
-    free_port,
     make_config,
     open_client,
     pushd_process,
+    ready_ports,
     subscribed,
 )
 from scrape import Scrape
@@ -98,78 +98,79 @@ def write_config(
 
 
 async def test_sighup_applies_live_settings_and_drops_nobody(tmp_path: Path) -> None:
-    ws, http = free_port(), free_port()
     path = tmp_path / "pushd.toml"
-    write_config(path, ws, http, SECRET)
-    url = f"ws://127.0.0.1:{ws}/ws"
+    write_config(path, 0, 0, SECRET)  # the kernel picks the ports: the ready line names them
     command = [sys.executable, "-m", "pushd", "run", "--config", str(path)]
-    async with pushd_process(command) as (process, logs), open_client(url) as old:
-        login = await old.call({"op": "auth", "token": issue_hmac_token(SECRET, "1001", 60)})
-        assert login["result"] is True
-        assert subscribed(await old.call({"op": "subscribe", "channel": "@order"}), "@order")
+    async with pushd_process(command) as (process, logs):
+        ws, http = ready_ports(logs).websocket, ready_ports(logs).http
+        url = f"ws://127.0.0.1:{ws}/ws"
+        async with open_client(url) as old:
+            login = await old.call({"op": "auth", "token": issue_hmac_token(SECRET, "1001", 60)})
+            assert login["result"] is True
+            assert subscribed(await old.call({"op": "subscribe", "channel": "@order"}), "@order")
 
-        write_config(
-            path, free_port(), http, NEW_SECRET, origins="['https://exchange.example']",
-            subscriptions=1, level="warning", connections=1000,
-        )  # fmt: skip
-        process.send_signal(signal.SIGHUP)
-        with trio.fail_after(10):
-            (reloaded,) = await logs.until("config reloaded")
-            (kept,) = await logs.until("config change needs a restart: running value kept")
-        assert {"auth.hmac.secret", "limits.max_subscriptions", "log.level",
-                "websocket.allowed_origins"} <= set(reloaded["applied"])  # fmt: skip
-        assert kept["keys"] == ["websocket.port"]
-        mark = len(logs.lines)
+            write_config(
+                path, 1, 0, NEW_SECRET, origins="['https://exchange.example']",
+                subscriptions=1, level="warning", connections=1000,
+            )  # fmt: skip
+            process.send_signal(signal.SIGHUP)
+            with trio.fail_after(10):
+                (reloaded,) = await logs.until("config reloaded")
+                (kept,) = await logs.until("config change needs a restart: running value kept")
+            assert {"auth.hmac.secret", "limits.max_subscriptions", "log.level",
+                    "websocket.allowed_origins"} <= set(reloaded["applied"])  # fmt: skip
+            assert kept["keys"] == ["websocket.port"]
+            mark = len(logs.lines)
 
-        # the connected client is still served, and lives under the new limits
-        assert (await old.call({"op": "ping"}))["op"] == "pong"
-        async with httpx.AsyncClient() as api:
-            r = await api.post(
-                f"http://127.0.0.1:{http}/v1/publish",
-                json={"channel": "user_1001_order", "data": {"id": 1}},
-                headers={"authorization": f"Bearer {PUBLISH_TOKEN}"},
-            )
-            assert r.status_code == 200, r.text
-            metrics = Scrape((await api.get(f"http://127.0.0.1:{http}/metrics")).text)
-            assert metrics.value("pushd_connection_limit") == 1000  # what the alert divides by
-        assert (await old.recv())["data"] == {"id": 1}
-        reply = await old.call({"op": "subscribe", "channel": "BTCUSDT@trades"})
-        assert reply["code"] == 10  # over the new max_subscriptions of 1
+            # the connected client is still served, and lives under the new limits
+            assert (await old.call({"op": "ping"}))["op"] == "pong"
+            async with httpx.AsyncClient() as api:
+                r = await api.post(
+                    f"http://127.0.0.1:{http}/v1/publish",
+                    json={"channel": "user_1001_order", "data": {"id": 1}},
+                    headers={"authorization": f"Bearer {PUBLISH_TOKEN}"},
+                )
+                assert r.status_code == 200, r.text
+                metrics = Scrape((await api.get(f"http://127.0.0.1:{http}/metrics")).text)
+                assert metrics.value("pushd_connection_limit") == 1000  # what the alert divides by
+            assert (await old.recv())["data"] == {"id": 1}
+            reply = await old.call({"op": "subscribe", "channel": "BTCUSDT@trades"})
+            assert reply["code"] == 10  # over the new max_subscriptions of 1
 
-        # new connections: the new secret, the new origin rule; the old port stays
-        async with open_client(url) as new:
-            failed = await new.call({"op": "auth", "token": issue_hmac_token(SECRET, "7", 60)})
-            assert failed["code"]
-            ok = await new.call({"op": "auth", "token": issue_hmac_token(NEW_SECRET, "7", 60)})
-            assert ok["result"] is True
-        raw = await RawClient.connect(ws, headers=[(b"origin", b"https://evil.example")])
-        answer = await raw.handshake()
-        assert isinstance(answer, RejectConnection) and answer.status_code == 403
-        await raw.aclose()
+            # new connections: the new secret, the new origin rule; the old port stays
+            async with open_client(url) as new:
+                failed = await new.call({"op": "auth", "token": issue_hmac_token(SECRET, "7", 60)})
+                assert failed["code"]
+                ok = await new.call({"op": "auth", "token": issue_hmac_token(NEW_SECRET, "7", 60)})
+                assert ok["result"] is True
+            raw = await RawClient.connect(ws, headers=[(b"origin", b"https://evil.example")])
+            answer = await raw.handshake()
+            assert isinstance(answer, RejectConnection) and answer.status_code == 403
+            await raw.aclose()
 
-        # a file that does not load changes nothing
-        path.write_text("[websocket\nport = ")
-        process.send_signal(signal.SIGHUP)
-        with trio.fail_after(10):
-            (failed_line,) = await logs.until("config reload failed: running config kept")
-        assert "TOML" in failed_line["error"]
-        assert (await old.call({"op": "ping"}))["op"] == "pong"
-        # log.level = "warning" took: no info line since the reload, though clients came
-        infos = [line for line in logs.lines[mark:] if line["level"] == "info"]
-        assert infos == [], infos
-        process.send_signal(signal.SIGTERM)
-        with trio.fail_after(10):
-            assert await process.wait() == 0
+            # a file that does not load changes nothing
+            path.write_text("[websocket\nport = ")
+            process.send_signal(signal.SIGHUP)
+            with trio.fail_after(10):
+                (failed_line,) = await logs.until("config reload failed: running config kept")
+            assert "TOML" in failed_line["error"]
+            assert (await old.call({"op": "ping"}))["op"] == "pong"
+            # log.level = "warning" took: no info line since the reload, though clients came
+            infos = [line for line in logs.lines[mark:] if line["level"] == "info"]
+            assert infos == [], infos
+            process.send_signal(signal.SIGTERM)
+            with trio.fail_after(10):
+                assert await process.wait() == 0
 
 
 async def test_a_reload_that_would_break_logins_is_refused(tmp_path: Path) -> None:
     """An empty login secret is refused at start; a reload to one is refused the same way."""
-    ws, http = free_port(), free_port()
     path = tmp_path / "pushd.toml"
-    write_config(path, ws, http, SECRET)
+    write_config(path, 0, 0, SECRET)
     command = [sys.executable, "-m", "pushd", "run", "--config", str(path)]
     async with pushd_process(command) as (process, logs):
-        write_config(path, ws, http, "")
+        ws = ready_ports(logs).websocket
+        write_config(path, 0, 0, "")
         process.send_signal(signal.SIGHUP)
         with trio.fail_after(10):
             (line,) = await logs.until("config reload failed: running config kept")

@@ -25,7 +25,7 @@ import jwt
 import structlog
 import trio
 import trustme
-from conftest import Logs, free_port, open_client
+from conftest import Logs, free_port, open_client, ready_ports
 from redis_servers import REDIS_CLI, RedisServer
 
 from ingest import wire
@@ -176,8 +176,7 @@ class Setup:
     def __init__(self, folder: Path, redis_port: int) -> None:
         self.folder = folder
         self.redis_port = redis_port
-        self.ws, self.http = free_port(), free_port()
-        self.udp = free_port(socket.SOCK_DGRAM)
+        self.ws = self.http = self.udp = 0  # the running daemon's, from its ready line
         self.ca = trustme.CA()
         cert = self.ca.issue_cert("127.0.0.1")
         self.certificate, self.key = folder / "server.pem", folder / "server.key"
@@ -194,14 +193,14 @@ class Setup:
     def write(self, password: str, auth: str = "hmac", tail: str = "") -> None:
         login_url = f"http://user:{LOGIN_PASSWORD}@127.0.0.1:{free_port()}/login"
         self.path.write_text(
-            f"[websocket]\nport = {self.ws}\n"
-            f"[http]\nport = {self.http}\npublish_token = '{PUBLISH_TOKEN}'\n"
+            "[websocket]\nport = 0\n"  # every port: the kernel picks, the ready line names it
+            f"[http]\nport = 0\npublish_token = '{PUBLISH_TOKEN}'\n"
             f"[http.tls]\ncertificate = '{self.certificate}'\nkey = '{self.key}'\n"
             f"[auth]\nkind = '{auth}'\n[auth.hmac]\nsecret = '{HMAC_SECRET}'\n"
             f"[auth.jwt]\nkey = '{JWT_KEY}'\n[auth.http]\nurl = '{login_url}'\n"
             f"[bus]\nkind = 'redis'\n[bus.redis]\n"
             f"url = 'redis://:{password}@127.0.0.1:{self.redis_port}/0'\ntimeout_s = 1.0\n"
-            f"[ingest]\nudp_port = {self.udp}\ntcp_enabled = false\n"
+            "[ingest]\nudp_port = 0\ntcp_enabled = false\n"
             f"[[ingest.sources]]\nid = 7\nkey = '{ENGINE_KEY}'\nprivate = true\n"
             "[engine]\nsnapshot_enabled = false\n[log]\nformat = 'json'\nlevel = 'debug'\n" + tail
         )
@@ -232,6 +231,8 @@ async def daemon(setup: Setup) -> AsyncIterator[tuple[trio.Process, Logs]]:
         lines = Logs(tee)
         with trio.fail_after(30):
             await lines.until("pushd ready")
+        ports = ready_ports(lines)
+        setup.ws, setup.http, setup.udp = ports.websocket, ports.http, ports.ingest_udp
         yield process, lines
         process.send_signal(signal.SIGTERM)
         with trio.fail_after(20):

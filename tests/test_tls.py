@@ -18,7 +18,6 @@ import trustme
 from conftest import (
     PUBLISH_TOKEN,
     Running,
-    free_port,
     make_config,
     open_client,
     start_daemon,
@@ -181,8 +180,8 @@ async def test_a_reload_swaps_the_certificate_for_new_connections(
 async def test_run_with_an_unreadable_certificate_is_one_line(tmp_path: Path) -> None:
     config = tmp_path / "pushd.toml"
     config.write_text(
-        f"[websocket]\nport = {free_port()}\n[websocket.tls]\ncertificate = '{tmp_path}/none.pem'\n"
-        f"key = '{tmp_path}/none.key'\n[http]\nport = {free_port()}\n"
+        f"[websocket]\nport = 0\n[websocket.tls]\ncertificate = '{tmp_path}/none.pem'\n"
+        f"key = '{tmp_path}/none.key'\n[http]\nport = 0\n"
         "[auth.hmac]\nsecret = 's'\n[ingest]\nudp_enabled = false\ntcp_enabled = false\n"
     )
     result = await trio.run_process(

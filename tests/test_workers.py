@@ -51,7 +51,9 @@ async def supervisor(
     ready: int | None = None, extra: str = "",
 ) -> AsyncIterator[Any]:  # fmt: skip
     """``pushd run --workers``, once ``ready`` processes (default: every child) are ready."""
-    ws_port, http_port = free_port(), free_port_block(workers + 1)  # gateway i: http_port + i
+    # every gateway binds the one WebSocket port (SO_REUSEPORT) and gateway i http_port + i:
+    # port 0 would give each its own, so these are chosen here (check, then bind)
+    ws_port, http_port = free_port(), free_port_block(workers + 1)
     config = tmp_path / "pushd.toml"
     config.write_text(
         f"[websocket]\nport = {ws_port}\n[http]\nport = {http_port}\n"
@@ -224,7 +226,7 @@ async def test_a_reload_while_children_start_costs_no_child(
 ) -> None:
     """SIGHUP reaching a child before its handler is installed (it is still importing) must
     not kill it: the children start with SIGHUP ignored until they can reload."""
-    ws_port, http_port = free_port(), free_port_block(2)
+    ws_port, http_port = free_port(), free_port_block(2)  # shared by the workers: see above
     config = tmp_path / "pushd.toml"
     config.write_text(
         f"[websocket]\nport = {ws_port}\n[http]\nport = {http_port}\n[auth.hmac]\nsecret = 's'\n"
