@@ -383,7 +383,7 @@ class Hub:
             self._give_up_replay(route, outlet, joining, Position(kept[0], kept[1]))
         elif not outlet.slow:  # a join that never settles: end it like a slow reader
             outlet.slow = True
-            self._mark_dirty(outlet)
+            self.mark_dirty(outlet)
 
     def _give_up_replay(
         self, route: _Route, outlet: Outlet, joining: _Joining, lost: Position
@@ -410,13 +410,13 @@ class Hub:
             return
         if len(outlet.out) + len(frame) > outlet.limit:
             outlet.slow = True
-            self._mark_dirty(outlet)
+            self.mark_dirty(outlet)
             return
         was_empty = not outlet.out
         outlet.out += frame
         self.replies += 1
         if was_empty:
-            self._mark_dirty(outlet)
+            self.mark_dirty(outlet)
 
     def drained(self, outlet: Outlet) -> None:
         """The outlet's buffer is empty again: each paced replay goes on, and each lagging
@@ -470,12 +470,13 @@ class Hub:
         if channel.private:
             if not outlet.slow:
                 outlet.slow = True
-                self._mark_dirty(outlet)
+                self.mark_dirty(outlet)
         else:
             outlet.lagging[channel.internal] = (channel, lost)
 
-    def _mark_dirty(self, outlet: Outlet) -> None:
-        """Hand the outlet to the flusher (a slow one, so that the flusher closes it)."""
+    def mark_dirty(self, outlet: Outlet) -> None:
+        """Hand the outlet to the flusher (a slow one, so that the flusher closes it; a
+        closing one, so that its close frame goes out)."""
         if not self.dirty:
             self.dirty.append(outlet)
             self.on_dirty()

@@ -249,8 +249,6 @@ class Gateway:
                 await self._accept_loop(listener, nursery)
 
     async def _accept_loop(self, listener: socket.socket, nursery: trio.Nursery) -> None:
-        max_sockets = self._config.websocket.max_connections + 64
-        per_ip_cut = self._config.websocket.max_connections_per_ip + PER_IP_FLOOD
         while True:
             await trio.lowlevel.wait_readable(listener)
             while True:
@@ -266,6 +264,9 @@ class Gateway:
                     await trio.sleep(ACCEPT_PAUSE_S)
                     break
                 ip = str(addr[0])
+                ws_cfg = self._config.websocket  # the current limits: a reload changes them
+                max_sockets = ws_cfg.max_connections + 64
+                per_ip_cut = ws_cfg.max_connections_per_ip + PER_IP_FLOOD
                 if self.open_sockets >= max_sockets or self._per_ip.get(ip, 0) >= per_ip_cut:
                     sock.close()  # far past a limit: not even a handshake
                     reason = "capacity" if self.open_sockets >= max_sockets else "per_ip_flood"
@@ -462,8 +463,7 @@ class Gateway:
             del conn.out[conn.head_left :]
             conn.out += ws.send(CloseConnection(code=int(code), reason=reason))
             conn.slow = False
-            self.hub.dirty.append(conn)
-            self._flush_wanted.set()
+            self.hub.mark_dirty(conn)  # the one path that stamps the round's first frame
         if conn.scope is not None:
             conn.scope.deadline = min(
                 conn.scope.deadline, trio.current_time() + self._limits.close_timeout_s
@@ -743,7 +743,6 @@ class Gateway:
         ws = conn.ws
         assert ws is not None
         conn.frames = budget = FrameBudget(self._limits, trio.current_time())
-        max_bytes = self._limits.max_message_bytes
         parts: list[str] = []
         size = 0
         reading = True
@@ -774,7 +773,7 @@ class Gateway:
                     if conn.closing:
                         continue  # we are closing: nothing more is read
                     size += len(event.data)
-                    if size > max_bytes:
+                    if size > (max_bytes := self._limits.max_message_bytes):  # a reload's
                         self._metrics.closed.labels(reason="message_too_big").inc()
                         self.close(conn, CloseCode.MESSAGE_TOO_BIG, f"message over {max_bytes} B")
                         parts.clear()
