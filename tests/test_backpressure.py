@@ -217,7 +217,7 @@ async def test_the_flusher_yields_within_a_round(
     for ours, _theirs in pairs:
         ours.setblocking(False)
         conn = gateway_mod.Connection(ours, "127.0.0.1", "test", len(conns), 65536)
-        conn.phase = gateway_mod.Phase.OPEN
+        conn.life.opened()
         conn.nursery = nursery
         conns.append(conn)
     nursery.start_soon(gateway._flusher)

@@ -2,11 +2,16 @@
 
 Theory of operation
 -------------------
-A connection lives through four phases, held as one value (``Connection.phase``) and consulted
-before anything is written::
+A connection lives through four phases (``lifecycle``: the legal moves are listed there, and a
+frame queued in a wrong phase raises)::
 
-    HANDSHAKE --accept--> OPEN --close()/client close/error--> CLOSING --socket closed--> CLOSED
-        \\----refuse (HTTP answer) or peer gone-------------------------------------------/
+    HANDSHAKE --accept--> OPEN --end(Disconnect)--> CLOSING --socket closed--> CLOSED
+        \\----refuse (HTTP answer) or peer gone--------------------------------/
+
+It ends one way: ``Gateway.end`` with a ``Disconnect`` value (slow consumer, going away, the
+client's close, ...). That is the only code that moves a connection out of OPEN: it
+unsubscribes, queues the close frame through the hub's dirty path like every other write (or,
+for an abort, ends the socket now), and counts ``closed{label}`` and the close code.
 
 Per connection there is one task, which reads: it feeds bytes to wsproto, charges every frame
 to the connection's ``FrameBudget`` (any opcode; a breach closes it), hands requests to the
@@ -18,6 +23,8 @@ Session, and queues replies through the Hub. Writing has exactly one owner at a 
   connections never stalls the loop;
 - if the kernel buffer is full, the rest is left to a *drain* task started in that connection's
   nursery, which waits until the socket is writable; the flusher skips the connection meanwhile.
+  Who writes now is one field (``Lifecycle.writer``: shell, flusher or drain), asserted by
+  every write.
   A drain that sees no byte leave the kernel's send queue for ``stall_timeout_s`` ends the
   connection (slow consumer).
 
@@ -34,7 +41,6 @@ from __future__ import annotations
 
 import array
 import contextlib
-import enum
 import errno
 import fcntl
 import itertools
@@ -65,9 +71,10 @@ from pushd.auth import Verifier
 from pushd.bus.model import Bus, BusUnavailable, Position, Recovery
 from pushd.channels import Channel
 from pushd.config import Config
-from pushd.errors import AuthError, AuthUnavailable, CloseCode, ErrorCode, RequestError
-from pushd.gateway import protocol
+from pushd.errors import AuthError, AuthUnavailable, ErrorCode, RequestError
+from pushd.gateway import lifecycle, protocol
 from pushd.gateway.hub import Hub, Outlet, frame_end, text_frame
+from pushd.gateway.lifecycle import Disconnect, Lifecycle, Phase, Writer
 from pushd.gateway.ratelimit import Breach, FrameBudget, TokenBucket
 from pushd.gateway.session import Session, TokenExpired, TokenNotice
 from pushd.metrics import GatewayMetrics
@@ -80,33 +87,26 @@ FLUSH_SLICE_S = 0.002  # the flusher yields after this much work in one round
 STALL_POLL_S = 0.5  # how often a drain looks at the kernel's send queue while not writable
 PER_IP_FLOOD = 16  # sockets over max_connections_per_ip that are still answered (429)
 BREACH_CLOSE = {  # how a connection that breaks its frame budget is closed
-    Breach.FRAME_RATE: (CloseCode.RATE_LIMITED, "too many frames"),
-    Breach.FRAGMENTS: (CloseCode.MESSAGE_TOO_BIG, "message in too many fragments"),
-    Breach.MESSAGE_TIMEOUT: (CloseCode.POLICY_VIOLATION, "message not finished in time"),
+    Breach.FRAME_RATE: lifecycle.TOO_MANY_FRAMES,
+    Breach.FRAGMENTS: lifecycle.TOO_MANY_FRAGMENTS,
+    Breach.MESSAGE_TIMEOUT: lifecycle.MESSAGE_TIMEOUT,
 }
 
+HANDSHAKE_CLOSE = (ConnectionState.OPEN, ConnectionState.REMOTE_CLOSING)  # a close can be sent
 log = structlog.get_logger("pushd.gateway.server")
-
-
-class Phase(enum.Enum):
-    HANDSHAKE = "handshake"
-    OPEN = "open"
-    CLOSING = "closing"
-    CLOSED = "closed"
 
 
 class Connection(Outlet):
     """One client: its socket, its wsproto state, its Session, and its place in the hub."""
 
     __slots__ = (
-        "close_reason",
         "conn_id",
-        "draining",
         "frames",
+        "gone_reason",
         "ip",
+        "life",
         "nursery",
         "peer",
-        "phase",
         "pong_due",
         "pongs_owed",
         "scope",
@@ -123,13 +123,12 @@ class Connection(Outlet):
         self.ip = ip
         self.peer = peer
         self.conn_id = conn_id
-        self.phase = Phase.HANDSHAKE
+        self.life = Lifecycle()
+        self.gone_reason = "client went away"  # the log's reason when no Disconnect ended it
         self.ws: WsConnection | None = None
         self.session: Session | None = None
         self.scope: trio.CancelScope | None = None
         self.nursery: trio.Nursery | None = None
-        self.draining = False
-        self.close_reason = "client went away"
         self.tls: TlsLayer | None = None
         self.frames: FrameBudget | None = None  # what its received frames may cost (once open)
         self.pongs_owed = 0  # pongs queued since its outbound buffer was last empty
@@ -142,8 +141,21 @@ class Connection(Outlet):
         return bool(self.out) or (self.tls is not None and bool(self.tls.unsent))
 
     @property
+    def phase(self) -> Phase:
+        return self.life.phase
+
+    @property
     def closing(self) -> bool:
-        return self.phase is Phase.CLOSING or self.phase is Phase.CLOSED
+        return self.life.closing
+
+    @property
+    def draining(self) -> bool:
+        return self.life.writer is Writer.DRAIN
+
+    @property
+    def close_reason(self) -> str:
+        ending = self.life.ending
+        return self.gone_reason if ending is None else ending.reason
 
 
 def linger_s(coalesce_ms: float, now: float, last_end: float, last_round: float) -> float:
@@ -294,7 +306,7 @@ class Gateway:
         if self._accepting is not None:
             self._accepting.cancel()
         for conn in list(self.connections):
-            self.close(conn, CloseCode.GOING_AWAY, "server shutting down")
+            self.end(conn, lifecycle.GOING_AWAY)
         with trio.move_on_after(grace_s):
             await self.wait_idle()
 
@@ -307,7 +319,7 @@ class Gateway:
         """Close every connection logged in as ``uid`` (operator's request); returns how many."""
         conns = list(self._by_uid.get(uid, ()))
         for conn in conns:
-            self.close(conn, CloseCode.KICKED, "disconnected by operator")
+            self.end(conn, lifecycle.KICKED)
         return len(conns)
 
     # -- writing ---------------------------------------------------------------------------
@@ -346,21 +358,22 @@ class Gateway:
 
     def _flush(self, conn: Connection) -> None:
         if conn.slow and conn.phase is Phase.OPEN:
-            self._metrics.closed.labels(reason="slow_consumer").inc()
-            self.close(conn, CloseCode.SLOW_CONSUMER, "slow consumer: outbound buffer full")
+            self.end(conn, lifecycle.SLOW_CONSUMER)
             return
-        if conn.draining or not conn.out or conn.nursery is None or conn.phase is Phase.CLOSED:
+        if conn.life.writer is not Writer.FLUSHER or not conn.out:
             return
-        if not self._write(conn):
+        if not self._write(conn, Writer.FLUSHER):
             return
-        if conn.out or (conn.tls is not None and conn.tls.unsent):
-            conn.draining = True
+        if conn.unsent:
+            assert conn.nursery is not None
+            conn.life.hand_to(Writer.DRAIN)
             conn.nursery.start_soon(self._drain, conn)
         else:
             self._written(conn)
 
-    def _write(self, conn: Connection) -> bool:
+    def _write(self, conn: Connection, writer: Writer) -> bool:
         """One non-blocking send of the outbound buffer; False if the peer is gone."""
+        conn.life.check_writer(writer)
         if conn.tls is not None:
             return self._write_tls(conn, conn.tls)
         out = conn.out
@@ -394,7 +407,7 @@ class Gateway:
         except BlockingIOError:
             return 0
         except OSError:
-            self._abort(conn, "connection reset while writing")
+            self.end(conn, lifecycle.RESET)
             return -1
         self.bytes_sent += sent
         return sent
@@ -413,19 +426,19 @@ class Gateway:
                         deadline = trio.current_time() + stall_s
                     queued = now_queued
                     if trio.current_time() >= deadline:
-                        self._metrics.closed.labels(reason="stalled").inc()
-                        self._abort(conn, "slow consumer: no progress writing")
+                        self.end(conn, lifecycle.STALLED)
                         return
                     continue
-                if not self._write(conn):
+                if not self._write(conn, Writer.DRAIN):
                     return
                 queued = unsent_bytes(conn.sock)
                 deadline = trio.current_time() + stall_s
         except OSError:  # the socket went away under the ioctl
-            self._abort(conn, "connection reset while writing")
+            self.end(conn, lifecycle.RESET)
             return
         finally:
-            conn.draining = False
+            if conn.life.writer is Writer.DRAIN:  # (the shell took over if its task ended)
+                conn.life.hand_to(Writer.FLUSHER)
         if conn.slow:
             self._flush(conn)
         else:
@@ -440,56 +453,59 @@ class Gateway:
             ws = conn.ws
             if conn.phase is Phase.OPEN and ws is not None and ws.state is ConnectionState.OPEN:
                 conn.pongs_owed = 1
-                self.hub.send(conn, ws.send(Pong(payload)))
+                self._queue(conn, ws.send(Pong(payload)))
         if conn.behind:
             self.hub.drained(conn)
 
     def _send_ws(self, conn: Connection, payload: bytes) -> None:
-        self.hub.send(conn, text_frame(payload))
+        self._queue(conn, text_frame(payload))
 
-    def close(self, conn: Connection, code: int, reason: str) -> None:
-        """Begin a close handshake: no more events, a close frame, a deadline to finish.
+    def _queue(self, conn: Connection, frame: bytes) -> None:
+        """Queue a frame to an open connection (raises in any other phase)."""
+        conn.life.check_write()
+        self.hub.send(conn, frame)
 
-        Frames still queued are dropped (whole frames only), so the close frame is the next
-        thing the client reads: it is told why at once, not after a backlog it cannot use."""
-        if conn.closing:
+    def end(self, conn: Connection, disconnect: Disconnect) -> None:
+        """End a connection: the only code that moves it out of OPEN.
+
+        It leaves every channel at once (no more events). A close handshake: frames still
+        queued are dropped (whole frames only) and the close frame follows through the hub's
+        dirty path, so it is the next thing the client reads -- it is told why at once, not
+        after a backlog it cannot use; the socket has ``close_timeout_s`` to finish. An abort
+        (``disconnect.abort``: the peer is gone, or takes no byte) ends the socket now, even
+        one that was closing already. A connection ending already keeps its first reason."""
+        first = conn.life.end(disconnect)
+        if not first and not disconnect.abort:
             return
-        conn.phase = Phase.CLOSING
-        conn.close_reason = reason
+        if disconnect.label is not None:
+            self._metrics.closed.labels(reason=disconnect.label).inc()
         self._unsubscribe_all(conn)
         ws = conn.ws
-        if ws is not None and ws.state is ConnectionState.OPEN:
-            self._metrics.close_code("server", code)
-            del conn.out[conn.head_left :]
-            conn.out += ws.send(CloseConnection(code=int(code), reason=reason))
-            conn.slow = False
-            self.hub.mark_dirty(conn)  # the one path that stamps the round's first frame
+        if disconnect.abort or ws is None or ws.state not in HANDSHAKE_CLOSE:
+            del conn.out[:]
+            conn.head_left = 0
+            if conn.tls is not None:
+                conn.tls.unsent.clear()
+            if conn.scope is not None:
+                conn.scope.cancel()
+            return
+        self._metrics.close_code(disconnect.by, int(disconnect.code))
+        del conn.out[conn.head_left :]
+        if disconnect.by == "client":  # the answer to its close frame: its code
+            conn.out += ws.send(CloseConnection(code=disconnect.code))
+        else:
+            conn.out += ws.send(CloseConnection(code=disconnect.code, reason=disconnect.reason))
+        conn.slow = False
+        self.hub.mark_dirty(conn)  # the one path that stamps the round's first frame
         if conn.scope is not None:
             conn.scope.deadline = min(
                 conn.scope.deadline, trio.current_time() + self._limits.close_timeout_s
             )
 
-    def _abort(self, conn: Connection, reason: str) -> None:
-        """End a connection at once, without a close handshake (peer gone or not reading)."""
-        if not conn.closing:
-            conn.close_reason = reason
-            conn.phase = Phase.CLOSING
-        self._unsubscribe_all(conn)
-        conn.out.clear()
-        if conn.tls is not None:
-            conn.tls.unsent.clear()
-        conn.head_left = 0
-        if conn.scope is not None:
-            conn.scope.cancel()
-
     def _fail(self, conn: Connection) -> None:
         """This connection hit a bug or an impossible state: 1011 if a close can still be sent,
         then the socket closes. Nobody else is touched."""
-        self._metrics.closed.labels(reason="internal_error").inc()
-        if conn.phase is Phase.OPEN:
-            self.close(conn, CloseCode.INTERNAL_ERROR, "internal error")
-        else:
-            self._abort(conn, "internal error")
+        self.end(conn, lifecycle.INTERNAL_ERROR if conn.phase is Phase.OPEN else lifecycle.BROKEN)
 
     def _unsubscribe_all(self, conn: Connection) -> None:
         if conn.session is not None:
@@ -510,7 +526,7 @@ class Gateway:
                             await self._serve_open(conn, bound)
                         conn.nursery.cancel_scope.cancel()
                 except BaseExceptionGroup as group:  # the error boundary: this peer ends only
-                    conn.nursery = None  # from here this task is the socket's only writer
+                    self._shell_writes(conn)
                     errors, cancelled = group.split(Exception)
                     if errors is not None:
                         bound.error("connection failed", exc_info=errors)
@@ -522,11 +538,12 @@ class Gateway:
                             await self._send_now(conn, bytes(conn.out))
                         conn.out.clear()
         finally:
+            self._shell_writes(conn)
             self._forget(conn)
             if conn.unsent:  # a last close frame, if the kernel takes it now
                 with contextlib.suppress(OSError):
                     sock.send(self._ciphertext(conn, conn.out))
-            conn.phase = Phase.CLOSED
+            conn.life.closed()
             trio.lowlevel.notify_closing(sock)
             sock.close()
             self._release_socket(ip)
@@ -538,8 +555,15 @@ class Gateway:
         self._metrics.opened.inc()
         bound.info("connection open")
         if self.stopping:  # shutdown began while this handshake was answered
-            self.close(conn, CloseCode.GOING_AWAY, "server shutting down")
+            self.end(conn, lifecycle.GOING_AWAY)
         await self._read_loop(conn)
+
+    @staticmethod
+    def _shell_writes(conn: Connection) -> None:
+        """The connection's task has left its nursery (no drain runs): it is the socket's only
+        writer from here."""
+        if conn.life.writer is not Writer.SHELL:
+            conn.life.hand_to(Writer.SHELL)
 
     def _release_socket(self, ip: str) -> None:
         self.open_sockets -= 1
@@ -594,7 +618,7 @@ class Gateway:
                 return None
             return tls.receive(raw)
         except TlsClosed as exc:
-            conn.close_reason = str(exc)
+            conn.gone_reason = str(exc)
             return None
 
     async def _recv_raw(self, conn: Connection) -> bytes:
@@ -620,6 +644,7 @@ class Gateway:
     async def _send_now(self, conn: Connection, data: bytes) -> bool:
         """Write while nothing else writes this socket (handshake answers, the last close
         frame); False if the peer is gone."""
+        conn.life.check_writer(Writer.SHELL)
         return await self._send_raw(conn, self._ciphertext(conn, data))
 
     async def _send_raw(self, conn: Connection, data: bytes) -> bool:
@@ -670,7 +695,7 @@ class Gateway:
             return False
         conn.ws = handshake.connection
         conn.session = Session(self._symbols, self._limits, trio.current_time())
-        conn.phase = Phase.OPEN
+        conn.life.opened()
         return conn.ws is not None
 
     async def _tls_handshake(self, conn: Connection) -> bool:
@@ -774,8 +799,7 @@ class Gateway:
                         continue  # we are closing: nothing more is read
                     size += len(event.data)
                     if size > (max_bytes := self._limits.max_message_bytes):  # a reload's
-                        self._metrics.closed.labels(reason="message_too_big").inc()
-                        self.close(conn, CloseCode.MESSAGE_TOO_BIG, f"message over {max_bytes} B")
+                        self.end(conn, lifecycle.message_too_big(max_bytes))
                         parts.clear()
                         continue
                     if isinstance(event, TextMessage):
@@ -806,9 +830,7 @@ class Gateway:
         budget.abandon()
         if conn.closing:
             return False
-        code, reason = BREACH_CLOSE[breach]
-        self._metrics.closed.labels(reason=breach.value).inc()
-        self.close(conn, code, reason)
+        self.end(conn, BREACH_CLOSE[breach])
         return True
 
     def _answer_ping(self, conn: Connection, ws: WsConnection, payload: bytes) -> None:
@@ -820,23 +842,16 @@ class Gateway:
         if conn.pongs_owed < self._limits.max_pongs_owed:
             conn.pongs_owed += 1
             conn.pong_due = None  # this one is the latest
-            self.hub.send(conn, ws.send(Pong(payload)))
+            self._queue(conn, ws.send(Pong(payload)))
         else:
             conn.pong_due = bytes(payload)
 
     def _on_close_frame(self, conn: Connection, ws: WsConnection, event: CloseConnection) -> None:
         """The peer's close frame, or a protocol error wsproto turned into one."""
         if ws.state is ConnectionState.REMOTE_CLOSING:  # the client closes: answer it
-            conn.close_reason = f"client closed ({event.code})"
-            self._metrics.close_code("client", int(event.code))
-            conn.phase = Phase.CLOSING
-            self._unsubscribe_all(conn)
-            del conn.out[conn.head_left :]
-            conn.out += ws.send(event.response())
+            self.end(conn, lifecycle.by_client(event.code))
         elif ws.state is ConnectionState.OPEN:  # a protocol error wsproto found
-            conn.close_reason = f"protocol error: {event.reason}"[:200]
-            self._metrics.closed.labels(reason="protocol_error").inc()
-            self.close(conn, int(event.code), conn.close_reason)
+            self.end(conn, lifecycle.protocol_error(event.code, event.reason))
         # LOCAL_CLOSING -> CLOSED: the client answered our close; nothing more to send
 
     async def _on_message(self, conn: Connection, text: str, binary: bool) -> None:
@@ -844,8 +859,7 @@ class Gateway:
         assert session is not None
         now = trio.current_time()
         if not session.take_request(now):
-            self._metrics.closed.labels(reason="rate_limited").inc()
-            self.close(conn, CloseCode.RATE_LIMITED, "too many requests")
+            self.end(conn, lifecycle.RATE_LIMITED)
             return
         request_id: int | str | None = None
         try:
@@ -921,12 +935,13 @@ class Gateway:
             while not conn.closing and (at := session.token_check_at()) is not None:
                 with trio.CancelScope() as conn.token_wait:
                     await trio.sleep(max(0.0, at - time.time()))
+                if conn.closing:
+                    return
                 match session.token_due(time.time()):
                     case TokenNotice(expires_in=expires_in, exp=exp):
                         self._send_ws(conn, protocol.encode_auth_notice(expires_in, exp))
                     case TokenExpired():
-                        self._metrics.closed.labels(reason="token_expired").inc()
-                        self.close(conn, CloseCode.TOKEN_EXPIRED, "token expired")
+                        self.end(conn, lifecycle.TOKEN_EXPIRED)
         finally:
             conn.token_wait = None
 
