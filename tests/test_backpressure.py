@@ -15,7 +15,8 @@ from conftest import RawClient, Running, make_config, open_client, start_daemon
 from wsproto.events import AcceptConnection
 
 from pushd.errors import CloseCode
-from pushd.gateway.server import linger_s, unsent_bytes
+from pushd.gateway.connection import unsent_bytes
+from pushd.gateway.writer import linger_s
 
 PAYLOAD = {"pad": "x" * 16_000}
 COUNT = 400  # 6.4 MB: far more than the kernel buffers plus the 64 KiB outbound buffer
@@ -206,21 +207,22 @@ async def test_the_flusher_yields_within_a_round(
     """A round over many connections lets other tasks run between slices (here a slice of
     zero seconds: a yield every 64 connections), so no round blocks the loop for long."""
     from pushd.daemon import Daemon
-    from pushd.gateway import server as gateway_mod
+    from pushd.gateway import writer
+    from pushd.gateway.connection import Connection, Traffic
     from pushd.gateway.hub import text_frame
 
-    monkeypatch.setattr(gateway_mod, "FLUSH_SLICE_S", 0.0)
+    monkeypatch.setattr(writer, "FLUSH_SLICE_S", 0.0)
     daemon = Daemon(make_config())
     gateway = daemon.gateway
     pairs = [socket.socketpair() for _ in range(640)]
     conns = []
     for ours, _theirs in pairs:
         ours.setblocking(False)
-        conn = gateway_mod.Connection(ours, "127.0.0.1", "test", len(conns), 65536)
+        conn = Connection(ours, "127.0.0.1", "test", len(conns), 65536, daemon.hub, Traffic())
         conn.life.opened()
         conn.nursery = nursery
         conns.append(conn)
-    nursery.start_soon(gateway._flusher)
+    nursery.start_soon(gateway._flusher.run)
     await trio.testing.wait_all_tasks_blocked()
     written: list[int] = []  # how many connections had been written each time the probe ran
 
