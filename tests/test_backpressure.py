@@ -192,10 +192,10 @@ async def test_non_readers_cost_readers_nothing_and_memory_stays_bounded(
         for seqs in got.values():  # each channel's seqs 1..120 in order, no gap
             assert sorted(seqs) == sorted(list(range(1, 121)) * 2)
         gateway = running.daemon.gateway
-        slow = [c for c in gateway.connections if c.lagging]
+        slow = [c for c in gateway.connections if c.outlet.lagging]
         assert len(slow) == 40
         for conn in slow:  # what one non-reader can hold: outbound buffer + kernel send buffer
-            assert len(conn.out) <= 65536
+            assert len(conn.outlet.out) <= 65536
             assert unsent_bytes(conn.sock) <= 2 * 65536
     for raw in stalled:
         await raw.aclose()
@@ -228,15 +228,15 @@ async def test_the_flusher_yields_within_a_round(
 
     async def probe() -> None:
         while True:
-            written.append(sum(1 for c in conns if not c.out))
+            written.append(sum(1 for c in conns if not c.outlet.out))
             await trio.lowlevel.checkpoint()
 
     frame = text_frame(b'{"x":1}')
     for conn in conns:
-        daemon.hub.send(conn, frame)
+        daemon.hub.send(conn.outlet, frame)
     nursery.start_soon(probe)
     with trio.fail_after(10):
-        while any(c.out for c in conns):
+        while any(c.outlet.out for c in conns):
             await trio.lowlevel.checkpoint()
     assert any(0 < n < len(conns) for n in written)  # the probe ran in the middle of the round
     assert all(theirs.recv(100) == frame for _ours, theirs in pairs)

@@ -57,8 +57,8 @@ class PeerGone(Exception):
     """The peer reset the connection while it was written."""
 
 
-class Connection(Outlet):
-    """One client: its socket, its wsproto state, its Session, and its place in the hub."""
+class Connection:
+    """One client: its socket, its wsproto state, its Session, and its outlet in the hub."""
 
     __slots__ = (
         "conn_id",
@@ -68,6 +68,7 @@ class Connection(Outlet):
         "ip",
         "life",
         "nursery",
+        "outlet",
         "peer",
         "pong_due",
         "pongs_owed",
@@ -85,7 +86,7 @@ class Connection(Outlet):
         self, sock: socket.socket, ip: str, peer: str, conn_id: int, limit: int,
         hub: Hub, traffic: Traffic,
     ) -> None:  # fmt: skip
-        super().__init__(limit)
+        self.outlet = Outlet(limit, self)
         self.sock = sock
         self.ip = ip
         self.peer = peer
@@ -108,7 +109,7 @@ class Connection(Outlet):
     @property
     def unsent(self) -> bool:
         """Bytes wait to be written: frames, or TLS records made of them."""
-        return bool(self.out) or bool(self.wire)
+        return bool(self.outlet.out) or bool(self.wire)
 
     @property
     def phase(self) -> Phase:
@@ -136,13 +137,13 @@ class Connection(Outlet):
     def send(self, frame: bytes) -> None:
         """Queue a frame through the hub (raises unless open: nothing after the close frame)."""
         self.life.check_write()
-        self.hub.send(self, frame)
+        self.hub.send(self.outlet, frame)
 
     def leave_all(self) -> None:
         """Leave every channel: no more events."""
         if self.session is not None:
             for internal in self.session.unsubscribe_all():
-                self.hub.unsubscribe(self, internal)
+                self.hub.unsubscribe(self.outlet, internal)
 
     def answer_ping(self, payload: bytes, max_owed: int) -> None:
         """A pong for each ping while at most ``max_owed`` wait to be written; past that, only
@@ -170,13 +171,13 @@ class Connection(Outlet):
             if self.phase is Phase.OPEN and ws is not None and ws.state is ConnectionState.OPEN:
                 self.pongs_owed = 1
                 self.send(ws.send(Pong(payload)))
-        if self.behind:
-            self.hub.drained(self)
+        if self.outlet.behind:
+            self.hub.drained(self.outlet)
 
     def discard(self) -> None:
         """Drop everything unsent (an abort: nothing more is written)."""
-        self.out.clear()
-        self.head_left = 0
+        self.outlet.out.clear()
+        self.outlet.head_left = 0
         self.wire.clear()
 
     # -- writing -----------------------------------------------------------------------------
@@ -185,21 +186,22 @@ class Connection(Outlet):
         """One non-blocking send of what waits (the flusher's or the drain's). Raises PeerGone
         when the peer reset the connection."""
         self.life.check_writer(writer)
-        out = self.out
+        outlet = self.outlet
+        out = outlet.out
         if self.tls is not None:
             if not self.wire:
                 self.wire += self.tls.send(out)
                 out.clear()
-                self.head_left = 0
+                outlet.head_left = 0
             if (sent := self._send(self.wire)) > 0:
                 del self.wire[:sent]
             return
         sent = self._send(out)
         if sent == len(out):
             out.clear()
-            self.head_left = 0
+            outlet.head_left = 0
         elif sent > 0:
-            self.head_left = frame_end(out, self.head_left, sent) - sent
+            outlet.head_left = frame_end(out, outlet.head_left, sent) - sent
             del out[:sent]
 
     def _send(self, data: bytearray) -> int:
@@ -232,7 +234,7 @@ class Connection(Outlet):
         self.life.check_writer(Writer.SHELL)
         if self.unsent:
             with contextlib.suppress(OSError):
-                self.sock.send(self._ciphertext(self.out))
+                self.sock.send(self._ciphertext(self.outlet.out))
 
     async def _send_all(self, data: bytes) -> bool:
         view = memoryview(data)

@@ -118,7 +118,7 @@ class Requests:
                     await self._subscribe(conn, session, request)
                 case protocol.Unsubscribe():
                     for channel in session.unsubscribe(protocol.channels_of(request)):
-                        self._hub.unsubscribe(conn, channel.internal)
+                        self._hub.unsubscribe(conn.outlet, channel.internal)
                     conn.send(text_frame(protocol.encode_result(request_id)))
                 case protocol.Ping():
                     pong = protocol.encode_pong(int(time.time() * 1000), request_id)
@@ -144,14 +144,14 @@ class Requests:
             since = Position(request.since.epoch, request.since.seq)
         added = session.subscribe(names)
         for channel in added:
-            self._hub.join(conn, channel)
+            self._hub.join(conn.outlet, channel)
         recoveries: list[Recovery] = []
         try:
             for channel in added:
                 recoveries.append(await self._bus.recover(channel.internal, since))
         except BusUnavailable:
             for channel in session.unsubscribe([c.protocol for c in added]):
-                self._hub.unsubscribe(conn, channel.internal)
+                self._hub.unsubscribe(conn.outlet, channel.internal)
             raise RequestError(ErrorCode.UNAVAILABLE) from None
         if conn.closing:
             return
@@ -161,16 +161,16 @@ class Requests:
             recovered, reason = self._recovered(conn, added, recoveries, since)
             if not recovered and recoveries and recoveries[0].recovered:  # cannot be paced
                 recoveries[0] = Recovery(recoveries[0].position, False)
-        mark = len(conn.out)
-        streams = {}
-        for channel, recovery in zip(added, recoveries, strict=True):
-            start = self._hub.settle(conn, channel, recovery) or recovery.position
-            streams[channel.protocol] = protocol.StreamPosition(start.epoch, start.seq)
-        reply = protocol.encode_subscribed(streams, request.id, recovered, reason)
-        if len(conn.out) == mark:
-            conn.send(text_frame(reply))
-        elif not conn.slow:  # the reply goes before the streams' first events
-            conn.out[mark:mark] = text_frame(reply)
+        conn.life.check_write()
+
+        def reply(starts: list[Position | None]) -> bytes:
+            streams = {}
+            for channel, recovery, start in zip(added, recoveries, starts, strict=True):
+                at = start or recovery.position
+                streams[channel.protocol] = protocol.StreamPosition(at.epoch, at.seq)
+            return protocol.encode_subscribed(streams, request.id, recovered, reason)
+
+        self._hub.settle_with_reply(conn.outlet, list(zip(added, recoveries, strict=True)), reply)
 
     def _recovered(
         self, conn: Connection, added: list[Channel], recoveries: list[Recovery], since: Position
@@ -184,7 +184,7 @@ class Requests:
         recovery = recoveries[0]
         if not recovery.recovered:
             return False, "epoch" if recovery.position.epoch != since.epoch else "history"
-        reason = self._hub.unpaceable(conn, added[0], recovery)
+        reason = self._hub.unpaceable(conn.outlet, added[0], recovery)
         return reason is None, reason
 
     async def _token_timer(self, conn: Connection, session: Session) -> None:
@@ -225,7 +225,7 @@ class Requests:
             return
         previous, uid = session.uid, login.uid
         for channel in session.login(uid, login.exp, time.time()):
-            self._hub.unsubscribe(conn, channel.internal)
+            self._hub.unsubscribe(conn.outlet, channel.internal)
         if conn.token_wait is not None:
             conn.token_wait.cancel()  # the running timer reads the new exp
         elif login.exp is not None and conn.nursery is not None:

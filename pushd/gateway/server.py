@@ -244,13 +244,11 @@ class Gateway:
                 conn.scope.cancel()
             return
         self._metrics.close_code(disconnect.by, int(disconnect.code))
-        del conn.out[conn.head_left :]
         if disconnect.by == "client":  # the answer to its close frame: its code
-            conn.out += ws.send(CloseConnection(code=disconnect.code))
+            close = CloseConnection(code=disconnect.code)
         else:
-            conn.out += ws.send(CloseConnection(code=disconnect.code, reason=disconnect.reason))
-        conn.slow = False
-        self.hub.mark_dirty(conn)  # the one path that stamps the round's first frame
+            close = CloseConnection(code=disconnect.code, reason=disconnect.reason)
+        self.hub.close_with(conn.outlet, ws.send(close))  # through the dirty path
         if conn.scope is not None:
             conn.scope.deadline = min(
                 conn.scope.deadline, trio.current_time() + self._limits.close_timeout_s
@@ -286,8 +284,8 @@ class Gateway:
                         raise cancelled from None
                     if conn.unsent:  # the 1011 close frame
                         with trio.move_on_after(self._limits.close_timeout_s):
-                            await conn.send_now(bytes(conn.out))
-                        conn.out.clear()
+                            await conn.send_now(bytes(conn.outlet.out))
+                        conn.outlet.out.clear()
         finally:
             self._shell_writes(conn)
             self._forget(conn)

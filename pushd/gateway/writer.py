@@ -87,12 +87,12 @@ class Flusher:
             if wait_s := linger_s(self._limits.coalesce_ms, clock(), last_end, last_round):
                 await trio.sleep(wait_s)  # the publishers run freely meanwhile
             self._wanted = trio.Event()
-            dirty, self._hub.dirty = self._hub.dirty, []
+            dirty = self._hub.take_dirty()
             started = clock()
             self._metrics.publish_to_flush.observe(started - self._dirty_since)
             work = 0.0  # this round's time spent writing: what one unbroken round would block
             for n, outlet in enumerate(dirty, 1):
-                conn: Connection = outlet  # type: ignore[assignment]  # gateway outlets are Connections
+                conn: Connection = outlet.owner
                 try:
                     self._flush(conn)
                 except Exception:  # one connection's failure is that connection's only
@@ -110,10 +110,10 @@ class Flusher:
             last_round, last_end = work + elapsed, clock()
 
     def _flush(self, conn: Connection) -> None:
-        if conn.slow and conn.phase is Phase.OPEN:
+        if conn.outlet.slow and conn.phase is Phase.OPEN:
             self._end(conn, lifecycle.SLOW_CONSUMER)
             return
-        if conn.life.writer is not Writer.FLUSHER or not conn.out:
+        if conn.life.writer is not Writer.FLUSHER or not conn.outlet.out:
             return
         try:
             conn.write_some(Writer.FLUSHER)
@@ -153,7 +153,7 @@ class Flusher:
         finally:
             if conn.life.writer is Writer.DRAIN:
                 conn.life.hand_to(Writer.FLUSHER)
-        if conn.slow:
+        if conn.outlet.slow:
             self._flush(conn)
         else:
             conn.written()
