@@ -68,3 +68,4 @@ def test_disconnects_name_their_code_label_and_kind() -> None:
     client = lifecycle.by_client(1000)
     assert client.by == "client" and client.label is None
     assert len(lifecycle.protocol_error(1002, "x" * 500).reason) == 200
+    assert lifecycle.gone("peer sent close_notify").abort  # no close frame to a gone peer

@@ -94,7 +94,7 @@ class Connection:
         self.hub = hub
         self.traffic = traffic
         self.life = Lifecycle()
-        self.gone_reason = "client went away"  # the log's reason when no Disconnect ended it
+        self.gone_reason = "client went away"  # why, if it just goes (a broken TLS record)
         self.wire = bytearray()  # TLS records not yet written
         self.ws: WsConnection | None = None
         self.session: Session | None = None
@@ -125,6 +125,7 @@ class Connection:
 
     @property
     def close_reason(self) -> str:
+        """Why it ended (its Disconnect's reason), once it has."""
         ending = self.life.ending
         return self.gone_reason if ending is None else ending.reason
 

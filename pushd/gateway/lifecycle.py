@@ -17,6 +17,7 @@ import enum
 from typing import Literal
 
 import msgspec
+from wsproto.frame_protocol import CloseReason
 
 from pushd.errors import CloseCode
 
@@ -60,6 +61,11 @@ def message_too_big(limit: int) -> Disconnect:
 def protocol_error(code: int, reason: str | None) -> Disconnect:
     """A frame wsproto refused (it names the code: 1002, 1007, ...)."""
     return Disconnect(code, f"protocol error: {reason}"[:200], "protocol_error")
+
+
+def gone(reason: str) -> Disconnect:
+    """The peer went away (or never finished its handshake): nothing more is sent."""
+    return Disconnect(CloseReason.ABNORMAL_CLOSURE, reason, abort=True)  # 1006: never sent
 
 
 def by_client(code: int) -> Disconnect:

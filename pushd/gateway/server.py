@@ -287,6 +287,8 @@ class Gateway:
                             await conn.send_now(bytes(conn.outlet.out))
                         conn.outlet.out.clear()
         finally:
+            if not conn.closing:  # the peer went away, or its handshake ended unanswered
+                self.end(conn, lifecycle.gone(conn.gone_reason))
             self._shell_writes(conn)
             self._forget(conn)
             conn.last_words()  # a last close frame, if the kernel takes it now
@@ -313,7 +315,7 @@ class Gateway:
             conn.life.hand_to(Writer.SHELL)
 
     def _forget(self, conn: Connection) -> None:
-        conn.leave_all()
+        """An ended connection leaves the gateway's registries."""
         if conn in self.connections:
             self.connections.discard(conn)
             self._metrics.closed_total.inc()
