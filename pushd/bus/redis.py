@@ -61,6 +61,7 @@ from coredis.pool import ClusterConnectionPool
 from pushd.bus.follow import Action, Following, State
 from pushd.bus.model import (
     BusUnavailable,
+    Delivery,
     Entry,
     MalformedData,
     Outgoing,
@@ -71,7 +72,6 @@ from pushd.bus.model import (
 )
 from pushd.channels import StateKind, state_kind
 from pushd.config import BusConfig
-from pushd.gateway.hub import Hub
 from pushd.logs import ThrottledLog
 
 log = structlog.get_logger("pushd.bus.redis")
@@ -277,7 +277,7 @@ class _Waiter:
 class RedisBus:
     state_every = STATE_EVERY  # depth publishes carry a snapshot this often
 
-    def __init__(self, hub: Hub, config: BusConfig) -> None:
+    def __init__(self, hub: Delivery, config: BusConfig) -> None:
         self._hub = hub
         self._config = config.redis
         self._history_size = config.history_size
