@@ -46,10 +46,9 @@ def reload_context(context: ssl.SSLContext, tls: TlsConfig, section: str) -> Non
 class TlsLayer:
     """One server-side TLS session over memory buffers; the caller moves the bytes."""
 
-    __slots__ = ("_incoming", "_outgoing", "_tls", "unsent")
+    __slots__ = ("_incoming", "_outgoing", "_tls")
 
     def __init__(self, context: ssl.SSLContext) -> None:
-        self.unsent = bytearray()  # records the caller has yet to write (its bookkeeping)
         self._incoming = ssl.MemoryBIO()
         self._outgoing = ssl.MemoryBIO()
         self._tls = context.wrap_bio(self._incoming, self._outgoing, server_side=True)

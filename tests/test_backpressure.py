@@ -15,7 +15,8 @@ from conftest import RawClient, Running, make_config, open_client, start_daemon
 from wsproto.events import AcceptConnection
 
 from pushd.errors import CloseCode
-from pushd.gateway.server import linger_s, unsent_bytes
+from pushd.gateway.connection import unsent_bytes
+from pushd.gateway.writer import linger_s
 
 PAYLOAD = {"pad": "x" * 16_000}
 COUNT = 400  # 6.4 MB: far more than the kernel buffers plus the 64 KiB outbound buffer
@@ -200,10 +201,10 @@ async def test_non_readers_cost_readers_nothing_and_memory_stays_bounded(
         for seqs in got.values():  # each channel's seqs 1..120 in order, no gap
             assert sorted(seqs) == sorted(list(range(1, 121)) * 2)
         gateway = running.daemon.gateway
-        slow = [c for c in gateway.connections if c.lagging]
+        slow = [c for c in gateway.connections if c.outlet.lagging]
         assert len(slow) == 40
         for conn in slow:  # what one non-reader can hold: outbound buffer + kernel send buffer
-            assert len(conn.out) <= 65536
+            assert len(conn.outlet.out) <= 65536
             assert unsent_bytes(conn.sock) <= 2 * 65536
     for raw in stalled:
         await raw.aclose()
@@ -215,35 +216,36 @@ async def test_the_flusher_yields_within_a_round(
     """A round over many connections lets other tasks run between slices (here a slice of
     zero seconds: a yield every 64 connections), so no round blocks the loop for long."""
     from pushd.daemon import Daemon
-    from pushd.gateway import server as gateway_mod
+    from pushd.gateway import writer
+    from pushd.gateway.connection import Connection, Traffic
     from pushd.gateway.hub import text_frame
 
-    monkeypatch.setattr(gateway_mod, "FLUSH_SLICE_S", 0.0)
+    monkeypatch.setattr(writer, "FLUSH_SLICE_S", 0.0)
     daemon = Daemon(make_config())
     gateway = daemon.gateway
     pairs = [socket.socketpair() for _ in range(640)]
     conns = []
     for ours, _theirs in pairs:
         ours.setblocking(False)
-        conn = gateway_mod.Connection(ours, "127.0.0.1", "test", len(conns), 65536)
-        conn.phase = gateway_mod.Phase.OPEN
+        conn = Connection(ours, "127.0.0.1", "test", len(conns), 65536, daemon.hub, Traffic())
+        conn.life.opened()
         conn.nursery = nursery
         conns.append(conn)
-    nursery.start_soon(gateway._flusher)
+    nursery.start_soon(gateway._flusher.run)
     await trio.testing.wait_all_tasks_blocked()
     written: list[int] = []  # how many connections had been written each time the probe ran
 
     async def probe() -> None:
         while True:
-            written.append(sum(1 for c in conns if not c.out))
+            written.append(sum(1 for c in conns if not c.outlet.out))
             await trio.lowlevel.checkpoint()
 
     frame = text_frame(b'{"x":1}')
     for conn in conns:
-        daemon.hub.send(conn, frame)
+        daemon.hub.send(conn.outlet, frame)
     nursery.start_soon(probe)
     with trio.fail_after(10):
-        while any(c.out for c in conns):
+        while any(c.outlet.out for c in conns):
             await trio.lowlevel.checkpoint()
     assert any(0 < n < len(conns) for n in written)  # the probe ran in the middle of the round
     assert all(theirs.recv(100) == frame for _ours, theirs in pairs)

@@ -159,3 +159,48 @@ def test_private_gap_tells_every_private_subscriber() -> None:
     assert hub.resync_private() == 1
     assert frames(bytes(mine.out)) == [{"event": "@order", "resync": True, "seq": 7, "epoch": "e1"}]
     assert public_only.out == b""
+
+
+def test_the_reply_to_a_subscribe_goes_before_the_streams_first_events() -> None:
+    """Whatever settling queues (a current state, a replay), the reply comes first, and is
+    told where each stream starts."""
+    hub = Hub()
+    at = Position("e", 7)
+    hub.current = lambda internal: (at, msgspec.Raw(b'{"b":1}')) if internal == "depth_X" else None
+    outlet = Outlet(65536)
+    hub.send(outlet, b"earlier")  # what was queued before stays before
+    depth = Channel("depth_X", "X@depth", private=False, symbol="X")
+    trades = Channel("trades_X", "X@trades", private=False, symbol="X")
+    for channel in (depth, trades):
+        hub.join(outlet, channel)
+    told: list[Position | None] = []
+
+    def reply(starts: list[Position | None]) -> bytes:
+        told.extend(starts)
+        return b'{"result":true}'
+
+    hub.settle_with_reply(outlet, [(depth, None), (trades, None)], reply)
+    assert told == [at, None]
+    state = text_frame(encode_event("X@depth", msgspec.Raw(b'{"b":1}'), 7, "e"))
+    assert bytes(outlet.out) == b"earlier" + text_frame(b'{"result":true}') + state
+
+
+def test_a_reply_alone_is_queued_like_any_frame() -> None:
+    hub = Hub()
+    outlet = Outlet(65536)
+    hub.settle_with_reply(outlet, [], lambda starts: b'{"result":true}')
+    assert bytes(outlet.out) == text_frame(b'{"result":true}') and hub.take_dirty() == [outlet]
+    assert hub.dirty == []
+
+
+def test_a_close_frame_replaces_what_is_queued_but_a_frame_begun() -> None:
+    hub = Hub()
+    outlet = Outlet(64)
+    hub.send(outlet, b"x" * 60)
+    hub.send(outlet, b"y" * 10)  # does not fit: slow
+    assert outlet.slow
+    outlet.head_left = 5  # a partial send left 5 bytes of the first frame to write
+    hub.take_dirty()
+    hub.close_with(outlet, b"CLOSE")
+    assert bytes(outlet.out) == b"xxxxxCLOSE" and not outlet.slow
+    assert hub.take_dirty() == [outlet]

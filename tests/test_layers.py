@@ -1,6 +1,7 @@
 """Imports run down the layers: ``pushd.metrics`` is a leaf (prometheus only) that the gateway
 and the bus may both import; the scrape-time collectors, which read every part of a node, live in
-``pushd.collectors``, which only the daemon imports."""
+``pushd.collectors``, which only the daemon imports; the buses deliver to a protocol
+(``bus.model.Delivery``) that the hub satisfies, and never import the gateway."""
 
 from __future__ import annotations
 
@@ -37,3 +38,11 @@ def test_only_the_daemon_imports_the_collectors() -> None:
         if "pushd.collectors" in pushd_imports(path)
     }
     assert importers == {"pushd/daemon.py"}
+
+
+def test_no_bus_module_imports_the_gateway() -> None:
+    modules = sorted((ROOT / "bus").glob("*.py"))
+    assert len(modules) > 3
+    for path in modules:
+        upward = {name for name in pushd_imports(path) if name.startswith("pushd.gateway")}
+        assert not upward, (path.name, upward)

@@ -25,9 +25,8 @@ from collections.abc import Callable, Sequence
 
 import trio
 
-from pushd.bus.model import Entry, History, Outgoing, Position, Recovery, new_epoch
+from pushd.bus.model import Delivery, Entry, History, Outgoing, Position, Recovery, new_epoch
 from pushd.channels import StateKind, state_kind
-from pushd.gateway.hub import Hub
 
 SWEEP_EVERY = 4096  # publishes between sweeps of idle channels
 SWEEPS_PER_AGE = 4  # timed sweeps per history_age_s: a quiet channel goes within 1.25 ages
@@ -59,7 +58,7 @@ class MemoryBus:
 
     def __init__(
         self,
-        hub: Hub,
+        hub: Delivery,
         history_size: int,
         history_age_s: float,
         clock: Callable[[], float] = time.monotonic,

@@ -90,6 +90,26 @@ class Recovery(msgspec.Struct, frozen=True, gc=False):
     current: tuple[Entry, ...] = ()
 
 
+class Delivery(Protocol):
+    """Where a bus delivers a node's messages: the gateway's hub, which satisfies this
+    structurally, so no bus imports the gateway (centrifuge's ``BrokerEventHandler``). The
+    two deliveries, and the two reads the buses make of it today."""
+
+    def publish(self, internal: str, epoch: str, seq: int, data: msgspec.Raw) -> int:
+        """One message to this node's subscribers of ``internal``; returns how many got it."""
+
+    def resync(self, internal: str, at: Position) -> int:
+        """Messages of ``internal`` up to ``at`` may not have reached this node: tell its
+        subscribers. Returns how many were told."""
+
+    @property
+    def undeliverable(self) -> int:
+        """How many messages no client could be sent (their data is not UTF-8)."""
+
+    def subscriber_count(self, internal: str) -> int:
+        """Subscribers of ``internal`` on this node, joining ones included."""
+
+
 class Bus(Protocol):
     """How messages reach the hub of every node (see ``pushd.bus``)."""
 

@@ -59,11 +59,10 @@ from coredis.patterns.pubsub import ClusterPubSub, PubSub, ShardedPubSub
 from coredis.pool import ClusterConnectionPool
 
 from pushd.bus.follow import Action, Following, State
-from pushd.bus.model import Entry, Outgoing, Position, Recovery, checked, new_epoch
+from pushd.bus.model import Delivery, Entry, Outgoing, Position, Recovery, checked, new_epoch
 from pushd.channels import StateKind, state_kind
 from pushd.config import BusConfig
 from pushd.errors import BusUnavailable, MalformedData
-from pushd.gateway.hub import Hub
 from pushd.logs import ThrottledLog
 
 log = structlog.get_logger("pushd.bus.redis")
@@ -269,7 +268,7 @@ class _Waiter:
 class RedisBus:
     state_every = STATE_EVERY  # depth publishes carry a snapshot this often
 
-    def __init__(self, hub: Hub, config: BusConfig) -> None:
+    def __init__(self, hub: Delivery, config: BusConfig) -> None:
         self._hub = hub
         self._config = config.redis
         self._history_size = config.history_size

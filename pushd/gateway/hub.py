@@ -31,12 +31,22 @@ events kept after it, wait in the joining state and go out in order as the buffe
 (``drained``), and the subscriber goes live when nothing is left. A replay never overflows
 the buffer, so recovery always finishes; only a single event larger than the whole buffer
 cannot be paced, and ``unpaceable`` says so before the reply (``recovered: false``).
+
+The hub owns the dirty list (``take_dirty``) and every write into an outlet: events, replies
+(``send``), the reply to a subscribe before the streams' first events (``settle_with_reply``),
+and a connection's close frame in place of its backlog (``close_with``). The writer only takes
+bytes from an outlet's front.
+
+(Over 400 lines: the fan-out, the two-step join with paced replays, and the lag policy share
+one routing table and its invariants; split apart, each part would reach into the others'
+state.)
 """
 
 from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import msgspec
 from wsproto.frame_protocol import FrameProtocol
@@ -70,15 +80,18 @@ def frame_end(buf: bytes | bytearray, start: int, upto: int) -> int:
 
 
 class Outlet:
-    """What the hub sees of a connection: its outbound bytes and its overflow state.
+    """What the hub sees of a connection: its outbound bytes and its overflow state. A
+    connection has one (``owner``: the connection, for whoever takes the dirty list).
 
+    Frames are written into ``out`` by the hub only; the writer takes bytes from its front.
     ``out`` always holds whole frames, except that its first ``head_left`` bytes are the rest
     of a frame that a partial ``send`` began (the writer keeps this up to date).
     """
 
-    __slots__ = ("head_left", "lagging", "limit", "out", "replaying", "slow")
+    __slots__ = ("head_left", "lagging", "limit", "out", "owner", "replaying", "slow")
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, owner: Any = None) -> None:
+        self.owner = owner
         self.out = bytearray()
         self.head_left = 0
         self.limit = limit
@@ -383,7 +396,7 @@ class Hub:
             self._give_up_replay(route, outlet, joining, Position(kept[0], kept[1]))
         elif not outlet.slow:  # a join that never settles: end it like a slow reader
             outlet.slow = True
-            self._mark_dirty(outlet)
+            self.mark_dirty(outlet)
 
     def _give_up_replay(
         self, route: _Route, outlet: Outlet, joining: _Joining, lost: Position
@@ -410,13 +423,47 @@ class Hub:
             return
         if len(outlet.out) + len(frame) > outlet.limit:
             outlet.slow = True
-            self._mark_dirty(outlet)
+            self.mark_dirty(outlet)
             return
         was_empty = not outlet.out
         outlet.out += frame
         self.replies += 1
         if was_empty:
-            self._mark_dirty(outlet)
+            self.mark_dirty(outlet)
+
+    def settle_with_reply(
+        self,
+        outlet: Outlet,
+        joins: list[tuple[Channel, Recovery | None]],
+        reply: Callable[[list[Position | None]], bytes],
+    ) -> None:
+        """Settle each joining channel (``settle``), with the reply to the subscribe as the
+        first frame the client reads of it: before the streams' first events, whatever they
+        are. ``reply`` is given where each stream starts. An outlet that overflowed meanwhile
+        gets no reply (it is closed as slow)."""
+        mark = len(outlet.out)
+        starts = [self.settle(outlet, channel, recovery) for channel, recovery in joins]
+        frame = text_frame(reply(starts))
+        if len(outlet.out) == mark:
+            self.send(outlet, frame)
+        elif not outlet.slow:
+            outlet.out[mark:mark] = frame  # the events just queued follow it
+            self.replies += 1
+
+    def close_with(self, outlet: Outlet, frame: bytes) -> None:
+        """Queue a connection's last frame (its close frame) as the next thing it reads:
+        frames still queued are dropped (whole frames only: the rest of one a partial send
+        began stays), and the outlet is no longer slow (the frame is written, whatever the
+        limit)."""
+        del outlet.out[outlet.head_left :]
+        outlet.out += frame
+        outlet.slow = False
+        self.mark_dirty(outlet)
+
+    def take_dirty(self) -> list[Outlet]:
+        """The outlets with something to write since the last call (the flusher's round)."""
+        dirty, self.dirty = self.dirty, []
+        return dirty
 
     def drained(self, outlet: Outlet) -> None:
         """The outlet's buffer is empty again: each paced replay goes on, and each lagging
@@ -470,12 +517,13 @@ class Hub:
         if channel.private:
             if not outlet.slow:
                 outlet.slow = True
-                self._mark_dirty(outlet)
+                self.mark_dirty(outlet)
         else:
             outlet.lagging[channel.internal] = (channel, lost)
 
-    def _mark_dirty(self, outlet: Outlet) -> None:
-        """Hand the outlet to the flusher (a slow one, so that the flusher closes it)."""
+    def mark_dirty(self, outlet: Outlet) -> None:
+        """Hand the outlet to the flusher (a slow one, so that the flusher closes it; a
+        closing one, so that its close frame goes out)."""
         if not self.dirty:
             self.dirty.append(outlet)
             self.on_dirty()

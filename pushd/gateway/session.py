@@ -136,6 +136,12 @@ class Session:
         self.subscriptions.update(new)
         return list(new.values())
 
+    def unsubscribe_all(self) -> list[str]:
+        """Leave every channel (the connection ends); returns their internal names."""
+        internals = list(self.subscriptions)
+        self.subscriptions.clear()
+        return internals
+
     def unsubscribe(self, names: list[str]) -> list[Channel]:
         """Validate every name, then remove them; returns the channels that were subscribed."""
         channels = [resolve(name, self._symbols, self.uid) for name in names]
