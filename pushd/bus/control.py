@@ -75,6 +75,7 @@ class ControlPlane:
         self._registry = f"{prefix}:nodes"
         self._channel = f"{prefix}:control"
         self._outgoing_send, self._outgoing = trio.open_memory_channel[Command](1000)
+        self._link = bus.link("control")  # the node is not ready while it is down
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         await self._beat()  # registered before the node reports ready
@@ -108,8 +109,9 @@ class ControlPlane:
                         message = await ps.get_message()
                         if message is not None and message["type"] in ("message", b"message"):
                             await self._obey(message["data"])
-            except* REDIS_ERRORS:
-                pass
+            except* REDIS_ERRORS as group:
+                log.warning("Redis control link lost: listening again", link="control",
+                            error=describe(group))  # fmt: skip
             await trio.sleep(HEARTBEAT_S)
 
     async def _obey(self, payload: bytes) -> None:

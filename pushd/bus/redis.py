@@ -59,6 +59,7 @@ from coredis.patterns.pubsub import ClusterPubSub, PubSub, ShardedPubSub
 from coredis.pool import ClusterConnectionPool
 
 from pushd.bus.follow import Action, Following, State
+from pushd.bus.link import Link, watch
 from pushd.bus.model import (
     BusUnavailable,
     Entry,
@@ -230,14 +231,28 @@ def _entry(fields: Any) -> Entry | None:
         return None
 
 
-def _discard(ps: Any) -> None:
-    """End a pub/sub session's connections for good: one handed back to a pool would still
-    carry what it was subscribed to, and the next borrower would get that (issue 19, item 5)."""
+def _connections(ps: Any) -> list[Any]:
+    """The connections of a pub/sub session (one per shard on a Cluster)."""
     connections = list(getattr(ps, "shard_connections", {}).values())
     with contextlib.suppress(Exception):  # a plain pub/sub that got no connection: none
         connections.append(ps.connection)
-    for connection in connections:
+    return connections
+
+
+def _discard(ps: Any) -> None:
+    """End a pub/sub session's connections for good: one handed back to a pool would still
+    carry what it was subscribed to, and the next borrower would get that (issue 19, item 5)."""
+    for connection in _connections(ps):
         connection.invalidate("pub/sub session ended")
+
+
+def _pings(ps: Any) -> list[Callable[[], Any]]:
+    """A PING for each connection of a pub/sub session (answered in subscribed mode too)."""
+    return [functools.partial(_ping, connection) for connection in _connections(ps)]
+
+
+async def _ping(connection: Any) -> None:
+    await connection.create_request(b"PING")
 
 
 class Carrier(msgspec.Struct, frozen=True):
@@ -306,7 +321,8 @@ class RedisBus:
         self._publish_sha: str | None = None  # loaded before a batch, after every failure
         self._recover_script: Any = None
         self._publisher_up = False
-        self._subscriber_up = False
+        # the connections this node holds, each checked by a probe of its own (link.py)
+        self._links = {name: Link(name) for name in ("commands", "data")}
         self._link_changed = trio.Event()  # set (and replaced) when either link goes up or down
         self.published = 0
         self.dropped = 0  # messages refused while the outbox was full (Redis unreachable)
@@ -437,22 +453,45 @@ class RedisBus:
         while not (self._following.link_up and self._following.settled()):
             await self._acked.wait()
 
+    def link(self, name: str) -> Link:
+        """The state of one of this node's links to Redis; a new name (``control``, for
+        whoever listens) is a link the node is not ready without."""
+        return self._links.setdefault(name, Link(name))
+
+    def _mark(self, link: Link, up: bool, reason: str = "") -> None:
+        was = link.up
+        link.mark(up, reason)
+        self._changed(was, up)
+
+    async def _watch(self, pings: Callable[[], Any]) -> None:
+        """Probe a session's connections until one is dead: then the session ends."""
+        await watch(pings, self._config.probe_interval_s, self._config.timeout_s)
+
     @contextlib.asynccontextmanager
     async def listen(self, channel: str) -> AsyncIterator[Any]:
         """A plain pub/sub session on ``channel`` (the control plane's), on a connection that
-        carries nothing else and is discarded after."""
+        carries nothing else, probed (a dead one ends the session) and discarded after."""
+        link = self.link("control")
         pool = self._control_client.connection_pool
         cls = ClusterPubSub if self._cluster else PubSub
         timeout = self._config.timeout_s
-        async with cls(
-            pool, ignore_subscribe_messages=True, retry_policy=None,
-            subscription_timeout=timeout, unsubscription_timeout=timeout,
-        ) as ps:  # fmt: skip
-            try:
-                await ps.subscribe(channel)
-                yield ps
-            finally:
-                _discard(ps)
+        try:
+            async with cls(
+                pool, ignore_subscribe_messages=True, retry_policy=None,
+                subscription_timeout=timeout, unsubscription_timeout=timeout,
+            ) as ps:  # fmt: skip
+                try:
+                    await ps.subscribe(channel)
+                    self._mark(link, True)
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(self._watch, functools.partial(_pings, ps))
+                        yield ps
+                        nursery.cancel_scope.cancel()
+                finally:
+                    _discard(ps)
+        except Exception as exc:  # (a group too) the link is down until listened to again
+            self._mark(link, False, describe(exc))
+            raise
 
     @property
     def publisher_up(self) -> bool:
@@ -465,20 +504,28 @@ class RedisBus:
 
     @property
     def subscriber_up(self) -> bool:
-        return self._subscriber_up
+        return self._links["data"].up
 
     @subscriber_up.setter
     def subscriber_up(self, up: bool) -> None:
-        self._subscriber_up, was = up, self._subscriber_up
-        self._changed(was, up)
+        self._mark(self._links["data"], up)
+
+    def links(self) -> dict[str, bool]:
+        """Whether each of this node's links to Redis is up, by name (``pushd_bus_up``)."""
+        links = {"publish": self.publisher_up, "subscribe": self._links["data"].up}
+        return links | {n: link.up for n, link in self._links.items() if n != "data"}
 
     def _changed(self, was: bool, up: bool) -> None:
         if was != up:  # wake whoever waits for the links
             self._link_changed.set()
             self._link_changed = trio.Event()
 
+    async def wait_changed(self) -> None:
+        """Return at the next change of a link's state (up or down)."""
+        await self._link_changed.wait()
+
     async def wait_ready(self) -> None:
-        """Return once both links to Redis are up."""
+        """Return once every link to Redis is up."""
         while self.not_ready() is not None:
             await self._link_changed.wait()
 
@@ -493,9 +540,10 @@ class RedisBus:
                 await self._sent.wait()
 
     def not_ready(self) -> str | None:
-        if not self.publisher_up or not self.subscriber_up:
-            return "Redis unreachable"
-        return None
+        down = [f"{link.name} link: {link.reason}" for link in self._links.values() if not link.up]
+        if not self.publisher_up:
+            down.insert(0, "publishing paused")
+        return f"Redis unreachable ({'; '.join(down)})" if down else None
 
     # -- the Trio shell ---------------------------------------------------------------------
 
@@ -512,7 +560,29 @@ class RedisBus:
             self._nursery = nursery
             nursery.start_soon(self._publisher)
             nursery.start_soon(self._subscriber)
+            nursery.start_soon(self._probe_commands)
             task_status.started()
+
+    async def _probe_commands(self) -> None:
+        """PING the command connections (every node's on a Cluster) forever; a dead one is
+        replaced: the pool's connections are closed, the next command opens a new one."""
+        link = self._links["commands"]
+        while True:
+            try:
+                with trio.fail_after(self._config.timeout_s):
+                    await self.client.ping()
+                if not link.up:
+                    log.info("Redis link up", link="commands")
+                self._mark(link, True)
+            except trio.TooSlowError:
+                error = f"no answer to PING within {self._config.timeout_s:g} s"
+                if link.up:
+                    log.warning("Redis link dead: replacing it", link="commands", error=error)
+                self._mark(link, False, error)
+                self.client.connection_pool.disconnect()
+            except REDIS_ERRORS as exc:
+                self._mark(link, False, describe(exc))
+            await trio.sleep(self._config.probe_interval_s)
 
     def _client(self, name: str) -> Any:
         timeout = self._config.timeout_s
@@ -627,13 +697,16 @@ class RedisBus:
     async def _subscriber(self) -> None:
         backoff = BACKOFF_S[0]
         while True:
+            error = "pub/sub session ended"
             try:
                 await self._follow()
             except* REDIS_ERRORS as group:
+                error = describe(group)
                 if self.subscriber_up:
-                    error = describe(group.exceptions[0])
-                    log.warning("Redis pub/sub lost: resubscribing", error=error)
-            self.subscriber_up = False
+                    log.warning("Redis pub/sub lost: resubscribing", link="data", error=error)
+            if self.subscriber_up:  # a session that was up: the backoff starts again
+                backoff = BACKOFF_S[0]
+            self._mark(self._links["data"], False, error)
             await trio.sleep(backoff)
             backoff = min(backoff * 2, BACKOFF_S[1])
 
@@ -656,6 +729,7 @@ class RedisBus:
                     self._act(channel, actions)
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._send_commands, ps, to_send)
+                    nursery.start_soon(self._watch, functools.partial(_pings, ps))
                     waiting = _pending_messages(ps)
                     self._on_pubsub_message(None)  # up at once if there is nothing to follow
                     while True:
