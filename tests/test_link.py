@@ -15,6 +15,8 @@ from structlog.testing import capture_logs
 from test_cluster import publish, redis_config
 from test_follow import assert_carried, live, settled_in_redis
 
+from pushd.backoff import Backoff
+
 PROBE_S = 1.0  # bus.redis.probe_interval_s
 TIMEOUT_S = 1.0  # bus.redis.timeout_s (redis_config's)
 # pushd's own bound is PROBE_S + TIMEOUT_S (docs/cluster.md); coredis alone takes ~17 s. The
@@ -99,3 +101,10 @@ async def test_a_half_open_link_is_noticed_told_and_replaced(
 
 def describe(redis: Redis) -> str:
     return "3-node Cluster" if isinstance(redis, RedisCluster) else "one Redis"
+
+
+def test_backoff_doubles_up_to_the_most_and_starts_again_after_a_success() -> None:
+    backoff = Backoff(0.5, 3.0)  # the bus, the poller and the supervisor share this rule
+    assert [backoff.next() for _ in range(5)] == [0.5, 1.0, 2.0, 3.0, 3.0]
+    backoff.reset()
+    assert backoff.delay == 0.5 and backoff.next() == 0.5 and backoff.delay == 1.0

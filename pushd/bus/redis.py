@@ -58,6 +58,7 @@ from coredis.connection import TCPLocation
 from coredis.patterns.pubsub import ClusterPubSub, PubSub, ShardedPubSub
 from coredis.pool import ClusterConnectionPool
 
+from pushd.backoff import Backoff
 from pushd.bus.follow import Action, Following, State
 from pushd.bus.link import Link, watch
 from pushd.bus.model import (
@@ -695,7 +696,7 @@ class RedisBus:
                 waiter.done.set()
 
     async def _subscriber(self) -> None:
-        backoff = BACKOFF_S[0]
+        backoff = Backoff(*BACKOFF_S)
         while True:
             error = "pub/sub session ended"
             try:
@@ -705,10 +706,9 @@ class RedisBus:
                 if self.subscriber_up:
                     log.warning("Redis pub/sub lost: resubscribing", link="data", error=error)
             if self.subscriber_up:  # a session that was up: the backoff starts again
-                backoff = BACKOFF_S[0]
+                backoff.reset()
             self._mark(self._links["data"], False, error)
-            await trio.sleep(backoff)
-            backoff = min(backoff * 2, BACKOFF_S[1])
+            await trio.sleep(backoff.next())
 
     async def _follow(self) -> None:
         """One pub/sub session: a new connection (one per shard on a Cluster) subscribes
@@ -881,7 +881,7 @@ class RedisBus:
         The channel's messages are held meanwhile; a read that fails (Redis still coming back)
         is tried again with a backoff, since nothing else would release them."""
         since = feed.position
-        backoff = BACKOFF_S[0]
+        backoff = Backoff(*BACKOFF_S)
         while True:
             try:
                 recovery = await self._read(feed, since, want_state=feed.kind is StateKind.WHOLE)
@@ -889,8 +889,7 @@ class RedisBus:
             except BusUnavailable:
                 if self._feeds.get(channel) is not feed:
                     return
-                await trio.sleep(backoff)
-                backoff = min(backoff * 2, BACKOFF_S[1])
+                await trio.sleep(backoff.next())
         if self._feeds.get(channel) is not feed:
             return
         held, feed.held = feed.held or [], None
