@@ -6,6 +6,8 @@ redis-server (and a 3-node Cluster whose nodes announce their proxies), real nod
 
 from __future__ import annotations
 
+import anyio
+import coredis.exceptions
 import httpx
 import trio
 from blackhole import proxied
@@ -16,6 +18,9 @@ from test_cluster import publish, redis_config
 from test_follow import assert_carried, live, settled_in_redis
 
 from pushd.backoff import Backoff
+from pushd.bus.link import LinkDead
+from pushd.bus.model import BusUnavailable
+from pushd.bus.redis import REDIS_ERRORS
 
 PROBE_S = 1.0  # bus.redis.probe_interval_s
 TIMEOUT_S = 1.0  # bus.redis.timeout_s (redis_config's)
@@ -108,3 +113,16 @@ def test_backoff_doubles_up_to_the_most_and_starts_again_after_a_success() -> No
     assert [backoff.next() for _ in range(5)] == [0.5, 1.0, 2.0, 3.0, 3.0]
     backoff.reset()
     assert backoff.delay == 0.5 and backoff.next() == 0.5 and backoff.delay == 1.0
+
+
+def test_only_a_failing_link_is_redis_unreachable() -> None:
+    """A bug is not an outage: it must not be retried forever as "Redis unreachable"."""
+    for outage in (
+        coredis.exceptions.ConnectionError("lost"), coredis.exceptions.ClusterDownError("down"),
+        coredis.exceptions.ResponseError("NOAUTH"), ConnectionRefusedError(), TimeoutError(),
+        trio.TooSlowError(), trio.BrokenResourceError(), anyio.ClosedResourceError(),
+        anyio.EndOfStream(), LinkDead("no PONG"), BusUnavailable("no pub/sub"),
+    ):  # fmt: skip
+        assert isinstance(outage, REDIS_ERRORS), outage
+    for bug in (TypeError(), KeyError("x"), AssertionError(), AttributeError(), ValueError()):
+        assert not isinstance(bug, REDIS_ERRORS), bug

@@ -23,8 +23,9 @@ import msgspec
 import structlog
 import trio
 
+from pushd.bus.link import REDIS_ERRORS
 from pushd.bus.model import BusUnavailable
-from pushd.bus.redis import REDIS_ERRORS, RedisBus, describe
+from pushd.bus.redis import RedisBus, describe
 
 log = structlog.get_logger("pushd.bus.control")
 

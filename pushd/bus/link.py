@@ -16,14 +16,40 @@ published meanwhile is replayed or told. A dead link is noticed within
 
 from __future__ import annotations
 
+import traceback
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
+import anyio
+import coredis.exceptions
 import trio
+
+from pushd.bus.model import BusUnavailable
 
 
 class LinkDead(Exception):
     """A Redis connection did not answer a PING in time."""
+
+
+# What a call to Redis raises when Redis, or the link to it, fails: to the bus an outage, to be
+# waited out (and said: not ready), never a crash. Nothing else: a bug (a TypeError, a
+# KeyError, a broken invariant) propagates instead of being retried forever as "Redis
+# unreachable". coredis's own errors (a refused connection, a reply Redis sent as an error, a
+# lost link, a Cluster that is down), the socket's (OSError, which holds the builtin
+# ConnectionError and TimeoutError coredis raises for an unconfirmed subscribe), the streams'
+# under coredis (anyio) and pushd's deadlines and verdicts on a link.
+REDIS_ERRORS: tuple[type[Exception], ...] = (
+    coredis.exceptions.RedisError,
+    OSError,
+    anyio.BrokenResourceError,
+    anyio.ClosedResourceError,
+    anyio.EndOfStream,
+    trio.BrokenResourceError,
+    trio.ClosedResourceError,
+    trio.TooSlowError,
+    LinkDead,
+    BusUnavailable,
+)
 
 
 class Link:
@@ -42,6 +68,28 @@ class Link:
         self.up = up
         self.reason = "" if up else reason or "down"
         return changed
+
+
+class Cluster(coredis.RedisCluster[Any]):
+    """coredis's Cluster client, with its one known way of reporting a lost node as a bug
+    pinned: a command sent to every primary (``SCRIPT EXISTS``, which a pipeline of scripts
+    sends) whose merge meets a node's ``ConnectionError`` raises ``TypeError`` ("'ConnectionError'
+    object is not iterable", coredis 6.9). That one, raised in coredis's reply merging, is a
+    lost link (tests/test_cluster.py kills every node); any other ``TypeError`` is a bug."""
+
+    async def execute_command(self, command: Any) -> Any:
+        try:
+            return await super().execute_command(command)
+        except TypeError as exc:
+            if not _raised_in_merge(exc):
+                raise
+            lost = f"a Cluster node did not answer: {exc}"
+            raise coredis.exceptions.ConnectionError(lost) from exc
+
+
+def _raised_in_merge(exc: BaseException) -> bool:
+    frames = traceback.extract_tb(exc.__traceback__)
+    return bool(frames) and "coredis/response/_callbacks" in frames[-1].filename
 
 
 async def probe(pings: Iterable[Callable[[], Awaitable[Any]]], timeout_s: float) -> None:

@@ -60,7 +60,8 @@ from coredis.pool import ClusterConnectionPool
 
 from pushd.backoff import Backoff
 from pushd.bus.follow import Action, Following, State
-from pushd.bus.link import Link, watch
+from pushd.bus.link import REDIS_ERRORS as REDIS_ERRORS  # (lease.py and others import it here)
+from pushd.bus.link import Cluster, Link, watch
 from pushd.bus.model import (
     BusUnavailable,
     Entry,
@@ -86,11 +87,6 @@ MAX_HELD = 10_000  # live messages of one channel held while a gap is read; past
 ARCHIVE_SIZE = 1000  # closed candles kept per kline channel (GET /v1/klines on any node)
 BATCH = 512  # messages per pipelined round trip
 BACKOFF_S = (0.05, 2.0)  # reconnect backoff: first, most
-# What a call to Redis may raise when Redis, or the link to it, fails: to the bus an outage, to
-# be waited out, never a crash. Wider than coredis's RedisError on purpose: with every node of a
-# Cluster down, coredis 6.9 raises TypeError from a pipeline ("'ConnectionError' object is not
-# iterable"), and its anyio streams raise ClosedResourceError on a lost link.
-REDIS_ERRORS: tuple[type[Exception], ...] = (Exception,)
 
 _message = msgspec.json.Decoder(tuple[str, int, list[msgspec.Raw]])  # epoch, first seq, data
 
@@ -594,7 +590,7 @@ class RedisBus:
             url = urlsplit(self._config.url)
             # (the cluster client takes no client_name: its pool does)
             named_pool: Any = functools.partial(ClusterConnectionPool, client_name=name)
-            return coredis.RedisCluster(
+            return Cluster(
                 startup_nodes=[TCPLocation(url.hostname or "127.0.0.1", url.port or 6379)],
                 username=url.username, password=url.password,
                 ssl=url.scheme == "rediss", **options,
