@@ -6,13 +6,17 @@ redis-server (and a 3-node Cluster whose nodes announce their proxies), real nod
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import anyio
 import coredis.exceptions
 import httpx
+import msgspec
+import pytest
 import trio
-from blackhole import proxied
+from blackhole import proxied, redis_cli
 from conftest import open_client, start_daemon, subscribed
-from redis_servers import Redis, RedisCluster
+from redis_servers import Redis, RedisCluster, RedisServer
 from structlog.testing import capture_logs
 from test_cluster import publish, redis_config
 from test_follow import assert_carried, live, settled_in_redis
@@ -126,3 +130,35 @@ def test_only_a_failing_link_is_redis_unreachable() -> None:
         assert isinstance(outage, REDIS_ERRORS), outage
     for bug in (TypeError(), KeyError("x"), AssertionError(), AttributeError(), ValueError()):
         assert not isinstance(bug, REDIS_ERRORS), bug
+
+
+@pytest.fixture
+def one_redis() -> Iterator[RedisServer]:
+    with RedisServer() as server:
+        yield server
+
+
+async def test_a_control_command_that_fails_is_logged(
+    nursery: trio.Nursery, one_redis: RedisServer
+) -> None:
+    """A kick whose answer Redis refuses (the reply key holds a string: WRONGTYPE) is said in
+    the log, with the command and why, instead of vanishing; the node goes on obeying. (One
+    Redis: the control plane's code is the same on a Cluster.)"""
+    redis = one_redis
+    node = await start_daemon(nursery, redis_config(redis, "gateway"))
+    bus = node.daemon.redis
+    assert bus is not None
+    with trio.fail_after(10):
+        await bus.wait_ready()
+    reply = f"{bus.prefix}:reply:not-a-list"
+    redis_cli(redis.port, "SET", reply, "a string")
+    kick = msgspec.json.encode({"op": "kick", "uid": "u1", "reply": reply}).decode()
+    with capture_logs() as logs:
+        redis_cli(redis.port, "PUBLISH", f"{bus.prefix}:control", kick)
+        with trio.fail_after(5):  # (a log has no event to await: polled)
+            while not [line for line in logs if line["event"] == "control answer not sent"]:  # noqa: ASYNC110
+                await trio.sleep(0.02)
+    said = next(line for line in logs if line["event"] == "control answer not sent")
+    assert said["op"] == "kick" and said["error"].startswith("WrongTypeError"), said
+    assert node.daemon.control is not None
+    assert [n.node for n in await node.daemon.control.stats()] == [node.daemon.control.node_id]
