@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import anyio
+import coredis
 import coredis.exceptions
 import httpx
 import msgspec
@@ -16,15 +17,16 @@ import pytest
 import trio
 from blackhole import proxied, redis_cli
 from conftest import open_client, start_daemon, subscribed
+from coredis.patterns.pubsub import PubSub
 from redis_servers import Redis, RedisCluster, RedisServer
 from structlog.testing import capture_logs
 from test_cluster import publish, redis_config
 from test_follow import assert_carried, live, settled_in_redis
 
 from pushd.backoff import Backoff
-from pushd.bus.link import LinkDead
+from pushd.bus.link import Link, LinkDead, probe, watch
 from pushd.bus.model import BusUnavailable
-from pushd.bus.redis import REDIS_ERRORS
+from pushd.bus.redis import REDIS_ERRORS, _pending_messages
 
 PROBE_S = 1.0  # bus.redis.probe_interval_s
 TIMEOUT_S = 1.0  # bus.redis.timeout_s (redis_config's)
@@ -162,3 +164,53 @@ async def test_a_control_command_that_fails_is_logged(
     assert said["op"] == "kick" and said["error"].startswith("WrongTypeError"), said
     assert node.daemon.control is not None
     assert [n.node for n in await node.daemon.control.stats()] == [node.daemon.control.node_id]
+
+
+async def test_a_probe_finds_the_one_silent_connection(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The probe PINGs every connection of a link at once (one per shard): all answering in
+    time is alive; one silent is dead after ``timeout_s``, each round ``interval_s`` apart."""
+    answered: list[float] = []
+
+    async def pong() -> None:
+        answered.append(trio.current_time())
+
+    async def silent() -> None:
+        await trio.sleep_forever()
+
+    await probe([pong, pong], timeout_s=2.0)  # (the sans-IO part's shell: no Redis needed)
+    start = trio.current_time()
+    with pytest.raises(LinkDead, match="within 2 s"):
+        await probe([pong, silent], timeout_s=2.0)
+    assert trio.current_time() - start == 2.0
+    answered.clear()
+    start = trio.current_time()
+    rounds = iter([[pong], [pong], [pong, silent]])
+    with pytest.raises(LinkDead):
+        await watch(lambda: next(rounds), interval_s=1.0, timeout_s=2.0)
+    assert [t - start for t in answered] == [0.0, 1.0, 2.0]
+    assert trio.current_time() - start == 4.0  # noticed within interval_s + timeout_s
+
+
+def test_a_link_says_why_it_is_down() -> None:
+    link = Link("control")
+    assert not link.up and link.reason == "not connected yet"
+    assert link.mark(True) and link.up and link.reason == ""
+    assert not link.mark(True)  # no change
+    assert link.mark(False, "no answer to PING within 2 s") and not link.up
+    assert link.reason == "no answer to PING within 2 s"
+
+
+async def test_what_coredis_received_is_read_without_waiting() -> None:
+    """Pinned: the bus reads coredis's private ``_receive_stream`` (coredis 6.9 has no public
+    way to take what a pub/sub session received without a scheduler turn per message); a
+    coredis that changes it fails here, not silently slower in production."""
+    pool = coredis.ConnectionPool.from_url("redis://127.0.0.1:1")  # never connected
+    ps = PubSub(pool)  # not entered: no connection, no I/O
+    received = [{"type": "message", "channel": b"c", "data": str(n).encode()} for n in range(3)]
+    for message in received:
+        ps._send_stream.send_nowait(message)  # as coredis's push reader does
+    pending = _pending_messages(ps)
+    assert list(pending()) == received
+    assert list(pending()) == []
