@@ -24,10 +24,11 @@ HEAD = 4096  # bytes of a connection's start kept to tell whose it is (CLIENT SE
 
 
 class _Connection:
-    __slots__ = ("head",)
+    __slots__ = ("cut", "head")
 
     def __init__(self) -> None:
         self.head = b""  # what the client sent first
+        self.cut = False  # black-holed on its own (``cut_open``)
 
 
 class Blackhole:
@@ -36,6 +37,7 @@ class Blackhole:
         self.port = 0  # known once started
         self._cut: bytes | None = None  # cut connections whose start has it (b"": all)
         self._changed = trio.Event()
+        self._open: set[_Connection] = set()
         self.connections = 0  # accepted so far
 
     @property
@@ -48,8 +50,19 @@ class Blackhole:
         self._cut = whose
         self._wake()
 
+    def cut_open(self, whose: bytes) -> int:
+        """Black-hole the connections open now whose first bytes contain ``whose``; new ones
+        flow (a NAT or firewall that forgot its flows). How many were cut."""
+        cut = [c for c in self._open if whose in c.head]
+        for connection in cut:
+            connection.cut = True
+        self._wake()
+        return len(cut)
+
     def heal(self) -> None:
         self._cut = None
+        for connection in self._open:
+            connection.cut = False
         self._wake()
 
     def _wake(self) -> None:
@@ -57,7 +70,7 @@ class Blackhole:
         self._changed = trio.Event()
 
     async def _flowing(self, connection: _Connection) -> None:
-        while self._cut is not None and self._cut in connection.head:
+        while connection.cut or (self._cut is not None and self._cut in connection.head):
             await self._changed.wait()
 
     async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
@@ -70,6 +83,13 @@ class Blackhole:
     async def _serve(self, downstream: trio.SocketStream) -> None:
         self.connections += 1
         connection = _Connection()
+        self._open.add(connection)
+        try:
+            await self._forward(connection, downstream)
+        finally:
+            self._open.discard(connection)
+
+    async def _forward(self, connection: _Connection, downstream: trio.SocketStream) -> None:
         async with downstream:
             try:
                 upstream = await trio.open_tcp_stream("127.0.0.1", self.target_port)

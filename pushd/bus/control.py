@@ -23,9 +23,10 @@ import msgspec
 import structlog
 import trio
 
+from pushd.backoff import Backoff
 from pushd.bus.link import REDIS_ERRORS
 from pushd.bus.model import BusUnavailable
-from pushd.bus.redis import RedisBus, describe
+from pushd.bus.redis import BACKOFF_S, RedisBus, describe
 from pushd.logs import ThrottledLog
 
 log = structlog.get_logger("pushd.bus.control")
@@ -77,7 +78,7 @@ class ControlPlane:
         self._registry = f"{prefix}:nodes"
         self._channel = f"{prefix}:control"
         self._outgoing_send, self._outgoing = trio.open_memory_channel[Command](1000)
-        self._link = bus.link("control")  # the node is not ready while it is down
+        bus.link("control")  # a link of this node: not ready while it is down
         self._beat_log = ThrottledLog(log, "registry heartbeat not written")
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -112,17 +113,22 @@ class ControlPlane:
             self._beat_log.warning(error=describe(exc))
 
     async def _listen(self) -> None:
+        backoff = Backoff(*BACKOFF_S)
         while True:
+            listened = False
             try:
                 async with self._bus.listen(self._channel) as ps:  # a connection of its own
+                    listened = True
+                    backoff.reset()  # a link that was up: when lost, listened to again at once
                     while True:
                         message = await ps.get_message()
                         if message is not None and message["type"] in ("message", b"message"):
                             await self._obey(message["data"])
             except* REDIS_ERRORS as group:
-                log.warning("Redis control link lost: listening again", link="control",
-                            error=describe(group))  # fmt: skip
-            await trio.sleep(HEARTBEAT_S)
+                if listened:
+                    log.warning("Redis control link lost: listening again", link="control",
+                                error=describe(group))  # fmt: skip
+            await trio.sleep(backoff.next())
 
     async def _obey(self, payload: bytes) -> None:
         try:

@@ -565,6 +565,7 @@ class RedisBus:
         """PING the command connections (every node's on a Cluster) forever; a dead one is
         replaced: the pool's connections are closed, the next command opens a new one."""
         link = self._links["commands"]
+        backoff = Backoff(*BACKOFF_S)  # while down: a new connection is tried at once
         while True:
             try:
                 with trio.fail_after(self._config.timeout_s):
@@ -580,7 +581,9 @@ class RedisBus:
                 self.client.connection_pool.disconnect()
             except REDIS_ERRORS as exc:
                 self._mark(link, False, describe(exc))
-            await trio.sleep(self._config.probe_interval_s)
+            if link.up:
+                backoff.reset()
+            await trio.sleep(self._config.probe_interval_s if link.up else backoff.next())
 
     def _client(self, name: str) -> Any:
         timeout = self._config.timeout_s
