@@ -26,7 +26,7 @@ from test_follow import assert_carried, live, settled_in_redis
 
 from pushd.backoff import Backoff
 from pushd.bus.link import Link, LinkDead, probe, watch
-from pushd.bus.model import BusUnavailable
+from pushd.bus.model import BusUnavailable, Outgoing
 from pushd.bus.redis import REDIS_ERRORS, RedisBus, _pending_messages
 
 PROBE_S = 1.0  # bus.redis.probe_interval_s
@@ -272,3 +272,42 @@ async def test_a_dead_link_is_replaced_while_new_connections_work(
         await assert_carried(gateway, redis, via)
     print(f"\ndead link, new ones working ({describe(redis)}): noticed after {noticed:.2f} s, "
           f"replaced (ready) after {replaced:.2f} s")  # fmt: skip
+
+
+async def test_a_publishers_dead_link_is_replaced(nursery: trio.Nursery, redis: Redis) -> None:
+    """The compute node's connections die (new ones work): its command link is found dead
+    (not ready), what it publishes meanwhile waits in its outbox and reaches the gateway's
+    client in order, without any heal. (The publisher has a deadline of its own, and coredis
+    drops a pipeline's connection when its wait is cancelled; a gateway's plain commands,
+    e.g. the catch-up's reads, need the probe: the test above fails without it.)"""
+    proxies = await proxied(nursery, redis)
+    settings = {"url": proxies[0].url, "probe_interval_s": PROBE_S}
+    compute = await start_daemon(nursery, redis_config(redis, "compute", bus={"redis": settings}))
+    gateway = await start_daemon(nursery, redis_config(redis, "gateway"))
+    bus = compute.daemon.redis
+    assert bus is not None
+    with trio.fail_after(10):
+        await bus.wait_ready()
+    async with open_client(gateway.ws_url) as client:
+        assert subscribed(await client.call({"op": "subscribe", "channel": "notice"}), "notice")
+        await live(client, compute, 0)
+        cut_at = trio.current_time()
+        assert sum(proxy.cut_open(bus.name.encode()) for proxy in proxies) >= len(CHECKED)
+        bus.publish([Outgoing("notice", msgspec.Raw(b'{"n":%d}' % n)) for n in (1, 2, 3)])
+        with trio.fail_after(NOTICE_S):
+            while bus.links()["commands"]:
+                await bus.wait_changed()
+        got = []
+        with trio.fail_after(NOTICE_S):
+            while len(got) < 3:
+                message = await client.recv()
+                if message.get("event") == "notice":
+                    got.append(message["data"]["n"])
+        delivered = trio.current_time() - cut_at
+        assert got == [1, 2, 3]
+        with trio.fail_after(NOTICE_S):
+            await bus.wait_ready()
+    for proxy in proxies:
+        proxy.heal()
+    print(f"\npublisher's dead link ({describe(redis)}): its outbox delivered "
+          f"{delivered:.2f} s after the cut")  # fmt: skip
