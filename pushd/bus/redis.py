@@ -320,7 +320,8 @@ class RedisBus:
         self._recover_script: Any = None
         self._publisher_up = False
         # the connections this node holds, each checked by a probe of its own (link.py)
-        self._links = {name: Link(name) for name in ("commands", "data")}
+        # (``subscribe``: the pub/sub connections of the channels, ``<name>:data`` in Redis)
+        self._links = {name: Link(name) for name in ("commands", "subscribe")}
         self._link_changed = trio.Event()  # set (and replaced) when either link goes up or down
         self.published = 0
         self.dropped = 0  # messages refused while the outbox was full (Redis unreachable)
@@ -502,16 +503,15 @@ class RedisBus:
 
     @property
     def subscriber_up(self) -> bool:
-        return self._links["data"].up
+        return self._links["subscribe"].up
 
     @subscriber_up.setter
     def subscriber_up(self, up: bool) -> None:
-        self._mark(self._links["data"], up)
+        self._mark(self._links["subscribe"], up)
 
     def links(self) -> dict[str, bool]:
         """Whether each of this node's links to Redis is up, by name (``pushd_bus_up``)."""
-        links = {"publish": self.publisher_up, "subscribe": self._links["data"].up}
-        return links | {n: link.up for n, link in self._links.items() if n != "data"}
+        return {"publish": self.publisher_up} | {n: link.up for n, link in self._links.items()}
 
     def _changed(self, was: bool, up: bool) -> None:
         if was != up:  # wake whoever waits for the links
@@ -704,10 +704,10 @@ class RedisBus:
             except* REDIS_ERRORS as group:
                 error = describe(group)
                 if self.subscriber_up:
-                    log.warning("Redis pub/sub lost: resubscribing", link="data", error=error)
+                    log.warning("Redis pub/sub lost: resubscribing", link="subscribe", error=error)
             if self.subscriber_up:  # a session that was up: the backoff starts again
                 backoff.reset()
-            self._mark(self._links["data"], False, error)
+            self._mark(self._links["subscribe"], False, error)
             await trio.sleep(backoff.next())
 
     async def _follow(self) -> None:
