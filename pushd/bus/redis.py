@@ -16,7 +16,9 @@ Subscribing
     hub only for channels Redis confirmed and the hub wants. Pub/sub has connections of its
     own, named ``<name>:data`` and ``<name>:control`` (``CLIENT LIST``), never lent to
     commands; one that ends is discarded with every subscription on it, and the next one
-    subscribes exactly what the hub wants. A joining client is kept *pending* by the hub while this
+    subscribes exactly what the hub wants. Every connection is PINGed by pushd itself
+    (``link.py``): one silent for ``timeout_s`` is dead, the node not ready, and it is
+    replaced the same way. A joining client is kept *pending* by the hub while this
     bus asks Redis (``lua/recover.lua``, after the SUBSCRIBE is confirmed) for what it missed
     or for the stream's state; the hub merges the answer with the live events by seq.
 
