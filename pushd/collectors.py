@@ -228,8 +228,8 @@ class BusCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         bus = self._bus
         up = GaugeMetricFamily("pushd_bus_up", "1 while Redis answers, by link", labels=["link"])
-        up.add_metric(["publish"], int(bus.publisher_up))
-        up.add_metric(["subscribe"], int(bus.subscriber_up))
+        for link, is_up in bus.links().items():  # publish, subscribe, commands, control
+            up.add_metric([link], int(is_up))
         yield up
         yield GaugeMetricFamily("pushd_bus_outbox", "Messages waiting for Redis", bus.outbox_size)
         yield CounterMetricFamily("pushd_bus_published", "Messages Redis took", value=bus.published)

@@ -22,10 +22,11 @@ Exceptions::
     ├── MalformedData     message data that is not one JSON value in UTF-8 (also a ValueError)
     ├── EngineUnavailable the matching engine's snapshot service did not answer a book request
     ├── TlsClosed         a client's TLS is broken (bad record, failed handshake) or it closed
-    └── FollowError       an event the follow table has no row for: a bug (also a RuntimeError)
+    ├── FollowError       an event the follow table has no row for: a bug (also a RuntimeError)
+    └── LinkDead          a Redis connection did not answer pushd's PING in time
 
 Each is raised where its module says (``pushd.http.api``, ``pushd.bus``, ``pushd.feed.poller``,
-``pushd.tls``, ``pushd.bus.follow``); those modules import it from here.
+``pushd.tls``, ``pushd.bus.follow``, ``pushd.bus.link``); those modules import it from here.
 """
 
 from __future__ import annotations
@@ -143,3 +144,7 @@ class TlsClosed(PushdError):
 
 class FollowError(PushdError, RuntimeError):
     """An event the follow table has no row for: a bug in whoever sent it."""
+
+
+class LinkDead(PushdError):
+    """A Redis connection did not answer a PING in time: the bus replaces it."""

@@ -34,6 +34,7 @@ import msgspec
 import structlog
 import trio
 
+from pushd.backoff import Backoff
 from pushd.config import Config
 from pushd.liveness import LIFELINE_VARIABLE, REASONS, REPORT_VARIABLE, Beats, Report
 from pushd.notify import Notifier
@@ -231,7 +232,7 @@ class Supervisor:
         return next((name for name, p in self._processes.items() if p.pid == pid), None)
 
     async def _keep_running(self, name: str, command: list[str], env: dict[str, str]) -> None:
-        backoff = RESTART_BACKOFF_S[0]
+        backoff = Backoff(*RESTART_BACKOFF_S)
         while not self._stopping:
             started = trio.current_time()
             async with trio.open_nursery() as nursery:  # cancelled: SIGTERM, SIGKILL after 5 s
@@ -253,11 +254,11 @@ class Supervisor:
             self._replaced[name][reason] += 1
             self._write_report()
             if trio.current_time() - started > STABLE_AFTER_S:
-                backoff = RESTART_BACKOFF_S[0]
+                backoff.reset()
+            delay = backoff.next()
             log.warning("child exited: restarting", child=name, pid=process.pid, code=code,
-                        reason=reason, after_s=backoff)  # fmt: skip
-            await trio.sleep(backoff)
-            backoff = min(backoff * 2, RESTART_BACKOFF_S[1])
+                        reason=reason, after_s=delay)  # fmt: skip
+            await trio.sleep(delay)
 
     def _write_report(self) -> None:
         """Replace the report file whole: a scrape never reads half of it. A write that fails

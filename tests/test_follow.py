@@ -96,10 +96,12 @@ def client_list(port: int) -> dict[int, dict[str, str]]:
     return clients
 
 
-async def assert_carried(node: Running, redis: Redis) -> None:
+async def assert_carried(node: Running, redis: Redis, via: dict[int, int] | None = None) -> None:
     """What the node says it follows, and on which connection, is what Redis has: each
     followed channel subscribed on exactly the connection named for it, and no other
-    connection of this node subscribed to anything but the control channel."""
+    connection of this node subscribed to anything but the control channel. ``via``: the
+    port of the server behind each proxy port the node connects to."""
+    via = via or {}
     bus = node.daemon.redis
     assert bus is not None
     with trio.fail_after(5):
@@ -115,7 +117,7 @@ async def assert_carried(node: Running, redis: Redis) -> None:
             i: 0 for i, c in mine.items() if c["name"] != bus.control_name
         }  # this node's connections with no channel: none subscribed
         for carrier in carriers.values():
-            if carrier.port == server.port:
+            if via.get(carrier.port, carrier.port) == server.port:
                 expected[carrier.client_id] = expected.get(carrier.client_id, 0) + 1
         for client_id, channels in expected.items():
             assert client_id in mine, f"{client_id} is not a connection of this node in Redis"
@@ -129,7 +131,7 @@ async def assert_carried(node: Running, redis: Redis) -> None:
         expected_channels = {
             f"{bus.prefix}:{{{c}}}"
             for c, carrier in carriers.items()
-            if carrier.port == server.port
+            if via.get(carrier.port, carrier.port) == server.port
         }
         assert set(on_server) == expected_channels
 
@@ -168,11 +170,11 @@ async def test_an_unconfirmed_subscribe_leaves_no_subscription_behind(
         await assert_carried(gateway, redis)
 
 
-async def settled_in_redis(redis: Redis) -> None:
-    """Until Redis holds the gateway's 4 channels and one control subscription per node, and
-    nothing else (Redis has no event to await for this: it is polled)."""
+async def settled_in_redis(redis: Redis, channels: int = 4, control: int = 2) -> None:
+    """Until Redis holds the gateway's ``channels`` and one control subscription per node
+    (``control``), and nothing else (Redis has no event to await for this: it is polled)."""
     with trio.fail_after(10):
-        while subscriptions(redis) != (4, 2):  # noqa: ASYNC110
+        while subscriptions(redis) != (channels, control):  # noqa: ASYNC110
             await trio.sleep(0.05)
 
 

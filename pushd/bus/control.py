@@ -23,8 +23,11 @@ import msgspec
 import structlog
 import trio
 
-from pushd.bus.redis import REDIS_ERRORS, RedisBus, describe
+from pushd.backoff import Backoff
+from pushd.bus.link import REDIS_ERRORS
+from pushd.bus.redis import BACKOFF_S, RedisBus, describe
 from pushd.errors import BusUnavailable
+from pushd.logs import ThrottledLog
 
 log = structlog.get_logger("pushd.bus.control")
 
@@ -75,6 +78,8 @@ class ControlPlane:
         self._registry = f"{prefix}:nodes"
         self._channel = f"{prefix}:control"
         self._outgoing_send, self._outgoing = trio.open_memory_channel[Command](1000)
+        bus.link("control")  # a link of this node: not ready while it is down
+        self._beat_log = ThrottledLog(log, "registry heartbeat not written")
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         await self._beat()  # registered before the node reports ready
@@ -86,8 +91,11 @@ class ControlPlane:
 
     async def leave(self) -> None:
         """Take this node out of the registry (shutdown)."""
-        with contextlib.suppress(*REDIS_ERRORS), trio.fail_after(1):
-            await self._bus.client.hdel(self._registry, [self.node_id])
+        try:
+            with trio.fail_after(1):
+                await self._bus.client.hdel(self._registry, [self.node_id])
+        except REDIS_ERRORS as exc:  # it goes stale in FRESH_S
+            log.warning("node not taken out of the registry", error=describe(exc))
 
     async def _heartbeat(self) -> None:
         while True:
@@ -96,21 +104,31 @@ class ControlPlane:
 
     async def _beat(self) -> None:
         entry = NodeStats(self.node_id, self._role, time.time(), self._stats())
-        # an outage: the bus logs it; this node's registry entry just goes stale
-        with contextlib.suppress(*REDIS_ERRORS), trio.fail_after(HEARTBEAT_S * 2):
-            await self._bus.client.hset(self._registry, {self.node_id: msgspec.json.encode(entry)})
+        try:
+            with trio.fail_after(HEARTBEAT_S * 2):
+                await self._bus.client.hset(
+                    self._registry, {self.node_id: msgspec.json.encode(entry)}
+                )
+        except REDIS_ERRORS as exc:  # this node's registry entry goes stale: others skip it
+            self._beat_log.warning(error=describe(exc))
 
     async def _listen(self) -> None:
+        backoff = Backoff(*BACKOFF_S)
         while True:
+            listened = False
             try:
                 async with self._bus.listen(self._channel) as ps:  # a connection of its own
+                    listened = True
+                    backoff.reset()  # a link that was up: when lost, listened to again at once
                     while True:
                         message = await ps.get_message()
                         if message is not None and message["type"] in ("message", b"message"):
                             await self._obey(message["data"])
-            except* REDIS_ERRORS:
-                pass
-            await trio.sleep(HEARTBEAT_S)
+            except* REDIS_ERRORS as group:
+                if listened:
+                    log.warning("Redis control link lost: listening again", link="control",
+                                error=describe(group))  # fmt: skip
+            await trio.sleep(backoff.next())
 
     async def _obey(self, payload: bytes) -> None:
         try:
@@ -118,6 +136,12 @@ class ControlPlane:
         except (msgspec.DecodeError, RecursionError):
             log.warning("undecodable control message")
             return
+        try:
+            await self._do(command)
+        except Exception:  # one command that fails (a bug) is said, and the node obeys on
+            log.exception("control command failed", op=command.op, origin=command.origin)
+
+    async def _do(self, command: Command) -> None:
         if command.op == "kick" and command.uid is not None:
             await self._answer(command, str(self._kick(command.uid)).encode())
         elif command.op == "stats":
@@ -129,11 +153,17 @@ class ControlPlane:
                      notices=told)  # fmt: skip
 
     async def _answer(self, command: Command, answer: bytes) -> None:
+        """Push this node's answer for the asking node; one Redis refuses (or an outage) is
+        logged: the asker counts one node less."""
         if command.reply is None:
             return
-        with contextlib.suppress(*REDIS_ERRORS), trio.fail_after(HEARTBEAT_S * 2):
-            await self._bus.client.rpush(command.reply, [answer])
-            await self._bus.client.expire(command.reply, REPLY_TTL_S)
+        try:
+            with trio.fail_after(HEARTBEAT_S * 2):
+                await self._bus.client.rpush(command.reply, [answer])
+                await self._bus.client.expire(command.reply, REPLY_TTL_S)
+        except REDIS_ERRORS as exc:
+            log.warning("control answer not sent", op=command.op, origin=command.origin,
+                        error=describe(exc))  # fmt: skip
 
     async def _send_queued(self) -> None:
         async for command in self._outgoing:

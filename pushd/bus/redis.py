@@ -16,7 +16,9 @@ Subscribing
     hub only for channels Redis confirmed and the hub wants. Pub/sub has connections of its
     own, named ``<name>:data`` and ``<name>:control`` (``CLIENT LIST``), never lent to
     commands; one that ends is discarded with every subscription on it, and the next one
-    subscribes exactly what the hub wants. A joining client is kept *pending* by the hub while this
+    subscribes exactly what the hub wants. Every connection is PINGed by pushd itself
+    (``link.py``): one silent for ``timeout_s`` is dead, the node not ready, and it is
+    replaced the same way. A joining client is kept *pending* by the hub while this
     bus asks Redis (``lua/recover.lua``, after the SUBSCRIBE is confirmed) for what it missed
     or for the stream's state; the hub merges the answer with the live events by seq.
 
@@ -58,7 +60,10 @@ from coredis.connection import TCPLocation
 from coredis.patterns.pubsub import ClusterPubSub, PubSub, ShardedPubSub
 from coredis.pool import ClusterConnectionPool
 
+from pushd.backoff import Backoff
 from pushd.bus.follow import Action, Following, State
+from pushd.bus.link import REDIS_ERRORS as REDIS_ERRORS  # (lease.py and others import it here)
+from pushd.bus.link import Cluster, Link, watch
 from pushd.bus.model import Delivery, Entry, Outgoing, Position, Recovery, checked, new_epoch
 from pushd.channels import StateKind, state_kind
 from pushd.config import BusConfig
@@ -75,11 +80,6 @@ MAX_HELD = 10_000  # live messages of one channel held while a gap is read; past
 ARCHIVE_SIZE = 1000  # closed candles kept per kline channel (GET /v1/klines on any node)
 BATCH = 512  # messages per pipelined round trip
 BACKOFF_S = (0.05, 2.0)  # reconnect backoff: first, most
-# What a call to Redis may raise when Redis, or the link to it, fails: to the bus an outage, to
-# be waited out, never a crash. Wider than coredis's RedisError on purpose: with every node of a
-# Cluster down, coredis 6.9 raises TypeError from a pipeline ("'ConnectionError' object is not
-# iterable"), and its anyio streams raise ClosedResourceError on a lost link.
-REDIS_ERRORS: tuple[type[Exception], ...] = (Exception,)
 
 _message = msgspec.json.Decoder(tuple[str, int, list[msgspec.Raw]])  # epoch, first seq, data
 
@@ -104,6 +104,7 @@ def _pending_messages(ps: Any) -> Callable[[], Iterator[Any]]:
 
     def pending() -> Iterator[Any]:
         if stream is None:  # another coredis: one message per get_message, still correct
+            # (pinned for coredis 6.9 by tests/test_link.py)
             return
         while True:
             try:
@@ -221,14 +222,28 @@ def _entry(fields: Any) -> Entry | None:
         return None
 
 
-def _discard(ps: Any) -> None:
-    """End a pub/sub session's connections for good: one handed back to a pool would still
-    carry what it was subscribed to, and the next borrower would get that (issue 19, item 5)."""
+def _connections(ps: Any) -> list[Any]:
+    """The connections of a pub/sub session (one per shard on a Cluster)."""
     connections = list(getattr(ps, "shard_connections", {}).values())
     with contextlib.suppress(Exception):  # a plain pub/sub that got no connection: none
         connections.append(ps.connection)
-    for connection in connections:
+    return connections
+
+
+def _discard(ps: Any) -> None:
+    """End a pub/sub session's connections for good: one handed back to a pool would still
+    carry what it was subscribed to, and the next borrower would get that (issue 19, item 5)."""
+    for connection in _connections(ps):
         connection.invalidate("pub/sub session ended")
+
+
+def _pings(ps: Any) -> list[Callable[[], Any]]:
+    """A PING for each connection of a pub/sub session (answered in subscribed mode too)."""
+    return [functools.partial(_ping, connection) for connection in _connections(ps)]
+
+
+async def _ping(connection: Any) -> None:
+    await connection.create_request(b"PING")
 
 
 class Carrier(msgspec.Struct, frozen=True):
@@ -297,7 +312,9 @@ class RedisBus:
         self._publish_sha: str | None = None  # loaded before a batch, after every failure
         self._recover_script: Any = None
         self._publisher_up = False
-        self._subscriber_up = False
+        # the connections this node holds, each checked by a probe of its own (link.py)
+        # (``subscribe``: the pub/sub connections of the channels, ``<name>:data`` in Redis)
+        self._links = {name: Link(name) for name in ("commands", "subscribe")}
         self._link_changed = trio.Event()  # set (and replaced) when either link goes up or down
         self.published = 0
         self.dropped = 0  # messages refused while the outbox was full (Redis unreachable)
@@ -428,22 +445,45 @@ class RedisBus:
         while not (self._following.link_up and self._following.settled()):
             await self._acked.wait()
 
+    def link(self, name: str) -> Link:
+        """The state of one of this node's links to Redis; a new name (``control``, for
+        whoever listens) is a link the node is not ready without."""
+        return self._links.setdefault(name, Link(name))
+
+    def _mark(self, link: Link, up: bool, reason: str = "") -> None:
+        was = link.up
+        link.mark(up, reason)
+        self._changed(was, up)
+
+    async def _watch(self, pings: Callable[[], Any]) -> None:
+        """Probe a session's connections until one is dead: then the session ends."""
+        await watch(pings, self._config.probe_interval_s, self._config.timeout_s)
+
     @contextlib.asynccontextmanager
     async def listen(self, channel: str) -> AsyncIterator[Any]:
         """A plain pub/sub session on ``channel`` (the control plane's), on a connection that
-        carries nothing else and is discarded after."""
+        carries nothing else, probed (a dead one ends the session) and discarded after."""
+        link = self.link("control")
         pool = self._control_client.connection_pool
         cls = ClusterPubSub if self._cluster else PubSub
         timeout = self._config.timeout_s
-        async with cls(
-            pool, ignore_subscribe_messages=True, retry_policy=None,
-            subscription_timeout=timeout, unsubscription_timeout=timeout,
-        ) as ps:  # fmt: skip
-            try:
-                await ps.subscribe(channel)
-                yield ps
-            finally:
-                _discard(ps)
+        try:
+            async with cls(
+                pool, ignore_subscribe_messages=True, retry_policy=None,
+                subscription_timeout=timeout, unsubscription_timeout=timeout,
+            ) as ps:  # fmt: skip
+                try:
+                    await ps.subscribe(channel)
+                    self._mark(link, True)
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(self._watch, functools.partial(_pings, ps))
+                        yield ps
+                        nursery.cancel_scope.cancel()
+                finally:
+                    _discard(ps)
+        except Exception as exc:  # (a group too) the link is down until listened to again
+            self._mark(link, False, describe(exc))
+            raise
 
     @property
     def publisher_up(self) -> bool:
@@ -456,20 +496,27 @@ class RedisBus:
 
     @property
     def subscriber_up(self) -> bool:
-        return self._subscriber_up
+        return self._links["subscribe"].up
 
     @subscriber_up.setter
     def subscriber_up(self, up: bool) -> None:
-        self._subscriber_up, was = up, self._subscriber_up
-        self._changed(was, up)
+        self._mark(self._links["subscribe"], up)
+
+    def links(self) -> dict[str, bool]:
+        """Whether each of this node's links to Redis is up, by name (``pushd_bus_up``)."""
+        return {"publish": self.publisher_up} | {n: link.up for n, link in self._links.items()}
 
     def _changed(self, was: bool, up: bool) -> None:
         if was != up:  # wake whoever waits for the links
             self._link_changed.set()
             self._link_changed = trio.Event()
 
+    async def wait_changed(self) -> None:
+        """Return at the next change of a link's state (up or down)."""
+        await self._link_changed.wait()
+
     async def wait_ready(self) -> None:
-        """Return once both links to Redis are up."""
+        """Return once every link to Redis is up."""
         while self.not_ready() is not None:
             await self._link_changed.wait()
 
@@ -484,9 +531,10 @@ class RedisBus:
                 await self._sent.wait()
 
     def not_ready(self) -> str | None:
-        if not self.publisher_up or not self.subscriber_up:
-            return "Redis unreachable"
-        return None
+        down = [f"{link.name} link: {link.reason}" for link in self._links.values() if not link.up]
+        if not self.publisher_up:
+            down.insert(0, "publishing paused")
+        return f"Redis unreachable ({'; '.join(down)})" if down else None
 
     # -- the Trio shell ---------------------------------------------------------------------
 
@@ -503,7 +551,32 @@ class RedisBus:
             self._nursery = nursery
             nursery.start_soon(self._publisher)
             nursery.start_soon(self._subscriber)
+            nursery.start_soon(self._probe_commands)
             task_status.started()
+
+    async def _probe_commands(self) -> None:
+        """PING the command connections (every node's on a Cluster) forever; a dead one is
+        replaced: the pool's connections are closed, the next command opens a new one."""
+        link = self._links["commands"]
+        backoff = Backoff(*BACKOFF_S)  # while down: a new connection is tried at once
+        while True:
+            try:
+                with trio.fail_after(self._config.timeout_s):
+                    await self.client.ping()
+                if not link.up:
+                    log.info("Redis link up", link="commands")
+                self._mark(link, True)
+            except trio.TooSlowError:
+                error = f"no answer to PING within {self._config.timeout_s:g} s"
+                if link.up:
+                    log.warning("Redis link dead: replacing it", link="commands", error=error)
+                self._mark(link, False, error)
+                self.client.connection_pool.disconnect()
+            except REDIS_ERRORS as exc:
+                self._mark(link, False, describe(exc))
+            if link.up:
+                backoff.reset()
+            await trio.sleep(self._config.probe_interval_s if link.up else backoff.next())
 
     def _client(self, name: str) -> Any:
         timeout = self._config.timeout_s
@@ -514,7 +587,7 @@ class RedisBus:
             url = urlsplit(self._config.url)
             # (the cluster client takes no client_name: its pool does)
             named_pool: Any = functools.partial(ClusterConnectionPool, client_name=name)
-            return coredis.RedisCluster(
+            return Cluster(
                 startup_nodes=[TCPLocation(url.hostname or "127.0.0.1", url.port or 6379)],
                 username=url.username, password=url.password,
                 ssl=url.scheme == "rediss", **options,
@@ -616,17 +689,19 @@ class RedisBus:
                 waiter.done.set()
 
     async def _subscriber(self) -> None:
-        backoff = BACKOFF_S[0]
+        backoff = Backoff(*BACKOFF_S)
         while True:
+            error = "pub/sub session ended"
             try:
                 await self._follow()
             except* REDIS_ERRORS as group:
+                error = describe(group)
                 if self.subscriber_up:
-                    error = describe(group.exceptions[0])
-                    log.warning("Redis pub/sub lost: resubscribing", error=error)
-            self.subscriber_up = False
-            await trio.sleep(backoff)
-            backoff = min(backoff * 2, BACKOFF_S[1])
+                    log.warning("Redis pub/sub lost: resubscribing", link="subscribe", error=error)
+            if self.subscriber_up:  # a session that was up: the backoff starts again
+                backoff.reset()
+            self._mark(self._links["subscribe"], False, error)
+            await trio.sleep(backoff.next())
 
     async def _follow(self) -> None:
         """One pub/sub session: a new connection (one per shard on a Cluster) subscribes
@@ -647,6 +722,7 @@ class RedisBus:
                     self._act(channel, actions)
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._send_commands, ps, to_send)
+                    nursery.start_soon(self._watch, functools.partial(_pings, ps))
                     waiting = _pending_messages(ps)
                     self._on_pubsub_message(None)  # up at once if there is nothing to follow
                     while True:
@@ -798,7 +874,7 @@ class RedisBus:
         The channel's messages are held meanwhile; a read that fails (Redis still coming back)
         is tried again with a backoff, since nothing else would release them."""
         since = feed.position
-        backoff = BACKOFF_S[0]
+        backoff = Backoff(*BACKOFF_S)
         while True:
             try:
                 recovery = await self._read(feed, since, want_state=feed.kind is StateKind.WHOLE)
@@ -806,8 +882,7 @@ class RedisBus:
             except BusUnavailable:
                 if self._feeds.get(channel) is not feed:
                     return
-                await trio.sleep(backoff)
-                backoff = min(backoff * 2, BACKOFF_S[1])
+                await trio.sleep(backoff.next())
         if self._feeds.get(channel) is not feed:
             return
         held, feed.held = feed.held or [], None

@@ -16,6 +16,7 @@ import structlog
 import trio
 
 from ingest import wire
+from pushd.backoff import Backoff
 from pushd.config import EngineConfig, MarketConfig
 from pushd.errors import EngineUnavailable
 
@@ -72,7 +73,7 @@ class SnapshotPoller:
             self._wake.set()
 
     async def run(self) -> None:
-        backoff = self._config.reconnect_initial_s
+        backoff = Backoff(self._config.reconnect_initial_s, self._config.reconnect_max_s)
         reported_down = False
         while True:
             try:
@@ -90,10 +91,9 @@ class SnapshotPoller:
                         address=f"{cfg.snapshot_host}:{cfg.snapshot_port}",
                     )
                     reported_down = True
-                await trio.sleep(backoff)
-                backoff = min(backoff * 2, self._config.reconnect_max_s)
+                await trio.sleep(backoff.next())
                 continue
-            backoff = self._config.reconnect_initial_s
+            backoff.reset()
             reported_down = False
             log.info("engine snapshot server connected")
             try:
@@ -103,7 +103,7 @@ class SnapshotPoller:
                     wire.WireError) as exc:  # fmt: skip
                 self._set_state(up=False, failed=True)
                 log.warning("engine snapshot connection lost", error=repr(exc)[:200])
-            await trio.sleep(backoff)
+            await trio.sleep(backoff.delay)  # (the first: it was reset on connecting)
 
     async def _poll(self, stream: trio.SocketStream) -> None:
         decoder = wire.StreamDecoder()

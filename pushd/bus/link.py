@@ -1,0 +1,109 @@
+"""The links to Redis, checked by pushd itself (issue 19, item 3).
+
+A TCP connection whose peer went silent (a half-open link: a network that drops every packet,
+a frozen Redis, a NAT that forgot the flow) looks open to both ends; coredis notices only after
+its idle keepalive (15 s on a pub/sub connection, none on a command connection). So every
+connection pushd holds to Redis has a probe of its own: a PING every
+``bus.redis.probe_interval_s`` that must be answered within ``bus.redis.timeout_s`` (PING
+works on a subscribed RESP3 connection too). A PING unanswered in time makes the link dead:
+the node is not ready, saying which link and why, ``pushd_bus_up{link}`` is 0, and the
+connection is replaced; the new pub/sub session checks every followed channel, so what was
+published meanwhile is replayed or told. A dead link is noticed within
+``probe_interval_s + timeout_s``.
+
+``Link`` is the state of one role (commands, data, control): up, or down and why.
+"""
+
+from __future__ import annotations
+
+import traceback
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
+
+import anyio
+import coredis.exceptions
+import trio
+
+from pushd.errors import BusUnavailable
+from pushd.errors import LinkDead as LinkDead  # (the bus and its tests name it here)
+
+# What a call to Redis raises when Redis, or the link to it, fails: to the bus an outage, to be
+# waited out (and said: not ready), never a crash. Nothing else: a bug (a TypeError, a
+# KeyError, a broken invariant) propagates instead of being retried forever as "Redis
+# unreachable". coredis's own errors (a refused connection, a reply Redis sent as an error, a
+# lost link, a Cluster that is down), the socket's (OSError, which holds the builtin
+# ConnectionError and TimeoutError coredis raises for an unconfirmed subscribe), the streams'
+# under coredis (anyio) and pushd's deadlines and verdicts on a link.
+REDIS_ERRORS: tuple[type[Exception], ...] = (
+    coredis.exceptions.RedisError,
+    OSError,
+    anyio.BrokenResourceError,
+    anyio.ClosedResourceError,
+    anyio.EndOfStream,
+    trio.BrokenResourceError,
+    trio.ClosedResourceError,
+    trio.TooSlowError,
+    LinkDead,
+    BusUnavailable,
+)
+
+
+class Link:
+    """One role of this node's connections to Redis: up, or down and why (sans-IO)."""
+
+    __slots__ = ("name", "reason", "up")
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.up = False
+        self.reason = "not connected yet"
+
+    def mark(self, up: bool, reason: str = "") -> bool:
+        """Set the state; True if ``up`` changed."""
+        changed = up != self.up
+        self.up = up
+        self.reason = "" if up else reason or "down"
+        return changed
+
+
+class Cluster(coredis.RedisCluster[Any]):
+    """coredis's Cluster client, with its one known way of reporting a lost node as a bug
+    pinned: a command sent to every primary (``SCRIPT EXISTS``, which a pipeline of scripts
+    sends) whose merge meets a node's ``ConnectionError`` raises ``TypeError`` ("'ConnectionError'
+    object is not iterable", coredis 6.9). That one, raised in coredis's reply merging, is a
+    lost link (tests/test_cluster.py kills every node); any other ``TypeError`` is a bug."""
+
+    async def execute_command(self, command: Any) -> Any:
+        try:
+            return await super().execute_command(command)
+        except TypeError as exc:
+            if not _raised_in_merge(exc):
+                raise
+            lost = f"a Cluster node did not answer: {exc}"
+            raise coredis.exceptions.ConnectionError(lost) from exc
+
+
+def _raised_in_merge(exc: BaseException) -> bool:
+    frames = traceback.extract_tb(exc.__traceback__)
+    return bool(frames) and "coredis/response/_callbacks" in frames[-1].filename
+
+
+async def probe(pings: Iterable[Callable[[], Awaitable[Any]]], timeout_s: float) -> None:
+    """PING every connection at once; raise ``LinkDead`` unless all answer within
+    ``timeout_s``."""
+    with trio.move_on_after(timeout_s) as deadline:
+        async with trio.open_nursery() as nursery:
+            for ping in pings:
+                nursery.start_soon(ping)
+    if deadline.cancelled_caught:
+        raise LinkDead(f"no answer to PING within {timeout_s:g} s")
+
+
+async def watch(
+    pings: Callable[[], Iterable[Callable[[], Awaitable[Any]]]], interval_s: float, timeout_s: float
+) -> None:
+    """Probe the connections ``pings`` names every ``interval_s`` until one is dead (then
+    raise ``LinkDead``); for the tasks of a session, which end with it."""
+    while True:
+        await probe(pings(), timeout_s)
+        await trio.sleep(interval_s)
