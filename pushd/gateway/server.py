@@ -244,10 +244,8 @@ class Gateway:
                 conn.scope.cancel()
             return
         self._metrics.close_code(disconnect.by, int(disconnect.code))
-        if disconnect.by == "client":  # the answer to its close frame: its code
-            close = CloseConnection(code=disconnect.code)
-        else:
-            close = CloseConnection(code=disconnect.code, reason=disconnect.reason)
+        reason = disconnect.echo if disconnect.by == "client" else disconnect.reason
+        close = CloseConnection(code=disconnect.code, reason=reason)
         self.hub.close_with(conn.outlet, ws.send(close))  # through the dirty path
         if conn.scope is not None:
             conn.scope.deadline = min(
@@ -436,7 +434,7 @@ class Gateway:
         ws = conn.ws
         assert ws is not None
         if ws.state is ConnectionState.REMOTE_CLOSING:  # the client closes: answer it
-            self.end(conn, lifecycle.by_client(event.code))
+            self.end(conn, lifecycle.by_client(event.code, event.reason))
         elif ws.state is ConnectionState.OPEN:  # a protocol error wsproto found
             self.end(conn, lifecycle.protocol_error(event.code, event.reason))
         # LOCAL_CLOSING -> CLOSED: the client answered our close; nothing more to send
