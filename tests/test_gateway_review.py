@@ -4,8 +4,17 @@ failed on the redesign as it was handed over."""
 from __future__ import annotations
 
 import trio
-from conftest import RawClient, Running
+from conftest import RawClient, Running, make_config, start_daemon
 from wsproto.events import AcceptConnection, CloseConnection
+
+PAYLOAD = {"pad": "x" * 16_000}
+
+
+def closed_by_server(running: Running, reason: str) -> float:
+    value = running.daemon.registry.get_sample_value(
+        "pushd_connections_closed_by_server_total", {"reason": reason}
+    )
+    return value or 0.0
 
 
 async def test_a_client_close_is_answered_with_its_code_and_reason(running: Running) -> None:
@@ -22,3 +31,29 @@ async def test_a_client_close_is_answered_with_its_code_and_reason(running: Runn
             answer = next((e for e in raw.ws.events() if isinstance(e, CloseConnection)), None)
     assert (answer.code, answer.reason) == (1000, "bye for now")
     await raw.aclose()
+
+
+async def test_a_client_that_closes_while_its_socket_is_drained_ends_cleanly(
+    nursery: trio.Nursery,
+) -> None:
+    """The read loop answers the close frame (dirty again) and cancels the connection's nursery:
+    the cancelled drain must not hand the socket back to the flusher, whose next round would
+    start a drain in a nursery that is closed (a 'flush failed' and closed{internal_error}).
+    Which of the two tasks runs first is trio's choice: a few rounds cover both orders."""
+    config = make_config(limits={"outbound_buffer_bytes": 65536, "stall_timeout_s": 60.0,
+                                 "close_timeout_s": 30.0})  # fmt: skip
+    running = await start_daemon(nursery, config)
+    gateway = running.daemon.gateway
+    for _ in range(8):
+        raw = await RawClient.connect(running.ports.websocket, rcvbuf=4096)
+        assert isinstance(await raw.handshake(), AcceptConnection)
+        await raw.send_json({"op": "subscribe", "channel": "BTCUSDT@trades"})
+        (conn,) = gateway.connections
+        with trio.fail_after(20):
+            while not conn.draining:  # the kernel's buffers fill: a drain waits for the reader
+                await running.publish_batch([{"channel": "trades_BTCUSDT", "data": PAYLOAD}] * 8)
+        await raw.send_raw(raw.ws.send(CloseConnection(code=1000)))
+        with trio.fail_after(20):
+            await gateway.wait_idle()
+        await raw.aclose()
+        assert closed_by_server(running, "internal_error") == 0

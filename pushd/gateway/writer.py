@@ -121,6 +121,9 @@ class Flusher:
             self._end(conn, lifecycle.RESET)
             return
         if conn.unsent:
+            if conn.leaving:  # its nursery takes no drain: its task writes the rest
+                conn.life.hand_to(Writer.SHELL)
+                return
             assert conn.nursery is not None
             conn.life.hand_to(Writer.DRAIN)
             conn.nursery.start_soon(self._drain, conn)
@@ -150,9 +153,12 @@ class Flusher:
         except (OSError, PeerGone):  # reset while written, or gone under the ioctl
             self._end(conn, lifecycle.RESET)
             return
-        finally:
+        except trio.Cancelled:  # its task is ending: the socket is the task's from here
+            conn.life.hand_to(Writer.SHELL)
+            raise
+        finally:  # back to the flusher, unless its task is leaving (its nursery takes no drain)
             if conn.life.writer is Writer.DRAIN:
-                conn.life.hand_to(Writer.FLUSHER)
+                conn.life.hand_to(Writer.SHELL if conn.leaving else Writer.FLUSHER)
         if conn.outlet.slow:
             self._flush(conn)
         else:
