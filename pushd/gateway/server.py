@@ -69,7 +69,7 @@ BREACH_CLOSE = {  # how a connection that breaks its frame budget is closed
     Breach.FRAGMENTS: lifecycle.TOO_MANY_FRAGMENTS,
     Breach.MESSAGE_TIMEOUT: lifecycle.MESSAGE_TIMEOUT,
 }
-HANDSHAKE_CLOSE = (ConnectionState.OPEN, ConnectionState.REMOTE_CLOSING)  # a close can be sent
+CLOSE_SENDABLE = (ConnectionState.OPEN, ConnectionState.REMOTE_CLOSING)  # wsproto sends a close
 
 log = structlog.get_logger("pushd.gateway.server")
 
@@ -238,7 +238,7 @@ class Gateway:
             self._metrics.closed.labels(reason=disconnect.label).inc()
         conn.leave_all()
         ws = conn.ws
-        if disconnect.abort or ws is None or ws.state not in HANDSHAKE_CLOSE:
+        if disconnect.abort or ws is None or ws.state not in CLOSE_SENDABLE:
             conn.discard()
             if conn.scope is not None:
                 conn.scope.cancel()
@@ -355,7 +355,7 @@ class Gateway:
         conn.ws = handshake.connection
         self._dialect.opened(conn, trio.current_time())
         conn.life.opened()
-        return conn.ws is not None
+        return True
 
     async def _read_loop(self, conn: Connection) -> None:
         """Bytes to wsproto, its events to the session. Every frame is charged to the

@@ -10,7 +10,10 @@ Writing has exactly one owner per socket at a time (``Lifecycle.writer``):
 - if the kernel buffer is full, the rest is left to a *drain* task started in that connection's
   nursery, which waits until the socket is writable; the flusher skips the connection meanwhile.
   A drain that sees no byte leave the kernel's send queue for ``stall_timeout_s`` ends the
-  connection (slow consumer).
+  connection (slow consumer);
+- once the connection's task is leaving its nursery (``Connection.leaving``: it ended, or
+  failed), no drain starts there: a cancelled drain, or the flusher finding the task leaving,
+  hands the socket to that task, which writes the last bytes itself.
 
 Each write is an error boundary: one connection's failure ends that connection only.
 """
