@@ -129,10 +129,9 @@ class Connection:
         no drain may start there any more, and the task writes the last bytes itself."""
         scope, nursery = self.scope, self.nursery
         return (
-            scope is None
-            or nursery is None
-            or scope.cancel_called
+            nursery is None
             or nursery.cancel_scope.cancel_called
+            or (scope is not None and scope.cancel_called)
         )
 
     @property
