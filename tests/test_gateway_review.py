@@ -3,9 +3,17 @@ failed on the redesign as it was handed over."""
 
 from __future__ import annotations
 
+import errno
+import os
+import socket
+
+import pytest
 import trio
+import trio.testing
 from conftest import RawClient, Running, make_config, start_daemon
 from wsproto.events import AcceptConnection, CloseConnection
+
+from pushd.daemon import Daemon
 
 PAYLOAD = {"pad": "x" * 16_000}
 
@@ -57,3 +65,53 @@ async def test_a_client_that_closes_while_its_socket_is_drained_ends_cleanly(
             await gateway.wait_idle()
         await raw.aclose()
         assert closed_by_server(running, "internal_error") == 0
+
+
+class FailingListener:
+    """A listener that is always readable and whose every accept fails with ``code``."""
+
+    def __init__(self, code: int) -> None:
+        self.code = code
+        self.attempts = 0
+        self._ours, self._theirs = socket.socketpair()
+        self._theirs.send(b"x")  # readable from now on
+
+    def fileno(self) -> int:
+        return self._ours.fileno()
+
+    def accept(self) -> tuple[socket.socket, tuple[str, int]]:
+        self.attempts += 1
+        if self.attempts > 50:
+            raise Spun(self.attempts)
+        raise OSError(self.code, os.strerror(self.code))
+
+    def close(self) -> None:
+        self._ours.close()
+        self._theirs.close()
+
+
+class Spun(Exception):
+    """The accept loop retried without pausing."""
+
+
+async def test_an_accept_error_that_persists_pauses_the_loop(
+    autojump_clock: trio.testing.MockClock, nursery: trio.Nursery
+) -> None:
+    """Not only EMFILE: any accept error that stays (the listener readable) is retried after a
+    pause, not in a busy loop that floods the log and starves every connection."""
+    gateway = Daemon(make_config()).gateway
+    listener = FailingListener(errno.EINVAL)
+    with trio.move_on_after(1.0):
+        await gateway._accept_loop(listener, nursery)  # type: ignore[arg-type]
+    listener.close()
+    assert 5 <= listener.attempts <= 11
+
+
+async def test_a_listener_closed_under_the_gateway_ends_it_loudly(nursery: trio.Nursery) -> None:
+    """EBADF/ENOTSOCK (trio's closed class) is a bug, not a peer: as trio's serve_listeners
+    does, it raises, rather than leaving a node that looks ready and accepts nobody."""
+    gateway = Daemon(make_config()).gateway
+    listener = FailingListener(errno.EBADF)
+    with pytest.raises(trio.ClosedResourceError):
+        await gateway._accept_loop(listener, nursery)  # type: ignore[arg-type]
+    listener.close()

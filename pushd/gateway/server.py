@@ -63,7 +63,7 @@ from pushd.gateway.writer import Flusher
 from pushd.metrics import GatewayMetrics
 from pushd.tls import TlsClosed, server_context
 
-ACCEPT_PAUSE_S = 0.1  # after an accept error of the CAPACITY class (trio's SLEEP_TIME)
+ACCEPT_PAUSE_S = 0.1  # after an accept error that is not the peer's (trio's SLEEP_TIME)
 BREACH_CLOSE = {  # how a connection that breaks its frame budget is closed
     Breach.FRAME_RATE: lifecycle.TOO_MANY_FRAMES,
     Breach.FRAGMENTS: lifecycle.TOO_MANY_FRAGMENTS,
@@ -171,15 +171,15 @@ class Gateway:
                     kind = admission.accept_error(exc.errno)
                     if kind is AcceptError.GONE:
                         continue  # that peer went away before it was taken
-                    if kind is AcceptError.CLOSED:
-                        return
+                    if kind is AcceptError.CLOSED:  # closed under us: a bug, ended loudly
+                        raise trio.ClosedResourceError("the listening socket is closed") from exc
                     if kind is AcceptError.CAPACITY:
                         log.error(
                             "accept failed", error=exc.strerror, open_sockets=self.open_sockets
                         )
-                        await trio.sleep(ACCEPT_PAUSE_S)
                     else:
                         log.warning("accept failed", error=exc.strerror)
+                    await trio.sleep(ACCEPT_PAUSE_S)  # it may persist: no busy loop
                     break
                 ip = str(addr[0])
                 if (dropped := self._admission.take_socket(ip)) is not None:
