@@ -84,7 +84,7 @@ class Phase(enum.Enum):
 
 # the phase moves: accepted; ended (by ``end``, a close handshake or an abort); socket closed
 PHASES: dict[Phase, frozenset[Phase]] = {
-    Phase.HANDSHAKE: frozenset({Phase.OPEN, Phase.CLOSING, Phase.CLOSED}),
+    Phase.HANDSHAKE: frozenset({Phase.OPEN, Phase.CLOSING}),  # a refused one ends too
     Phase.OPEN: frozenset({Phase.CLOSING, Phase.CLOSED}),
     Phase.CLOSING: frozenset({Phase.CLOSED}),
     Phase.CLOSED: frozenset(),

@@ -11,7 +11,7 @@ A connection lives through four phases (``lifecycle``: the legal moves are liste
 frame queued in a wrong phase raises)::
 
     HANDSHAKE --accept--> OPEN --end(Disconnect)--> CLOSING --socket closed--> CLOSED
-        \\----refuse (HTTP answer) or peer gone--------------------------------/
+        \\--refused (HTTP answer) or peer gone: end(gone)-/
 
 It ends one way: ``Gateway.end`` with a ``Disconnect`` value (slow consumer, going away, the
 client's close, ...). That is the only code that moves a connection out of OPEN: it
