@@ -65,7 +65,7 @@ def test_disconnects_name_their_code_label_and_kind() -> None:
     assert lifecycle.GOING_AWAY.label is None  # a shutdown is not counted as the peer's fault
     too_big = lifecycle.message_too_big(4096)
     assert (too_big.code, too_big.reason) == (CloseCode.MESSAGE_TOO_BIG, "message over 4096 B")
-    client = lifecycle.by_client(1000)
-    assert client.by == "client" and client.label is None
+    client = lifecycle.by_client(1000, "bye")
+    assert client.by == "client" and client.label is None and client.echo == "bye"
     assert len(lifecycle.protocol_error(1002, "x" * 500).reason) == 200
     assert lifecycle.gone("peer sent close_notify").abort  # no close frame to a gone peer

@@ -13,7 +13,8 @@ a reload's limits hold for the next socket (``reconfigure``). Two gates:
 
 Accept errors fall in trio's three classes (``accept_error``): the connection died before it
 was taken (ignored), the process is out of a resource (pause, then go on), the listener itself
-is closed (stop).
+is closed (a bug: raised, as trio does). Anything else is logged and paused after like a
+resource, so an error that persists never spins the loop.
 """
 
 from __future__ import annotations
@@ -39,8 +40,8 @@ class AcceptError(enum.Enum):
 
     GONE = "gone"  # the peer went away before it was taken: take the next one
     CAPACITY = "capacity"  # out of file descriptors or memory: pause, then go on
-    CLOSED = "closed"  # the listener is closed: stop accepting
-    OTHER = "other"  # anything else: logged, then wait for the next readiness
+    CLOSED = "closed"  # the listener is closed under us: a bug, raised
+    OTHER = "other"  # anything else: logged, then pause (it may persist)
 
 
 _GONE = {

@@ -124,6 +124,17 @@ class Connection:
         return self.life.writer is Writer.DRAIN
 
     @property
+    def leaving(self) -> bool:
+        """Its task is leaving its nursery (ended, aborted, past the close timeout, or failed):
+        no drain may start there any more, and the task writes the last bytes itself."""
+        scope, nursery = self.scope, self.nursery
+        return (
+            nursery is None
+            or nursery.cancel_scope.cancel_called
+            or (scope is not None and scope.cancel_called)
+        )
+
+    @property
     def close_reason(self) -> str:
         """Why it ended (its Disconnect's reason), once it has."""
         ending = self.life.ending

@@ -30,6 +30,7 @@ class Disconnect(msgspec.Struct, frozen=True):
     label: str | None = None  # pushd_connections_closed_by_server{reason=...}; None: not counted
     abort: bool = False  # no close frame: the socket ends now, even while closing
     by: Literal["server", "client"] = "server"  # who began the close handshake
+    echo: str = ""  # by="client": its close frame's reason, echoed in the answer (RFC 6455 5.5.1)
 
 
 SLOW_CONSUMER = Disconnect(
@@ -68,9 +69,10 @@ def gone(reason: str) -> Disconnect:
     return Disconnect(CloseReason.ABNORMAL_CLOSURE, reason, abort=True)  # 1006: never sent
 
 
-def by_client(code: int) -> Disconnect:
-    """The client's close frame: answered with its code, counted under ``by="client"``."""
-    return Disconnect(code, f"client closed ({code})", by="client")
+def by_client(code: int, reason: str | None) -> Disconnect:
+    """The client's close frame: answered with its code and reason (wsproto's
+    ``CloseConnection.response``), counted under ``by="client"``."""
+    return Disconnect(code, f"client closed ({code})", by="client", echo=reason or "")
 
 
 class Phase(enum.Enum):
@@ -82,7 +84,7 @@ class Phase(enum.Enum):
 
 # the phase moves: accepted; ended (by ``end``, a close handshake or an abort); socket closed
 PHASES: dict[Phase, frozenset[Phase]] = {
-    Phase.HANDSHAKE: frozenset({Phase.OPEN, Phase.CLOSING, Phase.CLOSED}),
+    Phase.HANDSHAKE: frozenset({Phase.OPEN, Phase.CLOSING}),  # a refused one ends too
     Phase.OPEN: frozenset({Phase.CLOSING, Phase.CLOSED}),
     Phase.CLOSING: frozenset({Phase.CLOSED}),
     Phase.CLOSED: frozenset(),

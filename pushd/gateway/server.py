@@ -11,7 +11,7 @@ A connection lives through four phases (``lifecycle``: the legal moves are liste
 frame queued in a wrong phase raises)::
 
     HANDSHAKE --accept--> OPEN --end(Disconnect)--> CLOSING --socket closed--> CLOSED
-        \\----refuse (HTTP answer) or peer gone--------------------------------/
+        \\--refused (HTTP answer) or peer gone: end(gone)-/
 
 It ends one way: ``Gateway.end`` with a ``Disconnect`` value (slow consumer, going away, the
 client's close, ...). That is the only code that moves a connection out of OPEN: it
@@ -63,13 +63,13 @@ from pushd.gateway.writer import Flusher
 from pushd.metrics import GatewayMetrics
 from pushd.tls import TlsClosed, server_context
 
-ACCEPT_PAUSE_S = 0.1  # after an accept error of the CAPACITY class (trio's SLEEP_TIME)
+ACCEPT_PAUSE_S = 0.1  # after an accept error that is not the peer's (trio's SLEEP_TIME)
 BREACH_CLOSE = {  # how a connection that breaks its frame budget is closed
     Breach.FRAME_RATE: lifecycle.TOO_MANY_FRAMES,
     Breach.FRAGMENTS: lifecycle.TOO_MANY_FRAGMENTS,
     Breach.MESSAGE_TIMEOUT: lifecycle.MESSAGE_TIMEOUT,
 }
-HANDSHAKE_CLOSE = (ConnectionState.OPEN, ConnectionState.REMOTE_CLOSING)  # a close can be sent
+CLOSE_SENDABLE = (ConnectionState.OPEN, ConnectionState.REMOTE_CLOSING)  # wsproto sends a close
 
 log = structlog.get_logger("pushd.gateway.server")
 
@@ -171,15 +171,15 @@ class Gateway:
                     kind = admission.accept_error(exc.errno)
                     if kind is AcceptError.GONE:
                         continue  # that peer went away before it was taken
-                    if kind is AcceptError.CLOSED:
-                        return
+                    if kind is AcceptError.CLOSED:  # closed under us: a bug, ended loudly
+                        raise trio.ClosedResourceError("the listening socket is closed") from exc
                     if kind is AcceptError.CAPACITY:
                         log.error(
                             "accept failed", error=exc.strerror, open_sockets=self.open_sockets
                         )
-                        await trio.sleep(ACCEPT_PAUSE_S)
                     else:
                         log.warning("accept failed", error=exc.strerror)
+                    await trio.sleep(ACCEPT_PAUSE_S)  # it may persist: no busy loop
                     break
                 ip = str(addr[0])
                 if (dropped := self._admission.take_socket(ip)) is not None:
@@ -238,16 +238,14 @@ class Gateway:
             self._metrics.closed.labels(reason=disconnect.label).inc()
         conn.leave_all()
         ws = conn.ws
-        if disconnect.abort or ws is None or ws.state not in HANDSHAKE_CLOSE:
+        if disconnect.abort or ws is None or ws.state not in CLOSE_SENDABLE:
             conn.discard()
             if conn.scope is not None:
                 conn.scope.cancel()
             return
         self._metrics.close_code(disconnect.by, int(disconnect.code))
-        if disconnect.by == "client":  # the answer to its close frame: its code
-            close = CloseConnection(code=disconnect.code)
-        else:
-            close = CloseConnection(code=disconnect.code, reason=disconnect.reason)
+        reason = disconnect.echo if disconnect.by == "client" else disconnect.reason
+        close = CloseConnection(code=disconnect.code, reason=reason)
         self.hub.close_with(conn.outlet, ws.send(close))  # through the dirty path
         if conn.scope is not None:
             conn.scope.deadline = min(
@@ -357,7 +355,7 @@ class Gateway:
         conn.ws = handshake.connection
         self._dialect.opened(conn, trio.current_time())
         conn.life.opened()
-        return conn.ws is not None
+        return True
 
     async def _read_loop(self, conn: Connection) -> None:
         """Bytes to wsproto, its events to the session. Every frame is charged to the
@@ -436,7 +434,7 @@ class Gateway:
         ws = conn.ws
         assert ws is not None
         if ws.state is ConnectionState.REMOTE_CLOSING:  # the client closes: answer it
-            self.end(conn, lifecycle.by_client(event.code))
+            self.end(conn, lifecycle.by_client(event.code, event.reason))
         elif ws.state is ConnectionState.OPEN:  # a protocol error wsproto found
             self.end(conn, lifecycle.protocol_error(event.code, event.reason))
         # LOCAL_CLOSING -> CLOSED: the client answered our close; nothing more to send

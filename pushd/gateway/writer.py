@@ -10,7 +10,10 @@ Writing has exactly one owner per socket at a time (``Lifecycle.writer``):
 - if the kernel buffer is full, the rest is left to a *drain* task started in that connection's
   nursery, which waits until the socket is writable; the flusher skips the connection meanwhile.
   A drain that sees no byte leave the kernel's send queue for ``stall_timeout_s`` ends the
-  connection (slow consumer).
+  connection (slow consumer);
+- once the connection's task is leaving its nursery (``Connection.leaving``: it ended, or
+  failed), no drain starts there: a cancelled drain, or the flusher finding the task leaving,
+  hands the socket to that task, which writes the last bytes itself.
 
 Each write is an error boundary: one connection's failure ends that connection only.
 """
@@ -121,6 +124,9 @@ class Flusher:
             self._end(conn, lifecycle.RESET)
             return
         if conn.unsent:
+            if conn.leaving:  # its nursery takes no drain: its task writes the rest
+                conn.life.hand_to(Writer.SHELL)
+                return
             assert conn.nursery is not None
             conn.life.hand_to(Writer.DRAIN)
             conn.nursery.start_soon(self._drain, conn)
@@ -150,9 +156,12 @@ class Flusher:
         except (OSError, PeerGone):  # reset while written, or gone under the ioctl
             self._end(conn, lifecycle.RESET)
             return
-        finally:
+        except trio.Cancelled:  # its task is ending: the socket is the task's from here
+            conn.life.hand_to(Writer.SHELL)
+            raise
+        finally:  # back to the flusher, unless its task is leaving (its nursery takes no drain)
             if conn.life.writer is Writer.DRAIN:
-                conn.life.hand_to(Writer.FLUSHER)
+                conn.life.hand_to(Writer.SHELL if conn.leaving else Writer.FLUSHER)
         if conn.outlet.slow:
             self._flush(conn)
         else:
