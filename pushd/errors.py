@@ -23,10 +23,13 @@ Exceptions::
     ├── EngineUnavailable the matching engine's snapshot service did not answer a book request
     ├── TlsClosed         a client's TLS is broken (bad record, failed handshake) or it closed
     ├── FollowError       an event the follow table has no row for: a bug (also a RuntimeError)
-    └── LinkDead          a Redis connection did not answer pushd's PING in time
+    ├── LinkDead          a Redis connection did not answer pushd's PING in time
+    ├── PeerGone          a client reset its connection while it was written
+    └── LocalStateError   the gateway tried a move its phase tables forbid: a bug
 
 Each is raised where its module says (``pushd.http.api``, ``pushd.bus``, ``pushd.feed.poller``,
-``pushd.tls``, ``pushd.bus.follow``, ``pushd.bus.link``); those modules import it from here.
+``pushd.tls``, ``pushd.bus.follow``, ``pushd.bus.link``, ``pushd.gateway``); those modules import
+it from here.
 """
 
 from __future__ import annotations
@@ -148,3 +151,11 @@ class FollowError(PushdError, RuntimeError):
 
 class LinkDead(PushdError):
     """A Redis connection did not answer a PING in time: the bus replaces it."""
+
+
+class PeerGone(PushdError):
+    """The peer reset the connection while it was written: that connection ends, quietly."""
+
+
+class LocalStateError(PushdError):
+    """The gateway tried a move its tables do not allow (a write in a wrong phase, ...)."""

@@ -14,8 +14,7 @@ from __future__ import annotations
 import ssl
 
 from pushd.config import TlsConfig
-from pushd.errors import ConfigError
-from pushd.errors import TlsClosed as TlsClosed  # still imported from here by the gateway
+from pushd.errors import ConfigError, TlsClosed
 
 
 def _fresh(tls: TlsConfig, section: str) -> ssl.SSLContext:

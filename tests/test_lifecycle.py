@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from pushd.errors import CloseCode
+from pushd.errors import CloseCode, LocalStateError
 from pushd.gateway import lifecycle
-from pushd.gateway.lifecycle import PHASES, Lifecycle, LocalStateError, Phase, Writer
+from pushd.gateway.lifecycle import PHASES, Lifecycle, Phase, Writer
 
 
 def test_a_connection_opens_ends_once_and_closes() -> None:

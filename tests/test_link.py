@@ -26,8 +26,9 @@ from test_follow import assert_carried, live, settled_in_redis
 
 from pushd.backoff import Backoff
 from pushd.bus.link import Link, LinkDead, probe, watch
-from pushd.bus.model import BusUnavailable, Outgoing
+from pushd.bus.model import Outgoing
 from pushd.bus.redis import REDIS_ERRORS, RedisBus, _pending_messages
+from pushd.errors import BusUnavailable
 
 PROBE_S = 1.0  # bus.redis.probe_interval_s
 TIMEOUT_S = 1.0  # bus.redis.timeout_s (redis_config's)

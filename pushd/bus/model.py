@@ -17,7 +17,6 @@ from typing import Protocol
 
 import msgspec
 
-from pushd.errors import BusUnavailable as BusUnavailable  # still imported from here by the gateway
 from pushd.errors import MalformedData
 
 EPOCH_BYTES = 4  # 8 hex characters: new epochs only need to differ from the last few

@@ -27,12 +27,13 @@ from wsproto.connection import ConnectionState
 from wsproto.events import Pong, Request
 from wsproto.handshake import H11Handshake
 
+from pushd.errors import PeerGone, TlsClosed
 from pushd.gateway.admission import Refusal, malformed
 from pushd.gateway.hub import Hub, Outlet, frame_end
 from pushd.gateway.lifecycle import Lifecycle, Phase, Writer
 from pushd.gateway.ratelimit import FrameBudget
 from pushd.gateway.session import Session
-from pushd.tls import TlsClosed, TlsLayer
+from pushd.tls import TlsLayer
 
 RECV_BYTES = 65536
 
@@ -51,10 +52,6 @@ class Traffic:
 
     def __init__(self) -> None:
         self.bytes_sent = 0
-
-
-class PeerGone(Exception):
-    """The peer reset the connection while it was written."""
 
 
 class Connection:

@@ -19,7 +19,7 @@ from typing import Literal
 import msgspec
 from wsproto.frame_protocol import CloseReason
 
-from pushd.errors import CloseCode
+from pushd.errors import CloseCode, LocalStateError
 
 
 class Disconnect(msgspec.Struct, frozen=True):
@@ -105,10 +105,6 @@ WRITERS: dict[Writer, frozenset[Writer]] = {
     Writer.FLUSHER: frozenset({Writer.DRAIN, Writer.SHELL}),
     Writer.DRAIN: frozenset({Writer.FLUSHER, Writer.SHELL}),
 }
-
-
-class LocalStateError(Exception):
-    """The gateway tried a move its tables do not allow (a write in a wrong phase, ...)."""
 
 
 class Lifecycle:

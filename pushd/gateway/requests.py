@@ -21,10 +21,10 @@ import structlog
 import trio
 
 from pushd.auth import Verifier
-from pushd.bus.model import Bus, BusUnavailable, Position, Recovery
+from pushd.bus.model import Bus, Position, Recovery
 from pushd.channels import Channel
 from pushd.config import LimitsConfig
-from pushd.errors import AuthError, AuthUnavailable, ErrorCode, RequestError
+from pushd.errors import AuthError, AuthUnavailable, BusUnavailable, ErrorCode, RequestError
 from pushd.gateway import lifecycle, protocol
 from pushd.gateway.connection import Connection
 from pushd.gateway.hub import Hub, text_frame

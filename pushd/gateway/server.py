@@ -52,6 +52,7 @@ from wsproto.handshake import H11Handshake
 from pushd.auth import Verifier
 from pushd.bus.model import Bus
 from pushd.config import Config
+from pushd.errors import TlsClosed
 from pushd.gateway import admission, lifecycle
 from pushd.gateway.admission import AcceptError, Admission, Refusal
 from pushd.gateway.connection import Connection, Traffic
@@ -61,7 +62,7 @@ from pushd.gateway.ratelimit import Breach, FrameBudget
 from pushd.gateway.requests import Dialect, Requests
 from pushd.gateway.writer import Flusher
 from pushd.metrics import GatewayMetrics
-from pushd.tls import TlsClosed, server_context
+from pushd.tls import server_context
 
 ACCEPT_PAUSE_S = 0.1  # after an accept error that is not the peer's (trio's SLEEP_TIME)
 BREACH_CLOSE = {  # how a connection that breaks its frame budget is closed

@@ -27,8 +27,9 @@ import structlog
 import trio
 
 from pushd.config import LimitsConfig
+from pushd.errors import PeerGone
 from pushd.gateway import lifecycle
-from pushd.gateway.connection import Connection, PeerGone, unsent_bytes
+from pushd.gateway.connection import Connection, unsent_bytes
 from pushd.gateway.hub import Hub
 from pushd.gateway.lifecycle import Disconnect, Phase, Writer
 from pushd.metrics import GatewayMetrics
