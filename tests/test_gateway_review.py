@@ -115,3 +115,32 @@ async def test_a_listener_closed_under_the_gateway_ends_it_loudly(nursery: trio.
     with pytest.raises(trio.ClosedResourceError):
         await gateway._accept_loop(listener, nursery)  # type: ignore[arg-type]
     listener.close()
+
+
+async def test_a_state_bug_at_a_connections_end_costs_that_connection_only(
+    running: Running, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bookkeeping bug when a connection ends (a phase move its table forbids) must still
+    close that socket and free its per-IP slot, and never reach the gateway's nursery: the next
+    client is served."""
+    from pushd.errors import LocalStateError
+    from pushd.gateway.lifecycle import Lifecycle
+
+    def broken(self: Lifecycle) -> None:
+        raise LocalStateError("a move the table forbids")
+
+    gateway = running.daemon.gateway
+    with monkeypatch.context() as patch:
+        patch.setattr(Lifecycle, "closed", broken)
+        raw = await RawClient.connect(running.ports.websocket)
+        assert isinstance(await raw.handshake(), AcceptConnection)
+        await raw.send_raw(raw.ws.send(CloseConnection(code=1000)))
+        with trio.fail_after(10):
+            while await raw.stream.receive_some(65536):  # the socket is closed: EOF
+                pass
+            await gateway.wait_idle()
+        await raw.aclose()
+    assert not gateway.connections and gateway.open_sockets == 0
+    after = await RawClient.connect(running.ports.websocket)  # the gateway still serves
+    assert isinstance(await after.handshake(), AcceptConnection)
+    await after.aclose()

@@ -286,15 +286,20 @@ class Gateway:
                             await conn.send_now(bytes(conn.outlet.out))
                         conn.outlet.out.clear()
         finally:
-            if not conn.closing:  # the peer went away, or its handshake ended unanswered
-                self.end(conn, lifecycle.gone(conn.gone_reason))
-            self._shell_writes(conn)
-            self._forget(conn)
-            conn.last_words()  # a last close frame, if the kernel takes it now
-            conn.life.closed()
-            trio.lowlevel.notify_closing(sock)
-            sock.close()
-            self._release_socket(ip)
+            try:
+                if not conn.closing:  # the peer went away, or its handshake ended unanswered
+                    self.end(conn, lifecycle.gone(conn.gone_reason))
+                self._shell_writes(conn)
+                self._forget(conn)
+                conn.last_words()  # a last close frame, if the kernel takes it now
+                conn.life.closed()
+            except Exception:  # a state bug: it costs this connection, never the gateway
+                bound.exception("connection ended in a broken state")
+                self.connections.discard(conn)
+            finally:  # whatever the bookkeeping did, the socket and its per-IP slot are freed
+                trio.lowlevel.notify_closing(sock)
+                sock.close()
+                self._release_socket(ip)
             if conn.ws is not None:
                 bound.info("connection closed", reason=conn.close_reason, uid=conn.uid)
 
