@@ -6,6 +6,7 @@ redis-server (and a 3-node Cluster whose nodes announce their proxies), real nod
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from typing import NamedTuple
 
@@ -25,7 +26,7 @@ from test_cluster import publish, redis_config
 from test_follow import assert_carried, live, settled_in_redis
 
 from pushd.backoff import Backoff
-from pushd.bus.link import Link, LinkDead, probe, watch
+from pushd.bus.link import Check, Link, LinkDead, probe, watch
 from pushd.bus.model import BusUnavailable, Outgoing
 from pushd.bus.redis import REDIS_ERRORS, RedisBus, _pending_messages
 
@@ -199,18 +200,57 @@ async def test_a_probe_finds_the_one_silent_connection(
     async def silent() -> None:
         await trio.sleep_forever()
 
-    await probe([pong, pong], timeout_s=2.0)  # (the sans-IO part's shell: no Redis needed)
+    def quiet() -> float:  # nothing heard but the PONGs
+        return math.inf
+
+    pong_, silent_ = Check(pong, quiet), Check(silent, quiet)
+    await probe([pong_, pong_], timeout_s=2.0)  # (the sans-IO part's shell: no Redis needed)
     start = trio.current_time()
     with pytest.raises(LinkDead, match="within 2 s"):
-        await probe([pong, silent], timeout_s=2.0)
+        await probe([pong_, silent_], timeout_s=2.0)
     assert trio.current_time() - start == 2.0
     answered.clear()
     start = trio.current_time()
-    rounds = iter([[pong], [pong], [pong, silent]])
+    rounds = iter([[pong_], [pong_], [pong_, silent_]])
     with pytest.raises(LinkDead):
         await watch(lambda: next(rounds), interval_s=1.0, timeout_s=2.0)
     assert [t - start for t in answered] == [0.0, 1.0, 2.0]
     assert trio.current_time() - start == 4.0  # noticed within interval_s + timeout_s
+
+
+async def test_a_connection_still_receiving_is_alive_however_late_its_pong(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Only silence is death: a pub/sub connection whose backlog (a burst, a CPU-saturated
+    node) delays its PONG past ``timeout_s`` but that keeps receiving bytes is alive; a
+    resubscribe then would only add a catch-up storm to the load. One that falls silent is
+    dead ``timeout_s`` after its last byte."""
+    heard_at = 0.0  # when the backlogged connection last received a byte
+
+    async def late_pong() -> None:  # the backlog drains for 5 s before the PONG
+        nonlocal heard_at
+        for _ in range(50):
+            await trio.sleep(0.1)
+            heard_at = trio.current_time()
+
+    def quiet() -> float:
+        return trio.current_time() - heard_at
+
+    start = trio.current_time()
+    await probe([Check(late_pong, quiet)], timeout_s=1.0)
+    assert trio.current_time() - start == pytest.approx(5.0)
+
+    async def falls_silent() -> None:  # 1.5 s of bytes, then nothing
+        nonlocal heard_at
+        for _ in range(15):
+            await trio.sleep(0.1)
+            heard_at = trio.current_time()
+        await trio.sleep_forever()
+
+    start = trio.current_time()
+    with pytest.raises(LinkDead):
+        await probe([Check(falls_silent, quiet)], timeout_s=1.0)
+    assert trio.current_time() - start == pytest.approx(2.5)  # its last byte + timeout_s
 
 
 def test_a_link_says_why_it_is_down() -> None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import traceback
 from collections.abc import Awaitable, Callable, Iterable
-from typing import Any
+from typing import Any, NamedTuple
 
 import anyio
 import coredis.exceptions
@@ -92,20 +92,53 @@ def _raised_in_merge(exc: BaseException) -> bool:
     return bool(frames) and "coredis/response/_callbacks" in frames[-1].filename
 
 
-async def probe(pings: Iterable[Callable[[], Awaitable[Any]]], timeout_s: float) -> None:
-    """PING every connection at once; raise ``LinkDead`` unless all answer within
-    ``timeout_s``."""
-    with trio.move_on_after(timeout_s) as deadline:
-        async with trio.open_nursery() as nursery:
-            for ping in pings:
-                nursery.start_soon(ping)
-    if deadline.cancelled_caught:
+class Check(NamedTuple):
+    """How the probe asks one connection: ``ping`` returns once the PING is answered;
+    ``quiet`` says how long (seconds) the connection has received nothing at all."""
+
+    ping: Callable[[], Awaitable[Any]]
+    quiet: Callable[[], float]
+
+
+async def probe(checks: Iterable[Check], timeout_s: float) -> None:
+    """PING every connection at once; raise ``LinkDead`` if one is silent for ``timeout_s``
+    before its PONG. Only silence is death: a connection whose PONG waits behind a backlog
+    (a burst on a pub/sub connection, a CPU-saturated node) but that keeps receiving bytes is
+    alive, and replacing it would only add a resubscribe and a catch-up to the load."""
+    dead: list[Check] = []
+    async with trio.open_nursery() as nursery:
+        for check in checks:
+            nursery.start_soon(_check, check, timeout_s, dead, nursery.cancel_scope)
+    if dead:
         raise LinkDead(f"no answer to PING within {timeout_s:g} s")
 
 
-async def watch(
-    pings: Callable[[], Iterable[Callable[[], Awaitable[Any]]]], interval_s: float, timeout_s: float
+async def _check(
+    check: Check, timeout_s: float, dead: list[Check], probing: trio.CancelScope
 ) -> None:
+    """Until ``check``'s connection answers, or falls silent for ``timeout_s`` (then it is
+    added to ``dead`` and the probe ends)."""
+    answered = trio.Event()
+
+    async def ask() -> None:
+        await check.ping()
+        answered.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(ask)
+        wait = timeout_s
+        while not answered.is_set():
+            with trio.move_on_after(wait):
+                await answered.wait()
+            quiet = check.quiet()
+            if not answered.is_set() and quiet >= timeout_s:
+                dead.append(check)
+                probing.cancel()
+                return
+            wait = timeout_s - quiet  # heard from lately: silent for timeout_s yet?
+
+
+async def watch(pings: Callable[[], Iterable[Check]], interval_s: float, timeout_s: float) -> None:
     """Probe the connections ``pings`` names every ``interval_s`` until one is dead (then
     raise ``LinkDead``); for the tasks of a session, which end with it."""
     while True:

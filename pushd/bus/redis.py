@@ -43,6 +43,7 @@ import functools
 import itertools
 import math
 import secrets
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from importlib import resources
@@ -63,7 +64,7 @@ from coredis.pool import ClusterConnectionPool
 from pushd.backoff import Backoff
 from pushd.bus.follow import Action, Following, State
 from pushd.bus.link import REDIS_ERRORS as REDIS_ERRORS  # (lease.py and others import it here)
-from pushd.bus.link import Cluster, Link, watch
+from pushd.bus.link import Check, Cluster, Link, watch
 from pushd.bus.model import (
     BusUnavailable,
     Entry,
@@ -246,13 +247,25 @@ def _discard(ps: Any) -> None:
         connection.invalidate("pub/sub session ended")
 
 
-def _pings(ps: Any) -> list[Callable[[], Any]]:
-    """A PING for each connection of a pub/sub session (answered in subscribed mode too)."""
-    return [functools.partial(_ping, connection) for connection in _connections(ps)]
+def _pings(ps: Any) -> list[Check]:
+    """A check for each connection of a pub/sub session (PING is answered in subscribed mode
+    too; any byte the connection receives meanwhile counts as life)."""
+    return [
+        Check(functools.partial(_ping, connection), functools.partial(_quiet, connection))
+        for connection in _connections(ps)
+    ]
 
 
 async def _ping(connection: Any) -> None:
-    await connection.create_request(b"PING")
+    # no deadline of coredis's (timeout_s): the probe's rule decides when a PONG is too late
+    await connection.create_request(b"PING", timeout=math.inf)
+
+
+def _quiet(connection: Any) -> float:
+    """Seconds since ``connection`` last received a byte (or was opened)."""
+    statistics = connection.statistics
+    heard: float = max(statistics.last_byte_received_at, statistics.connected_at)
+    return time.perf_counter() - heard
 
 
 class Carrier(msgspec.Struct, frozen=True):
