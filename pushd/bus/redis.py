@@ -58,13 +58,13 @@ import structlog
 import trio
 from coredis._utils import hash_slot
 from coredis.connection import TCPLocation
-from coredis.patterns.pubsub import ClusterPubSub, PubSub, ShardedPubSub
+from coredis.patterns.pubsub import ClusterPubSub, PubSub
 from coredis.pool import ClusterConnectionPool
 
 from pushd.backoff import Backoff
 from pushd.bus.follow import Action, Following, State
 from pushd.bus.link import REDIS_ERRORS as REDIS_ERRORS  # (lease.py and others import it here)
-from pushd.bus.link import Check, Cluster, Link, watch
+from pushd.bus.link import Check, Cluster, Link, ShardedPubSub, watch
 from pushd.bus.model import (
     BusUnavailable,
     Entry,
