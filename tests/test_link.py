@@ -400,3 +400,34 @@ async def test_a_shard_that_fails_to_connect_leaks_no_connection(
         via = {proxy.port: proxy.target_port for proxy in proxies}
         open_ = redis_cli(via[connected], "CLIENT", "LIST").count("name=flaps:data")
         assert open_ <= 1, open_  # the one the pool keeps
+
+
+async def test_a_link_replaced_again_and_again_comes_back_every_time(
+    nursery: trio.Nursery, redis: Redis
+) -> None:
+    """Every pub/sub session a node ends (a dead link, Redis restarted, a refused subscribe)
+    is replaced; a gateway whose link flaps more often than its pool has connections (64;
+    on a Cluster 64 // 3 a node) still gets a new one each time. (coredis 6.9's pools forget
+    the slot of a connection handed back closed, and the bus closes every pub/sub connection
+    it ends: the 65th session waited forever and the node stayed not ready.)"""
+    gateway = await start_daemon(nursery, redis_config(redis, "gateway"))
+    bus = gateway.daemon.redis
+    assert bus is not None
+    with trio.fail_after(10):
+        await bus.wait_ready()
+    servers = redis.nodes if isinstance(redis, RedisCluster) else [redis]
+    async with open_client(gateway.ws_url) as client:
+        assert subscribed(await client.call({"op": "subscribe", "channel": "notice"}), "notice")
+        for _ in range(70):
+            killed = 0
+            for server in servers:  # Redis ends the node's data connections (CLIENT KILL)
+                for line in redis_cli(server.port, "CLIENT", "LIST").splitlines():
+                    if f"name={bus.data_name} " in line:
+                        client_id = line.split()[0].removeprefix("id=")
+                        redis_cli(server.port, "CLIENT", "KILL", "ID", client_id)
+                        killed += 1
+            assert killed
+            with trio.fail_after(10):
+                while bus.links()["subscribe"]:
+                    await bus.wait_changed()
+                await bus.wait_ready()

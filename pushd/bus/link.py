@@ -24,8 +24,10 @@ from typing import Any, NamedTuple
 import anyio
 import coredis.exceptions
 import coredis.patterns.pubsub
+import coredis.pool
 import trio
 from anyio.abc import TaskStatus
+from coredis._concurrency import QueueFull
 
 from pushd.bus.model import BusUnavailable
 
@@ -88,6 +90,31 @@ class Cluster(coredis.RedisCluster[Any]):
                 raise
             lost = f"a Cluster node did not answer: {exc}"
             raise coredis.exceptions.ConnectionError(lost) from exc
+
+
+class Pool(coredis.ConnectionPool[Any]):
+    """coredis's pool of one Redis, handing a closed connection's slot back. coredis 6.9
+    restores the slot of a connection that ends while idle in the pool, but one handed back
+    already closed (a pub/sub session the bus discards, a command whose link died) is just
+    dropped, its slot with it: after ``max_connections`` (64) such, every caller waits forever
+    for a connection (tests/test_link.py)."""
+
+    def release(self, connection: Any) -> None:
+        super().release(connection)
+        if not connection.usable:
+            with contextlib.suppress(QueueFull):
+                self._available_connections.append_nowait(None)  # a new one, when needed
+
+
+class ClusterPool(coredis.pool.ClusterConnectionPool):
+    """coredis's pool of a Cluster, handing a closed connection's slot back (as ``Pool``,
+    per node: 64 // nodes each)."""
+
+    def release(self, connection: Any) -> None:
+        super().release(connection)
+        if not connection.usable:
+            with contextlib.suppress(QueueFull):
+                self._node_pool(connection.location).append_nowait(None)
 
 
 class ShardedPubSub(coredis.patterns.pubsub.ShardedPubSub[Any]):

@@ -59,12 +59,11 @@ import trio
 from coredis._utils import hash_slot
 from coredis.connection import TCPLocation
 from coredis.patterns.pubsub import ClusterPubSub, PubSub
-from coredis.pool import ClusterConnectionPool
 
 from pushd.backoff import Backoff
 from pushd.bus.follow import Action, Following, State
 from pushd.bus.link import REDIS_ERRORS as REDIS_ERRORS  # (lease.py and others import it here)
-from pushd.bus.link import Check, Cluster, Link, ShardedPubSub, watch
+from pushd.bus.link import Check, Cluster, ClusterPool, Link, Pool, ShardedPubSub, watch
 from pushd.bus.model import (
     BusUnavailable,
     Entry,
@@ -608,14 +607,15 @@ class RedisBus:
         if self._cluster:  # from_url of a cluster warns (coredis 6.9): give the node itself
             url = urlsplit(self._config.url)
             # (the cluster client takes no client_name: its pool does)
-            named_pool: Any = functools.partial(ClusterConnectionPool, client_name=name)
+            named_pool: Any = functools.partial(ClusterPool, client_name=name)
             return Cluster(
                 startup_nodes=[TCPLocation(url.hostname or "127.0.0.1", url.port or 6379)],
                 username=url.username, password=url.password,
                 ssl=url.scheme == "rediss", **options,
                 connection_pool_cls=named_pool,
             )  # fmt: skip
-        return coredis.Redis.from_url(self._config.url, client_name=name, **options)
+        pool = Pool.from_url(self._config.url, client_name=name, **options)
+        return coredis.Redis(connection_pool=pool, decode_responses=False)
 
     async def _publisher(self) -> None:
         backoff = BACKOFF_S[0]
