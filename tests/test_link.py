@@ -356,50 +356,43 @@ async def test_a_publishers_dead_link_is_replaced(nursery: trio.Nursery, redis: 
           f"{delivered:.2f} s after the cut")  # fmt: skip
 
 
-@pytest.fixture
-def cluster() -> Iterator[RedisCluster]:
-    with RedisCluster() as servers:
-        yield servers
-
-
-async def test_a_shard_that_fails_to_connect_leaks_no_connection(
-    nursery: trio.Nursery, cluster: RedisCluster
-) -> None:
+async def test_a_shard_that_fails_to_connect_leaks_no_connection(nursery: trio.Nursery) -> None:
     """A pub/sub session on a Cluster connects to every primary; when one of them is reset
     while the others connected (a link that flaps), those connected go back to the pool.
     (coredis 6.9 leaked them: each an open connection and a slot of the pool's per-node queue
     taken for good, until after some twenty flaps every new session waited forever for a
     connection and the node stayed not ready.)"""
-    proxies = await proxied(nursery, cluster)
-    first = proxies[0]
-    async with Cluster(
-        startup_nodes=[TCPLocation("127.0.0.1", first.port)], decode_responses=False,
-        connect_timeout=TIMEOUT_S, stream_timeout=TIMEOUT_S,
-        connection_pool_cls=functools.partial(ClusterConnectionPool, client_name="flaps:data"),
-    ) as client:  # fmt: skip
-        pool = client.connection_pool
-        ports = [node.port for node in pool.cluster_layout.primaries]
-        connected, failing = ports[0], ports[1:]  # connected first, then one that fails
-        for proxy in proxies:
-            if proxy.port in failing:
-                proxy.reset(after=0)
-        failed = 0
-        for _ in range(30):  # more than a node's share of the pool (64 // 3)
-            with trio.fail_after(5):  # an outage, said at once: not a wait forever
-                try:
-                    async with ShardedPubSub(pool, retry_policy=None):
-                        pass
-                except* REDIS_ERRORS:
-                    failed += 1
-        assert failed == 30
-        for proxy in proxies:
-            proxy.heal()
-        with trio.fail_after(5):
-            async with ShardedPubSub(pool, retry_policy=None) as ps:
-                await ps.subscribe("{a}")
-        via = {proxy.port: proxy.target_port for proxy in proxies}
-        open_ = redis_cli(via[connected], "CLIENT", "LIST").count("name=flaps:data")
-        assert open_ <= 1, open_  # the one the pool keeps
+    with RedisCluster() as cluster:  # (a Cluster only: one shard fails, the others connect)
+        proxies = await proxied(nursery, cluster)
+        first = proxies[0]
+        async with Cluster(
+            startup_nodes=[TCPLocation("127.0.0.1", first.port)], decode_responses=False,
+            connect_timeout=TIMEOUT_S, stream_timeout=TIMEOUT_S,
+            connection_pool_cls=functools.partial(ClusterConnectionPool, client_name="flaps:data"),
+        ) as client:  # fmt: skip
+            pool = client.connection_pool
+            ports = [node.port for node in pool.cluster_layout.primaries]
+            connected, failing = ports[0], ports[1:]  # connected first, then one that fails
+            for proxy in proxies:
+                if proxy.port in failing:
+                    proxy.reset(after=0)
+            failed = 0
+            for _ in range(30):  # more than a node's share of the pool (64 // 3)
+                with trio.fail_after(5):  # an outage, said at once: not a wait forever
+                    try:
+                        async with ShardedPubSub(pool, retry_policy=None):
+                            pass
+                    except* REDIS_ERRORS:
+                        failed += 1
+            assert failed == 30
+            for proxy in proxies:
+                proxy.heal()
+            with trio.fail_after(5):
+                async with ShardedPubSub(pool, retry_policy=None) as ps:
+                    await ps.subscribe("{a}")
+            via = {proxy.port: proxy.target_port for proxy in proxies}
+            open_ = redis_cli(via[connected], "CLIENT", "LIST").count("name=flaps:data")
+            assert open_ <= 1, open_  # the one the pool keeps
 
 
 async def test_a_link_replaced_again_and_again_comes_back_every_time(
