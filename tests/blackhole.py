@@ -44,6 +44,7 @@ class Blackhole:
         self._open: set[_Connection] = set()
         self.connections = 0  # accepted so far
         self._reset: tuple[bytes, int] | None = None  # (whose, after so many bytes)
+        self._slow: tuple[bytes, float] | None = None  # (whose, bytes a second)
         self.resets = 0  # connections reset so far
 
     @property
@@ -74,6 +75,16 @@ class Blackhole:
         for connection in list(self._open):
             self._check_reset(connection)
 
+    def throttle(self, whose: bytes, rate: float) -> None:
+        """Forward at most ``rate`` bytes a second on each connection whose first bytes
+        contain ``whose`` (a slow network, or a subscriber behind a backlog: bytes keep
+        coming, a reply waits behind them), until ``heal()``."""
+        self._slow = (whose, rate)
+
+    async def _pace(self, connection: _Connection, size: int) -> None:
+        if self._slow is not None and self._slow[0] in connection.head:
+            await trio.sleep(size / self._slow[1])
+
     def _check_reset(self, connection: _Connection) -> None:
         if self._reset is None or not connection.sockets:
             return
@@ -89,6 +100,7 @@ class Blackhole:
     def heal(self) -> None:
         self._cut = None
         self._reset = None
+        self._slow = None
         for connection in self._open:
             connection.cut = False
         self._wake()
@@ -146,6 +158,7 @@ class Blackhole:
                 if from_client and len(connection.head) < HEAD:
                     connection.head += data[:HEAD]
                 await self._flowing(connection)  # a chunk read just before the cut waits too
+                await self._pace(connection, len(data))
                 await sink.send_all(data)
                 connection.forwarded += len(data)
                 self._check_reset(connection)

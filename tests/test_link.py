@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Iterator
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import anyio
 import coredis
@@ -51,16 +51,18 @@ class Behind(NamedTuple):
     bus: RedisBus  # the gateway's
 
 
-async def behind_proxies(nursery: trio.Nursery, redis: Redis) -> Behind:
+async def behind_proxies(nursery: trio.Nursery, redis: Redis, **gateway: Any) -> Behind:
+    """(``gateway``: more sections of the gateway's configuration)"""
     proxies = await proxied(nursery, redis)
     via = {proxy.port: proxy.target_port for proxy in proxies}
     compute = await start_daemon(nursery, redis_config(redis, "compute"))
     settings = {"url": proxies[0].url, "probe_interval_s": PROBE_S}
-    gateway = await start_daemon(nursery, redis_config(redis, "gateway", bus={"redis": settings}))
-    assert gateway.daemon.redis is not None
+    config = redis_config(redis, "gateway", bus={"redis": settings}, **gateway)
+    gateway_ = await start_daemon(nursery, config)
+    assert gateway_.daemon.redis is not None
     with trio.fail_after(10):
-        await gateway.daemon.redis.wait_ready()
-    return Behind(proxies, via, compute, gateway, gateway.daemon.redis)
+        await gateway_.daemon.redis.wait_ready()
+    return Behind(proxies, via, compute, gateway_, gateway_.daemon.redis)
 
 
 async def until_not_ready(bus: RedisBus) -> None:
@@ -424,3 +426,44 @@ async def test_a_link_replaced_again_and_again_comes_back_every_time(
                 while bus.links()["subscribe"]:
                     await bus.wait_changed()
                 await bus.wait_ready()
+
+
+async def test_a_link_behind_a_backlog_is_alive(nursery: trio.Nursery, redis: Redis) -> None:
+    """A burst the gateway's pub/sub connection takes ~4 s to read (a network slower than the
+    burst): its PONGs wait behind the backlog, seconds past ``timeout_s``, while bytes keep
+    coming. The link stays up (no resubscribe, no catch-up) and the client gets every event
+    in order."""
+    limits = {"outbound_buffer_bytes": 8 << 20}  # the client takes the burst whole
+    proxies, _, compute, gateway, bus = await behind_proxies(nursery, redis, limits=limits)
+    publisher = compute.daemon.redis
+    assert publisher is not None
+    went_down: list[str | None] = []
+
+    async def watch_subscribe() -> None:
+        while True:
+            await bus.wait_changed()
+            if not bus.links()["subscribe"]:
+                went_down.append(bus.not_ready())
+
+    async with open_client(gateway.ws_url) as client:
+        assert subscribed(await client.call({"op": "subscribe", "channel": "notice"}), "notice")
+        await live(client, compute, 0)
+        nursery.start_soon(watch_subscribe)
+        for proxy in proxies:
+            proxy.throttle(bus.data_name.encode(), 500_000)  # bytes a second
+        pad = "x" * 2000
+        count = 1000  # ~2 MB: ~4 s to read at that rate, PINGs sent meanwhile wait behind
+        data = [msgspec.json.encode({"n": n, "pad": pad}) for n in range(1, count + 1)]
+        publisher.publish([Outgoing("notice", msgspec.Raw(item)) for item in data])
+        start = trio.current_time()
+        got = []
+        with trio.fail_after(30):
+            while len(got) < count:
+                message = await client.recv()
+                if message.get("event") == "notice":
+                    got.append(message["data"]["n"])
+        drained = trio.current_time() - start
+        assert got == list(range(1, count + 1))
+        assert drained > TIMEOUT_S + PROBE_S, drained  # the PONGs were that late
+        assert went_down == [], went_down
+    print(f"\nbacklog ({describe(redis)}): read in {drained:.2f} s, link up throughout")
