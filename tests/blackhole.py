@@ -46,6 +46,7 @@ class Blackhole:
         self._reset: tuple[bytes, int] | None = None  # (whose, after so many bytes)
         self._slow: tuple[bytes, float] | None = None  # (whose, bytes a second)
         self.resets = 0  # connections reset so far
+        self.reset_done = trio.Event()  # set (and replaced) at each reset
 
     @property
     def url(self) -> str:
@@ -91,6 +92,8 @@ class Blackhole:
         whose, after = self._reset
         if whose in connection.head and connection.forwarded >= after:
             self.resets += 1
+            self.reset_done.set()
+            self.reset_done = trio.Event()
             for stream in connection.sockets:
                 stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
                                          struct.pack("ii", 1, 0))  # fmt: skip

@@ -467,3 +467,37 @@ async def test_a_link_behind_a_backlog_is_alive(nursery: trio.Nursery, redis: Re
         assert drained > TIMEOUT_S + PROBE_S, drained  # the PONGs were that late
         assert went_down == [], went_down
     print(f"\nbacklog ({describe(redis)}): read in {drained:.2f} s, link up throughout")
+
+
+async def test_links_reset_at_every_step_come_back(nursery: trio.Nursery, redis: Redis) -> None:
+    """The gateway's connections reset (TCP RST) after so many bytes: in the handshake, the
+    subscribe, a PING, a read. Nothing escapes as a crash (an error group from a nursery
+    included), and after each the node is ready again and its client gets live events."""
+    proxies, _, compute, gateway, bus = await behind_proxies(nursery, redis)
+    async with open_client(gateway.ws_url) as client:
+        assert subscribed(await client.call({"op": "subscribe", "channel": "notice"}), "notice")
+        await live(client, compute, 0)
+        for n, after in enumerate((0, 1, 5, 40, 100, 200, 500), start=1):
+            done = [proxy.reset_done for proxy in proxies]
+            for proxy in proxies:
+                proxy.reset(bus.name.encode(), after)
+            with trio.fail_after(NOTICE_S):  # a PING's bytes at the latest
+                await first_of(done)
+            for proxy in proxies:
+                proxy.heal()
+            with trio.fail_after(NOTICE_S):
+                await bus.wait_ready()
+            await live(client, compute, n)
+    assert sum(proxy.resets for proxy in proxies) >= 7
+
+
+async def first_of(events: list[trio.Event]) -> None:
+    """Until one of ``events`` is set."""
+    async with trio.open_nursery() as nursery:
+        for event in events:
+
+            async def wait(event: trio.Event = event) -> None:
+                await event.wait()
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(wait)
