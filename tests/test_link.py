@@ -426,6 +426,10 @@ async def test_a_link_replaced_again_and_again_comes_back_every_time(
                 while bus.links()["subscribe"]:
                     await bus.wait_changed()
                 await bus.wait_ready()
+        await live(client, gateway, 1)
+    for server in servers:  # bounded: the session's one connection a node, nothing left over
+        held = redis_cli(server.port, "CLIENT", "LIST").count(f"name={bus.data_name} ")
+        assert held <= 1, held
 
 
 async def test_a_link_behind_a_backlog_is_alive(nursery: trio.Nursery, redis: Redis) -> None:
