@@ -258,8 +258,9 @@ class RedisBusConfig(_Section, frozen=True):
     # messages a node keeps while Redis is unreachable, then drops (counted)
     outage_buffer: Annotated[int, msgspec.Meta(ge=0, le=10_000_000)] = 100_000
     timeout_s: Annotated[float, msgspec.Meta(gt=0, le=60)] = 2.0
-    # every connection to Redis is PINGed this often; one that does not answer within
-    # timeout_s is dead: the node is not ready and the connection replaced (bus/link.py)
+    # every connection to Redis is PINGed this often; one silent for timeout_s before its
+    # PONG is dead (a pub/sub connection still receiving is not): the node is not ready and
+    # the connection replaced (bus/link.py)
     probe_interval_s: Annotated[float, msgspec.Meta(ge=0.05, le=60)] = 1.0
     # compute nodes: a symbol's publisher holds a lease this long; a standby takes over
     # within lease_s + lease_s / 3 of the holder's death

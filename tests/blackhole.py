@@ -13,6 +13,8 @@ reaches every node through its proxy, while the nodes gossip among themselves di
 
 from __future__ import annotations
 
+import socket
+import struct
 import subprocess
 import time
 
@@ -24,11 +26,13 @@ HEAD = 4096  # bytes of a connection's start kept to tell whose it is (CLIENT SE
 
 
 class _Connection:
-    __slots__ = ("cut", "head")
+    __slots__ = ("cut", "forwarded", "head", "sockets")
 
     def __init__(self) -> None:
         self.head = b""  # what the client sent first
         self.cut = False  # black-holed on its own (``cut_open``)
+        self.forwarded = 0  # bytes, both ways
+        self.sockets: list[trio.SocketStream] = []
 
 
 class Blackhole:
@@ -39,6 +43,10 @@ class Blackhole:
         self._changed = trio.Event()
         self._open: set[_Connection] = set()
         self.connections = 0  # accepted so far
+        self._reset: tuple[bytes, int] | None = None  # (whose, after so many bytes)
+        self._slow: tuple[bytes, float] | None = None  # (whose, bytes a second)
+        self.resets = 0  # connections reset so far
+        self.reset_done = trio.Event()  # set (and replaced) at each reset
 
     @property
     def url(self) -> str:
@@ -59,8 +67,43 @@ class Blackhole:
         self._wake()
         return len(cut)
 
+    def reset(self, whose: bytes = b"", after: int = 0) -> None:
+        """Reset (TCP RST, both ends) every connection whose first bytes contain ``whose``
+        once it has forwarded ``after`` bytes, both ways: those open now and those made
+        later, until ``heal()``; ``after`` small enough to reset in the middle of the
+        handshake, larger for a subscribe, a PING, a read."""
+        self._reset = (whose, after)
+        for connection in list(self._open):
+            self._check_reset(connection)
+
+    def throttle(self, whose: bytes, rate: float) -> None:
+        """Forward at most ``rate`` bytes a second on each connection whose first bytes
+        contain ``whose`` (a slow network, or a subscriber behind a backlog: bytes keep
+        coming, a reply waits behind them), until ``heal()``."""
+        self._slow = (whose, rate)
+
+    async def _pace(self, connection: _Connection, size: int) -> None:
+        if self._slow is not None and self._slow[0] in connection.head:
+            await trio.sleep(size / self._slow[1])
+
+    def _check_reset(self, connection: _Connection) -> None:
+        if self._reset is None or not connection.sockets:
+            return
+        whose, after = self._reset
+        if whose in connection.head and connection.forwarded >= after:
+            self.resets += 1
+            self.reset_done.set()
+            self.reset_done = trio.Event()
+            for stream in connection.sockets:
+                stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                         struct.pack("ii", 1, 0))  # fmt: skip
+                stream.socket.close()  # (the pumps then fail: ClosedResourceError)
+            connection.sockets = []
+
     def heal(self) -> None:
         self._cut = None
+        self._reset = None
+        self._slow = None
         for connection in self._open:
             connection.cut = False
         self._wake()
@@ -95,6 +138,8 @@ class Blackhole:
                 upstream = await trio.open_tcp_stream("127.0.0.1", self.target_port)
             except OSError:
                 return
+            connection.sockets = [downstream, upstream]
+            self._check_reset(connection)
             async with upstream, trio.open_nursery() as nursery:
                 for source, sink in ((downstream, upstream), (upstream, downstream)):
                     nursery.start_soon(
@@ -116,8 +161,11 @@ class Blackhole:
                 if from_client and len(connection.head) < HEAD:
                     connection.head += data[:HEAD]
                 await self._flowing(connection)  # a chunk read just before the cut waits too
+                await self._pace(connection, len(data))
                 await sink.send_all(data)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
+                connection.forwarded += len(data)
+                self._check_reset(connection)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             pass
         both.cancel()
 

@@ -6,8 +6,10 @@ redis-server (and a 3-node Cluster whose nodes announce their proxies), real nod
 
 from __future__ import annotations
 
+import functools
+import math
 from collections.abc import Iterator
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import anyio
 import coredis
@@ -18,17 +20,19 @@ import pytest
 import trio
 from blackhole import Blackhole, proxied, redis_cli
 from conftest import Running, open_client, start_daemon, subscribed
+from coredis.connection import TCPLocation
 from coredis.patterns.pubsub import PubSub
+from coredis.pool import ClusterConnectionPool
 from redis_servers import Redis, RedisCluster, RedisServer
 from structlog.testing import capture_logs
 from test_cluster import publish, redis_config
 from test_follow import assert_carried, live, settled_in_redis
 
 from pushd.backoff import Backoff
-from pushd.bus.link import Link, LinkDead, probe, watch
+from pushd.bus.link import Check, Cluster, Link, ShardedPubSub, probe, watch
 from pushd.bus.model import Outgoing
 from pushd.bus.redis import REDIS_ERRORS, RedisBus, _pending_messages
-from pushd.errors import BusUnavailable
+from pushd.errors import BusUnavailable, LinkDead
 
 PROBE_S = 1.0  # bus.redis.probe_interval_s
 TIMEOUT_S = 1.0  # bus.redis.timeout_s (redis_config's)
@@ -48,16 +52,18 @@ class Behind(NamedTuple):
     bus: RedisBus  # the gateway's
 
 
-async def behind_proxies(nursery: trio.Nursery, redis: Redis) -> Behind:
+async def behind_proxies(nursery: trio.Nursery, redis: Redis, **gateway: Any) -> Behind:
+    """(``gateway``: more sections of the gateway's configuration)"""
     proxies = await proxied(nursery, redis)
     via = {proxy.port: proxy.target_port for proxy in proxies}
     compute = await start_daemon(nursery, redis_config(redis, "compute"))
     settings = {"url": proxies[0].url, "probe_interval_s": PROBE_S}
-    gateway = await start_daemon(nursery, redis_config(redis, "gateway", bus={"redis": settings}))
-    assert gateway.daemon.redis is not None
+    config = redis_config(redis, "gateway", bus={"redis": settings}, **gateway)
+    gateway_ = await start_daemon(nursery, config)
+    assert gateway_.daemon.redis is not None
     with trio.fail_after(10):
-        await gateway.daemon.redis.wait_ready()
-    return Behind(proxies, via, compute, gateway, gateway.daemon.redis)
+        await gateway_.daemon.redis.wait_ready()
+    return Behind(proxies, via, compute, gateway_, gateway_.daemon.redis)
 
 
 async def until_not_ready(bus: RedisBus) -> None:
@@ -200,18 +206,57 @@ async def test_a_probe_finds_the_one_silent_connection(
     async def silent() -> None:
         await trio.sleep_forever()
 
-    await probe([pong, pong], timeout_s=2.0)  # (the sans-IO part's shell: no Redis needed)
+    def quiet() -> float:  # nothing heard but the PONGs
+        return math.inf
+
+    pong_, silent_ = Check(pong, quiet), Check(silent, quiet)
+    await probe([pong_, pong_], timeout_s=2.0)  # (the sans-IO part's shell: no Redis needed)
     start = trio.current_time()
     with pytest.raises(LinkDead, match="within 2 s"):
-        await probe([pong, silent], timeout_s=2.0)
+        await probe([pong_, silent_], timeout_s=2.0)
     assert trio.current_time() - start == 2.0
     answered.clear()
     start = trio.current_time()
-    rounds = iter([[pong], [pong], [pong, silent]])
+    rounds = iter([[pong_], [pong_], [pong_, silent_]])
     with pytest.raises(LinkDead):
         await watch(lambda: next(rounds), interval_s=1.0, timeout_s=2.0)
     assert [t - start for t in answered] == [0.0, 1.0, 2.0]
     assert trio.current_time() - start == 4.0  # noticed within interval_s + timeout_s
+
+
+async def test_a_connection_still_receiving_is_alive_however_late_its_pong(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Only silence is death: a pub/sub connection whose backlog (a burst, a CPU-saturated
+    node) delays its PONG past ``timeout_s`` but that keeps receiving bytes is alive; a
+    resubscribe then would only add a catch-up storm to the load. One that falls silent is
+    dead ``timeout_s`` after its last byte."""
+    heard_at = 0.0  # when the backlogged connection last received a byte
+
+    async def late_pong() -> None:  # the backlog drains for 5 s before the PONG
+        nonlocal heard_at
+        for _ in range(50):
+            await trio.sleep(0.1)
+            heard_at = trio.current_time()
+
+    def quiet() -> float:
+        return trio.current_time() - heard_at
+
+    start = trio.current_time()
+    await probe([Check(late_pong, quiet)], timeout_s=1.0)
+    assert trio.current_time() - start == pytest.approx(5.0)
+
+    async def falls_silent() -> None:  # 1.5 s of bytes, then nothing
+        nonlocal heard_at
+        for _ in range(15):
+            await trio.sleep(0.1)
+            heard_at = trio.current_time()
+        await trio.sleep_forever()
+
+    start = trio.current_time()
+    with pytest.raises(LinkDead):
+        await probe([Check(falls_silent, quiet)], timeout_s=1.0)
+    assert trio.current_time() - start == pytest.approx(2.5)  # its last byte + timeout_s
 
 
 def test_a_link_says_why_it_is_down() -> None:
@@ -312,3 +357,152 @@ async def test_a_publishers_dead_link_is_replaced(nursery: trio.Nursery, redis: 
         proxy.heal()
     print(f"\npublisher's dead link ({describe(redis)}): its outbox delivered "
           f"{delivered:.2f} s after the cut")  # fmt: skip
+
+
+async def test_a_shard_that_fails_to_connect_leaks_no_connection(nursery: trio.Nursery) -> None:
+    """A pub/sub session on a Cluster connects to every primary; when one of them is reset
+    while the others connected (a link that flaps), those connected go back to the pool.
+    (coredis 6.9 leaked them: each an open connection and a slot of the pool's per-node queue
+    taken for good, until after some twenty flaps every new session waited forever for a
+    connection and the node stayed not ready.)"""
+    with RedisCluster() as cluster:  # (a Cluster only: one shard fails, the others connect)
+        proxies = await proxied(nursery, cluster)
+        first = proxies[0]
+        async with Cluster(
+            startup_nodes=[TCPLocation("127.0.0.1", first.port)], decode_responses=False,
+            connect_timeout=TIMEOUT_S, stream_timeout=TIMEOUT_S,
+            connection_pool_cls=functools.partial(ClusterConnectionPool, client_name="flaps:data"),
+        ) as client:  # fmt: skip
+            pool = client.connection_pool
+            ports = [node.port for node in pool.cluster_layout.primaries]
+            connected, failing = ports[0], ports[1:]  # connected first, then one that fails
+            for proxy in proxies:
+                if proxy.port in failing:
+                    proxy.reset(after=0)
+            failed = 0
+            for _ in range(30):  # more than a node's share of the pool (64 // 3)
+                with trio.fail_after(5):  # an outage, said at once: not a wait forever
+                    try:
+                        async with ShardedPubSub(pool, retry_policy=None):
+                            pass
+                    except* REDIS_ERRORS:
+                        failed += 1
+            assert failed == 30
+            for proxy in proxies:
+                proxy.heal()
+            with trio.fail_after(5):
+                async with ShardedPubSub(pool, retry_policy=None) as ps:
+                    await ps.subscribe("{a}")
+            via = {proxy.port: proxy.target_port for proxy in proxies}
+            open_ = redis_cli(via[connected], "CLIENT", "LIST").count("name=flaps:data")
+            assert open_ <= 1, open_  # the one the pool keeps
+
+
+async def test_a_link_replaced_again_and_again_comes_back_every_time(
+    nursery: trio.Nursery, redis: Redis
+) -> None:
+    """Every pub/sub session a node ends (a dead link, Redis restarted, a refused subscribe)
+    is replaced; a gateway whose link flaps more often than its pool has connections (64;
+    on a Cluster 64 // 3 a node) still gets a new one each time. (coredis 6.9's pools forget
+    the slot of a connection handed back closed, and the bus closes every pub/sub connection
+    it ends: the 65th session waited forever and the node stayed not ready.)"""
+    gateway = await start_daemon(nursery, redis_config(redis, "gateway"))
+    bus = gateway.daemon.redis
+    assert bus is not None
+    with trio.fail_after(10):
+        await bus.wait_ready()
+    servers = redis.nodes if isinstance(redis, RedisCluster) else [redis]
+    async with open_client(gateway.ws_url) as client:
+        assert subscribed(await client.call({"op": "subscribe", "channel": "notice"}), "notice")
+        for _ in range(70):
+            killed = 0
+            for server in servers:  # Redis ends the node's data connections (CLIENT KILL)
+                for line in redis_cli(server.port, "CLIENT", "LIST").splitlines():
+                    if f"name={bus.data_name} " in line:
+                        client_id = line.split()[0].removeprefix("id=")
+                        redis_cli(server.port, "CLIENT", "KILL", "ID", client_id)
+                        killed += 1
+            assert killed
+            with trio.fail_after(10):
+                while bus.links()["subscribe"]:
+                    await bus.wait_changed()
+                await bus.wait_ready()
+        await live(client, gateway, 1)
+    for server in servers:  # bounded: the session's one connection a node, nothing left over
+        held = redis_cli(server.port, "CLIENT", "LIST").count(f"name={bus.data_name} ")
+        assert held <= 1, held
+
+
+async def test_a_link_behind_a_backlog_is_alive(nursery: trio.Nursery, redis: Redis) -> None:
+    """A burst the gateway's pub/sub connection takes ~4 s to read (a network slower than the
+    burst): its PONGs wait behind the backlog, seconds past ``timeout_s``, while bytes keep
+    coming. The link stays up (no resubscribe, no catch-up) and the client gets every event
+    in order."""
+    limits = {"outbound_buffer_bytes": 8 << 20}  # the client takes the burst whole
+    proxies, _, compute, gateway, bus = await behind_proxies(nursery, redis, limits=limits)
+    publisher = compute.daemon.redis
+    assert publisher is not None
+    went_down: list[str | None] = []
+
+    async def watch_subscribe() -> None:
+        while True:
+            await bus.wait_changed()
+            if not bus.links()["subscribe"]:
+                went_down.append(bus.not_ready())
+
+    async with open_client(gateway.ws_url) as client:
+        assert subscribed(await client.call({"op": "subscribe", "channel": "notice"}), "notice")
+        await live(client, compute, 0)
+        nursery.start_soon(watch_subscribe)
+        for proxy in proxies:
+            proxy.throttle(bus.data_name.encode(), 500_000)  # bytes a second
+        pad = "x" * 2000
+        count = 1000  # ~2 MB: ~4 s to read at that rate, PINGs sent meanwhile wait behind
+        data = [msgspec.json.encode({"n": n, "pad": pad}) for n in range(1, count + 1)]
+        publisher.publish([Outgoing("notice", msgspec.Raw(item)) for item in data])
+        start = trio.current_time()
+        got = []
+        with trio.fail_after(30):
+            while len(got) < count:
+                message = await client.recv()
+                if message.get("event") == "notice":
+                    got.append(message["data"]["n"])
+        drained = trio.current_time() - start
+        assert got == list(range(1, count + 1))
+        assert drained > TIMEOUT_S + PROBE_S, drained  # the PONGs were that late
+        assert went_down == [], went_down
+    print(f"\nbacklog ({describe(redis)}): read in {drained:.2f} s, link up throughout")
+
+
+async def test_links_reset_at_every_step_come_back(nursery: trio.Nursery, redis: Redis) -> None:
+    """The gateway's connections reset (TCP RST) after so many bytes: in the handshake, the
+    subscribe, a PING, a read. Nothing escapes as a crash (an error group from a nursery
+    included), and after each the node is ready again and its client gets live events."""
+    proxies, _, compute, gateway, bus = await behind_proxies(nursery, redis)
+    async with open_client(gateway.ws_url) as client:
+        assert subscribed(await client.call({"op": "subscribe", "channel": "notice"}), "notice")
+        await live(client, compute, 0)
+        for n, after in enumerate((0, 1, 5, 40, 100, 200, 500), start=1):
+            done = [proxy.reset_done for proxy in proxies]
+            for proxy in proxies:
+                proxy.reset(bus.name.encode(), after)
+            with trio.fail_after(NOTICE_S):  # a PING's bytes at the latest
+                await first_of(done)
+            for proxy in proxies:
+                proxy.heal()
+            with trio.fail_after(NOTICE_S):
+                await bus.wait_ready()
+            await live(client, compute, n)
+    assert sum(proxy.resets for proxy in proxies) >= 7
+
+
+async def first_of(events: list[trio.Event]) -> None:
+    """Until one of ``events`` is set."""
+    async with trio.open_nursery() as nursery:
+        for event in events:
+
+            async def wait(event: trio.Event = event) -> None:
+                await event.wait()
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(wait)

@@ -16,16 +16,20 @@ published meanwhile is replayed or told. A dead link is noticed within
 
 from __future__ import annotations
 
+import contextlib
 import traceback
 from collections.abc import Awaitable, Callable, Iterable
-from typing import Any
+from typing import Any, NamedTuple
 
 import anyio
 import coredis.exceptions
+import coredis.patterns.pubsub
+import coredis.pool
 import trio
+from anyio.abc import TaskStatus
+from coredis._concurrency import QueueFull
 
-from pushd.errors import BusUnavailable
-from pushd.errors import LinkDead as LinkDead  # (the bus and its tests name it here)
+from pushd.errors import BusUnavailable, LinkDead
 
 # What a call to Redis raises when Redis, or the link to it, fails: to the bus an outage, to be
 # waited out (and said: not ready), never a crash. Nothing else: a bug (a TypeError, a
@@ -83,25 +87,124 @@ class Cluster(coredis.RedisCluster[Any]):
             raise coredis.exceptions.ConnectionError(lost) from exc
 
 
+class Pool(coredis.ConnectionPool[Any]):
+    """coredis's pool of one Redis, handing a closed connection's slot back. coredis 6.9
+    restores the slot of a connection that ends while idle in the pool, but one handed back
+    already closed (a pub/sub session the bus discards, a command whose link died) is just
+    dropped, its slot with it: after ``max_connections`` (64) such, every caller waits forever
+    for a connection (tests/test_link.py)."""
+
+    def release(self, connection: Any) -> None:
+        super().release(connection)
+        if not connection.usable:
+            with contextlib.suppress(QueueFull):
+                self._available_connections.append_nowait(None)  # a new one, when needed
+
+
+class ClusterPool(coredis.pool.ClusterConnectionPool):
+    """coredis's pool of a Cluster, handing a closed connection's slot back (as ``Pool``,
+    per node: 64 // nodes each)."""
+
+    def release(self, connection: Any) -> None:
+        super().release(connection)
+        if not connection.usable:
+            with contextlib.suppress(QueueFull):
+                self._node_pool(connection.location).append_nowait(None)
+
+
+class ShardedPubSub(coredis.patterns.pubsub.ShardedPubSub[Any]):
+    """coredis's sharded pub/sub (a connection per primary), with those connections acquired
+    so that a failure part-way gives back the ones already acquired. coredis 6.9 enters them
+    in an ``AsyncExitStack`` it never closes: when one shard fails to connect (a link reset
+    while the others connected), the others leak, each an open connection and, for good, a
+    slot of the pool's per-node queue; after some twenty flaps every new session waits
+    forever for a connection (tests/test_link.py). The rest is coredis's ``run``, unchanged."""
+
+    async def run(self, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        started = False
+
+        async def _run() -> None:
+            nonlocal started
+            layout = self.connection_pool.cluster_layout
+            nodes = layout.replicas if self._read_from_replicas else layout.primaries
+            async with contextlib.AsyncExitStack() as stack:
+                self.shard_connections = {}
+                for node in nodes:
+                    if node.node_id:
+                        acquired = self.connection_pool.acquire(node=node)
+                        shard: Any = await stack.enter_async_context(acquired)
+                        self.shard_connections[node.node_id] = shard
+                try:
+                    async with anyio.create_task_group() as tg:
+                        self._current_scope = tg.cancel_scope
+                        for connection in self.shard_connections.values():
+                            tg.start_soon(self._consume_shard_push_messages, connection)
+                            tg.start_soon(self._shard_keepalive, connection)
+                        if not started:
+                            task_status.started()
+                            started = True
+                        elif self.channels:  # resubscribe
+                            await self.subscribe(*self.channels.keys())
+                finally:
+                    if self._current_scope.cancel_called:
+                        with anyio.CancelScope(shield=True):
+                            await self._cleanup()
+
+        await self._retry_policy.call_with_retries(_run)
+
+
 def _raised_in_merge(exc: BaseException) -> bool:
     frames = traceback.extract_tb(exc.__traceback__)
     return bool(frames) and "coredis/response/_callbacks" in frames[-1].filename
 
 
-async def probe(pings: Iterable[Callable[[], Awaitable[Any]]], timeout_s: float) -> None:
-    """PING every connection at once; raise ``LinkDead`` unless all answer within
-    ``timeout_s``."""
-    with trio.move_on_after(timeout_s) as deadline:
-        async with trio.open_nursery() as nursery:
-            for ping in pings:
-                nursery.start_soon(ping)
-    if deadline.cancelled_caught:
+class Check(NamedTuple):
+    """How the probe asks one connection: ``ping`` returns once the PING is answered;
+    ``quiet`` says how long (seconds) the connection has received nothing at all."""
+
+    ping: Callable[[], Awaitable[Any]]
+    quiet: Callable[[], float]
+
+
+async def probe(checks: Iterable[Check], timeout_s: float) -> None:
+    """PING every connection at once; raise ``LinkDead`` if one is silent for ``timeout_s``
+    before its PONG. Only silence is death: a connection whose PONG waits behind a backlog
+    (a burst on a pub/sub connection, a CPU-saturated node) but that keeps receiving bytes is
+    alive, and replacing it would only add a resubscribe and a catch-up to the load."""
+    dead: list[Check] = []
+    async with trio.open_nursery() as nursery:
+        for check in checks:
+            nursery.start_soon(_check, check, timeout_s, dead, nursery.cancel_scope)
+    if dead:
         raise LinkDead(f"no answer to PING within {timeout_s:g} s")
 
 
-async def watch(
-    pings: Callable[[], Iterable[Callable[[], Awaitable[Any]]]], interval_s: float, timeout_s: float
+async def _check(
+    check: Check, timeout_s: float, dead: list[Check], probing: trio.CancelScope
 ) -> None:
+    """Until ``check``'s connection answers, or falls silent for ``timeout_s`` (then it is
+    added to ``dead`` and the probe ends)."""
+    answered = trio.Event()
+
+    async def ask() -> None:
+        await check.ping()
+        answered.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(ask)
+        wait = timeout_s
+        while not answered.is_set():
+            with trio.move_on_after(wait):
+                await answered.wait()
+            quiet = check.quiet()
+            if not answered.is_set() and quiet >= timeout_s:
+                dead.append(check)
+                probing.cancel()
+                return
+            wait = timeout_s - quiet  # heard from lately: silent for timeout_s yet?
+
+
+async def watch(pings: Callable[[], Iterable[Check]], interval_s: float, timeout_s: float) -> None:
     """Probe the connections ``pings`` names every ``interval_s`` until one is dead (then
     raise ``LinkDead``); for the tasks of a session, which end with it."""
     while True:

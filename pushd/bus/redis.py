@@ -43,6 +43,7 @@ import functools
 import itertools
 import math
 import secrets
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from importlib import resources
@@ -57,13 +58,12 @@ import structlog
 import trio
 from coredis._utils import hash_slot
 from coredis.connection import TCPLocation
-from coredis.patterns.pubsub import ClusterPubSub, PubSub, ShardedPubSub
-from coredis.pool import ClusterConnectionPool
+from coredis.patterns.pubsub import ClusterPubSub, PubSub
 
 from pushd.backoff import Backoff
 from pushd.bus.follow import Action, Following, State
 from pushd.bus.link import REDIS_ERRORS as REDIS_ERRORS  # (lease.py and others import it here)
-from pushd.bus.link import Cluster, Link, watch
+from pushd.bus.link import Check, Cluster, ClusterPool, Link, Pool, ShardedPubSub, watch
 from pushd.bus.model import Delivery, Entry, Outgoing, Position, Recovery, checked, new_epoch
 from pushd.channels import StateKind, state_kind
 from pushd.config import BusConfig
@@ -237,13 +237,25 @@ def _discard(ps: Any) -> None:
         connection.invalidate("pub/sub session ended")
 
 
-def _pings(ps: Any) -> list[Callable[[], Any]]:
-    """A PING for each connection of a pub/sub session (answered in subscribed mode too)."""
-    return [functools.partial(_ping, connection) for connection in _connections(ps)]
+def _pings(ps: Any) -> list[Check]:
+    """A check for each connection of a pub/sub session (PING is answered in subscribed mode
+    too; any byte the connection receives meanwhile counts as life)."""
+    return [
+        Check(functools.partial(_ping, connection), functools.partial(_quiet, connection))
+        for connection in _connections(ps)
+    ]
 
 
 async def _ping(connection: Any) -> None:
-    await connection.create_request(b"PING")
+    # no deadline of coredis's (timeout_s): the probe's rule decides when a PONG is too late
+    await connection.create_request(b"PING", timeout=math.inf)
+
+
+def _quiet(connection: Any) -> float:
+    """Seconds since ``connection`` last received a byte (or was opened)."""
+    statistics = connection.statistics
+    heard: float = max(statistics.last_byte_received_at, statistics.connected_at)
+    return time.perf_counter() - heard
 
 
 class Carrier(msgspec.Struct, frozen=True):
@@ -586,14 +598,15 @@ class RedisBus:
         if self._cluster:  # from_url of a cluster warns (coredis 6.9): give the node itself
             url = urlsplit(self._config.url)
             # (the cluster client takes no client_name: its pool does)
-            named_pool: Any = functools.partial(ClusterConnectionPool, client_name=name)
+            named_pool: Any = functools.partial(ClusterPool, client_name=name)
             return Cluster(
                 startup_nodes=[TCPLocation(url.hostname or "127.0.0.1", url.port or 6379)],
                 username=url.username, password=url.password,
                 ssl=url.scheme == "rediss", **options,
                 connection_pool_cls=named_pool,
             )  # fmt: skip
-        return coredis.Redis.from_url(self._config.url, client_name=name, **options)
+        pool = Pool.from_url(self._config.url, client_name=name, **options)
+        return coredis.Redis(connection_pool=pool, decode_responses=False)
 
     async def _publisher(self) -> None:
         backoff = BACKOFF_S[0]
