@@ -36,7 +36,7 @@ class EngineRelay:
         self.nodes = nodes
         self.trades: dict[tuple[str, int], float] = {}  # (symbol, id) -> when sent
         self.orders: dict[str, list[tuple[str, float]]] = defaultdict(list)  # uid -> (key, when)
-        self.running = True
+        self.stopped = trio.Event()
 
     async def run(self, stop: trio.Event) -> None:
         senders: dict[int, tuple[UdpSender, TcpSender]] = {}
@@ -64,7 +64,7 @@ class EngineRelay:
                         self.orders[event.uid].append((key_of(data), now))
                 await trio.sleep(0.02)
         finally:
-            self.running = False
+            self.stopped.set()
             for udp, tcp in senders.values():
                 udp.close()
                 with trio.CancelScope(shield=True):
@@ -83,6 +83,7 @@ class Listener:
         self.trades_told: dict[str, list[float]] = defaultdict(list)
         self.orders: set[str] = set()
         self.orders_told: list[float] = []
+        self.order_log: list[tuple[float, str, int, bool]] = []  # (when, epoch, seq, resync)
 
     async def run(self) -> None:
         while True:
@@ -101,6 +102,7 @@ class Listener:
                 self.trades.add((symbol, item["id"]))
                 self.arrived.setdefault((symbol, item["id"]), now)
         elif event == "@order":
+            self.order_log.append((now, message["epoch"], message["seq"], "resync" in message))
             if message.get("resync"):
                 self.orders_told.append(now)
             elif data is not None:
@@ -165,7 +167,9 @@ def account(
                 ledger.orders_told += 1
             else:
                 ledger.orders_lost += 1
-                ledger.lost_examples.append(f"order of {uid} sent at {sent:.2f}")
+                ledger.lost_examples.append(
+                    f"order of {uid} sent at {sent:.2f}, client got {listener.order_log}"
+                )
     del ledger.lost_examples[10:]
     return ledger
 
