@@ -48,6 +48,7 @@ class Command(msgspec.Struct, frozen=True, omit_defaults=True):
     reason: str | None = None
     origin: str | None = None
     id: str | None = None  # a private gap's: its copies have the same
+    ts: float | None = None  # when the private gap was seen (wall clock, s)
 
 
 class NodeStats(msgspec.Struct, frozen=True):
@@ -84,6 +85,8 @@ class ControlPlane:
         self._registry = f"{prefix}:nodes"
         self._channel = f"{prefix}:control"
         self._gap_reason: str | None = None  # a private gap to tell (reasons of several: one)
+        self._gap_at = 0.0
+        self._started = time.time()  # a gap seen before this node started is not its to tell
         self._gap_wanted = trio.Event()
         self._gaps_told: deque[str] = deque(maxlen=GAPS_REMEMBERED)
         self.gaps_unconfirmed = 0  # private gaps some node never answered (in GAP_RETRY_S)
@@ -136,7 +139,8 @@ class ControlPlane:
             entry = NodeStats(self.node_id, self._role, time.time(), self._stats())
             await self._answer(command, msgspec.json.encode(entry))
         elif command.op == "private_gap":
-            if command.id is None or command.id not in self._gaps_told:
+            before_us = command.ts is not None and command.ts < self._started
+            if not before_us and (command.id is None or command.id not in self._gaps_told):
                 if command.id is not None:
                     self._gaps_told.append(command.id)
                 told = self._private_gap()
@@ -154,7 +158,7 @@ class ControlPlane:
     def private_gap(self, reason: str) -> None:
         """Tell every node's private subscribers (this one's too, through the channel), after
         now: a gap noticed while one is being told is told again afterwards."""
-        self._gap_reason = reason
+        self._gap_reason, self._gap_at = reason, time.time()
         self._gap_wanted.set()
 
     async def _tell_gaps(self) -> None:
@@ -162,13 +166,15 @@ class ControlPlane:
             await self._gap_wanted.wait()
             self._gap_wanted = trio.Event()
             reason, self._gap_reason = self._gap_reason, None
-            await self._tell_gap(reason or "")
+            await self._tell_gap(reason or "", self._gap_at)
 
-    async def _tell_gap(self, reason: str) -> None:
-        """Publish one private gap until every node in the registry answered it."""
+    async def _tell_gap(self, reason: str, at: float) -> None:
+        """Publish one private gap until every node in the registry answered it (a node that
+        started after it answers without telling: its subscribers came after the gap)."""
         token = secrets.token_hex(8)
         reply = f"{self._bus.prefix}:reply:{token}"
-        command = Command("private_gap", reason=reason, origin=self.node_id, reply=reply, id=token)
+        command = Command("private_gap", reason=reason, origin=self.node_id, reply=reply,
+                          id=token, ts=at)  # fmt: skip
         answered: set[str] = set()
         started = trio.current_time()
         while True:
