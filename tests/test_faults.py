@@ -8,15 +8,17 @@ must be on the tape (delivered, or in ``GET /v1/trades``). Each test runs longer
 from __future__ import annotations
 
 import contextlib
+import subprocess
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import httpx
+import msgspec
 import trio
 from conftest import Running, open_client, start_daemon, subscribed
 from engine_relay import Changed, EngineRelay, Ledger, Listener, account, settled
-from redis_servers import Redis, RedisCluster
+from redis_servers import REDIS_CLI, Redis, RedisCluster
 from test_cluster import killable, redis_config
 
 from ingest.sim import DEMO_UIDS, Market
@@ -172,3 +174,44 @@ async def test_the_compute_leader_killed(nursery: trio.Nursery, redis: Redis) ->
         assert standby.held == {*SYMBOLS, "private"}
         handover = the_rig.first_trade_after(killed)
     await check(the_rig, "compute leader killed", handover, started)
+
+
+def kill_control_links(redis: Redis) -> int:
+    """Close every node's control pub/sub connection in Redis (``CLIENT KILL``), as a Redis
+    that restarted does: each node reconnects it a heartbeat later. Returns how many."""
+    killed = 0
+    for server in redis.nodes if isinstance(redis, RedisCluster) else [redis]:
+        port = str(server.port)
+        listing = subprocess.run([REDIS_CLI, "-p", port, "CLIENT", "LIST"], capture_output=True,
+                                 text=True, timeout=10, check=True).stdout  # fmt: skip
+        for line in listing.splitlines():
+            fields = dict(field.split("=", 1) for field in line.split() if "=" in field)
+            if fields.get("name", "").endswith(":control"):
+                subprocess.run([REDIS_CLI, "-p", port, "CLIENT", "KILL", "ID", fields["id"]],
+                               capture_output=True, timeout=10, check=True)  # fmt: skip
+                killed += 1
+    return killed
+
+
+async def test_a_private_gap_told_while_gateways_reconnect_reaches_them(
+    nursery: trio.Nursery, redis: Redis
+) -> None:
+    """Pub/sub is at-most-once: a private gap told while the gateways' control links are down
+    (as right after a Redis restart) is told again until every node answered."""
+    compute = await start_daemon(nursery, redis_config(redis, "compute"))
+    gateways = [await start_daemon(nursery, redis_config(redis, "gateway")) for _ in range(2)]
+    assert compute.daemon.control is not None
+    async with contextlib.AsyncExitStack() as stack:
+        clients = []
+        for gateway in gateways:
+            client = await stack.enter_async_context(open_client(gateway.ws_url))
+            await client.call({"op": "auth", "token": gateway.token("1001")})
+            assert subscribed(await client.call({"op": "subscribe", "channel": "@order"}),
+                              "@order")  # fmt: skip
+            clients.append(client)
+        assert kill_control_links(redis) == 3
+        compute.daemon.control.private_gap("frames lost")  # no gateway listens now
+        with trio.fail_after(10):
+            for client in clients:
+                message = msgspec.json.decode(await client.ws.get_message())
+                assert message["event"] == "@order" and message["resync"] is True
