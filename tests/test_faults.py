@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import httpx
 import msgspec
 import trio
-from conftest import Running, open_client, start_daemon, subscribed
+from conftest import Client, Running, open_client, start_daemon, subscribed
 from engine_relay import Changed, EngineRelay, Ledger, Listener, account, settled
 from redis_servers import REDIS_CLI, Redis, RedisCluster
 from test_cluster import killable, redis_config
@@ -67,6 +67,14 @@ class Rig:
         return ids
 
 
+async def orders_of(stack: contextlib.AsyncExitStack, gateway: Running, uid: str) -> Client:
+    """A client of ``gateway`` logged in as ``uid`` and subscribed to its orders."""
+    client = await stack.enter_async_context(open_client(gateway.ws_url))
+    await client.call({"op": "auth", "token": gateway.token(uid)})
+    assert subscribed(await client.call({"op": "subscribe", "channel": "@order"}), "@order")
+    return client
+
+
 @contextlib.asynccontextmanager
 async def rig(nursery: trio.Nursery, redis: Redis) -> AsyncIterator[Rig]:
     market = Market(seed=19)
@@ -87,11 +95,7 @@ async def rig(nursery: trio.Nursery, redis: Redis) -> AsyncIterator[Rig]:
                           *channels)  # fmt: skip
         users = {}
         for uid in DEMO_UIDS:
-            client = await stack.enter_async_context(open_client(gateway.ws_url))
-            await client.call({"op": "auth", "token": gateway.token(uid)})
-            assert subscribed(await client.call({"op": "subscribe", "channel": "@order"}),
-                              "@order")  # fmt: skip
-            users[uid] = Listener(client, changed)
+            users[uid] = Listener(await orders_of(stack, gateway, uid), changed)
         async with trio.open_nursery() as inner:
             for listener in (public, *users.values()):
                 inner.start_soon(listener.run)
@@ -202,13 +206,7 @@ async def test_a_private_gap_told_while_gateways_reconnect_reaches_them(
     gateways = [await start_daemon(nursery, redis_config(redis, "gateway")) for _ in range(2)]
     assert compute.daemon.control is not None
     async with contextlib.AsyncExitStack() as stack:
-        clients = []
-        for gateway in gateways:
-            client = await stack.enter_async_context(open_client(gateway.ws_url))
-            await client.call({"op": "auth", "token": gateway.token("1001")})
-            assert subscribed(await client.call({"op": "subscribe", "channel": "@order"}),
-                              "@order")  # fmt: skip
-            clients.append(client)
+        clients = [await orders_of(stack, gateway, "1001") for gateway in gateways]
         assert kill_control_links(redis) == 3
         compute.daemon.control.private_gap("frames lost")  # no gateway listens now
         with trio.fail_after(10):
