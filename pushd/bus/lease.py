@@ -117,10 +117,14 @@ class Leases:
         for name in sorted(lost):
             self._on_lose(name)
         self._taking = set(gained)
-        for name in sorted(gained):
-            self.gained += 1
-            log.info("lease taken: publishing", name=name, resumed=name in resumed)
-            try:
-                await self._on_gain(name, name in resumed)
-            finally:
-                self._taking.discard(name)
+        async with trio.open_nursery() as nursery:  # each hand-over reads Redis: at once
+            for name in sorted(gained):
+                nursery.start_soon(self._gain, name, name in resumed)
+
+    async def _gain(self, name: str, resumed: bool) -> None:
+        self.gained += 1
+        log.info("lease taken: publishing", name=name, resumed=resumed)
+        try:
+            await self._on_gain(name, resumed)
+        finally:
+            self._taking.discard(name)
