@@ -57,22 +57,24 @@ from pushd.collectors import (
     SupervisorCollector,
 )
 from pushd.config import Config
-from pushd.errors import ConfigError, ServiceError
+from pushd.errors import BusUnavailable, ConfigError, ServiceError
 from pushd.feed.intake import Intake, Policy, Source
 from pushd.feed.listeners import TcpPeers, serve_tcp, serve_udp
 from pushd.feed.poller import SnapshotPoller
 from pushd.feed.routing import EngineRouter
 from pushd.gateway.hub import Hub
 from pushd.gateway.server import Gateway
-from pushd.http.api import HttpApi, serve_http
+from pushd.http.api import HttpApi, _stored_value, serve_http
 from pushd.liveness import REPORT_VARIABLE
 from pushd.logs import ThrottledLog
 from pushd.market.markets import Markets
+from pushd.market.trades import TradeBatch
 from pushd.metrics import GatewayMetrics, make_registry
 from pushd.notify import Notifier
 from pushd.reload import Reload, plan
 
 SHUTDOWN_GRACE_S = 5.0
+LAST_TRADE_LOOKBACK = 16  # trades batches read back for the last trade id (gap batches are empty)
 LOGIN_DRAIN_S = 10.0  # a replaced login verifier is closed this long after a reload
 
 log = structlog.get_logger("pushd.daemon")
@@ -147,15 +149,18 @@ class Daemon:
                 self.hub.resync_private,
             )  # fmt: skip
             self.api.control = self.control
-        router = EngineRouter(self.bus, self.markets, self._private_gap)
+        self.router = router = EngineRouter(self.bus, self.markets, self._private_gap)
         self.leases: Leases | None = None
         if self.redis is not None and self.control is not None and self.computes:
             names = [*config.markets, PRIVATE]
             self.leases = Leases(
-                self.redis, self.control.node_id, names, bus_cfg.redis.lease_s, self._took_over
+                self.redis, self.control.node_id, names, bus_cfg.redis.lease_s, self._took_over,
+                self._lost_lease,
             )  # fmt: skip
             self.markets.leads = self.leases.leads
             router.leads = functools.partial(self.leases.leads, PRIVATE)
+            router.keeps = functools.partial(self.leases.keeps, PRIVATE)
+            router.queue_max = bus_cfg.redis.outage_buffer
         # the state a new subscriber starts from: this process's books where it numbers the
         # channels itself; with Redis, the states the compute nodes store beside the seqs
         self.hub.current = self.redis.current if self.redis is not None else self.markets.current
@@ -214,18 +219,44 @@ class Daemon:
     def serves_clients(self) -> bool:
         return self.config.role in ("all", "gateway")
 
-    def _took_over(self, name: str) -> None:
-        """This node now publishes ``name`` (a symbol, or the private events)."""
-        if name == PRIVATE:  # what the engine sent while nobody published may be lost
-            self._private_gap("this node took over the private events")
-        else:
-            self.markets.take_over(name)
+    async def _took_over(self, name: str, resumed: bool) -> None:
+        """This node now publishes ``name`` (a symbol, or the private events); ``resumed``:
+        it had it until Redis stopped answering, and kept what it computed meanwhile."""
+        if name != PRIVATE:
+            self.markets.take_over(name, await self._last_trade_id(name))
+        elif not self.router.take_over(resumed=resumed):
+            # what the engine sent while nobody published it may be lost: told after it
+            self._private_gap("this node took over the private events", leading=True)
 
-    def _private_gap(self, reason: str) -> None:
+    def _lost_lease(self, name: str) -> None:
+        if name == PRIVATE:
+            self.router.abandon()
+
+    async def _last_trade_id(self, symbol: str) -> int | None:
+        """The id of the last trade on the symbol's tape in Redis (None: none, or unknown)."""
+        assert self.redis is not None
+        channel = self.markets.symbols[symbol].channels["trades"]
+        with trio.move_on_after(self.config.bus.redis.timeout_s):
+            try:
+                _, entries = await self.redis.history(channel, LAST_TRADE_LOOKBACK)
+            except BusUnavailable as exc:
+                log.warning("last trade unknown: the hand-over says gap", symbol=symbol,
+                            error=str(exc))  # fmt: skip
+                return None
+            ids = [
+                trade.id
+                for entry in entries
+                if (batch := _stored_value(entry.data, TradeBatch)) is not None
+                for trade in batch.trades
+            ]
+            return max(ids, default=None)
+        return None
+
+    def _private_gap(self, reason: str, *, leading: bool = False) -> None:
         """Engine frames that may have carried private events were lost: tell every private
         subscriber (a resync notice per private channel), never leave them silently short.
         With Redis the subscribers are on every gateway: the control channel tells them."""
-        if self.leases is not None and not self.leases.leads(PRIVATE):
+        if self.leases is not None and not (leading or self.leases.leads(PRIVATE)):
             return  # the node that publishes private events tells
         if self.control is not None:
             self.control.private_gap(reason)

@@ -5,8 +5,13 @@
 - **Control channel** ``<prefix>:control`` (plain pub/sub, which a Cluster broadcasts to every
   shard's subscribers): ``kick`` (the publish API's disconnect) and ``stats`` (``/v1/stats``):
   every node acts and pushes its answer to a reply list the asking node reads; and
-  ``private_gap`` (a compute node lost engine frames that may have held private events: every
-  gateway tells its private subscribers, as one process does).
+  ``private_gap`` (a compute node lost engine frames that may have held private events, or
+  took the private events over: every gateway tells its private subscribers, as one process
+  does). Pub/sub is at-most-once and a node that just reconnected (Redis restarted) is not
+  subscribed yet, so a private gap is published again every ``HEARTBEAT_S`` until every node
+  in the registry has answered it (each node tells its subscribers once per gap, whatever
+  the copies), for at least two heartbeats (a Redis that restarted empty has an empty registry
+  until the nodes beat again), at most ``GAP_RETRY_S``.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import os
 import secrets
 import socket
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -34,6 +40,8 @@ log = structlog.get_logger("pushd.bus.control")
 HEARTBEAT_S = 1.0
 FRESH_S = 5.0  # a node silent for longer is left out of the sums (it died, or is cut off)
 REPLY_TTL_S = 30
+GAP_RETRY_S = 30.0  # a private gap is published again until every node answered, this long
+GAPS_REMEMBERED = 64  # private gaps a node knows it told (their copies are answered, not told)
 
 
 class Command(msgspec.Struct, frozen=True, omit_defaults=True):
@@ -42,6 +50,8 @@ class Command(msgspec.Struct, frozen=True, omit_defaults=True):
     reply: str | None = None
     reason: str | None = None
     origin: str | None = None
+    id: str | None = None  # a private gap's: its copies have the same
+    ts: float | None = None  # when the private gap was seen (wall clock, s)
 
 
 class NodeStats(msgspec.Struct, frozen=True):
@@ -77,16 +87,21 @@ class ControlPlane:
         prefix = bus.prefix
         self._registry = f"{prefix}:nodes"
         self._channel = f"{prefix}:control"
-        self._outgoing_send, self._outgoing = trio.open_memory_channel[Command](1000)
         bus.link("control")  # a link of this node: not ready while it is down
         self._beat_log = ThrottledLog(log, "registry heartbeat not written")
+        self._gap_reason: str | None = None  # a private gap to tell (reasons of several: one)
+        self._gap_at = 0.0
+        self._started = time.time()  # a gap seen before this node started is not its to tell
+        self._gap_wanted = trio.Event()
+        self._gaps_told: deque[str] = deque(maxlen=GAPS_REMEMBERED)
+        self.gaps_unconfirmed = 0  # private gaps some node never answered (in GAP_RETRY_S)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         await self._beat()  # registered before the node reports ready
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._heartbeat)
             nursery.start_soon(self._listen)
-            nursery.start_soon(self._send_queued)
+            nursery.start_soon(self._tell_gaps)
             task_status.started()
 
     async def leave(self) -> None:
@@ -148,9 +163,14 @@ class ControlPlane:
             entry = NodeStats(self.node_id, self._role, time.time(), self._stats())
             await self._answer(command, msgspec.json.encode(entry))
         elif command.op == "private_gap":
-            told = self._private_gap()
-            log.info("private gap told", origin=command.origin, reason=command.reason,
-                     notices=told)  # fmt: skip
+            before_us = command.ts is not None and command.ts < self._started
+            if not before_us and (command.id is None or command.id not in self._gaps_told):
+                if command.id is not None:
+                    self._gaps_told.append(command.id)
+                told = self._private_gap()
+                log.info("private gap told", origin=command.origin, reason=command.reason,
+                         notices=told)  # fmt: skip
+            await self._answer(command, self.node_id.encode())
 
     async def _answer(self, command: Command, answer: bytes) -> None:
         """Push this node's answer for the asking node; one Redis refuses (or an outage) is
@@ -165,19 +185,43 @@ class ControlPlane:
             log.warning("control answer not sent", op=command.op, origin=command.origin,
                         error=describe(exc))  # fmt: skip
 
-    async def _send_queued(self) -> None:
-        async for command in self._outgoing:
-            try:
-                with trio.fail_after(HEARTBEAT_S * 2):
-                    await self._bus.client.publish(self._channel, msgspec.json.encode(command))
-            except REDIS_ERRORS as exc:
-                log.warning("control message not sent", op=command.op, error=describe(exc))
-
     def private_gap(self, reason: str) -> None:
-        """Tell every node's private subscribers (this one's too, through the channel)."""
-        command = Command("private_gap", reason=reason, origin=self.node_id)
-        with contextlib.suppress(trio.WouldBlock):  # a flood: those queued tell everyone
-            self._outgoing_send.send_nowait(command)
+        """Tell every node's private subscribers (this one's too, through the channel), after
+        now: a gap noticed while one is being told is told again afterwards."""
+        self._gap_reason, self._gap_at = reason, time.time()
+        self._gap_wanted.set()
+
+    async def _tell_gaps(self) -> None:
+        while True:
+            await self._gap_wanted.wait()
+            self._gap_wanted = trio.Event()
+            reason, self._gap_reason = self._gap_reason, None
+            await self._tell_gap(reason or "", self._gap_at)
+
+    async def _tell_gap(self, reason: str, at: float) -> None:
+        """Publish one private gap until every node in the registry answered it (a node that
+        started after it answers without telling: its subscribers came after the gap)."""
+        token = secrets.token_hex(8)
+        reply = f"{self._bus.prefix}:reply:{token}"
+        command = Command("private_gap", reason=reason, origin=self.node_id, reply=reply,
+                          id=token, ts=at)  # fmt: skip
+        answered: set[str] = set()
+        started = trio.current_time()
+        while True:
+            with contextlib.suppress(*REDIS_ERRORS), trio.move_on_after(HEARTBEAT_S * 2):
+                await self._bus.client.publish(self._channel, msgspec.json.encode(command))
+                while got := await self._bus.client.blpop([reply], timeout=HEARTBEAT_S):
+                    answered.add(got[1].decode(errors="replace"))
+            with contextlib.suppress(BusUnavailable):
+                missing = {n.node for n in await self.nodes()} - answered
+                if not missing and trio.current_time() - started >= 2 * HEARTBEAT_S:
+                    return
+            if trio.current_time() - started > GAP_RETRY_S:
+                self.gaps_unconfirmed += 1
+                log.warning("private gap not confirmed by every node", reason=reason,
+                            answered=len(answered))  # fmt: skip
+                return
+            await trio.sleep(HEARTBEAT_S)  # the retry's pace
 
     async def kick(self, uid: str) -> tuple[int, int]:
         """Close ``uid``'s connections on every node; returns (closed, nodes that answered)."""

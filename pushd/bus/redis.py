@@ -382,6 +382,11 @@ class RedisBus:
         if not feed.subscribed.is_set():
             raise BusUnavailable("Redis pub/sub is not connected")
         recovery = await self._read(feed, since, want_state=feed.kind is not StateKind.EVENTS)
+        if feed.position is None and self._feeds.get(channel) is feed:
+            # the hub's subscribers have the stream up to here: a reconnect checks from here
+            # (else a channel that got no live message yet would not be checked, and what was
+            # published while the node was cut off would be silently missing: issue 19)
+            feed.position = recovery.position
         if feed.kind is StateKind.WHOLE and recovery.current:
             self._keep_whole(channel, recovery.position.epoch, recovery.current[-1])
         return recovery

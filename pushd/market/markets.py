@@ -154,15 +154,21 @@ class Markets:
         for symbol, config in markets.items():
             self.symbols[symbol].config = config
 
-    def take_over(self, symbol: str) -> None:
-        """This node now publishes ``symbol``: see ``SymbolMarket.take_over``."""
+    def take_over(self, symbol: str, last_trade_id: int | None) -> None:
+        """This node now publishes ``symbol`` (``last_trade_id``: the last trade on the tape,
+        None if unknown): see ``SymbolMarket.take_over``. Called while ``leads`` is not yet
+        true, so that nothing computed meanwhile overtakes the hand-over."""
         market = self.symbols[symbol]
-        market.take_over()
-        self._publish(market)
+        self._publish(market)  # what was computed before the hand-over is kept for it
+        market.take_over(last_trade_id)
+        self._diffs_since_book.pop(symbol, None)  # the snapshot carries the book to store
+        self._publish(market, leading=True)
 
-    def _publish(self, market: SymbolMarket) -> None:
-        items = market.take()
-        if not items or not self.leads(market.symbol):  # a standby computes, and keeps quiet
+    def _publish(self, market: SymbolMarket, *, leading: bool | None = None) -> None:
+        if leading is None:
+            leading = self.leads(market.symbol)
+        items = market.take(published=leading)
+        if not items or not leading:  # a standby computes, and keeps quiet
             return
         out = [
             Outgoing(channel, msgspec.Raw(data), archive=closed) for channel, data, closed in items

@@ -23,7 +23,7 @@ from pushd.market.depth import DepthBook
 from pushd.market.funding import FundingState
 from pushd.market.kline import Candle, Klines
 from pushd.market.ticker import Ticker
-from pushd.market.trades import PricedTrade, TradeMerger, item
+from pushd.market.trades import PricedTrade, TradeBatch, TradeMerger, item
 
 _encode = msgspec.json.Encoder().encode
 
@@ -47,6 +47,7 @@ class SymbolMarket:
         self._by_channel.update({ch: iv for iv, ch in self._kline_channels.items()})
         self._due = {"trades": 0, "ticker": 0, "kline": 0, "markPrice": 0}
         self._outbox: list[tuple[str, bytes, bool]] = []
+        self._flushed: list[TradeBatch] = []  # trade batches in the outbox
         self.last: dict[str, msgspec.Struct] = {}  # channel -> the last payload queued
         self.watermark = 0  # ms: ticker and klines never go back before it
         self.late_trades = 0  # trades stamped before the watermark
@@ -90,13 +91,20 @@ class SymbolMarket:
         """Ingest lost frames that may have carried this symbol's trades."""
         self.trades.mark_gap()
 
-    def take_over(self) -> None:
-        """This node starts publishing the symbol (another stopped): the book goes out whole,
-        since the last publisher's diffs chained to its own book, and the next trades batch
-        says ``gap``, since the hand-over window may hold trades twice or not at all."""
+    def take_over(self, last_trade_id: int | None) -> None:
+        """This node starts publishing the symbol (a standby taking over, or a leader taking its
+        lease again after an outage): every state stream goes out whole, since the last
+        publisher's depth diffs chained to its own book and Redis may have lost the stored
+        states; the trades this node computed and did not publish go out after
+        ``last_trade_id``, the last one on the tape (see ``TradeMerger.hand_over``)."""
         if self.depth.ready:
             self._put(self.channels["depth"], self.depth.snapshot())
-        self.trades.mark_gap()
+        batch = self.trades.hand_over(last_trade_id)
+        if batch is not None:
+            self._put(self.channels["trades"], batch)
+        for channel, state in list(self.last.items()):
+            if channel not in (self.channels["depth"], self.channels["trades"]):
+                self._put(channel, state, archive=False)  # (a closed candle: archived once)
 
     # -- output -------------------------------------------------------------------------------
 
@@ -109,6 +117,7 @@ class SymbolMarket:
             batch = self.trades.flush()
             if batch is not None:
                 self._put(self.channels["trades"], batch)
+                self._flushed.append(batch)
         self.funding.sample(now_ms, self.depth.bids, self.depth.asks)
         for closed in self.klines.close_due(now_ms):
             self._put(self._kline_channels[closed.i], closed)
@@ -134,10 +143,15 @@ class SymbolMarket:
     def has_output(self) -> bool:
         return bool(self._outbox)
 
-    def take(self) -> list[tuple[str, bytes, bool]]:
+    def take(self, *, published: bool = True) -> list[tuple[str, bytes, bool]]:
         """What to publish, in order: (internal channel, JSON, whether it is a closed candle,
-        which a bus without this book keeps for kline history)."""
+        which a bus without this book keeps for kline history). ``published``: whether the
+        shell publishes it (False: another node leads the symbol; the trades are kept for a
+        hand-over)."""
         out, self._outbox = self._outbox, []
+        for batch in self._flushed:
+            (self.trades.published if published else self.trades.withheld)(batch)
+        self._flushed = []
         return out
 
     def current(self, internal: str, *, stale: bool = False) -> bytes | None:
@@ -165,7 +179,7 @@ class SymbolMarket:
     def channel_names(self) -> list[str]:
         return list(self._by_channel)
 
-    def _put(self, channel: str, payload: msgspec.Struct) -> None:
+    def _put(self, channel: str, payload: msgspec.Struct, *, archive: bool = True) -> None:
         self.last[channel] = payload
-        closed = isinstance(payload, Candle) and payload.closed
+        closed = archive and isinstance(payload, Candle) and payload.closed
         self._outbox.append((channel, _encode(payload), closed))

@@ -17,6 +17,9 @@ from ingest import wire
 from pushd.market.decimals import EXACT
 
 RECENT_TRADES = 1000
+# trades kept for a hand-over: a node that starts publishing (a standby taking over, a leader
+# back after an outage) publishes those computed after the last one Redis has
+UNPUBLISHED_TRADES = 20_000
 
 
 class TradeItem(msgspec.Struct, frozen=True, gc=False):
@@ -57,6 +60,9 @@ class TradeMerger:
         self._pending: list[TradeItem] = []
         self._gap = False
         self.recent: deque[TradeItem] = deque(maxlen=recent)  # of the batches flushed so far
+        # of the batches flushed and not published (this node did not lead): a hand-over's
+        self.unpublished: deque[TradeItem] = deque(maxlen=UNPUBLISHED_TRADES)
+        self.last_published: int | None = None  # id of the last trade this node published
 
     def add(self, trade: wire.Trade) -> None:
         self._pending.append(item(trade))
@@ -72,4 +78,30 @@ class TradeMerger:
         batch = TradeBatch(self.symbol, self._pending, gap=self._gap)
         self.recent.extend(self._pending)  # what was pushed, so REST matches the stream's seq
         self._pending, self._gap = [], False
+        return batch
+
+    def published(self, batch: TradeBatch) -> None:
+        """``batch`` (flushed) went to the bus."""
+        if batch.trades:
+            self.last_published = batch.trades[-1].id
+
+    def withheld(self, batch: TradeBatch) -> None:
+        """``batch`` (flushed) was not published: this node does not lead the symbol now."""
+        self.unpublished.extend(batch.trades)
+
+    def hand_over(self, last_id: int | None) -> TradeBatch | None:
+        """The batch a node that starts publishing sends: the trades it computed and did not
+        publish, after ``last_id`` (the last trade on the tape, None: unknown) and after the
+        last it published itself. ``gap`` unless the batch provably continues the tape: it
+        starts at or before the trade after the last known one (ids rise by one)."""
+        known = max((i for i in (last_id, self.last_published) if i is not None), default=None)
+        trades = [t for t in self.unpublished if known is None or t.id > known]
+        continuous = known is not None and (
+            not self.unpublished or self.unpublished[0].id <= known + 1
+        )
+        self.unpublished.clear()
+        if not trades and continuous:
+            return None
+        batch = TradeBatch(self.symbol, trades, gap=not continuous)
+        self.published(batch)
         return batch
