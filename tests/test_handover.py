@@ -97,3 +97,20 @@ async def test_private_events_kept_through_an_outage_go_out_if_the_lease_comes_b
     router.abandon()  # another node leads: what was kept is not sent, ever
     assert not router.take_over(resumed=False)
     assert bus.position("user_1001_order").seq == 5
+
+
+def test_a_standby_keeps_only_the_last_minute_of_trades_it_did_not_publish() -> None:
+    """A warm standby withholds every trade of every symbol: kept by count alone (20,000 of
+    ~250 B each per symbol), 2,000 busy symbols would hold ~10 GB. A hand-over needs only the
+    trades since the leader's last publish, seconds: older ones go (by the engine's clock)."""
+    merger = TradeMerger("BTCUSDT")
+    for window in range(3):  # three batches of ten trades, 40 s apart
+        for trade_id in range(window * 10 + 1, window * 10 + 11):
+            merger.add(wire.Trade("BTCUSDT", trade_id, "1", "1", "buy", window * 40_000 + trade_id))
+        batch = merger.flush()
+        assert batch is not None
+        merger.withheld(batch)
+    assert [t.id for t in merger.unpublished] == list(range(11, 31))  # the first batch: 80 s old
+    handed = merger.hand_over(25)
+    assert handed is not None and [t.id for t in handed.trades] == [26, 27, 28, 29, 30]
+    assert not handed.gap

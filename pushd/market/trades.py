@@ -18,8 +18,10 @@ from pushd.market.decimals import EXACT
 
 RECENT_TRADES = 1000
 # trades kept for a hand-over: a node that starts publishing (a standby taking over, a leader
-# back after an outage) publishes those computed after the last one Redis has
+# back after an outage) publishes those computed after the last one Redis has; it needs the
+# seconds since the leader's last publish, so those older than a minute (engine time) go too
 UNPUBLISHED_TRADES = 20_000
+UNPUBLISHED_MS = 60_000
 
 
 class TradeItem(msgspec.Struct, frozen=True, gc=False):
@@ -87,7 +89,12 @@ class TradeMerger:
 
     def withheld(self, batch: TradeBatch) -> None:
         """``batch`` (flushed) was not published: this node does not lead the symbol now."""
-        self.unpublished.extend(batch.trades)
+        kept = self.unpublished
+        kept.extend(batch.trades)
+        if kept:
+            oldest = kept[-1].ts - UNPUBLISHED_MS
+            while kept[0].ts < oldest:
+                kept.popleft()
 
     def hand_over(self, last_id: int | None) -> TradeBatch | None:
         """The batch a node that starts publishing sends: the trades it computed and did not
