@@ -164,6 +164,8 @@ class Daemon:
         # the state a new subscriber starts from: this process's books where it numbers the
         # channels itself; with Redis, the states the compute nodes store beside the seqs
         self.hub.current = self.redis.current if self.redis is not None else self.markets.current
+        if self.redis is not None:  # a depth join with no state: the stored one, once there is
+            self.hub.on_wants_state = self.redis.want_state
         self.hub.position = self.bus.position
         self.markets.stale = self.book_stale
         self.intake = Intake(router, frozenset(config.markets), ingest_policy(config))

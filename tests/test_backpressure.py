@@ -119,10 +119,10 @@ async def test_client_that_never_reads_is_closed_after_stall_timeout(
 ) -> None:
     config = make_config(limits={"outbound_buffer_bytes": 65536, "stall_timeout_s": 0.5})
     running = await start_daemon(nursery, config)
-    raw = await stalled_client(running, {"op": "subscribe", "channel": "BTCUSDT@depth"})
+    raw = await stalled_client(running, {"op": "subscribe", "channel": "BTCUSDT@trades"})
     with trio.fail_after(20):  # once the kernel buffers are full, a write waits: 0.5 s of that
         while running.daemon.gateway.connections:
-            await running.publish_batch([{"channel": "depth_BTCUSDT", "data": PAYLOAD}] * 10)
+            await running.publish_batch([{"channel": "trades_BTCUSDT", "data": PAYLOAD}] * 10)
     assert stalled(running) == 1
     await raw.aclose()
 

@@ -12,8 +12,7 @@ from wsproto.events import AcceptConnection
 
 from pushd.errors import CloseCode, ErrorCode
 
-PUBLIC = [
-    ("BTCUSDT@depth", "depth_BTCUSDT"),
+PUBLIC = [  # (depth: its first event is a book, test_a_depth_subscriber_gets_no_diff_before_a_book)
     ("BTCUSDT@trades", "trades_BTCUSDT"),
     ("ETHUSDT@markPrice", "markprice_ETHUSDT"),
     ("ETHUSDT@ticker", "ticker_ETHUSDT"),
@@ -46,6 +45,17 @@ async def test_public_channel_without_login(running: Running, channel: str, inte
         assert await c.call({"op": "unsubscribe", "channel": channel}) == {"result": True}
         await running.publish(internal, {"n": 3})
         assert (await c.call({"op": "ping"}))["op"] == "pong"  # nothing arrived in between
+
+
+async def test_a_depth_subscriber_gets_no_diff_before_a_book(running: Running) -> None:
+    """No engine, so no book: diffs published meanwhile are not sent (docs/streams.md:
+    nothing until the first snapshot; tests/test_state_first.py has the book arrive)."""
+    async with open_client(running.ws_url) as c:
+        assert subscribed(await c.call({"op": "subscribe", "channel": "BTCUSDT@depth"}),
+                          "BTCUSDT@depth")  # fmt: skip
+        await running.publish("depth_BTCUSDT", {"e": "depthUpdate", "n": 1})
+        assert (await c.call({"op": "ping"}))["op"] == "pong"  # and nothing before it
+        assert running.daemon.hub.wants_state("depth_BTCUSDT")
 
 
 @pytest.mark.parametrize("stream", PRIVATE)

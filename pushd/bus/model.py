@@ -92,7 +92,7 @@ class Recovery(msgspec.Struct, frozen=True, gc=False):
 class Delivery(Protocol):
     """Where a bus delivers a node's messages: the gateway's hub, which satisfies this
     structurally, so no bus imports the gateway (centrifuge's ``BrokerEventHandler``). The
-    two deliveries, and the two reads the buses make of it today."""
+    three deliveries, and the reads the buses make of it today."""
 
     def publish(self, internal: str, epoch: str, seq: int, data: msgspec.Raw) -> int:
         """One message to this node's subscribers of ``internal``; returns how many got it."""
@@ -100,6 +100,13 @@ class Delivery(Protocol):
     def resync(self, internal: str, at: Position) -> int:
         """Messages of ``internal`` up to ``at`` may not have reached this node: tell its
         subscribers. Returns how many were told."""
+
+    def offer_state(self, internal: str, recovery: Recovery) -> int:
+        """A stream's stored state and the diffs after it (``recovery.current``) for the joins
+        waiting for one; returns how many started from it."""
+
+    def wants_state(self, internal: str) -> bool:
+        """Whether a join to ``internal`` waits for the stream's state."""
 
     @property
     def undeliverable(self) -> int:

@@ -270,7 +270,7 @@ class Carrier(msgspec.Struct, frozen=True):
 class _Feed:
     """This node's view of one channel it is subscribed to."""
 
-    __slots__ = ("held", "keys", "kind", "position", "subscribed")
+    __slots__ = ("held", "keys", "kind", "position", "reading_state", "state_again", "subscribed")
 
     def __init__(self, keys: Keys, kind: StateKind) -> None:
         self.keys = keys
@@ -278,6 +278,8 @@ class _Feed:
         self.position: Position | None = None  # the last message delivered to the hub
         self.held: list[tuple[str, int, msgspec.Raw]] | None = None  # while a gap is read
         self.subscribed = trio.Event()
+        self.reading_state = False  # a read of the stored state for waiting joins is under way
+        self.state_again = False  # a message arrived meanwhile: read again if none was found
 
 
 class _Waiter:
@@ -875,6 +877,38 @@ class RedisBus:
             self._malformed_log.warning(channel=channel, seq=seq, malformed=self.malformed)
         elif feed.kind is StateKind.WHOLE:
             self._whole[channel] = (feed.position, data)
+        elif feed.kind is StateKind.DIFF and hub.wants_state(channel):
+            self.want_state(channel)  # this message may be the one that stored a state
+
+    def want_state(self, channel: str) -> None:
+        """A join to a diff stream waits for the stream's state (the hub's ``on_wants_state``,
+        and each live message while one waits): read the stored state and the diffs after it
+        and offer them to the hub. One read per channel at a time; a message that arrives
+        during it makes it read again if it found none."""
+        feed = self._feeds.get(channel)
+        if feed is None or self._nursery is None:
+            return
+        if feed.reading_state:
+            feed.state_again = True
+            return
+        feed.reading_state = True
+        self._nursery.start_soon(self._read_state, channel, feed)
+
+    async def _read_state(self, channel: str, feed: _Feed) -> None:
+        try:
+            while self._feeds.get(channel) is feed and self._hub.wants_state(channel):
+                feed.state_again = False
+                try:
+                    recovery = await self._read(feed, None, want_state=True)
+                except BusUnavailable:  # the next live message (Redis back) asks again
+                    return
+                if self._feeds.get(channel) is not feed:
+                    return
+                self._hub.offer_state(channel, recovery)
+                if not feed.state_again:
+                    return
+        finally:
+            feed.reading_state = False
 
     def _keep_whole(self, channel: str, epoch: str, state: Entry) -> None:
         known = self._whole.get(channel)

@@ -24,6 +24,13 @@ what it missed, or on a node without the book the stream's current state): ``joi
 answered and, after it, the kept events it does not have yet (by seq), and makes it live. No
 event is lost or doubled between the replay and the live stream.
 
+A depth subscriber starts from the whole book (docs/streams.md): a join to a diff stream that
+neither the bus's answer nor ``current`` gives a state *waits* (``wants_state``) with its live
+events kept, and the node is asked for one (``on_wants_state``); the first state that arrives
+(``offer_state`` from a bus that stores them, or ``current`` once it has one) settles it, and
+the diffs before that state are never sent. So the rule holds whatever the publisher did (a
+channel's new epoch that began with diffs, after Redis came back empty), on every bus.
+
 A replay may be larger than the outbound buffer (a ``since`` of a busy trades stream): it is
 *paced*. ``settle`` queues what fits in half the buffer (the other half stays free for
 replies, current states and the other channels' events); the rest of the replay, and the live
@@ -52,7 +59,7 @@ import msgspec
 from wsproto.frame_protocol import FrameProtocol
 
 from pushd.bus.model import Entry, Position, Recovery
-from pushd.channels import Channel
+from pushd.channels import Channel, StateKind, state_kind
 from pushd.gateway.protocol import encode_current_after_lag, encode_event, encode_resync
 
 _server_framer = FrameProtocol(client=False, extensions=[])
@@ -120,7 +127,7 @@ class _Joining:
     """A subscriber on its way in: the live events kept for it and, once settled, what is left
     of its replay (paced into its buffer as it drains)."""
 
-    __slots__ = ("epoch", "kept", "last", "replay", "settled")
+    __slots__ = ("epoch", "kept", "last", "replay", "settled", "waiting")
 
     def __init__(self) -> None:
         self.kept: deque[_Kept] = deque()
@@ -128,6 +135,7 @@ class _Joining:
         self.epoch = ""  # the replay's epoch
         self.last: Position | None = None  # the last event queued to the subscriber
         self.settled = False
+        self.waiting = False  # a diff stream's join with no state yet (``Hub.wants_state``)
 
 
 class _Route:
@@ -168,6 +176,8 @@ class Hub:
         self.on_dirty: Callable[[], None] = lambda: None  # the dirty list became non-empty
         self.on_first_subscriber: Callable[[str], None] = lambda _internal: None
         self.on_last_unsubscribe: Callable[[str], None] = lambda _internal: None
+        # a join to a diff stream waits for a state: the bus is asked to find one
+        self.on_wants_state: Callable[[str], None] = lambda _internal: None
         # a stream's current state and where it stands (depth snapshot, ticker, open candle, ...)
         self.current: Callable[[str], tuple[Position, msgspec.Raw] | None] = lambda _c: None
         self._current_frames: dict[str, tuple[Position, msgspec.Raw, bytes]] = {}
@@ -214,6 +224,8 @@ class Hub:
             joining.replay.extend(recovery.current)
         else:
             start = self._send_current(outlet, channel)
+            if start is None and state_kind(channel.internal) is StateKind.DIFF:
+                return self._wait_for_state(outlet, channel, joining, recovery)
             if start is None and recovery is not None:
                 start = recovery.position
             elif start is None:
@@ -225,6 +237,38 @@ class Hub:
             )
         self._feed(route, outlet, joining)
         return start
+
+    def _wait_for_state(
+        self, outlet: Outlet, channel: Channel, joining: _Joining, recovery: Recovery | None
+    ) -> Position | None:
+        """A diff stream's join with no state to start from stays pending (its live events
+        kept) until ``offer_state`` or ``current`` gives one: no diff goes out before it."""
+        joining.settled = False
+        joining.waiting = True
+        self.on_wants_state(channel.internal)
+        return recovery.position if recovery is not None else self.position(channel.internal)
+
+    def wants_state(self, internal: str) -> bool:
+        """Whether a join to ``internal`` waits for the stream's state (see ``offer_state``)."""
+        route = self._routes.get(internal)
+        return route is not None and any(j.waiting for j in route.pending.values())
+
+    def offer_state(self, internal: str, recovery: Recovery) -> int:
+        """A stream's state and the diffs after it (``recovery.current``, as a bus that stores
+        states reads them): every join waiting for a state starts from it, then the kept
+        events after it; those before it are dropped. Returns how many started."""
+        route = self._routes.get(internal)
+        if route is None or not recovery.current:
+            return 0
+        epoch, state_seq = recovery.position.epoch, recovery.current[0].seq
+        started = 0
+        for outlet, joining in list(route.pending.items()):
+            if joining.waiting:
+                joining.waiting = False
+                joining.kept = deque(k for k in joining.kept if k[0] == epoch and k[1] > state_seq)
+                self.settle(outlet, route.channel, recovery)
+                started += 1
+        return started
 
     def unpaceable(self, outlet: Outlet, channel: Channel, recovery: Recovery) -> str | None:
         """Why a replay cannot be paced into this outlet's buffer (one of its events is larger
@@ -372,7 +416,19 @@ class Hub:
         self.delivered += delivered
         if was_clean and dirty:
             self.on_dirty()
+        if route.pending and self.wants_state(internal):
+            self._offer_current(internal)
         return delivered
+
+    def _offer_current(self, internal: str) -> None:
+        """Where ``current`` has the state (this process keeps the books), a waiting join
+        starts from it once there is one (after the event that brought it went out)."""
+        current = self.current(internal)
+        if current is not None:
+            at, data = current
+            self.offer_state(
+                internal, Recovery(at, recovered=False, current=(Entry(at.seq, data),))
+            )
 
     def _undeliverable(self, route: _Route, at: Position) -> None:
         """A message no client can be sent is dropped, and every subscriber of its channel,
