@@ -114,17 +114,19 @@ class Flusher:
             last_round, last_end = work + elapsed, clock()
 
     def _flush(self, conn: Connection) -> None:
-        if conn.outlet.slow and conn.phase is Phase.OPEN:
+        # once per dirty connection per round: locals, and the cheap test first
+        outlet = conn.outlet
+        if outlet.slow and conn.phase is Phase.OPEN:
             self._end(conn, lifecycle.SLOW_CONSUMER)
             return
-        if conn.life.writer is not Writer.FLUSHER or not conn.outlet.out:
+        if not outlet.out or conn.life.writer is not Writer.FLUSHER:
             return
         try:
             conn.write_some(Writer.FLUSHER)
         except PeerGone:
             self._end(conn, lifecycle.RESET)
             return
-        if conn.unsent:
+        if outlet.out or conn.wire:  # (``conn.unsent``, without a property call)
             if conn.leaving:  # its nursery takes no drain: its task writes the rest
                 conn.life.hand_to(Writer.SHELL)
                 return
