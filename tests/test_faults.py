@@ -210,7 +210,8 @@ async def test_redis_killed_and_restarted_empty(nursery: trio.Nursery, redis: Re
     started = time.monotonic()
     async with rig(nursery, redis) as the_rig:
         back = await kill_redis(redis, 3 * LEASE_S)
-        await the_rig.until(lambda: the_rig.trade_after(back + 1.0), 20)
+        # on until after more than three lease rounds and the link probes' interval + timeout
+        await the_rig.until(lambda: the_rig.trade_after(back + 3 * LEASE_S + 1.0), 20)
         assert await first_depth_event(the_rig.gateway) == "snapshot"
         handover = the_rig.first_trade_after(back)
     await check(the_rig, "redis restarted empty", handover, started)
@@ -226,7 +227,8 @@ async def test_the_compute_leader_killed(nursery: trio.Nursery, redis: Redis) ->
         the_rig.relay.nodes.remove(the_rig.leader)
         standby = the_rig.standby.daemon.leases
         assert standby is not None
-        await the_rig.until(lambda: the_rig.trade_after(killed + 1.0), 20)
+        # on until after more than three lease rounds and the link probes' interval + timeout
+        await the_rig.until(lambda: the_rig.trade_after(killed + 3 * LEASE_S + 1.0), 20)
         # each lease expires on its own (a Cluster's nodes each renewed theirs, and the leader
         # may have died mid-round): one symbol's trades may flow a lease round before the rest
         # is taken, so the standby holds everything within a round (lease_s / 3), not at once
