@@ -204,3 +204,19 @@ def test_a_close_frame_replaces_what_is_queued_but_a_frame_begun() -> None:
     hub.close_with(outlet, b"CLOSE")
     assert bytes(outlet.out) == b"xxxxxCLOSE" and not outlet.slow
     assert hub.take_dirty() == [outlet]
+
+
+def test_a_private_gap_told_late_skips_channels_followed_only_since() -> None:
+    """A gap retried until every node answered reaches some gateway seconds after it happened
+    (its control link was down): a private channel this node began to follow after the gap
+    missed nothing of it, and its subscriber must not be told to reload (the soak saw every
+    user told at a cluster's start, for the 'took over the private events' gap)."""
+    now = [100.0]
+    hub = Hub(clock=lambda: now[0])
+    early, late = Outlet(10_000), Outlet(10_000)
+    hub.subscribe(early, PRIVATE)
+    now[0] = 105.0
+    hub.subscribe(late, Channel("user_2_balance", "@balance", private=True))
+    assert hub.resync_private(gap_at=102.0) == 1  # the gap at 102 s: before the late channel began
+    assert early.out and not late.out
+    assert hub.resync_private() == 2  # a gap of unknown time tells everyone

@@ -76,7 +76,7 @@ class ControlPlane:
         role: str,
         stats: Callable[[], dict[str, Any]],
         kick: Callable[[str], int],
-        private_gap: Callable[[], int],
+        private_gap: Callable[[float | None], int],
     ) -> None:
         self._bus = bus
         self._role = role
@@ -167,7 +167,7 @@ class ControlPlane:
             if not before_us and (command.id is None or command.id not in self._gaps_told):
                 if command.id is not None:
                     self._gaps_told.append(command.id)
-                told = self._private_gap()
+                told = self._private_gap(command.ts)  # (channels followed since: not told)
                 log.info("private gap told", origin=command.origin, reason=command.reason,
                          notices=told)  # fmt: skip
             await self._answer(command, self.node_id.encode())

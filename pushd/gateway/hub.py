@@ -51,6 +51,7 @@ state.)
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -139,10 +140,11 @@ class _Joining:
 
 
 class _Route:
-    __slots__ = ("ahead", "channel", "epoch", "pending", "seq", "subscribers")
+    __slots__ = ("ahead", "began", "channel", "epoch", "pending", "seq", "subscribers")
 
-    def __init__(self, channel: Channel) -> None:
+    def __init__(self, channel: Channel, began: float) -> None:
         self.channel = channel
+        self.began = began  # (wall clock) when this node began to follow the channel
         self.subscribers: dict[Outlet, None] = {}  # an ordered set
         # joining subscribers -> the live events kept for them and what is left of the replay
         self.pending: dict[Outlet, _Joining] = {}
@@ -170,7 +172,8 @@ def stream_of(protocol_name: str) -> str:
 
 
 class Hub:
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self._clock = clock  # wall clock: a private gap's time comes from another node
         self._routes: dict[str, _Route] = {}
         self.dirty: list[Outlet] = []
         self.on_dirty: Callable[[], None] = lambda: None  # the dirty list became non-empty
@@ -199,7 +202,7 @@ class Hub:
         """Add a pending subscriber: live events are kept for it until ``settle``."""
         route = self._routes.get(channel.internal)
         if route is None:
-            route = self._routes[channel.internal] = _Route(channel)
+            route = self._routes[channel.internal] = _Route(channel, self._clock())
             self.on_first_subscriber(channel.internal)
         route.pending[outlet] = _Joining()
 
@@ -552,13 +555,15 @@ class Hub:
         self._keep(route, at.epoch, at.seq, None)  # told in order, after what was kept for them
         return told
 
-    def resync_private(self) -> int:
-        """Events of private channels may have been lost before they got here (an ingest gap):
-        every private subscriber gets a resync notice per private channel, at the seq its
-        channel stands at. Returns how many notices were queued."""
+    def resync_private(self, gap_at: float | None = None) -> int:
+        """Events of private channels may have been lost before they got here (an ingest gap,
+        at wall-clock time ``gap_at`` if known): every private subscriber of a channel this node
+        followed by then gets a resync notice per private channel, at the seq its channel
+        stands at (a channel followed only since missed nothing of it). Returns how many
+        notices were queued."""
         told = 0
         for route in self._routes.values():
-            if route.channel.private:
+            if route.channel.private and (gap_at is None or route.began <= gap_at):
                 at = self.position(route.channel.internal) or Position(route.epoch, route.seq)
                 frame = text_frame(encode_resync(route.channel.protocol, at.seq, at.epoch))
                 for outlet in (*route.subscribers, *route.ahead):
