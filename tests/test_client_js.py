@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import trio
@@ -32,11 +33,14 @@ async def test_client_module_under_node(nursery: trio.Nursery) -> None:
         "PUSHD_PUBLISH_TOKEN": PUBLISH_TOKEN,
     }
     command = [NODE, "--experimental-websocket", "--test", "--test-reporter=tap", "tests/js/"]
-    with trio.fail_after(60):
-        done = await trio.run_process(
-            command, cwd=ROOT, env=env, capture_stdout=True, stderr=subprocess.STDOUT, check=False
-        )
-    report = done.stdout.decode()
+    with tempfile.TemporaryFile() as output:
+        with trio.move_on_after(60) as timer:  # a test that hangs still shows its report
+            done = await trio.run_process(
+                command, cwd=ROOT, env=env, stdout=output, stderr=subprocess.STDOUT, check=False
+            )
+        output.seek(0)
+        report = output.read().decode()
+    assert not timer.cancelled_caught, "node --test ran over 60 s:\n" + report[-4000:]
     assert done.returncode == 0, report[-4000:]
     assert "# fail 0" in report and "# skipped 0" in report, report[-2000:]
     assert "# pass 11" in report, report[-2000:]  # every test ran, the daemon ones too

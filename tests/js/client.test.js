@@ -197,13 +197,15 @@ describe("against a running daemon", live, () => {
   });
 
   it("recovers a replay larger than its buffer while events pour in, and converges", async () => {
-    // ~190 notices of 2 KB while it is away: more than the 256 KiB outbound buffer, which
-    // closed it with 4002 before the reply (and again on every retry) until replays were paced
+    // ~95 notices of 4 KB while it is away: more than the 256 KiB outbound buffer, which
+    // closed it with 4002 before the reply (and again on every retry) until replays were paced;
+    // fewer than the 200 messages of history, so the ones poured in before it asks (one per
+    // publish round trip while it reconnects) still leave its since inside history
     const publishToken = process.env.PUSHD_PUBLISH_TOKEN;
     assert.ok(publishToken, "PUSHD_PUBLISH_TOKEN names the daemon's publish token");
     const publish = async (count) => {
       const messages = Array.from({ length: count }, () => ({
-        channel: "notice", data: { pad: "z".repeat(2000) },
+        channel: "notice", data: { pad: "z".repeat(4000) },
       }));
       const r = await fetch(`${HTTP}/v1/publish/batch`, {
         method: "POST", body: JSON.stringify({ messages }),
@@ -215,6 +217,7 @@ describe("against a running daemon", live, () => {
     };
     const client = new PushdClient(WS, { minBackoffMs: 50 });
     const started = next(client, "state", (d) => d.state === "live");
+    let pouring = false;
     client.start();
     try {
       const seqs = [];
@@ -236,24 +239,27 @@ describe("against a running daemon", live, () => {
       const reconnecting = next(client, "state", (d) => d.state === "reconnecting");
       client._ws.close();
       await reconnecting;
-      last = await publish(190);
+      last = await publish(95);
       const since = Date.now();
       const recovery = next(client, "recovery");
       release();
-      let pouring = true;
+      pouring = true;
       let pours = 0;
       const poured = (async () => {
         for (; pouring || pours < 20; pours++) last = await publish(1); // live during the replay
       })();
-      assert.deepEqual(await recovery, { recovered: ["notice"], reloaded: [] });
+      const outcome = await recovery;
+      const poursBefore = pours;
+      assert.deepEqual(outcome, { recovered: ["notice"], reloaded: [] }, `${pours} poured first`);
       pouring = false;
       await poured;
       await notices.until(() => seqs.includes(last));
-      console.log(`# converged: ${Date.now() - since} ms to recover and reach seq ${last}`);
+      console.log(`# converged: ${Date.now() - since} ms to recover (${poursBefore} poured first) and reach seq ${last}`);
       assert.deepEqual(seqs, seqs.map((_, i) => seqs[0] + i)); // no gap, double or reorder
       assert.equal(trouble, 0);
       assert.equal(client.reconnects, 1); // one reconnect: no 4002 loop
     } finally {
+      pouring = false; // a failed assertion must not leave the pour running (node would not exit)
       client.stop();
     }
   });
