@@ -121,9 +121,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         return _serve(supervisor.run)
 
     async def serve() -> None:
-        daemon = Daemon(config)
-        if args.config is not None:
-            daemon.load_config = functools.partial(_run_config, args)
+        reload = functools.partial(_run_config, args) if args.config is not None else None
+        daemon = Daemon(config, load_config=reload)
         async with trio.open_nursery() as nursery:  # a child of `--workers`: ends with it
             nursery.start_soon(watch_lifeline, daemon.stop)
             await daemon.serve(handle_signals=True)
@@ -163,8 +162,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             )
             # snapshot_port 0: the engine took a free port, which the daemon polls
             engine = msgspec.structs.replace(engine, snapshot_port=snapshot_port)
-            daemon = Daemon(msgspec.structs.replace(config, engine=engine))
-            daemon.api.demo_login = demo_login
+            daemon = Daemon(msgspec.structs.replace(config, engine=engine), demo_login=demo_login)
             started = time.perf_counter()
             past = market.history(int(args.history_h * 3_600_000), time.time_ns() // 1_000_000)
             daemon.markets.replay(past)

@@ -1,13 +1,21 @@
-"""The daemon: one Trio nursery tree that owns every service, and its graceful shutdown.
+"""The daemon: the composition root, one Trio nursery tree that owns every service, and its
+graceful shutdown.
+
+``Daemon.__init__`` builds every part and gives each its collaborators in its constructor. The
+memory-or-Redis choice is made there once: it builds a backplane (``pushd.bus.backplane``),
+which the hub follows through and the HTTP API reads states, kicks and stats from; nothing else
+asks which bus runs. The one cycle (a bus delivers to the hub; the hub tells the backplane what
+it follows) is closed once, by ``Hub.attach``, before anything subscribes.
 
 ::
 
     Daemon.serve                          [when]
     ├── _on_signals        SIGTERM/SIGINT: stop(); SIGHUP: reload()     [pushd run]
-    ├── RedisBus.run       the Redis link: outbox, pub/sub, gap refill  [bus.kind redis]
-    ├── ControlPlane.run   cluster-wide disconnect, stats, private gaps [bus.kind redis]
-    ├── Leases.run         which compute node publishes what            [redis, computes]
-    ├── MemoryBus.run      forgets quiet channels                       [bus.kind memory]
+    ├── Backplane.run      what the bus side runs:
+    │   ├── MemoryBus.run      forgets quiet channels                   [bus.kind memory]
+    │   ├── RedisBus.run       the Redis link: outbox, pub/sub, refill  [bus.kind redis]
+    │   ├── ControlPlane.run   cluster-wide disconnect, stats, gaps     [bus.kind redis]
+    │   └── Leases.run         which compute node publishes what        [redis, computes]
     ├── Gateway.serve      WebSocket listener, flusher, a task per conn [role all, gateway]
     ├── serve_http         hypercorn: publish API, REST, health, metrics, the page
     ├── serve_udp/_tcp     engine events -> Intake -> EngineRouter / Markets  [computes]
@@ -21,7 +29,8 @@ address given with port 0 is reported as the port the kernel chose) and tells sy
 
 Shutdown (``stop()``, SIGTERM or SIGINT): readiness goes false, the gateway closes its listener
 (new connects are refused at once), answers handshakes in flight with 503 and closes every client
-with 1001 (grace period ``SHUTDOWN_GRACE_S``), then the HTTP server stops and the tree is
+with 1001 (grace period ``SHUTDOWN_GRACE_S``), the backplane leaves (on Redis: what was
+published goes out, the node leaves the registry), then the HTTP server stops and the tree is
 cancelled.
 
 A service that cannot start (its port is taken) raises ``ServiceError`` naming the service and
@@ -44,6 +53,7 @@ import trio
 from ingest import wire
 from pushd import __version__, logs, tls
 from pushd.auth import Verifier, make_verifier
+from pushd.bus.backplane import Backplane, LocalBackplane, RedisBackplane
 from pushd.bus.control import ControlPlane
 from pushd.bus.lease import PRIVATE, Leases
 from pushd.bus.memory import MemoryBus
@@ -66,7 +76,6 @@ from pushd.gateway.hub import Hub
 from pushd.gateway.server import Gateway
 from pushd.http.api import HttpApi, _stored_value, serve_http
 from pushd.liveness import REPORT_VARIABLE
-from pushd.logs import ThrottledLog
 from pushd.market.markets import Markets
 from pushd.market.trades import TradeBatch
 from pushd.metrics import GatewayMetrics, make_registry
@@ -112,84 +121,108 @@ def _os_error(exc: BaseException) -> OSError | None:
 
 
 class Daemon:
-    def __init__(self, config: Config, verifier: Verifier | None = None) -> None:
+    """The composition root: every part is built here, each given its collaborators, and the
+    memory-or-Redis choice is made here once (``pushd.bus.backplane``)."""
+
+    def __init__(
+        self,
+        config: Config,
+        verifier: Verifier | None = None,
+        *,
+        load_config: Callable[[], Config] | None = None,
+        demo_login: Callable[[], dict[str, str]] | None = None,
+    ) -> None:
+        """``load_config``: the config file read again (SIGHUP, ``systemctl reload``; ``pushd
+        run``); ``demo_login``: the page's demo user (``pushd demo``)."""
         self.config = config
+        self.load_config = load_config
         self.registry = make_registry()
         self.metrics = GatewayMetrics(self.registry)
         self.hub = Hub()
-        bus_cfg = config.bus
-        self.redis: RedisBus | None = None
-        self.bus: Bus
-        if bus_cfg.kind == "redis":
-            self.bus = self.redis = RedisBus(self.hub, bus_cfg)
-        else:
-            self.bus = MemoryBus(
-                self.hub,
-                bus_cfg.history_size,
-                bus_cfg.history_age_s,
-                max_channels=bus_cfg.max_channels,
-            )
-        self.hub.on_first_subscriber = self.bus.interest
-        self.hub.on_last_unsubscribe = self.bus.disinterest
         self.verifier = verifier if verifier is not None else make_verifier(config.auth)
-        self.gateway = Gateway(config, self.hub, self.bus, self.verifier, self.metrics)
-        self.registry.register(
-            HubCollector(self.hub, self.gateway.connection_states, lambda: self.gateway.bytes_sent)
-        )
         self.poller = SnapshotPoller(config.engine, config.markets, self._on_book)
-        self.markets = Markets(dict(config.markets), self.bus, self.poller.refresh)
-        self.api = HttpApi(
-            config, self.bus, self.gateway, self.registry, self.metrics, self.markets
-        )
-        self.api.not_ready = self.not_ready
+        self.bus: Bus
+        self.gateway: Gateway
+        self.markets: Markets
+        self.redis: RedisBus | None = None
         self.control: ControlPlane | None = None
-        if self.redis is not None:
-            self.control = ControlPlane(
-                self.redis, config.role, self.api.local_stats, self.gateway.kick,
-                self.hub.resync_private,
-            )  # fmt: skip
-            self.api.control = self.control
-        self.router = router = EngineRouter(self.bus, self.markets, self._private_gap)
         self.leases: Leases | None = None
-        if self.redis is not None and self.control is not None and self.computes:
-            names = [*config.markets, PRIVATE]
-            self.leases = Leases(
-                self.redis, self.control.node_id, names, bus_cfg.redis.lease_s, self._took_over,
-                self._lost_lease,
-            )  # fmt: skip
-            self.markets.leads = self.leases.leads
-            router.leads = functools.partial(self.leases.leads, PRIVATE)
-            router.keeps = functools.partial(self.leases.keeps, PRIVATE)
-            router.queue_max = bus_cfg.redis.outage_buffer
-        # the state a new subscriber starts from: this process's books where it numbers the
-        # channels itself; with Redis, the states the compute nodes store beside the seqs
-        self.hub.current = self.redis.current if self.redis is not None else self.markets.current
-        if self.redis is not None:  # a depth join with no state: the stored one, once there is
-            self.hub.on_wants_state = self.redis.want_state
-        self.hub.position = self.bus.position
-        self.markets.stale = self.book_stale
-        self.intake = Intake(router, frozenset(config.markets), ingest_policy(config))
+        # the one choice: every other part asks the backplane
+        self.backplane: Backplane = (
+            self._on_redis() if config.bus.kind == "redis" else self._in_memory()
+        )
+        # the one cycle: the bus delivers to the hub, and the hub tells the backplane what it
+        # follows and asks it for positions and states (the one source of them)
+        self.hub.attach(self.backplane)
+        self.api = HttpApi(
+            config, self.backplane, self.registry, self.metrics, self.not_ready, demo_login
+        )
+        self.router = EngineRouter(
+            self.bus, self.markets, self._private_gap,
+            leads=functools.partial(self.backplane.leads, PRIVATE),
+            keeps=functools.partial(self.backplane.keeps, PRIVATE),
+            queue_max=config.bus.redis.outage_buffer,
+        )  # fmt: skip
+        self.intake = Intake(self.router, frozenset(config.markets), ingest_policy(config))
         self.tcp_peers = TcpPeers()
         if self.computes:
             self.registry.register(IngestCollector(
                 self.intake, self.poller, list(config.markets), self.tcp_peers, trio.current_time
             ))  # fmt: skip
-        self.markets.tick_late = self.metrics.market_tick_late.observe
-        if self.redis is not None:
-            self.registry.register(BusCollector(self.redis, self.leases))
         self._serving = False
         self.registry.register(
             NodeCollector(__version__, config.role,
                           lambda: self.config.websocket.max_connections, self.not_ready)
         )  # fmt: skip
         self.registry.register(SupervisorCollector(os.environ.get(REPORT_VARIABLE)))
-        self._private_gap_log = ThrottledLog(log, "private events may be lost: subscribers told")
         self._stop = trio.Event()
         self.stopped = trio.Event()
         self.notifier = Notifier()
-        # `pushd run` sets this: the config file read again (SIGHUP, `systemctl reload`)
-        self.load_config: Callable[[], Config] | None = None
         self._nursery: trio.Nursery | None = None
+
+    def _in_memory(self) -> LocalBackplane:
+        """One process: the memory bus; the states are the ones ``Markets`` computes here."""
+        cfg = self.config.bus
+        self.bus = bus = MemoryBus(
+            self.hub, cfg.history_size, cfg.history_age_s, max_channels=cfg.max_channels
+        )
+        self.gateway = self._gateway()
+        self.markets = self._markets(lambda _symbol: True)
+        return LocalBackplane(bus, self.gateway, self.markets)
+
+    def _on_redis(self) -> RedisBackplane:
+        """A node of a cluster: the Redis bus, the control plane and, where this node
+        computes, the leases (which compute node publishes what)."""
+        cfg = self.config.bus
+        self.bus = self.redis = redis = RedisBus(self.hub, cfg)
+        self.gateway = self._gateway()
+        self.control = control = ControlPlane(
+            redis, self.config.role, self.gateway.stats, self.gateway.kick,
+            self.gateway.resync_private,
+        )  # fmt: skip
+        if self.computes:
+            names = [*self.config.markets, PRIVATE]
+            self.leases = Leases(
+                redis, control.node_id, names, cfg.redis.lease_s, self._took_over,
+                self._lost_lease,
+            )  # fmt: skip
+        self.registry.register(BusCollector(redis, self.leases))
+        backplane = RedisBackplane(redis, control, self.leases)
+        self.markets = self._markets(backplane.leads)
+        return backplane
+
+    def _gateway(self) -> Gateway:
+        gateway = Gateway(self.config, self.hub, self.bus, self.verifier, self.metrics)
+        self.registry.register(
+            HubCollector(self.hub, gateway.connection_states, lambda: gateway.bytes_sent)
+        )
+        return gateway
+
+    def _markets(self, leads: Callable[[str], bool]) -> Markets:
+        return Markets(
+            dict(self.config.markets), self.bus, self.poller.refresh, stale=self.book_stale,
+            leads=leads, tick_late=self.metrics.market_tick_late.observe,
+        )  # fmt: skip
 
     def _on_book(self, snapshot: wire.BookSnapshot) -> None:
         self.markets.book(snapshot)
@@ -211,7 +244,7 @@ class Daemon:
             return "matching engine unreachable (no book snapshots)"
         if self.computes and (down := self.intake.down(trio.current_time())):
             return "engine source " + "; source ".join(f"{s}: {why}" for s, why in down.items())
-        return self.bus.not_ready()
+        return self.backplane.not_ready()
 
     @property
     def computes(self) -> bool:
@@ -235,37 +268,28 @@ class Daemon:
             self.router.abandon()
 
     async def _last_trade_id(self, symbol: str) -> int | None:
-        """The id of the last trade on the symbol's tape in Redis (None: none, or unknown)."""
-        assert self.redis is not None
+        """The id of the last trade on the symbol's tape (None: none, or unknown)."""
         channel = self.markets.symbols[symbol].channels["trades"]
         with trio.move_on_after(self.config.bus.redis.timeout_s):
             try:
-                _, entries = await self.redis.history(channel, LAST_TRADE_LOOKBACK)
+                _, batches = await self.backplane.recent(channel, LAST_TRADE_LOOKBACK)
             except BusUnavailable as exc:
                 log.warning("last trade unknown: the hand-over says gap", symbol=symbol,
                             error=str(exc))  # fmt: skip
                 return None
             ids = [
                 trade.id
-                for entry in entries
-                if (batch := _stored_value(entry.data, TradeBatch)) is not None
+                for raw in batches
+                if (batch := _stored_value(raw, TradeBatch)) is not None
                 for trade in batch.trades
             ]
             return max(ids, default=None)
         return None
 
     def _private_gap(self, reason: str, *, leading: bool = False) -> None:
-        """Engine frames that may have carried private events were lost: tell every private
-        subscriber (a resync notice per private channel), never leave them silently short.
-        With Redis the subscribers are on every gateway: the control channel tells them."""
-        if self.leases is not None and not (leading or self.leases.leads(PRIVATE)):
-            return  # the node that publishes private events tells
-        if self.control is not None:
-            self.control.private_gap(reason)
-            self._private_gap_log.warning(reason=reason, notices="every node")
-            return
-        told = self.hub.resync_private()
-        self._private_gap_log.warning(reason=reason, notices=told)
+        """Engine frames that may have carried private events were lost: every private
+        subscriber in the cluster is told (``Backplane.private_gap``)."""
+        self.backplane.private_gap(reason, leading=leading)
 
     def status(self) -> str:
         """One line for ``systemctl status``: clients, and whether ingest and the bus are well."""
@@ -337,13 +361,7 @@ class Daemon:
                     nursery.start_soon(self._on_signals)
                 cfg = self.config
                 ws, http_cfg = cfg.websocket, cfg.http
-                if self.redis is not None and self.control is not None:
-                    await nursery.start(self.redis.run)
-                    await nursery.start(self.control.run)
-                    if self.leases is not None:
-                        await nursery.start(self.leases.run)
-                if isinstance(self.bus, MemoryBus):
-                    nursery.start_soon(self.bus.run)  # forgets quiet channels
+                await nursery.start(self.backplane.run)
                 ws_port = http_port = udp_port = tcp_port = 0
                 if self.serves_clients:
                     ws_port = await start_service(
@@ -368,9 +386,7 @@ class Daemon:
                 self.notifier.send(STOPPING=1, STATUS="draining connections")
                 self._serving = False
                 await self.gateway.shutdown(SHUTDOWN_GRACE_S)
-                if self.redis is not None and self.control is not None:
-                    await self.redis.drain(SHUTDOWN_GRACE_S)  # what was published goes out
-                    await self.control.leave()
+                await self.backplane.leave(SHUTDOWN_GRACE_S)  # what was published goes out
                 http_stop.set()
                 nursery.cancel_scope.cancel()
         finally:

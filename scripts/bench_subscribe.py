@@ -15,18 +15,29 @@ import time
 
 from ingest.sim import Market
 from pushd.bus.memory import MemoryBus
+from pushd.bus.model import Snapshot
 from pushd.channels import Channel
 from pushd.config import MarketConfig
-from pushd.gateway.hub import Hub, Outlet
+from pushd.gateway.hub import Detached, Hub, Outlet
 from pushd.market.markets import Markets
 
 DEPTH = Channel("depth_BTCUSDT", "BTCUSDT@depth", private=False, symbol="BTCUSDT")
 
 
+class Books(Detached):
+    """The hub's upstream here: the books' states, as ``LocalBackplane.current`` gives them."""
+
+    def __init__(self, markets: Markets) -> None:
+        self._markets = markets
+
+    def current(self, channel: str) -> Snapshot | None:
+        return self._markets.current(channel)
+
+
 def run(subscribers: int, levels: int) -> tuple[float, int]:
     hub = Hub()
     markets = Markets({"BTCUSDT": MarketConfig()}, MemoryBus(hub, 200, 300.0), lambda _: None)
-    hub.current = markets.current
+    hub.attach(Books(markets))
     engine = Market(seed=1)
     engine.step(1000)
     markets.book(engine.book("BTCUSDT", levels, 1))

@@ -76,10 +76,11 @@ def test_taking_over_publishes_every_state_stream_whole() -> None:
 
 async def test_private_events_kept_through_an_outage_go_out_if_the_lease_comes_back() -> None:
     bus = MemoryBus(Hub(), 200, 300.0)
-    router = EngineRouter(bus, Markets({}, bus, lambda _: None), lambda _: None)
     leads, lapsed = False, True
-    router.leads, router.keeps = (lambda: leads), (lambda: lapsed)
-    router.queue_max = 3
+    router = EngineRouter(
+        bus, Markets({}, bus, lambda _: None), lambda _: None,
+        leads=lambda: leads, keeps=lambda: lapsed, queue_max=3,
+    )  # fmt: skip
     for n in (1, 2):
         router.private(order("1001", n))
     assert bus.position("user_1001_order").seq == 0  # kept, not published

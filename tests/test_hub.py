@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import msgspec
+from upstream import Upstream
 from wsframes import frames as server_frames
 from wsproto.frame_protocol import Opcode
 
-from pushd.bus.model import Position
+from pushd.bus.model import Position, Snapshot
 from pushd.channels import Channel
 from pushd.gateway.hub import Hub, Outlet, frame_end, text_frame
 from pushd.gateway.protocol import encode_event, encode_resync
@@ -49,9 +50,9 @@ def test_one_frame_shared_by_all_subscribers() -> None:
 
 
 def test_unsubscribe_removes_route_and_calls_back() -> None:
-    hub = Hub()
-    gone: list[str] = []
-    hub.on_last_unsubscribe = gone.append
+    upstream = Upstream()
+    hub = Hub(upstream)
+    gone = upstream.left
     a, b = Outlet(100), Outlet(100)
     hub.subscribe(a, PUBLIC)
     hub.subscribe(b, PUBLIC)
@@ -87,9 +88,14 @@ def test_state_streams_start_and_resume_with_their_current_state() -> None:
     a resync notice, under the seq the stream stands at."""
     depth = Channel("depth_BTCUSDT", "BTCUSDT@depth", private=False, symbol="BTCUSDT")
     book = {"at": Position("e1", 0), "data": msgspec.Raw(b'{"e":"snapshot","u":0}')}
-    hub = Hub()
-    hub.current = lambda internal: (
-        (book["at"], book["data"]) if internal == depth.internal else None  # type: ignore[return-value]
+    hub = Hub(
+        Upstream(
+            lambda internal: (
+                Snapshot(book["at"], book["data"])  # type: ignore[arg-type]
+                if internal == depth.internal
+                else None
+            )
+        )
     )
     frame_size = len(text_frame(encode_event("BTCUSDT@depth", DATA, 1, "e1")))
     slow = Outlet(frame_size * 3)
@@ -150,8 +156,9 @@ def test_frame_end_walks_headers_of_every_length() -> None:
 
 
 def test_private_gap_tells_every_private_subscriber() -> None:
-    hub = Hub()
-    hub.position = lambda internal: Position("e1", {"user_1_order": 7}.get(internal, 0))
+    hub = Hub(
+        Upstream(position=lambda internal: Position("e1", {"user_1_order": 7}.get(internal, 0)))
+    )
     mine, public_only = Outlet(10_000), Outlet(10_000)
     hub.subscribe(mine, PRIVATE)
     hub.subscribe(mine, PUBLIC)
@@ -164,9 +171,9 @@ def test_private_gap_tells_every_private_subscriber() -> None:
 def test_the_reply_to_a_subscribe_goes_before_the_streams_first_events() -> None:
     """Whatever settling queues (a current state, a replay), the reply comes first, and is
     told where each stream starts."""
-    hub = Hub()
     at = Position("e", 7)
-    hub.current = lambda internal: (at, msgspec.Raw(b'{"b":1}')) if internal == "depth_X" else None
+    state = Snapshot(at, msgspec.Raw(b'{"b":1}'))
+    hub = Hub(Upstream(lambda internal: state if internal == "depth_X" else None))
     outlet = Outlet(65536)
     hub.send(outlet, b"earlier")  # what was queued before stays before
     depth = Channel("depth_X", "X@depth", private=False, symbol="X")

@@ -1,7 +1,8 @@
 """Imports run down the layers: ``pushd.metrics`` is a leaf (prometheus only) that the gateway
 and the bus may both import; the scrape-time collectors, which read every part of a node, live in
 ``pushd.collectors``, which only the daemon imports; the buses deliver to a protocol
-(``bus.model.Delivery``) that the hub satisfies, and never import the gateway."""
+(``bus.model.Delivery``) that the hub satisfies, and never import the gateway; only the daemon
+chooses the bus."""
 
 from __future__ import annotations
 
@@ -46,3 +47,13 @@ def test_no_bus_module_imports_the_gateway() -> None:
     for path in modules:
         upward = {name for name in pushd_imports(path) if name.startswith("pushd.gateway")}
         assert not upward, (path.name, upward)
+
+
+def test_only_the_composition_root_chooses_the_bus() -> None:
+    """The memory-or-Redis choice is made by the daemon, once: it builds a backplane
+    (``pushd.bus.backplane``), and the HTTP API, the gateway and the markets know that and the
+    bus model, never which bus runs."""
+    kinds = {"pushd.bus.memory", "pushd.bus.redis", "pushd.bus.control", "pushd.bus.lease"}
+    for package in ("http", "gateway", "market", "feed"):
+        for path in sorted((ROOT / package).glob("*.py")):
+            assert not pushd_imports(path) & kinds, (path.name, pushd_imports(path) & kinds)

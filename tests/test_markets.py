@@ -6,6 +6,7 @@ from typing import Any
 
 import msgspec
 from structlog.testing import capture_logs
+from upstream import Upstream
 from wsframes import frames
 
 from ingest import wire
@@ -42,7 +43,7 @@ def test_a_trade_from_a_clock_far_ahead_counts_at_our_time() -> None:
 def test_new_subscribers_share_one_snapshot_per_seq_and_never_a_stale_one() -> None:
     hub = Hub()
     markets = Markets({"BTCUSDT": MarketConfig()}, MemoryBus(hub, 200, 300.0), lambda _: None)
-    hub.current = markets.current
+    hub.attach(Upstream(markets.current))
     market = markets.symbols["BTCUSDT"]
     encodes = 0
     real_current = market.current

@@ -8,6 +8,7 @@ from typing import Any
 import msgspec
 from conftest import make_config, open_client, start_daemon, subscribed
 from test_bus_expiry import at_once
+from upstream import Upstream
 from wsframes import frames as server_frames
 
 from pushd.bus.memory import MemoryBus
@@ -83,9 +84,9 @@ def test_settle_sends_the_replay_then_kept_events_none_twice() -> None:
 
 
 def test_a_subscriber_that_leaves_while_joining_is_forgotten() -> None:
-    hub = Hub()
-    left: list[str] = []
-    hub.on_last_unsubscribe = left.append
+    upstream = Upstream()
+    hub = Hub(upstream)
+    left = upstream.left
     outlet = Outlet(100_000)
     hub.join(outlet, TRADES)
     hub.unsubscribe(outlet, TRADES.internal)

@@ -15,9 +15,10 @@ from redis_servers import Redis
 from test_bus_expiry import at_once
 from test_cluster import redis_config
 from test_recovery import frames
+from upstream import Upstream
 
 from pushd.bus.memory import MemoryBus
-from pushd.bus.model import Entry, Outgoing, Position, Recovery
+from pushd.bus.model import Entry, Outgoing, Position, Recovery, Snapshot
 from pushd.channels import Channel
 from pushd.gateway.hub import Hub, Outlet
 
@@ -43,9 +44,9 @@ def sent(outlet: Outlet) -> list[tuple[str, int]]:
 
 
 def test_a_depth_join_without_state_waits_for_one_and_gets_no_diff_before_it() -> None:
-    hub = Hub()
-    wanted: list[str] = []
-    hub.on_wants_state = wanted.append
+    upstream = Upstream()
+    hub = Hub(upstream)
+    wanted = upstream.wanted
     outlet = Outlet(100_000)
     hub.join(outlet, DEPTH)
     hub.publish(DEPTH.internal, "e1", 2, diff(2))  # kept while the bus is asked
@@ -79,17 +80,16 @@ def test_a_whole_state_stream_or_events_never_wait() -> None:
 
 def test_on_the_memory_bus_the_first_depth_event_is_the_book_once_there_is_one() -> None:
     """One process: before the first book nothing; the book's own event is not sent twice."""
-    hub = Hub()
+    state: dict[str, Snapshot] = {}
+    hub = Hub(Upstream(state.get))
     bus = MemoryBus(hub, 100, 60.0)
-    state: dict[str, tuple[Position, msgspec.Raw]] = {}
-    hub.current = state.get
     outlet = Outlet(100_000)
     bus.publish([Outgoing(DEPTH.internal, diff(1))])  # a diff published with no book
     hub.join(outlet, DEPTH)
     hub.settle(outlet, DEPTH, at_once(bus.recover(DEPTH.internal, None)))
     bus.publish([Outgoing(DEPTH.internal, diff(2))])
     assert outlet.out == b""
-    state[DEPTH.internal] = (Position(bus.epoch, 3), book(3))  # the book, as Markets has it
+    state[DEPTH.internal] = Snapshot(Position(bus.epoch, 3), book(3))  # the book, as Markets has it
     bus.publish([Outgoing(DEPTH.internal, book(3))])
     bus.publish([Outgoing(DEPTH.internal, diff(4))])
     assert sent(outlet) == [("snapshot", 3), ("depthUpdate", 4)]

@@ -80,13 +80,44 @@ class Recovery(msgspec.Struct, frozen=True, gc=False):
     Otherwise (no ``since``, another epoch, history too short) ``missed`` is empty and the
     subscriber starts from ``position``; a state stream then sends its current state: from
     ``current`` where the bus has it (the state at its seq, then the diffs after it, as the
-    Redis bus keeps them for nodes without the book), else from the hub's ``current`` hook.
+    Redis bus keeps them for nodes without the book), else from the upstream's ``current``
+    (``Upstream``: one process's books).
     """
 
     position: Position
     recovered: bool
     missed: tuple[Entry, ...] = ()
     current: tuple[Entry, ...] = ()
+
+
+class Snapshot(msgspec.Struct, frozen=True, gc=False):
+    """A state stream's whole state exactly at ``position`` (the seq of the event it is the
+    state after): what a fresh subscriber gets first, and what a REST snapshot serves.
+    ``data`` is None where the stream has no state yet (``position``: where it stands)."""
+
+    position: Position
+    data: msgspec.Raw | None
+
+
+class Upstream(Protocol):
+    """What the hub asks of the node's bus side (``pushd.bus.backplane``): which channels it
+    follows, a state for a join that waits for one, and where each channel stands."""
+
+    def interest(self, channel: str) -> None:
+        """The hub has its first subscriber on ``channel``."""
+
+    def disinterest(self, channel: str) -> None:
+        """The hub has lost its last subscriber on ``channel``."""
+
+    def want_state(self, channel: str) -> None:
+        """A join to the diff stream ``channel`` waits for a state: find one (``offer_state``)."""
+
+    def position(self, channel: str) -> Position | None:
+        """Where ``channel`` stands as this node knows it now."""
+
+    def current(self, channel: str) -> Snapshot | None:
+        """The state a new subscriber of ``channel`` starts from as this node holds it now,
+        with data (None: none held here)."""
 
 
 class Delivery(Protocol):

@@ -41,12 +41,23 @@ class MarketSink(Protocol):
 class EngineRouter:
     """The IngestSink of the daemon."""
 
-    def __init__(self, bus: Bus, markets: MarketSink, private_gap: Callable[[str], None]) -> None:
+    def __init__(
+        self,
+        bus: Bus,
+        markets: MarketSink,
+        private_gap: Callable[[str], None],
+        *,
+        leads: Callable[[], bool] = lambda: True,
+        keeps: Callable[[], bool] = lambda: False,
+        queue_max: int = 0,
+    ) -> None:
+        """``leads``: this node publishes private events; ``keeps``: it did until Redis
+        stopped answering, or is taking them over, and keeps what it routes (``queue_max``
+        events at most)."""
         self._bus = bus
-        self.leads: Callable[[], bool] = lambda: True  # this node publishes private events
-        # ... did until Redis stopped answering, or is taking them over: keeps what it routes
-        self.keeps: Callable[[], bool] = lambda: False
-        self.queue_max = 0
+        self.leads = leads
+        self.keeps = keeps
+        self.queue_max = queue_max
         self._queued: list[Outgoing] = []
         self._overflowed = False
         self._markets = markets

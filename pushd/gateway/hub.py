@@ -25,11 +25,12 @@ answered and, after it, the kept events it does not have yet (by seq), and makes
 event is lost or doubled between the replay and the live stream.
 
 A depth subscriber starts from the whole book (docs/streams.md): a join to a diff stream that
-neither the bus's answer nor ``current`` gives a state *waits* (``wants_state``) with its live
-events kept, and the node is asked for one (``on_wants_state``); the first state that arrives
-(``offer_state`` from a bus that stores them, or ``current`` once it has one) settles it, and
-the diffs before that state are never sent. So the rule holds whatever the publisher did (a
-channel's new epoch that began with diffs, after Redis came back empty), on every bus.
+neither the bus's answer nor the upstream's ``current`` gives a state *waits* (``wants_state``)
+with its live events kept, and the upstream is asked for one (``want_state``); the first state
+that arrives (``offer_state`` from a bus that stores them, or ``current`` once it has one)
+settles it, and the diffs before that state are never sent. So the rule holds whatever the
+publisher did (a channel's new epoch that began with diffs, after Redis came back empty), on
+every bus.
 
 A replay may be larger than the outbound buffer (a ``since`` of a busy trades stream): it is
 *paced*. ``settle`` queues what fits in half the buffer (the other half stays free for
@@ -59,7 +60,7 @@ from typing import Any
 import msgspec
 from wsproto.frame_protocol import FrameProtocol
 
-from pushd.bus.model import Entry, Position, Recovery
+from pushd.bus.model import Entry, Position, Recovery, Snapshot, Upstream
 from pushd.channels import Channel, StateKind, state_kind
 from pushd.gateway.protocol import encode_current_after_lag, encode_event, encode_resync
 
@@ -171,26 +172,55 @@ def stream_of(protocol_name: str) -> str:
     return protocol_name.rpartition("@")[2]
 
 
+class Detached:
+    """The upstream of a hub no bus side is attached to (sans-IO tests): it follows nothing,
+    holds no state and knows no position."""
+
+    def interest(self, channel: str) -> None:
+        pass
+
+    def disinterest(self, channel: str) -> None:
+        pass
+
+    def want_state(self, channel: str) -> None:
+        pass
+
+    def position(self, channel: str) -> Position | None:
+        return None
+
+    def current(self, channel: str) -> Snapshot | None:
+        return None
+
+
 class Hub:
-    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self, upstream: Upstream | None = None, *, clock: Callable[[], float] = time.time
+    ) -> None:
         self._clock = clock  # wall clock: a private gap's time comes from another node
         self._routes: dict[str, _Route] = {}
         self.dirty: list[Outlet] = []
         self.on_dirty: Callable[[], None] = lambda: None  # the dirty list became non-empty
-        self.on_first_subscriber: Callable[[str], None] = lambda _internal: None
-        self.on_last_unsubscribe: Callable[[str], None] = lambda _internal: None
-        # a join to a diff stream waits for a state: the bus is asked to find one
-        self.on_wants_state: Callable[[str], None] = lambda _internal: None
-        # a stream's current state and where it stands (depth snapshot, ticker, open candle, ...)
-        self.current: Callable[[str], tuple[Position, msgspec.Raw] | None] = lambda _c: None
-        self._current_frames: dict[str, tuple[Position, msgspec.Raw, bytes]] = {}
-        self.position: Callable[[str], Position | None] = lambda _internal: None
+        # the bus side: which channels this node follows, states and positions (the one
+        # source of a stream's current state: ``pushd.bus.backplane``)
+        self._upstream: Upstream = upstream if upstream is not None else Detached()
+        self._current_frames: dict[str, tuple[Snapshot, bytes]] = {}
         self.published = 0
         self.delivered = 0
         self.dropped = 0
         self.replies = 0
         self.lag_resyncs = 0
         self.undeliverable = 0  # messages whose data could not be framed (not UTF-8)
+
+    def attach(self, upstream: Upstream) -> None:
+        """The node's bus side, once it is built: the one cycle of the composition root (a bus
+        delivers to the hub it is given, and the hub tells that bus side what it follows), so
+        it is closed once, here, before anything subscribes."""
+        assert not self._routes, "attached after subscribers came"
+        self._upstream = upstream
+
+    def position(self, internal: str) -> Position | None:
+        """Where ``internal`` stands as this node knows it now."""
+        return self._upstream.position(internal)
 
     def subscribe(self, outlet: Outlet, channel: Channel) -> Position | None:
         """Add a live subscriber; it gets the stream's current state first, where there is one.
@@ -203,7 +233,7 @@ class Hub:
         route = self._routes.get(channel.internal)
         if route is None:
             route = self._routes[channel.internal] = _Route(channel, self._clock())
-            self.on_first_subscriber(channel.internal)
+            self._upstream.interest(channel.internal)
         route.pending[outlet] = _Joining()
 
     def settle(
@@ -248,7 +278,7 @@ class Hub:
         kept) until ``offer_state`` or ``current`` gives one: no diff goes out before it."""
         joining.settled = False
         joining.waiting = True
-        self.on_wants_state(channel.internal)
+        self._upstream.want_state(channel.internal)
         return recovery.position if recovery is not None else self.position(channel.internal)
 
     def wants_state(self, internal: str) -> bool:
@@ -326,20 +356,20 @@ class Hub:
     def _send_current(
         self, outlet: Outlet, channel: Channel, *, after_lag: bool = False
     ) -> Position | None:
-        current = self.current(channel.internal)
-        if current is None:
+        current = self._upstream.current(channel.internal)
+        if current is None or current.data is None:
             return None
-        at, data = current
+        at, data = current.position, current.data
         if after_lag:  # rare, and marked so the client knows it replaces what it had
             frame = encode_current_after_lag(channel.protocol, data, at.seq, at.epoch)
             self.send(outlet, text_frame(frame))
             return at
         framed = self._current_frames.get(channel.internal)
-        if framed is None or framed[0] != at or framed[1] is not data:  # once per state
+        if framed is None or framed[0].position != at or framed[0].data is not data:  # once
             frame = text_frame(encode_event(channel.protocol, data, at.seq, at.epoch))
-            framed = (at, data, frame)
+            framed = (current, frame)
             self._current_frames[channel.internal] = framed
-        self.send(outlet, framed[2])
+        self.send(outlet, framed[1])
         return at
 
     def unsubscribe(self, outlet: Outlet, internal: str) -> None:
@@ -354,7 +384,7 @@ class Hub:
         if not route.subscribers and not route.pending and not route.ahead:
             del self._routes[internal]
             self._current_frames.pop(internal, None)
-            self.on_last_unsubscribe(internal)
+            self._upstream.disinterest(internal)
 
     def subscriber_count(self, internal: str) -> int:
         route = self._routes.get(internal)
@@ -426,12 +456,11 @@ class Hub:
     def _offer_current(self, internal: str) -> None:
         """Where ``current`` has the state (this process keeps the books), a waiting join
         starts from it once there is one (after the event that brought it went out)."""
-        current = self.current(internal)
-        if current is not None:
-            at, data = current
-            self.offer_state(
-                internal, Recovery(at, recovered=False, current=(Entry(at.seq, data),))
-            )
+        current = self._upstream.current(internal)
+        if current is not None and current.data is not None:
+            at = current.position
+            state = (Entry(at.seq, current.data),)
+            self.offer_state(internal, Recovery(at, recovered=False, current=state))
 
     def _undeliverable(self, route: _Route, at: Position) -> None:
         """A message no client can be sent is dropped, and every subscriber of its channel,

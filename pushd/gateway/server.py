@@ -36,6 +36,7 @@ import itertools
 import socket
 from typing import Any
 
+import msgspec
 import structlog
 import trio
 from wsproto.connection import ConnectionState, ConnectionType
@@ -217,9 +218,24 @@ class Gateway:
         if self.open_sockets:
             await self._all_closed.wait()
 
+    # -- what the cluster asks of this node (``pushd.bus.backplane.Node``) ------------------
+
     def kick(self, uid: str) -> int:
         """Close every connection logged in as ``uid`` (operator's request); returns how many."""
         return self.requests.kick(uid)
+
+    def stats(self) -> dict[str, Any]:
+        """This node's counters (what ``/v1/stats`` sums over the cluster's nodes)."""
+        return {
+            "connections": len(self.connections),
+            **msgspec.to_builtins(self.hub.stats()),
+            "flush_stall_max_ms": round(self.flush_stall_max_s * 1000, 3),
+            "flush_round_max_ms": round(self.flush_round_max_s * 1000, 3),
+        }
+
+    def resync_private(self, gap_at: float | None = None) -> int:
+        """Private events may have been lost before they got here: ``Hub.resync_private``."""
+        return self.hub.resync_private(gap_at)
 
     # -- ending ------------------------------------------------------------------------------
 

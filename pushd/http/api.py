@@ -40,9 +40,8 @@ from starlette.responses import FileResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from pushd.bus.control import ControlPlane
-from pushd.bus.model import Bus, Outgoing, Position, checked
-from pushd.bus.redis import RedisBus
+from pushd.bus.backplane import Backplane
+from pushd.bus.model import Outgoing, Position, checked
 from pushd.channels import (
     KLINE_INTERVALS,
     NOTICE,
@@ -53,10 +52,7 @@ from pushd.channels import (
 )
 from pushd.config import Config
 from pushd.errors import ApiError, BusUnavailable, MalformedData
-from pushd.gateway.server import Gateway
 from pushd.logs import stdlib_logger
-from pushd.market.markets import Markets
-from pushd.market.symbol import SymbolMarket
 from pushd.market.trades import RECENT_TRADES, TradeBatch
 from pushd.metrics import GatewayMetrics
 from pushd.tls import server_context
@@ -79,22 +75,20 @@ class PublishBatch(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 
 class HttpApi:
-    """State the endpoints share; ``ready`` is false until the gateway listens, and on shutdown."""
+    """State the endpoints share. ``not_ready``: why this node should get no new clients now
+    (None: ready); ``demo_login``: a demo user's token for the page (``pushd demo`` only)."""
 
     def __init__(
         self,
         config: Config,
-        bus: Bus,
-        gateway: Gateway,
+        backplane: Backplane,
         registry: CollectorRegistry,
         metrics: GatewayMetrics,
-        markets: Markets,
+        not_ready: Callable[[], str | None],
+        demo_login: Callable[[], dict[str, str]] | None = None,
     ) -> None:
         self._config = config
-        self._markets = markets
-        self._bus = bus
-        self._redis = bus if isinstance(bus, RedisBus) else None
-        self._gateway = gateway
+        self._backplane = backplane
         self._registry = registry
         self._metrics = metrics
         self._symbols = frozenset(config.markets)
@@ -102,10 +96,9 @@ class HttpApi:
         self._market_publish = config.http.allow_market_publish
         self._openapi = msgspec.json.encode(openapi_document(config))
         self.tls_context = server_context(config.http.tls, "http")
-        self.not_ready: Callable[[], str | None] = lambda: "starting"  # why not ready, or None
-        self.control: ControlPlane | None = None  # with Redis: stats and disconnect cluster-wide
+        self.not_ready = not_ready
         self.websocket_port = config.websocket.port  # the bound one, once the gateway listens
-        self.demo_login: Callable[[], dict[str, str]] | None = None  # set by `pushd demo`
+        self.demo_login = demo_login
         self.app = Starlette(
             routes=[
                 Route("/v1/publish", self._guard(self.publish), methods=["POST"]),
@@ -167,12 +160,11 @@ class HttpApi:
 
         return public
 
-    def _market(self, request: Request) -> SymbolMarket:
+    def _symbol(self, request: Request) -> str:
         symbol = request.query_params.get("symbol", "")
-        market = self._markets.symbols.get(symbol)
-        if market is None:
+        if symbol not in self._symbols:
             raise ApiError(400, f"unknown symbol {symbol!r}")
-        return market
+        return symbol
 
     @staticmethod
     def _limit(request: Request, default: int, most: int) -> int:
@@ -182,31 +174,24 @@ class HttpApi:
             raise ApiError(400, f"limit must be 1 to {most}")
         return int(text)
 
-    def _snapshot(
-        self, stream: str, market: SymbolMarket, data: object, iv: str = "1m",
-        at: Position | None = None, stale: bool | None = None,
-    ) -> object:  # fmt: skip
-        internal = market_channel(stream, market.symbol, iv)
-        protocol = parse_internal(internal, self._symbols).protocol
-        if at is None:
-            at = self._bus.position(internal)
+    def _answer(self, internal: str, at: Position, data: object, stale: bool) -> object:
         return {
-            "channel": protocol,
-            "seq": at.seq if at is not None else 0,
-            "epoch": at.epoch if at is not None else "",
-            "stale": self._markets.stale(market.symbol) if stale is None else stale,
+            "channel": parse_internal(internal, self._symbols).protocol,
+            "seq": at.seq,
+            "epoch": at.epoch,
+            "stale": stale,
             "data": data,
         }
 
-    async def _stored(
-        self, redis: RedisBus, stream: str, market: SymbolMarket, iv: str = "1m"
-    ) -> tuple[Position, Any]:
-        """A state stream's state as the compute node stored it, exact at its position."""
+    async def _state(self, internal: str) -> tuple[Position, Any]:
+        """A state stream's state from the one source (``Backplane.snapshot``): what a fresh
+        subscriber of this node starts from, exact at its position, decoded."""
         try:
-            at, state = await redis.snapshot(market_channel(stream, market.symbol, iv))
+            current = await self._backplane.snapshot(internal)
         except BusUnavailable as exc:
             raise ApiError(503, f"Redis unreachable: {exc}") from None
-        return at, _stored_value(state, dict[str, Any]) if state is not None else None
+        data = current.data
+        return current.position, _stored_value(data, dict[str, Any]) if data is not None else None
 
     async def page(self, request: Request) -> Response:
         """The market page (its module and chart library are under ``/static``)."""
@@ -224,71 +209,60 @@ class HttpApi:
         return {"websocket_port": self.websocket_port, "symbols": sorted(self._symbols)}
 
     async def depth(self, request: Request) -> object:
-        market = self._market(request)
+        symbol = self._symbol(request)
         limit = self._limit(request, 100, MAX_DEPTH_LEVELS)
-        if self._redis is None:
-            data = market.depth.snapshot(limit) if market.depth.ready else None
-            return self._snapshot("depth", market, data)
-        at, book = await self._stored(self._redis, "depth", market)
+        at, book = await self._state(market_channel("depth", symbol))
         if (
             book is not None
             and isinstance(book.get("bids"), list)
             and isinstance(book.get("asks"), list)
         ):
             book["bids"], book["asks"] = book["bids"][:limit], book["asks"][:limit]
-        else:  # none stored, or not a book (Redis is not trusted)
-            book = None
-        stale = bool(book.get("stale", False)) if book is not None else False
-        return self._snapshot("depth", market, book, at=at, stale=stale)
+            stale = bool(book.get("stale", False))
+        else:  # none yet, or not a book (Redis is not trusted)
+            book, stale = None, self._backplane.book_stale(symbol)
+        return self._answer(market_channel("depth", symbol), at, book, stale)
 
     async def trades(self, request: Request) -> object:
-        market = self._market(request)
-        limit = self._limit(request, 100, market.trades.recent.maxlen or 1)
-        if self._redis is None:
-            recent = list(market.trades.recent)[-limit:]
-            return self._snapshot("trades", market, recent)
-        channel = market_channel("trades", market.symbol)
+        symbol = self._symbol(request)
+        limit = self._limit(request, 100, RECENT_TRADES)
+        channel = market_channel("trades", symbol)
         try:
-            at, batches = await self._redis.history(channel, limit)
+            at, batches = await self._backplane.recent(channel, limit)
         except BusUnavailable as exc:
             raise ApiError(503, f"Redis unreachable: {exc}") from None
-        decoded = (_stored_value(b.data, TradeBatch) for b in batches)
+        decoded = (_stored_value(b, TradeBatch) for b in batches)
         items = [t for batch in decoded if batch is not None for t in batch.trades]
-        return self._snapshot("trades", market, items[-limit:], at=at, stale=False)
+        return self._answer(channel, at, items[-limit:], self._backplane.book_stale(symbol))
 
     async def klines(self, request: Request) -> object:
-        market = self._market(request)
+        symbol = self._symbol(request)
         interval = request.query_params.get("interval", "1m")
         if interval not in KLINE_INTERVALS:
             raise ApiError(400, f"interval must be one of {', '.join(KLINE_INTERVALS)}")
         limit = self._limit(request, 500, MAX_KLINES)
-        if self._redis is None:
-            return self._snapshot("kline", market, market.klines_history(interval, limit), interval)
-        at, open_candle = await self._stored(self._redis, "kline", market, interval)
-        channel = market_channel("kline", market.symbol, interval)
-        try:  # the closed candles the compute node archived, then the open one it stored
-            archived = await self._redis.archive(channel, limit)
+        channel = market_channel("kline", symbol, interval)
+        at, open_candle = await self._state(channel)
+        try:  # the closed candles, then the open one as a new subscriber gets it
+            archived = await self._backplane.archived(channel, limit)
         except BusUnavailable as exc:
             raise ApiError(503, f"Redis unreachable: {exc}") from None
         candles: list[Any] = [c for raw in archived if (c := _stored_value(raw, dict[str, Any]))]
         if open_candle is not None and not open_candle.get("closed", False):
             candles.append(open_candle)
-        return self._snapshot("kline", market, candles[-limit:], interval, at=at, stale=False)
+        return self._answer(channel, at, candles[-limit:], self._backplane.book_stale(symbol))
 
     async def ticker(self, request: Request) -> object:
-        market = self._market(request)
-        if self._redis is None:
-            return self._snapshot("ticker", market, market.last.get(market.channels["ticker"]))
-        at, data = await self._stored(self._redis, "ticker", market)
-        return self._snapshot("ticker", market, data, at=at, stale=False)
+        return await self._whole_state(request, "ticker")
 
     async def mark_price(self, request: Request) -> object:
-        market = self._market(request)
-        if self._redis is None:
-            data = market.last.get(market.channels["markPrice"])
-            return self._snapshot("markPrice", market, data)
-        at, data = await self._stored(self._redis, "markPrice", market)
-        return self._snapshot("markPrice", market, data, at=at, stale=False)
+        return await self._whole_state(request, "markPrice")
+
+    async def _whole_state(self, request: Request, stream: str) -> object:
+        symbol = self._symbol(request)
+        channel = market_channel(stream, symbol)
+        at, data = await self._state(channel)
+        return self._answer(channel, at, data, self._backplane.book_stale(symbol))
 
     async def _body(self, request: Request) -> bytes:
         declared = request.headers.get("content-length")
@@ -340,7 +314,7 @@ class HttpApi:
 
     async def _publish(self, items: list[Outgoing]) -> list[Position]:
         try:
-            return await self._bus.publish_confirmed(items)
+            return await self._backplane.bus.publish_confirmed(items)
         except BusUnavailable as exc:
             raise ApiError(503, f"not published: {exc}") from None
 
@@ -348,13 +322,10 @@ class HttpApi:
         uid = request.path_params["uid"]
         if not UID_PATTERN.fullmatch(uid):
             raise ApiError(400, "invalid uid")
-        if self.control is None:
-            return {"result": True, "closed": self._gateway.kick(uid)}
         try:
-            closed, nodes = await self.control.kick(uid)
+            return {"result": True, **await self._backplane.kick(uid)}
         except BusUnavailable as exc:
             raise ApiError(503, f"Redis unreachable: {exc}") from None
-        return {"result": True, "closed": closed, "nodes": nodes}
 
     def reconfigure(self, config: Config) -> None:
         """A reload: the publish token, batch size and limits of requests from now on."""
@@ -362,32 +333,11 @@ class HttpApi:
         self._max_data = config.limits.outbound_buffer_bytes // 4
         self._openapi = msgspec.json.encode(openapi_document(config))
 
-    def local_stats(self) -> dict[str, Any]:
-        """This node's counters (what ``/v1/stats`` sums over the cluster's nodes)."""
-        gateway = self._gateway
-        hub = msgspec.to_builtins(gateway.hub.stats())
-        return {
-            "connections": len(gateway.connections),
-            **hub,
-            "flush_stall_max_ms": round(gateway.flush_stall_max_s * 1000, 3),
-            "flush_round_max_ms": round(gateway.flush_round_max_s * 1000, 3),
-        }
-
     async def stats(self, request: Request) -> dict[str, object]:
-        if self.control is None:
-            return self.local_stats()
         try:
-            nodes = await self.control.stats()
+            return await self._backplane.stats()
         except BusUnavailable as exc:
             raise ApiError(503, f"Redis unreachable: {exc}") from None
-        totals: dict[str, object] = {}
-        for key in ("connections", "channels", "subscriptions", "published", "delivered",
-                    "dropped"):  # fmt: skip
-            totals[key] = sum(int(node.stats.get(key, 0)) for node in nodes)
-        for key in ("flush_stall_max_ms", "flush_round_max_ms"):
-            totals[key] = max((float(node.stats.get(key, 0)) for node in nodes), default=0.0)
-        listed = [{"node": n.node, "role": n.role, **n.stats} for n in nodes]
-        return {**totals, "nodes": listed}
 
     async def healthz(self, request: Request) -> Response:
         return _json({"status": "ok"})

@@ -15,12 +15,15 @@ import structlog
 import trio
 
 from ingest import wire
-from pushd.bus.model import Bus, Outgoing, Position
+from pushd.bus.model import Bus, Outgoing, Snapshot
 from pushd.config import MarketConfig
 from pushd.logs import ThrottledLog
 from pushd.market.symbol import SymbolMarket
+from pushd.market.trades import TradeBatch
 
 log = structlog.get_logger("pushd.market.markets")
+
+_encode = msgspec.json.Encoder().encode
 
 TICK_MS = 50
 FUTURE_TOLERANCE_MS = 60_000  # engine clocks ahead of ours by more than this are not trusted
@@ -39,7 +42,15 @@ class Markets:
         markets: dict[str, MarketConfig],
         bus: Bus,
         refresh_book: Callable[[str], None],
+        *,
+        stale: Callable[[str], bool] = lambda _symbol: False,
+        leads: Callable[[str], bool] = lambda _symbol: True,
+        tick_late: Callable[[float], None] = lambda _s: None,
     ) -> None:
+        """``stale``: whether a symbol's book may be behind the engine's (the daemon knows the
+        poller); ``leads``: whether this node publishes a symbol (with two compute nodes, the
+        lease holder); ``tick_late``: how late each tick ran, in seconds (a busy loop delays
+        every market stream)."""
         self.symbols = {symbol: SymbolMarket(symbol, cfg) for symbol, cfg in markets.items()}
         self._bus = bus
         self._refresh_book = refresh_book
@@ -55,15 +66,12 @@ class Markets:
         self._resync_log = ThrottledLog(log, "resync after an ingest loss")
         self._sources_log = ThrottledLog(log, "index source ignored: too many sources")
         self._tick_log = ThrottledLog(log, "market tick failed")
-        self._current: dict[str, tuple[Position, msgspec.Raw, bool]] = {}  # -> (at, state, stale)
+        self._current: dict[str, tuple[Snapshot, bool]] = {}  # -> (state, stale)
         self._diffs_since_book: dict[str, int] = {}  # symbol -> depth diffs without a book
-        # whether a symbol's book may be behind the engine's (the daemon knows the poller)
-        self.stale: Callable[[str], bool] = lambda _symbol: False
-        # whether this node publishes a symbol (with two compute nodes, the lease holder)
-        self.leads: Callable[[str], bool] = lambda _symbol: True
+        self.stale = stale
+        self.leads = leads
         self._future_log = ThrottledLog(log, "trade stamped in the future: counted at our time")
-        # how late each tick ran, in seconds (a busy loop delays every market stream)
-        self.tick_late: Callable[[float], None] = lambda _s: None
+        self.tick_late = tick_late
 
     def trade(self, trade: wire.Trade) -> None:
         """Feed one engine trade. A trade stamped more than ``FUTURE_TOLERANCE_MS`` ahead of
@@ -108,8 +116,9 @@ class Markets:
             self.symbols[symbol].gap()
             self._refresh_book(symbol)
 
-    def current(self, internal: str) -> tuple[Position, msgspec.Raw] | None:
-        """A stream's current state and the position it stands at exactly, for a new subscriber.
+    def current(self, internal: str) -> Snapshot | None:
+        """A stream's current state and the position it stands at exactly, for a new subscriber
+        and a REST snapshot alike (one process: ``pushd.bus.backplane.LocalBackplane``).
 
         Encoded once per seq (and staleness): a reconnect storm of thousands of depth
         subscribers gets one snapshot, not thousands (the hub frames it once too).
@@ -122,14 +131,33 @@ class Markets:
             return None
         stale = internal == market.channels["depth"] and self.stale(market.symbol)
         cached = self._current.get(internal)
-        if cached is not None and cached[0] == at and cached[2] == stale:
-            return cached[0], cached[1]
+        if cached is not None and cached[0].position == at and cached[1] == stale:
+            return cached[0]
         data = market.current(internal, stale=stale)
         if data is None:
             return None
-        raw = msgspec.Raw(data)
-        self._current[internal] = (at, raw, stale)
-        return at, raw
+        current = Snapshot(at, msgspec.Raw(data))
+        self._current[internal] = (current, stale)
+        return current
+
+    def recent(self, internal: str, most: int) -> list[msgspec.Raw]:
+        """A trades channel's last ``most`` trades, as one trade batch (REST)."""
+        market = self._by_channel.get(internal)
+        if market is None or internal != market.channels["trades"]:
+            return []
+        trades = list(market.trades.recent)[-most:]
+        return [msgspec.Raw(_encode(TradeBatch(market.symbol, trades)))]
+
+    def archived(self, internal: str, most: int) -> list[msgspec.Raw]:
+        """A kline channel's last ``most`` closed candles, oldest first (REST)."""
+        market = self._by_channel.get(internal)
+        if market is None:
+            return []
+        return [msgspec.Raw(_encode(candle)) for candle in market.closed_candles(internal, most)]
+
+    def book_stale(self, symbol: str) -> bool:
+        """Whether ``symbol``'s book may be behind the engine's (False for unknown symbols)."""
+        return symbol in self.symbols and self.stale(symbol)
 
     def tick(self, now_ms: int) -> None:
         for market in self.symbols.values():

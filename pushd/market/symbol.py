@@ -167,11 +167,17 @@ class SymbolMarket:
         state = self.last.get(internal)
         return _encode(state) if state is not None else None
 
+    def closed_candles(self, internal: str, most: int) -> list[Candle]:
+        """The last ``most`` closed candles of a kline channel, oldest first."""
+        closed = self.klines.closed.get(self._by_channel.get(internal, ""))
+        return list(closed)[-most:] if closed is not None else []
+
     def klines_history(self, interval: str, limit: int) -> list[Candle]:
         """The last ``limit`` candles pushed on the interval's channel, oldest first: the closed
         ones, then the open one as last pushed (trades since are in the next push)."""
-        candles = list(self.klines.closed[interval])
-        pushed = self.last.get(self._kline_channels[interval])
+        channel = self._kline_channels[interval]
+        candles = self.closed_candles(channel, limit)
+        pushed = self.last.get(channel)
         if isinstance(pushed, Candle) and not pushed.closed:
             candles.append(pushed)
         return candles[-limit:]
