@@ -34,8 +34,8 @@ def wall_ms() -> int:
 
 
 class Markets:
-    """The daemon's market side: ingest's MarketSink, the poller's book callback, the hub's
-    source of current state for new subscribers."""
+    """The daemon's market side: ingest's MarketSink, the poller's book callback, and in one
+    process the states a new subscriber starts from and REST serves (``LocalBackplane``)."""
 
     def __init__(
         self,
