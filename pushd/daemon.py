@@ -35,6 +35,9 @@ cancelled.
 
 A service that cannot start (its port is taken) raises ``ServiceError`` naming the service and
 the address: the one failure that ends the process. Whatever a peer sends ends at most that peer.
+
+(Over 400 lines: the composition root, the tree it serves and the reload that swaps its parts'
+config read best together: each names the parts the others build.)
 """
 
 from __future__ import annotations

@@ -9,14 +9,22 @@ Starlette routes, served by hypercorn on Trio (``serve_http``). Endpoints, all J
 - ``GET  /healthz``, ``GET /readyz``, ``GET /metrics`` (Prometheus text format)
 - ``GET  /`` the demo market page, ``GET /v1/info`` its WebSocket port and symbols
 - ``GET  /v1/depth``, ``/v1/trades``, ``/v1/klines``, ``/v1/ticker``, ``/v1/markPrice``: what a
-  page loads before it subscribes, public: ``{"channel":..., "seq": N, "stale": bool,
-  "data": ...}`` where ``data`` is exactly what the channel's events up to seq ``N`` say (the
-  next event is ``N + 1``), and ``stale`` is true while the book may be behind the engine.
+  page loads before it subscribes, public: ``{"channel":..., "seq": N, "epoch": E, "stale":
+  bool, "data": ...}`` where ``data`` is exactly what the channel's events up to seq ``N`` say
+  (the next event is ``N + 1``), and ``stale`` is true while the book may be behind the engine.
+  Read from the node's backplane (``pushd.bus.backplane``), the one source of current state:
+  a state stream's snapshot is the first event a fresh subscriber of this node gets.
+
+Cluster-wide answers (disconnect, stats) come from the backplane too: this module never asks
+which bus runs.
 - ``GET  /openapi.json``: this API as an OpenAPI 3.1 document (request bodies from the Structs).
 
 Backends publish only what they own: ``notice`` and ``user_<uid>_<stream>``. The market
 channels are computed here (their seqs and depth update ids are a chain a backend must not
 break), so publishing to them is refused with 403.
+
+(Over 400 lines: the endpoints, the OpenAPI document that says what they accept, and the
+hypercorn shell that serves them; the document is kept beside the endpoints it describes.)
 """
 
 from __future__ import annotations
