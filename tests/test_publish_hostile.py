@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from redis_servers import RedisServer
 from test_fuzz import FUZZ, Daemon, Surface, client_frame, read_text_frame, run_daemon, ws_connect
 
-from pushd.bus.redis import META_TTL_S, Keys, lua_script
+from pushd.bus.store import META_TTL_S, Keys, lua_script
 from pushd.channels import parse_internal
 from pushd.gateway.hub import Hub, Outlet
 

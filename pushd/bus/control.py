@@ -30,8 +30,8 @@ import structlog
 import trio
 
 from pushd.backoff import Backoff
-from pushd.bus.link import REDIS_ERRORS
-from pushd.bus.redis import BACKOFF_S, RedisBus, describe
+from pushd.bus.link import BACKOFF_S, REDIS_ERRORS, describe
+from pushd.bus.redis import RedisBus
 from pushd.errors import BusUnavailable
 from pushd.logs import ThrottledLog
 
