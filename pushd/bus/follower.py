@@ -370,9 +370,7 @@ class Follower:
         is not UTF-8: anyone with access to Redis can publish) with a resync notice."""
         feed.position = Position(epoch, seq)
         hub = self._hub
-        undeliverable = hub.undeliverable
-        hub.publish(channel, epoch, seq, data)
-        if hub.undeliverable != undeliverable:
+        if hub.publish(channel, epoch, seq, data) is None:
             self._store.saw_malformed(channel=channel, seq=seq)
         elif feed.kind is StateKind.WHOLE:
             self._whole[channel] = (feed.position, data)
