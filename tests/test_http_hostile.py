@@ -23,7 +23,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 from test_fuzz import FUZZ, Daemon, Surface, run_daemon
 
-from pushd.bus.redis import Keys
+from pushd.bus.store import Keys
 from pushd.http.api import serve_http
 
 AUTH = {"authorization": f"Bearer {PUBLISH_TOKEN}", "content-type": "application/json"}

@@ -18,7 +18,7 @@ def test_an_undeliverable_message_tells_a_joining_subscriber_once() -> None:
     joining = Outlet(1 << 20)
     hub.join(joining, PUBLIC)
     assert hub.publish(PUBLIC.internal, "e1", 1, msgspec.Raw(b"1")) == 0
-    assert hub.publish(PUBLIC.internal, "e1", 2, NOT_UTF8) == 0
+    assert hub.publish(PUBLIC.internal, "e1", 2, NOT_UTF8) is None
     assert hub.publish(PUBLIC.internal, "e1", 3, msgspec.Raw(b"3")) == 0
     hub.settle(joining, PUBLIC, None)
     told = frames(bytes(joining.out))

@@ -29,9 +29,18 @@ from test_cluster import publish, redis_config
 from test_follow import assert_carried, live, settled_in_redis
 
 from pushd.backoff import Backoff
-from pushd.bus.link import Check, Cluster, Link, ShardedPubSub, probe, watch
+from pushd.bus.link import (
+    REDIS_ERRORS,
+    Check,
+    Cluster,
+    Link,
+    ShardedPubSub,
+    pending_messages,
+    probe,
+    watch,
+)
 from pushd.bus.model import Outgoing
-from pushd.bus.redis import REDIS_ERRORS, RedisBus, _pending_messages
+from pushd.bus.redis import RedisBus
 from pushd.errors import BusUnavailable, LinkDead
 
 PROBE_S = 1.0  # bus.redis.probe_interval_s
@@ -277,7 +286,7 @@ async def test_what_coredis_received_is_read_without_waiting() -> None:
     received = [{"type": "message", "channel": b"c", "data": str(n).encode()} for n in range(3)]
     for message in received:
         ps._send_stream.send_nowait(message)  # as coredis's push reader does
-    pending = _pending_messages(ps)
+    pending = pending_messages(ps)
     assert list(pending()) == received
     assert list(pending()) == []
 

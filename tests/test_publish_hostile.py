@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from redis_servers import RedisServer
 from test_fuzz import FUZZ, Daemon, Surface, client_frame, read_text_frame, run_daemon, ws_connect
 
-from pushd.bus.redis import META_TTL_S, Keys, lua_script
+from pushd.bus.store import META_TTL_S, Keys, lua_script
 from pushd.channels import parse_internal
 from pushd.gateway.hub import Hub, Outlet
 
@@ -139,7 +139,7 @@ def test_the_hub_drops_an_undeliverable_message_with_a_resync_notice() -> None:
     hub.subscribe(live, channel)
     hub.join(joining, channel)
     assert hub.publish("notice", "e1", 1, msgspec.Raw(b"1")) == 1
-    assert hub.publish("notice", "e1", 2, msgspec.Raw(BAD_DATA)) == 0
+    assert hub.publish("notice", "e1", 2, msgspec.Raw(BAD_DATA)) is None
     assert hub.publish("notice", "e1", 3, msgspec.Raw(b"3")) == 0  # lagging until drained
     hub.settle(joining, channel, None)
     assert msgspec.json.decode(bytes(live.out)[2:])["seq"] == 1  # one frame: 1 only

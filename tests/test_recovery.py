@@ -13,7 +13,7 @@ from wsframes import frames as server_frames
 
 from pushd.bus.memory import MemoryBus
 from pushd.bus.model import Entry, History, Outgoing, Position, Recovery
-from pushd.bus.redis import Recovered, decode_recovered, recovery_from
+from pushd.bus.store import Recovered, decode_recovered, recovery_from
 from pushd.channels import Channel
 from pushd.errors import ErrorCode
 from pushd.gateway.hub import Hub, Outlet

@@ -16,17 +16,11 @@ import trio
 from conftest import make_config, open_client, start_daemon, subscribed
 from redis_servers import RedisServer
 
+from pushd.bus.follower import MAX_HELD, Follower
 from pushd.bus.lease import held_by_us
 from pushd.bus.model import Outgoing
-from pushd.bus.redis import (
-    MAX_HELD,
-    META_TTL_S,
-    Keys,
-    RedisBus,
-    decode_published,
-    decode_recovered,
-    lua_script,
-)
+from pushd.bus.redis import RedisBus
+from pushd.bus.store import META_TTL_S, Keys, decode_published, decode_recovered, lua_script
 from pushd.channels import parse_internal
 from pushd.config import BusConfig, RedisBusConfig
 from pushd.errors import MalformedData
@@ -104,8 +98,9 @@ async def test_a_malformed_meta_hash_ends_no_node(
                 assert event.get("resync") is True or "data" in event, event
 
 
-class WatchedBus(RedisBus):
-    """The Redis bus, telling the test when a message with a given seq has reached it."""
+class WatchedFollower(Follower):
+    """The Redis bus's follower, telling the test when a message with a given seq has
+    reached it."""
 
     def watch(self, seq: int) -> trio.Event:
         self._watched = (seq, trio.Event())
@@ -118,6 +113,10 @@ class WatchedBus(RedisBus):
             watched[1].set()
 
 
+class WatchedBus(RedisBus):
+    follower_class = WatchedFollower
+
+
 async def test_messages_held_while_a_gap_is_read_stay_bounded(nursery: trio.Nursery) -> None:
     """A catch-up that takes long (Redis slow to answer) holds the channel's live messages:
     past ``MAX_HELD`` the oldest held are dropped (a gap the stream's own checks then fill or
@@ -126,27 +125,29 @@ async def test_messages_held_while_a_gap_is_read_stay_bounded(nursery: trio.Nurs
         config = BusConfig(kind="redis", redis=RedisBusConfig(url=redis.url, timeout_s=1.0))
         hub = Hub()
         bus = WatchedBus(hub, config)
+        follower = bus.follower
+        assert isinstance(follower, WatchedFollower)
         await nursery.start(bus.run)
         outlet = Outlet(1 << 20)
         hub.subscribe(outlet, parse_internal("notice", frozenset()))
         bus.interest("notice")
         await bus.wait_ready()
-        arrived = bus.watch(1)
+        arrived = follower.watch(1)
         [first] = await bus.publish_confirmed([Outgoing("notice", msgspec.Raw(b"1"))])
         with trio.fail_after(5):
             await arrived.wait()
-        feed = bus._feeds["notice"]
+        feed = follower._feeds["notice"]
         assert feed.position == first
         outlet.out.clear()
         feed.held = []  # as if a catch-up were under way, slow to get its answer
         count = MAX_HELD + 100
-        arrived = bus.watch(first.seq + count)
+        arrived = follower.watch(first.seq + count)
         last = (await bus.publish_confirmed([Outgoing("notice", msgspec.Raw(b"2"))] * count))[-1]
         with trio.fail_after(10):  # every one of them reached the node (and was held)
             await arrived.wait()
         assert feed.held is not None and feed.held[-1][1] == last.seq
         assert len(feed.held) <= MAX_HELD
-        await bus._catch_up("notice", feed)
+        await follower._catch_up("notice", feed)
         assert feed.held is None and feed.position == last
         frame = msgspec.json.decode(bytes(outlet.out)[2:])
         assert (frame.get("resync"), frame["seq"]) == (True, last.seq), frame

@@ -12,11 +12,16 @@
   in the registry has answered it (each node tells its subscribers once per gap, whatever
   the copies), for at least two heartbeats (a Redis that restarted empty has an empty registry
   until the nodes beat again), at most ``GAP_RETRY_S``.
+
+A command is a tagged union (``Command``: ``Kick``, ``Stats``, ``PrivateGap``, tagged by
+``op``), decoded once where it comes off the channel. Anyone with access to Redis can publish
+there: what is not a command (not JSON, an unknown ``op``, a field of the wrong type) is logged
+and dropped, and a command that fails is logged with its traceback; neither ends the loop.
+An answer or a registry entry that is not one is logged too (throttled) and left out.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import secrets
 import socket
@@ -30,8 +35,8 @@ import structlog
 import trio
 
 from pushd.backoff import Backoff
-from pushd.bus.link import REDIS_ERRORS
-from pushd.bus.redis import BACKOFF_S, RedisBus, describe
+from pushd.bus.link import BACKOFF_S, REDIS_ERRORS, describe
+from pushd.bus.redis import RedisBus
 from pushd.errors import BusUnavailable
 from pushd.logs import ThrottledLog
 
@@ -44,14 +49,35 @@ GAP_RETRY_S = 30.0  # a private gap is published again until every node answered
 GAPS_REMEMBERED = 64  # private gaps a node knows it told (their copies are answered, not told)
 
 
-class Command(msgspec.Struct, frozen=True, omit_defaults=True):
-    op: str
-    uid: str | None = None
+class _Command(msgspec.Struct, frozen=True, omit_defaults=True, kw_only=True, tag_field="op"):
+    """A command on the control channel, as JSON ``{"op": <tag>, ...}``: ``reply`` is the
+    list the asking node reads answers from, ``origin`` the asking node."""
+
     reply: str | None = None
-    reason: str | None = None
     origin: str | None = None
-    id: str | None = None  # a private gap's: its copies have the same
+
+
+class Kick(_Command, frozen=True, tag="kick"):
+    """Close ``uid``'s connections on every node; each answers how many it closed."""
+
+    uid: str
+
+
+class Stats(_Command, frozen=True, tag="stats"):
+    """Every node answers its counters (``NodeStats``)."""
+
+
+class PrivateGap(_Command, frozen=True, tag="private_gap"):
+    """Private events may have been lost (a compute node's ingest gap, or a hand-over): every
+    node tells its private subscribers once per ``id`` (its copies have the same) and answers
+    its node id."""
+
+    reason: str | None = None
+    id: str | None = None
     ts: float | None = None  # when the private gap was seen (wall clock, s)
+
+
+Command = Kick | Stats | PrivateGap  # what the control channel carries, decoded once
 
 
 class NodeStats(msgspec.Struct, frozen=True):
@@ -61,8 +87,13 @@ class NodeStats(msgspec.Struct, frozen=True):
     stats: dict[str, Any]
 
 
-_command = msgspec.json.Decoder(Command)
+_command = msgspec.json.Decoder(Command)  # the boundary: anything else is dropped, said
 _node = msgspec.json.Decoder(NodeStats)
+
+
+def _op(command: Command) -> str:
+    """A command's tag, as it came on the wire (for logs)."""
+    return str(command.__struct_config__.tag)
 
 
 def new_node_id() -> str:
@@ -89,6 +120,9 @@ class ControlPlane:
         self._channel = f"{prefix}:control"
         bus.link("control")  # a link of this node: not ready while it is down
         self._beat_log = ThrottledLog(log, "registry heartbeat not written")
+        self._gap_retry_log = ThrottledLog(log, "private gap not published: retried")
+        self._answer_log = ThrottledLog(log, "malformed control answer dropped")
+        self._registry_log = ThrottledLog(log, "malformed registry entry skipped")
         self._gap_reason: str | None = None  # a private gap to tell (reasons of several: one)
         self._gap_at = 0.0
         self._started = time.time()  # a gap seen before this node started is not its to tell
@@ -146,31 +180,41 @@ class ControlPlane:
             await trio.sleep(backoff.next())
 
     async def _obey(self, payload: bytes) -> None:
+        """Do one command from the control channel. One that is not a command (anyone with
+        access to Redis can publish there) is logged and dropped; one that fails (a bug) is
+        logged with its traceback. Neither ends the loop: the node obeys on."""
         try:
             command = _command.decode(payload)
-        except (msgspec.DecodeError, RecursionError):
-            log.warning("undecodable control message")
+        except (msgspec.DecodeError, RecursionError) as exc:  # (a ValidationError too)
+            log.warning("control command dropped", error=str(exc)[:200], size=len(payload))
             return
         try:
             await self._do(command)
-        except Exception:  # one command that fails (a bug) is said, and the node obeys on
-            log.exception("control command failed", op=command.op, origin=command.origin)
+        except Exception:
+            log.exception("control command failed", op=_op(command), origin=command.origin)
 
     async def _do(self, command: Command) -> None:
-        if command.op == "kick" and command.uid is not None:
-            await self._answer(command, str(self._kick(command.uid)).encode())
-        elif command.op == "stats":
-            entry = NodeStats(self.node_id, self._role, time.time(), self._stats())
-            await self._answer(command, msgspec.json.encode(entry))
-        elif command.op == "private_gap":
-            before_us = command.ts is not None and command.ts < self._started
-            if not before_us and (command.id is None or command.id not in self._gaps_told):
-                if command.id is not None:
-                    self._gaps_told.append(command.id)
-                told = self._private_gap(command.ts)  # (channels followed since: not told)
-                log.info("private gap told", origin=command.origin, reason=command.reason,
-                         notices=told)  # fmt: skip
-            await self._answer(command, self.node_id.encode())
+        match command:
+            case Kick(uid=uid):
+                await self._answer(command, str(self._kick(uid)).encode())
+            case Stats():
+                entry = NodeStats(self.node_id, self._role, time.time(), self._stats())
+                await self._answer(command, msgspec.json.encode(entry))
+            case PrivateGap():
+                await self._told(command)
+                await self._answer(command, self.node_id.encode())
+
+    async def _told(self, gap: PrivateGap) -> None:
+        """Tell this node's private subscribers of ``gap``, once per gap, unless it was seen
+        before this node started (its subscribers came after it)."""
+        if gap.ts is not None and gap.ts < self._started:
+            return
+        if gap.id is not None and gap.id in self._gaps_told:
+            return
+        if gap.id is not None:
+            self._gaps_told.append(gap.id)
+        told = self._private_gap(gap.ts)  # (channels followed since: not told)
+        log.info("private gap told", origin=gap.origin, reason=gap.reason, notices=told)
 
     async def _answer(self, command: Command, answer: bytes) -> None:
         """Push this node's answer for the asking node; one Redis refuses (or an outage) is
@@ -182,7 +226,7 @@ class ControlPlane:
                 await self._bus.client.rpush(command.reply, [answer])
                 await self._bus.client.expire(command.reply, REPLY_TTL_S)
         except REDIS_ERRORS as exc:
-            log.warning("control answer not sent", op=command.op, origin=command.origin,
+            log.warning("control answer not sent", op=_op(command), origin=command.origin,
                         error=describe(exc))  # fmt: skip
 
     def private_gap(self, reason: str) -> None:
@@ -203,19 +247,23 @@ class ControlPlane:
         started after it answers without telling: its subscribers came after the gap)."""
         token = secrets.token_hex(8)
         reply = f"{self._bus.prefix}:reply:{token}"
-        command = Command("private_gap", reason=reason, origin=self.node_id, reply=reply,
-                          id=token, ts=at)  # fmt: skip
+        command = PrivateGap(reason=reason, origin=self.node_id, reply=reply, id=token, ts=at)
         answered: set[str] = set()
         started = trio.current_time()
         while True:
-            with contextlib.suppress(*REDIS_ERRORS), trio.move_on_after(HEARTBEAT_S * 2):
-                await self._bus.client.publish(self._channel, msgspec.json.encode(command))
-                while got := await self._bus.client.blpop([reply], timeout=HEARTBEAT_S):
-                    answered.add(got[1].decode(errors="replace"))
-            with contextlib.suppress(BusUnavailable):
+            try:  # a round that fails (an outage) is said, and retried at the pace below
+                with trio.move_on_after(HEARTBEAT_S * 2):
+                    await self._bus.client.publish(self._channel, msgspec.json.encode(command))
+                    while got := await self._bus.client.blpop([reply], timeout=HEARTBEAT_S):
+                        answered.add(got[1].decode(errors="replace"))
+            except REDIS_ERRORS as exc:
+                self._gap_retry_log.warning(reason=reason, error=describe(exc))
+            try:
                 missing = {n.node for n in await self.nodes()} - answered
                 if not missing and trio.current_time() - started >= 2 * HEARTBEAT_S:
                     return
+            except BusUnavailable as exc:
+                self._gap_retry_log.warning(reason=reason, error=str(exc)[:200])
             if trio.current_time() - started > GAP_RETRY_S:
                 self.gaps_unconfirmed += 1
                 log.warning("private gap not confirmed by every node", reason=reason,
@@ -225,17 +273,24 @@ class ControlPlane:
 
     async def kick(self, uid: str) -> tuple[int, int]:
         """Close ``uid``'s connections on every node; returns (closed, nodes that answered)."""
-        answers = await self._ask(Command("kick", uid=uid))
-        counts = [int(a) for a in answers if a.isdigit() and len(a) <= 9]  # from Redis: checked
+        answers = await self._ask(Kick(uid=uid))
+        counts = []
+        for answer in answers:  # from Redis: checked
+            if answer.isdigit() and len(answer) <= 9:
+                counts.append(int(answer))
+            else:
+                self._answer_log.warning(op="kick", size=len(answer))
         return sum(counts), len(answers)
 
     async def stats(self) -> list[NodeStats]:
         """Every node's counters, as each node has them now."""
-        answers = await self._ask(Command("stats"))
+        answers = await self._ask(Stats())
         entries = []
         for answer in answers:
-            with contextlib.suppress(msgspec.DecodeError, RecursionError):
+            try:
                 entries.append(_node.decode(answer))
+            except (msgspec.DecodeError, RecursionError):
+                self._answer_log.warning(op="stats", size=len(answer))
         return sorted(entries, key=lambda e: e.node)
 
     async def _ask(self, command: Command) -> list[bytes]:
@@ -272,6 +327,7 @@ class ControlPlane:
             try:
                 entry = _node.decode(value)
             except (msgspec.DecodeError, RecursionError):
+                self._registry_log.warning(size=len(value))
                 continue
             if now - entry.ts <= FRESH_S:
                 fresh.append(entry)

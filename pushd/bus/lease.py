@@ -22,7 +22,9 @@ from typing import Any
 import structlog
 import trio
 
-from pushd.bus.redis import REDIS_ERRORS, RedisBus, describe, lua_script
+from pushd.bus.link import REDIS_ERRORS, describe
+from pushd.bus.redis import RedisBus
+from pushd.bus.store import lua_script
 
 log = structlog.get_logger("pushd.bus.lease")
 

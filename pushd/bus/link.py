@@ -11,24 +11,42 @@ connection is replaced; the new pub/sub session checks every followed channel, s
 published meanwhile is replayed or told. A dead link is noticed within
 ``probe_interval_s + timeout_s``.
 
-``Link`` is the state of one role (commands, data, control): up, or down and why.
+``Link`` is the state of one role (commands, data, control): up, or down and why; ``Links``
+holds a node's, and wakes whoever waits for a change. The rest is coredis adapted: ``connect``
+(a client, a pool of its own), its pools and sharded pub/sub with their leaks pinned, and a
+pub/sub session's connections (probed, discarded after).
+
+coredis's private parts used here (coredis 6.9): a pub/sub session's ``_receive_stream``
+(``pending_messages``: coredis has no public way to take what a session has received without a
+scheduler turn per message; ``get_message(timeout=0)`` is cancelled before it looks), read with
+a silent fallback and so pinned by a test of its own that fails if it disappears
+(tests/test_link.py, ``test_what_coredis_received_is_read_without_waiting``); the pools' slot
+queues (``Pool``, ``ClusterPool``), ``QueueFull`` and ``ShardedPubSub``'s shard tasks, which
+fail loudly if they change and whose leaks tests/test_link.py reproduces.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import math
+import time
 import traceback
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from typing import Any, NamedTuple
+from urllib.parse import urlsplit
 
 import anyio
+import coredis
 import coredis.exceptions
 import coredis.patterns.pubsub
 import coredis.pool
 import trio
 from anyio.abc import TaskStatus
 from coredis._concurrency import QueueFull
+from coredis.connection import TCPLocation
 
+from pushd.config import RedisBusConfig
 from pushd.errors import BusUnavailable, LinkDead
 
 # What a call to Redis raises when Redis, or the link to it, fails: to the bus an outage, to be
@@ -50,6 +68,15 @@ REDIS_ERRORS: tuple[type[Exception], ...] = (
     LinkDead,
     BusUnavailable,
 )
+BACKOFF_S = (0.05, 2.0)  # reconnect backoff: first, most
+
+
+def describe(exc: BaseException) -> str:
+    """One short line for a log or a reply: the error's type and message (the first one
+    inside a group: a nursery's wrapping says nothing)."""
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    return f"{type(exc).__name__}: {exc}"[:200]
 
 
 class Link:
@@ -68,6 +95,60 @@ class Link:
         self.up = up
         self.reason = "" if up else reason or "down"
         return changed
+
+
+class Links:
+    """This node's links to Redis by role, and one event for a change of any of them (a
+    role's state that is not a ``Link``, the publisher's, says so through ``changed``)."""
+
+    __slots__ = ("_changed", "_links")
+
+    def __init__(self, *names: str) -> None:
+        self._links = {name: Link(name) for name in names}
+        self._changed = trio.Event()  # set (and replaced) when a link goes up or down
+
+    def link(self, name: str) -> Link:
+        """The link ``name``; a new name is a link the node is not ready without."""
+        return self._links.setdefault(name, Link(name))
+
+    def mark(self, name: str, up: bool, reason: str = "") -> None:
+        if self.link(name).mark(up, reason):
+            self.changed()
+
+    def changed(self) -> None:
+        """Wake whoever waits for a link's change."""
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def wait_changed(self) -> None:
+        await self._changed.wait()
+
+    def states(self) -> dict[str, bool]:
+        return {name: link.up for name, link in self._links.items()}
+
+    def down(self) -> list[str]:
+        """Each link that is down, and why."""
+        return [f"{link.name} link: {link.reason}" for link in self._links.values() if not link.up]
+
+
+def connect(config: RedisBusConfig, name: str) -> Any:
+    """A client on a pool of its own, its connections named ``name`` (``CLIENT LIST``)."""
+    timeout = config.timeout_s
+    options: dict[str, Any] = {
+        "stream_timeout": timeout, "connect_timeout": timeout, "decode_responses": False,
+    }  # fmt: skip
+    if config.cluster:  # from_url of a cluster warns (coredis 6.9): give the node itself
+        url = urlsplit(config.url)
+        # (the cluster client takes no client_name: its pool does)
+        named_pool: Any = functools.partial(ClusterPool, client_name=name)
+        return Cluster(
+            startup_nodes=[TCPLocation(url.hostname or "127.0.0.1", url.port or 6379)],
+            username=url.username, password=url.password,
+            ssl=url.scheme == "rediss", **options,
+            connection_pool_cls=named_pool,
+        )  # fmt: skip
+    pool = Pool.from_url(config.url, client_name=name, **options)
+    return coredis.Redis(connection_pool=pool, decode_responses=False)
 
 
 class Cluster(coredis.RedisCluster[Any]):
@@ -210,3 +291,60 @@ async def watch(pings: Callable[[], Iterable[Check]], interval_s: float, timeout
     while True:
         await probe(pings(), timeout_s)
         await trio.sleep(interval_s)
+
+
+# -- a pub/sub session's connections --------------------------------------------------------
+
+
+def pending_messages(ps: Any) -> Callable[[], Iterator[Any]]:
+    """What coredis's pub/sub object has received and not handed out yet, without waiting
+    (its ``get_message`` yields to the scheduler once per message). Reads the private
+    ``_receive_stream``: see the module's docstring (pinned by tests/test_link.py)."""
+    stream = getattr(ps, "_receive_stream", None)
+
+    def pending() -> Iterator[Any]:
+        if stream is None:  # another coredis: one message per get_message, still correct
+            return
+        while True:
+            try:
+                yield stream.receive_nowait()
+            except (anyio.WouldBlock, anyio.EndOfStream, anyio.ClosedResourceError):
+                return
+
+    return pending
+
+
+def connections(ps: Any) -> list[Any]:
+    """The connections of a pub/sub session (one per shard on a Cluster)."""
+    found = list(getattr(ps, "shard_connections", {}).values())
+    with contextlib.suppress(Exception):  # a plain pub/sub that got no connection: none
+        found.append(ps.connection)
+    return found
+
+
+def discard(ps: Any) -> None:
+    """End a pub/sub session's connections for good: one handed back to a pool would still
+    carry what it was subscribed to, and the next borrower would get that (issue 19, item 5)."""
+    for connection in connections(ps):
+        connection.invalidate("pub/sub session ended")
+
+
+def pings(ps: Any) -> list[Check]:
+    """A check for each connection of a pub/sub session (PING is answered in subscribed mode
+    too; any byte the connection receives meanwhile counts as life)."""
+    return [
+        Check(functools.partial(_ping, connection), functools.partial(_quiet, connection))
+        for connection in connections(ps)
+    ]
+
+
+async def _ping(connection: Any) -> None:
+    # no deadline of coredis's (timeout_s): the probe's rule decides when a PONG is too late
+    await connection.create_request(b"PING", timeout=math.inf)
+
+
+def _quiet(connection: Any) -> float:
+    """Seconds since ``connection`` last received a byte (or was opened)."""
+    statistics = connection.statistics
+    heard: float = max(statistics.last_byte_received_at, statistics.connected_at)
+    return time.perf_counter() - heard

@@ -22,6 +22,7 @@ from __future__ import annotations
 import ctypes
 import time
 from collections.abc import Callable, Sequence
+from typing import Protocol
 
 import trio
 
@@ -32,6 +33,16 @@ SWEEP_EVERY = 4096  # publishes between sweeps of idle channels
 SWEEPS_PER_AGE = 4  # timed sweeps per history_age_s: a quiet channel goes within 1.25 ages
 TRIM_AFTER = 10_000  # channels forgotten in one sweep that are worth a malloc_trim
 MAX_CHANNELS = 100_000  # channels kept by default (bus.max_channels)
+
+
+class Subscribed(Delivery, Protocol):
+    """What the memory bus delivers to (the hub): a ``Delivery`` that also says how many
+    subscribers a channel has on this node, since only channels nobody here follows may be
+    forgotten, and the hub is the one that knows (the Redis bus needs no such count: it
+    follows a channel from the hub's first subscriber to its last)."""
+
+    def subscriber_count(self, internal: str) -> int:
+        """Subscribers of ``internal`` on this node, joining ones included."""
 
 
 def _malloc_trim() -> Callable[[int], int] | None:
@@ -58,7 +69,7 @@ class MemoryBus:
 
     def __init__(
         self,
-        hub: Delivery,
+        hub: Subscribed,
         history_size: int,
         history_age_s: float,
         clock: Callable[[], float] = time.monotonic,
@@ -96,12 +107,10 @@ class MemoryBus:
                 # a state stream's late subscriber gets its current state, not a replay
                 size = self._history_size if state_kind(channel) is StateKind.EVENTS else 0
                 history = histories[channel] = History(size, self._history_age_s)
-            undeliverable = hub.undeliverable
-            hub.publish(channel, epoch, seq, item.data)
-            if hub.undeliverable == undeliverable:
+            if hub.publish(channel, epoch, seq, item.data) is None:
+                history.skip(now)  # never replayed: a since across it is not recovered
+            else:
                 history.append(Entry(seq, item.data), now)
-            else:  # never replayed: a since across it is not recovered
-                history.skip(now)
             positions.append(Position(epoch, seq))
         self._until_sweep -= len(items)
         if self._until_sweep <= 0:

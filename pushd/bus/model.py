@@ -122,11 +122,19 @@ class Upstream(Protocol):
 
 class Delivery(Protocol):
     """Where a bus delivers a node's messages: the gateway's hub, which satisfies this
-    structurally, so no bus imports the gateway (centrifuge's ``BrokerEventHandler``). The
-    three deliveries, and the reads the buses make of it today."""
+    structurally, so no bus imports the gateway (centrifuge's ``BrokerEventHandler``).
 
-    def publish(self, internal: str, epoch: str, seq: int, data: msgspec.Raw) -> int:
-        """One message to this node's subscribers of ``internal``; returns how many got it."""
+    Two deliveries every bus makes, ``publish`` and ``resync``; and, for state streams on
+    nodes without the book (the Redis bus's follower only), a third delivery and the one
+    question that paces it: ``offer_state`` and ``wants_state``. Nothing else: a bus that
+    needs to know more of the hub asks through a protocol of its own (the memory bus's
+    ``Subscribed``)."""
+
+    def publish(self, internal: str, epoch: str, seq: int, data: msgspec.Raw) -> int | None:
+        """One message to this node's subscribers of ``internal``; returns how many got it,
+        or None where no client can be sent it (its data is not UTF-8: anyone with access to
+        Redis can publish): then it was dropped, and the channel's subscribers told. A bus
+        keeps no history of such a message and counts it."""
 
     def resync(self, internal: str, at: Position) -> int:
         """Messages of ``internal`` up to ``at`` may not have reached this node: tell its
@@ -134,17 +142,15 @@ class Delivery(Protocol):
 
     def offer_state(self, internal: str, recovery: Recovery) -> int:
         """A stream's stored state and the diffs after it (``recovery.current``) for the joins
-        waiting for one; returns how many started from it."""
+        waiting for one; returns how many started from it. Exists because a join to a diff
+        stream on a node without the book cannot start from a message: it waits for a state
+        the bus reads from where the publisher stored it."""
 
     def wants_state(self, internal: str) -> bool:
-        """Whether a join to ``internal`` waits for the stream's state."""
-
-    @property
-    def undeliverable(self) -> int:
-        """How many messages no client could be sent (their data is not UTF-8)."""
-
-    def subscriber_count(self, internal: str) -> int:
-        """Subscribers of ``internal`` on this node, joining ones included."""
+        """Whether a join to ``internal`` waits for the stream's state. Exists because that
+        read is a round trip to Redis: the bus asks before each read and after each live diff
+        (it may be the one that stored a state), and only the hub knows when the last waiting
+        join started or left (keeping a copy of that in the bus would be state kept twice)."""
 
 
 class Bus(Protocol):

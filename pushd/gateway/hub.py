@@ -413,8 +413,9 @@ class Hub:
             by_stream=by_stream,
         )
 
-    def publish(self, internal: str, epoch: str, seq: int, data: msgspec.Raw) -> int:
-        """Deliver one event to every local subscriber of ``internal``; returns how many got it."""
+    def publish(self, internal: str, epoch: str, seq: int, data: msgspec.Raw) -> int | None:
+        """Deliver one event to every local subscriber of ``internal``; returns how many got it
+        (None: its data is not UTF-8, dropped and its subscribers told: ``Delivery``)."""
         self.published += 1
         route = self._routes.get(internal)
         if route is None:
@@ -425,7 +426,7 @@ class Hub:
             frame = text_frame(encode_event(route.channel.protocol, data, seq, epoch))
         except UnicodeDecodeError:  # data not UTF-8: the bus should have refused it
             self._undeliverable(route, Position(epoch, seq))
-            return 0
+            return None
         if route.pending:
             self._keep(route, epoch, seq, data)
         if route.ahead:
