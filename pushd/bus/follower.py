@@ -378,7 +378,7 @@ class Follower:
             self.want_state(channel)  # this message may be the one that stored a state
 
     def want_state(self, channel: str) -> None:
-        """A join to a diff stream waits for the stream's state (the hub's ``on_wants_state``,
+        """A join to a diff stream waits for the stream's state (the upstream's ``want_state``,
         and each live message while one waits): read the stored state and the diffs after it
         and offer them to the hub. One read per channel at a time; a message that arrives
         during it makes it read again if it found none."""

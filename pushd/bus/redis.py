@@ -105,7 +105,7 @@ class RedisBus:
         self.follower.disinterest(channel)
 
     def want_state(self, channel: str) -> None:
-        """A join to a diff stream waits for the stream's state (the hub's ``on_wants_state``)."""
+        """A join to a diff stream waits for the stream's state (the upstream's ``want_state``)."""
         self.follower.want_state(channel)
 
     def carriers(self) -> dict[str, Carrier]:
