@@ -20,6 +20,7 @@ import fcntl
 import socket
 import ssl
 import termios
+from collections.abc import Callable
 
 import trio
 from wsproto.connection import Connection as WsConnection
@@ -63,6 +64,7 @@ class Connection:
         "gone_reason",
         "hub",
         "ip",
+        "leave",
         "life",
         "nursery",
         "outlet",
@@ -72,6 +74,7 @@ class Connection:
         "scope",
         "session",
         "sock",
+        "target",
         "tls",
         "token_wait",
         "traffic",
@@ -95,6 +98,8 @@ class Connection:
         self.wire = bytearray()  # TLS records not yet written
         self.ws: WsConnection | None = None
         self.session: Session | None = None
+        self.target = "/"  # the request target of its upgrade (path and query)
+        self.leave: Callable[[], None] | None = None  # another dialect's own leave_all
         self.scope: trio.CancelScope | None = None
         self.nursery: trio.Nursery | None = None
         self.tls: TlsLayer | None = None
@@ -153,6 +158,8 @@ class Connection:
         if self.session is not None:
             for internal in self.session.unsubscribe_all():
                 self.hub.unsubscribe(self.outlet, internal)
+        if self.leave is not None:
+            self.leave()
 
     def answer_ping(self, payload: bytes, max_owed: int) -> None:
         """A pong for each ping while at most ``max_owed`` wait to be written; past that, only

@@ -40,6 +40,7 @@ from starlette.responses import FileResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
+from pushd.binance.rest import BinanceRest
 from pushd.bus.control import ControlPlane
 from pushd.bus.model import Bus, Outgoing, Position, checked
 from pushd.bus.redis import RedisBus
@@ -106,6 +107,7 @@ class HttpApi:
         self.control: ControlPlane | None = None  # with Redis: stats and disconnect cluster-wide
         self.websocket_port = config.websocket.port  # the bound one, once the gateway listens
         self.demo_login: Callable[[], dict[str, str]] | None = None  # set by `pushd demo`
+        self.binance = BinanceRest(config, self)
         self.app = Starlette(
             routes=[
                 Route("/v1/publish", self._guard(self.publish), methods=["POST"]),
@@ -125,6 +127,7 @@ class HttpApi:
                 Route("/readyz", self.readyz, methods=["GET"]),
                 Route("/metrics", self.metrics, methods=["GET"]),
                 Route("/openapi.json", self.openapi, methods=["GET"]),
+                *self.binance.routes(),  # the Binance surfaces' REST (docs/binance.md)
             ]
         )
 
@@ -360,6 +363,7 @@ class HttpApi:
         """A reload: the publish token, batch size and limits of requests from now on."""
         self._config = config
         self._max_data = config.limits.outbound_buffer_bytes // 4
+        self.binance.reconfigure(config)
         self._openapi = msgspec.json.encode(openapi_document(config))
 
     def local_stats(self) -> dict[str, Any]:

@@ -1,0 +1,126 @@
+"""The real ccxt (ccxt.pro) against a real pushd's Binance surfaces, only its URLs changed.
+
+ccxt runs on asyncio in a worker thread (its own event loop); the daemon, the simulated engine
+and its feed run on Trio here. The feed is stopped from ccxt's side (``trio.from_thread``) so
+that the book stands still and ccxt's book can be compared with pushd's REST depth at the same
+``lastUpdateId``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import pytest
+import trio
+from conftest import Running, feed, make_config, start_daemon
+
+from ingest.sim import Market
+from ingest.transport import serve_snapshots
+
+ccxtpro = pytest.importorskip("ccxt.pro")
+
+SPOT, FUTURES = "BTC/USDT", "BTC/USDT:USDT"
+UPDATES = 5  # book updates each watch sees before the feed stops
+SETTLE_S = 20  # the books catch up with the last depth event within this
+
+
+async def start_binance(nursery: trio.Nursery, market: Market) -> Running:
+    snapshot_port = await nursery.start(serve_snapshots, market.book, "127.0.0.1", 0)
+    surfaces = {"spot": {"enabled": True, "port": 0}, "futures": {"enabled": True, "port": 0}}
+    config = make_config(engine={"snapshot_enabled": True, "snapshot_port": snapshot_port},
+                         binance=surfaces)  # fmt: skip
+    return await start_daemon(nursery, config)
+
+
+def exchange(running: Running) -> Any:
+    """ccxt.pro's binance with every URL it uses pointed at ``running`` (docs/binance.md)."""
+    ports, http = running.ports, running.http_url
+    ex = ccxtpro.binance()
+    ex.urls["api"]["public"] = f"{http}/api/v3"
+    ex.urls["api"]["fapiPublic"] = f"{http}/fapi/v1"
+    ex.urls["api"]["dapiPublic"] = f"{http}/dapi/v1"
+    # /stream: ccxt files spot data under the futures symbol unless the spot URL says so
+    ex.urls["api"]["ws"]["spot"] = f"ws://127.0.0.1:{ports.binance_spot}/stream"
+    ex.urls["api"]["ws"]["linear"] = f"ws://127.0.0.1:{ports.binance_futures}/ws"
+    return ex
+
+
+async def watch(ex: Any, stop_feed: Any) -> dict[str, Any]:
+    """Watch everything together for a while, stop the feed, then wait until both books stand
+    at pushd's REST depth's lastUpdateId; returns what was seen."""
+    await ex.load_markets()
+    seen: dict[str, Any] = {"trades": [], "tickers": [], "marks": []}
+
+    async def books(symbol: str) -> None:
+        for _ in range(UPDATES):
+            await ex.watch_order_book(symbol)
+
+    async def trades() -> None:
+        while len(seen["trades"]) < 3:
+            seen["trades"] += await ex.watch_trades(SPOT)
+
+    async def tickers() -> None:
+        seen["tickers"].append(await ex.watch_ticker(SPOT))  # miniTicker
+        seen["tickers"].append(await ex.watch_ticker(SPOT, {"name": "ticker"}))
+
+    async def marks() -> None:
+        seen["marks"].append(await ex.watch_mark_price(FUTURES))
+
+    await asyncio.gather(books(SPOT), books(FUTURES), trades(), tickers(), marks())
+    trio.from_thread.run_sync(stop_feed)
+    for symbol in (SPOT, FUTURES):
+        deadline = time.monotonic() + SETTLE_S
+        while True:
+            rest = await ex.fetch_order_book(symbol, 1000)
+            held = ex.orderbooks[symbol]
+            if held["nonce"] == rest["nonce"]:
+                break
+            assert time.monotonic() < deadline, (symbol, held["nonce"], rest["nonce"])
+            await asyncio.sleep(0.1)  # the last diffs are on their way
+        seen[symbol] = (held["nonce"], held["bids"][:], held["asks"][:], rest)
+    seen["rest_trades"] = await ex.fetch_trades(SPOT, limit=1000)
+    seen["held_trades"] = list(ex.trades[SPOT])
+    return seen
+
+
+async def run_ccxt(running: Running, stop_feed: Any) -> dict[str, Any]:
+    async def main() -> dict[str, Any]:
+        ex = exchange(running)
+        try:
+            return await watch(ex, stop_feed)
+        finally:
+            await ex.close()
+
+    with trio.fail_after(90):
+        return await trio.to_thread.run_sync(asyncio.run, main())
+
+
+async def test_ccxt_watches_spot_and_futures_and_agrees_with_rest(nursery: trio.Nursery) -> None:
+    market = Market(seed=7, rate=5)
+    running = await start_binance(nursery, market)
+    feeding = trio.CancelScope()
+
+    async def run_feed() -> None:
+        with feeding:
+            await feed(running, market)()
+
+    nursery.start_soon(run_feed)
+    seen = await run_ccxt(running, feeding.cancel)
+
+    for symbol in (SPOT, FUTURES):
+        nonce, bids, asks, rest = seen[symbol]
+        assert nonce == rest["nonce"]
+        assert bids == rest["bids"]
+        assert asks == rest["asks"]
+        assert len(bids) > 10 and len(asks) > 10
+    # the trades streamed last are those fetch_trades (aggTrades) gives, by id, price, amount
+    rest = {t["id"]: (t["price"], t["amount"]) for t in seen["rest_trades"]}
+    held = [(t["id"], t["price"], t["amount"]) for t in seen["held_trades"][-20:]]
+    assert held and all(rest.get(i) == (price, amount) for i, price, amount in held)
+    assert max(rest, key=int) == held[-1][0]
+    mini, full = seen["tickers"]
+    assert mini["symbol"] == full["symbol"] == SPOT and mini["last"] and full["last"]
+    assert full["vwap"] is not None  # only the full ticker carries w
+    assert seen["marks"][0]["markPrice"] > 0
