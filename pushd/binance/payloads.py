@@ -144,7 +144,11 @@ class BookMirror:
             self._book = None
             return False
         self._book = LocalBook()
-        self._book.apply(_depth.decode(current[1]))
+        try:
+            self._book.apply(_depth.decode(current[1]))
+        except ValueError:  # a state that does not check out: none
+            self._book = None
+            return False
         return True
 
     def top(self, levels: int) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
