@@ -15,6 +15,8 @@ from typing import Any
 import pytest
 import trio
 from conftest import Running, feed, make_config, start_daemon
+from redis_servers import Redis
+from test_cluster import redis_config
 
 from ingest.sim import Market
 from ingest.transport import serve_snapshots
@@ -24,13 +26,13 @@ ccxtpro = pytest.importorskip("ccxt.pro")
 SPOT, FUTURES = "BTC/USDT", "BTC/USDT:USDT"
 UPDATES = 5  # book updates each watch sees before the feed stops
 SETTLE_S = 20  # the books catch up with the last depth event within this
+SURFACES = {"spot": {"enabled": True, "port": 0}, "futures": {"enabled": True, "port": 0}}
 
 
 async def start_binance(nursery: trio.Nursery, market: Market) -> Running:
     snapshot_port = await nursery.start(serve_snapshots, market.book, "127.0.0.1", 0)
-    surfaces = {"spot": {"enabled": True, "port": 0}, "futures": {"enabled": True, "port": 0}}
     config = make_config(engine={"snapshot_enabled": True, "snapshot_port": snapshot_port},
-                         binance=surfaces)  # fmt: skip
+                         binance=SURFACES)  # fmt: skip
     return await start_daemon(nursery, config)
 
 
@@ -100,14 +102,33 @@ async def run_ccxt(running: Running, stop_feed: Any) -> dict[str, Any]:
 async def test_ccxt_watches_spot_and_futures_and_agrees_with_rest(nursery: trio.Nursery) -> None:
     market = Market(seed=7, rate=5)
     running = await start_binance(nursery, market)
+    await check_ccxt(nursery, market, running, running)
+
+
+@pytest.mark.parametrize("redis", ["redis"], indirect=True)
+async def test_ccxt_on_a_gateway_node_without_the_book(nursery: trio.Nursery, redis: Redis) -> None:
+    """Everywhere pushd runs: a gateway node has no book in process; REST depth and the
+    streams still agree by id (the state the compute node stored and the diffs after it)."""
+    market = Market(seed=8, rate=5)
+    snapshot_port = await nursery.start(serve_snapshots, market.book, "127.0.0.1", 0)
+    engine = {"snapshot_enabled": True, "snapshot_port": snapshot_port}
+    compute = await start_daemon(nursery, redis_config(redis, "compute", engine=engine))
+    gateway = await start_daemon(nursery, redis_config(redis, "gateway", binance=SURFACES))
+    await check_ccxt(nursery, market, gateway, compute)
+
+
+async def check_ccxt(
+    nursery: trio.Nursery, market: Market, clients: Running, engine: Running
+) -> None:
+    """ccxt on ``clients``'s surfaces while the simulated engine feeds ``engine``."""
     feeding = trio.CancelScope()
 
     async def run_feed() -> None:
         with feeding:
-            await feed(running, market)()
+            await feed(engine, market)()
 
     nursery.start_soon(run_feed)
-    seen = await run_ccxt(running, feeding.cancel)
+    seen = await run_ccxt(clients, feeding.cancel)
 
     for symbol in (SPOT, FUTURES):
         nonce, bids, asks, rest = seen[symbol]

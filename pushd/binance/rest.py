@@ -23,21 +23,27 @@ from starlette.routing import Route
 from pushd.binance.ids import update_id
 from pushd.binance.payloads import kline_fields, weighted_average
 from pushd.binance.streams import Market
+from pushd.bus.model import Position
+from pushd.channels import market_channel
 from pushd.config import Config, MarketConfig
-from pushd.errors import ApiError
+from pushd.errors import ApiError, BusUnavailable
+from pushd.market.depth import DepthEvent, LocalBook
 from pushd.market.funding import MarkPriceData
 from pushd.market.kline import Candle
 from pushd.market.ticker import TickerData
 from pushd.market.trades import TradeItem
 
 if TYPE_CHECKING:
+    from pushd.bus.redis import RedisBus
     from pushd.http.api import HttpApi
+    from pushd.market.markets import Markets
 
 T = TypeVar("T")
 QUOTES = ("USDT", "USDC", "FDUSD", "BUSD", "TUSD", "DAI", "BTC", "ETH", "BNB", "EUR", "USD", "TRY")
 DEFAULT_TICK, DEFAULT_STEP, DEFAULT_MIN_NOTIONAL = "0.01", "0.00001", "5"
 DELIVERY_PERPETUAL = 4133404800000  # Binance's deliveryDate of a perpetual (2100-12-25)
 INVALID_SYMBOL = (-1121, "Invalid symbol.")
+_depth = msgspec.json.Decoder(DepthEvent)
 
 
 class BinanceApiError(Exception):
@@ -110,9 +116,42 @@ def _as(value: Any, kind: type[T]) -> T:
 class BinanceRest:
     """The REST routes of both surfaces, over the native snapshot endpoints of ``api``."""
 
-    def __init__(self, config: Config, api: HttpApi) -> None:
+    def __init__(
+        self, config: Config, api: HttpApi, markets: Markets, redis: RedisBus | None
+    ) -> None:
         self._config = config
         self._api = api
+        self._markets = markets
+        self._redis = redis
+
+    async def depth_state(self, symbol: str) -> tuple[Position, DepthEvent] | None:
+        """The symbol's book and the position of the depth event it is the book of, standing
+        where the stream stands: this process's book, or on a node without it the state the
+        compute node stored and the diffs after it (Redis). None: no book yet. The one place
+        to re-point at a unified current-state source."""
+        internal = market_channel("depth", symbol)
+        if self._redis is None:
+            current = self._markets.current(internal)
+            return None if current is None else (current[0], _depth.decode(current[1]))
+        try:
+            recovery = await self._redis.latest_state(internal)
+        except BusUnavailable as exc:
+            raise BinanceApiError(-1001, f"Internal error; unable to process your request: {exc}",
+                                  503) from None  # fmt: skip
+        if not recovery.current:
+            return None
+        book, last = LocalBook(), None
+        try:
+            for entry in recovery.current:
+                last = _depth.decode(entry.data)
+                book.apply(last)
+        except (ValueError, msgspec.ValidationError):  # Redis is not trusted: no book
+            return None
+        assert last is not None
+        bids, asks = book.sorted()
+        at = Position(recovery.position.epoch, recovery.current[-1].seq)
+        return at, DepthEvent("snapshot", symbol, last.u, last.u, last.u, bids, asks,
+                              last.checksum, last.T)  # fmt: skip
 
     def reconfigure(self, config: Config) -> None:
         self._config = config
@@ -136,6 +175,7 @@ class BinanceRest:
         return _json({"timezone": "UTC", "serverTime": _now_ms(), "symbols": []})
 
     def _symbol(self, request: Request) -> str:
+        """The ``symbol`` parameter, a configured one (else -1121)."""
         symbol = request.query_params.get("symbol", "")
         if symbol not in self._config.markets:
             raise BinanceApiError(*INVALID_SYMBOL)
@@ -154,13 +194,21 @@ class BinanceRest:
                 "exchangeFilters": [], "symbols": symbols}  # fmt: skip
 
     async def depth(self, request: Request, market: Market) -> object:
-        self._symbol(request)
-        snap: dict[str, Any] = await self._api.depth(request)  # type: ignore[assignment]
-        data = msgspec.to_builtins(snap["data"]) or {"bids": [], "asks": [], "T": _now_ms()}
-        out = {"lastUpdateId": update_id(snap["epoch"], snap["seq"])}
+        symbol = self._symbol(request)
+        text = request.query_params.get("limit", "100")
+        if not (text.isascii() and text.isdigit() and len(text) <= 5 and 1 <= int(text) <= 5000):
+            raise BinanceApiError(-1100, "Illegal characters found in parameter 'limit'.")
+        limit = int(text)
+        state = await self.depth_state(symbol)
+        if state is None:  # no book yet: an empty one before the first event
+            at, bids, asks, ts = Position("", 0), [], [], _now_ms()
+        else:
+            at, book = state
+            bids, asks, ts = book.bids[:limit], book.asks[:limit], book.T
+        out: dict[str, Any] = {"lastUpdateId": update_id(at.epoch, at.seq)}
         if market == "futures":
-            out.update({"E": data.get("T", 0), "T": data.get("T", 0)})
-        return {**out, "bids": data["bids"], "asks": data["asks"]}
+            out.update({"E": ts, "T": ts})
+        return {**out, "bids": bids, "asks": asks}
 
     async def _trades(self, request: Request) -> list[TradeItem]:
         self._symbol(request)

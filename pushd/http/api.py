@@ -107,7 +107,7 @@ class HttpApi:
         self.control: ControlPlane | None = None  # with Redis: stats and disconnect cluster-wide
         self.websocket_port = config.websocket.port  # the bound one, once the gateway listens
         self.demo_login: Callable[[], dict[str, str]] | None = None  # set by `pushd demo`
-        self.binance = BinanceRest(config, self)
+        self.binance = BinanceRest(config, self, markets, self._redis)
         self.app = Starlette(
             routes=[
                 Route("/v1/publish", self._guard(self.publish), methods=["POST"]),
