@@ -99,11 +99,20 @@ def _with_sim_keys(config: Config) -> Config:
 
 
 def _with_binance(config: Config) -> Config:
-    """``pushd demo`` serves both Binance surfaces (docs/binance.md)."""
+    """``pushd demo`` serves both Binance surfaces (docs/binance.md), each symbol's tick and
+    step the simulator's where the config sets none."""
     spot = msgspec.structs.replace(config.binance.spot, enabled=True)
     futures = msgspec.structs.replace(config.binance.futures, enabled=True)
     binance = msgspec.structs.replace(config.binance, spot=spot, futures=futures)
-    return msgspec.structs.replace(config, binance=binance)
+    markets = {
+        spec.symbol: msgspec.structs.replace(
+            market,
+            tick_size=market.tick_size or f"{10**-spec.price_scale:.{spec.price_scale}f}",
+            step_size=market.step_size or f"{10**-spec.qty_scale:.{spec.qty_scale}f}",
+        )
+        for spec, market in zip(_specs(config), config.markets.values(), strict=True)
+    }
+    return msgspec.structs.replace(config, binance=binance, markets=markets)
 
 
 def binance_urls(config: Config, ports: Ports, web: str) -> str:

@@ -209,10 +209,14 @@ class BinanceSurfaceConfig(_Section, frozen=True):
     # a SUBSCRIBE of 200 stream names is ~5 KB; of 1,024 ~30 KB
     max_message_bytes: Annotated[int, msgspec.Meta(ge=4096, le=1 << 20)] = 65536
     ping_interval_s: PositiveFloat = 20.0  # server pings (Binance: spot 20 s, futures 180 s)
+    # no pong this long after a ping: closed (Binance: spot 60 s, futures 600 s)
+    pong_timeout_s: PositiveFloat = 60.0
 
 
 def _futures_surface() -> BinanceSurfaceConfig:
-    return BinanceSurfaceConfig(port=9444, max_streams=200, ping_interval_s=180.0)
+    return BinanceSurfaceConfig(
+        port=9444, max_streams=200, ping_interval_s=180.0, pong_timeout_s=600.0
+    )
 
 
 class BinanceConfig(_Section, frozen=True):

@@ -53,7 +53,7 @@ async def watch(ex: Any, stop_feed: Any) -> dict[str, Any]:
     """Watch everything together for a while, stop the feed, then wait until both books stand
     at pushd's REST depth's lastUpdateId; returns what was seen."""
     await ex.load_markets()
-    seen: dict[str, Any] = {"trades": [], "tickers": [], "marks": []}
+    seen: dict[str, Any] = {"trades": [], "tickers": [], "marks": [], "candles": {}}
 
     async def books(symbol: str) -> None:
         for _ in range(UPDATES):
@@ -70,7 +70,11 @@ async def watch(ex: Any, stop_feed: Any) -> dict[str, Any]:
     async def marks() -> None:
         seen["marks"].append(await ex.watch_mark_price(FUTURES))
 
-    await asyncio.gather(books(SPOT), books(FUTURES), trades(), tickers(), marks())
+    async def candles(symbol: str) -> None:
+        seen["candles"][symbol] = await ex.watch_ohlcv(symbol, "1m")
+
+    await asyncio.gather(books(SPOT), books(FUTURES), trades(), tickers(), marks(),
+                         candles(SPOT), candles(FUTURES))  # fmt: skip
     trio.from_thread.run_sync(stop_feed)
     for symbol in (SPOT, FUTURES):
         deadline = time.monotonic() + SETTLE_S
@@ -84,6 +88,14 @@ async def watch(ex: Any, stop_feed: Any) -> dict[str, Any]:
         seen[symbol] = (held["nonce"], held["bids"][:], held["asks"][:], rest)
     seen["rest_trades"] = await ex.fetch_trades(SPOT, limit=1000)
     seen["held_trades"] = list(ex.trades[SPOT])
+    for symbol in (SPOT, FUTURES):
+        seen[f"ohlcv {symbol}"] = await ex.fetch_ohlcv(symbol, "1m", limit=10)
+    deadline = time.monotonic() + SETTLE_S
+    while (ticker := await ex.fetch_ticker(SPOT))["last"] != seen["held_trades"][-1]["price"]:
+        assert time.monotonic() < deadline, (ticker["last"], seen["held_trades"][-1])
+        await asyncio.sleep(0.1)  # the ticker is pushed each ticker_interval_ms
+    seen["rest_ticker"] = ticker
+    seen["funding"] = await ex.fetch_funding_rate(FUTURES)
     return seen
 
 
@@ -145,3 +157,9 @@ async def check_ccxt(
     assert mini["symbol"] == full["symbol"] == SPOT and mini["last"] and full["last"]
     assert full["vwap"] is not None  # only the full ticker carries w
     assert seen["marks"][0]["markPrice"] > 0
+    for symbol in (SPOT, FUTURES):  # the streamed candles are REST's, by open time
+        rest_open_times = {row[0] for row in seen[f"ohlcv {symbol}"]}
+        streamed = seen["candles"][symbol]
+        assert streamed and {row[0] for row in streamed} <= rest_open_times
+    assert seen["rest_ticker"]["last"] == held[-1][1]  # the last trade's price
+    assert seen["funding"]["markPrice"] > 0 and seen["funding"]["fundingRate"] is not None

@@ -144,3 +144,20 @@ async def test_the_server_pings(nursery: trio.Nursery) -> None:
             assert not any(isinstance(e, CloseConnection) for e in events)
             if any(isinstance(e, Ping) for e in events):
                 break
+
+
+async def test_a_client_that_answers_no_ping_is_closed(nursery: trio.Nursery) -> None:
+    running = await start(nursery, ping_interval_s=0.05, pong_timeout_s=0.2)
+    silent = await client(running)  # wsproto does not answer pings by itself
+    polite = await client(running)
+    pings = 0
+    with trio.fail_after(10):
+        while pings < 12:  # 0.6 s of pings, three times the timeout: answered, it stays
+            polite.ws.receive_data(await polite.stream.receive_some(65536))
+            for event in polite.ws.events():
+                assert not isinstance(event, CloseConnection)
+                if isinstance(event, Ping):
+                    pings += 1
+                    await polite.stream.send_all(polite.ws.send(event.response()))
+    _, code = await silent.read_until_close()
+    assert code == 1008

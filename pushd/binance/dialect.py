@@ -30,6 +30,7 @@ from pushd.gateway.lifecycle import Disconnect, Phase
 from pushd.gateway.ratelimit import TokenBucket
 
 INVALID_STREAM = Disconnect(CloseCode.POLICY_VIOLATION, "invalid stream name", "binance_stream")
+NO_PONG = Disconnect(CloseCode.POLICY_VIOLATION, "no pong", "binance_no_pong")
 
 ViewKey = tuple[Market, str, bool]
 
@@ -136,11 +137,20 @@ class BinanceDialect:
         self._end(conn, INVALID_STREAM)
 
     async def _pings(self, conn: Connection) -> None:
-        """Binance's server pings (a client answers with a pong; wsproto's are read and
-        dropped by the shell)."""
+        """Binance's server pings; a client that has sent no pong for ``pong_timeout_s``
+        since the first unanswered ping is closed."""
+        unanswered_since: float | None = None
         while True:
             await trio.sleep(self._surface().ping_interval_s)
             ws = conn.ws
             if conn.phase is not Phase.OPEN or ws is None:
+                return
+            now = trio.current_time()
+            if unanswered_since is not None and conn.pong_at >= unanswered_since:
+                unanswered_since = None  # answered
+            if unanswered_since is None:
+                unanswered_since = now
+            elif now - unanswered_since >= self._surface().pong_timeout_s:
+                self._end(conn, NO_PONG)
                 return
             conn.send(ws.send(Ping(b"")))

@@ -69,6 +69,7 @@ class Connection:
         "nursery",
         "outlet",
         "peer",
+        "pong_at",
         "pong_due",
         "pongs_owed",
         "scope",
@@ -106,6 +107,7 @@ class Connection:
         self.frames: FrameBudget | None = None  # what its received frames may cost (once open)
         self.pongs_owed = 0  # pongs queued since its outbound buffer was last empty
         self.pong_due: bytes | None = None  # the latest ping, when past the pongs owed
+        self.pong_at = 0.0  # when the client's last pong came (trio time; 0: none yet)
         self.token_wait: trio.CancelScope | None = None  # the token timer's sleep, if running
 
     @property

@@ -45,6 +45,7 @@ from wsproto.events import (
     BytesMessage,
     CloseConnection,
     Ping,
+    Pong,
     Request,
     TextMessage,
 )
@@ -435,6 +436,8 @@ class Gateway:
                         await self._dialect.on_message(conn, text, binary)
                 elif isinstance(event, Ping):
                     conn.answer_ping(event.payload, self._limits.max_pongs_owed)
+                elif isinstance(event, Pong):  # a dialect that pings reads when (Binance)
+                    conn.pong_at = now
                 elif isinstance(event, CloseConnection):
                     self._on_close_frame(conn, event)
                     return
