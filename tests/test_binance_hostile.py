@@ -4,10 +4,12 @@ the stream limit holds, bad paths are refused."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import trio
-from conftest import RawClient, Running, make_config, start_daemon
+from conftest import RawClient, Running, make_config, open_client, start_daemon
+from test_tls import Certificates
 from wsproto.events import AcceptConnection, CloseConnection, Ping, RejectConnection, TextMessage
 
 from pushd.channels import KLINE_INTERVALS
@@ -161,3 +163,13 @@ async def test_a_client_that_answers_no_ping_is_closed(nursery: trio.Nursery) ->
                     await polite.stream.send_all(polite.ws.send(event.response()))
     _, code = await silent.read_until_close()
     assert code == 1008
+
+
+async def test_wss_on_a_binance_surface(nursery: trio.Nursery, tmp_path: Path) -> None:
+    """cryptofeed refuses ws://: the surface serves wss:// with its own certificate."""
+    certs = Certificates(tmp_path)
+    running = await start(nursery, **certs.tls_section())
+    url = f"wss://127.0.0.1:{running.ports.binance_spot}/ws"
+    async with open_client(url, ssl_context=certs.client_context()) as tls_client:
+        answer = await tls_client.call({"method": "LIST_SUBSCRIPTIONS", "id": 1})
+        assert answer == {"result": [], "id": 1}

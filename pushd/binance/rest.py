@@ -164,7 +164,7 @@ class BinanceRest:
                 ("ping", self.ping), ("time", self.time), ("exchangeInfo", self.exchange_info),
                 ("depth", self.depth), ("trades", self.trades), ("aggTrades", self.agg_trades),
                 ("klines", self.klines), ("ticker/24hr", self.ticker),
-                ("premiumIndex", self.premium_index),
+                ("ticker/bookTicker", self.book_ticker), ("premiumIndex", self.premium_index),
             ):  # fmt: skip
                 if name == "premiumIndex" and market == "spot":
                     continue
@@ -241,38 +241,84 @@ class BinanceRest:
                          k["V"], k["Q"], "0"])  # fmt: skip
         return rows
 
+    async def _last_pushed(self, symbol: str, stream: str, kind: type[T]) -> T | None:
+        """The last event pushed on a whole-state stream (ticker, markPrice), as ``kind``: this
+        process's, or the state the compute node stored (Redis). None before the first."""
+        channel = market_channel(stream, symbol)
+        value: Any
+        if self._redis is None:
+            value = self._markets.symbols[symbol].last.get(channel)
+        else:
+            try:
+                _, raw = await self._redis.snapshot(channel)
+            except BusUnavailable as exc:
+                raise BinanceApiError(-1001, f"Internal error: {exc}", 503) from None
+            value = None if raw is None else msgspec.json.decode(raw)
+        try:
+            return None if value is None else _as(value, kind)
+        except msgspec.ValidationError:  # Redis is not trusted
+            return None
+
+    async def _each(
+        self, request: Request, stream: str, kind: type[T], shape: Callable[[T], object]
+    ) -> object:
+        """One symbol's answer (``symbol`` given), else every symbol's that has one, as a list."""
+        if "symbol" not in request.query_params:
+            found = [await self._last_pushed(s, stream, kind) for s in self._config.markets]
+            return [shape(value) for value in found if value is not None]
+        value = await self._last_pushed(self._symbol(request), stream, kind)
+        if value is None:  # nothing pushed yet (no trade, no index price)
+            raise BinanceApiError(*INVALID_SYMBOL)
+        return shape(value)
+
     async def ticker(self, request: Request, market: Market) -> object:
-        self._symbol(request)
-        snap: dict[str, Any] = await self._api.ticker(request)  # type: ignore[assignment]
-        if snap["data"] is None:
-            raise BinanceApiError(-1121, "Invalid symbol.")  # no trade yet: no ticker
-        t = _as(snap["data"], TickerData)
-        out: dict[str, Any] = {"symbol": t.s, "priceChange": t.change,
-                               "priceChangePercent": t.changePercent,
-                               "weightedAvgPrice": weighted_average(t)}  # fmt: skip
-        if market == "spot":
-            out["prevClosePrice"] = t.open
-        out.update({"lastPrice": t.last, "lastQty": "0"})
-        if market == "spot":
-            out.update({"bidPrice": "0", "bidQty": "0", "askPrice": "0", "askQty": "0"})
-        out.update({"openPrice": t.open, "highPrice": t.high, "lowPrice": t.low,
-                    "volume": t.volume, "quoteVolume": t.quoteVolume, "openTime": t.openTime,
-                    "closeTime": t.closeTime,
-                    "firstId": t.firstId if t.firstId is not None else -1,
-                    "lastId": t.lastId if t.count else -1, "count": t.count})  # fmt: skip
-        return out
+        def shape(t: TickerData) -> object:
+            out: dict[str, Any] = {"symbol": t.s, "priceChange": t.change,
+                                   "priceChangePercent": t.changePercent,
+                                   "weightedAvgPrice": weighted_average(t)}  # fmt: skip
+            if market == "spot":
+                out["prevClosePrice"] = t.open
+            out.update({"lastPrice": t.last, "lastQty": "0"})
+            if market == "spot":
+                out.update({"bidPrice": "0", "bidQty": "0", "askPrice": "0", "askQty": "0"})
+            out.update({"openPrice": t.open, "highPrice": t.high, "lowPrice": t.low,
+                        "volume": t.volume, "quoteVolume": t.quoteVolume,
+                        "openTime": t.openTime, "closeTime": t.closeTime,
+                        "firstId": t.firstId if t.firstId is not None else -1,
+                        "lastId": t.lastId if t.count else -1, "count": t.count})  # fmt: skip
+            return out
+
+        return await self._each(request, "ticker", TickerData, shape)
 
     async def premium_index(self, request: Request, market: Market) -> object:
-        self._symbol(request)
-        snap: dict[str, Any] = await self._api.mark_price(request)  # type: ignore[assignment]
-        if snap["data"] is None:
-            raise BinanceApiError(-1121, "Invalid symbol.")
-        m = _as(snap["data"], MarkPriceData)
-        interest = self._config.markets[m.s].funding.interest_rate
-        return {"symbol": m.s, "markPrice": m.markPrice, "indexPrice": m.indexPrice,
-                "estimatedSettlePrice": m.estimatedSettlePrice, "lastFundingRate": m.fundingRate,
-                "interestRate": interest, "nextFundingTime": m.nextFundingTime,
-                "time": m.T}  # fmt: skip
+        def shape(m: MarkPriceData) -> object:
+            interest = self._config.markets[m.s].funding.interest_rate
+            return {"symbol": m.s, "markPrice": m.markPrice, "indexPrice": m.indexPrice,
+                    "estimatedSettlePrice": m.estimatedSettlePrice,
+                    "lastFundingRate": m.fundingRate, "interestRate": interest,
+                    "nextFundingTime": m.nextFundingTime, "time": m.T}  # fmt: skip
+
+        return await self._each(request, "markPrice", MarkPriceData, shape)
+
+    async def book_ticker(self, request: Request, market: Market) -> object:
+        """The best bid and ask of one symbol (``symbol``), else of every symbol."""
+        symbols = [self._symbol(request)] if "symbol" in request.query_params else list(
+            self._config.markets)  # fmt: skip
+        out = []
+        for symbol in symbols:
+            state = await self.depth_state(symbol)
+            bid, ask, uid, ts = ("0", "0"), ("0", "0"), 0, _now_ms()
+            if state is not None:
+                at, book = state
+                bid = book.bids[0] if book.bids else bid
+                ask = book.asks[0] if book.asks else ask
+                uid, ts = update_id(at.epoch, at.seq), book.T
+            item: dict[str, Any] = {"symbol": symbol, "bidPrice": bid[0], "bidQty": bid[1],
+                                    "askPrice": ask[0], "askQty": ask[1]}  # fmt: skip
+            if market == "futures":
+                item.update({"time": ts, "lastUpdateId": uid})
+            out.append(item)
+        return out[0] if "symbol" in request.query_params else out
 
 
 def _answer(
