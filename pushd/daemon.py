@@ -390,9 +390,9 @@ class Daemon:
                 log.info("shutting down", connections=len(self.gateway.connections))
                 self.notifier.send(STOPPING=1, STATUS="draining connections")
                 self._serving = False
-                await self.gateway.shutdown(SHUTDOWN_GRACE_S)
-                for gateway in self.binance.values():
-                    await gateway.shutdown(SHUTDOWN_GRACE_S)
+                async with trio.open_nursery() as closing:  # every listener stops at once
+                    for gateway in (self.gateway, *self.binance.values()):
+                        closing.start_soon(gateway.shutdown, SHUTDOWN_GRACE_S)
                 if self.redis is not None and self.control is not None:
                     await self.redis.drain(SHUTDOWN_GRACE_S)  # what was published goes out
                     await self.control.leave()

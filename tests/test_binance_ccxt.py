@@ -10,18 +10,22 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
+import msgspec
 import pytest
 import trio
 from conftest import Running, feed, make_config, start_daemon
 from redis_servers import Redis
 from test_cluster import redis_config
 
+from ingest import wire
 from ingest.sim import Market
-from ingest.transport import serve_snapshots
+from ingest.transport import BookProvider, serve_snapshots
 
 ccxtpro = pytest.importorskip("ccxt.pro")
+ccxt = pytest.importorskip("ccxt")
 
 SPOT, FUTURES = "BTC/USDT", "BTC/USDT:USDT"
 UPDATES = 5  # book updates each watch sees before the feed stops
@@ -29,8 +33,10 @@ SETTLE_S = 20  # the books catch up with the last depth event within this
 SURFACES = {"spot": {"enabled": True, "port": 0}, "futures": {"enabled": True, "port": 0}}
 
 
-async def start_binance(nursery: trio.Nursery, market: Market) -> Running:
-    snapshot_port = await nursery.start(serve_snapshots, market.book, "127.0.0.1", 0)
+async def start_binance(
+    nursery: trio.Nursery, market: Market, provider: BookProvider | None = None
+) -> Running:
+    snapshot_port = await nursery.start(serve_snapshots, provider or market.book, "127.0.0.1", 0)
     config = make_config(engine={"snapshot_enabled": True, "snapshot_port": snapshot_port},
                          binance=SURFACES)  # fmt: skip
     return await start_daemon(nursery, config)
@@ -77,15 +83,7 @@ async def watch(ex: Any, stop_feed: Any) -> dict[str, Any]:
                          candles(SPOT), candles(FUTURES))  # fmt: skip
     trio.from_thread.run_sync(stop_feed)
     for symbol in (SPOT, FUTURES):
-        deadline = time.monotonic() + SETTLE_S
-        while True:
-            rest = await ex.fetch_order_book(symbol, 1000)
-            held = ex.orderbooks[symbol]
-            if held["nonce"] == rest["nonce"]:
-                break
-            assert time.monotonic() < deadline, (symbol, held["nonce"], rest["nonce"])
-            await asyncio.sleep(0.1)  # the last diffs are on their way
-        seen[symbol] = (held["nonce"], held["bids"][:], held["asks"][:], rest)
+        seen[symbol] = await settled(ex, symbol)
     seen["rest_trades"] = await ex.fetch_trades(SPOT, limit=1000)
     seen["held_trades"] = list(ex.trades[SPOT])
     for symbol in (SPOT, FUTURES):
@@ -99,11 +97,26 @@ async def watch(ex: Any, stop_feed: Any) -> dict[str, Any]:
     return seen
 
 
-async def run_ccxt(running: Running, stop_feed: Any) -> dict[str, Any]:
-    async def main() -> dict[str, Any]:
+async def settled(ex: Any, symbol: str) -> tuple[int, list[Any], list[Any], dict[str, Any]]:
+    """Once the feed has stopped: the book ccxt holds when it stands at REST depth's
+    lastUpdateId (nonce, bids, asks), and that REST depth."""
+    deadline = time.monotonic() + SETTLE_S
+    while True:
+        rest = await ex.fetch_order_book(symbol, 1000)
+        held = ex.orderbooks.get(symbol)
+        if held is not None and held["nonce"] == rest["nonce"]:
+            return held["nonce"], held["bids"][:], held["asks"][:], rest
+        assert time.monotonic() < deadline, (symbol, held and held["nonce"], rest["nonce"])
+        await asyncio.sleep(0.1)  # the last diffs are on their way
+
+
+async def run_ccxt(
+    running: Running, stop_feed: Any, watching: Callable[[Any, Any], Awaitable[Any]] | None = None
+) -> Any:
+    async def main() -> Any:
         ex = exchange(running)
         try:
-            return await watch(ex, stop_feed)
+            return await (watching or watch)(ex, stop_feed)
         finally:
             await ex.close()
 
@@ -163,3 +176,47 @@ async def check_ccxt(
         assert streamed and {row[0] for row in streamed} <= rest_open_times
     assert seen["rest_ticker"]["last"] == held[-1][1]  # the last trade's price
     assert seen["funding"]["markPrice"] > 0 and seen["funding"]["fundingRate"] is not None
+
+
+async def test_ccxt_resyncs_after_a_break_in_the_chain(nursery: trio.Nursery) -> None:
+    """The engine restarts (its book versions start lower): pushd publishes a snapshot
+    mid-stream, which the dialect does not send (Binance has none), so the next diff does not
+    follow the last one ccxt holds. ccxt says so (ChecksumError), is asked again, reloads REST
+    depth, and its book is right again."""
+    market = Market(seed=11, rate=5)
+    offset = [10**9]  # the engine's versions: far up, then down to the simulator's own
+
+    def provider(symbol: str, depth: int, request_id: int) -> wire.BookSnapshot:
+        book = market.book(symbol, depth, request_id)
+        return msgspec.structs.replace(book, update_id=book.update_id + offset[0])
+
+    running = await start_binance(nursery, market, provider)
+    feeding = trio.CancelScope()
+
+    async def run_feed() -> None:
+        with feeding:
+            await feed(running, market)()
+
+    def restart_engine() -> None:
+        offset[0] = 0
+
+    async def watching(ex: Any, stop_feed: Any) -> dict[str, Any]:
+        await ex.load_markets()
+        for _ in range(UPDATES):
+            await ex.watch_order_book(SPOT)
+        trio.from_thread.run_sync(restart_engine)
+        breaks = watched = 0
+        while watched < UPDATES:  # a break, then books again
+            try:
+                await ex.watch_order_book(SPOT)
+                watched += 1 if breaks else 0
+            except ccxt.ChecksumError:
+                breaks += 1
+        trio.from_thread.run_sync(stop_feed)
+        return {"breaks": breaks, "book": await settled(ex, SPOT)}
+
+    nursery.start_soon(run_feed)
+    seen = await run_ccxt(running, feeding.cancel, watching)
+    assert seen["breaks"] >= 1
+    nonce, bids, asks, rest = seen["book"]
+    assert (nonce, bids, asks) == (rest["nonce"], rest["bids"], rest["asks"])
