@@ -71,6 +71,11 @@ compute node stored last, which may be a few events behind the stream: the curre
 source being unified on another branch will make it exact; ``rest.BinanceRest.depth`` is the
 one place to re-point.)
 
+Partial depth and ``bookTicker`` read the top of a book mirror (``payloads.BookMirror``)
+seeded by the hub's ``current`` depth state: on a gateway node with Redis there is none in
+process yet, so those two send nothing there (the seed belongs with the unified current-state
+source).
+
 Not served yet: user-data streams, the WebSocket API, COIN-M (``/dapi`` answers no symbols),
 continuous klines, ``!ticker@arr`` and friends; see docs/binance.md.
 """
