@@ -16,7 +16,7 @@ from typing import Any
 import msgspec
 import pytest
 import trio
-from conftest import Running, feed, make_config, start_daemon
+from conftest import Running, feed, make_config, open_client, start_daemon
 from redis_servers import Redis
 from test_cluster import redis_config
 
@@ -140,6 +140,33 @@ async def test_ccxt_on_a_gateway_node_without_the_book(nursery: trio.Nursery, re
     compute = await start_daemon(nursery, redis_config(redis, "compute", engine=engine))
     gateway = await start_daemon(nursery, redis_config(redis, "gateway", binance=SURFACES))
     await check_ccxt(nursery, market, gateway, compute)
+
+
+@pytest.mark.parametrize("redis", ["redis"], indirect=True)
+async def test_partial_depth_and_book_ticker_on_a_gateway_node(
+    nursery: trio.Nursery, redis: Redis
+) -> None:
+    """The top of the book on a node without the book: its mirror is seeded by the state the
+    compute node stored and the diffs after it, then moved by the stream."""
+    market = Market(seed=12, rate=5)
+    snapshot_port = await nursery.start(serve_snapshots, market.book, "127.0.0.1", 0)
+    engine = {"snapshot_enabled": True, "snapshot_port": snapshot_port}
+    compute = await start_daemon(nursery, redis_config(redis, "compute", engine=engine))
+    gateway = await start_daemon(nursery, redis_config(redis, "gateway", binance=SURFACES))
+    nursery.start_soon(feed(compute, market))
+    streams = "btcusdt@depth5@100ms/btcusdt@bookTicker"
+    url = f"ws://127.0.0.1:{gateway.ports.binance_spot}/stream?streams={streams}"
+    seen: dict[str, list[Any]] = {"btcusdt@depth5@100ms": [], "btcusdt@bookTicker": []}
+    async with open_client(url) as client:
+        with trio.fail_after(30):
+            while min(len(got) for got in seen.values()) < 5:
+                message = await client.recv()
+                seen[message["stream"]].append(message["data"])
+    ids = [p["lastUpdateId"] for p in seen["btcusdt@depth5@100ms"]]
+    assert ids == sorted(ids) and len(set(ids)) == len(ids)
+    assert all(len(p["bids"]) == len(p["asks"]) == 5 for p in seen["btcusdt@depth5@100ms"])
+    for top in seen["btcusdt@bookTicker"]:
+        assert float(top["b"]) < float(top["a"]) and top["s"] == "BTCUSDT"
 
 
 async def check_ccxt(

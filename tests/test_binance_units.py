@@ -9,12 +9,13 @@ import msgspec
 import pytest
 from test_hub import frames
 
+from pushd.binance.dialect import Frames
 from pushd.binance.ids import MAX_SAFE, update_id
 from pushd.binance.paths import accepts, opening
 from pushd.binance.payloads import Translator
 from pushd.binance.session import Session
 from pushd.binance.streams import InvalidStream, Stream, parse
-from pushd.bus.model import Position, epoch_ms, new_epoch
+from pushd.bus.model import Entry, Position, Recovery, epoch_ms, new_epoch
 from pushd.channels import Channel
 from pushd.gateway.hub import Hub, Outlet, text_frame
 from pushd.market.depth import checksum
@@ -159,6 +160,30 @@ def test_partial_depth_and_book_ticker_read_a_mirror_seeded_by_the_current_state
     [p] = [msgspec.json.decode(x) for x in partial(EPOCH, 6, diff)]  # the diff on the mirror
     assert p["bids"] == [["9.5", "5"], ["9", "2"]] and p["lastUpdateId"] == update_id(EPOCH, 6)
     assert partial(EPOCH, 9, diff) == []  # 7 and 8 never came: no book until a state
+
+
+def test_a_mirror_without_a_book_takes_the_state_the_bus_offers() -> None:
+    """On a gateway node (no book in process) the hub says the view wants a state, and hands it
+    the one the bus read: the stored state and the diffs after it."""
+    book = depth_event("snapshot", [["10", "1"]], [["11", "3"]])
+    after = ([["10", "2"]], [["11", "3"]])
+    diff = depth_event("depthUpdate", [["10", "2"]], [], after, pu=1)
+    after2 = ([["10", "2"]], [["11", "4"]])
+    diff2 = depth_event("depthUpdate", [], [["11", "4"]], after2, pu=2)
+    hub = Hub()
+    channel = Channel("depth_BTCUSDT", "btcusdt@bookTicker", private=False, symbol="BTCUSDT")
+    outlet = Outlet(1 << 20)
+    stream = parse("btcusdt@bookTicker", SYMBOLS, "spot")
+    hub.join_view(outlet, channel, "k", lambda: Frames(stream, "spot", False, hub))
+    assert hub.wants_state("depth_BTCUSDT")
+    hub.publish("depth_BTCUSDT", EPOCH, 6, diff)  # no book: nothing sent
+    assert outlet.out == b""
+    stored = Recovery(Position(EPOCH, 6), False, current=(Entry(5, book), Entry(6, diff)))
+    hub.offer_state("depth_BTCUSDT", stored)
+    assert not hub.wants_state("depth_BTCUSDT")
+    hub.publish("depth_BTCUSDT", EPOCH, 7, diff2)
+    [top] = frames(bytes(outlet.out))
+    assert (top["u"], top["b"], top["B"], top["A"]) == (update_id(EPOCH, 7), "10", "2", "4")
 
 
 def test_tickers_klines_and_mark_price() -> None:

@@ -71,10 +71,12 @@ compute node stored last, which may be a few events behind the stream: the curre
 source being unified on another branch will make it exact; ``rest.BinanceRest.depth`` is the
 one place to re-point.)
 
-Partial depth and ``bookTicker`` read the top of a book mirror (``payloads.BookMirror``)
-seeded by the hub's ``current`` depth state: on a gateway node with Redis there is none in
-process yet, so those two send nothing there (the seed belongs with the unified current-state
-source).
+Partial depth and ``bookTicker`` read the top of a book mirror (``payloads.BookMirror``, one
+per view): seeded by the hub's ``current`` depth state where this process keeps the books, or
+on a gateway node by the state the bus stores and the diffs after it (the view says it
+``wants_state``; the Redis bus reads one as it does for a native depth join and the hub's
+``offer_state`` hands it over); an event that does not follow drops the mirror's book until a
+state comes again.
 
 Not served yet: user-data streams, the WebSocket API, COIN-M (``/dapi`` answers no symbols),
 continuous klines, ``!ticker@arr`` and friends; see docs/binance.md.

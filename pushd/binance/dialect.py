@@ -20,6 +20,7 @@ from pushd.binance.paths import opening
 from pushd.binance.payloads import Translator
 from pushd.binance.session import BinanceError, Session, error
 from pushd.binance.streams import Market, Stream
+from pushd.bus.model import Recovery
 from pushd.channels import Channel
 from pushd.config import BinanceSurfaceConfig, LimitsConfig
 from pushd.errors import CloseCode
@@ -35,19 +36,36 @@ NO_PONG = Disconnect(CloseCode.POLICY_VIOLATION, "no pong", "binance_no_pong")
 ViewKey = tuple[Market, str, bool]
 
 
-def frames(stream: Stream, market: Market, combined: bool, hub: Hub) -> ViewEncoder:
-    """A view's encoder: one native event as this stream's whole frames (``Translator``),
-    wrapped ``{"stream":..,"data":..}`` when ``combined``."""
-    translate = Translator(stream, market, functools.partial(hub.current, stream.internal))
-    head = b'{"stream":"' + stream.name.encode() + b'","data":'
+class Frames:
+    """A view's encoder (``Hub.join_view``): one native event as this stream's whole frames
+    (``Translator``), wrapped ``{"stream":..,"data":..}`` when ``combined``; a stream read off
+    the book says when it has none (``wants_state``) and takes one the bus offers."""
 
-    def encode(epoch: str, seq: int, data: msgspec.Raw) -> bytes:
-        payloads = translate(epoch, seq, data)
-        if combined:
-            payloads = [head + p + b"}" for p in payloads]
+    __slots__ = ("_head", "_translate", "combined")
+
+    def __init__(self, stream: Stream, market: Market, combined: bool, hub: Hub) -> None:
+        self._translate = Translator(
+            stream, market, functools.partial(hub.current, stream.internal)
+        )
+        self._head = b'{"stream":"' + stream.name.encode() + b'","data":'
+        self.combined = combined
+
+    def __call__(self, epoch: str, seq: int, data: msgspec.Raw) -> bytes:
+        payloads = self._translate(epoch, seq, data)
+        if self.combined:
+            payloads = [self._head + p + b"}" for p in payloads]
         return b"".join(text_frame(p) for p in payloads)
 
-    return encode
+    @property
+    def wants_state(self) -> bool:
+        return self._translate.wants_state
+
+    def offer_state(self, recovery: Recovery) -> None:
+        self._translate.offer_state(recovery)
+
+
+def frames(stream: Stream, market: Market, combined: bool, hub: Hub) -> ViewEncoder:
+    return Frames(stream, market, combined, hub)
 
 
 class _State:

@@ -24,7 +24,7 @@ import msgspec
 
 from pushd.binance.ids import update_id
 from pushd.binance.streams import Market, Stream
-from pushd.bus.model import Position
+from pushd.bus.model import Position, Recovery
 from pushd.market.decimals import EXACT, quantize
 from pushd.market.depth import DepthEvent, LocalBook
 from pushd.market.funding import MarkPriceData
@@ -111,8 +111,10 @@ def mark_price(m: MarkPriceData) -> dict[str, Any]:
 
 class BookMirror:
     """The book after each depth event, for the streams that read the top of it (partial
-    depth, ``bookTicker``): seeded by the stream's current state, then moved by its events; an
-    event that does not follow the one held reseeds it (or waits for a state)."""
+    depth, ``bookTicker``): seeded by the stream's current state (``current``: where this
+    process keeps the books) or by a state and the diffs after it that the bus offers (a
+    gateway node: ``offer``), then moved by its events; an event that does not follow the one
+    held drops the book until a state comes again (``wants_state``)."""
 
     def __init__(self, current: Current) -> None:
         self._current = current
@@ -120,8 +122,29 @@ class BookMirror:
         self._seq = -1
         self._epoch = ""
 
+    @property
+    def wants_state(self) -> bool:
+        return self._book is None
+
+    def offer(self, recovery: Recovery) -> None:
+        """A stored state and the diffs after it (``Recovery.current``), taken when there is no
+        book: the mirror stands at the last of them."""
+        if self._book is not None or not recovery.current:
+            return
+        book = LocalBook()
+        try:
+            for entry in recovery.current:
+                book.apply(_depth.decode(entry.data))
+        except ValueError:  # not a chain that checks out (msgspec's errors are ValueErrors)
+            return
+        self._book, self._epoch = book, recovery.position.epoch
+        self._seq = recovery.current[-1].seq
+
     def apply(self, epoch: str, seq: int, event: DepthEvent) -> bool:
-        """Move the book to event ``seq``; False while there is no book at that event."""
+        """Move the book to event ``seq``; False while there is no book at that event (or the
+        book offered is past it already)."""
+        if self._book is not None and epoch == self._epoch and seq <= self._seq:
+            return False  # the state offered had it
         if event.e == "snapshot" or (
             self._book is not None and (epoch == self._epoch and seq == self._seq + 1)
         ):
@@ -167,6 +190,15 @@ class Translator:
 
     def __call__(self, epoch: str, seq: int, data: msgspec.Raw) -> list[bytes]:
         return [_encode(p) for p in self.payloads(epoch, seq, data)]
+
+    @property
+    def wants_state(self) -> bool:
+        """A stream read off the book (partial depth, bookTicker) that has none now."""
+        return self._mirror is not None and self._mirror.wants_state
+
+    def offer_state(self, recovery: Recovery) -> None:
+        if self._mirror is not None:
+            self._mirror.offer(recovery)
 
     def payloads(self, epoch: str, seq: int, data: msgspec.Raw) -> list[dict[str, Any]]:
         kind, market = self.stream.kind, self.market

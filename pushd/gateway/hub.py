@@ -62,7 +62,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Callable, Hashable, Iterator
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import msgspec
 from wsproto.frame_protocol import FrameProtocol
@@ -151,13 +151,25 @@ class _Joining:
 ViewEncoder = Callable[[str, int, msgspec.Raw], bytes]
 
 
+@runtime_checkable
+class StatefulView(Protocol):
+    """A view encoder that reads a diff stream's state (a book) and may have none: the hub
+    asks the bus for one (``on_wants_state``) and hands it over (``offer_state``)."""
+
+    @property
+    def wants_state(self) -> bool: ...
+
+    def offer_state(self, recovery: Recovery) -> None: ...
+
+
 class _View:
     """Another dialect's subscribers of a channel, and how it frames the channel's events."""
 
-    __slots__ = ("encode", "subscribers")
+    __slots__ = ("encode", "stateful", "subscribers")
 
     def __init__(self, encode: ViewEncoder) -> None:
         self.encode = encode
+        self.stateful = encode if isinstance(encode, StatefulView) else None
         self.subscribers: dict[Outlet, None] = {}
 
 
@@ -299,9 +311,15 @@ class Hub:
         return recovery.position if recovery is not None else self.position(channel.internal)
 
     def wants_state(self, internal: str) -> bool:
-        """Whether a join to ``internal`` waits for the stream's state (see ``offer_state``)."""
+        """Whether a join to ``internal`` waits for the stream's state, or a view that reads
+        it (a book) has none (see ``offer_state``)."""
         route = self._routes.get(internal)
-        return route is not None and any(j.waiting for j in route.pending.values())
+        return route is not None and (
+            any(j.waiting for j in route.pending.values())
+            or any(
+                s is not None and s.wants_state for s in (v.stateful for v in route.views.values())
+            )
+        )
 
     def offer_state(self, internal: str, recovery: Recovery) -> int:
         """A stream's state and the diffs after it (``recovery.current``, as a bus that stores
@@ -318,6 +336,9 @@ class Hub:
                 joining.kept = deque(k for k in joining.kept if k[0] == epoch and k[1] > state_seq)
                 self.settle(outlet, route.channel, recovery)
                 started += 1
+        for view in route.views.values():
+            if view.stateful is not None and view.stateful.wants_state:
+                view.stateful.offer_state(recovery)
         return started
 
     def unpaceable(self, outlet: Outlet, channel: Channel, recovery: Recovery) -> str | None:
