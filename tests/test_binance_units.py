@@ -14,9 +14,10 @@ from pushd.binance.ids import MAX_SAFE, update_id
 from pushd.binance.paths import accepts, opening
 from pushd.binance.payloads import Translator
 from pushd.binance.session import Session
-from pushd.binance.streams import InvalidStream, Stream, parse
+from pushd.binance.streams import Stream, parse
 from pushd.bus.model import Entry, Position, Recovery, epoch_ms, new_epoch
 from pushd.channels import Channel
+from pushd.errors import InvalidStream
 from pushd.gateway.hub import Hub, Outlet, text_frame
 from pushd.market.depth import checksum
 

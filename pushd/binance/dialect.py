@@ -18,12 +18,12 @@ from wsproto.events import Ping
 from pushd.auth import Verifier
 from pushd.binance.paths import opening
 from pushd.binance.payloads import Translator
-from pushd.binance.session import BinanceError, Session, error
+from pushd.binance.session import Session, error
 from pushd.binance.streams import Market, Stream
 from pushd.bus.model import Recovery
 from pushd.channels import Channel
 from pushd.config import BinanceSurfaceConfig, LimitsConfig
-from pushd.errors import CloseCode
+from pushd.errors import BinanceError, CloseCode
 from pushd.gateway import lifecycle
 from pushd.gateway.connection import Connection
 from pushd.gateway.hub import Hub, ViewEncoder, text_frame

@@ -26,7 +26,7 @@ from pushd.binance.streams import Market
 from pushd.bus.model import Position
 from pushd.channels import market_channel
 from pushd.config import Config, MarketConfig
-from pushd.errors import ApiError, BusUnavailable
+from pushd.errors import ApiError, BinanceError, BusUnavailable
 from pushd.market.depth import DepthEvent, LocalBook
 from pushd.market.funding import MarkPriceData
 from pushd.market.kline import Candle
@@ -44,12 +44,6 @@ DEFAULT_TICK, DEFAULT_STEP, DEFAULT_MIN_NOTIONAL = "0.01", "0.00001", "5"
 DELIVERY_PERPETUAL = 4133404800000  # Binance's deliveryDate of a perpetual (2100-12-25)
 INVALID_SYMBOL = (-1121, "Invalid symbol.")
 _depth = msgspec.json.Decoder(DepthEvent)
-
-
-class BinanceApiError(Exception):
-    def __init__(self, code: int, msg: str, status: int = 400) -> None:
-        super().__init__(msg)
-        self.code, self.msg, self.status = code, msg, status
 
 
 class SymbolInfo(msgspec.Struct, frozen=True):
@@ -136,7 +130,7 @@ class BinanceRest:
         try:
             recovery = await self._redis.latest_state(internal)
         except BusUnavailable as exc:
-            raise BinanceApiError(-1001, f"Internal error; unable to process your request: {exc}",
+            raise BinanceError(-1001, f"Internal error; unable to process your request: {exc}",
                                   503) from None  # fmt: skip
         if not recovery.current:
             return None
@@ -178,7 +172,7 @@ class BinanceRest:
         """The ``symbol`` parameter, a configured one (else -1121)."""
         symbol = request.query_params.get("symbol", "")
         if symbol not in self._config.markets:
-            raise BinanceApiError(*INVALID_SYMBOL)
+            raise BinanceError(*INVALID_SYMBOL)
         return symbol
 
     async def ping(self, request: Request, market: Market) -> object:
@@ -197,7 +191,7 @@ class BinanceRest:
         symbol = self._symbol(request)
         text = request.query_params.get("limit", "100")
         if not (text.isascii() and text.isdigit() and len(text) <= 5 and 1 <= int(text) <= 5000):
-            raise BinanceApiError(-1100, "Illegal characters found in parameter 'limit'.")
+            raise BinanceError(-1100, "Illegal characters found in parameter 'limit'.")
         limit = int(text)
         state = await self.depth_state(symbol)
         if state is None:  # no book yet: an empty one before the first event
@@ -252,7 +246,7 @@ class BinanceRest:
             try:
                 _, raw = await self._redis.snapshot(channel)
             except BusUnavailable as exc:
-                raise BinanceApiError(-1001, f"Internal error: {exc}", 503) from None
+                raise BinanceError(-1001, f"Internal error: {exc}", 503) from None
             value = None if raw is None else msgspec.json.decode(raw)
         try:
             return None if value is None else _as(value, kind)
@@ -268,7 +262,7 @@ class BinanceRest:
             return [shape(value) for value in found if value is not None]
         value = await self._last_pushed(self._symbol(request), stream, kind)
         if value is None:  # nothing pushed yet (no trade, no index price)
-            raise BinanceApiError(*INVALID_SYMBOL)
+            raise BinanceError(*INVALID_SYMBOL)
         return shape(value)
 
     async def ticker(self, request: Request, market: Market) -> object:
@@ -327,7 +321,7 @@ def _answer(
     async def answer(request: Request) -> Response:
         try:
             return _json(await endpoint(request, market))
-        except BinanceApiError as exc:
+        except BinanceError as exc:
             return _json({"code": exc.code, "msg": exc.msg}, exc.status)
         except ApiError as exc:  # the native endpoint's refusal (a bad limit or interval)
             code = -1100 if exc.status == 400 else -1000

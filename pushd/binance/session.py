@@ -22,7 +22,8 @@ from typing import Any
 
 import msgspec
 
-from pushd.binance.streams import InvalidStream, Market, Stream, parse
+from pushd.binance.streams import Market, Stream, parse
+from pushd.errors import BinanceError
 
 MAX_ID_CHARS = 36
 INT64 = (-(2**63), 2**63 - 1)
@@ -40,14 +41,6 @@ class Step(msgspec.Struct, frozen=True):
     join: list[Stream] = msgspec.field(default_factory=list)
     leave: list[Stream] = msgspec.field(default_factory=list)
     reform: bool = False
-
-
-class BinanceError(Exception):
-    def __init__(self, code: int, msg: str, request_id: RequestId = None) -> None:
-        super().__init__(msg)
-        self.code = code
-        self.msg = msg
-        self.request_id = request_id
 
 
 def result(value: Any, request_id: RequestId) -> bytes:
@@ -87,10 +80,7 @@ class Session:
         """Every name checked; raises BinanceError (code 2) for the first bad one."""
         if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
             raise BinanceError(2, "Invalid request: params must be a list of stream names")
-        try:
-            return [parse(name, self._symbols, self._market) for name in names]
-        except InvalidStream as exc:
-            raise BinanceError(2, f"Invalid request: {exc}") from None
+        return [parse(name, self._symbols, self._market) for name in names]
 
     def subscribe(self, streams: list[Stream]) -> list[Stream]:
         """Add the streams not yet subscribed; all or none (BinanceError past the limit)."""
@@ -127,7 +117,7 @@ class Session:
             return Step(result(list(self.streams), request_id))
         if method in ("SET_PROPERTY", "GET_PROPERTY"):
             if not isinstance(params, list) or not params or params[0] != "combined":
-                raise BinanceError(0, "Unknown property", request_id)
+                raise BinanceError(0, "Unknown property")
             if method == "GET_PROPERTY":
                 return Step(result(self.combined, request_id))
             if len(params) != 2 or not isinstance(params[1], bool):

@@ -27,6 +27,7 @@ from typing import Literal
 import msgspec
 
 from pushd.channels import KLINE_INTERVALS, market_channel
+from pushd.errors import InvalidStream
 
 Market = Literal["spot", "futures"]
 Kind = Literal[
@@ -47,10 +48,6 @@ _SIMPLE: dict[str, tuple[Kind, str]] = {
     "ticker": ("ticker", "ticker"), "miniTicker": ("miniTicker", "ticker"),
     "bookTicker": ("bookTicker", "depth"), "markPrice": ("markPrice", "markPrice"),
 }  # fmt: skip
-
-
-class InvalidStream(ValueError):
-    """A stream name this surface does not serve (the message says which and why)."""
 
 
 class Stream(msgspec.Struct, frozen=True, gc=False):
