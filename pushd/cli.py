@@ -98,6 +98,38 @@ def _with_sim_keys(config: Config) -> Config:
     return msgspec.structs.replace(config, ingest=ingest)
 
 
+def _with_binance(config: Config) -> Config:
+    """``pushd demo`` serves both Binance surfaces (docs/binance.md), each symbol's tick and
+    step the simulator's where the config sets none."""
+    spot = msgspec.structs.replace(config.binance.spot, enabled=True)
+    futures = msgspec.structs.replace(config.binance.futures, enabled=True)
+    binance = msgspec.structs.replace(config.binance, spot=spot, futures=futures)
+    markets = {
+        spec.symbol: msgspec.structs.replace(
+            market,
+            tick_size=market.tick_size or f"{10**-spec.price_scale:.{spec.price_scale}f}",
+            step_size=market.step_size or f"{10**-spec.qty_scale:.{spec.qty_scale}f}",
+        )
+        for spec, market in zip(_specs(config), config.markets.values(), strict=True)
+    }
+    return msgspec.structs.replace(config, binance=binance, markets=markets)
+
+
+def binance_urls(config: Config, ports: Ports, web: str) -> str:
+    """What to paste into Binance clients (docs/binance.md has each client's lines)."""
+    spot, futures = config.binance.spot, config.binance.futures
+    lines = ""
+    if ports.binance_spot:
+        scheme = "wss" if spot.tls.enabled else "ws"
+        lines += (f"  Binance spot: {scheme}://{spot.host}:{ports.binance_spot}/stream"
+                  f"  (ws/ and stream), REST {web}/api/v3\n")  # fmt: skip
+    if ports.binance_futures:
+        scheme = "wss" if futures.tls.enabled else "ws"
+        lines += (f"  Binance USD-M: {scheme}://{futures.host}:{ports.binance_futures}/ws"
+                  f"  (ws/ and stream), REST {web}/fapi/v1\n")  # fmt: skip
+    return lines
+
+
 def _sim_keys(config: Config) -> dict[int, bytes]:
     """The simulator's keys, from the config pushd reads. Raises ConfigError when one is
     missing and pushd would refuse the unsealed frames."""
@@ -144,6 +176,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if not http.publish_token:
         http = msgspec.structs.replace(http, publish_token=secrets.token_urlsafe(16))
     config = _with_sim_keys(msgspec.structs.replace(config, auth=auth, http=http))
+    config = _with_binance(config)
     logs.configure(config.log.level, config.log.format)
     market = Market(seed=args.seed, rate=args.rate, specs=_specs(config))
 
@@ -182,7 +215,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
                 f"  WebSocket   : ws://{config.websocket.host}:{ports.websocket}/ws\n"
                 f"  HTTP API    : {web}/v1/...  (publish token {http.publish_token})\n"
                 f'  demo login  : {{"op":"auth","token":"{token}"}}  (uid {DEMO_UID})\n'
-                f"  symbols     : {', '.join(config.markets)} (simulated, seed {args.seed})\n"
+                + binance_urls(config, ports, web)
+                + f"  symbols     : {', '.join(config.markets)} (simulated, seed {args.seed})\n"
                 f"  history     : {history}\n",
                 flush=True,
             )

@@ -33,6 +33,7 @@ from pushd.logs import MASK, redact, redacted
 Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
 PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
 PositiveFloat = Annotated[float, msgspec.Meta(gt=0)]
+AssetName = Annotated[str, msgspec.Meta(pattern=r"^[0-9A-Z]{1,20}$")]
 DEPTH_LEVEL_BYTES = 64  # a generous ["price","qty"] pair in JSON (typically ~25)
 MAX_FILE_BYTES = 1 << 20  # a config is a few KiB (~150 bytes a market); more is a mistake
 
@@ -188,6 +189,39 @@ class MarketConfig(_Section, frozen=True):
     kline_interval_ms: Annotated[int, msgspec.Meta(ge=100, le=60_000)] = 1000
     mark_interval_ms: Annotated[int, msgspec.Meta(ge=100, le=60_000)] = 1000
     funding: FundingConfig = msgspec.field(default_factory=FundingConfig)
+    # what the Binance surface's exchangeInfo says of the symbol (None: derived from its name,
+    # ``pushd.binance.rest.symbol_info``)
+    base_asset: AssetName | None = None
+    quote_asset: AssetName | None = None
+    tick_size: Decimal | None = None
+    step_size: Decimal | None = None
+    min_notional: Decimal | None = None
+
+
+class BinanceSurfaceConfig(_Section, frozen=True):
+    """One Binance-compatible listener (docs/binance.md): spot or USD-M futures."""
+
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: Port = 9443
+    tls: TlsConfig = msgspec.field(default_factory=TlsConfig)  # wss:// when set
+    max_streams: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 1024  # per connection
+    # a SUBSCRIBE of 200 stream names is ~5 KB; of 1,024 ~30 KB
+    max_message_bytes: Annotated[int, msgspec.Meta(ge=4096, le=1 << 20)] = 65536
+    ping_interval_s: PositiveFloat = 20.0  # server pings (Binance: spot 20 s, futures 180 s)
+    # no pong this long after a ping: closed (Binance: spot 60 s, futures 600 s)
+    pong_timeout_s: PositiveFloat = 60.0
+
+
+def _futures_surface() -> BinanceSurfaceConfig:
+    return BinanceSurfaceConfig(
+        port=9444, max_streams=200, ping_interval_s=180.0, pong_timeout_s=600.0
+    )
+
+
+class BinanceConfig(_Section, frozen=True):
+    spot: BinanceSurfaceConfig = msgspec.field(default_factory=BinanceSurfaceConfig)
+    futures: BinanceSurfaceConfig = msgspec.field(default_factory=_futures_surface)
 
 
 MAX_INGEST_SOURCES = 256  # sources with a key; every per-source table is bounded by it
@@ -303,6 +337,7 @@ class Config(_Section, frozen=True):
     log: LogConfig = msgspec.field(default_factory=LogConfig)
     bus: BusConfig = msgspec.field(default_factory=BusConfig)
     workers: WorkersConfig = msgspec.field(default_factory=WorkersConfig)
+    binance: BinanceConfig = msgspec.field(default_factory=BinanceConfig)
 
 
 _AT = re.compile(r"^(?P<msg>.*) - at `\$\.?(?P<path>[^`]*)`$")
@@ -464,7 +499,9 @@ def _check(config: Config, source: str) -> None:
         )
     if config.bus.kind == "redis":
         _check_redis_url(config.bus.redis.url, source)
-    for section, tls in (("websocket", config.websocket.tls), ("http", config.http.tls)):
+    for section, tls in (("websocket", config.websocket.tls), ("http", config.http.tls),
+                         ("binance.spot", config.binance.spot.tls),
+                         ("binance.futures", config.binance.futures.tls)):  # fmt: skip
         if bool(tls.certificate) != bool(tls.key):
             raise ConfigError(f"{source}: {section}.tls: set both certificate and key, or neither")
     for ws_path in config.websocket.paths:

@@ -56,6 +56,7 @@ import trio
 from ingest import wire
 from pushd import __version__, logs, tls
 from pushd.auth import Verifier, make_verifier
+from pushd.binance.surface import surface as binance_surface
 from pushd.bus.backplane import Backplane, LocalBackplane, RedisBackplane
 from pushd.bus.control import ControlPlane
 from pushd.bus.lease import PRIVATE, Leases
@@ -97,6 +98,8 @@ class Ports(msgspec.Struct, frozen=True):
     http: int
     ingest_udp: int = 0  # 0: that listener is off
     ingest_tcp: int = 0
+    binance_spot: int = 0  # the Binance-compatible surfaces (docs/binance.md)
+    binance_futures: int = 0
 
 
 async def start_service(
@@ -157,6 +160,15 @@ class Daemon:
         # the one cycle: the bus delivers to the hub, and the hub tells the backplane what it
         # follows and asks it for positions and states (the one source of them)
         self.hub.attach(self.backplane)
+        # the Binance-compatible surfaces: more listeners over the same hub (docs/binance.md)
+        self.binance: dict[str, Gateway] = {}
+        for market in ("spot", "futures") if config.role != "compute" else ():
+            if getattr(config.binance, market).enabled:
+                surface = binance_surface(market, config)
+                self.binance[market] = Gateway(
+                    config, self.hub, self.bus, self.verifier, self.metrics, surface,
+                    flusher=self.gateway.flusher,
+                )  # fmt: skip
         self.api = HttpApi(
             config, self.backplane, self.registry, self.metrics, self.not_ready, demo_login
         )
@@ -334,6 +346,10 @@ class Daemon:
             tls.reload_context(ws_context, config.websocket.tls, "websocket")
         if http_context is not None:
             tls.reload_context(http_context, config.http.tls, "http")
+        for market, gateway in self.binance.items():
+            if gateway.tls_context is not None:
+                own = getattr(config.binance, market)
+                tls.reload_context(gateway.tls_context, own.tls, f"binance.{market}")
         verifier = self.verifier
         if config.auth != self.config.auth:
             verifier = make_verifier(config.auth)
@@ -342,6 +358,8 @@ class Daemon:
         self.config = config
         self.verifier = verifier
         self.gateway.reconfigure(config, verifier)
+        for gateway in self.binance.values():  # (enabling one takes a restart)
+            gateway.reconfigure(config, verifier)
         self.api.reconfigure(config)
         self.markets.reconfigure(dict(config.markets))
         self.poller.reconfigure(config.markets)
@@ -371,6 +389,12 @@ class Daemon:
                         nursery, "WebSocket", f"{ws.host}:{ws.port}", self.gateway.serve
                     )
                 self.api.websocket_port = ws_port
+                binance_ports = {}
+                for market, gateway in self.binance.items() if self.serves_clients else ():
+                    own = getattr(cfg.binance, market)
+                    binance_ports[f"binance_{market}"] = await start_service(
+                        nursery, f"Binance {market}", f"{own.host}:{own.port}", gateway.serve
+                    )
                 http_port = await start_service(
                     nursery, "HTTP", f"{http_cfg.host}:{http_cfg.port}",
                     serve_http, self.api.app, http_cfg.host, http_cfg.port, http_stop,
@@ -379,7 +403,7 @@ class Daemon:
                 if self.computes:
                     udp_port, tcp_port = await self._start_compute(nursery)
                 self._serving = True
-                ports = Ports(ws_port, http_port, udp_port, tcp_port)
+                ports = Ports(ws_port, http_port, udp_port, tcp_port, **binance_ports)
                 log.info("pushd ready", **msgspec.structs.asdict(ports))
                 self.notifier.send(READY=1, STATUS=self.status())
                 nursery.start_soon(self.notifier.watchdog, self.status)
@@ -388,7 +412,9 @@ class Daemon:
                 log.info("shutting down", connections=len(self.gateway.connections))
                 self.notifier.send(STOPPING=1, STATUS="draining connections")
                 self._serving = False
-                await self.gateway.shutdown(SHUTDOWN_GRACE_S)
+                async with trio.open_nursery() as closing:  # every listener stops at once
+                    for gateway in (self.gateway, *self.binance.values()):
+                        closing.start_soon(gateway.shutdown, SHUTDOWN_GRACE_S)
                 await self.backplane.leave(SHUTDOWN_GRACE_S)  # what was published goes out
                 http_stop.set()
                 nursery.cancel_scope.cancel()

@@ -25,10 +25,13 @@ Exceptions::
     ├── FollowError       an event the follow table has no row for: a bug (also a RuntimeError)
     ├── LinkDead          a Redis connection did not answer pushd's PING in time
     ├── PeerGone          a client reset its connection while it was written
-    └── LocalStateError   the gateway tried a move its phase tables forbid: a bug
+    ├── LocalStateError   the gateway tried a move its phase tables forbid: a bug
+    └── BinanceError      a request to the Binance surface is refused: Binance's code and msg
+        └── InvalidStream     a stream name the Binance surface does not serve
 
 Each is raised where its module says (``pushd.http.api``, ``pushd.bus``, ``pushd.feed.poller``,
-``pushd.tls``, ``pushd.bus.follow``, ``pushd.bus.link``, ``pushd.gateway``); those modules import
+``pushd.tls``, ``pushd.bus.follow``, ``pushd.bus.link``, ``pushd.gateway``, ``pushd.binance``);
+those modules import
 it from here.
 """
 
@@ -159,3 +162,21 @@ class PeerGone(PushdError):
 
 class LocalStateError(PushdError):
     """The gateway tried a move its tables do not allow (a write in a wrong phase, ...)."""
+
+
+class BinanceError(PushdError):
+    """A request to the Binance surface is refused, in Binance's terms: ``code`` and ``msg``
+    (a WebSocket request's nested error, or a REST answer's body with HTTP ``status``)."""
+
+    def __init__(self, code: int, msg: str, status: int = 400) -> None:
+        super().__init__(msg)
+        self.code = code
+        self.msg = msg
+        self.status = status
+
+
+class InvalidStream(BinanceError):
+    """A stream name the Binance surface does not serve (code 2, invalid request)."""
+
+    def __init__(self, msg: str) -> None:
+        super().__init__(2, f"Invalid request: {msg}")

@@ -35,6 +35,7 @@ def main() -> int:
             # port 0 everywhere: the kernel picks, the "pushd ready" line names the HTTP port
             "[websocket]\nport = 0\n[http]\nport = 0\n[ingest]\ntcp_port = 0\nudp_port = 0\n"
             '[engine]\nsnapshot_port = 0\n[log]\nformat = "json"\n'
+            "[binance.spot]\nport = 0\n[binance.futures]\nport = 0\n"
         )
         demo = subprocess.Popen(
             [sys.executable, "-m", "pushd", "demo", "--config", str(config)],

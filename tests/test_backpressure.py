@@ -231,7 +231,7 @@ async def test_the_flusher_yields_within_a_round(
         conn.life.opened()
         conn.nursery = nursery
         conns.append(conn)
-    nursery.start_soon(gateway._flusher.run)
+    nursery.start_soon(gateway.flusher.run)
     await trio.testing.wait_all_tasks_blocked()
     written: list[int] = []  # how many connections had been written each time the probe ran
 

@@ -407,6 +407,7 @@ async def test_demo_seals_its_feed_and_logs_no_key(tmp_path: Path) -> None:
         f"sources = [{{id = 1, key_file = '{key_file}'}},\n"
         f"  {{id = 2, key = '{KEYS[2].decode()}', private = true}}]\n"
         "[engine]\nsnapshot_port = 0\n[log]\nformat = 'json'\nlevel = 'debug'\n"
+        "[binance.spot]\nport = 0\n[binance.futures]\nport = 0\n"  # a demo serves both
     )
     command = [*PUSHD, "demo", "--config", str(config), "--history-h", "0"]
     async with pushd_process(command) as (process, logs):

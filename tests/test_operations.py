@@ -64,6 +64,7 @@ def test_demo_uses_the_configured_secret_and_token(tmp_path: Path) -> None:
         "[websocket]\nport = 0\n[http]\nport = 0\npublish_token = 'my-token'\n"
         "[ingest]\nudp_port = 0\ntcp_port = 0\n[engine]\nsnapshot_port = 0\n"
         "[auth.hmac]\nsecret = 'my-secret'\n[log]\nformat = 'json'\nlevel = 'error'\n"
+        "[binance.spot]\nport = 0\n[binance.futures]\nport = 0\n"  # a demo serves both
     ))  # fmt: skip
     proc = subprocess.Popen(
         [*PUSHD, "demo", "--config", str(config)],

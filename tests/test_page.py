@@ -89,6 +89,7 @@ def demo_config(tmp_path: Path, websocket: int = 0, http: int = 0) -> Path:
         "[ingest]\ntcp_port = 0\nudp_port = 0\n"
         '[engine]\nsnapshot_port = 0\n[log]\nformat = "json"\n'
         f'[auth.hmac]\nsecret = "{SECRET}"\n'  # a login outlives a restart
+        "[binance.spot]\nport = 0\n[binance.futures]\nport = 0\n"  # a demo serves both
     )
     return path
 

@@ -15,6 +15,7 @@ ALL_PORTS_0 = (
     "[websocket]\nport = 0\n[http]\nport = 0\n"
     "[ingest]\nallow_unauthenticated = true\nudp_port = 0\ntcp_port = 0\n"
     "[log]\nformat = 'json'\n"
+    "[binance.spot]\nport = 0\n[binance.futures]\nport = 0\n"  # a demo serves both
 )
 
 

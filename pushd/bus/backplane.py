@@ -34,7 +34,7 @@ import trio
 from pushd.bus.control import ControlPlane
 from pushd.bus.lease import PRIVATE, Leases
 from pushd.bus.memory import MemoryBus
-from pushd.bus.model import Bus, Position, Snapshot, Upstream
+from pushd.bus.model import Bus, Entry, Position, Recovery, Snapshot, Upstream
 from pushd.bus.redis import RedisBus
 from pushd.logs import ThrottledLog
 
@@ -79,6 +79,10 @@ class Backplane(Upstream, Protocol):
     async def snapshot(self, channel: str) -> Snapshot:
         """A state stream's state as a fresh subscriber of this node starts from it, exactly
         at its position (``data`` None: no state yet, and where the stream stands)."""
+
+    async def latest_state(self, channel: str) -> Recovery:
+        """A diff stream's latest state as ``Recovery.current``: a state, then the diffs
+        after it (empty: no state yet)."""
 
     async def recent(self, channel: str, most: int) -> tuple[Position, list[msgspec.Raw]]:
         """An event stream's last messages (at most ``most``, oldest first) and where the
@@ -160,6 +164,13 @@ class LocalBackplane(_OnBus):
         current = self._computed.current(channel)
         return current if current is not None else Snapshot(self._memory.position(channel), None)
 
+    async def latest_state(self, channel: str) -> Recovery:
+        current = self._computed.current(channel)  # this process's book: always the latest
+        if current is None or current.data is None:
+            return Recovery(self._memory.position(channel), recovered=False)
+        at = current.position
+        return Recovery(at, recovered=False, current=(Entry(at.seq, current.data),))
+
     async def recent(self, channel: str, most: int) -> tuple[Position, list[msgspec.Raw]]:
         return self._memory.position(channel), self._computed.recent(channel, most)
 
@@ -219,6 +230,9 @@ class RedisBackplane(_OnBus):
     async def snapshot(self, channel: str) -> Snapshot:
         """The stored state, read by the script that answers a subscriber's recovery."""
         return Snapshot(*await self._redis.snapshot(channel))
+
+    async def latest_state(self, channel: str) -> Recovery:
+        return await self._redis.latest_state(channel)
 
     async def recent(self, channel: str, most: int) -> tuple[Position, list[msgspec.Raw]]:
         at, entries = await self._redis.history(channel, most)

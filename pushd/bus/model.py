@@ -11,7 +11,9 @@ its history were lost (a restart, an eviction): the client must reload.
 from __future__ import annotations
 
 import math
+import re
 import secrets
+import time
 from collections.abc import Sequence
 from typing import Protocol
 
@@ -19,13 +21,30 @@ import msgspec
 
 from pushd.errors import MalformedData
 
-EPOCH_BYTES = 4  # 8 hex characters: new epochs only need to differ from the last few
+EPOCH_BYTES = 2  # 4 random hex characters after the time: two epochs of one ms still differ
+EPOCH_TIME_DIGITS = 12  # hex digits of ms since 1970 (to the year 10889)
 
 _any_json = msgspec.json.Decoder()
+_EPOCH = re.compile(f"[0-9a-f]{{{EPOCH_TIME_DIGITS + 2 * EPOCH_BYTES}}}")
 
 
-def new_epoch() -> str:
-    return secrets.token_hex(EPOCH_BYTES)
+def new_epoch(now_ms: int | None = None) -> str:
+    """A new epoch: 12 hex digits of its start time (ms since 1970), then 4 random ones.
+
+    Time first, so a later epoch sorts after an earlier one: a dialect that must number its
+    updates upward across restarts and epochs (the Binance surface, ``pushd.binance.ids``)
+    reads the start time back with ``epoch_ms``. Old epochs (8 random hex digits) read as 0."""
+    if now_ms is None:
+        now_ms = time.time_ns() // 1_000_000
+    return f"{now_ms:0{EPOCH_TIME_DIGITS}x}{secrets.token_hex(EPOCH_BYTES)}"
+
+
+def epoch_ms(epoch: str) -> int:
+    """When ``epoch`` began (ms since 1970), as ``new_epoch`` wrote it; 0 for an epoch of
+    another form (written by an older pushd, or by hand into Redis)."""
+    if not _EPOCH.fullmatch(epoch):
+        return 0
+    return int(epoch[:EPOCH_TIME_DIGITS], 16)
 
 
 def checked(data: bytes | msgspec.Raw) -> msgspec.Raw:

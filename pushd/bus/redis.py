@@ -143,6 +143,10 @@ class RedisBus:
         """A state stream's stored state and the position it is exact at (REST)."""
         return await self.store.snapshot(channel)
 
+    async def latest_state(self, channel: str) -> Recovery:
+        """A diff stream's stored state and the diffs after it (``Store.latest_state``)."""
+        return await self.store.latest_state(channel)
+
     async def history(self, channel: str, most: int) -> tuple[Position, list[Entry]]:
         """An event stream's last ``most`` messages and the position of the last (REST)."""
         return await self.store.history(channel, most)

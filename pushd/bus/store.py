@@ -194,6 +194,17 @@ class Store:
             return Position(epoch, 0), None
         return Position(epoch, reply.state_seq), msgspec.Raw(reply.state)
 
+    async def latest_state(self, channel: str) -> Recovery:
+        """A diff stream's stored state and the diffs after it (``Recovery.current``), as a
+        new subscriber starts from: what REST reads where it must stand where the stream
+        stands (the Binance surface's depth, ``pushd.binance.rest``)."""
+        try:
+            reply = await self.recover(self.keys(channel), None, want_state=True, most=MAX_REPLAY)
+        except MalformedData as exc:
+            self.saw_malformed(channel=channel, error=str(exc)[:200])
+            return Recovery(Position("", 0), recovered=False)
+        return recovery_from(None, reply)
+
     async def history(self, channel: str, most: int) -> tuple[Position, list[Entry]]:
         """An event stream's last ``most`` messages and the position of the last (REST)."""
         keys = self.keys(channel)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import enum
 import errno
+from collections.abc import Callable
 from typing import NamedTuple
 from urllib.parse import urlsplit
 
@@ -116,10 +117,13 @@ def answer(handshake: H11Handshake, refusal: Refusal) -> bytes:
 class Admission:
     """The node's sockets by address and its handshake rate, against the current config."""
 
-    __slots__ = ("_config", "_handshakes", "open_sockets", "per_ip")
+    __slots__ = ("_accepts", "_config", "_handshakes", "open_sockets", "per_ip")
 
-    def __init__(self, config: WebSocketConfig) -> None:
+    def __init__(
+        self, config: WebSocketConfig, accepts: Callable[[str], bool] | None = None
+    ) -> None:
         self._config = config
+        self._accepts = accepts  # which paths are served (None: ``config.paths``)
         rate = config.handshakes_per_second
         self._handshakes = TokenBucket(rate, max(1, int(rate)), 0.0)
         self.open_sockets = 0
@@ -161,7 +165,7 @@ class Admission:
         if stopping:
             return SHUTTING_DOWN
         path = urlsplit(request.target).path
-        if path not in config.paths:
+        if not (path in config.paths if self._accepts is None else self._accepts(path)):
             return Refusal(404, "not_found", f"no WebSocket at {path}"[:200])
         origin = next((v for k, v in request.extra_headers if k.lower() == b"origin"), None)
         if (

@@ -20,6 +20,7 @@ import fcntl
 import socket
 import ssl
 import termios
+from collections.abc import Callable
 
 import trio
 from wsproto.connection import Connection as WsConnection
@@ -63,15 +64,18 @@ class Connection:
         "gone_reason",
         "hub",
         "ip",
+        "leave",
         "life",
         "nursery",
         "outlet",
         "peer",
+        "pong_at",
         "pong_due",
         "pongs_owed",
         "scope",
         "session",
         "sock",
+        "target",
         "tls",
         "token_wait",
         "traffic",
@@ -95,12 +99,15 @@ class Connection:
         self.wire = bytearray()  # TLS records not yet written
         self.ws: WsConnection | None = None
         self.session: Session | None = None
+        self.target = "/"  # the request target of its upgrade (path and query)
+        self.leave: Callable[[], None] | None = None  # another dialect's own leave_all
         self.scope: trio.CancelScope | None = None
         self.nursery: trio.Nursery | None = None
         self.tls: TlsLayer | None = None
         self.frames: FrameBudget | None = None  # what its received frames may cost (once open)
         self.pongs_owed = 0  # pongs queued since its outbound buffer was last empty
         self.pong_due: bytes | None = None  # the latest ping, when past the pongs owed
+        self.pong_at = 0.0  # when the client's last pong came (trio time; 0: none yet)
         self.token_wait: trio.CancelScope | None = None  # the token timer's sleep, if running
 
     @property
@@ -153,6 +160,8 @@ class Connection:
         if self.session is not None:
             for internal in self.session.unsubscribe_all():
                 self.hub.unsubscribe(self.outlet, internal)
+        if self.leave is not None:
+            self.leave()
 
     def answer_ping(self, payload: bytes, max_owed: int) -> None:
         """A pong for each ping while at most ``max_owed`` wait to be written; past that, only

@@ -40,6 +40,14 @@ events kept after it, wait in the joining state and go out in order as the buffe
 the buffer, so recovery always finishes; only a single event larger than the whole buffer
 cannot be paced, and ``unpaceable`` says so before the reply (``recovered: false``).
 
+A second dialect (the Binance surface, ``pushd.binance``) joins a channel through a *view*
+(``join_view``): a key and an encoder that turns one of the channel's events into that
+dialect's whole frames. A route calls each view's encoder once per event, when the view has
+subscribers, and appends the same bytes to each of them: encoded once per view, framed once per
+node. A view subscriber gets live events only (no state first, no replay, no resync notice: the
+dialect numbers its own updates, so a loss is a visible break); one whose buffer overflows is
+closed like a slow private reader.
+
 The hub owns the dirty list (``take_dirty``) and every write into an outlet: events, replies
 (``send``), the reply to a subscribe before the streams' first events (``settle_with_reply``),
 and a connection's close frame in place of its backlog (``close_with``). The writer only takes
@@ -54,8 +62,8 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Callable, Hashable, Iterator
+from typing import Any, Protocol, runtime_checkable
 
 import msgspec
 from wsproto.frame_protocol import FrameProtocol
@@ -140,8 +148,34 @@ class _Joining:
         self.waiting = False  # a diff stream's join with no state yet (``Hub.wants_state``)
 
 
+# a view's encoder: one event (epoch, seq, data) as that dialect's whole frames (b"": none)
+ViewEncoder = Callable[[str, int, msgspec.Raw], bytes]
+
+
+@runtime_checkable
+class StatefulView(Protocol):
+    """A view encoder that reads a diff stream's state (a book) and may have none: the hub
+    asks the bus for one (``on_wants_state``) and hands it over (``offer_state``)."""
+
+    @property
+    def wants_state(self) -> bool: ...
+
+    def offer_state(self, recovery: Recovery) -> None: ...
+
+
+class _View:
+    """Another dialect's subscribers of a channel, and how it frames the channel's events."""
+
+    __slots__ = ("encode", "stateful", "subscribers")
+
+    def __init__(self, encode: ViewEncoder) -> None:
+        self.encode = encode
+        self.stateful = encode if isinstance(encode, StatefulView) else None
+        self.subscribers: dict[Outlet, None] = {}
+
+
 class _Route:
-    __slots__ = ("ahead", "began", "channel", "epoch", "pending", "seq", "subscribers")
+    __slots__ = ("ahead", "began", "channel", "epoch", "pending", "seq", "subscribers", "views")
 
     def __init__(self, channel: Channel, began: float) -> None:
         self.channel = channel
@@ -154,6 +188,7 @@ class _Route:
         self.ahead: dict[Outlet, Position] = {}
         self.epoch = ""
         self.seq = 0
+        self.views: dict[Hashable, _View] = {}  # another dialect's subscribers, by view key
 
 
 class HubStats(msgspec.Struct):
@@ -222,6 +257,11 @@ class Hub:
         """Where ``internal`` stands as this node knows it now."""
         return self._upstream.position(internal)
 
+    def current(self, internal: str) -> Snapshot | None:
+        """``internal``'s state as this node holds it now (a view that reads a book seeds
+        from it)."""
+        return self._upstream.current(internal)
+
     def subscribe(self, outlet: Outlet, channel: Channel) -> Position | None:
         """Add a live subscriber; it gets the stream's current state first, where there is one.
         Returns where its stream starts."""
@@ -230,11 +270,35 @@ class Hub:
 
     def join(self, outlet: Outlet, channel: Channel) -> None:
         """Add a pending subscriber: live events are kept for it until ``settle``."""
+        self._route(channel).pending[outlet] = _Joining()
+
+    def _route(self, channel: Channel) -> _Route:
         route = self._routes.get(channel.internal)
         if route is None:
             route = self._routes[channel.internal] = _Route(channel, self._clock())
             self._upstream.interest(channel.internal)
-        route.pending[outlet] = _Joining()
+        return route
+
+    def join_view(
+        self, outlet: Outlet, channel: Channel, key: Hashable, encoder: Callable[[], ViewEncoder]
+    ) -> None:
+        """Add a live subscriber of another dialect's view ``key`` of ``channel`` (its encoder
+        made by ``encoder()`` when the view is new on this node)."""
+        route = self._route(channel)
+        view = route.views.get(key)
+        if view is None:
+            view = route.views[key] = _View(encoder())
+        view.subscribers[outlet] = None
+
+    def leave_view(self, outlet: Outlet, internal: str, key: Hashable) -> None:
+        route = self._routes.get(internal)
+        view = route.views.get(key) if route is not None else None
+        if route is None or view is None:
+            return
+        view.subscribers.pop(outlet, None)
+        if not view.subscribers:
+            del route.views[key]
+            self._forget_if_idle(route)
 
     def settle(
         self, outlet: Outlet, channel: Channel, recovery: Recovery | None
@@ -282,9 +346,15 @@ class Hub:
         return recovery.position if recovery is not None else self.position(channel.internal)
 
     def wants_state(self, internal: str) -> bool:
-        """Whether a join to ``internal`` waits for the stream's state (see ``offer_state``)."""
+        """Whether a join to ``internal`` waits for the stream's state, or a view that reads
+        it (a book) has none (see ``offer_state``)."""
         route = self._routes.get(internal)
-        return route is not None and any(j.waiting for j in route.pending.values())
+        return route is not None and (
+            any(j.waiting for j in route.pending.values())
+            or any(
+                s is not None and s.wants_state for s in (v.stateful for v in route.views.values())
+            )
+        )
 
     def offer_state(self, internal: str, recovery: Recovery) -> int:
         """A stream's state and the diffs after it (``recovery.current``, as a bus that stores
@@ -301,6 +371,9 @@ class Hub:
                 joining.kept = deque(k for k in joining.kept if k[0] == epoch and k[1] > state_seq)
                 self.settle(outlet, route.channel, recovery)
                 started += 1
+        for view in route.views.values():
+            if view.stateful is not None and view.stateful.wants_state:
+                view.stateful.offer_state(recovery)
         return started
 
     def unpaceable(self, outlet: Outlet, channel: Channel, recovery: Recovery) -> str | None:
@@ -381,7 +454,11 @@ class Hub:
         route.ahead.pop(outlet, None)
         outlet.lagging.pop(internal, None)
         outlet.replaying.pop(internal, None)
-        if not route.subscribers and not route.pending and not route.ahead:
+        self._forget_if_idle(route)
+
+    def _forget_if_idle(self, route: _Route) -> None:
+        if not route.subscribers and not route.pending and not route.ahead and not route.views:
+            internal = route.channel.internal
             del self._routes[internal]
             self._current_frames.pop(internal, None)
             self._upstream.disinterest(internal)
@@ -390,7 +467,7 @@ class Hub:
         route = self._routes.get(internal)
         if route is None:
             return 0
-        return len(route.subscribers) + len(route.pending) + len(route.ahead)
+        return len(route.subscribers) + len(route.pending) + len(route.ahead) + _viewers(route)
 
     def channels(self) -> Iterator[str]:
         return iter(self._routes)
@@ -401,7 +478,8 @@ class Hub:
             stream = stream_of(r.channel.protocol)
             by_stream[stream] = (
                 by_stream.get(stream, 0) + len(r.subscribers) + len(r.pending) + len(r.ahead)
-            )
+                + _viewers(r)
+            )  # fmt: skip
         return HubStats(
             channels=len(self._routes),
             subscriptions=sum(by_stream.values()),
@@ -448,11 +526,39 @@ class Hub:
                 out += frame
                 delivered += 1
         self.delivered += delivered
+        if route.views:
+            self._publish_views(route, epoch, seq, data)
         if was_clean and dirty:
             self.on_dirty()
         if route.pending and self.wants_state(internal):
             self._offer_current(internal)
         return delivered
+
+    def _publish_views(self, route: _Route, epoch: str, seq: int, data: msgspec.Raw) -> None:
+        """Each view's frames of one event, encoded once and queued to each of its
+        subscribers; one that has no room is marked slow (the gateway closes it)."""
+        dirty = self.dirty
+        for view in route.views.values():
+            try:
+                frames = view.encode(epoch, seq, data)
+            except (ValueError, UnicodeDecodeError):  # msgspec's errors are ValueErrors
+                self.undeliverable += 1
+                continue
+            if not frames:
+                continue
+            size = len(frames)
+            for outlet in view.subscribers:
+                out = outlet.out
+                if len(out) + size > outlet.limit:
+                    self.dropped += 1
+                    if not outlet.slow:
+                        outlet.slow = True
+                        dirty.append(outlet)
+                else:
+                    if not out:
+                        dirty.append(outlet)
+                    out += frames
+                    self.delivered += 1
 
     def _offer_current(self, internal: str) -> None:
         """Where ``current`` has the state (this process keeps the books), a waiting join
@@ -620,3 +726,7 @@ class Hub:
             self.on_dirty()
         else:
             self.dirty.append(outlet)
+
+
+def _viewers(route: _Route) -> int:
+    return sum(len(view.subscribers) for view in route.views.values())

@@ -34,7 +34,8 @@ from __future__ import annotations
 
 import itertools
 import socket
-from typing import Any
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import msgspec
 import structlog
@@ -45,6 +46,7 @@ from wsproto.events import (
     BytesMessage,
     CloseConnection,
     Ping,
+    Pong,
     Request,
     TextMessage,
 )
@@ -52,7 +54,7 @@ from wsproto.handshake import H11Handshake
 
 from pushd.auth import Verifier
 from pushd.bus.model import Bus
-from pushd.config import Config
+from pushd.config import Config, LimitsConfig, WebSocketConfig
 from pushd.errors import TlsClosed
 from pushd.gateway import admission, lifecycle
 from pushd.gateway.admission import AcceptError, Admission, Refusal
@@ -76,24 +78,44 @@ CLOSE_SENDABLE = (ConnectionState.OPEN, ConnectionState.REMOTE_CLOSING)  # wspro
 log = structlog.get_logger("pushd.gateway.server")
 
 
+class Surface(NamedTuple):
+    """A listener and the dialect it speaks: pushd's own (``NATIVE``: ``[websocket]``, its
+    paths and limits) or another one over the same hub (the Binance surface, issue 21)."""
+
+    name: str  # its config section, in log lines and errors
+    listener: Callable[[Config], WebSocketConfig]  # host, port, TLS, admission limits
+    limits: Callable[[Config], LimitsConfig]
+    accepts: Callable[[str], bool] | None = None  # the paths served (None: listener's paths)
+    dialect: Callable[[Gateway], Dialect] | None = None  # None: pushd's own (``Requests``)
+
+
+NATIVE = Surface("websocket", lambda config: config.websocket, lambda config: config.limits)
+
+
 class Gateway:
     def __init__(
-        self, config: Config, hub: Hub, bus: Bus, verifier: Verifier, metrics: GatewayMetrics
-    ) -> None:
+        self, config: Config, hub: Hub, bus: Bus, verifier: Verifier, metrics: GatewayMetrics,
+        surface: Surface = NATIVE, flusher: Flusher | None = None,
+    ) -> None:  # fmt: skip
+        """``flusher``: another gateway's over the same hub (a node's listeners share the one
+        flusher that takes the hub's dirty list; the gateway that made it runs it)."""
         self._config = config
-        self._limits = config.limits
+        self.surface = surface
+        self._limits = surface.limits(config)
         self.hub = hub
         self._metrics = metrics
         self.connections: set[Connection] = set()
-        self._admission = Admission(config.websocket)
+        listener = surface.listener(config)
+        self._admission = Admission(listener, surface.accepts)
         self._traffic = Traffic()
-        self._flusher = Flusher(hub, config.limits, metrics, self.end, self._fail)
+        self._runs_flusher = flusher is None
+        self.flusher = flusher or Flusher(hub, self._limits, metrics, self.end, self._fail)
         self.requests = Requests(
-            frozenset(config.markets), config.limits, hub, bus, verifier, metrics, self.end
+            frozenset(config.markets), self._limits, hub, bus, verifier, metrics, self.end
         )
-        self._dialect: Dialect = self.requests
+        self._dialect: Dialect = self.requests if surface.dialect is None else surface.dialect(self)
         self._ids = itertools.count(1)
-        self.tls_context = server_context(config.websocket.tls, "websocket")
+        self.tls_context = server_context(listener.tls, surface.name)
         self._all_closed = trio.Event()
         self._accepting: trio.CancelScope | None = None
         self.stopping = False
@@ -102,15 +124,16 @@ class Gateway:
         """A reload: new admission rules, limits and logins for what comes next; open
         connections keep their buffers and get the new request limits."""
         self._config = config
-        self._limits = config.limits
-        self._admission.reconfigure(config.websocket)
-        self._flusher.reconfigure(config.limits)
-        self._dialect.reconfigure(config.limits, verifier)
+        self._limits = limits = self.surface.limits(config)
+        self._admission.reconfigure(self.surface.listener(config))
+        if self._runs_flusher:
+            self.flusher.reconfigure(limits)
+        self._dialect.reconfigure(limits, verifier)
         for conn in self.connections:
             if conn.session is not None:
-                conn.session.relimit(config.limits)
+                conn.session.relimit(limits)
             if conn.frames is not None:
-                conn.frames.retune(config.limits)
+                conn.frames.retune(limits)
 
     @property
     def open_sockets(self) -> int:
@@ -123,12 +146,12 @@ class Gateway:
     @property
     def flush_stall_max_s(self) -> float:
         """The longest the flusher ran without yielding."""
-        return self._flusher.stall_max_s
+        return self.flusher.stall_max_s
 
     @property
     def flush_round_max_s(self) -> float:
         """The longest flush round's writing time (all its slices)."""
-        return self._flusher.round_max_s
+        return self.flusher.round_max_s
 
     def connection_states(self) -> dict[str, int]:
         """Sockets by phase: handshakes in progress, open, closing."""
@@ -143,7 +166,7 @@ class Gateway:
 
     def bind(self) -> socket.socket:
         """The listening socket. Raises OSError (port in use, ...)."""
-        ws_cfg = self._config.websocket
+        ws_cfg = self.surface.listener(self._config)
         listener = socket.create_server(
             (ws_cfg.host, ws_cfg.port), backlog=ws_cfg.backlog, reuse_port=ws_cfg.reuse_port
         )
@@ -156,7 +179,8 @@ class Gateway:
         first (new connects are refused at once), then the connections finish here."""
         listener = self.bind()
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._flusher.run)
+            if self._runs_flusher:
+                nursery.start_soon(self.flusher.run)
             with listener, trio.CancelScope() as self._accepting:
                 task_status.started(listener.getsockname()[1])
                 await self._accept_loop(listener, nursery)
@@ -358,6 +382,8 @@ class Gateway:
                 got = admission.TLS
         if got is None:  # the peer went away
             return False
+        if isinstance(got, Request):
+            conn.target = got.target
         refusal = (
             got
             if isinstance(got, Refusal)
@@ -431,6 +457,8 @@ class Gateway:
                         await self._dialect.on_message(conn, text, binary)
                 elif isinstance(event, Ping):
                     conn.answer_ping(event.payload, self._limits.max_pongs_owed)
+                elif isinstance(event, Pong):  # a dialect that pings reads when (Binance)
+                    conn.pong_at = now
                 elif isinstance(event, CloseConnection):
                     self._on_close_frame(conn, event)
                     return

@@ -48,6 +48,7 @@ from starlette.responses import FileResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
+from pushd.binance.rest import BinanceRest
 from pushd.bus.backplane import Backplane
 from pushd.bus.model import Outgoing, Position, checked
 from pushd.channels import (
@@ -107,6 +108,7 @@ class HttpApi:
         self.not_ready = not_ready
         self.websocket_port = config.websocket.port  # the bound one, once the gateway listens
         self.demo_login = demo_login
+        self.binance = BinanceRest(config, self, backplane)
         self.app = Starlette(
             routes=[
                 Route("/v1/publish", self._guard(self.publish), methods=["POST"]),
@@ -126,6 +128,7 @@ class HttpApi:
                 Route("/readyz", self.readyz, methods=["GET"]),
                 Route("/metrics", self.metrics, methods=["GET"]),
                 Route("/openapi.json", self.openapi, methods=["GET"]),
+                *self.binance.routes(),  # the Binance surfaces' REST (docs/binance.md)
             ]
         )
 
@@ -339,6 +342,7 @@ class HttpApi:
         """A reload: the publish token, batch size and limits of requests from now on."""
         self._config = config
         self._max_data = config.limits.outbound_buffer_bytes // 4
+        self.binance.reconfigure(config)
         self._openapi = msgspec.json.encode(openapi_document(config))
 
     async def stats(self, request: Request) -> dict[str, object]:

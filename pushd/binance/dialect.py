@@ -1,0 +1,174 @@
+"""The Binance dialect's Trio shell: a ``Dialect`` (``pushd.gateway.requests``) over the hub.
+
+Per connection: a sans-IO ``Session`` (``pushd.binance.session``), a request-rate bucket (the
+``[limits]`` ones), and a task that pings every ``ping_interval_s``. Each subscribed stream is
+a hub *view* of its internal channel, keyed ``(market, stream name, combined)``: every
+connection with the same key shares the one encoding of each event (``frames``).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Container
+
+import msgspec
+import trio
+from wsproto.events import Ping
+
+from pushd.auth import Verifier
+from pushd.binance.paths import opening
+from pushd.binance.payloads import Translator
+from pushd.binance.session import Session, error
+from pushd.binance.streams import Market, Stream
+from pushd.bus.model import Recovery
+from pushd.channels import Channel
+from pushd.config import BinanceSurfaceConfig, LimitsConfig
+from pushd.errors import BinanceError, CloseCode
+from pushd.gateway import lifecycle
+from pushd.gateway.connection import Connection
+from pushd.gateway.hub import Hub, ViewEncoder, text_frame
+from pushd.gateway.lifecycle import Disconnect, Phase
+from pushd.gateway.ratelimit import TokenBucket
+
+INVALID_STREAM = Disconnect(CloseCode.POLICY_VIOLATION, "invalid stream name", "binance_stream")
+NO_PONG = Disconnect(CloseCode.POLICY_VIOLATION, "no pong", "binance_no_pong")
+
+ViewKey = tuple[Market, str, bool]
+
+
+class Frames:
+    """A view's encoder (``Hub.join_view``): one native event as this stream's whole frames
+    (``Translator``), wrapped ``{"stream":..,"data":..}`` when ``combined``; a stream read off
+    the book says when it has none (``wants_state``) and takes one the bus offers."""
+
+    __slots__ = ("_head", "_translate", "combined")
+
+    def __init__(self, stream: Stream, market: Market, combined: bool, hub: Hub) -> None:
+        self._translate = Translator(
+            stream, market, functools.partial(hub.current, stream.internal)
+        )
+        self._head = b'{"stream":"' + stream.name.encode() + b'","data":'
+        self.combined = combined
+
+    def __call__(self, epoch: str, seq: int, data: msgspec.Raw) -> bytes:
+        payloads = self._translate(epoch, seq, data)
+        if self.combined:
+            payloads = [self._head + p + b"}" for p in payloads]
+        return b"".join(text_frame(p) for p in payloads)
+
+    @property
+    def wants_state(self) -> bool:
+        return self._translate.wants_state
+
+    def offer_state(self, recovery: Recovery) -> None:
+        self._translate.offer_state(recovery)
+
+
+def frames(stream: Stream, market: Market, combined: bool, hub: Hub) -> ViewEncoder:
+    return Frames(stream, market, combined, hub)
+
+
+class _State:
+    __slots__ = ("requests", "session")
+
+    def __init__(self, session: Session, requests: TokenBucket) -> None:
+        self.session = session
+        self.requests = requests
+
+
+class BinanceDialect:
+    """The Binance surface's ``Dialect`` for one market (spot or USD-M futures)."""
+
+    def __init__(
+        self, symbols: Container[str], market: Market, surface: Callable[[], BinanceSurfaceConfig],
+        limits: LimitsConfig, hub: Hub, end: Callable[[Connection, Disconnect], None],
+    ) -> None:  # fmt: skip
+        self._symbols = symbols
+        self._market = market
+        self._surface = surface  # the current config's (a reload's ping interval, limit)
+        self._limits = limits
+        self._hub = hub
+        self._end = end
+        self._states: dict[Connection, _State] = {}
+
+    def reconfigure(self, limits: LimitsConfig, verifier: Verifier) -> None:
+        self._limits = limits
+
+    def opened(self, conn: Connection, now: float) -> None:
+        asked = opening(conn.target)
+        limits = self._limits
+        session = Session(self._symbols, self._market, self._surface().max_streams, asked.combined)
+        state = _State(session, TokenBucket(limits.messages_per_second, limits.message_burst, now))
+        self._states[conn] = state
+        conn.leave = functools.partial(self._leave_all, conn, session)
+        if conn.nursery is not None:
+            conn.nursery.start_soon(self._pings, conn)
+        if asked.streams:  # /ws/<streamName>, /stream?streams=a/b/c
+            try:
+                streams = session.subscribe(session.parse_streams(asked.streams))
+            except BinanceError:  # closed once open (the handshake is answered already)
+                if conn.nursery is not None:
+                    conn.nursery.start_soon(self._refuse, conn)
+                return
+            self._join(conn, session, streams)
+
+    def closed(self, conn: Connection) -> None:
+        self._states.pop(conn, None)
+
+    async def on_message(self, conn: Connection, text: str, binary: bool) -> None:
+        state = self._states.get(conn)
+        if state is None or conn.closing:
+            return
+        if not state.requests.take(trio.current_time()):
+            self._end(conn, lifecycle.RATE_LIMITED)
+            return
+        session = state.session
+        if binary:
+            conn.send(text_frame(error(3, "Invalid JSON: a request is a text message", None)))
+            return
+        was_combined = session.combined
+        step = session.handle(text)
+        conn.send(text_frame(step.reply))
+        for stream in step.leave:
+            self._hub.leave_view(conn.outlet, stream.internal, self._key(stream, was_combined))
+        if step.reform:  # every stream again, in the new payload form
+            for stream in session.streams.values():
+                self._hub.leave_view(conn.outlet, stream.internal, self._key(stream, was_combined))
+            self._join(conn, session, list(session.streams.values()))
+        self._join(conn, session, step.join)
+
+    def _key(self, stream: Stream, combined: bool) -> ViewKey:
+        return (self._market, stream.name, combined)
+
+    def _join(self, conn: Connection, session: Session, streams: list[Stream]) -> None:
+        for stream in streams:
+            channel = Channel(stream.internal, stream.name, private=False, symbol=stream.symbol)
+            make = functools.partial(frames, stream, self._market, session.combined, self._hub)
+            self._hub.join_view(conn.outlet, channel, self._key(stream, session.combined), make)
+
+    def _leave_all(self, conn: Connection, session: Session) -> None:
+        for stream in session.streams.values():
+            self._hub.leave_view(conn.outlet, stream.internal, self._key(stream, session.combined))
+        session.streams.clear()
+
+    async def _refuse(self, conn: Connection) -> None:
+        self._end(conn, INVALID_STREAM)
+
+    async def _pings(self, conn: Connection) -> None:
+        """Binance's server pings; a client that has sent no pong for ``pong_timeout_s``
+        since the first unanswered ping is closed."""
+        unanswered_since: float | None = None
+        while True:
+            await trio.sleep(self._surface().ping_interval_s)
+            ws = conn.ws
+            if conn.phase is not Phase.OPEN or ws is None:
+                return
+            now = trio.current_time()
+            if unanswered_since is not None and conn.pong_at >= unanswered_since:
+                unanswered_since = None  # answered
+            if unanswered_since is None:
+                unanswered_since = now
+            elif now - unanswered_since >= self._surface().pong_timeout_s:
+                self._end(conn, NO_PONG)
+                return
+            conn.send(ws.send(Ping(b"")))

@@ -1,0 +1,191 @@
+"""The Binance surface against hostile and sloppy clients, through real sockets: bad stream
+names and garbage get nested errors on an open socket, an oversize frame is closed with 1009,
+the stream limit holds, bad paths are refused."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import trio
+from conftest import RawClient, Running, make_config, open_client, start_daemon
+from test_tls import Certificates
+from wsproto.events import AcceptConnection, CloseConnection, Ping, RejectConnection, TextMessage
+
+from pushd.channels import KLINE_INTERVALS
+
+SYMBOLS = [f"S{i:02d}USDT" for i in range(40)]  # enough for 1,025 distinct stream names
+PER_SYMBOL = ["trade", "aggTrade", "ticker", "miniTicker", "bookTicker", "depth", "depth@100ms",
+              "depth@250ms", "depth@500ms", "depth@1000ms", "depth5", "depth10", "depth20",
+              *(f"kline_{iv}" for iv in KLINE_INTERVALS)]  # fmt: skip
+
+
+async def start(nursery: trio.Nursery, **spot: Any) -> Running:
+    markets = {symbol: {} for symbol in ["BTCUSDT", *SYMBOLS]}
+    config = make_config(binance={"spot": {"enabled": True, "port": 0, **spot},
+                                  "futures": {"enabled": True, "port": 0}},
+                         markets=markets)  # fmt: skip
+    return await start_daemon(nursery, config)
+
+
+def names(count: int) -> list[str]:
+    every = [f"{symbol.lower()}@{kind}" for symbol in SYMBOLS for kind in PER_SYMBOL]
+    assert len(every) >= count
+    return every[:count]
+
+
+async def client(running: Running, path: str = "/ws") -> RawClient:
+    raw = await RawClient.connect(running.ports.binance_spot, path=path)
+    assert isinstance(await raw.handshake(), AcceptConnection)
+    return raw
+
+
+async def call(raw: RawClient, request: Any) -> Any:
+    if isinstance(request, str):
+        await raw.stream.send_all(raw.ws.send(TextMessage(request)))
+    else:
+        await raw.send_json(request)
+    messages, code = await raw.read_one_batch()
+    assert code is None and len(messages) == 1, (messages, code)
+    return messages[0]
+
+
+async def test_bad_requests_get_nested_errors_and_the_socket_stays_open(
+    nursery: trio.Nursery,
+) -> None:
+    running = await start(nursery)
+    raw = await client(running, "/ws/0")
+    bad = await call(raw, {"method": "SUBSCRIBE", "params": ["btcusdt@nonsense"], "id": 1})
+    assert bad["id"] == 1 and bad["error"]["code"] == 2
+    garbage = await call(raw, "{garbage")
+    assert garbage["id"] is None and garbage["error"]["code"] == 3
+    assert (await call(raw, "\u00ff" * 10))["error"]["code"] == 3
+    assert (await call(raw, {"method": "SET_PROPERTY", "params": ["x", 1], "id": "a"}))[
+        "error"]["code"] == 0  # fmt: skip
+    uuid = "0f8fad5b-d9cb-469f-a165-70867728950e"
+    ok = await call(raw, {"method": "SUBSCRIBE", "params": ["btcusdt@trade"], "id": uuid})
+    assert ok == {"result": None, "id": uuid}
+    listed = await call(raw, {"method": "LIST_SUBSCRIPTIONS", "id": 2})
+    assert listed == {"result": ["btcusdt@trade"], "id": 2}
+    await raw.aclose()
+
+
+async def test_a_200_stream_subscribe_fits_and_the_1025th_stream_is_refused(
+    nursery: trio.Nursery,
+) -> None:
+    running = await start(nursery)
+    raw = await client(running)
+    first = names(1025)
+    request = {"method": "SUBSCRIBE", "params": first[:200], "id": 1}
+    assert len(str(request)) > 4096  # over pushd's own message limit
+    assert await call(raw, request) == {"result": None, "id": 1}
+    rest = {"method": "SUBSCRIBE", "params": first[200:1024], "id": 2}
+    assert await call(raw, rest) == {"result": None, "id": 2}
+    over = await call(raw, {"method": "SUBSCRIBE", "params": first[1024:], "id": 3})
+    assert over["error"]["code"] == 2 and over["id"] == 3
+    listed = await call(raw, {"method": "LIST_SUBSCRIPTIONS", "id": 4})
+    assert listed["result"] == first[:1024]
+    await raw.aclose()
+
+
+async def test_an_oversize_frame_is_closed_with_1009(nursery: trio.Nursery) -> None:
+    running = await start(nursery, max_message_bytes=8192)
+    raw = await client(running)
+    await raw.send_json({"method": "SUBSCRIBE", "params": ["x" * 9000], "id": 1})
+    _, code = await raw.read_until_close()
+    assert code == 1009
+
+
+async def test_bad_paths_are_refused(nursery: trio.Nursery) -> None:
+    running = await start(nursery)
+    raw = await RawClient.connect(running.ports.binance_spot, path="/nowhere")
+    answer = await raw.handshake()
+    assert isinstance(answer, RejectConnection) and answer.status_code == 404
+    raw = await client(running, "/ws/btcusdt@nonsense")  # accepted, then closed: a bad stream
+    _, code = await raw.read_until_close()
+    assert code == 1008
+
+
+async def test_combined_payloads_and_pre_subscribed_paths(nursery: trio.Nursery) -> None:
+    running = await start(nursery)
+    batch = {"s": "BTCUSDT", "trades": [
+        {"id": 1, "price": "1.5", "qty": "2", "side": "buy", "ts": 10},
+        {"id": 2, "price": "1.6", "qty": "3", "side": "sell", "ts": 11}]}  # fmt: skip
+    wrapped = await client(running, "/stream?streams=btcusdt@trade/btcusdt@aggTrade")
+    plain = await client(running, "/ws/btcusdt@trade")
+    switched = await client(running, "/ws")
+    await call(switched, {"method": "SUBSCRIBE", "params": ["btcusdt@trade"], "id": 1})
+    combined = {"method": "SET_PROPERTY", "params": ["combined", True], "id": 2}
+    assert await call(switched, combined) == {"result": None, "id": 2}
+    await running.publish("trades_BTCUSDT", batch)
+    got = await read(wrapped, 4)
+    assert [(m["stream"], m["data"]["e"]) for m in got] == [
+        ("btcusdt@trade", "trade"), ("btcusdt@trade", "trade"),
+        ("btcusdt@aggTrade", "aggTrade"), ("btcusdt@aggTrade", "aggTrade")]  # fmt: skip
+    assert [m["t"] for m in await read(plain, 2)] == [1, 2]
+    assert [m["data"]["t"] for m in await read(switched, 2)] == [1, 2]
+
+
+async def read(raw: RawClient, count: int) -> list[Any]:
+    messages: list[Any] = []
+    while len(messages) < count:
+        batch, code = await raw.read_one_batch()
+        assert code is None
+        messages += batch
+    assert len(messages) == count
+    return messages
+
+
+async def test_the_server_pings(nursery: trio.Nursery) -> None:
+    running = await start(nursery, ping_interval_s=0.05)
+    raw = await client(running)
+    with trio.fail_after(10):
+        while True:
+            raw.ws.receive_data(await raw.stream.receive_some(65536))
+            events = list(raw.ws.events())
+            assert not any(isinstance(e, CloseConnection) for e in events)
+            if any(isinstance(e, Ping) for e in events):
+                break
+
+
+async def test_a_client_that_answers_no_ping_is_closed(nursery: trio.Nursery) -> None:
+    running = await start(nursery, ping_interval_s=0.05, pong_timeout_s=0.2)
+    silent = await client(running)  # wsproto does not answer pings by itself
+    polite = await client(running)
+    pings = 0
+    with trio.fail_after(10):
+        while pings < 12:  # 0.6 s of pings, three times the timeout: answered, it stays
+            polite.ws.receive_data(await polite.stream.receive_some(65536))
+            for event in polite.ws.events():
+                assert not isinstance(event, CloseConnection)
+                if isinstance(event, Ping):
+                    pings += 1
+                    await polite.stream.send_all(polite.ws.send(event.response()))
+    _, code = await silent.read_until_close()
+    assert code == 1008
+
+
+async def test_wss_on_a_binance_surface(nursery: trio.Nursery, tmp_path: Path) -> None:
+    """cryptofeed refuses ws://: the surface serves wss:// with its own certificate."""
+    certs = Certificates(tmp_path)
+    running = await start(nursery, **certs.tls_section())
+    url = f"wss://127.0.0.1:{running.ports.binance_spot}/ws"
+    async with open_client(url, ssl_context=certs.client_context()) as tls_client:
+        answer = await tls_client.call({"method": "LIST_SUBSCRIPTIONS", "id": 1})
+        assert answer == {"result": [], "id": 1}
+
+
+async def test_every_listener_of_a_node_shares_the_one_flusher(nursery: trio.Nursery) -> None:
+    """The hub has one dirty list and wakes one flusher: each gateway made its own before,
+    the last one made took every write (the native one's never ran, its stall and round
+    figures stayed 0) and ended native connections with a Binance gateway's limits."""
+    running = await start(nursery)
+    daemon = running.daemon
+    flushers = {id(g.flusher) for g in (daemon.gateway, *daemon.binance.values())}
+    assert flushers == {id(daemon.gateway.flusher)}
+    async with open_client(running.ws_url) as native:
+        await native.call({"op": "subscribe", "channel": "notice", "id": 1})
+        await running.publish("notice", {"n": 1})
+        event = await native.recv()
+        assert event["data"] == {"n": 1}
+    assert daemon.gateway.flush_round_max_s > 0  # the round was the native gateway's figure

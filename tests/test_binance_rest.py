@@ -1,0 +1,88 @@
+"""The Binance surfaces' REST on pushd's HTTP port: shapes the clients read, Binance's error
+body, and ids that agree with the streams. A real daemon on a simulated market."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+import trio
+from conftest import Running, feed, open_client
+from test_binance_ccxt import start_binance
+
+from ingest.sim import Market
+
+
+async def get(running: Running, path: str, status: int = 200) -> Any:
+    async with httpx.AsyncClient() as http:
+        answer = await http.get(running.http_url + path)
+    assert answer.status_code == status, answer.text
+    assert answer.headers["content-type"] == "application/json"
+    return answer.json()
+
+
+async def test_rest_shapes_errors_and_ids(nursery: trio.Nursery) -> None:
+    market = Market(seed=5, rate=5)
+    running = await start_binance(nursery, market)
+    feeding = trio.CancelScope()
+
+    async def run_feed() -> None:
+        with feeding:
+            await feed(running, market)()
+
+    nursery.start_soon(run_feed)
+    streams = "btcusdt@depth@100ms/btcusdt@miniTicker/ethusdt@miniTicker/solusdt@miniTicker"
+    url = f"ws://127.0.0.1:{running.ports.binance_futures}/stream?streams={streams}"
+    async with open_client(url) as client:
+        first: dict[str, Any] = {}
+        while len(first) < 4:  # a book and every symbol's ticker exist
+            message = await client.recv()
+            first.setdefault(message["stream"], message["data"])
+        feeding.cancel()
+        depth = await get(running, "/fapi/v1/depth?symbol=BTCUSDT&limit=5")
+    first = first["btcusdt@depth@100ms"]
+    assert depth["lastUpdateId"] >= first["u"] and set(depth) == {"lastUpdateId", "E", "T",
+                                                                   "bids", "asks"}  # fmt: skip
+    assert len(depth["bids"]) == 5 and all(isinstance(p, str) for p, _ in depth["bids"])
+    spot_depth = await get(running, "/api/v3/depth?symbol=BTCUSDT&limit=5")
+    assert set(spot_depth) == {"lastUpdateId", "bids", "asks"}
+
+    assert await get(running, "/api/v3/ping") == {}
+    assert isinstance((await get(running, "/fapi/v1/time"))["serverTime"], int)
+    spot = (await get(running, "/api/v3/exchangeInfo"))["symbols"]
+    futures = (await get(running, "/fapi/v1/exchangeInfo"))["symbols"]
+    assert [s["symbol"] for s in spot] == ["BTCUSDT", "ETHUSDT", "SOLUSDT"]
+    for symbol in spot + futures:
+        assert symbol["status"] == "TRADING" and symbol["quoteAsset"] == "USDT"
+        assert [f["filterType"] for f in symbol["filters"]][:2] == ["PRICE_FILTER", "LOT_SIZE"]
+    assert all("contractType" not in s for s in spot)
+    assert all(s["contractType"] == "PERPETUAL" and s["marginAsset"] == "USDT"
+               and s["pair"] == s["symbol"] and s["deliveryDate"] > 0 for s in futures)  # fmt: skip
+    assert spot[0]["baseAsset"] == "BTC"
+    assert (await get(running, "/dapi/v1/exchangeInfo"))["symbols"] == []  # no COIN-M
+
+    trades = await get(running, "/api/v3/trades?symbol=BTCUSDT&limit=5")
+    aggs = await get(running, "/api/v3/aggTrades?symbol=BTCUSDT&limit=5")
+    assert [t["id"] for t in trades] == [a["a"] for a in aggs] == [a["f"] for a in aggs]
+    assert all(isinstance(t["price"], str) and isinstance(t["time"], int) for t in trades)
+    klines = await get(running, "/fapi/v1/klines?symbol=BTCUSDT&interval=1m&limit=3")
+    assert klines and all(len(row) == 12 and isinstance(row[0], int) for row in klines)
+    tickers = await get(running, "/api/v3/ticker/24hr")
+    assert [t["symbol"] for t in tickers] == ["BTCUSDT", "ETHUSDT", "SOLUSDT"]
+    one = await get(running, "/fapi/v1/ticker/24hr?symbol=ETHUSDT")
+    assert one["symbol"] == "ETHUSDT" and "bidPrice" not in one
+    with trio.fail_after(10):  # the feed stopped: the last diffs come, then the book stands
+        while (top := await get(running, "/fapi/v1/ticker/bookTicker?symbol=BTCUSDT"))[
+            "lastUpdateId"
+        ] != depth["lastUpdateId"]:
+            depth = await get(running, "/fapi/v1/depth?symbol=BTCUSDT&limit=5")
+    assert (top["bidPrice"], top["askPrice"]) == (depth["bids"][0][0], depth["asks"][0][0])
+    assert len(await get(running, "/api/v3/ticker/bookTicker")) == 3
+
+    invalid = {"code": -1121, "msg": "Invalid symbol."}
+    for path in ("/api/v3/depth?symbol=NOPE", "/fapi/v1/trades", "/api/v3/klines?symbol=xx",
+                 "/fapi/v1/premiumIndex?symbol=btcusdt"):  # fmt: skip
+        assert await get(running, path, 400) == invalid
+    assert (await get(running, "/api/v3/depth?symbol=BTCUSDT&limit=0", 400))["code"] == -1100
+    bad_interval = "/api/v3/klines?symbol=BTCUSDT&interval=7m"
+    assert (await get(running, bad_interval, 400))["code"] == -1100

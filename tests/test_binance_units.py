@@ -1,0 +1,329 @@
+"""The Binance dialect's sans-IO parts: stream names, paths, update ids, payloads, requests,
+and the hub's views. No sockets."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+import pytest
+from test_hub import frames
+from upstream import Upstream
+
+from pushd.binance.dialect import Frames
+from pushd.binance.ids import MAX_SAFE, update_id
+from pushd.binance.paths import accepts, opening
+from pushd.binance.payloads import Translator
+from pushd.binance.session import Session
+from pushd.binance.streams import Stream, parse
+from pushd.bus.model import Entry, Position, Recovery, Snapshot, epoch_ms, new_epoch
+from pushd.channels import Channel
+from pushd.errors import InvalidStream
+from pushd.gateway.hub import Hub, Outlet, text_frame
+from pushd.market.depth import checksum
+
+SYMBOLS = frozenset({"BTCUSDT", "ETHUSDT"})
+EPOCH = new_epoch(1_795_000_000_000)
+
+
+def raw(value: Any) -> msgspec.Raw:
+    return msgspec.Raw(msgspec.json.encode(value))
+
+
+def depth_event(
+    e: str, bids: list[list[str]], asks: list[list[str]], after: Any = None, pu: int = 0
+) -> msgspec.Raw:
+    """A native depth event; its checksum is of ``after`` (the book after it; default: its
+    own levels, as for a snapshot)."""
+    book = after or (bids, asks)
+    crc = checksum([tuple(lv) for lv in book[0]], [tuple(lv) for lv in book[1]])  # type: ignore[misc]
+    return raw({"e": e, "s": "BTCUSDT", "U": pu + 1, "u": pu + 1, "pu": pu, "bids": bids,
+                "asks": asks, "checksum": crc, "T": 1_795_000_000_123})  # fmt: skip
+
+
+# -- stream names ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "kind", "internal"),
+    [
+        ("btcusdt@depth", "depth", "depth_BTCUSDT"),
+        ("btcusdt@depth@100ms", "depth", "depth_BTCUSDT"),
+        ("btcusdt@depth@1000ms", "depth", "depth_BTCUSDT"),
+        ("btcusdt@depth20@100ms", "partial", "depth_BTCUSDT"),
+        ("btcusdt@depth5", "partial", "depth_BTCUSDT"),
+        ("btcusdt@bookTicker", "bookTicker", "depth_BTCUSDT"),
+        ("btcusdt@trade", "trade", "trades_BTCUSDT"),
+        ("btcusdt@aggTrade", "aggTrade", "trades_BTCUSDT"),
+        ("btcusdt@ticker", "ticker", "ticker_BTCUSDT"),
+        ("btcusdt@miniTicker", "miniTicker", "ticker_BTCUSDT"),
+        ("btcusdt@kline_1m", "kline", "kline_BTCUSDT"),
+        ("ethusdt@kline_4h", "kline", "kline_ETHUSDT_4h"),
+        ("btcusdt@markPrice", "markPrice", "markprice_BTCUSDT"),
+        ("btcusdt@markPrice@1s", "markPrice", "markprice_BTCUSDT"),
+        ("BTCUSDT@trade", "trade", "trades_BTCUSDT"),  # the symbol in any case; echoed lower
+    ],
+)
+def test_stream_names_map_to_pushd_channels(name: str, kind: str, internal: str) -> None:
+    stream = parse(name, SYMBOLS, "futures")
+    assert (stream.kind, stream.internal) == (kind, internal)
+    assert stream.name == name[: name.index("@")].lower() + name[name.index("@") :]
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["btcusdt@depth7", "btcusdt@depth@1s", "btcusdt@depth5@1000ms", "btcusdt@kline_7m",
+     "btcusdt@kline", "btcusdt@trade@100ms", "btcusdt@trades", "xrpusdt@trade", "@trade",
+     "btcusdt", "btcusdt@", "btcusdt@depth\u0665", "btcusdt@markPrice", "x" * 200,
+     "btcusdt@ticker_1m", "btc usdt@trade"],
+)  # fmt: skip
+def test_bad_stream_names_are_refused(name: str) -> None:
+    with pytest.raises(InvalidStream):
+        parse(name, SYMBOLS, "spot")  # markPrice: USD-M only
+
+
+# -- paths -------------------------------------------------------------------------------
+
+
+def test_paths() -> None:
+    for path in ("/ws", "/ws/0", "/ws/btcusdt@trade", "/stream", "/public/ws", "/market/stream",
+                 "/ws/3/anything"):  # fmt: skip
+        assert accepts(path), path
+    for path in ("/", "/wss", "/public", "/api/ws", "/streams"):
+        assert not accepts(path), path
+    assert opening("/ws/1") == opening("/ws") == opening("/public/ws/0")
+    assert not opening("/ws").combined and opening("/ws").streams == []
+    assert opening("/ws/btcusdt@trade").streams == ["btcusdt@trade"]
+    assert opening("/stream?streams=btcusdt@trade/ethusdt@depth@100ms").streams == [
+        "btcusdt@trade", "ethusdt@depth@100ms"]  # fmt: skip
+    assert opening("/market/stream").combined
+
+
+# -- update ids ---------------------------------------------------------------------------
+
+
+def test_update_ids_rise_by_one_per_event_and_across_epochs() -> None:
+    assert epoch_ms(EPOCH) == 1_795_000_000_000
+    assert update_id(EPOCH, 8) == update_id(EPOCH, 7) + 1
+    later = new_epoch(1_795_000_000_001)  # a restart one ms later
+    assert update_id(later, 1) > update_id(EPOCH, 999)  # a thousand events per ms to spare
+    assert epoch_ms("deadbeef") == 0 and epoch_ms("0x" + "1" * 14) == 0  # old or foreign form
+    assert update_id(new_epoch(), 10**6) < MAX_SAFE
+    assert update_id(new_epoch(9_000_000_000_000), 10**6) < MAX_SAFE  # the year 2255
+
+
+# -- payloads -----------------------------------------------------------------------------
+
+
+def test_a_batch_of_n_trades_is_n_payloads_with_strings_and_integers() -> None:
+    batch = raw({"s": "BTCUSDT", "trades": [
+        {"id": 7, "price": "65000.1", "qty": "0.5", "side": "buy", "ts": 1},
+        {"id": 8, "price": "65000.2", "qty": "0.25", "side": "sell", "ts": 2}]})  # fmt: skip
+    spot = Translator(parse("btcusdt@trade", SYMBOLS, "spot"), "spot")
+    out = [msgspec.json.decode(p) for p in spot(EPOCH, 3, batch)]
+    assert out == [
+        {"e": "trade", "E": 1, "s": "BTCUSDT", "t": 7, "p": "65000.1", "q": "0.5", "T": 1,
+         "m": False, "M": True},
+        {"e": "trade", "E": 2, "s": "BTCUSDT", "t": 8, "p": "65000.2", "q": "0.25", "T": 2,
+         "m": True, "M": True},
+    ]  # fmt: skip
+    agg = Translator(parse("btcusdt@aggTrade", SYMBOLS, "futures"), "futures")
+    [first, _] = [msgspec.json.decode(p) for p in agg(EPOCH, 3, batch)]
+    assert first["a"] == first["f"] == first["l"] == 7 and "M" not in first
+
+
+def test_depth_diffs_chain_by_update_id_and_snapshots_are_not_sent() -> None:
+    spot = Translator(parse("btcusdt@depth@100ms", SYMBOLS, "spot"), "spot")
+    futures = Translator(parse("btcusdt@depth", SYMBOLS, "futures"), "futures")
+    diff = depth_event("depthUpdate", [["1.5", "2"]], [["1.6", "0"]])
+    assert spot(EPOCH, 5, depth_event("snapshot", [], [])) == []
+    a, b = (msgspec.json.decode(spot(EPOCH, seq, diff)[0]) for seq in (6, 7))
+    assert b["U"] == a["u"] + 1 and a["U"] == a["u"] and "pu" not in a
+    assert a["b"] == [["1.5", "2"]] and a["a"] == [["1.6", "0"]] and a["E"] == 1_795_000_000_123
+    c, d = (msgspec.json.decode(futures(EPOCH, seq, diff)[0]) for seq in (6, 7))
+    assert d["pu"] == c["u"] and c["T"] == 1_795_000_000_123
+    assert list(c) == ["e", "E", "T", "s", "U", "u", "pu", "b", "a"]
+
+
+def test_partial_depth_and_book_ticker_read_a_mirror_seeded_by_the_current_state() -> None:
+    book = depth_event("snapshot", [["10", "1"], ["9", "2"]], [["11", "3"], ["12", "4"]])
+    current: list[Snapshot | None] = [None]
+    partial = Translator(parse("btcusdt@depth5", SYMBOLS, "spot"), "spot", lambda: current[0])
+    top = Translator(parse("btcusdt@bookTicker", SYMBOLS, "spot"), "spot", lambda: current[0])
+    after = ([["9.5", "5"], ["9", "2"]], [["11", "3"], ["12", "4"]])
+    diff = depth_event("depthUpdate", [["10", "0"], ["9.5", "5"]], [], after, pu=1)
+    assert partial(EPOCH, 4, diff) == []  # no state at seq 4: nothing to show
+    current[0] = Snapshot(Position(EPOCH, 5), book)  # the book after the event of seq 5
+    [p] = [msgspec.json.decode(x) for x in partial(EPOCH, 5, diff)]  # seeded: the state at 5
+    assert p == {"lastUpdateId": update_id(EPOCH, 5), "bids": [["10", "1"], ["9", "2"]],
+                 "asks": [["11", "3"], ["12", "4"]]}  # fmt: skip
+    [t] = [msgspec.json.decode(x) for x in top(EPOCH, 5, diff)]
+    assert (t["b"], t["B"], t["a"], t["A"]) == ("10", "1", "11", "3")
+    [p] = [msgspec.json.decode(x) for x in partial(EPOCH, 6, diff)]  # the diff on the mirror
+    assert p["bids"] == [["9.5", "5"], ["9", "2"]] and p["lastUpdateId"] == update_id(EPOCH, 6)
+    assert partial(EPOCH, 9, diff) == []  # 7 and 8 never came: no book until a state
+
+
+def test_a_mirror_without_a_book_takes_the_state_the_bus_offers() -> None:
+    """On a gateway node (no book in process) the hub says the view wants a state, and hands it
+    the one the bus read: the stored state and the diffs after it."""
+    book = depth_event("snapshot", [["10", "1"]], [["11", "3"]])
+    after = ([["10", "2"]], [["11", "3"]])
+    diff = depth_event("depthUpdate", [["10", "2"]], [], after, pu=1)
+    after2 = ([["10", "2"]], [["11", "4"]])
+    diff2 = depth_event("depthUpdate", [], [["11", "4"]], after2, pu=2)
+    hub = Hub()
+    channel = Channel("depth_BTCUSDT", "btcusdt@bookTicker", private=False, symbol="BTCUSDT")
+    outlet = Outlet(1 << 20)
+    stream = parse("btcusdt@bookTicker", SYMBOLS, "spot")
+    hub.join_view(outlet, channel, "k", lambda: Frames(stream, "spot", False, hub))
+    assert hub.wants_state("depth_BTCUSDT")
+    hub.publish("depth_BTCUSDT", EPOCH, 6, diff)  # no book: nothing sent
+    assert outlet.out == b""
+    stored = Recovery(Position(EPOCH, 6), False, current=(Entry(5, book), Entry(6, diff)))
+    hub.offer_state("depth_BTCUSDT", stored)
+    assert not hub.wants_state("depth_BTCUSDT")
+    hub.publish("depth_BTCUSDT", EPOCH, 7, diff2)
+    [top] = frames(bytes(outlet.out))
+    assert (top["u"], top["b"], top["B"], top["A"]) == (update_id(EPOCH, 7), "10", "2", "4")
+
+
+def test_tickers_klines_and_mark_price() -> None:
+    ticker = raw({"s": "BTCUSDT", "open": "100", "high": "110", "low": "90", "last": "105",
+                  "volume": "2", "quoteVolume": "210", "change": "5", "changePercent": "5.000",
+                  "count": 3, "firstId": 1, "lastId": 3, "openTime": 60_000,
+                  "closeTime": 86_460_000})  # fmt: skip
+    [mini] = Translator(parse("btcusdt@miniTicker", SYMBOLS, "spot"), "spot").payloads(
+        EPOCH, 1, ticker
+    )
+    assert mini == {"e": "24hrMiniTicker", "E": 86_460_000, "s": "BTCUSDT", "c": "105",
+                    "o": "100", "h": "110", "l": "90", "v": "2", "q": "210"}  # fmt: skip
+    [full] = Translator(parse("btcusdt@ticker", SYMBOLS, "spot"), "spot").payloads(EPOCH, 1, ticker)
+    assert (full["w"], full["F"], full["L"], full["n"], full["b"]) == ("105.00000000", 1, 3, 3, "0")
+    [fut] = Translator(parse("btcusdt@ticker", SYMBOLS, "futures"), "futures").payloads(
+        EPOCH, 1, ticker)  # fmt: skip
+    assert "b" not in fut and "x" not in fut
+    candle = raw({"s": "BTCUSDT", "i": "1m", "openTime": 0, "closeTime": 59_999, "open": "1",
+                  "high": "2", "low": "1", "close": "2", "volume": "3", "quoteVolume": "5",
+                  "count": 2, "closed": True})  # fmt: skip
+    [k] = Translator(parse("btcusdt@kline_1m", SYMBOLS, "spot"), "spot").payloads(EPOCH, 1, candle)
+    assert k["e"] == "kline" and k["k"]["x"] is True and k["k"]["t"] == 0 and k["k"]["c"] == "2"
+    mark = raw({"s": "BTCUSDT", "markPrice": "1.5", "indexPrice": "1.4",
+                "estimatedSettlePrice": "1.45", "fundingRate": "0.0001", "premiumIndex": "0",
+                "nextFundingTime": 28_800_000, "T": 5})  # fmt: skip
+    stream = parse("btcusdt@markPrice@1s", SYMBOLS, "futures")
+    [m] = Translator(stream, "futures").payloads(EPOCH, 1, mark)
+    assert m == {"e": "markPriceUpdate", "E": 5, "s": "BTCUSDT", "p": "1.5", "i": "1.4",
+                 "P": "1.45", "r": "0.0001", "T": 28_800_000}  # fmt: skip
+
+
+# -- requests -----------------------------------------------------------------------------
+
+
+def reply(session: Session, request: Any) -> Any:
+    text = request if isinstance(request, str) else msgspec.json.encode(request).decode()
+    return msgspec.json.decode(session.handle(text).reply)
+
+
+def test_requests_and_replies() -> None:
+    session = Session(SYMBOLS, "spot", 1024, combined=False)
+    sub = {"method": "SUBSCRIBE", "params": ["btcusdt@trade", "ethusdt@depth"], "id": 1}
+    step = session.handle(msgspec.json.encode(sub).decode())
+    assert msgspec.json.decode(step.reply) == {"result": None, "id": 1}
+    assert [s.name for s in step.join] == ["btcusdt@trade", "ethusdt@depth"]
+    again = session.handle(msgspec.json.encode({**sub, "id": 2}).decode())
+    assert again.join == [] and msgspec.json.decode(again.reply) == {"result": None, "id": 2}
+    uuid = "0f8fad5b-d9cb-469f-a165-70867728950e"
+    assert reply(session, {"method": "LIST_SUBSCRIPTIONS", "id": uuid}) == {
+        "result": ["btcusdt@trade", "ethusdt@depth"], "id": uuid}  # fmt: skip
+    assert reply(session, {"method": "GET_PROPERTY", "params": ["combined"], "id": None}) == {
+        "result": False, "id": None}  # fmt: skip
+    step = session.handle('{"method":"SET_PROPERTY","params":["combined",true],"id":3}')
+    assert step.reform and session.combined
+    left = session.handle(
+        '{"method":"UNSUBSCRIBE","params":["btcusdt@trade","btcusdt@ticker"],"id":4}'
+    )
+    assert [s.name for s in left.leave] == ["btcusdt@trade"]
+    assert reply(session, {"method": "SUBSCRIBE", "params": [], "id": 2**63 - 1})["result"] is None
+
+
+@pytest.mark.parametrize(
+    ("request_text", "code", "request_id"),
+    [
+        ("not json", 3, None),
+        ("[1,2]", 3, None),
+        ('{"method":"SUBSCRIBE","params":["btcusdt@nope"],"id":7}', 2, 7),
+        ('{"method":"SUBSCRIBE","params":["btcusdt@trade","x"],"id":7}', 2, 7),  # all or none
+        ('{"method":"SUBSCRIBE","params":"btcusdt@trade","id":7}', 2, 7),
+        ('{"method":"SUBSCRIBE","params":["btcusdt@trade"],"id":' + str(2**63) + "}", 2, None),
+        ('{"method":"SUBSCRIBE","params":["btcusdt@trade"],"id":"' + "u" * 37 + '"}', 2, None),
+        ('{"method":"SUBSCRIBE","params":["btcusdt@trade"],"id":true}', 2, None),
+        ('{"method":"DANCE","id":8}', 2, 8),
+        ('{"method":"SET_PROPERTY","params":["colour",true],"id":9}', 0, 9),
+        ('{"method":"SET_PROPERTY","params":["combined","yes"],"id":9}', 1, 9),
+    ],
+)
+def test_errors_are_nested_and_echo_the_id(request_text: str, code: int, request_id: Any) -> None:
+    session = Session(SYMBOLS, "spot", 1024, combined=False)
+    answer = reply(session, request_text)
+    assert set(answer) == {"error", "id"} and answer["id"] == request_id
+    assert answer["error"]["code"] == code and isinstance(answer["error"]["msg"], str)
+    assert session.streams == {}
+
+
+def test_stream_limit_is_all_or_nothing() -> None:
+    session = Session(SYMBOLS, "spot", 3, combined=False)
+    names = ["btcusdt@trade", "btcusdt@ticker", "btcusdt@kline_1m", "btcusdt@aggTrade"]
+    answer = reply(session, {"method": "SUBSCRIBE", "params": names, "id": 1})
+    assert answer["error"]["code"] == 2 and session.streams == {}
+
+
+# -- the hub's views ----------------------------------------------------------------------
+
+
+def test_a_view_encodes_each_event_once_for_all_its_subscribers() -> None:
+    upstream = Upstream()
+    hub = Hub(upstream=upstream)
+    channel = Channel("trades_BTCUSDT", "btcusdt@trade", private=False, symbol="BTCUSDT")
+    calls: list[int] = []
+
+    def encoder() -> Any:
+        def encode(epoch: str, seq: int, data: msgspec.Raw) -> bytes:
+            calls.append(seq)
+            return text_frame(b'{"n":%d}' % seq) * 2  # two frames for one event
+
+        return encode
+
+    outlets = [Outlet(10_000) for _ in range(3)]
+    for outlet in outlets:
+        hub.join_view(outlet, channel, "key", encoder)
+    native = Outlet(10_000)
+    hub.subscribe(native, channel)
+    hub.publish("trades_BTCUSDT", EPOCH, 1, raw({"s": "BTCUSDT", "trades": []}))
+    assert calls == [1]  # once, whatever the number of subscribers
+    for outlet in outlets:
+        assert frames(bytes(outlet.out)) == [{"n": 1}, {"n": 1}]
+    assert frames(bytes(native.out))[0]["event"] == "btcusdt@trade"  # the native frame too
+    assert hub.subscriber_count("trades_BTCUSDT") == 4
+    for outlet in outlets:
+        hub.leave_view(outlet, "trades_BTCUSDT", "key")
+    hub.unsubscribe(native, "trades_BTCUSDT")
+    assert upstream.followed == upstream.left == ["trades_BTCUSDT"]
+    assert hub.subscriber_count("trades_BTCUSDT") == 0
+
+
+def test_a_view_subscriber_with_no_room_is_marked_slow() -> None:
+    hub = Hub()
+    channel = Channel("trades_BTCUSDT", "btcusdt@trade", private=False, symbol="BTCUSDT")
+    small, roomy = Outlet(4096), Outlet(1 << 20)
+    for outlet in (small, roomy):
+        hub.join_view(outlet, channel, "k", lambda: lambda _e, _s, _d: text_frame(b"x" * 3000))
+    for seq in (1, 2):
+        hub.publish("trades_BTCUSDT", EPOCH, seq, raw({}))
+    assert small.slow and small in hub.take_dirty() and len(small.out) < 4096
+    assert not roomy.slow and len(roomy.out) > 6000
+
+
+def test_a_stream_is_a_value() -> None:
+    stream = parse("btcusdt@trade", SYMBOLS, "spot")
+    assert stream == Stream("btcusdt@trade", "BTCUSDT", "trade", "trades_BTCUSDT")
