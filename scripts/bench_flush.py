@@ -63,6 +63,25 @@ def fail(*_args: object) -> None:
     raise AssertionError("a connection ended")
 
 
+def flusher_loop(hub: Hub, flush: Callable[[Any], None], *, owned: bool) -> Callable[[], int]:
+    """The flusher's loop over one round's dirty list, without its clock (``owned``: issue
+    20's, whose dirty list holds outlets that have a connection; before, they were one)."""
+
+    def round_() -> int:
+        dirty, hub.dirty = hub.dirty, []  # (``Hub.take_dirty``, which d4ef5ca has not)
+        for n, outlet in enumerate(dirty, 1):
+            conn = outlet.owner if owned else outlet
+            try:
+                flush(conn)
+            except Exception:
+                fail(conn)
+            if not n % 64:
+                pass
+        return len(dirty)
+
+    return round_
+
+
 def new_writer(hub: Hub, socks: list[Any]) -> tuple[Callable[[], int], list[Any]]:
     """Issue 20's writer: ``Flusher._flush`` on ``Connection``s that have an outlet."""
     from pushd.gateway.connection import Connection, Traffic
@@ -78,21 +97,7 @@ def new_writer(hub: Hub, socks: list[Any]) -> tuple[Callable[[], int], list[Any]
         conn.nursery = Nursery()  # type: ignore[assignment]
         hub.subscribe(conn.outlet, CHANNEL)
         conns.append(conn)
-    flush = flusher._flush
-
-    def round_() -> int:  # the flusher's loop (writer.Flusher.run) without its clock
-        dirty = hub.take_dirty()
-        for n, outlet in enumerate(dirty, 1):
-            conn = outlet.owner
-            try:
-                flush(conn)
-            except Exception:
-                fail(conn)
-            if not n % 64:
-                pass
-        return len(dirty)
-
-    return round_, conns
+    return flusher_loop(hub, flusher._flush, owned=True), conns
 
 
 def old_writer(hub: Hub, socks: list[Any]) -> tuple[Callable[[], int], list[Any]]:
@@ -109,21 +114,7 @@ def old_writer(hub: Hub, socks: list[Any]) -> tuple[Callable[[], int], list[Any]
         conn.nursery = Nursery()  # type: ignore[assignment]
         hub.subscribe(conn, CHANNEL)
         conns.append(conn)
-    flush = gateway._flush
-
-    def round_() -> int:  # the flusher's loop (Gateway._flusher) without its clock
-        dirty, hub.dirty = hub.dirty, []
-        for n, outlet in enumerate(dirty, 1):
-            conn = outlet
-            try:
-                flush(conn)
-            except Exception:
-                fail(conn)
-            if not n % 64:
-                pass
-        return len(dirty)
-
-    return round_, conns
+    return flusher_loop(hub, gateway._flush, owned=False), conns
 
 
 def main() -> None:
@@ -151,7 +142,7 @@ def main() -> None:
     hub = Hub()
     new = importlib.util.find_spec("pushd.gateway.writer") is not None
     round_, _conns = (new_writer if new else old_writer)(hub, socks)
-    hub.take_dirty() if new else hub.dirty.clear()
+    hub.dirty.clear()
     data = msgspec.Raw(b'{"p":"' + b"x" * max(0, args.size - 8) + b'"}')
 
     def read_all() -> None:
