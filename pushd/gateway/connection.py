@@ -189,8 +189,9 @@ class Connection:
             if self.phase is Phase.OPEN and ws is not None and ws.state is ConnectionState.OPEN:
                 self.pongs_owed = 1
                 self.send(ws.send(Pong(payload)))
-        if self.outlet.behind:
-            self.hub.drained(self.outlet)
+        outlet = self.outlet
+        if outlet.lagging or outlet.replaying:  # (``outlet.behind``: once per round, no property)
+            self.hub.drained(outlet)
 
     def discard(self) -> None:
         """Drop everything unsent (an abort: nothing more is written)."""
@@ -202,35 +203,39 @@ class Connection:
 
     def write_some(self, writer: Writer) -> None:
         """One non-blocking send of what waits (the flusher's or the drain's). Raises PeerGone
-        when the peer reset the connection."""
-        self.life.check_writer(writer)
+        when the peer reset the connection.
+
+        The flusher calls it once per dirty connection per round, so it is written flat: one
+        call, the ``send`` inline, the writer's check one comparison."""
+        life = self.life
+        if life.writer is not writer:
+            life.check_writer(writer)  # raises: a bug
         outlet = self.outlet
         out = outlet.out
+        wire = self.wire
         if self.tls is not None:
-            if not self.wire:
-                self.wire += self.tls.send(out)
+            if not wire:
+                wire += self.tls.send(out)
                 out.clear()
                 outlet.head_left = 0
-            if (sent := self._send(self.wire)) > 0:
-                del self.wire[:sent]
+            data = wire
+        else:
+            data = out
+        try:
+            sent = self.sock.send(data)
+        except BlockingIOError:
             return
-        sent = self._send(out)
-        if sent == len(out):
+        except OSError:
+            raise PeerGone from None
+        self.traffic.bytes_sent += sent
+        if data is wire:
+            del wire[:sent]
+        elif sent == len(out):
             out.clear()
             outlet.head_left = 0
         elif sent > 0:
             outlet.head_left = frame_end(out, outlet.head_left, sent) - sent
             del out[:sent]
-
-    def _send(self, data: bytearray) -> int:
-        try:
-            sent = self.sock.send(data)
-        except BlockingIOError:
-            return 0
-        except OSError:
-            raise PeerGone from None
-        self.traffic.bytes_sent += sent
-        return sent
 
     def _ciphertext(self, data: bytes | bytearray) -> bytes:
         """What goes on the wire for ``data``: itself, or with TLS every record still unsent

@@ -39,6 +39,10 @@ STALL_POLL_S = 0.5  # how often a drain looks at the kernel's send queue while n
 
 log = structlog.get_logger("pushd.gateway.writer")
 
+# a global: looking an Enum member up on its class costs ~50 ns on CPython 3.11 (a module
+# global ~6 ns), and the flusher tests this one twice per dirty connection per round
+FLUSHER = Writer.FLUSHER
+
 
 def linger_s(coalesce_ms: float, now: float, last_end: float, last_round: float) -> float:
     """How long a flush round waits before it starts. When the last round was expensive (it
@@ -114,15 +118,15 @@ class Flusher:
             last_round, last_end = work + elapsed, clock()
 
     def _flush(self, conn: Connection) -> None:
-        # once per dirty connection per round: locals, and the cheap test first
+        # once per dirty connection per round: locals, the cheap tests first, one property
         outlet = conn.outlet
         if outlet.slow and conn.phase is Phase.OPEN:
             self._end(conn, lifecycle.SLOW_CONSUMER)
             return
-        if not outlet.out or conn.life.writer is not Writer.FLUSHER:
+        if not outlet.out or conn.life.writer is not FLUSHER:
             return
         try:
-            conn.write_some(Writer.FLUSHER)
+            conn.write_some(FLUSHER)
         except PeerGone:
             self._end(conn, lifecycle.RESET)
             return
