@@ -1,0 +1,55 @@
+"""What the tests of the real Binance clients share (python-binance, cryptofeed,
+binance-sdk-spot: tests/test_binance_<client>.py): a daemon with both Binance surfaces on a
+simulated market, the simulated feed that the client's side can stop, and a run of the
+client's asyncio code in a worker thread (each client has its own event loop; the daemon and
+the feed run on Trio here)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import trio
+from conftest import Running, feed, make_config, start_daemon
+
+from ingest.sim import Market
+from ingest.transport import serve_snapshots
+
+CLIENT_TIMEOUT_S = 25  # what one client's run may take at most
+
+
+async def start_surfaces(
+    nursery: trio.Nursery, market: Market, **sections: dict[str, Any]
+) -> Running:
+    """A daemon on ``market``'s books with the spot and USD-M surfaces on free ports;
+    ``spot``/``futures``/``http`` add keys to those sections (``tls`` for wss://)."""
+    snapshot_port = await nursery.start(serve_snapshots, market.book, "127.0.0.1", 0)
+    binance = {side: {"enabled": True, "port": 0, **sections.pop(side, {})}
+               for side in ("spot", "futures")}  # fmt: skip
+    engine = {"snapshot_enabled": True, "snapshot_port": snapshot_port}
+    return await start_daemon(nursery, make_config(engine=engine, binance=binance, **sections))
+
+
+def start_feed(nursery: trio.Nursery, running: Running, market: Market) -> Callable[[], None]:
+    """Feeds ``market``'s events into ``running``; returns what stops the feed, to call from
+    the client's thread (``trio.from_thread.run_sync``)."""
+    scope = trio.CancelScope()
+
+    async def run() -> None:
+        with scope:
+            await feed(running, market)()
+
+    nursery.start_soon(run)
+    return scope.cancel
+
+
+def stop(stop_feed: Callable[[], None]) -> None:
+    """From the client's thread: the feed stops, the books stand still."""
+    trio.from_thread.run_sync(stop_feed)
+
+
+async def in_client_thread(main: Callable[[], Awaitable[Any]]) -> Any:
+    """Runs the coroutine function ``main`` on a fresh asyncio loop in a worker thread."""
+    with trio.fail_after(CLIENT_TIMEOUT_S):
+        return await trio.to_thread.run_sync(asyncio.run, main())
