@@ -50,6 +50,10 @@ def stop(stop_feed: Callable[[], None]) -> None:
 
 
 async def in_client_thread(main: Callable[[], Awaitable[Any]]) -> Any:
-    """Runs the coroutine function ``main`` on a fresh asyncio loop in a worker thread."""
-    with trio.fail_after(CLIENT_TIMEOUT_S):
-        return await trio.to_thread.run_sync(asyncio.run, main())
+    """Runs the coroutine function ``main`` on a fresh asyncio loop in a worker thread, for
+    at most CLIENT_TIMEOUT_S (timed out on its own loop: Trio cannot cancel a thread)."""
+
+    async def bounded() -> Any:
+        return await asyncio.wait_for(main(), CLIENT_TIMEOUT_S)
+
+    return await trio.to_thread.run_sync(asyncio.run, bounded())
