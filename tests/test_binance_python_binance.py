@@ -26,6 +26,13 @@ SYMBOL = "BTCUSDT"
 EVENTS = 5  # messages each socket reads before the feed stops
 
 
+def quick(socket: Any) -> Any:
+    """A python-binance socket closes only once its read loop's wait for a message (10 s by
+    default) ends: with the feed stopped that is the whole wait, so these tests shorten it."""
+    socket.TIMEOUT = 0.5
+    return socket
+
+
 async def connect(running: Running) -> tuple[Any, Any]:
     """An ``AsyncClient`` and its ``BinanceSocketManager`` pointed at ``running``."""
     client = AsyncClient()
@@ -107,6 +114,7 @@ async def test_depth_cache_manager_holds_rest_depth(nursery: trio.Nursery) -> No
     async def main() -> tuple[int, Any, Any, dict[str, Any]]:
         client, sockets = await connect(running)
         try:
+            quick(sockets.depth_socket(SYMBOL))  # the one the manager opens (one per stream)
             async with DepthCacheManager(client, SYMBOL, bm=sockets, limit=1000) as manager:
                 for _ in range(EVENTS):
                     cache = await manager.recv()
@@ -139,7 +147,7 @@ async def test_futures_mark_price_and_partial_depth(nursery: trio.Nursery) -> No
         try:
             marks = await read(sockets.symbol_mark_price_socket(SYMBOL), 2)
             depth = []
-            async with sockets.futures_depth_socket(SYMBOL, "10") as socket:
+            async with quick(sockets.futures_depth_socket(SYMBOL, "10")) as socket:
                 while len(depth) < EVENTS:
                     depth.append(await socket.recv())
                 stop(stop_feed)
