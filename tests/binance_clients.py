@@ -10,25 +10,47 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import msgspec
 import trio
 from conftest import Running, feed, make_config, start_daemon
 
+from ingest import wire
 from ingest.sim import Market
-from ingest.transport import serve_snapshots
+from ingest.transport import BookProvider, serve_snapshots
 
 CLIENT_TIMEOUT_S = 25  # what one client's run may take at most
 
 
 async def start_surfaces(
-    nursery: trio.Nursery, market: Market, **sections: dict[str, Any]
+    nursery: trio.Nursery,
+    market: Market,
+    provider: BookProvider | None = None,
+    **sections: dict[str, Any],
 ) -> Running:
-    """A daemon on ``market``'s books with the spot and USD-M surfaces on free ports;
-    ``spot``/``futures``/``http`` add keys to those sections (``tls`` for wss://)."""
-    snapshot_port = await nursery.start(serve_snapshots, market.book, "127.0.0.1", 0)
+    """A daemon on ``market``'s books (through ``provider``, if given) with the spot and USD-M
+    surfaces on free ports; ``spot``/``futures``/``http`` add keys to those sections (``tls``
+    for wss://)."""
+    snapshot_port = await nursery.start(serve_snapshots, provider or market.book, "127.0.0.1", 0)
     binance = {side: {"enabled": True, "port": 0, **sections.pop(side, {})}
                for side in ("spot", "futures")}  # fmt: skip
     engine = {"snapshot_enabled": True, "snapshot_port": snapshot_port}
     return await start_daemon(nursery, make_config(engine=engine, binance=binance, **sections))
+
+
+def restartable(market: Market) -> tuple[BookProvider, Callable[[], None]]:
+    """An engine whose book versions start far up and drop to the simulator's own when it
+    restarts (call the second from the client's thread with ``trio.from_thread``): pushd
+    resyncs with a snapshot Binance clients are not sent, a break in the diff chain."""
+    offset = [10**9]
+
+    def provider(symbol: str, depth: int, request_id: int) -> wire.BookSnapshot:
+        book = market.book(symbol, depth, request_id)
+        return msgspec.structs.replace(book, update_id=book.update_id + offset[0])
+
+    def restart() -> None:
+        offset[0] = 0
+
+    return provider, restart
 
 
 def start_feed(nursery: trio.Nursery, running: Running, market: Market) -> Callable[[], None]:
