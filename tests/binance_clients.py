@@ -37,6 +37,17 @@ async def start_surfaces(
     return await start_daemon(nursery, make_config(engine=engine, binance=binance, **sections))
 
 
+async def start_fed(
+    nursery: trio.Nursery,
+    market: Market,
+    provider: BookProvider | None = None,
+    **sections: dict[str, Any],
+) -> tuple[Running, Callable[[], None]]:
+    """``start_surfaces`` with ``market``'s feed running into it, and what stops the feed."""
+    running = await start_surfaces(nursery, market, provider, **sections)
+    return running, start_feed(nursery, running, market)
+
+
 def restartable(market: Market) -> tuple[BookProvider, Callable[[], None]]:
     """An engine whose book versions start far up and drop to the simulator's own when it
     restarts (call the second from the client's thread with ``trio.from_thread``): pushd

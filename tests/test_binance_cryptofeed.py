@@ -22,7 +22,7 @@ from typing import Any
 import httpx
 import pytest
 import trio
-from binance_clients import in_client_thread, restartable, start_feed, start_surfaces, stop
+from binance_clients import in_client_thread, restartable, start_fed, stop
 from test_tls import Certificates
 
 from ingest.sim import Market
@@ -120,8 +120,7 @@ async def run_cryptofeed(
     reloaded its book); checks what it holds against REST; returns what it saw."""
     certs = Certificates(tmp_path)
     tls = certs.tls_section()
-    running = await start_surfaces(nursery, simulated, provider, spot=tls, futures=tls)
-    stop_feed = start_feed(nursery, running, simulated)
+    running, stop_feed = await start_fed(nursery, simulated, provider, spot=tls, futures=tls)
     port = running.ports.binance_spot if market == "spot" else running.ports.binance_futures
     _, prefix, symbol = MARKETS[market]
     channels = [TRADES, L2_BOOK, TICKER] + ([FUNDING] if market == "futures" else [])

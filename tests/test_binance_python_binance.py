@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 import trio
-from binance_clients import in_client_thread, restartable, start_feed, start_surfaces, stop
+from binance_clients import in_client_thread, restartable, start_fed, stop
 from conftest import Running
 
 from ingest.sim import Market
@@ -59,9 +59,7 @@ async def read(socket: Any, count: int = EVENTS, streams: int = 1) -> list[dict[
 
 
 async def test_spot_sockets_and_rest_agree(nursery: trio.Nursery) -> None:
-    market = Market(seed=21, rate=5)
-    running = await start_surfaces(nursery, market)
-    stop_feed = start_feed(nursery, running, market)
+    running, stop_feed = await start_fed(nursery, Market(seed=21, rate=5))
 
     async def main() -> dict[str, Any]:
         client, sockets = await connect(running)
@@ -128,8 +126,7 @@ async def check_depth_cache(
 ) -> int:
     """A DepthCacheManager until the feed stops (after ``restart``, once it has loaded REST
     depth again and had diffs after); its book against REST; returns its REST loads."""
-    running = await start_surfaces(nursery, market, provider)
-    stop_feed = start_feed(nursery, running, market)
+    running, stop_feed = await start_fed(nursery, market, provider)
 
     async def main() -> tuple[int, Any, Any, dict[str, Any], int]:
         client, sockets = await connect(running)
@@ -173,9 +170,7 @@ async def check_depth_cache(
 
 
 async def test_futures_mark_price_and_partial_depth(nursery: trio.Nursery) -> None:
-    market = Market(seed=23, rate=5)
-    running = await start_surfaces(nursery, market)
-    stop_feed = start_feed(nursery, running, market)
+    running, stop_feed = await start_fed(nursery, Market(seed=23, rate=5))
 
     async def main() -> dict[str, Any]:
         client, sockets = await connect(running)

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 import trio
-from binance_clients import in_client_thread, start_feed, start_surfaces, stop
+from binance_clients import in_client_thread, start_fed, start_surfaces, stop
 from conftest import Running
 
 from ingest.sim import Market
@@ -76,8 +76,7 @@ class Received:
 
 async def test_streams_in_strict_models_and_rest_depth(nursery: trio.Nursery) -> None:
     market = Market(seed=41, rate=5)
-    running = await start_surfaces(nursery, market)
-    stop_feed = start_feed(nursery, running, market)
+    running, stop_feed = await start_fed(nursery, market)
 
     async def main() -> dict[str, Any]:
         client = spot(running)
