@@ -39,14 +39,18 @@ _ticker = msgspec.json.Decoder(TickerData)
 _candle = msgspec.json.Decoder(Candle)
 _mark = msgspec.json.Decoder(MarkPriceData)
 # the stream's current state and where it stands (the hub's ``current``)
+SPOT_ZERO = "0.00000000"
 Current = Callable[[], Snapshot | None]
 
 
 def depth_update(event: DepthEvent, market: Market, epoch: str, seq: int) -> dict[str, Any]:
     uid = update_id(epoch, seq)
-    if market == "spot":
+    if market == "spot":  # a level removed is "0.00000000", as Binance spot writes it:
+        # python-binance's DepthCacheManager deletes a level on that string only
+        bids, asks = ([[p, SPOT_ZERO if q == "0" else q] for p, q in side]
+                      for side in (event.bids, event.asks))  # fmt: skip
         return {"e": "depthUpdate", "E": event.T, "s": event.s, "U": uid, "u": uid,
-                "b": event.bids, "a": event.asks}  # fmt: skip
+                "b": bids, "a": asks}  # fmt: skip
     return {"e": "depthUpdate", "E": event.T, "T": event.T, "s": event.s, "U": uid, "u": uid,
             "pu": uid - 1, "b": event.bids, "a": event.asks}  # fmt: skip
 
