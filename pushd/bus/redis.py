@@ -372,7 +372,8 @@ class RedisBus:
         return feed.position if feed is not None else None
 
     def current(self, channel: str) -> tuple[Position, msgspec.Raw] | None:
-        """The last state of a whole-state stream this node follows (the hub's hook)."""
+        """The last state of a whole-state stream this node follows (``RedisBackplane.current``:
+        what the hub sends a subscriber that lagged)."""
         return self._whole.get(channel)
 
     async def recover(self, channel: str, since: Position | None) -> Recovery:
@@ -881,10 +882,10 @@ class RedisBus:
             self.want_state(channel)  # this message may be the one that stored a state
 
     def want_state(self, channel: str) -> None:
-        """A join to a diff stream waits for the stream's state (the hub's ``on_wants_state``,
-        and each live message while one waits): read the stored state and the diffs after it
-        and offer them to the hub. One read per channel at a time; a message that arrives
-        during it makes it read again if it found none."""
+        """A join to a diff stream waits for the stream's state (the hub asks its upstream,
+        ``RedisBackplane.want_state``, and each live message while one waits): read the stored
+        state and the diffs after it and offer them to the hub. One read per channel at a
+        time; a message that arrives during it makes it read again if it found none."""
         feed = self._feeds.get(channel)
         if feed is None or self._nursery is None:
             return

@@ -14,10 +14,10 @@ Starlette routes, served by hypercorn on Trio (``serve_http``). Endpoints, all J
   (the next event is ``N + 1``), and ``stale`` is true while the book may be behind the engine.
   Read from the node's backplane (``pushd.bus.backplane``), the one source of current state:
   a state stream's snapshot is the first event a fresh subscriber of this node gets.
+- ``GET  /openapi.json``: this API as an OpenAPI 3.1 document (request bodies from the Structs).
 
 Cluster-wide answers (disconnect, stats) come from the backplane too: this module never asks
-which bus runs.
-- ``GET  /openapi.json``: this API as an OpenAPI 3.1 document (request bodies from the Structs).
+which bus runs. What the backplane reads from Redis answers 503 while Redis is unreachable.
 
 Backends publish only what they own: ``notice`` and ``user_<uid>_<stream>``. The market
 channels are computed here (their seqs and depth update ids are a chain a backend must not
