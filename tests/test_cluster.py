@@ -471,6 +471,28 @@ async def test_a_redis_outage_is_a_state_not_a_crash(nursery: trio.Nursery, redi
         assert bus.outbox_size == 0
 
 
+async def test_what_reads_redis_answers_503_while_it_is_down(
+    nursery: trio.Nursery, redis: Redis
+) -> None:
+    """Redis gone: every answer the backplane reads from it (REST snapshots, the trades and
+    kline history, a cluster-wide disconnect, /v1/stats) is a 503 that says so, within the
+    bus's timeouts: never a 500, never a hang."""
+    node = await start_daemon(nursery, redis_config(redis, "gateway"))
+    servers = redis.nodes if isinstance(redis, RedisCluster) else [redis]
+    for server in servers:
+        server.kill()
+    symbol = {"symbol": "BTCUSDT"}
+    asks = [("GET", f"/v1/{path}", symbol) for path in ("depth", "trades", "klines", "ticker",
+                                                         "markPrice")]  # fmt: skip
+    asks += [("POST", "/v1/users/1001/disconnect", {}), ("GET", "/v1/stats", {})]
+    async with httpx.AsyncClient(base_url=node.http_url, headers=AUTH, timeout=30) as http:
+        for method, path, params in asks:
+            with trio.fail_after(20):  # a hang fails here, not at the suite's timeout
+                r = await http.request(method, path, params=params)
+            assert r.status_code == 503, (path, r.status_code, r.text)
+            assert r.json()["error"].startswith("Redis unreachable"), (path, r.text)
+
+
 async def test_kline_history_on_a_gateway_comes_from_the_archive(
     nursery: trio.Nursery, redis: Redis
 ) -> None:

@@ -19,10 +19,11 @@ def pushd_imports(path: Path) -> set[str]:
     found: set[str] = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom) and node.module:
-            if node.module == "pushd":
-                found.update(f"pushd.{alias.name}" for alias in node.names)
-            elif node.module.startswith("pushd."):
-                found.add(node.module)
+            if node.module == "pushd" or node.module.startswith("pushd."):
+                if node.module != "pushd":
+                    found.add(node.module)
+                # ``from pushd.bus import redis`` imports the module pushd.bus.redis
+                found.update(f"{node.module}.{alias.name}" for alias in node.names)
         elif isinstance(node, ast.Import):
             found.update(a.name for a in node.names if a.name.startswith("pushd."))
     return found

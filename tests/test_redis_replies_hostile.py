@@ -13,9 +13,10 @@ import httpx
 import msgspec
 import pytest
 import trio
-from conftest import make_config, open_client, start_daemon, subscribed
+from conftest import PUBLISH_TOKEN, make_config, open_client, start_daemon, subscribed
 from redis_servers import RedisServer
 
+from pushd.bus.control import ControlPlane
 from pushd.bus.follower import MAX_HELD, Follower
 from pushd.bus.lease import held_by_us
 from pushd.bus.model import Outgoing
@@ -26,6 +27,7 @@ from pushd.config import BusConfig, RedisBusConfig
 from pushd.errors import MalformedData
 from pushd.gateway.hub import Hub, Outlet
 
+AUTH = {"authorization": f"Bearer {PUBLISH_TOKEN}"}
 TICKER = "ticker_BTCUSDT"  # a whole-state stream: recover reads its stored state
 
 
@@ -165,3 +167,38 @@ def test_each_script_reply_is_read_in_one_place() -> None:
             decode_recovered(bad)
     assert held_by_us(1) and held_by_us(2)  # renewed, taken now
     assert not any(held_by_us(reply) for reply in (0, 3, b"1", "1", True, None, [1]))
+
+
+# counters a node of another version, or anyone who can write to Redis, may answer with
+ODD_COUNTERS = {"connections": None, "channels": "many", "subscriptions": [1], "published": {},
+                "delivered": "1.5", "dropped": True, "flush_stall_max_ms": "slow",
+                "flush_round_max_ms": None}  # fmt: skip
+
+
+async def test_a_node_answering_odd_counters_costs_stats_no_500(nursery: trio.Nursery) -> None:
+    """``/v1/stats`` sums what every node answers, read back from Redis: a node whose counters
+    are not numbers is listed as it answered and counts nothing in the sums (as a kick counts
+    only the answers that are counts), never a 500 that hides the other nodes."""
+    with RedisServer() as redis:
+        bus_cfg = BusConfig(kind="redis", redis=RedisBusConfig(url=redis.url, timeout_s=1.0))
+        node = await start_daemon(nursery, make_config("gateway", bus=msgspec.to_builtins(bus_cfg)))
+        odd_bus = RedisBus(Hub(), bus_cfg)
+        await nursery.start(odd_bus.run)
+        odd = ControlPlane(odd_bus, "gateway", lambda: ODD_COUNTERS, lambda _uid: 0, lambda _: 0)
+        await nursery.start(odd.run)  # in the registry
+        assert node.daemon.redis is not None
+        with trio.fail_after(10):  # both listen to the control channel
+            await odd_bus.wait_ready()
+            await node.daemon.redis.wait_ready()
+        async with httpx.AsyncClient(base_url=node.http_url, headers=AUTH) as http:
+            got = await http.get("/v1/stats")
+        assert got.status_code == 200, got.text
+        answer = got.json()
+        assert len(answer["nodes"]) == 2, answer
+        listed = {n["node"]: n for n in answer["nodes"]}
+        assert node.daemon.control is not None
+        mine = listed[node.daemon.control.node_id]  # what the well node answered
+        for key in ("connections", "channels", "subscriptions", "published", "delivered",
+                    "dropped", "flush_stall_max_ms", "flush_round_max_ms"):  # fmt: skip
+            assert answer[key] == mine[key], (key, answer)
+        assert listed[odd.node_id]["connections"] is None  # listed as it answered

@@ -25,6 +25,7 @@ so a gateway without the book serves exactly what its subscribers start from.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Protocol
 
 import msgspec
@@ -42,6 +43,13 @@ log = structlog.get_logger("pushd.bus.backplane")
 
 SUMMED = ("connections", "channels", "subscriptions", "published", "delivered", "dropped")
 HIGHEST = ("flush_stall_max_ms", "flush_round_max_ms")
+
+
+def _number(value: object) -> int | float:
+    """A counter as a node answered it, or 0 where it is not a finite number."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return 0
+    return value if math.isfinite(value) else 0
 
 
 class Node(Protocol):
@@ -255,12 +263,14 @@ class RedisBackplane(_OnBus):
         return {"closed": closed, "nodes": nodes}
 
     async def stats(self) -> dict[str, Any]:
+        """Each node's answer as it gave it; in the sums, a counter that is not a number (an
+        answer read back from Redis: another version's, or planted) counts nothing."""
         nodes = await self._control.stats()
         totals: dict[str, Any] = {}
         for key in SUMMED:
-            totals[key] = sum(int(node.stats.get(key, 0)) for node in nodes)
+            totals[key] = sum(int(_number(node.stats.get(key))) for node in nodes)
         for key in HIGHEST:
-            totals[key] = max((float(node.stats.get(key, 0)) for node in nodes), default=0.0)
+            totals[key] = max((float(_number(node.stats.get(key))) for node in nodes), default=0.0)
         listed = [{"node": n.node, "role": n.role, **n.stats} for n in nodes]
         return {**totals, "nodes": listed}
 

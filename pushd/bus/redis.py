@@ -92,7 +92,8 @@ class RedisBus:
         return self.follower.position(channel)
 
     def current(self, channel: str) -> tuple[Position, msgspec.Raw] | None:
-        """The last state of a whole-state stream this node follows (the hub's hook)."""
+        """The last state of a whole-state stream this node follows (``RedisBackplane.current``:
+        what the hub sends a subscriber that lagged)."""
         return self.follower.current(channel)
 
     async def recover(self, channel: str, since: Position | None) -> Recovery:

@@ -14,10 +14,10 @@ Starlette routes, served by hypercorn on Trio (``serve_http``). Endpoints, all J
   (the next event is ``N + 1``), and ``stale`` is true while the book may be behind the engine.
   Read from the node's backplane (``pushd.bus.backplane``), the one source of current state:
   a state stream's snapshot is the first event a fresh subscriber of this node gets.
+- ``GET  /openapi.json``: this API as an OpenAPI 3.1 document (request bodies from the Structs).
 
 Cluster-wide answers (disconnect, stats) come from the backplane too: this module never asks
-which bus runs.
-- ``GET  /openapi.json``: this API as an OpenAPI 3.1 document (request bodies from the Structs).
+which bus runs. What the backplane reads from Redis answers 503 while Redis is unreachable.
 
 Backends publish only what they own: ``notice`` and ``user_<uid>_<stream>``. The market
 channels are computed here (their seqs and depth update ids are a chain a backend must not
@@ -50,7 +50,7 @@ from starlette.staticfiles import StaticFiles
 
 from pushd.binance.rest import BinanceRest
 from pushd.bus.backplane import Backplane
-from pushd.bus.model import Outgoing, Position, checked
+from pushd.bus.model import Outgoing, Position, Snapshot, checked
 from pushd.channels import (
     KLINE_INTERVALS,
     NOTICE,
@@ -194,13 +194,17 @@ class HttpApi:
             "data": data,
         }
 
-    async def _state(self, internal: str) -> tuple[Position, Any]:
+    async def _snapshot(self, internal: str) -> Snapshot:
         """A state stream's state from the one source (``Backplane.snapshot``): what a fresh
-        subscriber of this node starts from, exact at its position, decoded."""
+        subscriber of this node starts from, exact at its position."""
         try:
-            current = await self._backplane.snapshot(internal)
+            return await self._backplane.snapshot(internal)
         except BusUnavailable as exc:
             raise ApiError(503, f"Redis unreachable: {exc}") from None
+
+    async def _state(self, internal: str) -> tuple[Position, Any]:
+        """``_snapshot``, its state decoded."""
+        current = await self._snapshot(internal)
         data = current.data
         return current.position, _stored_value(data, dict[str, Any]) if data is not None else None
 
@@ -222,17 +226,13 @@ class HttpApi:
     async def depth(self, request: Request) -> object:
         symbol = self._symbol(request)
         limit = self._limit(request, 100, MAX_DEPTH_LEVELS)
-        at, book = await self._state(market_channel("depth", symbol))
-        if (
-            book is not None
-            and isinstance(book.get("bids"), list)
-            and isinstance(book.get("asks"), list)
-        ):
-            book["bids"], book["asks"] = book["bids"][:limit], book["asks"][:limit]
-            stale = bool(book.get("stale", False))
-        else:  # none yet, or not a book (Redis is not trusted)
-            book, stale = None, self._backplane.book_stale(symbol)
-        return self._answer(market_channel("depth", symbol), at, book, stale)
+        channel = market_channel("depth", symbol)
+        current = await self._snapshot(channel)
+        cut = _top_of_book(current.data, limit) if current.data is not None else None
+        if cut is None:  # none yet, or not a book (Redis is not trusted)
+            return self._answer(channel, current.position, None, self._backplane.book_stale(symbol))
+        book, stale = cut
+        return self._answer(channel, current.position, book, stale)
 
     async def trades(self, request: Request) -> object:
         symbol = self._symbol(request)
@@ -455,6 +455,21 @@ def _decode(body: bytes, kind: type[T]) -> T:
         raise ApiError(400, "malformed JSON") from None
     except RecursionError:  # msgspec's answer to JSON nested past its depth limit
         raise ApiError(400, "JSON nested too deep") from None
+
+
+def _top_of_book(raw: msgspec.Raw, limit: int) -> tuple[dict[str, Any], bool] | None:
+    """A depth state cut to its best ``limit`` levels a side, and whether it says it is stale;
+    None where it is not a book. Its levels stay undecoded: a book of thousands of levels is
+    scanned, not built as a Python list per level (10x the cost of the answer)."""
+    book = _stored_value(raw, dict[str, msgspec.Raw])
+    if book is None or "bids" not in book or "asks" not in book:
+        return None
+    bids = _stored_value(book["bids"], list[msgspec.Raw])
+    asks = _stored_value(book["asks"], list[msgspec.Raw])
+    if bids is None or asks is None:
+        return None
+    stale = "stale" in book and bool(_stored_value(book["stale"], Any))
+    return {**book, "bids": bids[:limit], "asks": asks[:limit]}, stale
 
 
 def _stored_value(raw: bytes | msgspec.Raw, kind: Any) -> Any:
