@@ -4,11 +4,14 @@ the stream limit holds, bad paths are refused."""
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any
 
+import pytest
 import trio
 from conftest import RawClient, Running, make_config, open_client, start_daemon
+from redis_servers import RedisServer
 from test_tls import Certificates
 from wsproto.events import AcceptConnection, CloseConnection, Ping, RejectConnection, TextMessage
 
@@ -20,11 +23,11 @@ PER_SYMBOL = ["trade", "aggTrade", "ticker", "miniTicker", "bookTicker", "depth"
               *(f"kline_{iv}" for iv in KLINE_INTERVALS)]  # fmt: skip
 
 
-async def start(nursery: trio.Nursery, **spot: Any) -> Running:
+async def start(nursery: trio.Nursery, bus: dict[str, Any] | None = None, **spot: Any) -> Running:
     markets = {symbol: {} for symbol in ["BTCUSDT", *SYMBOLS]}
     config = make_config(binance={"spot": {"enabled": True, "port": 0, **spot},
                                   "futures": {"enabled": True, "port": 0}},
-                         markets=markets)  # fmt: skip
+                         markets=markets, bus=bus or {})  # fmt: skip
     return await start_daemon(nursery, config)
 
 
@@ -189,3 +192,45 @@ async def test_every_listener_of_a_node_shares_the_one_flusher(nursery: trio.Nur
         event = await native.recv()
         assert event["data"] == {"n": 1}
     assert daemon.gateway.flush_round_max_s > 0  # the round was the native gateway's figure
+
+
+# ticker data a Binance ticker cannot be computed from (quoteVolume is no number), and a depth
+# state with a price that is no number: both pass the publish API's check (JSON in UTF-8)
+BAD_TICKER = {"s": "BTCUSDT", "open": "1", "high": "1", "low": "1", "last": "1", "volume": "2",
+              "quoteVolume": "abc", "change": "0", "changePercent": "0", "count": 1,
+              "firstId": 1, "lastId": 1, "openTime": 1, "closeTime": 2}  # fmt: skip
+BAD_BOOK = {"e": "snapshot", "s": "BTCUSDT", "U": 1, "u": 1, "pu": 0, "bids": [["abc", "1"]],
+            "asks": [], "checksum": 0, "T": 1}  # fmt: skip
+
+
+@pytest.mark.parametrize("bus", ["memory", "redis"])
+async def test_malformed_market_data_costs_the_view_its_event_only(
+    nursery: trio.Nursery, bus: str
+) -> None:
+    """An encoder that raised on data it cannot read (decimal.InvalidOperation is no
+    ValueError) made the publish answer 500 on the memory bus and ended the process on
+    Redis (the follower's task): it costs that view that event, nothing else."""
+    with contextlib.ExitStack() as stack:
+        if bus == "redis":
+            redis = stack.enter_context(RedisServer())
+            running = await start(nursery, bus={"kind": "redis", "redis": {"url": redis.url}})
+        else:
+            running = await start(nursery)
+        await _malformed(running)
+
+
+async def _malformed(running: Running) -> None:
+    ticker = await client(running, "/ws/btcusdt@ticker")
+    book = await client(running, "/ws/btcusdt@bookTicker")
+    async with open_client(running.ws_url) as native:
+        await native.call({"op": "subscribe", "channel": "BTCUSDT@ticker", "id": 1})
+        await running.publish("ticker_BTCUSDT", BAD_TICKER)
+        assert (await native.recv())["data"] == BAD_TICKER
+        await running.publish("depth_BTCUSDT", BAD_BOOK)
+        good = {**BAD_TICKER, "quoteVolume": "4"}
+        await running.publish("ticker_BTCUSDT", good)
+        assert (await native.recv())["data"] == good
+    [event] = await read(ticker, 1)  # the bad one was not sent, the socket is open
+    assert (event["e"], event["w"]) == ("24hrTicker", "2.00000000")
+    await book.send_json({"method": "LIST_SUBSCRIPTIONS", "id": 1})
+    assert await read(book, 1) == [{"result": ["btcusdt@bookTicker"], "id": 1}]
