@@ -12,6 +12,7 @@ import functools
 from collections.abc import Callable, Container
 
 import msgspec
+import structlog
 import trio
 from wsproto.events import Ping
 
@@ -29,11 +30,15 @@ from pushd.gateway.connection import Connection
 from pushd.gateway.hub import Hub, ViewEncoder, text_frame
 from pushd.gateway.lifecycle import Disconnect, Phase
 from pushd.gateway.ratelimit import TokenBucket
+from pushd.logs import ThrottledLog
 
 INVALID_STREAM = Disconnect(CloseCode.POLICY_VIOLATION, "invalid stream name", "binance_stream")
 NO_PONG = Disconnect(CloseCode.POLICY_VIOLATION, "no pong", "binance_no_pong")
 
 ViewKey = tuple[Market, str, bool]
+
+log = structlog.get_logger("pushd.binance.dialect")
+_unreadable = ThrottledLog(log, "binance: an event its stream cannot be made of, not sent")
 
 
 class Frames:
@@ -51,7 +56,13 @@ class Frames:
         self.combined = combined
 
     def __call__(self, epoch: str, seq: int, data: msgspec.Raw) -> bytes:
-        payloads = self._translate(epoch, seq, data)
+        try:
+            payloads = self._translate(epoch, seq, data)
+        except Exception:  # data it cannot read (msgspec's ValueError, decimal's
+            # InvalidOperation: anyone who can publish a market channel can send it) or a bug:
+            # this view goes without this event, nobody else notices
+            _unreadable.warning(stream=self._translate.stream.name, seq=seq, exc_info=True)
+            return b""
         if self.combined:
             payloads = [self._head + p + b"}" for p in payloads]
         return b"".join(text_frame(p) for p in payloads)

@@ -135,8 +135,8 @@ class BookMirror:
         try:
             for entry in recovery.current:
                 book.apply(_depth.decode(entry.data))
-        except ValueError:  # not a chain that checks out (msgspec's errors are ValueErrors)
-            return
+        except (ValueError, ArithmeticError):  # not a chain that checks out (msgspec's errors
+            return  # are ValueErrors; a price that is no number, decimal's InvalidOperation)
         self._book, self._epoch = book, recovery.position.epoch
         self._seq = recovery.current[-1].seq
 
@@ -153,7 +153,7 @@ class BookMirror:
             assert self._book is not None
             try:
                 self._book.apply(event)
-            except ValueError:
+            except (ValueError, ArithmeticError):  # a broken chain, a price that is no number
                 self._book = None
                 return False
         elif not self._seed(epoch, seq):
@@ -169,7 +169,7 @@ class BookMirror:
         self._book = LocalBook()
         try:
             self._book.apply(_depth.decode(current.data))
-        except ValueError:  # a state that does not check out: none
+        except (ValueError, ArithmeticError):  # a state that does not check out: none
             self._book = None
             return False
         return True
