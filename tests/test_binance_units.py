@@ -212,8 +212,8 @@ def test_the_views_of_one_book_share_one_mirror() -> None:
         channel = Channel("depth_BTCUSDT", name, private=False, symbol="BTCUSDT")
         for combined in (False, True):
             outlet = outlets[name, combined] = Outlet(1 << 20)
-            hub.join_view(outlet, channel, (name, combined),
-                          functools.partial(Frames, stream, "spot", combined, hub, mirrors))  # fmt: skip
+            make = functools.partial(Frames, stream, "spot", combined, hub, mirrors)
+            hub.join_view(outlet, channel, (name, combined), make)
     hub.publish("depth_BTCUSDT", EPOCH, 5, diff)  # seeded by the state at 5
     hub.publish("depth_BTCUSDT", EPOCH, 6, diff)  # the diff on the mirror
     assert seeded == ["depth_BTCUSDT"]

@@ -18,7 +18,7 @@ from wsproto.events import Ping
 
 from pushd.auth import Verifier
 from pushd.binance.paths import opening
-from pushd.binance.payloads import Translator
+from pushd.binance.payloads import Mirrors, Translator
 from pushd.binance.session import Session, error
 from pushd.binance.streams import Market, Stream
 from pushd.bus.model import Recovery
@@ -48,9 +48,15 @@ class Frames:
 
     __slots__ = ("_head", "_translate", "combined")
 
-    def __init__(self, stream: Stream, market: Market, combined: bool, hub: Hub) -> None:
+    def __init__(
+        self, stream: Stream, market: Market, combined: bool, hub: Hub,
+        mirrors: Mirrors | None = None,
+    ) -> None:  # fmt: skip
+        """``mirrors``: the dialect's books, one per channel for all its views (else this
+        view's own)."""
+        mirror = mirrors.get(stream.internal) if mirrors is not None else None
         self._translate = Translator(
-            stream, market, functools.partial(hub.current, stream.internal)
+            stream, market, functools.partial(hub.current, stream.internal), mirror
         )
         self._head = b'{"stream":"' + stream.name.encode() + b'","data":'
         self.combined = combined
@@ -75,8 +81,10 @@ class Frames:
         self._translate.offer_state(recovery)
 
 
-def frames(stream: Stream, market: Market, combined: bool, hub: Hub) -> ViewEncoder:
-    return Frames(stream, market, combined, hub)
+def frames(
+    stream: Stream, market: Market, combined: bool, hub: Hub, mirrors: Mirrors | None = None
+) -> ViewEncoder:
+    return Frames(stream, market, combined, hub, mirrors)
 
 
 class _State:
@@ -101,6 +109,7 @@ class BinanceDialect:
         self._hub = hub
         self._end = end
         self._states: dict[Connection, _State] = {}
+        self._mirrors = Mirrors(hub.current)  # partial depth and bookTicker: a book per channel
 
     def reconfigure(self, limits: LimitsConfig, verifier: Verifier) -> None:
         self._limits = limits
@@ -154,7 +163,9 @@ class BinanceDialect:
     def _join(self, conn: Connection, session: Session, streams: list[Stream]) -> None:
         for stream in streams:
             channel = Channel(stream.internal, stream.name, private=False, symbol=stream.symbol)
-            make = functools.partial(frames, stream, self._market, session.combined, self._hub)
+            make = functools.partial(
+                frames, stream, self._market, session.combined, self._hub, self._mirrors
+            )
             self._hub.join_view(conn.outlet, channel, self._key(stream, session.combined), make)
 
     def _leave_all(self, conn: Connection, session: Session) -> None:
