@@ -76,7 +76,9 @@ def test_stream_names_map_to_pushd_channels(name: str, kind: str, internal: str)
     ["btcusdt@depth7", "btcusdt@depth@1s", "btcusdt@depth5@1000ms", "btcusdt@kline_7m",
      "btcusdt@kline", "btcusdt@trade@100ms", "btcusdt@trades", "xrpusdt@trade", "@trade",
      "btcusdt", "btcusdt@", "btcusdt@depth\u0665", "btcusdt@markPrice", "x" * 200,
-     "btcusdt@ticker_1m", "btc usdt@trade"],
+     "btcusdt@ticker_1m", "btc usdt@trade",
+     # leading zeros named streams of their own, a book mirror's view each
+     "btcusdt@depth05", "btcusdt@depth0020@100ms", "btcusdt@depth010"],
 )  # fmt: skip
 def test_bad_stream_names_are_refused(name: str) -> None:
     with pytest.raises(InvalidStream):
