@@ -365,6 +365,23 @@ def test_a_view_subscriber_with_no_room_is_marked_slow() -> None:
     assert not roomy.slow and len(roomy.out) > 6000
 
 
+def test_a_slow_view_subscriber_gets_nothing_after_the_event_it_lost() -> None:
+    """A view subscriber with no room for an event is marked slow (closed by the flusher);
+    a smaller event after it still fit and was queued, and a drain running meanwhile wrote
+    it: the client read past a hole before the close."""
+    hub = Hub()
+    channel = Channel("trades_BTCUSDT", "btcusdt@trade", private=False, symbol="BTCUSDT")
+    sizes = {1: 3000, 2: 3000, 3: 10}
+    outlet = Outlet(4096)
+    hub.join_view(outlet, channel, "k",
+                  lambda: lambda _e, seq, _d: text_frame(b'{"n":%d,"x":"%s"}' % (
+                      seq, b"x" * sizes[seq])))  # fmt: skip
+    for seq in (1, 2, 3):
+        hub.publish("trades_BTCUSDT", EPOCH, seq, raw({}))
+    assert outlet.slow
+    assert [f["n"] for f in frames(bytes(outlet.out))] == [1]
+
+
 def test_a_stream_is_a_value() -> None:
     stream = parse("btcusdt@trade", SYMBOLS, "spot")
     assert stream == Stream("btcusdt@trade", "BTCUSDT", "trade", "trades_BTCUSDT")
