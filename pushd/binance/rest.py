@@ -106,6 +106,18 @@ def _as(value: Any, kind: type[T]) -> T:
     return msgspec.convert(msgspec.to_builtins(value), kind)
 
 
+def _each_as(values: Any, kind: type[T]) -> list[T]:
+    """The items of a native snapshot's list that read as ``kind`` (Redis is not trusted: one
+    that does not is left out, not the answer)."""
+    out = []
+    for value in msgspec.to_builtins(values) if isinstance(values, list) else []:
+        try:
+            out.append(msgspec.convert(value, kind))
+        except msgspec.ValidationError:
+            continue
+    return out
+
+
 class BinanceRest:
     """The REST routes of both surfaces, over the native snapshot endpoints of ``api``."""
 
@@ -200,12 +212,15 @@ class BinanceRest:
     async def _trades(self, request: Request) -> list[TradeItem]:
         self._symbol(request)
         snap: dict[str, Any] = await self._api.trades(request)  # type: ignore[assignment]
-        return _as(snap["data"], list[TradeItem])
+        return _each_as(snap["data"], TradeItem)
 
     async def trades(self, request: Request, market: Market) -> object:
         out = []
         for t in await self._trades(request):
-            quote = str(Decimal(t.price) * Decimal(t.qty))
+            try:
+                quote = str(Decimal(t.price) * Decimal(t.qty))
+            except ArithmeticError:  # not numbers (Redis is not trusted): left out
+                continue
             item = {"id": t.id, "price": t.price, "qty": t.qty, "quoteQty": quote, "time": t.ts,
                     "isBuyerMaker": t.side == "sell"}  # fmt: skip
             if market == "spot":
@@ -222,7 +237,7 @@ class BinanceRest:
         self._symbol(request)
         snap: dict[str, Any] = await self._api.klines(request)  # type: ignore[assignment]
         rows = []
-        for candle in _as(snap["data"], list[Candle]):
+        for candle in _each_as(snap["data"], Candle):
             k = kline_fields(candle)
             rows.append([k["t"], k["o"], k["h"], k["l"], k["c"], k["v"], k["T"], k["q"], k["n"],
                          k["V"], k["Q"], "0"])  # fmt: skip
@@ -246,13 +261,20 @@ class BinanceRest:
         self, request: Request, stream: str, kind: type[T], shape: Callable[[T], object]
     ) -> object:
         """One symbol's answer (``symbol`` given), else every symbol's that has one, as a list."""
+
+        def shaped(value: T | None) -> object:
+            try:
+                return None if value is None else shape(value)
+            except ArithmeticError:  # a stored number that is none (Redis is not trusted)
+                return None
+
         if "symbol" not in request.query_params:
             found = [await self._last_pushed(s, stream, kind) for s in self._config.markets]
-            return [shape(value) for value in found if value is not None]
-        value = await self._last_pushed(self._symbol(request), stream, kind)
-        if value is None:  # nothing pushed yet (no trade, no index price)
+            return [answer for value in found if (answer := shaped(value)) is not None]
+        answer = shaped(await self._last_pushed(self._symbol(request), stream, kind))
+        if answer is None:  # nothing pushed yet (no trade, no index price), or unreadable
             raise BinanceError(*INVALID_SYMBOL)
-        return shape(value)
+        return answer
 
     async def ticker(self, request: Request, market: Market) -> object:
         def shape(t: TickerData) -> object:
