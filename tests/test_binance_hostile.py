@@ -234,3 +234,20 @@ async def _malformed(running: Running) -> None:
     assert (event["e"], event["w"]) == ("24hrTicker", "2.00000000")
     await book.send_json({"method": "LIST_SUBSCRIPTIONS", "id": 1})
     assert await read(book, 1) == [{"result": ["btcusdt@bookTicker"], "id": 1}]
+
+
+async def test_a_native_subscriber_after_a_binance_one_gets_pushds_own_names(
+    nursery: trio.Nursery,
+) -> None:
+    """The hub's route of a channel is made by its first subscriber, and names every native
+    frame after it: a Binance client first made it with the Binance stream's name, and native
+    subscribers got events of ``btcusdt@ticker`` instead of ``BTCUSDT@ticker``."""
+    running = await start(nursery)
+    binance = await client(running, "/ws")
+    subscribe = {"method": "SUBSCRIBE", "params": ["btcusdt@miniTicker"], "id": 1}
+    assert await call(binance, subscribe) == {"result": None, "id": 1}
+    async with open_client(running.ws_url) as native:
+        await native.call({"op": "subscribe", "channel": "BTCUSDT@ticker", "id": 1})
+        await running.publish("ticker_BTCUSDT", {**BAD_TICKER, "quoteVolume": "4"})
+        assert (await native.recv())["event"] == "BTCUSDT@ticker"
+    assert running.daemon.gateway.hub.stats().by_stream == {"ticker": 1}  # the Binance one
