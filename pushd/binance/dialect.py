@@ -22,7 +22,7 @@ from pushd.binance.payloads import Mirrors, Translator
 from pushd.binance.session import Session, error
 from pushd.binance.streams import Market, Stream
 from pushd.bus.model import Recovery
-from pushd.channels import Channel
+from pushd.channels import parse_internal
 from pushd.config import BinanceSurfaceConfig, LimitsConfig
 from pushd.errors import BinanceError, CloseCode
 from pushd.gateway import lifecycle
@@ -162,7 +162,8 @@ class BinanceDialect:
 
     def _join(self, conn: Connection, session: Session, streams: list[Stream]) -> None:
         for stream in streams:
-            channel = Channel(stream.internal, stream.name, private=False, symbol=stream.symbol)
+            # pushd's own channel: a route made by this view names native frames after it
+            channel = parse_internal(stream.internal, self._symbols)
             make = functools.partial(
                 frames, stream, self._market, session.combined, self._hub, self._mirrors
             )
