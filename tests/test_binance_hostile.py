@@ -5,6 +5,8 @@ the stream limit holds, bad paths are refused."""
 from __future__ import annotations
 
 import contextlib
+import socket
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -251,3 +253,33 @@ async def test_a_native_subscriber_after_a_binance_one_gets_pushds_own_names(
         await running.publish("ticker_BTCUSDT", {**BAD_TICKER, "quoteVolume": "4"})
         assert (await native.recv())["event"] == "BTCUSDT@ticker"
     assert running.daemon.gateway.hub.stats().by_stream == {"ticker": 1}  # the Binance one
+
+
+async def test_resets_at_every_step_leave_no_view_behind(nursery: trio.Nursery) -> None:
+    """Clients that subscribe, switch the payload form, unsubscribe and reset (RST) at each
+    step, on raw and combined paths: once their sockets are gone, no view, route or
+    connection is left (a view kept would be encoded and written for nobody, for ever)."""
+    running = await start(nursery)
+    gateway = running.daemon.binance["spot"]
+    streams = ["btcusdt@trade", "btcusdt@aggTrade", "btcusdt@depth", "btcusdt@depth5",
+               "btcusdt@bookTicker", "btcusdt@ticker", "s00usdt@kline_1m",
+               "s01usdt@depth20@100ms"]  # fmt: skip
+    requests = [
+        {"method": "SUBSCRIBE", "params": streams, "id": 1},
+        {"method": "SET_PROPERTY", "params": ["combined", True], "id": 2},
+        {"method": "UNSUBSCRIBE", "params": streams[:3], "id": 3},
+        {"method": "SET_PROPERTY", "params": ["combined", False], "id": 4},
+    ]
+    for step in range(len(requests) + 1):
+        for path in ("/ws", "/stream?streams=btcusdt@trade/btcusdt@depth5"):
+            raw = await client(running, path)
+            for request in requests[:step]:
+                await raw.send_json(request)
+            raw.stream.socket.setsockopt(
+                socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
+            )
+            await raw.aclose()  # an RST, whatever was read
+    with trio.fail_after(10):
+        await gateway.wait_idle()
+    assert not gateway.connections
+    assert running.daemon.gateway.hub.stats().channels == 0
