@@ -110,7 +110,7 @@ async def test_what_redis_stores_that_is_no_number_costs_its_own_answer_only(
             ("ticker_BTCUSDT", BAD_TICKER), ("ticker_ETHUSDT", good),
             ("trades_BTCUSDT", {"s": "BTCUSDT", "trades": [
                 {"id": 1, "price": "abc", "qty": "1", "side": "buy", "ts": 1},
-                {"id": 2, "price": "2", "qty": "1", "side": "buy", "ts": 2}]}),
+                {"id": 2, "price": "0.00001", "qty": "0.001", "side": "buy", "ts": 2}]}),
             ("kline_BTCUSDT", {"s": "BTCUSDT"}),
         ):  # fmt: skip
             await running.publish(channel, data)
@@ -119,5 +119,6 @@ async def test_what_redis_stores_that_is_no_number_costs_its_own_answer_only(
             ("ETHUSDT", "2.00000000")]  # fmt: skip
         invalid = {"code": -1121, "msg": "Invalid symbol."}  # as before its first ticker
         assert await get(running, "/api/v3/ticker/24hr?symbol=BTCUSDT", 400) == invalid
-        assert [t["id"] for t in await get(running, "/api/v3/trades?symbol=BTCUSDT")] == [2]
+        trades = await get(running, "/api/v3/trades?symbol=BTCUSDT")
+        assert [(t["id"], t["quoteQty"]) for t in trades] == [(2, "0.00000001")]  # not 1E-8
         assert await get(running, "/api/v3/klines?symbol=BTCUSDT&interval=1m") == []
