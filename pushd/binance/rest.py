@@ -218,7 +218,7 @@ class BinanceRest:
         out = []
         for t in await self._trades(request):
             try:
-                quote = str(Decimal(t.price) * Decimal(t.qty))
+                quote = format(Decimal(t.price) * Decimal(t.qty), "f")  # never 1E-8
             except ArithmeticError:  # not numbers (Redis is not trusted): left out
                 continue
             item = {"id": t.id, "price": t.price, "qty": t.qty, "quoteQty": quote, "time": t.ts,
