@@ -10,6 +10,7 @@ import struct
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 import trio
 from conftest import RawClient, Running, make_config, open_client, start_daemon
@@ -18,6 +19,7 @@ from test_tls import Certificates
 from wsproto.events import AcceptConnection, CloseConnection, Ping, RejectConnection, TextMessage
 
 from pushd.channels import KLINE_INTERVALS
+from pushd.errors import CloseCode
 
 SYMBOLS = [f"S{i:02d}USDT" for i in range(40)]  # enough for 1,025 distinct stream names
 PER_SYMBOL = ["trade", "aggTrade", "ticker", "miniTicker", "bookTicker", "depth", "depth@100ms",
@@ -283,3 +285,24 @@ async def test_resets_at_every_step_leave_no_view_behind(nursery: trio.Nursery) 
         await gateway.wait_idle()
     assert not gateway.connections
     assert running.daemon.gateway.hub.stats().channels == 0
+
+
+async def test_a_reloads_request_rate_applies_to_open_connections(nursery: trio.Nursery) -> None:
+    """As on pushd's own surface: a reload's request limits reach connections already open
+    (a Binance connection kept the rate it opened with)."""
+    running = await start(nursery)
+    raw = await client(running)
+    assert await call(raw, {"method": "LIST_SUBSCRIPTIONS", "id": 0}) == {"result": [], "id": 0}
+    tighter = msgspec.structs.replace(
+        running.daemon.config,
+        limits=msgspec.structs.replace(
+            running.daemon.config.limits, messages_per_second=0.01, message_burst=2
+        ),
+    )
+    running.daemon.load_config = lambda: tighter
+    change = await running.daemon.reload()
+    assert change is not None and "limits.message_burst" in change.applied
+    for request_id in range(1, 5):
+        await raw.send_json({"method": "LIST_SUBSCRIPTIONS", "id": request_id})
+    _, code = await raw.read_until_close()
+    assert code == CloseCode.RATE_LIMITED
