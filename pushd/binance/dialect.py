@@ -112,7 +112,10 @@ class BinanceDialect:
         self._mirrors = Mirrors(hub.current)  # partial depth and bookTicker: a book per channel
 
     def reconfigure(self, limits: LimitsConfig, verifier: Verifier) -> None:
+        """A reload's request rate, for new connections and those open (as pushd's own)."""
         self._limits = limits
+        for state in self._states.values():
+            state.requests.retune(limits.messages_per_second, limits.message_burst)
 
     def opened(self, conn: Connection, now: float) -> None:
         asked = opening(conn.target)
