@@ -306,3 +306,26 @@ async def test_a_reloads_request_rate_applies_to_open_connections(nursery: trio.
         await raw.send_json({"method": "LIST_SUBSCRIPTIONS", "id": request_id})
     _, code = await raw.read_until_close()
     assert code == CloseCode.RATE_LIMITED
+
+
+async def test_a_view_subscriber_that_never_reads_is_closed_and_costs_others_nothing(
+    nursery: trio.Nursery,
+) -> None:
+    """Through real sockets: a client of a view that never reads (a small receive buffer)
+    is closed once its buffer is full; the other subscriber of that view gets every trade."""
+    running = await start(nursery)
+    stuck = await RawClient.connect(running.ports.binance_spot, path="/ws/btcusdt@trade",
+                                    rcvbuf=4096)  # fmt: skip
+    assert isinstance(await stuck.handshake(), AcceptConnection)
+    reader = await client(running, "/ws/btcusdt@trade")
+    gateway = running.daemon.binance["spot"]
+    trade = {"price": "1.5", "qty": "2", "side": "buy", "ts": 10}
+    batch = {"s": "BTCUSDT", "trades": [{"id": i, **trade} for i in range(50)]}
+    hub, ids = running.daemon.gateway.hub, list[int]()
+    with trio.fail_after(30):
+        while len(gateway.connections) == 2:  # until the stuck one is closed (slow consumer)
+            await running.publish_batch([{"channel": "trades_BTCUSDT", "data": batch}] * 20)
+            while len(ids) < hub.published * 50:  # the reader keeps up, the stuck one fills
+                ids += [t["t"] for t in (await reader.read_one_batch())[0]]
+    assert ids == list(range(50)) * hub.published  # every trade, in order
+    assert running.daemon.gateway.hub.stats().by_stream == {"trades": 1}
