@@ -89,6 +89,8 @@ async def test_rest_shapes_errors_and_ids(nursery: trio.Nursery) -> None:
     assert (await get(running, bad_interval, 400))["code"] == -1100
 
 
+MARK = {"s": "ETHUSDT", "markPrice": "1", "indexPrice": "1", "estimatedSettlePrice": "1",
+        "fundingRate": "0", "premiumIndex": "0", "nextFundingTime": 1, "T": 1}  # fmt: skip
 BAD_TICKER = {"s": "BTCUSDT", "open": "1", "high": "1", "low": "1", "last": "1", "volume": "2",
               "quoteVolume": "abc", "change": "0", "changePercent": "0", "count": 1,
               "firstId": 1, "lastId": 1, "openTime": 1, "closeTime": 2}  # fmt: skip
@@ -112,6 +114,7 @@ async def test_what_redis_stores_that_is_no_number_costs_its_own_answer_only(
                 {"id": 1, "price": "abc", "qty": "1", "side": "buy", "ts": 1},
                 {"id": 2, "price": "0.00001", "qty": "0.001", "side": "buy", "ts": 2}]}),
             ("kline_BTCUSDT", {"s": "BTCUSDT"}),
+            ("markprice_BTCUSDT", {**MARK, "s": "NOPEUSDT"}), ("markprice_ETHUSDT", MARK),
         ):  # fmt: skip
             await running.publish(channel, data)
         tickers = await get(running, "/api/v3/ticker/24hr")
@@ -122,3 +125,5 @@ async def test_what_redis_stores_that_is_no_number_costs_its_own_answer_only(
         trades = await get(running, "/api/v3/trades?symbol=BTCUSDT")
         assert [(t["id"], t["quoteQty"]) for t in trades] == [(2, "0.00000001")]  # not 1E-8
         assert await get(running, "/api/v3/klines?symbol=BTCUSDT&interval=1m") == []
+        marks = await get(running, "/fapi/v1/premiumIndex")  # a symbol it does not serve
+        assert [m["symbol"] for m in marks] == ["ETHUSDT"]
