@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from pushd.http.api import HttpApi
 
 T = TypeVar("T")
+S = TypeVar("S", TickerData, MarkPriceData)  # a symbol's whole state, naming it in "s"
 QUOTES = ("USDT", "USDC", "FDUSD", "BUSD", "TUSD", "DAI", "BTC", "ETH", "BNB", "EUR", "USD", "TRY")
 DEFAULT_TICK, DEFAULT_STEP, DEFAULT_MIN_NOTIONAL = "0.01", "0.00001", "5"
 DELIVERY_PERPETUAL = 4133404800000  # Binance's deliveryDate of a perpetual (2100-12-25)
@@ -243,9 +244,10 @@ class BinanceRest:
                          k["V"], k["Q"], "0"])  # fmt: skip
         return rows
 
-    async def _last_pushed(self, symbol: str, stream: str, kind: type[T]) -> T | None:
+    async def _last_pushed(self, symbol: str, stream: str, kind: type[S]) -> S | None:
         """The last event pushed on a whole-state stream (ticker, markPrice), as ``kind``: this
-        process's, or the state the compute node stored (Redis). None before the first."""
+        process's, or the state the compute node stored (Redis). None before the first, or
+        when it is not one of ``symbol`` (Redis is not trusted)."""
         channel = market_channel(stream, symbol)
         try:
             raw = (await self._backplane.snapshot(channel)).data
@@ -253,16 +255,17 @@ class BinanceRest:
             raise BinanceError(-1001, f"Internal error: {exc}", 503) from None
         value: Any = None if raw is None else msgspec.json.decode(raw)
         try:
-            return None if value is None else _as(value, kind)
-        except msgspec.ValidationError:  # Redis is not trusted
+            found = None if value is None else _as(value, kind)
+        except msgspec.ValidationError:
             return None
+        return found if found is not None and found.s == symbol else None
 
     async def _each(
-        self, request: Request, stream: str, kind: type[T], shape: Callable[[T], object]
+        self, request: Request, stream: str, kind: type[S], shape: Callable[[S], object]
     ) -> object:
         """One symbol's answer (``symbol`` given), else every symbol's that has one, as a list."""
 
-        def shaped(value: T | None) -> object:
+        def shaped(value: S | None) -> object:
             try:
                 return None if value is None else shape(value)
             except ArithmeticError:  # a stored number that is none (Redis is not trusted)
