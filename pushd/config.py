@@ -34,6 +34,10 @@ Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
 PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
 PositiveFloat = Annotated[float, msgspec.Meta(gt=0)]
 AssetName = Annotated[str, msgspec.Meta(pattern=r"^[0-9A-Z]{1,20}$")]
+# a decimal above 0 (a digit other than 0 somewhere), as the engine writes them
+PositiveDecimal = Annotated[
+    str, msgspec.Meta(pattern=r"^(?=[0-9.]*[1-9])[0-9]{1,30}(\.[0-9]{1,30})?$")
+]
 DEPTH_LEVEL_BYTES = 64  # a generous ["price","qty"] pair in JSON (typically ~25)
 MAX_FILE_BYTES = 1 << 20  # a config is a few KiB (~150 bytes a market); more is a mistake
 
@@ -193,9 +197,9 @@ class MarketConfig(_Section, frozen=True):
     # ``pushd.binance.rest.symbol_info``)
     base_asset: AssetName | None = None
     quote_asset: AssetName | None = None
-    tick_size: Decimal | None = None
-    step_size: Decimal | None = None
-    min_notional: Decimal | None = None
+    tick_size: PositiveDecimal | None = None
+    step_size: PositiveDecimal | None = None
+    min_notional: PositiveDecimal | None = None
 
 
 class BinanceSurfaceConfig(_Section, frozen=True):

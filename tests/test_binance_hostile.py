@@ -4,15 +4,22 @@ the stream limit holds, bad paths are refused."""
 
 from __future__ import annotations
 
+import contextlib
+import socket
+import struct
 from pathlib import Path
 from typing import Any
 
+import msgspec
+import pytest
 import trio
 from conftest import RawClient, Running, make_config, open_client, start_daemon
+from redis_servers import RedisServer
 from test_tls import Certificates
 from wsproto.events import AcceptConnection, CloseConnection, Ping, RejectConnection, TextMessage
 
 from pushd.channels import KLINE_INTERVALS
+from pushd.errors import CloseCode
 
 SYMBOLS = [f"S{i:02d}USDT" for i in range(40)]  # enough for 1,025 distinct stream names
 PER_SYMBOL = ["trade", "aggTrade", "ticker", "miniTicker", "bookTicker", "depth", "depth@100ms",
@@ -20,11 +27,11 @@ PER_SYMBOL = ["trade", "aggTrade", "ticker", "miniTicker", "bookTicker", "depth"
               *(f"kline_{iv}" for iv in KLINE_INTERVALS)]  # fmt: skip
 
 
-async def start(nursery: trio.Nursery, **spot: Any) -> Running:
+async def start(nursery: trio.Nursery, bus: dict[str, Any] | None = None, **spot: Any) -> Running:
     markets = {symbol: {} for symbol in ["BTCUSDT", *SYMBOLS]}
     config = make_config(binance={"spot": {"enabled": True, "port": 0, **spot},
                                   "futures": {"enabled": True, "port": 0}},
-                         markets=markets)  # fmt: skip
+                         markets=markets, bus=bus or {})  # fmt: skip
     return await start_daemon(nursery, config)
 
 
@@ -189,3 +196,136 @@ async def test_every_listener_of_a_node_shares_the_one_flusher(nursery: trio.Nur
         event = await native.recv()
         assert event["data"] == {"n": 1}
     assert daemon.gateway.flush_round_max_s > 0  # the round was the native gateway's figure
+
+
+# ticker data a Binance ticker cannot be computed from (quoteVolume is no number), and a depth
+# state with a price that is no number: both pass the publish API's check (JSON in UTF-8)
+BAD_TICKER = {"s": "BTCUSDT", "open": "1", "high": "1", "low": "1", "last": "1", "volume": "2",
+              "quoteVolume": "abc", "change": "0", "changePercent": "0", "count": 1,
+              "firstId": 1, "lastId": 1, "openTime": 1, "closeTime": 2}  # fmt: skip
+BAD_BOOK = {"e": "snapshot", "s": "BTCUSDT", "U": 1, "u": 1, "pu": 0, "bids": [["abc", "1"]],
+            "asks": [], "checksum": 0, "T": 1}  # fmt: skip
+
+
+@pytest.mark.parametrize("bus", ["memory", "redis"])
+async def test_malformed_market_data_costs_the_view_its_event_only(
+    nursery: trio.Nursery, bus: str
+) -> None:
+    """An encoder that raised on data it cannot read (decimal.InvalidOperation is no
+    ValueError) made the publish answer 500 on the memory bus and ended the process on
+    Redis (the follower's task): it costs that view that event, nothing else."""
+    with contextlib.ExitStack() as stack:
+        if bus == "redis":
+            redis = stack.enter_context(RedisServer())
+            running = await start(nursery, bus={"kind": "redis", "redis": {"url": redis.url}})
+        else:
+            running = await start(nursery)
+        await _malformed(running)
+
+
+async def _malformed(running: Running) -> None:
+    ticker = await client(running, "/ws/btcusdt@ticker")
+    book = await client(running, "/ws/btcusdt@bookTicker")
+    async with open_client(running.ws_url) as native:
+        await native.call({"op": "subscribe", "channel": "BTCUSDT@ticker", "id": 1})
+        await running.publish("ticker_BTCUSDT", BAD_TICKER)
+        assert (await native.recv())["data"] == BAD_TICKER
+        await running.publish("depth_BTCUSDT", BAD_BOOK)
+        good = {**BAD_TICKER, "quoteVolume": "4"}
+        await running.publish("ticker_BTCUSDT", good)
+        assert (await native.recv())["data"] == good
+    [event] = await read(ticker, 1)  # the bad one was not sent, the socket is open
+    assert (event["e"], event["w"]) == ("24hrTicker", "2.00000000")
+    await book.send_json({"method": "LIST_SUBSCRIPTIONS", "id": 1})
+    assert await read(book, 1) == [{"result": ["btcusdt@bookTicker"], "id": 1}]
+
+
+async def test_a_native_subscriber_after_a_binance_one_gets_pushds_own_names(
+    nursery: trio.Nursery,
+) -> None:
+    """The hub's route of a channel is made by its first subscriber, and names every native
+    frame after it: a Binance client first made it with the Binance stream's name, and native
+    subscribers got events of ``btcusdt@ticker`` instead of ``BTCUSDT@ticker``."""
+    running = await start(nursery)
+    binance = await client(running, "/ws")
+    subscribe = {"method": "SUBSCRIBE", "params": ["btcusdt@miniTicker"], "id": 1}
+    assert await call(binance, subscribe) == {"result": None, "id": 1}
+    async with open_client(running.ws_url) as native:
+        await native.call({"op": "subscribe", "channel": "BTCUSDT@ticker", "id": 1})
+        await running.publish("ticker_BTCUSDT", {**BAD_TICKER, "quoteVolume": "4"})
+        assert (await native.recv())["event"] == "BTCUSDT@ticker"
+    assert running.daemon.gateway.hub.stats().by_stream == {"ticker": 1}  # the Binance one
+
+
+async def test_resets_at_every_step_leave_no_view_behind(nursery: trio.Nursery) -> None:
+    """Clients that subscribe, switch the payload form, unsubscribe and reset (RST) at each
+    step, on raw and combined paths: once their sockets are gone, no view, route or
+    connection is left (a view kept would be encoded and written for nobody, for ever)."""
+    running = await start(nursery)
+    gateway = running.daemon.binance["spot"]
+    streams = ["btcusdt@trade", "btcusdt@aggTrade", "btcusdt@depth", "btcusdt@depth5",
+               "btcusdt@bookTicker", "btcusdt@ticker", "s00usdt@kline_1m",
+               "s01usdt@depth20@100ms"]  # fmt: skip
+    requests = [
+        {"method": "SUBSCRIBE", "params": streams, "id": 1},
+        {"method": "SET_PROPERTY", "params": ["combined", True], "id": 2},
+        {"method": "UNSUBSCRIBE", "params": streams[:3], "id": 3},
+        {"method": "SET_PROPERTY", "params": ["combined", False], "id": 4},
+    ]
+    for step in range(len(requests) + 1):
+        for path in ("/ws", "/stream?streams=btcusdt@trade/btcusdt@depth5"):
+            raw = await client(running, path)
+            for request in requests[:step]:
+                await raw.send_json(request)
+            raw.stream.socket.setsockopt(
+                socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
+            )
+            await raw.aclose()  # an RST, whatever was read
+    with trio.fail_after(10):
+        await gateway.wait_idle()
+    assert not gateway.connections
+    assert running.daemon.gateway.hub.stats().channels == 0
+
+
+async def test_a_reloads_request_rate_applies_to_open_connections(nursery: trio.Nursery) -> None:
+    """As on pushd's own surface: a reload's request limits reach connections already open
+    (a Binance connection kept the rate it opened with)."""
+    running = await start(nursery)
+    raw = await client(running)
+    assert await call(raw, {"method": "LIST_SUBSCRIPTIONS", "id": 0}) == {"result": [], "id": 0}
+    tighter = msgspec.structs.replace(
+        running.daemon.config,
+        limits=msgspec.structs.replace(
+            running.daemon.config.limits, messages_per_second=0.01, message_burst=2
+        ),
+    )
+    running.daemon.load_config = lambda: tighter
+    change = await running.daemon.reload()
+    assert change is not None and "limits.message_burst" in change.applied
+    for request_id in range(1, 5):
+        await raw.send_json({"method": "LIST_SUBSCRIPTIONS", "id": request_id})
+    _, code = await raw.read_until_close()
+    assert code == CloseCode.RATE_LIMITED
+
+
+async def test_a_view_subscriber_that_never_reads_is_closed_and_costs_others_nothing(
+    nursery: trio.Nursery,
+) -> None:
+    """Through real sockets: a client of a view that never reads (a small receive buffer)
+    is closed once its buffer is full; the other subscriber of that view gets every trade."""
+    running = await start(nursery)
+    stuck = await RawClient.connect(running.ports.binance_spot, path="/ws/btcusdt@trade",
+                                    rcvbuf=4096)  # fmt: skip
+    assert isinstance(await stuck.handshake(), AcceptConnection)
+    reader = await client(running, "/ws/btcusdt@trade")
+    gateway = running.daemon.binance["spot"]
+    trade = {"price": "1.5", "qty": "2", "side": "buy", "ts": 10}
+    batch = {"s": "BTCUSDT", "trades": [{"id": i, **trade} for i in range(50)]}
+    hub, ids = running.daemon.gateway.hub, list[int]()
+    with trio.fail_after(30):
+        while len(gateway.connections) == 2:  # until the stuck one is closed (slow consumer)
+            await running.publish_batch([{"channel": "trades_BTCUSDT", "data": batch}] * 20)
+            while len(ids) < hub.published * 50:  # the reader keeps up, the stuck one fills
+                ids += [t["t"] for t in (await reader.read_one_batch())[0]]
+    assert ids == list(range(50)) * hub.published  # every trade, in order
+    assert running.daemon.gateway.hub.stats().by_stream == {"trades": 1}

@@ -7,7 +7,8 @@ from typing import Any
 
 import httpx
 import trio
-from conftest import Running, feed, open_client
+from conftest import Running, feed, make_config, open_client, start_daemon
+from redis_servers import RedisServer
 from test_binance_ccxt import start_binance
 
 from ingest.sim import Market
@@ -86,3 +87,43 @@ async def test_rest_shapes_errors_and_ids(nursery: trio.Nursery) -> None:
     assert (await get(running, "/api/v3/depth?symbol=BTCUSDT&limit=0", 400))["code"] == -1100
     bad_interval = "/api/v3/klines?symbol=BTCUSDT&interval=7m"
     assert (await get(running, bad_interval, 400))["code"] == -1100
+
+
+MARK = {"s": "ETHUSDT", "markPrice": "1", "indexPrice": "1", "estimatedSettlePrice": "1",
+        "fundingRate": "0", "premiumIndex": "0", "nextFundingTime": 1, "T": 1}  # fmt: skip
+BAD_TICKER = {"s": "BTCUSDT", "open": "1", "high": "1", "low": "1", "last": "1", "volume": "2",
+              "quoteVolume": "abc", "change": "0", "changePercent": "0", "count": 1,
+              "firstId": 1, "lastId": 1, "openTime": 1, "closeTime": 2}  # fmt: skip
+
+
+async def test_what_redis_stores_that_is_no_number_costs_its_own_answer_only(
+    nursery: trio.Nursery,
+) -> None:
+    """Whoever can publish a market channel (or write to Redis) stores values the REST answers
+    are computed from: a ticker whose quoteVolume is no number answered 500 for the symbol-less
+    ticker/24hr (every symbol's: ccxt's fetch_tickers), a trade price that is no number 500
+    for trades, a candle that is not one 500 for klines. What does not read is left out."""
+    with RedisServer() as redis:
+        config = make_config(markets={"BTCUSDT": {}, "ETHUSDT": {}},
+                             bus={"kind": "redis", "redis": {"url": redis.url}})  # fmt: skip
+        running = await start_daemon(nursery, config)
+        good = {**BAD_TICKER, "s": "ETHUSDT", "quoteVolume": "4"}
+        for channel, data in (
+            ("ticker_BTCUSDT", BAD_TICKER), ("ticker_ETHUSDT", good),
+            ("trades_BTCUSDT", {"s": "BTCUSDT", "trades": [
+                {"id": 1, "price": "abc", "qty": "1", "side": "buy", "ts": 1},
+                {"id": 2, "price": "0.00001", "qty": "0.001", "side": "buy", "ts": 2}]}),
+            ("kline_BTCUSDT", {"s": "BTCUSDT"}),
+            ("markprice_BTCUSDT", {**MARK, "s": "NOPEUSDT"}), ("markprice_ETHUSDT", MARK),
+        ):  # fmt: skip
+            await running.publish(channel, data)
+        tickers = await get(running, "/api/v3/ticker/24hr")
+        assert [(t["symbol"], t["weightedAvgPrice"]) for t in tickers] == [
+            ("ETHUSDT", "2.00000000")]  # fmt: skip
+        invalid = {"code": -1121, "msg": "Invalid symbol."}  # as before its first ticker
+        assert await get(running, "/api/v3/ticker/24hr?symbol=BTCUSDT", 400) == invalid
+        trades = await get(running, "/api/v3/trades?symbol=BTCUSDT")
+        assert [(t["id"], t["quoteQty"]) for t in trades] == [(2, "0.00000001")]  # not 1E-8
+        assert await get(running, "/api/v3/klines?symbol=BTCUSDT&interval=1m") == []
+        marks = await get(running, "/fapi/v1/premiumIndex")  # a symbol it does not serve
+        assert [m["symbol"] for m in marks] == ["ETHUSDT"]

@@ -3,6 +3,7 @@ and the hub's views. No sockets."""
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import msgspec
@@ -13,7 +14,7 @@ from upstream import Upstream
 from pushd.binance.dialect import Frames
 from pushd.binance.ids import MAX_SAFE, update_id
 from pushd.binance.paths import accepts, opening
-from pushd.binance.payloads import Translator
+from pushd.binance.payloads import Mirrors, Translator
 from pushd.binance.session import Session
 from pushd.binance.streams import Stream, parse
 from pushd.bus.model import Entry, Position, Recovery, Snapshot, epoch_ms, new_epoch
@@ -75,7 +76,9 @@ def test_stream_names_map_to_pushd_channels(name: str, kind: str, internal: str)
     ["btcusdt@depth7", "btcusdt@depth@1s", "btcusdt@depth5@1000ms", "btcusdt@kline_7m",
      "btcusdt@kline", "btcusdt@trade@100ms", "btcusdt@trades", "xrpusdt@trade", "@trade",
      "btcusdt", "btcusdt@", "btcusdt@depth\u0665", "btcusdt@markPrice", "x" * 200,
-     "btcusdt@ticker_1m", "btc usdt@trade"],
+     "btcusdt@ticker_1m", "btc usdt@trade",
+     # leading zeros named streams of their own, a book mirror's view each
+     "btcusdt@depth05", "btcusdt@depth0020@100ms", "btcusdt@depth010"],
 )  # fmt: skip
 def test_bad_stream_names_are_refused(name: str) -> None:
     with pytest.raises(InvalidStream):
@@ -187,6 +190,44 @@ def test_a_mirror_without_a_book_takes_the_state_the_bus_offers() -> None:
     hub.publish("depth_BTCUSDT", EPOCH, 7, diff2)
     [top] = frames(bytes(outlet.out))
     assert (top["u"], top["b"], top["B"], top["A"]) == (update_id(EPOCH, 7), "10", "2", "4")
+
+
+def test_the_views_of_one_book_share_one_mirror() -> None:
+    """Each partial-depth and bookTicker view kept a book of its own, applied (its checksum
+    sorts the whole book) and sorted again for its top on every event: a client naming
+    depth5|10|20 at four rates and bookTicker, raw and combined (26 views of one book, more
+    with leading zeros) made each depth event cost 26 times the work of one. One mirror per
+    channel: seeded once, moved and sorted once per event, read by every view."""
+    book = depth_event("snapshot", [["10", "1"], ["9", "2"]], [["11", "3"], ["12", "4"]])
+    after = ([["9.5", "5"], ["9", "2"]], [["11", "3"], ["12", "4"]])
+    diff = depth_event("depthUpdate", [["10", "0"], ["9.5", "5"]], [], after, pu=1)
+    seeded: list[str] = []
+
+    def current(internal: str) -> Snapshot:
+        seeded.append(internal)
+        return Snapshot(Position(EPOCH, 5), book)
+
+    hub = Hub(upstream=Upstream(current))
+    mirrors = Mirrors(hub.current)
+    outlets: dict[tuple[str, bool], Outlet] = {}
+    for name in ("btcusdt@depth5", "btcusdt@depth20@100ms", "btcusdt@bookTicker"):
+        stream = parse(name, SYMBOLS, "spot")
+        channel = Channel("depth_BTCUSDT", name, private=False, symbol="BTCUSDT")
+        for combined in (False, True):
+            outlet = outlets[name, combined] = Outlet(1 << 20)
+            make = functools.partial(Frames, stream, "spot", combined, hub, mirrors)
+            hub.join_view(outlet, channel, (name, combined), make)
+    hub.publish("depth_BTCUSDT", EPOCH, 5, diff)  # seeded by the state at 5
+    hub.publish("depth_BTCUSDT", EPOCH, 6, diff)  # the diff on the mirror
+    assert seeded == ["depth_BTCUSDT"]
+    for (name, combined), outlet in outlets.items():
+        got = [f["data"] if combined else f for f in frames(bytes(outlet.out))]
+        if name.endswith("bookTicker"):
+            assert [(t["u"], t["b"]) for t in got] == [
+                (update_id(EPOCH, 5), "10"), (update_id(EPOCH, 6), "9.5")]  # fmt: skip
+        else:
+            assert [(p["lastUpdateId"], p["bids"][0][0]) for p in got] == [
+                (update_id(EPOCH, 5), "10"), (update_id(EPOCH, 6), "9.5")]  # fmt: skip
 
 
 def test_tickers_klines_and_mark_price() -> None:
@@ -323,6 +364,23 @@ def test_a_view_subscriber_with_no_room_is_marked_slow() -> None:
         hub.publish("trades_BTCUSDT", EPOCH, seq, raw({}))
     assert small.slow and small in hub.take_dirty() and len(small.out) < 4096
     assert not roomy.slow and len(roomy.out) > 6000
+
+
+def test_a_slow_view_subscriber_gets_nothing_after_the_event_it_lost() -> None:
+    """A view subscriber with no room for an event is marked slow (closed by the flusher);
+    a smaller event after it still fit and was queued, and a drain running meanwhile wrote
+    it: the client read past a hole before the close."""
+    hub = Hub()
+    channel = Channel("trades_BTCUSDT", "btcusdt@trade", private=False, symbol="BTCUSDT")
+    sizes = {1: 3000, 2: 3000, 3: 10}
+    outlet = Outlet(4096)
+    hub.join_view(outlet, channel, "k",
+                  lambda: lambda _e, seq, _d: text_frame(b'{"n":%d,"x":"%s"}' % (
+                      seq, b"x" * sizes[seq])))  # fmt: skip
+    for seq in (1, 2, 3):
+        hub.publish("trades_BTCUSDT", EPOCH, seq, raw({}))
+    assert outlet.slow
+    assert [f["n"] for f in frames(bytes(outlet.out))] == [1]
 
 
 def test_a_stream_is_a_value() -> None:

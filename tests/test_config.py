@@ -55,6 +55,10 @@ def test_example_file_loads_and_mentions_every_setting() -> None:
         ("[markets.BTCUSDT]\ndepth_levels = 5000\n", "markets.BTCUSDT.depth_levels: a 5000-level"),
         ("[markets.ETHUSDT.funding]\ncap = 0.5\n", "markets.ETHUSDT.funding.cap: Expected `str`"),
         ("[websocket]\npaths = ['ws']\n", "websocket.paths: 'ws' must start with '/'"),
+        # what the Binance exchangeInfo says of a symbol: a tick of 0 makes clients divide by 0
+        ("[markets.BTCUSDT]\ntick_size = '0'\n", "markets.BTCUSDT.tick_size: Expected `str`"),
+        ("[markets.BTCUSDT]\nstep_size = '-1'\n", "markets.BTCUSDT.step_size: Expected `str`"),
+        ("[markets.BTCUSDT]\nmin_notional = '0.0'\n", "markets.BTCUSDT.min_notional: Expected"),
         ("[[websocket]]\n", "websocket: Expected `object`, got `array`"),
         ("websocket = [\n", "TOML syntax error"),
     ],

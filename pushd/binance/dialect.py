@@ -12,16 +12,17 @@ import functools
 from collections.abc import Callable, Container
 
 import msgspec
+import structlog
 import trio
 from wsproto.events import Ping
 
 from pushd.auth import Verifier
 from pushd.binance.paths import opening
-from pushd.binance.payloads import Translator
+from pushd.binance.payloads import Mirrors, Translator
 from pushd.binance.session import Session, error
 from pushd.binance.streams import Market, Stream
 from pushd.bus.model import Recovery
-from pushd.channels import Channel
+from pushd.channels import parse_internal
 from pushd.config import BinanceSurfaceConfig, LimitsConfig
 from pushd.errors import BinanceError, CloseCode
 from pushd.gateway import lifecycle
@@ -29,11 +30,15 @@ from pushd.gateway.connection import Connection
 from pushd.gateway.hub import Hub, ViewEncoder, text_frame
 from pushd.gateway.lifecycle import Disconnect, Phase
 from pushd.gateway.ratelimit import TokenBucket
+from pushd.logs import ThrottledLog
 
 INVALID_STREAM = Disconnect(CloseCode.POLICY_VIOLATION, "invalid stream name", "binance_stream")
 NO_PONG = Disconnect(CloseCode.POLICY_VIOLATION, "no pong", "binance_no_pong")
 
 ViewKey = tuple[Market, str, bool]
+
+log = structlog.get_logger("pushd.binance.dialect")
+_unreadable = ThrottledLog(log, "binance: an event its stream cannot be made of, not sent")
 
 
 class Frames:
@@ -43,15 +48,27 @@ class Frames:
 
     __slots__ = ("_head", "_translate", "combined")
 
-    def __init__(self, stream: Stream, market: Market, combined: bool, hub: Hub) -> None:
+    def __init__(
+        self, stream: Stream, market: Market, combined: bool, hub: Hub,
+        mirrors: Mirrors | None = None,
+    ) -> None:  # fmt: skip
+        """``mirrors``: the dialect's books, one per channel for all its views (else this
+        view's own)."""
+        mirror = mirrors.get(stream.internal) if mirrors is not None else None
         self._translate = Translator(
-            stream, market, functools.partial(hub.current, stream.internal)
+            stream, market, functools.partial(hub.current, stream.internal), mirror
         )
         self._head = b'{"stream":"' + stream.name.encode() + b'","data":'
         self.combined = combined
 
     def __call__(self, epoch: str, seq: int, data: msgspec.Raw) -> bytes:
-        payloads = self._translate(epoch, seq, data)
+        try:
+            payloads = self._translate(epoch, seq, data)
+        except Exception:  # data it cannot read (msgspec's ValueError, decimal's
+            # InvalidOperation: anyone who can publish a market channel can send it) or a bug:
+            # this view goes without this event, nobody else notices
+            _unreadable.warning(stream=self._translate.stream.name, seq=seq, exc_info=True)
+            return b""
         if self.combined:
             payloads = [self._head + p + b"}" for p in payloads]
         return b"".join(text_frame(p) for p in payloads)
@@ -64,8 +81,10 @@ class Frames:
         self._translate.offer_state(recovery)
 
 
-def frames(stream: Stream, market: Market, combined: bool, hub: Hub) -> ViewEncoder:
-    return Frames(stream, market, combined, hub)
+def frames(
+    stream: Stream, market: Market, combined: bool, hub: Hub, mirrors: Mirrors | None = None
+) -> ViewEncoder:
+    return Frames(stream, market, combined, hub, mirrors)
 
 
 class _State:
@@ -90,9 +109,13 @@ class BinanceDialect:
         self._hub = hub
         self._end = end
         self._states: dict[Connection, _State] = {}
+        self._mirrors = Mirrors(hub.current)  # partial depth and bookTicker: a book per channel
 
     def reconfigure(self, limits: LimitsConfig, verifier: Verifier) -> None:
+        """A reload's request rate, for new connections and those open (as pushd's own)."""
         self._limits = limits
+        for state in self._states.values():
+            state.requests.retune(limits.messages_per_second, limits.message_burst)
 
     def opened(self, conn: Connection, now: float) -> None:
         asked = opening(conn.target)
@@ -142,8 +165,11 @@ class BinanceDialect:
 
     def _join(self, conn: Connection, session: Session, streams: list[Stream]) -> None:
         for stream in streams:
-            channel = Channel(stream.internal, stream.name, private=False, symbol=stream.symbol)
-            make = functools.partial(frames, stream, self._market, session.combined, self._hub)
+            # pushd's own channel: a route made by this view names native frames after it
+            channel = parse_internal(stream.internal, self._symbols)
+            make = functools.partial(
+                frames, stream, self._market, session.combined, self._hub, self._mirrors
+            )
             self._hub.join_view(conn.outlet, channel, self._key(stream, session.combined), make)
 
     def _leave_all(self, conn: Connection, session: Session) -> None:

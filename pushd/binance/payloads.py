@@ -16,6 +16,8 @@ quantities stay the exact decimal strings pushd computed; ids and times are inte
 
 from __future__ import annotations
 
+import functools
+import weakref
 from collections.abc import Callable
 from decimal import Decimal
 from typing import Any
@@ -118,13 +120,16 @@ class BookMirror:
     depth, ``bookTicker``): seeded by the stream's current state (``current``: where this
     process keeps the books) or by a state and the diffs after it that the bus offers (a
     gateway node: ``offer``), then moved by its events; an event that does not follow the one
-    held drops the book until a state comes again (``wants_state``)."""
+    held drops the book until a state comes again (``wants_state``). Every view of one book
+    shares its mirror (``Mirrors``): the first to see an event moves it, the others find it
+    there, and the sorted book is made once per event."""
 
     def __init__(self, current: Current) -> None:
         self._current = current
         self._book: LocalBook | None = None
         self._seq = -1
         self._epoch = ""
+        self._sorted: tuple[list[tuple[str, str]], list[tuple[str, str]]] | None = None
 
     @property
     def wants_state(self) -> bool:
@@ -139,16 +144,16 @@ class BookMirror:
         try:
             for entry in recovery.current:
                 book.apply(_depth.decode(entry.data))
-        except ValueError:  # not a chain that checks out (msgspec's errors are ValueErrors)
-            return
+        except (ValueError, ArithmeticError):  # not a chain that checks out (msgspec's errors
+            return  # are ValueErrors; a price that is no number, decimal's InvalidOperation)
         self._book, self._epoch = book, recovery.position.epoch
-        self._seq = recovery.current[-1].seq
+        self._seq, self._sorted = recovery.current[-1].seq, None
 
     def apply(self, epoch: str, seq: int, event: DepthEvent) -> bool:
         """Move the book to event ``seq``; False while there is no book at that event (or the
         book offered is past it already)."""
         if self._book is not None and epoch == self._epoch and seq <= self._seq:
-            return False  # the state offered had it
+            return seq == self._seq  # another view moved it here; past it: the state offered
         if event.e == "snapshot" or (
             self._book is not None and (epoch == self._epoch and seq == self._seq + 1)
         ):
@@ -157,12 +162,12 @@ class BookMirror:
             assert self._book is not None
             try:
                 self._book.apply(event)
-            except ValueError:
+            except (ValueError, ArithmeticError):  # a broken chain, a price that is no number
                 self._book = None
                 return False
         elif not self._seed(epoch, seq):
             return False
-        self._epoch, self._seq = epoch, seq
+        self._epoch, self._seq, self._sorted = epoch, seq, None
         return True
 
     def _seed(self, epoch: str, seq: int) -> bool:
@@ -173,24 +178,49 @@ class BookMirror:
         self._book = LocalBook()
         try:
             self._book.apply(_depth.decode(current.data))
-        except ValueError:  # a state that does not check out: none
+        except (ValueError, ArithmeticError):  # a state that does not check out: none
             self._book = None
             return False
         return True
 
     def top(self, levels: int) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
         assert self._book is not None
-        bids, asks = self._book.sorted()
+        if self._sorted is None:  # once per event, whatever the number of views
+            self._sorted = self._book.sorted()
+        bids, asks = self._sorted
         return bids[:levels], asks[:levels]
+
+
+class Mirrors:
+    """One dialect's book mirrors, one per depth channel while a view reads it (the views hold
+    it; it goes with the last of them)."""
+
+    def __init__(self, current: Callable[[str], Snapshot | None]) -> None:
+        self._current = current
+        self._mirrors: weakref.WeakValueDictionary[str, BookMirror] = weakref.WeakValueDictionary()
+
+    def get(self, internal: str) -> BookMirror:
+        mirror = self._mirrors.get(internal)
+        if mirror is None:
+            mirror = BookMirror(functools.partial(self._current, internal))
+            self._mirrors[internal] = mirror
+        return mirror
 
 
 class Translator:
     """One stream's payloads from its channel's native events (see the module docstring)."""
 
-    def __init__(self, stream: Stream, market: Market, current: Current = lambda: None) -> None:
+    def __init__(
+        self, stream: Stream, market: Market, current: Current = lambda: None,
+        mirror: BookMirror | None = None,
+    ) -> None:  # fmt: skip
+        """``mirror``: the book shared with the other views of the channel (else its own,
+        seeded by ``current``)."""
         self.stream = stream
         self.market = market
-        self._mirror = BookMirror(current) if stream.kind in ("partial", "bookTicker") else None
+        self._mirror = (
+            (mirror or BookMirror(current)) if stream.kind in ("partial", "bookTicker") else None
+        )
 
     def __call__(self, epoch: str, seq: int, data: msgspec.Raw) -> list[bytes]:
         return [_encode(p) for p in self.payloads(epoch, seq, data)]

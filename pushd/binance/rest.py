@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from pushd.http.api import HttpApi
 
 T = TypeVar("T")
+S = TypeVar("S", TickerData, MarkPriceData)  # a symbol's whole state, naming it in "s"
 QUOTES = ("USDT", "USDC", "FDUSD", "BUSD", "TUSD", "DAI", "BTC", "ETH", "BNB", "EUR", "USD", "TRY")
 DEFAULT_TICK, DEFAULT_STEP, DEFAULT_MIN_NOTIONAL = "0.01", "0.00001", "5"
 DELIVERY_PERPETUAL = 4133404800000  # Binance's deliveryDate of a perpetual (2100-12-25)
@@ -104,6 +105,18 @@ def exchange_symbol(info: SymbolInfo, market: Market) -> dict[str, Any]:
 def _as(value: Any, kind: type[T]) -> T:
     """A native snapshot's data (a Struct in process, plain data from Redis) as ``kind``."""
     return msgspec.convert(msgspec.to_builtins(value), kind)
+
+
+def _each_as(values: Any, kind: type[T]) -> list[T]:
+    """The items of a native snapshot's list that read as ``kind`` (Redis is not trusted: one
+    that does not is left out, not the answer)."""
+    out = []
+    for value in msgspec.to_builtins(values) if isinstance(values, list) else []:
+        try:
+            out.append(msgspec.convert(value, kind))
+        except msgspec.ValidationError:
+            continue
+    return out
 
 
 class BinanceRest:
@@ -200,12 +213,15 @@ class BinanceRest:
     async def _trades(self, request: Request) -> list[TradeItem]:
         self._symbol(request)
         snap: dict[str, Any] = await self._api.trades(request)  # type: ignore[assignment]
-        return _as(snap["data"], list[TradeItem])
+        return _each_as(snap["data"], TradeItem)
 
     async def trades(self, request: Request, market: Market) -> object:
         out = []
         for t in await self._trades(request):
-            quote = str(Decimal(t.price) * Decimal(t.qty))
+            try:
+                quote = format(Decimal(t.price) * Decimal(t.qty), "f")  # never 1E-8
+            except ArithmeticError:  # not numbers (Redis is not trusted): left out
+                continue
             item = {"id": t.id, "price": t.price, "qty": t.qty, "quoteQty": quote, "time": t.ts,
                     "isBuyerMaker": t.side == "sell"}  # fmt: skip
             if market == "spot":
@@ -222,15 +238,16 @@ class BinanceRest:
         self._symbol(request)
         snap: dict[str, Any] = await self._api.klines(request)  # type: ignore[assignment]
         rows = []
-        for candle in _as(snap["data"], list[Candle]):
+        for candle in _each_as(snap["data"], Candle):
             k = kline_fields(candle)
             rows.append([k["t"], k["o"], k["h"], k["l"], k["c"], k["v"], k["T"], k["q"], k["n"],
                          k["V"], k["Q"], "0"])  # fmt: skip
         return rows
 
-    async def _last_pushed(self, symbol: str, stream: str, kind: type[T]) -> T | None:
+    async def _last_pushed(self, symbol: str, stream: str, kind: type[S]) -> S | None:
         """The last event pushed on a whole-state stream (ticker, markPrice), as ``kind``: this
-        process's, or the state the compute node stored (Redis). None before the first."""
+        process's, or the state the compute node stored (Redis). None before the first, or
+        when it is not one of ``symbol`` (Redis is not trusted)."""
         channel = market_channel(stream, symbol)
         try:
             raw = (await self._backplane.snapshot(channel)).data
@@ -238,21 +255,29 @@ class BinanceRest:
             raise BinanceError(-1001, f"Internal error: {exc}", 503) from None
         value: Any = None if raw is None else msgspec.json.decode(raw)
         try:
-            return None if value is None else _as(value, kind)
-        except msgspec.ValidationError:  # Redis is not trusted
+            found = None if value is None else _as(value, kind)
+        except msgspec.ValidationError:
             return None
+        return found if found is not None and found.s == symbol else None
 
     async def _each(
-        self, request: Request, stream: str, kind: type[T], shape: Callable[[T], object]
+        self, request: Request, stream: str, kind: type[S], shape: Callable[[S], object]
     ) -> object:
         """One symbol's answer (``symbol`` given), else every symbol's that has one, as a list."""
+
+        def shaped(value: S | None) -> object:
+            try:
+                return None if value is None else shape(value)
+            except ArithmeticError:  # a stored number that is none (Redis is not trusted)
+                return None
+
         if "symbol" not in request.query_params:
             found = [await self._last_pushed(s, stream, kind) for s in self._config.markets]
-            return [shape(value) for value in found if value is not None]
-        value = await self._last_pushed(self._symbol(request), stream, kind)
-        if value is None:  # nothing pushed yet (no trade, no index price)
+            return [answer for value in found if (answer := shaped(value)) is not None]
+        answer = shaped(await self._last_pushed(self._symbol(request), stream, kind))
+        if answer is None:  # nothing pushed yet (no trade, no index price), or unreadable
             raise BinanceError(*INVALID_SYMBOL)
-        return shape(value)
+        return answer
 
     async def ticker(self, request: Request, market: Market) -> object:
         def shape(t: TickerData) -> object:

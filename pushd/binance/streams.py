@@ -39,6 +39,7 @@ DEPTH_RATES = ("", "@100ms", "@250ms", "@500ms", "@1000ms")
 PARTIAL_RATES = ("", "@100ms", "@250ms", "@500ms")
 PARTIAL_LEVELS = (5, 10, 20)
 MARK_RATES = ("", "@1s")
+_PARTIAL_DIGITS = {str(n): n for n in PARTIAL_LEVELS}  # as written: no leading zeros
 _NAME = re.compile(r"([0-9a-zA-Z]{2,32})@([A-Za-z]+)(\d*)(_\w+)?(@\w+)?", re.ASCII)
 
 
@@ -78,9 +79,9 @@ def parse(name: str, symbols: Container[str], market: Market) -> Stream:
     if kind == "depth" and not suffix:
         if not digits and rate in DEPTH_RATES:
             stream = Stream(canonical, symbol, "depth", market_channel("depth", symbol))
-        elif digits and int(digits) in PARTIAL_LEVELS and rate in PARTIAL_RATES:
+        elif digits in _PARTIAL_DIGITS and rate in PARTIAL_RATES:
             stream = Stream(canonical, symbol, "partial", market_channel("depth", symbol),
-                            levels=int(digits))  # fmt: skip
+                            levels=_PARTIAL_DIGITS[digits])  # fmt: skip
     elif kind == "kline" and not digits and not rate and suffix[1:] in KLINE_INTERVALS:
         interval = suffix[1:]
         stream = Stream(canonical, symbol, "kline", market_channel("kline", symbol, interval),

@@ -536,12 +536,13 @@ class Hub:
 
     def _publish_views(self, route: _Route, epoch: str, seq: int, data: msgspec.Raw) -> None:
         """Each view's frames of one event, encoded once and queued to each of its
-        subscribers; one that has no room is marked slow (the gateway closes it)."""
+        subscribers; one that has no room is marked slow (the gateway closes it) and gets
+        nothing more."""
         dirty = self.dirty
         for view in route.views.values():
             try:
                 frames = view.encode(epoch, seq, data)
-            except (ValueError, UnicodeDecodeError):  # msgspec's errors are ValueErrors
+            except Exception:  # another dialect's code: its failure costs its view this event
                 self.undeliverable += 1
                 continue
             if not frames:
@@ -549,8 +550,8 @@ class Hub:
             size = len(frames)
             for outlet in view.subscribers:
                 out = outlet.out
-                if len(out) + size > outlet.limit:
-                    self.dropped += 1
+                if outlet.slow or len(out) + size > outlet.limit:
+                    self.dropped += 1  # slow already: nothing after the hole, it is closed
                     if not outlet.slow:
                         outlet.slow = True
                         dirty.append(outlet)
