@@ -16,6 +16,7 @@ import os
 import re
 import stat
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 from urllib.parse import parse_qsl, urlsplit
@@ -464,8 +465,10 @@ def with_node(
     websocket_port: int | None = None,
     http_port: int | None = None,
     reuse_port: bool | None = None,
+    binance_ports: Mapping[str, int | None] | None = None,
 ) -> Config:
-    """The config with one node's own settings (command-line options) put in; checked again."""
+    """The config with one node's own settings (command-line options) put in; checked again.
+    ``binance_ports``: a Binance surface's port, by market (``spot``, ``futures``)."""
     raw = msgspec.to_builtins(config)
     if role is not None:
         raw["role"] = role
@@ -475,6 +478,9 @@ def with_node(
         raw["http"]["port"] = http_port
     if reuse_port is not None:
         raw["websocket"]["reuse_port"] = reuse_port
+    for market, port in (binance_ports or {}).items():
+        if port is not None:
+            raw["binance"][market]["port"] = port
     return from_dict(raw, source="command line")
 
 
