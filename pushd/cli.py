@@ -62,6 +62,7 @@ def _run_config(args: argparse.Namespace) -> Config:
     config = config_mod.with_node(
         config_mod.load(args.config), role=args.role, websocket_port=args.websocket_port,
         http_port=args.http_port, reuse_port=True if args.reuse_port else None,
+        binance_ports={"spot": args.binance_spot_port, "futures": args.binance_futures_port},
     )  # fmt: skip
     if args.workers and (config.bus.kind != "redis" or args.config is None):
         raise ConfigError("--workers needs a config file with bus.kind = 'redis' "
@@ -316,6 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--websocket-port", type=int, help="overrides websocket.port")
     run.add_argument("--http-port", type=int, help="overrides http.port")
     run.add_argument("--reuse-port", action="store_true", help="sets websocket.reuse_port")
+    run.add_argument("--binance-spot-port", type=int, help="overrides binance.spot.port")
+    run.add_argument("--binance-futures-port", type=int, help="overrides binance.futures.port")
     run.set_defaults(func=cmd_run)
     demo = sub.add_parser("demo", help="run everything on loopback with a demo login")
     demo.add_argument("--config", type=Path)

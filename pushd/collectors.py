@@ -6,8 +6,9 @@ object. Only the daemon imports this module (it builds the node and registers th
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
+from typing import Protocol
 
 import msgspec
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -22,32 +23,46 @@ from pushd.gateway.hub import Hub
 from pushd.liveness import Report
 
 
-class HubCollector(Collector):
-    """The fan-out: connections by phase, subscriptions by stream, frames and bytes out."""
+class Surfaced(Protocol):
+    """One listener's sockets (a ``Gateway``): by phase, and the bytes they wrote."""
 
-    def __init__(
-        self,
-        hub: Hub,
-        connection_states: Callable[[], dict[str, int]],
-        bytes_sent: Callable[[], int],
-    ) -> None:
+    def connection_states(self) -> dict[str, int]: ...
+
+    @property
+    def bytes_sent(self) -> int: ...
+
+
+class HubCollector(Collector):
+    """The fan-out: connections by surface and phase, subscriptions by stream, frames and
+    bytes out. ``surfaces``: the node's listeners by name (pushd's own is ``native``; the
+    Binance ones ``binance_spot``, ``binance_futures``)."""
+
+    def __init__(self, hub: Hub, surfaces: Callable[[], Mapping[str, Surfaced]]) -> None:
         self._hub = hub
-        self._connection_states = connection_states
-        self._bytes_sent = bytes_sent
+        self._surfaces = surfaces
 
     def collect(self) -> Iterator[Metric]:
         stats = self._hub.stats()
-        states = self._connection_states()
-        yield GaugeMetricFamily(
+        surfaces = self._surfaces()
+        opened = GaugeMetricFamily(
             "pushd_connections_open", "Open WebSocket connections (past the handshake)",
-            value=states["open"] + states["closing"],
+            labels=["surface"],
         )  # fmt: skip
         by_state = GaugeMetricFamily(
-            "pushd_connections", "Client sockets, by phase", labels=["state"]
+            "pushd_connections", "Client sockets, by phase", labels=["state", "surface"]
         )
-        for state, count in states.items():
-            by_state.add_metric([state], count)
+        sent = CounterMetricFamily(
+            "pushd_bytes_sent", "Bytes written to client sockets", labels=["surface"]
+        )
+        for name, surface in surfaces.items():
+            states = surface.connection_states()
+            opened.add_metric([name], states["open"] + states["closing"])
+            for state, count in states.items():
+                by_state.add_metric([state, name], count)
+            sent.add_metric([name], surface.bytes_sent)
+        yield opened
         yield by_state
+        yield sent
         yield GaugeMetricFamily("pushd_channels", "Channels with local subscribers", stats.channels)
         yield GaugeMetricFamily("pushd_subscriptions", "Local subscriptions", stats.subscriptions)
         by_stream = GaugeMetricFamily(
@@ -68,9 +83,6 @@ class HubCollector(Collector):
         frames.add_metric(["event"], stats.delivered)
         frames.add_metric(["reply"], stats.replies)
         yield frames
-        yield CounterMetricFamily(
-            "pushd_bytes_sent", "Bytes written to client sockets", value=self._bytes_sent()
-        )
         yield CounterMetricFamily(
             "pushd_hub_dropped",
             "Frames dropped for slow subscribers (public streams: drop, then resync)",

@@ -16,6 +16,7 @@ import os
 import re
 import stat
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 from urllib.parse import parse_qsl, urlsplit
@@ -226,6 +227,9 @@ def _futures_surface() -> BinanceSurfaceConfig:
 class BinanceConfig(_Section, frozen=True):
     spot: BinanceSurfaceConfig = msgspec.field(default_factory=BinanceSurfaceConfig)
     futures: BinanceSurfaceConfig = msgspec.field(default_factory=_futures_surface)
+    # Binance REST requests per client address per minute, both surfaces together; past it
+    # 429 with Retry-After (Binance: 6,000 request weight a minute). 0: no budget
+    rest_requests_per_minute: Annotated[int, msgspec.Meta(ge=0, le=1_000_000)] = 6000
 
 
 MAX_INGEST_SOURCES = 256  # sources with a key; every per-source table is bounded by it
@@ -468,8 +472,10 @@ def with_node(
     websocket_port: int | None = None,
     http_port: int | None = None,
     reuse_port: bool | None = None,
+    binance_ports: Mapping[str, int | None] | None = None,
 ) -> Config:
-    """The config with one node's own settings (command-line options) put in; checked again."""
+    """The config with one node's own settings (command-line options) put in; checked again.
+    ``binance_ports``: a Binance surface's port, by market (``spot``, ``futures``)."""
     raw = msgspec.to_builtins(config)
     if role is not None:
         raw["role"] = role
@@ -479,6 +485,9 @@ def with_node(
         raw["http"]["port"] = http_port
     if reuse_port is not None:
         raw["websocket"]["reuse_port"] = reuse_port
+    for market, port in (binance_ports or {}).items():
+        if port is not None:
+            raw["binance"][market]["port"] = port
     return from_dict(raw, source="command line")
 
 

@@ -153,6 +153,7 @@ class Daemon:
         self.redis: RedisBus | None = None
         self.control: ControlPlane | None = None
         self.leases: Leases | None = None
+        self.binance: dict[str, Gateway] = {}  # filled below, once the bus is there
         # the one choice: every other part asks the backplane
         self.backplane: Backplane = (
             self._on_redis() if config.bus.kind == "redis" else self._in_memory()
@@ -161,7 +162,6 @@ class Daemon:
         # follows and asks it for positions and states (the one source of them)
         self.hub.attach(self.backplane)
         # the Binance-compatible surfaces: more listeners over the same hub (docs/binance.md)
-        self.binance: dict[str, Gateway] = {}
         for market in ("spot", "futures") if config.role != "compute" else ():
             if getattr(config.binance, market).enabled:
                 surface = binance_surface(market, config)
@@ -169,6 +169,7 @@ class Daemon:
                     config, self.hub, self.bus, self.verifier, self.metrics, surface,
                     flusher=self.gateway.flusher,
                 )  # fmt: skip
+        self.registry.register(HubCollector(self.hub, self.surfaces))
         self.api = HttpApi(
             config, self.backplane, self.registry, self.metrics, self.not_ready, demo_login
         )
@@ -203,7 +204,7 @@ class Daemon:
         )
         self.gateway = self._gateway()
         self.markets = self._markets(lambda _symbol: True)
-        return LocalBackplane(bus, self.gateway, self.markets)
+        return LocalBackplane(bus, self, self.markets)
 
     def _on_redis(self) -> RedisBackplane:
         """A node of a cluster: the Redis bus, the control plane and, where this node
@@ -212,8 +213,7 @@ class Daemon:
         self.bus = self.redis = redis = RedisBus(self.hub, cfg)
         self.gateway = self._gateway()
         self.control = control = ControlPlane(
-            redis, self.config.role, self.gateway.stats, self.gateway.kick,
-            self.gateway.resync_private,
+            redis, self.config.role, self.stats, self.kick, self.resync_private,
         )  # fmt: skip
         if self.computes:
             names = [*self.config.markets, PRIVATE]
@@ -227,11 +227,24 @@ class Daemon:
         return backplane
 
     def _gateway(self) -> Gateway:
-        gateway = Gateway(self.config, self.hub, self.bus, self.verifier, self.metrics)
-        self.registry.register(
-            HubCollector(self.hub, gateway.connection_states, lambda: gateway.bytes_sent)
-        )
-        return gateway
+        return Gateway(self.config, self.hub, self.bus, self.verifier, self.metrics)
+
+    def surfaces(self) -> dict[str, Gateway]:
+        """The node's listeners by surface: pushd's own, then the Binance ones."""
+        return {"native": self.gateway, **{f"binance_{m}": g for m, g in self.binance.items()}}
+
+    def stats(self) -> dict[str, Any]:
+        """This node's counters (``Node``): the native gateway's, with every surface's
+        connections counted (``surfaces``: each one's)."""
+        surfaces = {name: len(g.connections) for name, g in self.surfaces().items()}
+        return {**self.gateway.stats(), "connections": sum(surfaces.values()),
+                "surfaces": surfaces}  # fmt: skip
+
+    def kick(self, uid: str) -> int:
+        return self.gateway.kick(uid)  # only pushd's own connections log in
+
+    def resync_private(self, gap_at: float | None = None) -> int:
+        return self.gateway.resync_private(gap_at)
 
     def _markets(self, leads: Callable[[str], bool]) -> Markets:
         return Markets(

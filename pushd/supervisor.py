@@ -6,6 +6,7 @@ process, each a plain ``pushd run`` child supervised here.
     supervisor (this process: no sockets of its own but the port reservation)
     ├── pushd run --role compute           ingest, poller, market streams, the HTTP API
     ├── pushd run --role gateway --reuse-port --websocket-port P --http-port 0
+    │             [--binance-spot-port S --binance-futures-port F]   (those enabled)
     └── ... N gateways; the kernel spreads new connections over them (SO_REUSEPORT)
 
 A child that exits is started again after a backoff (reset once it has run for a while). A
@@ -20,6 +21,7 @@ the supervisor returns when all have. The nodes share state only through Redis, 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import signal
@@ -35,7 +37,7 @@ import structlog
 import trio
 
 from pushd.backoff import Backoff
-from pushd.config import Config
+from pushd.config import BinanceSurfaceConfig, Config
 from pushd.liveness import LIFELINE_VARIABLE, REASONS, REPORT_VARIABLE, Beats, Report
 from pushd.notify import Notifier
 
@@ -57,12 +59,16 @@ def reserve_port(host: str, port: int) -> socket.socket:
 
 
 def child_commands(
-    config_path: Path, workers: int, ws_port: int, http_port: int
-) -> list[tuple[str, list[str]]]:
+    config_path: Path, workers: int, ws_port: int, http_port: int,
+    binance_ports: Mapping[str, int] | None = None,
+) -> list[tuple[str, list[str]]]:  # fmt: skip
     """The compute process keeps ``http.port``; gateway i serves its API (``/metrics``) on
-    ``http.port + i``, a fixed port a Prometheus job can name (ephemeral if ``http.port`` is 0)."""
+    ``http.port + i``, a fixed port a Prometheus job can name (ephemeral if ``http.port`` is 0).
+    ``binance_ports``: the port each enabled Binance surface shares, by market."""
     run = [sys.executable, "-m", "pushd", "run", "--config", str(config_path)]
     gateway = ["--role", "gateway", "--reuse-port", "--websocket-port", str(ws_port)]
+    for market, port in (binance_ports or {}).items():
+        gateway += [f"--binance-{market}-port", str(port)]
     children = [("compute", [*run, "--role", "compute"])]
     children += [
         (f"gateway-{i}", [*run, *gateway, "--http-port", str(http_port + i if http_port else 0)])
@@ -133,13 +139,20 @@ class Supervisor:
         self._lifeline, lifeline_held = os.pipe()
         try:
             with reserve_port(ws.host, ws.port) as reservation, \
+                    contextlib.ExitStack() as reservations, \
                     tempfile.TemporaryDirectory() as tmp:  # fmt: skip
                 port = reservation.getsockname()[1]
+                binance_ports = {  # the Binance listeners are shared the same way
+                    market: reservations.enter_context(
+                        reserve_port(own.host, own.port)).getsockname()[1]
+                    for market, own in self._binance_surfaces().items()
+                }  # fmt: skip
                 log.info("supervising", workers=self._workers, websocket_port=port,
-                         watchdog_s=self._beats.timeout_s)  # fmt: skip
+                         binance_ports=binance_ports, watchdog_s=self._beats.timeout_s)  # fmt: skip
                 children = child_commands(
-                    self._config_path, self._workers, port, self._config.http.port
-                )
+                    self._config_path, self._workers, port, self._config.http.port,
+                    binance_ports,
+                )  # fmt: skip
                 self._replaced = {name: dict.fromkeys(REASONS, 0) for name, _ in children}
                 self._report = Path(tmp) / "report.json"
                 self._write_report()
@@ -155,6 +168,11 @@ class Supervisor:
             os.close(self._lifeline)
         self._notifier.close()
         log.info("stopped")
+
+    def _binance_surfaces(self) -> dict[str, BinanceSurfaceConfig]:
+        binance = self._config.binance
+        surfaces = {"spot": binance.spot, "futures": binance.futures}
+        return {market: own for market, own in surfaces.items() if own.enabled}
 
     async def _supervise(self, children: list[tuple[str, list[str]]], relay: str) -> None:
         all_ready = trio.Event()

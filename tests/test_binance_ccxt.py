@@ -13,6 +13,8 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import ccxt
+import ccxt.pro as ccxtpro
 import msgspec
 import pytest
 import trio
@@ -23,9 +25,6 @@ from test_cluster import redis_config
 from ingest import wire
 from ingest.sim import Market
 from ingest.transport import BookProvider, serve_snapshots
-
-ccxtpro = pytest.importorskip("ccxt.pro")
-ccxt = pytest.importorskip("ccxt")
 
 SPOT, FUTURES = "BTC/USDT", "BTC/USDT:USDT"
 UPDATES = 5  # book updates each watch sees before the feed stops

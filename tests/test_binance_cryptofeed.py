@@ -23,15 +23,13 @@ import httpx
 import pytest
 import trio
 from binance_clients import in_client_thread, restartable, start_fed, stop
+from cryptofeed.connection import RestEndpoint, Routes, WebsocketEndpoint
+from cryptofeed.defines import FUNDING, L2_BOOK, TICKER, TRADES
+from cryptofeed.exchanges import Binance, BinanceFutures
 from test_tls import Certificates
 
 from ingest.sim import Market
 from ingest.transport import BookProvider
-
-cryptofeed = pytest.importorskip("cryptofeed")
-from cryptofeed.connection import RestEndpoint, Routes, WebsocketEndpoint  # noqa: E402
-from cryptofeed.defines import FUNDING, L2_BOOK, TICKER, TRADES  # noqa: E402
-from cryptofeed.exchanges import Binance, BinanceFutures  # noqa: E402
 
 TRADES_SEEN = 5  # trades each feed sees before the simulated feed stops
 MARKETS = {  # market: the cryptofeed class, its REST prefix, the symbol as cryptofeed names it

@@ -13,16 +13,13 @@ import asyncio
 from collections.abc import Callable
 from typing import Any
 
-import pytest
 import trio
+from binance import AsyncClient, BinanceSocketManager, DepthCacheManager
 from binance_clients import in_client_thread, restartable, start_fed, stop
 from conftest import Running
 
 from ingest.sim import Market
 from ingest.transport import BookProvider
-
-binance = pytest.importorskip("binance")
-from binance import AsyncClient, BinanceSocketManager, DepthCacheManager  # noqa: E402
 
 SYMBOL = "BTCUSDT"
 EVENTS = 5  # messages each socket reads before the feed stops
@@ -118,15 +115,54 @@ async def test_depth_cache_manager_resyncs_after_an_engine_restart(nursery: trio
     assert loads >= 2
 
 
+async def test_depth_cache_manager_resyncs_after_a_lost_depth_event(
+    nursery: trio.Nursery,
+) -> None:
+    """One depth event is lost on its way to the manager's connection (the hub's view of
+    the depth channel encodes it, and its frames never reach the outlet): the next diff's U
+    is not its last id + 1, the manager loads REST depth again, and its book is right again."""
+    market = Market(seed=26, rate=5)
+    running, stop_feed = await start_fed(nursery, market)
+    loads = await check_depth_cache(
+        nursery,
+        market,
+        restart=lambda: lose_one_event(running, f"depth_{SYMBOL}"),
+        fed=running,
+        stop_feed=stop_feed,
+    )
+    assert loads >= 2
+
+
+def lose_one_event(running: Running, internal: str) -> None:
+    """The next event of ``internal`` is encoded by each of its Binance views (their state
+    moves on as if it went out) and dropped before any subscriber's outbound buffer."""
+    route = running.daemon.hub._routes[internal]
+    for view in route.views.values():
+        encode, lost = view.encode, [False]
+
+        def losing(epoch: str, seq: int, data: Any, encode: Any = encode, lost: Any = lost) -> Any:
+            frames = encode(epoch, seq, data)
+            if lost[0] or not frames:
+                return frames
+            lost[0] = True
+            return b""
+
+        view.encode = losing
+
+
 async def check_depth_cache(
     nursery: trio.Nursery,
     market: Market,
     provider: BookProvider | None = None,
     restart: Callable[[], None] | None = None,
+    fed: Running | None = None,
+    stop_feed: Callable[[], None] | None = None,
 ) -> int:
     """A DepthCacheManager until the feed stops (after ``restart``, once it has loaded REST
     depth again and had diffs after); its book against REST; returns its REST loads."""
-    running, stop_feed = await start_fed(nursery, market, provider)
+    if fed is None or stop_feed is None:
+        fed, stop_feed = await start_fed(nursery, market, provider)
+    running = fed
 
     async def main() -> tuple[int, Any, Any, dict[str, Any], int]:
         client, sockets = await connect(running)

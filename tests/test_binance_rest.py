@@ -3,8 +3,10 @@ body, and ids that agree with the streams. A real daemon on a simulated market."
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
+import ccxt.async_support as ccxt
 import httpx
 import trio
 from conftest import Running, feed, make_config, open_client, start_daemon
@@ -127,3 +129,40 @@ async def test_what_redis_stores_that_is_no_number_costs_its_own_answer_only(
         assert await get(running, "/api/v3/klines?symbol=BTCUSDT&interval=1m") == []
         marks = await get(running, "/fapi/v1/premiumIndex")  # a symbol it does not serve
         assert [m["symbol"] for m in marks] == ["ETHUSDT"]
+
+
+async def test_an_address_past_its_request_budget_gets_429_with_retry_after(
+    nursery: trio.Nursery,
+) -> None:
+    """``binance.rest_requests_per_minute`` per client address, over every Binance REST route:
+    past it, Binance's 429 (code -1003) with ``Retry-After``, as Binance clients back off on;
+    pushd's own routes are not charged."""
+    config = make_config(binance={"rest_requests_per_minute": 60})
+    running = await start_daemon(nursery, config)
+    async with httpx.AsyncClient(base_url=running.http_url) as http:
+        answers = []
+        for _ in range(200):  # the bucket holds a minute's worth; it refills 1 a second
+            answer = await http.get("/api/v3/ping" if len(answers) % 2 else "/fapi/v1/time")
+            answers.append(answer)
+            if answer.status_code != 200:
+                break
+        assert len(answers) > 60
+        refused = answers[-1]
+        assert refused.status_code == 429, refused.text
+        assert refused.json()["code"] == -1003 and "Too many requests" in refused.json()["msg"]
+        assert int(refused.headers["retry-after"]) >= 1
+        assert (await http.get("/healthz")).status_code == 200
+
+    async def ccxt_side() -> type[BaseException]:
+        ex = ccxt.binance({"enableRateLimit": False})
+        ex.urls["api"]["public"] = f"{running.http_url}/api/v3"
+        try:
+            await ex.public_get_ping()
+        except Exception as exc:  # which of ccxt's errors it is, is the point
+            return type(exc)
+        finally:
+            await ex.close()
+        return type(None)
+
+    raised = await trio.to_thread.run_sync(asyncio.run, ccxt_side())
+    assert issubclass(raised, ccxt.DDoSProtection)  # ccxt's back-off error (a NetworkError)

@@ -10,16 +10,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import ccxt.pro as ccxtpro
 import httpx
-import pytest
 import trio
 from conftest import Running, feed, open_client, start_daemon
 from test_binance_ccxt import SURFACES, make_config
 
 from ingest.sim import Market
 from ingest.transport import serve_snapshots
-
-ccxtpro = pytest.importorskip("ccxt.pro")
 
 
 async def depth_ids(running: Running, count: int) -> list[tuple[int, int]]:

@@ -18,11 +18,6 @@ from typing import Any
 import pytest
 import trio
 from binance_clients import in_client_thread, start_fed, start_surfaces, stop
-from conftest import Running
-
-from ingest.sim import Market
-
-pytest.importorskip("binance_sdk_spot")
 from binance_common.configuration import (
     ConfigurationRestAPI,
     ConfigurationWebSocketStreams,
@@ -33,6 +28,9 @@ from binance_sdk_spot.websocket_streams.models import (
     KlineIntervalEnum,
     PartialBookDepthLevelsEnum,
 )
+from conftest import Running
+
+from ingest.sim import Market
 
 UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 KINDS = ["trade", "aggTrade", "kline_1m", "ticker", "miniTicker", "bookTicker", "depth", "depth5"]

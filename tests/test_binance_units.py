@@ -11,6 +11,7 @@ import pytest
 from test_hub import frames
 from upstream import Upstream
 
+from pushd.binance.budget import MAX_ADDRESSES, RestBudget
 from pushd.binance.dialect import Frames
 from pushd.binance.ids import MAX_SAFE, update_id
 from pushd.binance.paths import accepts, opening
@@ -386,3 +387,19 @@ def test_a_slow_view_subscriber_gets_nothing_after_the_event_it_lost() -> None:
 def test_a_stream_is_a_value() -> None:
     stream = parse("btcusdt@trade", SYMBOLS, "spot")
     assert stream == Stream("btcusdt@trade", "BTCUSDT", "trade", "trades_BTCUSDT")
+
+
+# -- the REST request budget ---------------------------------------------------------------
+
+
+def test_the_rest_budget_is_per_address_refills_and_forgets_the_least_recent() -> None:
+    budget = RestBudget(per_minute=2)  # a bucket of 2, one more each 30 s
+    assert budget.take("a", 0.0) is None and budget.take("a", 0.0) is None
+    assert budget.take("a", 0.0) == 30  # Retry-After: one token's refill
+    assert budget.take("b", 0.0) is None  # another address has its own
+    assert budget.take("a", 30.0) is None
+    for n in range(MAX_ADDRESSES):  # "a" is the least recently seen: forgotten, full again
+        budget.take(f"x{n}", 30.0)
+    assert budget.take("a", 30.0) is None and budget.take("a", 30.0) is None
+    budget.retune(0)  # no budget
+    assert all(budget.take("a", 30.0) is None for _ in range(10))

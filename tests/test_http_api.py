@@ -113,7 +113,7 @@ async def test_health_ready_metrics_stats(running: Running) -> None:
         assert stats["connections"] == 1 and stats["subscriptions"] == 2
         assert stats["delivered"] == 1
         metrics = (await get(running, "/metrics")).text
-        assert "pushd_connections_open 1.0" in metrics
+        assert 'pushd_connections_open{surface="native"} 1.0' in metrics
         assert "pushd_hub_delivered_total 1.0" in metrics
         assert "pushd_api_published_total 1.0" in metrics
 

@@ -16,6 +16,7 @@ Sans-IO (tested without sockets, ``tests/test_binance_units.py``):
 - ``payloads``: one native event -> that stream's Binance payloads (``Translator``);
 - ``session``: one connection's requests (SUBSCRIBE, UNSUBSCRIBE, LIST_SUBSCRIPTIONS,
   SET_PROPERTY / GET_PROPERTY ``combined``) and the nested error replies.
+- ``budget``: the REST request budget per client address (429 ``-1003`` with ``Retry-After``).
 
 Trio and HTTP shells:
 

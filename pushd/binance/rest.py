@@ -20,6 +20,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from pushd.binance.budget import RestBudget
 from pushd.binance.ids import update_id
 from pushd.binance.payloads import kline_fields, weighted_average
 from pushd.binance.streams import Market
@@ -43,6 +44,8 @@ QUOTES = ("USDT", "USDC", "FDUSD", "BUSD", "TUSD", "DAI", "BTC", "ETH", "BNB", "
 DEFAULT_TICK, DEFAULT_STEP, DEFAULT_MIN_NOTIONAL = "0.01", "0.00001", "5"
 DELIVERY_PERPETUAL = 4133404800000  # Binance's deliveryDate of a perpetual (2100-12-25)
 INVALID_SYMBOL = (-1121, "Invalid symbol.")
+TOO_MANY = ("Too many requests; the request budget of IP(%s) is spent. "
+            "Use the WebSocket streams for live updates rather than polling REST.")  # fmt: skip
 _depth = msgspec.json.Decoder(DepthEvent)
 
 
@@ -126,6 +129,7 @@ class BinanceRest:
         self._config = config
         self._api = api
         self._backplane = backplane
+        self._budget = RestBudget(config.binance.rest_requests_per_minute)
 
     async def depth_state(self, symbol: str) -> tuple[Position, DepthEvent] | None:
         """The symbol's book and the position of the depth event it is the book of, standing
@@ -155,6 +159,7 @@ class BinanceRest:
 
     def reconfigure(self, config: Config) -> None:
         self._config = config
+        self._budget.retune(config.binance.rest_requests_per_minute)
 
     def routes(self) -> list[Route]:
         out = [Route("/dapi/v1/exchangeInfo", self._empty_exchange, methods=["GET"])]
@@ -168,7 +173,8 @@ class BinanceRest:
             ):  # fmt: skip
                 if name == "premiumIndex" and market == "spot":
                     continue
-                out.append(Route(f"{prefix}/{name}", _answer(endpoint, market), methods=["GET"]))
+                answer = _answer(endpoint, market, self._budget)
+                out.append(Route(f"{prefix}/{name}", answer, methods=["GET"]))
         return out
 
     async def _empty_exchange(self, request: Request) -> Response:
@@ -330,9 +336,15 @@ class BinanceRest:
 
 
 def _answer(
-    endpoint: Callable[[Request, Market], Awaitable[object]], market: Market
+    endpoint: Callable[[Request, Market], Awaitable[object]], market: Market, budget: RestBudget
 ) -> Callable[[Request], Awaitable[Response]]:
     async def answer(request: Request) -> Response:
+        address = request.client.host if request.client is not None else ""
+        retry_after = budget.take(address, time.monotonic())
+        if retry_after is not None:
+            response = _json({"code": -1003, "msg": TOO_MANY % address}, 429)
+            response.headers["Retry-After"] = str(retry_after)
+            return response
         try:
             return _json(await endpoint(request, market))
         except BinanceError as exc:
