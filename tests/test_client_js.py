@@ -1,7 +1,8 @@
 """The page's client module (pushd/static/pushd-client.js) under ``node --test``, against a
 daemon on a simulated market: its book equals the REST snapshot at the same update id, it logs
 in and gets its own orders, a refused token after a reconnect leaves it live and logged
-out, after a dropped connection it recovers the trades it missed, and a replay larger than its
+out, after a dropped connection it recovers the trades it missed (each once: a subscribe's reply
+read in one go with the events after it is taken before them), and a replay larger than its
 buffer (while events pour in) converges with one reconnect."""
 
 from __future__ import annotations
@@ -43,4 +44,4 @@ async def test_client_module_under_node(nursery: trio.Nursery) -> None:
     assert not timer.cancelled_caught, "node --test ran over 60 s:\n" + report[-4000:]
     assert done.returncode == 0, report[-4000:]
     assert "# fail 0" in report and "# skipped 0" in report, report[-2000:]
-    assert "# pass 11" in report, report[-2000:]  # every test ran, the daemon ones too
+    assert "# pass 13" in report, report[-2000:]  # every test ran, the daemon ones too

@@ -275,9 +275,12 @@ export class PushdClient extends EventTarget {
 
   /**
    * Send a request with an id; resolves with the reply, rejects with its error.
-   * @param {Record<string, any>} body
+   * `onReply(reply)`, if given, runs as the reply is read, before any message after it (a
+   * promise's continuation runs only after every message of the same read: Node's WebSocket
+   * dispatches them in one tick); the promise resolves with what it returns.
+   * @param {Record<string, any>} body @param {(reply: any) => any} [onReply]
    */
-  request(body) {
+  request(body, onReply = (reply) => reply) {
     const id = ++this._ids;
     return new Promise((resolve, reject) => {
       if (!this._ws || this._ws.readyState !== 1) return reject(new Error("not connected"));
@@ -285,7 +288,7 @@ export class PushdClient extends EventTarget {
         this._pending.delete(id);
         reject(new Error(`no reply to ${body.op} in ${this.requestTimeoutMs} ms`));
       }, this.requestTimeoutMs);
-      this._pending.set(id, { resolve, reject, timer });
+      this._pending.set(id, { resolve, reject, timer, onReply });
       this._ws.send(JSON.stringify({ ...body, id }));
     });
   }
@@ -359,7 +362,7 @@ export class PushdClient extends EventTarget {
     if (message.event === "@auth") return this._expiring(message.data ?? {});
     if (message.event !== undefined) return this._event(message);
     if (message.id !== undefined && this._pending.has(message.id)) {
-      const { resolve, reject, timer } = this._pending.get(message.id);
+      const { resolve, reject, timer, onReply } = this._pending.get(message.id);
       this._pending.delete(message.id);
       clearTimeout(timer);
       if (message.code !== undefined) {
@@ -367,7 +370,11 @@ export class PushdClient extends EventTarget {
         error.code = message.code;
         return reject(error);
       }
-      resolve(message);
+      try {
+        resolve(onReply(message));
+      } catch (error) {
+        reject(error);
+      }
     }
   }
 
@@ -413,19 +420,23 @@ export class PushdClient extends EventTarget {
 
   /**
    * Subscribe on the wire; with a position, `since` it. Resolves true/false (recovered or
-   * not) when a position was sent, else null.
+   * not) when a position was sent, else null. The reply is taken where it stands among the
+   * stream's messages (`request`'s `onReply`): the events after it are judged from the
+   * position it gives, and never move it back.
    * @param {Subscription} sub
    */
-  async _subscribe(sub) {
+  _subscribe(sub) {
     const body = { op: "subscribe", channel: sub.channel };
-    if (sub.at) body.since = sub.at;
-    const reply = await this.request(body);
-    if (this.subscriptions.get(sub.name) !== sub) return null;
-    const at = reply.streams?.[sub.name];
-    const recovered = sub.at ? reply.recovered === true : null;
-    if (!recovered && at) sub.at = { epoch: at.epoch, seq: at.seq };
-    if (recovered === false) sub.handler({ event: sub.name, seq: at?.seq ?? 0, epoch: at?.epoch ?? "" }, { reload: true });
-    return recovered;
+    const since = sub.at;
+    if (since) body.since = since;
+    return this.request(body, (reply) => {
+      if (this.subscriptions.get(sub.name) !== sub) return null;
+      const at = reply.streams?.[sub.name];
+      const recovered = since ? reply.recovered === true : null;
+      if (!recovered && at) sub.at = { epoch: at.epoch, seq: at.seq };
+      if (recovered === false) sub.handler({ event: sub.name, seq: at?.seq ?? 0, epoch: at?.epoch ?? "" }, { reload: true });
+      return recovered;
+    });
   }
 
   _unsubscribe(sub) {

@@ -107,6 +107,42 @@ describe("the pure parts", () => {
   });
 });
 
+describe("a subscribe's reply and the events after it in one read", () => {
+  // Node's WebSocket dispatches every message of one read in one tick, before any promise
+  // continuation: the reply must take effect where it stands in the stream, not after the
+  // events that followed it (the daemon test saw each trade twice across a reconnect)
+
+  it("goes on from the last event it handled: no gap after, since it on a reconnect", async () => {
+    const { client, sockets, sent, seen, live } = fakeTrades();
+    const first = await sockets.opened();
+    first.answer(streamAt("e", 10), trade(11, "e"), trade(12, "e"));
+    await live;
+    first.read(trade(13, "e")); // a gap here made a book resubscribe (a "resync")
+    first.drop();
+    await sockets.opened();
+    assert.deepEqual(seen, [[11, {}], [12, {}], [13, {}]]);
+    assert.deepEqual(sent.at(-1).since, { epoch: "e", seq: 13 });
+    client.stop();
+  });
+
+  it("reloads before the events that follow a refused since, without a gap or a resync", async () => {
+    const { client, sockets, sent, seen, live } = fakeTrades();
+    const first = await sockets.opened();
+    first.answer(streamAt("old", 4), trade(5, "old"));
+    await live;
+    const trouble = [];
+    for (const type of ["gap", "resync"]) client.addEventListener(type, (e) => trouble.push(e.detail));
+    first.drop();
+    const second = await sockets.opened();
+    assert.deepEqual(sent.at(-1).since, { epoch: "old", seq: 5 });
+    second.answer({ ...streamAt("new", 20), recovered: false, reason: "epoch" }, trade(21, "new"));
+    await next(client, "recovery");
+    assert.deepEqual(seen, [[5, {}], [20, { reload: true }], [21, {}]]);
+    assert.deepEqual(trouble, []);
+    client.stop();
+  });
+});
+
 describe("against a running daemon", live, () => {
   it("keeps a book equal to GET /v1/depth at the same update id", async () => {
     const client = new PushdClient(WS).start();
@@ -280,4 +316,52 @@ function watcher() {
       });
     },
   };
+}
+
+/** A trades event, and a subscribe's reply that puts the trades stream at `seq`. */
+function trade(seq, epoch) {
+  return { event: "BTCUSDT@trades", data: { trades: [] }, seq, epoch };
+}
+function streamAt(epoch, seq) {
+  return { result: true, streams: { "BTCUSDT@trades": { epoch, seq } } };
+}
+
+/** A started client on fake sockets, subscribed to the trades stream: `seen` holds each
+ * event's [seq, info], `sent` every request, `live` resolves when it is first live.
+ * `sockets.opened()` resolves with the next socket once it is open; its `read(...messages)`
+ * delivers messages in one tick (as one read of Node's WebSocket does), `answer(reply,
+ * ...events)` reads the reply to the last request and events after it, `drop()` loses it. */
+function fakeTrades() {
+  const sent = [];
+  const waiting = [];
+  class FakeSocket {
+    constructor() {
+      this.readyState = 1;
+      setImmediate(() => {
+        this.onopen();
+        waiting.shift()?.(this);
+      });
+    }
+    send(text) {
+      sent.push(JSON.parse(text));
+    }
+    close() {}
+    read(...messages) {
+      for (const message of messages) this.onmessage({ data: JSON.stringify(message) });
+    }
+    answer(reply, ...events) {
+      this.read({ ...reply, id: sent.at(-1).id }, ...events);
+    }
+    drop() {
+      this.readyState = 3;
+      this.onclose();
+    }
+  }
+  const client = new PushdClient("ws://unused", { WebSocket: FakeSocket, minBackoffMs: 1 });
+  const seen = [];
+  client.subscribe("BTCUSDT@trades", (event, info) => seen.push([event.seq, info]));
+  const live = next(client, "state", (d) => d.state === "live");
+  client.start();
+  const sockets = { opened: () => new Promise((resolve) => waiting.push(resolve)) };
+  return { client, sockets, sent, seen, live };
 }
