@@ -109,6 +109,8 @@ async def test_a_gateway_joining_a_new_epoch_that_began_with_diffs_starts_from_t
     gateway = await start_daemon(nursery, redis_config(redis, "gateway"))
     bus = gateway.daemon.redis
     assert bus is not None
+    with trio.fail_after(10):  # "pushd ready" is the listeners; the links come up after
+        await bus.wait_ready()
     await bus.publish_confirmed([Outgoing(DEPTH.internal, diff(1))])
     async with open_client(gateway.ws_url) as client:
         reply = await client.call({"op": "subscribe", "channel": DEPTH.protocol})
