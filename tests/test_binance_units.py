@@ -403,3 +403,33 @@ def test_the_rest_budget_is_per_address_refills_and_forgets_the_least_recent() -
     assert budget.take("a", 30.0) is None and budget.take("a", 30.0) is None
     budget.retune(0)  # no budget
     assert all(budget.take("a", 30.0) is None for _ in range(10))
+
+
+def test_a_channel_only_views_follow_is_not_framed_for_pushd(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The native frame of an event is built for pushd's own subscribers only: a channel that
+    only Binance views follow cost an encode per event for nobody (the hot path)."""
+    import pushd.gateway.hub as hub_module
+
+    encoded: list[int] = []
+    real = hub_module.encode_event
+
+    def counting(*args: Any) -> bytes:
+        encoded.append(1)
+        return real(*args)
+
+    monkeypatch.setattr(hub_module, "encode_event", counting)
+    hub = Hub()
+    woken: list[int] = []
+    hub.on_dirty = lambda: woken.append(1)
+    channel = Channel("trades_BTCUSDT", "btcusdt@trade", private=False, symbol="BTCUSDT")
+    outlet = Outlet(10_000)
+    hub.join_view(outlet, channel, "k", lambda: lambda _e, seq, _d: text_frame(b"%d" % seq))
+    hub.publish("trades_BTCUSDT", EPOCH, 1, raw({"s": "BTCUSDT", "trades": []}))
+    assert bytes(outlet.out) == text_frame(b"1") and hub.take_dirty() == [outlet]
+    assert woken == [1] and encoded == []
+    native = Outlet(10_000)
+    hub.subscribe(native, channel)
+    hub.publish("trades_BTCUSDT", EPOCH, 2, raw({"s": "BTCUSDT", "trades": []}))
+    assert encoded == [1] and frames(bytes(native.out))[-1]["seq"] == 2

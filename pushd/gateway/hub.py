@@ -500,6 +500,13 @@ class Hub:
             return 0
         route.epoch = epoch
         route.seq = seq
+        if not (route.subscribers or route.pending or route.ahead):
+            # only another dialect's views follow it: pushd's own frame would go to nobody
+            was_clean = not self.dirty
+            self._publish_views(route, epoch, seq, data)
+            if was_clean and self.dirty:
+                self.on_dirty()
+            return 0
         try:
             frame = text_frame(encode_event(route.channel.protocol, data, seq, epoch))
         except UnicodeDecodeError:  # data not UTF-8: the bus should have refused it
@@ -548,6 +555,7 @@ class Hub:
             if not frames:
                 continue
             size = len(frames)
+            delivered = 0
             for outlet in view.subscribers:
                 out = outlet.out
                 if outlet.slow or len(out) + size > outlet.limit:
@@ -559,7 +567,8 @@ class Hub:
                     if not out:
                         dirty.append(outlet)
                     out += frames
-                    self.delivered += 1
+                    delivered += 1
+            self.delivered += delivered
 
     def _offer_current(self, internal: str) -> None:
         """Where ``current`` has the state (this process keeps the books), a waiting join
