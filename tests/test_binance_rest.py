@@ -166,3 +166,7 @@ async def test_an_address_past_its_request_budget_gets_429_with_retry_after(
 
     raised = await trio.to_thread.run_sync(asyncio.run, ccxt_side())
     assert issubclass(raised, ccxt.DDoSProtection)  # ccxt's back-off error (a NetworkError)
+    # the budget refills: a client that waits as told is served again (the refill outlived)
+    await trio.sleep(int(refused.headers["retry-after"]))  # what the answer asks of a client
+    async with httpx.AsyncClient(base_url=running.http_url) as http:
+        assert (await http.get("/api/v3/ping")).status_code == 200
