@@ -8,12 +8,13 @@ from typing import Any
 
 import msgspec
 import pytest
+from structlog.testing import capture_logs
 from test_hub import frames
 from upstream import Upstream
 
 from pushd.binance.budget import MAX_ADDRESSES, RestBudget
 from pushd.binance.dialect import Frames
-from pushd.binance.ids import MAX_SAFE, update_id
+from pushd.binance.ids import MAX_SAFE, EpochGuard, update_id
 from pushd.binance.paths import accepts, opening
 from pushd.binance.payloads import Mirrors, Translator
 from pushd.binance.session import Session
@@ -26,6 +27,7 @@ from pushd.market.depth import checksum
 
 SYMBOLS = frozenset({"BTCUSDT", "ETHUSDT"})
 EPOCH = new_epoch(1_795_000_000_000)
+DAY_MS = 86_400_000
 
 
 def raw(value: Any) -> msgspec.Raw:
@@ -114,6 +116,39 @@ def test_update_ids_rise_by_one_per_event_and_across_epochs() -> None:
     assert epoch_ms("deadbeef") == 0 and epoch_ms("0x" + "1" * 14) == 0  # old or foreign form
     assert update_id(new_epoch(), 10**6) < MAX_SAFE
     assert update_id(new_epoch(9_000_000_000_000), 10**6) < MAX_SAFE  # the year 2255
+
+
+def test_an_epoch_a_day_ahead_of_the_clock_gives_out_no_id_and_is_logged_once() -> None:
+    """An epoch stamped more than a day after this host's clock (a node whose clock ran far
+    ahead) would number its events above every correct epoch after it, so that ccxt dropped
+    those: its depth events are not sent (a visible break when a correct epoch follows), the
+    refusal logged once; trades of the same time are not concerned (no update ids)."""
+    now = 1_795_000_000_000
+    guard = EpochGuard()
+    ahead, near = new_epoch(now + DAY_MS + 1), new_epoch(now + DAY_MS)
+    assert not guard.admits(ahead, now) and guard.admits(near, now)
+    depth, book = (
+        Translator(parse(name, SYMBOLS, "futures"), "futures", clock=lambda: now, epochs=guard)
+        for name in ("btcusdt@depth", "btcusdt@bookTicker")
+    )
+    event = depth_event("depthUpdate", [["10", "1"]], [], pu=4)
+    with capture_logs() as logs:
+        assert depth.payloads(ahead, 5, event) == [] and depth.payloads(ahead, 6, event) == []
+        snapshot = depth_event("snapshot", [["10", "1"]], [["11", "1"]], pu=4)
+        assert book.payloads(ahead, 5, snapshot) == []
+    assert [(e["event"].split(":")[0], e["epoch"]) for e in logs] == [("binance", ahead)]
+    [sent] = depth.payloads(EPOCH, 7, event)  # a correct epoch: below the refused one's ids
+    assert sent["u"] == update_id(EPOCH, 7) < update_id(ahead, 0)
+    trades = Translator(parse("btcusdt@trade", SYMBOLS, "spot"), "spot", clock=lambda: now,
+                        epochs=guard)  # fmt: skip
+    batch = raw({"s": "BTCUSDT", "trades": [{"id": 1, "price": "1", "qty": "1", "side": "buy",
+                                             "ts": 1}]})  # fmt: skip
+    assert len(trades.payloads(ahead, 1, batch)) == 1
+    with capture_logs() as logs:  # the clock caught up to within a day: admitted
+        later = Translator(parse("btcusdt@depth", SYMBOLS, "futures"), "futures",
+                           clock=lambda: now + 2, epochs=guard)  # fmt: skip
+        assert [p["u"] for p in later.payloads(ahead, 8, event)] == [update_id(ahead, 8)]
+    assert logs == []
 
 
 # -- payloads -----------------------------------------------------------------------------
@@ -235,22 +270,31 @@ def test_tickers_klines_and_mark_price() -> None:
     ticker = raw({"s": "BTCUSDT", "open": "100", "high": "110", "low": "90", "last": "105",
                   "volume": "2", "quoteVolume": "210", "change": "5", "changePercent": "5.000",
                   "count": 3, "firstId": 1, "lastId": 3, "openTime": 60_000,
-                  "closeTime": 86_460_000})  # fmt: skip
+                  "closeTime": 86_460_000, "lastQty": "0.250", "bidPrice": "104.5",
+                  "bidQty": "2", "askPrice": "105.5", "askQty": "3"})  # fmt: skip
     [mini] = Translator(parse("btcusdt@miniTicker", SYMBOLS, "spot"), "spot").payloads(
         EPOCH, 1, ticker
     )
     assert mini == {"e": "24hrMiniTicker", "E": 86_460_000, "s": "BTCUSDT", "c": "105",
                     "o": "100", "h": "110", "l": "90", "v": "2", "q": "210"}  # fmt: skip
     [full] = Translator(parse("btcusdt@ticker", SYMBOLS, "spot"), "spot").payloads(EPOCH, 1, ticker)
-    assert (full["w"], full["F"], full["L"], full["n"], full["b"]) == ("105.00000000", 1, 3, 3, "0")
+    assert (full["w"], full["F"], full["L"], full["n"]) == ("105.00000000", 1, 3, 3)
+    assert (full["Q"], full["b"], full["B"], full["a"], full["A"]) == (
+        "0.250", "104.5", "2", "105.5", "3")  # fmt: skip
     [fut] = Translator(parse("btcusdt@ticker", SYMBOLS, "futures"), "futures").payloads(
         EPOCH, 1, ticker)  # fmt: skip
-    assert "b" not in fut and "x" not in fut
-    candle = raw({"s": "BTCUSDT", "i": "1m", "openTime": 0, "closeTime": 59_999, "open": "1",
-                  "high": "2", "low": "1", "close": "2", "volume": "3", "quoteVolume": "5",
-                  "count": 2, "closed": True})  # fmt: skip
-    [k] = Translator(parse("btcusdt@kline_1m", SYMBOLS, "spot"), "spot").payloads(EPOCH, 1, candle)
+    assert "b" not in fut and "x" not in fut and fut["Q"] == "0.250"
+    fields = {"s": "BTCUSDT", "i": "1m", "openTime": 0, "closeTime": 59_999, "open": "1",
+              "high": "2", "low": "1", "close": "2", "volume": "3", "quoteVolume": "5",
+              "count": 2, "closed": True}  # fmt: skip
+    candle = raw({**fields, "firstId": 41, "lastId": 42, "takerBuyVolume": "1",
+                  "takerBuyQuoteVolume": "2"})  # fmt: skip
+    kline = Translator(parse("btcusdt@kline_1m", SYMBOLS, "spot"), "spot")
+    [k] = kline.payloads(EPOCH, 1, candle)
     assert k["e"] == "kline" and k["k"]["x"] is True and k["k"]["t"] == 0 and k["k"]["c"] == "2"
+    assert (k["k"]["f"], k["k"]["L"], k["k"]["V"], k["k"]["Q"]) == (41, 42, "1", "2")
+    [old] = kline.payloads(EPOCH, 2, raw(fields))  # stored by a pushd that did not count them
+    assert (old["k"]["f"], old["k"]["L"], old["k"]["V"], old["k"]["Q"]) == (-1, -1, "0", "0")
     mark = raw({"s": "BTCUSDT", "markPrice": "1.5", "indexPrice": "1.4",
                 "estimatedSettlePrice": "1.45", "fundingRate": "0.0001", "premiumIndex": "0",
                 "nextFundingTime": 28_800_000, "T": 5})  # fmt: skip

@@ -6,14 +6,17 @@ import calendar
 from datetime import UTC, datetime
 from decimal import Decimal
 
+import msgspec
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ingest import wire
 from pushd.channels import KLINE_INTERVALS
+from pushd.config import MarketConfig
 from pushd.market.decimals import text
 from pushd.market.kline import Candle, Klines, bucket
-from pushd.market.ticker import Ticker
+from pushd.market.symbol import SymbolMarket
+from pushd.market.ticker import Ticker, TickerData
 from pushd.market.trades import PricedTrade, TradeMerger
 
 HOUR = 3_600_000
@@ -30,8 +33,9 @@ def trade_runs(draw: st.DrawFn, max_step: int) -> list[wire.Trade]:
         ticks = draw(st.integers(1, 10**6))
         lots = draw(st.integers(1, 10**5))
         px = str(Decimal(ticks).scaleb(-2))
-        qty = str(Decimal(lots).scaleb(-3))
-        out.append(wire.Trade("BTCUSDT", i + 1, px, qty, "buy", ts))
+        qty = str(Decimal(lots).scaleb(-3))  # "1.000": kept as written (lastQty)
+        side = draw(st.sampled_from(["buy", "sell"]))
+        out.append(wire.Trade("BTCUSDT", i + 1, px, qty, side, ts))
     return out
 
 
@@ -41,7 +45,7 @@ def brute_ticker(trades: list[wire.Trade], now: int) -> tuple[object, ...] | Non
     window = [t for t in trades if t.ts // 60_000 >= (now - 24 * HOUR) // 60_000]
     last = trades[-1]
     if not window:
-        return (last.price, last.price, last.price, last.price, "0", "0", "0", 0, None)
+        return (last.price, last.price, last.price, last.price, "0", "0", "0", 0, None, last.qty)
     prices = [Decimal(t.price) for t in window]
     high = max(window, key=lambda t: Decimal(t.price)).price
     low = min(window, key=lambda t: Decimal(t.price)).price
@@ -50,7 +54,7 @@ def brute_ticker(trades: list[wire.Trade], now: int) -> tuple[object, ...] | Non
     change = Decimal(last.price) - prices[0]
     return (
         window[0].price, high, low, last.price, text(volume), text(quote), text(change),
-        len(window), window[0].id,
+        len(window), window[0].id, last.qty,
     )  # fmt: skip
 
 
@@ -70,7 +74,7 @@ def test_ticker_equals_brute_force_at_every_step(
             assert data is not None
             got = (
                 data.open, data.high, data.low, data.last, data.volume, data.quoteVolume,
-                data.change, data.count, data.firstId,
+                data.change, data.count, data.firstId, data.lastQty,
             )  # fmt: skip
             assert got == brute_ticker(trades[: i + 1], now)
 
@@ -96,7 +100,10 @@ def brute_klines(trades: list[wire.Trade], interval: str) -> list[tuple[object, 
             start, group[0].price, str(max(prices)), str(min(prices)), group[-1].price,
             text(sum((Decimal(t.qty) for t in group), Decimal(0))),
             text(sum((Decimal(t.price) * Decimal(t.qty) for t in group), Decimal(0))),
-            len(group),
+            len(group), group[0].id, group[-1].id,
+            text(sum((Decimal(t.qty) for t in group if t.side == "buy"), Decimal(0))),
+            text(sum((Decimal(t.price) * Decimal(t.qty) for t in group if t.side == "buy"),
+                     Decimal(0))),
         ))  # fmt: skip
     return out
 
@@ -117,9 +124,10 @@ def test_klines_equal_brute_force_bucketing(trades: list[wire.Trade], ticks: lis
     for interval in KLINE_INTERVALS:
         candles = klines.history(interval, 1000)
         got = [
-            (c.openTime, c.open, c.high, c.low, c.close, c.volume, c.quoteVolume, c.count)
+            (c.openTime, c.open, c.high, c.low, c.close, c.volume, c.quoteVolume, c.count,
+             c.firstId, c.lastId, c.takerBuyVolume, c.takerBuyQuoteVolume)
             for c in candles
-        ]
+        ]  # fmt: skip
         assert got == brute_klines(trades, interval), interval
         mine = [c for c in closed_once if c.i == interval]
         assert all(c.closed for c in mine) and mine == list(klines.closed[interval])
@@ -165,3 +173,32 @@ def test_gap_marks_the_next_batch() -> None:
     batch = merger.flush()
     assert batch is not None and batch.gap and batch.trades == []
     assert merger.flush() is None
+
+
+def test_the_ticker_carries_the_top_of_the_book_and_a_new_top_is_pushed() -> None:
+    """The ticker's best bid and ask are the book's at its closeTime (the book is computed
+    beside it); a change at the top of the book is a change of the ticker, pushed at the next
+    tick even with no trade, and a change below the top is not."""
+    market = SymbolMarket("BTCUSDT", MarketConfig(ticker_interval_ms=1000))
+    tickers: list[TickerData] = []
+
+    def tick(now: int) -> None:
+        market.tick(now)
+        for channel, data, _ in market.take():
+            if channel == "ticker_BTCUSDT":
+                tickers.append(msgspec.json.decode(data, type=TickerData))
+
+    market.trade(wire.Trade("BTCUSDT", 7, "100.5", "0.250", "buy", 1_000))
+    tick(1_000)  # no book yet: no level
+    assert [(t.lastQty, t.bidPrice, t.bidQty, t.askPrice, t.askQty) for t in tickers] == [
+        ("0.250", "0", "0", "0", "0")]  # fmt: skip
+    market.book(wire.BookSnapshot("BTCUSDT", 0, 1, [("100", "2"), ("99", "1")], [("101", "3")], 1))
+    tick(2_000)  # no trade since: the new top alone makes a push
+    assert (tickers[-1].bidPrice, tickers[-1].bidQty, tickers[-1].askPrice,
+            tickers[-1].askQty) == ("100", "2", "101", "3")  # fmt: skip
+    market.book(wire.BookSnapshot("BTCUSDT", 0, 2, [("100", "2"), ("99", "5")], [("101", "3")], 2))
+    tick(3_000)  # a level below the top changed: the ticker did not
+    assert len(tickers) == 2
+    market.book(wire.BookSnapshot("BTCUSDT", 0, 3, [("100", "2")], [], 3))
+    tick(4_000)  # the asks emptied
+    assert (len(tickers), tickers[-1].askPrice, tickers[-1].askQty) == (3, "0", "0")

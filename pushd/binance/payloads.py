@@ -8,23 +8,31 @@ quantities stay the exact decimal strings pushd computed; ids and times are inte
   before it; pushd's ``snapshot`` events (a new subscriber's first event, an engine resync) are
   not sent -- Binance has no mid-stream snapshot, so a resync is a visible break in the chain;
 - a batch of N trades is N ``trade`` (or ``aggTrade``, ``a = f = l =`` the trade id) payloads;
-- the ticker and candle fields pushd does not track (last quantity, best bid/ask in the
-  24 h ticker, a candle's first/last trade ids and taker-buy volumes) are ``"0"`` / ``-1``;
+- the 24 h ticker's last quantity ``Q`` and spot's best bid and ask ``b B a A`` are the native
+  ticker's ``lastQty`` and the top of the book at its ``closeTime`` (``bidPrice`` ...); a
+  candle's ``f``, ``L``, ``V``, ``Q`` its first and last trade ids and taker-buy volumes
+  (``-1``: a candle stored by a pushd that did not count them);
 - partial depth and ``bookTicker`` are read off a mirror of the book (``BookMirror``) that the
-  depth events keep up to date, seeded by the stream's current state.
+  depth events keep up to date, seeded by the stream's current state;
+- the depth streams send nothing of an epoch that begins more than a day after this host's
+  clock (``pushd.binance.ids.EpochGuard``; logged once per epoch): its ids would stand above
+  those of the correct epochs after it. The clock is the one thing read here; it is a
+  parameter (``clock``).
 """
 
 from __future__ import annotations
 
 import functools
+import time
 import weakref
 from collections.abc import Callable
 from decimal import Decimal
 from typing import Any
 
 import msgspec
+import structlog
 
-from pushd.binance.ids import update_id
+from pushd.binance.ids import EPOCHS, EpochGuard, ahead_ms, update_id
 from pushd.binance.streams import Market, Stream
 from pushd.bus.model import Position, Recovery, Snapshot
 from pushd.market.decimals import EXACT, quantize
@@ -43,6 +51,24 @@ _mark = msgspec.json.Decoder(MarkPriceData)
 # the stream's current state and where it stands (the hub's ``current``)
 SPOT_ZERO = "0.00000000"
 Current = Callable[[], Snapshot | None]
+
+log = structlog.get_logger("pushd.binance.payloads")
+
+
+def wall_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def admitted(epoch: str, now_ms: int, epochs: EpochGuard = EPOCHS) -> bool:
+    """Whether update ids of ``epoch`` may be given out at ``now_ms`` (``EpochGuard``); a
+    refusal is logged once per epoch."""
+    if epochs.admits(epoch, now_ms):
+        return True
+    if epochs.first_refusal(epoch):
+        log.warning("binance: a depth epoch begins more than a day after this host's clock: "
+                    "its update ids are not given out", epoch=epoch[:32],
+                    ahead_ms=ahead_ms(epoch, now_ms))  # fmt: skip
+    return False
 
 
 def depth_update(event: DepthEvent, market: Market, epoch: str, seq: int) -> dict[str, Any]:
@@ -94,9 +120,9 @@ def ticker(t: TickerData, market: Market) -> dict[str, Any]:
                            "P": t.changePercent, "w": weighted_average(t)}  # fmt: skip
     if market == "spot":
         out["x"] = t.open
-    out.update({"c": t.last, "Q": "0"})
+    out.update({"c": t.last, "Q": t.lastQty})
     if market == "spot":
-        out.update({"b": "0", "B": "0", "a": "0", "A": "0"})
+        out.update({"b": t.bidPrice, "B": t.bidQty, "a": t.askPrice, "A": t.askQty})
     out.update({"o": t.open, "h": t.high, "l": t.low, "v": t.volume, "q": t.quoteVolume,
                 "O": t.openTime, "C": t.closeTime, "F": t.firstId if t.firstId is not None else -1,
                 "L": t.lastId if t.count else -1, "n": t.count})  # fmt: skip
@@ -105,9 +131,10 @@ def ticker(t: TickerData, market: Market) -> dict[str, Any]:
 
 def kline_fields(c: Candle) -> dict[str, Any]:
     """A candle as Binance's ``k`` object (also the REST kline's source)."""
-    return {"t": c.openTime, "T": c.closeTime, "s": c.s, "i": c.i, "f": -1, "L": -1,
-            "o": c.open, "c": c.close, "h": c.high, "l": c.low, "v": c.volume, "n": c.count,
-            "x": c.closed, "q": c.quoteVolume, "V": "0", "Q": "0", "B": "0"}  # fmt: skip
+    return {"t": c.openTime, "T": c.closeTime, "s": c.s, "i": c.i, "f": c.firstId,
+            "L": c.lastId, "o": c.open, "c": c.close, "h": c.high, "l": c.low, "v": c.volume,
+            "n": c.count, "x": c.closed, "q": c.quoteVolume, "V": c.takerBuyVolume,
+            "Q": c.takerBuyQuoteVolume, "B": "0"}  # fmt: skip
 
 
 def mark_price(m: MarkPriceData) -> dict[str, Any]:
@@ -212,12 +239,16 @@ class Translator:
 
     def __init__(
         self, stream: Stream, market: Market, current: Current = lambda: None,
-        mirror: BookMirror | None = None,
+        mirror: BookMirror | None = None, *, clock: Callable[[], int] = wall_ms,
+        epochs: EpochGuard = EPOCHS,
     ) -> None:  # fmt: skip
         """``mirror``: the book shared with the other views of the channel (else its own,
-        seeded by ``current``)."""
+        seeded by ``current``); ``clock`` (ms since 1970) and ``epochs`` judge the depth
+        channel's epochs."""
         self.stream = stream
         self.market = market
+        self._clock = clock
+        self._epochs = epochs
         self._mirror = (
             (mirror or BookMirror(current)) if stream.kind in ("partial", "bookTicker") else None
         )
@@ -236,6 +267,10 @@ class Translator:
 
     def payloads(self, epoch: str, seq: int, data: msgspec.Raw) -> list[dict[str, Any]]:
         kind, market = self.stream.kind, self.market
+        if kind in ("depth", "partial", "bookTicker") and not admitted(
+            epoch, self._clock(), self._epochs
+        ):
+            return []  # no id of an epoch from the future (the module docstring)
         if kind == "depth":
             event = _depth.decode(data)
             return [depth_update(event, market, epoch, seq)] if event.e == "depthUpdate" else []

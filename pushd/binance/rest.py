@@ -22,7 +22,7 @@ from starlette.routing import Route
 
 from pushd.binance.budget import RestBudget
 from pushd.binance.ids import update_id
-from pushd.binance.payloads import kline_fields, weighted_average
+from pushd.binance.payloads import admitted, kline_fields, weighted_average
 from pushd.binance.streams import Market
 from pushd.bus.model import Position
 from pushd.channels import market_channel
@@ -44,6 +44,8 @@ QUOTES = ("USDT", "USDC", "FDUSD", "BUSD", "TUSD", "DAI", "BTC", "ETH", "BNB", "
 DEFAULT_TICK, DEFAULT_STEP, DEFAULT_MIN_NOTIONAL = "0.01", "0.00001", "5"
 DELIVERY_PERPETUAL = 4133404800000  # Binance's deliveryDate of a perpetual (2100-12-25)
 INVALID_SYMBOL = (-1121, "Invalid symbol.")
+# a book whose epoch begins a day after our clock (``pushd.binance.ids``): no id given out
+FUTURE_EPOCH = (-1001, "Internal error; unable to process your request. Please try again.", 503)
 TOO_MANY = ("Too many requests; the request budget of IP(%s) is spent. "
             "Use the WebSocket streams for live updates rather than polling REST.")  # fmt: skip
 _depth = msgspec.json.Decoder(DepthEvent)
@@ -210,6 +212,8 @@ class BinanceRest:
             at, bids, asks, ts = Position("", 0), [], [], _now_ms()
         else:
             at, book = state
+            if not admitted(at.epoch, _now_ms()):
+                raise BinanceError(*FUTURE_EPOCH)
             bids, asks, ts = book.bids[:limit], book.asks[:limit], book.T
         out: dict[str, Any] = {"lastUpdateId": update_id(at.epoch, at.seq)}
         if market == "futures":
@@ -292,9 +296,10 @@ class BinanceRest:
                                    "weightedAvgPrice": weighted_average(t)}  # fmt: skip
             if market == "spot":
                 out["prevClosePrice"] = t.open
-            out.update({"lastPrice": t.last, "lastQty": "0"})
+            out.update({"lastPrice": t.last, "lastQty": t.lastQty})
             if market == "spot":
-                out.update({"bidPrice": "0", "bidQty": "0", "askPrice": "0", "askQty": "0"})
+                out.update({"bidPrice": t.bidPrice, "bidQty": t.bidQty, "askPrice": t.askPrice,
+                            "askQty": t.askQty})  # fmt: skip
             out.update({"openPrice": t.open, "highPrice": t.high, "lowPrice": t.low,
                         "volume": t.volume, "quoteVolume": t.quoteVolume,
                         "openTime": t.openTime, "closeTime": t.closeTime,
@@ -324,6 +329,10 @@ class BinanceRest:
             bid, ask, uid, ts = ("0", "0"), ("0", "0"), 0, _now_ms()
             if state is not None:
                 at, book = state
+                if not admitted(at.epoch, _now_ms()):  # one symbol's answer, or left out
+                    if "symbol" in request.query_params:
+                        raise BinanceError(*FUTURE_EPOCH)
+                    continue
                 bid = book.bids[0] if book.bids else bid
                 ask = book.asks[0] if book.asks else ask
                 uid, ts = update_id(at.epoch, at.seq), book.T

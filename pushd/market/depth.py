@@ -116,6 +116,10 @@ class DepthBook:
     def ready(self) -> bool:
         return self._update_id >= 0
 
+    def top(self) -> tuple[Level | None, Level | None]:
+        """The best bid and ask held (None: that side is empty), as the last event left them."""
+        return (self.bids[0] if self.bids else None), (self.asks[0] if self.asks else None)
+
     def snapshot(self, limit: int | None = None) -> DepthEvent:
         """The book clients hold after the last event published (its ``u``)."""
         bids = self.bids if limit is None else self.bids[:limit]

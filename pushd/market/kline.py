@@ -11,6 +11,9 @@ first; either way it is returned exactly once, so the stream pushes it once with
 ``closed: true``. Trades and the clock move one watermark: a trade stamped before it (a late
 trade of a minute the clock already closed) counts in the open minute, at the watermark, and
 never reopens a closed candle.
+
+Beside OHLC, volume and quote volume, a candle carries its first and last trade ids and the
+volumes of the trades whose taker bought (the Binance dialect's ``f``, ``L``, ``V``, ``Q``).
 """
 
 from __future__ import annotations
@@ -63,19 +66,25 @@ class Candle(msgspec.Struct, gc=False):
     quoteVolume: str
     count: int
     closed: bool
+    # added after the first release (defaults: a candle stored by an older pushd still reads)
+    firstId: int = -1  # the candle's first and last trade ids (trades come in id order)
+    lastId: int = -1
+    takerBuyVolume: str = "0"  # the quantity and quote amount of trades whose taker bought
+    takerBuyQuoteVolume: str = "0"
 
 
 class _Open:
     """A candle being built: the trades that set high and low are kept (Decimal and text)."""
 
-    __slots__ = ("close", "count", "end", "high", "low", "open", "quote", "start", "volume")
+    __slots__ = ("buy_quote", "buy_volume", "close", "count", "end", "first", "high", "last",
+                 "low", "open", "quote", "start", "volume")  # fmt: skip
 
     def __init__(self, start: int, end: int, trade: PricedTrade) -> None:
         self.start, self.end = start, end
         self.open = self.close = trade.price_text
         self.high = self.low = trade
-        self.volume = ZERO
-        self.quote = ZERO
+        self.first = self.last = trade.id
+        self.volume = self.quote = self.buy_volume = self.buy_quote = ZERO
         self.count = 0
 
     def add(self, trade: PricedTrade) -> None:
@@ -85,8 +94,12 @@ class _Open:
         elif price < self.low.price:
             self.low = trade
         self.close = trade.price_text
+        self.last = trade.id
         self.volume = EXACT.add(self.volume, trade.qty)
         self.quote = EXACT.add(self.quote, trade.quote)
+        if trade.taker_buy:
+            self.buy_volume = EXACT.add(self.buy_volume, trade.qty)
+            self.buy_quote = EXACT.add(self.buy_quote, trade.quote)
         self.count += 1
 
     def fold(self, later: _Open) -> None:
@@ -96,14 +109,19 @@ class _Open:
         if later.low.price < self.low.price:
             self.low = later.low
         self.close = later.close
+        self.last = later.last
         self.volume = EXACT.add(self.volume, later.volume)
         self.quote = EXACT.add(self.quote, later.quote)
+        self.buy_volume = EXACT.add(self.buy_volume, later.buy_volume)
+        self.buy_quote = EXACT.add(self.buy_quote, later.buy_quote)
         self.count += later.count
 
     def copy(self, start: int, end: int) -> _Open:
         twin = _Open(start, end, self.high)
         twin.open, twin.close, twin.low = self.open, self.close, self.low
+        twin.first, twin.last = self.first, self.last
         twin.volume, twin.quote, twin.count = self.volume, self.quote, self.count
+        twin.buy_volume, twin.buy_quote = self.buy_volume, self.buy_quote
         return twin
 
 
@@ -192,5 +210,6 @@ class Klines:
     def _candle(self, interval: str, c: _Open, closed: bool) -> Candle:
         return Candle(
             self.symbol, interval, c.start, c.end, c.open, c.high.price_text, c.low.price_text,
-            c.close, text(c.volume), text(c.quote), c.count, closed,
+            c.close, text(c.volume), text(c.quote), c.count, closed, c.first, c.last,
+            text(c.buy_volume), text(c.buy_quote),
         )  # fmt: skip

@@ -83,9 +83,12 @@ class SymbolMarket:
         return self.funding.index_price(event.source, event.price, event.ts)
 
     def book(self, snapshot: wire.BookSnapshot) -> None:
+        top = self.depth.top()
         event = self.depth.apply(snapshot)
         if event is not None:
             self._put(self.channels["depth"], event)
+            if self.depth.top() != top:  # the ticker says the top of the book
+                self.ticker.changed = True
 
     def gap(self) -> None:
         """Ingest lost frames that may have carried this symbol's trades."""
@@ -130,7 +133,8 @@ class SymbolMarket:
         if now_ms >= due["ticker"]:
             due["ticker"] = now_ms + cfg.ticker_interval_ms
             self.ticker.expire(now_ms)
-            if self.ticker.changed and (ticker := self.ticker.data(now_ms)) is not None:
+            ticker = self.ticker.data(now_ms, *self.depth.top()) if self.ticker.changed else None
+            if ticker is not None:
                 self.ticker.changed = False
                 self._put(self.channels["ticker"], ticker)
         if now_ms >= due["markPrice"]:

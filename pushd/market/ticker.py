@@ -10,6 +10,11 @@ share one entry (they enter and leave the window together), so a symbol's ticker
 count) are added on entry and subtracted on expiry, exactly in decimals; high and low come from
 monotonic deques (each entry enters and leaves each deque at most once). With no trade in the
 window, open/high/low equal the last price and the sums are 0.
+
+The ticker also says the latest trade's quantity and the top of the book (best bid and ask,
+price and quantity) as of its ``closeTime``: the caller hands the book's best levels in, since
+the book is computed beside the ticker (``pushd.market.symbol``), and a change at the top of
+the book is a change of the ticker (it is pushed at the next tick).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from decimal import Decimal
 import msgspec
 
 from pushd.market.decimals import EXACT, ZERO, quantize, text
+from pushd.market.depth import Level
 from pushd.market.trades import PricedTrade
 
 WINDOW_MS = 24 * 3600 * 1000
@@ -41,6 +47,16 @@ class TickerData(msgspec.Struct, frozen=True, gc=False):
     lastId: int
     openTime: int
     closeTime: int
+    # added after the first release (defaults: a ticker stored by an older pushd still reads)
+    lastQty: str = "0"  # the latest trade's quantity
+    # the top of the book at closeTime (the book after the last depth event); "0": no level
+    bidPrice: str = "0"
+    bidQty: str = "0"
+    askPrice: str = "0"
+    askQty: str = "0"
+
+
+NO_LEVEL = ("0", "0")
 
 
 class _Bucket:
@@ -129,8 +145,11 @@ class Ticker:
                 self._lows.popleft()
             self.changed = True
 
-    def data(self, now_ms: int) -> TickerData | None:
-        """The ticker at ``now_ms`` (expiring what fell out), or None before the first trade."""
+    def data(
+        self, now_ms: int, bid: Level | None = None, ask: Level | None = None
+    ) -> TickerData | None:
+        """The ticker at ``now_ms`` (expiring what fell out), or None before the first trade;
+        ``bid`` and ``ask``: the best level of each side of the book now (None: no level)."""
         self.expire(now_ms)
         last = self._last
         if last is None:
@@ -149,5 +168,6 @@ class Ticker:
         return TickerData(
             self.symbol, open_.price_text, high.price_text, low.price_text, last.price_text,
             text(self._volume), text(self._quote), text(change), quantize(percent, 3),
-            self._count, first_id, last.id, self.open_time(now_ms), now_ms,
+            self._count, first_id, last.id, self.open_time(now_ms), now_ms, last.qty_text,
+            *(bid or NO_LEVEL), *(ask or NO_LEVEL),
         )  # fmt: skip

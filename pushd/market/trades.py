@@ -41,15 +41,17 @@ class TradeBatch(msgspec.Struct, frozen=True, omit_defaults=True):
 class PricedTrade:
     """A trade with its price, quantity and quote amount parsed once, for every stream."""
 
-    __slots__ = ("id", "price", "price_text", "qty", "quote", "ts")
+    __slots__ = ("id", "price", "price_text", "qty", "qty_text", "quote", "taker_buy", "ts")
 
     def __init__(self, trade: wire.Trade) -> None:
         self.id = trade.id
         self.ts = trade.ts
         self.price_text = trade.price
         self.price = Decimal(trade.price)
+        self.qty_text = trade.qty
         self.qty = Decimal(trade.qty)
         self.quote = EXACT.multiply(self.price, self.qty)
+        self.taker_buy = trade.side == "buy"  # the taker bought (candles' taker-buy volumes)
 
 
 def item(trade: wire.Trade) -> TradeItem:
