@@ -227,9 +227,10 @@ def _futures_surface() -> BinanceSurfaceConfig:
 class BinanceConfig(_Section, frozen=True):
     spot: BinanceSurfaceConfig = msgspec.field(default_factory=BinanceSurfaceConfig)
     futures: BinanceSurfaceConfig = msgspec.field(default_factory=_futures_surface)
-    # Binance REST requests per client address per minute, both surfaces together; past it
-    # 429 with Retry-After (Binance: 6,000 request weight a minute). 0: no budget
-    rest_requests_per_minute: Annotated[int, msgspec.Meta(ge=0, le=1_000_000)] = 6000
+    # Binance REST request weight per client address per minute, both surfaces together, each
+    # route weighing as on Binance (pushd.binance.budget); past it 429 with Retry-After
+    # (Binance: 6,000 a minute spot, 2,400 USD-M). 0: no budget
+    rest_weight_per_minute: Annotated[int, msgspec.Meta(ge=0, le=1_000_000)] = 6000
 
 
 MAX_INGEST_SOURCES = 256  # sources with a key; every per-source table is bounded by it

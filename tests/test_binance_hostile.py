@@ -95,6 +95,24 @@ async def test_a_200_stream_subscribe_fits_and_the_1025th_stream_is_refused(
     await raw.aclose()
 
 
+async def test_a_flood_of_1024_stream_subscribes_is_closed_for_its_message_rate(
+    nursery: trio.Nursery,
+) -> None:
+    """A SUBSCRIBE of N streams costs ceil(N / 100) message tokens (burst 50, 20 a second):
+    a client repeating a 1,024-stream SUBSCRIBE (11 each) is closed with 4001 within the
+    burst, as Binance closes a connection past its message rate; counted by names sent, so
+    names already subscribed cost as much. A single 1,024-stream SUBSCRIBE is answered."""
+    running = await start(nursery)
+    raw = await client(running)
+    request = {"method": "SUBSCRIBE", "params": names(1024), "id": 1}
+    assert await call(raw, request) == {"result": None, "id": 1}
+    for request_id in range(2, 12):  # 10 more: 110 tokens against the 39 left and 20 a second
+        await raw.send_json({**request, "id": request_id})
+    messages, code = await raw.read_until_close()
+    assert code == CloseCode.RATE_LIMITED
+    assert len(messages) < 9  # answered while tokens lasted (3, on a quick machine)
+
+
 async def test_an_oversize_frame_is_closed_with_1009(nursery: trio.Nursery) -> None:
     running = await start(nursery, max_message_bytes=8192)
     raw = await client(running)

@@ -86,9 +86,9 @@ async def test_rest_shapes_errors_and_ids(nursery: trio.Nursery) -> None:
     for path in ("/api/v3/depth?symbol=NOPE", "/fapi/v1/trades", "/api/v3/klines?symbol=xx",
                  "/fapi/v1/premiumIndex?symbol=btcusdt"):  # fmt: skip
         assert await get(running, path, 400) == invalid
-    assert (await get(running, "/api/v3/depth?symbol=BTCUSDT&limit=0", 400))["code"] == -1100
+    assert (await get(running, "/api/v3/depth?symbol=BTCUSDT&limit=0", 400))["code"] == -1130
     bad_interval = "/api/v3/klines?symbol=BTCUSDT&interval=7m"
-    assert (await get(running, bad_interval, 400))["code"] == -1100
+    assert await get(running, bad_interval, 400) == {"code": -1120, "msg": "Invalid interval."}
 
 
 MARK = {"s": "ETHUSDT", "markPrice": "1", "indexPrice": "1", "estimatedSettlePrice": "1",
@@ -134,10 +134,10 @@ async def test_what_redis_stores_that_is_no_number_costs_its_own_answer_only(
 async def test_an_address_past_its_request_budget_gets_429_with_retry_after(
     nursery: trio.Nursery,
 ) -> None:
-    """``binance.rest_requests_per_minute`` per client address, over every Binance REST route:
+    """``binance.rest_weight_per_minute`` per client address, over every Binance REST route:
     past it, Binance's 429 (code -1003) with ``Retry-After``, as Binance clients back off on;
     pushd's own routes are not charged."""
-    config = make_config(binance={"rest_requests_per_minute": 60})
+    config = make_config(binance={"rest_weight_per_minute": 60})
     running = await start_daemon(nursery, config)
     async with httpx.AsyncClient(base_url=running.http_url) as http:
         answers = []
@@ -149,8 +149,9 @@ async def test_an_address_past_its_request_budget_gets_429_with_retry_after(
         assert len(answers) > 60
         refused = answers[-1]
         assert refused.status_code == 429, refused.text
-        assert refused.json()["code"] == -1003 and "Too many requests" in refused.json()["msg"]
+        assert refused.json()["code"] == -1003 and "request weight" in refused.json()["msg"]
         assert int(refused.headers["retry-after"]) >= 1
+        assert int(refused.headers["x-mbx-used-weight-1m"]) >= 59  # (a second's refill)
         assert (await http.get("/healthz")).status_code == 200
 
     async def ccxt_side() -> type[BaseException]:
@@ -170,3 +171,58 @@ async def test_an_address_past_its_request_budget_gets_429_with_retry_after(
     await trio.sleep(int(refused.headers["retry-after"]))  # what the answer asks of a client
     async with httpx.AsyncClient(base_url=running.http_url) as http:
         assert (await http.get("/api/v3/ping")).status_code == 200
+
+
+async def test_answers_carry_binances_weights(nursery: trio.Nursery) -> None:
+    """Every /api/v3 and /fapi/v1 answer says the address's used request weight
+    (``X-MBX-USED-WEIGHT`` and ``-1M``), each route weighing as on Binance (depth by limit,
+    exchangeInfo 20 on spot, trades 5 on USD-M, klines by limit on USD-M, ...), refused
+    answers too; exchangeInfo says the limit in ``rateLimits``."""
+    config = make_config(binance={"rest_weight_per_minute": 120})  # two tokens a second
+    running = await start_daemon(nursery, config)
+    charged = [  # (path, status, weight)
+        ("/api/v3/depth?symbol=BTCUSDT", 200, 5), ("/api/v3/exchangeInfo", 200, 20),
+        ("/api/v3/klines?symbol=BTCUSDT&interval=1m&limit=1001", 400, 2),
+        ("/fapi/v1/depth?symbol=BTCUSDT&limit=7", 400, 2),
+        ("/fapi/v1/klines?symbol=BTCUSDT&interval=1m&limit=1500", 200, 10),
+        ("/fapi/v1/exchangeInfo", 200, 1), ("/fapi/v1/trades?symbol=BTCUSDT", 200, 5),
+    ]  # fmt: skip
+    used = 0
+    async with httpx.AsyncClient(base_url=running.http_url) as http:
+        start = trio.current_time()
+        for path, status, weight in charged:
+            answer = await http.get(path)
+            assert answer.status_code == status, (path, answer.text)
+            used += weight
+            refilled = int(2 * (trio.current_time() - start))  # whole tokens back since
+            for header in ("x-mbx-used-weight", "x-mbx-used-weight-1m"):
+                assert used - refilled <= int(answer.headers[header]) <= used, (path, header)
+        info = (await http.get("/api/v3/exchangeInfo")).json()
+    assert info["rateLimits"] == [{"rateLimitType": "REQUEST_WEIGHT", "interval": "MINUTE",
+                                   "intervalNum": 1, "limit": 120}]  # fmt: skip
+
+
+async def test_limits_are_read_as_binance_reads_them(nursery: trio.Nursery) -> None:
+    """``limit`` out of range: -1130; no number: -1100; spot depth cut to 5,000; USD-M depth
+    only its listed values; USD-M klines up to 1,500, spot 1,000; trades and aggTrades 1,000.
+    With no budget (0) nothing is counted and no weight header is sent."""
+    running = await start_daemon(nursery, make_config(binance={"rest_weight_per_minute": 0}))
+    bad_limit = {"code": -1130, "msg": "Data sent for parameter 'limit' is not valid."}
+    for path in ("/api/v3/klines?symbol=BTCUSDT&interval=1m&limit=1001",
+                 "/fapi/v1/klines?symbol=BTCUSDT&interval=1m&limit=1501",
+                 "/api/v3/trades?symbol=BTCUSDT&limit=1001",
+                 "/fapi/v1/aggTrades?symbol=BTCUSDT&limit=0",
+                 "/fapi/v1/depth?symbol=BTCUSDT&limit=7",
+                 "/fapi/v1/depth?symbol=BTCUSDT&limit=5000"):  # fmt: skip
+        assert await get(running, path, 400) == bad_limit, path
+    illegal = await get(running, "/api/v3/trades?symbol=BTCUSDT&limit=-5", 400)
+    assert illegal["code"] == -1100 and "'limit'" in illegal["msg"]
+    async with httpx.AsyncClient(base_url=running.http_url) as http:
+        answers = [await http.get(path) for path in (
+            "/api/v3/depth?symbol=BTCUSDT&limit=6000",  # cut to 5,000, as Binance spot
+            "/fapi/v1/depth?symbol=BTCUSDT&limit=1000",
+            "/fapi/v1/klines?symbol=BTCUSDT&interval=1m&limit=1500",
+            "/api/v3/aggTrades?symbol=BTCUSDT&limit=1000",
+            *["/api/v3/exchangeInfo"] * 400)]  # fmt: skip  # 8,000 weight: no budget
+    assert all(a.status_code == 200 and "x-mbx-used-weight" not in a.headers for a in answers)
+    assert answers[-1].json()["rateLimits"] == []

@@ -12,13 +12,13 @@ from structlog.testing import capture_logs
 from test_hub import frames
 from upstream import Upstream
 
-from pushd.binance.budget import MAX_ADDRESSES, RestBudget
+from pushd.binance.budget import MAX_ADDRESSES, Charge, RestBudget, message_cost, weight
 from pushd.binance.dialect import Frames
 from pushd.binance.ids import MAX_SAFE, EpochGuard, update_id
 from pushd.binance.paths import accepts, opening
 from pushd.binance.payloads import Mirrors, Translator
 from pushd.binance.session import Session
-from pushd.binance.streams import Stream, parse
+from pushd.binance.streams import Market, Stream, parse
 from pushd.bus.model import Entry, Position, Recovery, Snapshot, epoch_ms, new_epoch
 from pushd.channels import Channel
 from pushd.errors import InvalidStream
@@ -438,15 +438,55 @@ def test_a_stream_is_a_value() -> None:
 
 def test_the_rest_budget_is_per_address_refills_and_forgets_the_least_recent() -> None:
     budget = RestBudget(per_minute=2)  # a bucket of 2, one more each 30 s
-    assert budget.take("a", 0.0) is None and budget.take("a", 0.0) is None
-    assert budget.take("a", 0.0) == 30  # Retry-After: one token's refill
-    assert budget.take("b", 0.0) is None  # another address has its own
-    assert budget.take("a", 30.0) is None
+    assert budget.take("a", 0.0) == Charge(1) and budget.take("a", 0.0) == Charge(2)
+    assert budget.take("a", 0.0) == Charge(2, 30)  # Retry-After: one token's refill
+    assert budget.take("b", 0.0) == Charge(1)  # another address has its own
+    assert budget.take("a", 30.0) == Charge(2)
     for n in range(MAX_ADDRESSES):  # "a" is the least recently seen: forgotten, full again
         budget.take(f"x{n}", 30.0)
-    assert budget.take("a", 30.0) is None and budget.take("a", 30.0) is None
-    budget.retune(0)  # no budget
-    assert all(budget.take("a", 30.0) is None for _ in range(10))
+    assert budget.take("a", 30.0) == Charge(1) and budget.take("a", 30.0) == Charge(2)
+    budget.retune(0)  # no budget: nothing counted, nothing refused
+    assert all(budget.take("a", 30.0) == Charge() for _ in range(10))
+
+
+def test_rest_weights_are_binances_and_a_heavy_request_waits_for_them() -> None:
+    """A request takes its route's weight (Binance's, by market, ``limit`` and ``symbol``);
+    refused, it is told to wait until its weight has refilled; one heavier than the whole
+    budget takes the whole of it (it waits for a full bucket, not for ever)."""
+
+    def by_limit(market: Market, route: str, *limits: str) -> list[int]:
+        return [weight(market, route, {"limit": n}) for n in limits]
+
+    assert by_limit("spot", "depth", "5", "100", "101", "1000", "9999") == [5, 5, 25, 50, 250]
+    assert weight("spot", "depth", {}) == 5 and weight("spot", "depth", {"limit": "x"}) == 5
+    assert by_limit("futures", "depth", "5", "50", "100", "500", "1000") == [2, 2, 5, 10, 20]
+    assert by_limit("futures", "klines", "1", "99", "100", "1000", "1500") == [1, 1, 2, 5, 10]
+    assert weight("futures", "klines", {}) == 5  # the default limit is 500
+    assert (weight("spot", "exchangeInfo", {}), weight("futures", "exchangeInfo", {})) == (20, 1)
+    assert (weight("spot", "trades", {}), weight("spot", "aggTrades", {}),
+            weight("spot", "klines", {})) == (25, 4, 2)  # fmt: skip
+    assert (weight("futures", "trades", {}), weight("futures", "aggTrades", {})) == (5, 20)
+    every = {"symbol": "BTCUSDT"}
+    assert (weight("spot", "ticker/24hr", every), weight("spot", "ticker/24hr", {})) == (2, 80)
+    assert (weight("futures", "ticker/24hr", every), weight("futures", "ticker/24hr", {})) == (
+        1, 40)  # fmt: skip
+    assert (weight("futures", "premiumIndex", every), weight("futures", "premiumIndex", {})) == (
+        1, 10)  # fmt: skip
+    budget = RestBudget(per_minute=60)  # one a second
+    assert budget.take("a", 0.0, 50) == Charge(50)
+    assert budget.take("a", 0.0, 25) == Charge(50, 15)  # 10 held: 15 more to refill
+    assert budget.take("a", 15.0, 25) == Charge(60)
+    assert budget.take("a", 15.0, 250) == Charge(60, 60)  # heavier than the budget: all of it
+    assert budget.take("a", 75.0, 250) == Charge(60)
+
+
+@pytest.mark.parametrize(("streams", "cost"), [(0, 1), (1, 1), (100, 1), (101, 2), (1024, 11)])
+def test_a_subscribe_costs_a_message_token_per_hundred_streams(streams: int, cost: int) -> None:
+    assert message_cost(streams) == cost
+    session = Session(SYMBOLS, "spot", 1024, combined=False)
+    names = [f"btcusdt@kline_{iv}" for iv in ("1m", "5m")] * 600
+    request = {"method": "SUBSCRIBE", "params": names[:streams], "id": 1}
+    assert session.handle(msgspec.json.encode(request).decode()).cost == cost
 
 
 def test_a_channel_only_views_follow_is_not_framed_for_pushd(

@@ -16,7 +16,9 @@ Sans-IO (tested without sockets, ``tests/test_binance_units.py``):
 - ``payloads``: one native event -> that stream's Binance payloads (``Translator``);
 - ``session``: one connection's requests (SUBSCRIBE, UNSUBSCRIBE, LIST_SUBSCRIPTIONS,
   SET_PROPERTY / GET_PROPERTY ``combined``) and the nested error replies.
-- ``budget``: the REST request budget per client address (429 ``-1003`` with ``Retry-After``).
+- ``budget``: what requests cost: REST routes their Binance request weight, against a budget
+  per client address (``X-MBX-USED-WEIGHT`` headers; 429 ``-1003`` with ``Retry-After``), and a
+  WebSocket SUBSCRIBE a message token per hundred streams.
 
 Trio and HTTP shells:
 
@@ -60,7 +62,10 @@ every node (gateways, ``--workers`` children), one more per event:
   client fetches REST depth again, as Binance tells it to;
 - a new epoch starts above the old one unless the old epoch's seq passed 1000 x the ms between
   the two starts (depth publishes at most 100 events a second: 0.1 per ms);
-- ids stay below 2**53 (JavaScript's exact integers) until the year 2255.
+- ids stay below 2**53 (JavaScript's exact integers) until the year 2255;
+- an epoch that begins more than a day after this node's clock is refused (``ids.EpochGuard``):
+  no depth event of it is sent and REST depth answers -1001, since its ids would stand above
+  those of every correct epoch after it.
 
 Why not the engine's own book versions (pushd's native ``U``/``u``): they restart when the
 engine restarts, and a gap in them is not a lost event. Why not a counter of the dialect's own:

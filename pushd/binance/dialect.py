@@ -151,6 +151,9 @@ class BinanceDialect:
             return
         was_combined = session.combined
         step = session.handle(text)
+        if step.cost > 1 and not state.requests.take(trio.current_time(), step.cost - 1):
+            self._end(conn, lifecycle.RATE_LIMITED)  # many streams at once: their weight
+            return
         conn.send(text_frame(step.reply))
         for stream in step.leave:
             self._hub.leave_view(conn.outlet, stream.internal, self._key(stream, was_combined))

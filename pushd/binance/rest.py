@@ -6,6 +6,11 @@ read from the native endpoints' snapshots (``pushd.http.api``: the state with it
 in process or from Redis), so the REST and the streams agree by id: ``depth``'s
 ``lastUpdateId`` is the update id (``pushd.binance.ids``) of the depth event whose book it is.
 Errors: Binance's body, ``{"code":-1121,"msg":"Invalid symbol."}`` with 400.
+
+Parameters as Binance reads them (``LIMITS``): ``limit`` defaults and bounds per route and
+market (USD-M depth only 5, 10, 20, 50, 100, 500 or 1000; spot depth past 5,000 answers 5,000);
+a ``limit`` that is no number is -1100, one out of range -1130, an unknown interval -1120. Every
+answer carries the address's used request weight (``pushd.binance.budget``).
 """
 
 from __future__ import annotations
@@ -20,12 +25,12 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from pushd.binance.budget import RestBudget
+from pushd.binance.budget import RestBudget, weight
 from pushd.binance.ids import update_id
 from pushd.binance.payloads import admitted, kline_fields, weighted_average
 from pushd.binance.streams import Market
 from pushd.bus.model import Position
-from pushd.channels import market_channel
+from pushd.channels import KLINE_INTERVALS, market_channel
 from pushd.config import Config, MarketConfig
 from pushd.errors import ApiError, BinanceError, BusUnavailable
 from pushd.market.depth import DepthEvent, LocalBook
@@ -46,8 +51,49 @@ DELIVERY_PERPETUAL = 4133404800000  # Binance's deliveryDate of a perpetual (210
 INVALID_SYMBOL = (-1121, "Invalid symbol.")
 # a book whose epoch begins a day after our clock (``pushd.binance.ids``): no id given out
 FUTURE_EPOCH = (-1001, "Internal error; unable to process your request. Please try again.", 503)
-TOO_MANY = ("Too many requests; the request budget of IP(%s) is spent. "
-            "Use the WebSocket streams for live updates rather than polling REST.")  # fmt: skip
+TOO_MANY = ("Too much request weight used; current limit is %d request weight per 1 MINUTE. "
+            "Please use WebSocket Streams for live updates to avoid polling the API.")  # fmt: skip
+USED_WEIGHT = ("x-mbx-used-weight", "x-mbx-used-weight-1m")  # the headers, as Binance writes them
+LEGAL_LIMIT = "^[0-9]{1,20}$"
+BAD_LIMIT = (-1130, "Data sent for parameter 'limit' is not valid.")
+FUTURES_DEPTHS = (5, 10, 20, 50, 100, 500, 1000)
+
+
+class Limit(msgspec.Struct, frozen=True):
+    """A route's ``limit``: its default, its maximum, and either the values allowed (USD-M
+    depth) or whether a larger one is cut to the maximum (spot depth) rather than refused."""
+
+    default: int
+    most: int
+    valid: tuple[int, ...] = ()
+    cut: bool = False
+
+
+LIMITS: dict[tuple[Market, str], Limit] = {
+    ("spot", "depth"): Limit(100, 5000, cut=True),
+    ("futures", "depth"): Limit(500, 1000, FUTURES_DEPTHS),
+    ("spot", "trades"): Limit(500, 1000), ("futures", "trades"): Limit(500, 1000),
+    ("spot", "aggTrades"): Limit(500, 1000), ("futures", "aggTrades"): Limit(500, 1000),
+    ("spot", "klines"): Limit(500, 1000), ("futures", "klines"): Limit(500, 1500),
+}  # fmt: skip
+
+
+def read_limit(text: str | None, limit: Limit) -> int:
+    """A ``limit`` parameter as Binance reads it (``LIMITS``); BinanceError -1100 / -1130."""
+    if text is None:
+        return limit.default
+    if not (text.isascii() and text.isdigit() and len(text) <= 20):
+        raise BinanceError(
+            -1100, f"Illegal characters found in parameter 'limit'; legal range is '{LEGAL_LIMIT}'."
+        )
+    value = int(text)
+    if limit.cut and value > limit.most:
+        return limit.most
+    if value < 1 or value > limit.most or (limit.valid and value not in limit.valid):
+        raise BinanceError(*BAD_LIMIT)
+    return value
+
+
 _depth = msgspec.json.Decoder(DepthEvent)
 
 
@@ -131,7 +177,7 @@ class BinanceRest:
         self._config = config
         self._api = api
         self._backplane = backplane
-        self._budget = RestBudget(config.binance.rest_requests_per_minute)
+        self._budget = RestBudget(config.binance.rest_weight_per_minute)
 
     async def depth_state(self, symbol: str) -> tuple[Position, DepthEvent] | None:
         """The symbol's book and the position of the depth event it is the book of, standing
@@ -161,7 +207,7 @@ class BinanceRest:
 
     def reconfigure(self, config: Config) -> None:
         self._config = config
-        self._budget.retune(config.binance.rest_requests_per_minute)
+        self._budget.retune(config.binance.rest_weight_per_minute)
 
     def routes(self) -> list[Route]:
         out = [Route("/dapi/v1/exchangeInfo", self._empty_exchange, methods=["GET"])]
@@ -175,7 +221,7 @@ class BinanceRest:
             ):  # fmt: skip
                 if name == "premiumIndex" and market == "spot":
                     continue
-                answer = _answer(endpoint, market, self._budget)
+                answer = _answer(endpoint, market, name, self._budget)
                 out.append(Route(f"{prefix}/{name}", answer, methods=["GET"]))
         return out
 
@@ -198,15 +244,15 @@ class BinanceRest:
     async def exchange_info(self, request: Request, market: Market) -> object:
         symbols = [exchange_symbol(symbol_info(s, cfg), market)
                    for s, cfg in self._config.markets.items()]  # fmt: skip
-        return {"timezone": "UTC", "serverTime": _now_ms(), "rateLimits": [],
+        per_minute = self._budget.per_minute
+        limits = [{"rateLimitType": "REQUEST_WEIGHT", "interval": "MINUTE", "intervalNum": 1,
+                   "limit": per_minute}] if per_minute > 0 else []  # fmt: skip
+        return {"timezone": "UTC", "serverTime": _now_ms(), "rateLimits": limits,
                 "exchangeFilters": [], "symbols": symbols}  # fmt: skip
 
     async def depth(self, request: Request, market: Market) -> object:
         symbol = self._symbol(request)
-        text = request.query_params.get("limit", "100")
-        if not (text.isascii() and text.isdigit() and len(text) <= 5 and 1 <= int(text) <= 5000):
-            raise BinanceError(-1100, "Illegal characters found in parameter 'limit'.")
-        limit = int(text)
+        limit = read_limit(request.query_params.get("limit"), LIMITS[(market, "depth")])
         state = await self.depth_state(symbol)
         if state is None:  # no book yet: an empty one before the first event
             at, bids, asks, ts = Position("", 0), [], [], _now_ms()
@@ -220,14 +266,15 @@ class BinanceRest:
             out.update({"E": ts, "T": ts})
         return {**out, "bids": bids, "asks": asks}
 
-    async def _trades(self, request: Request) -> list[TradeItem]:
-        self._symbol(request)
-        snap: dict[str, Any] = await self._api.trades(request)  # type: ignore[assignment]
+    async def _trades(self, request: Request, market: Market, route: str) -> list[TradeItem]:
+        symbol = self._symbol(request)
+        limit = read_limit(request.query_params.get("limit"), LIMITS[(market, route)])
+        snap = await self._api.recent_trades(symbol, limit)
         return _each_as(snap["data"], TradeItem)
 
     async def trades(self, request: Request, market: Market) -> object:
         out = []
-        for t in await self._trades(request):
+        for t in await self._trades(request, market, "trades"):
             try:
                 quote = format(Decimal(t.price) * Decimal(t.qty), "f")  # never 1E-8
             except ArithmeticError:  # not numbers (Redis is not trusted): left out
@@ -242,11 +289,15 @@ class BinanceRest:
     async def agg_trades(self, request: Request, market: Market) -> object:
         return [{"a": t.id, "p": t.price, "q": t.qty, "f": t.id, "l": t.id, "T": t.ts,
                  "m": t.side == "sell", **({"M": True} if market == "spot" else {})}
-                for t in await self._trades(request)]  # fmt: skip
+                for t in await self._trades(request, market, "aggTrades")]  # fmt: skip
 
     async def klines(self, request: Request, market: Market) -> object:
-        self._symbol(request)
-        snap: dict[str, Any] = await self._api.klines(request)  # type: ignore[assignment]
+        symbol = self._symbol(request)
+        interval = request.query_params.get("interval", "1m")
+        if interval not in KLINE_INTERVALS:
+            raise BinanceError(-1120, "Invalid interval.")
+        limit = read_limit(request.query_params.get("limit"), LIMITS[(market, "klines")])
+        snap = await self._api.candles(symbol, interval, limit)
         rows = []
         for candle in _each_as(snap["data"], Candle):
             k = kline_fields(candle)
@@ -345,24 +396,35 @@ class BinanceRest:
 
 
 def _answer(
-    endpoint: Callable[[Request, Market], Awaitable[object]], market: Market, budget: RestBudget
-) -> Callable[[Request], Awaitable[Response]]:
+    endpoint: Callable[[Request, Market], Awaitable[object]], market: Market, route: str,
+    budget: RestBudget,
+) -> Callable[[Request], Awaitable[Response]]:  # fmt: skip
     async def answer(request: Request) -> Response:
         address = request.client.host if request.client is not None else ""
-        retry_after = budget.take(address, time.monotonic())
-        if retry_after is not None:
-            response = _json({"code": -1003, "msg": TOO_MANY % address}, 429)
-            response.headers["Retry-After"] = str(retry_after)
-            return response
-        try:
-            return _json(await endpoint(request, market))
-        except BinanceError as exc:
-            return _json({"code": exc.code, "msg": exc.msg}, exc.status)
-        except ApiError as exc:  # the native endpoint's refusal (a bad limit or interval)
-            code = -1100 if exc.status == 400 else -1000
-            return _json({"code": code, "msg": exc.msg}, exc.status)
+        charge = budget.take(address, time.monotonic(), weight(market, route, request.query_params))
+        if charge.retry_after is not None:
+            response = _json({"code": -1003, "msg": TOO_MANY % budget.per_minute}, 429)
+            response.headers["Retry-After"] = str(charge.retry_after)
+        else:
+            response = await _answered(endpoint, request, market)
+        if charge.used is not None:
+            for header in USED_WEIGHT:
+                response.headers[header] = str(charge.used)
+        return response
 
     return answer
+
+
+async def _answered(
+    endpoint: Callable[[Request, Market], Awaitable[object]], request: Request, market: Market
+) -> Response:
+    try:
+        return _json(await endpoint(request, market))
+    except BinanceError as exc:
+        return _json({"code": exc.code, "msg": exc.msg}, exc.status)
+    except ApiError as exc:  # the native endpoint's refusal
+        code = -1100 if exc.status == 400 else -1000
+        return _json({"code": code, "msg": exc.msg}, exc.status)
 
 
 def _now_ms() -> int:

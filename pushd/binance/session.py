@@ -12,7 +12,9 @@ and the streams to join and leave. Binance's rules, as its clients rely on them:
 - success ``{"result":null,"id":N}``; errors nested ``{"error":{"code":C,"msg":..},"id":N}``:
   code 0 an unknown property, 1 a value of the wrong type, 2 an invalid request (bad stream
   name, too many streams, unknown method), 3 invalid JSON (id null). ccxt takes a flat
-  ``{"code":..}`` for a success and hangs on code 0 for anything else, so no other form is used.
+  ``{"code":..}`` for a success and hangs on code 0 for anything else, so no other form is used;
+- a SUBSCRIBE or UNSUBSCRIBE of N names costs ``ceil(N / 100)`` message tokens, at least one
+  (``Step.cost``; ``pushd.binance.budget.message_cost``).
 """
 
 from __future__ import annotations
@@ -22,10 +24,12 @@ from typing import Any
 
 import msgspec
 
+from pushd.binance.budget import message_cost
 from pushd.binance.streams import Market, Stream, parse
 from pushd.errors import BinanceError
 
 MAX_ID_CHARS = 36
+SUBSCRIPTIONS = ("SUBSCRIBE", "UNSUBSCRIBE")  # requests that cost by their number of streams
 INT64 = (-(2**63), 2**63 - 1)
 RequestId = int | str | None
 
@@ -41,6 +45,7 @@ class Step(msgspec.Struct, frozen=True):
     join: list[Stream] = msgspec.field(default_factory=list)
     leave: list[Stream] = msgspec.field(default_factory=list)
     reform: bool = False
+    cost: int = 1  # message tokens (``pushd.binance.budget.message_cost``), refused or not
 
 
 def result(value: Any, request_id: RequestId) -> bytes:
@@ -94,6 +99,7 @@ class Session:
     def handle(self, text: str) -> Step:
         """One client message (see the module docstring); never raises."""
         request_id: RequestId = None
+        cost = 1
         try:
             try:
                 message = _any.decode(text)
@@ -101,10 +107,14 @@ class Session:
                 raise BinanceError(3, "Invalid JSON: not one JSON value") from None
             if not isinstance(message, dict):
                 raise BinanceError(3, "Invalid JSON: a request is a JSON object")
+            params = message.get("params", [])
+            if isinstance(params, list) and message.get("method") in SUBSCRIPTIONS:
+                cost = message_cost(len(params))  # every name is read, taken or not
             request_id = _request_id(message.get("id"))
-            return self._method(message.get("method"), message.get("params", []), request_id)
+            step = self._method(message.get("method"), params, request_id)
         except BinanceError as exc:
-            return Step(error(exc.code, exc.msg, request_id))
+            step = Step(error(exc.code, exc.msg, request_id))
+        return msgspec.structs.replace(step, cost=cost) if cost != 1 else step
 
     def _method(self, method: Any, params: Any, request_id: RequestId) -> Step:
         if method == "SUBSCRIBE":

@@ -38,13 +38,19 @@ class TokenBucket:
         self._refill(now)
         return self._tokens >= 1.0
 
-    def take(self, now: float) -> bool:
-        """Take one token; False (and nothing taken) when the bucket is empty."""
+    def take(self, now: float, cost: float = 1.0) -> bool:
+        """Take ``cost`` tokens (one request, or a heavier one); False (and nothing taken) when
+        the bucket holds fewer."""
         self._refill(now)
-        if self._tokens < 1.0:
+        if self._tokens < cost:
             return False
-        self._tokens -= 1.0
+        self._tokens -= cost
         return True
+
+    def tokens(self, now: float) -> float:
+        """The tokens the bucket holds now."""
+        self._refill(now)
+        return self._tokens
 
 
 # What a connection's inbound frames may cost it (defaults of the [limits] keys of these names).

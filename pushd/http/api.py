@@ -185,7 +185,7 @@ class HttpApi:
             raise ApiError(400, f"limit must be 1 to {most}")
         return int(text)
 
-    def _answer(self, internal: str, at: Position, data: object, stale: bool) -> object:
+    def _answer(self, internal: str, at: Position, data: object, stale: bool) -> dict[str, Any]:
         return {
             "channel": parse_internal(internal, self._symbols).protocol,
             "seq": at.seq,
@@ -235,8 +235,13 @@ class HttpApi:
         return self._answer(channel, current.position, book, stale)
 
     async def trades(self, request: Request) -> object:
-        symbol = self._symbol(request)
-        limit = self._limit(request, 100, RECENT_TRADES)
+        return await self.recent_trades(
+            self._symbol(request), self._limit(request, 100, RECENT_TRADES)
+        )
+
+    async def recent_trades(self, symbol: str, limit: int) -> dict[str, Any]:
+        """The last ``limit`` trades of a configured ``symbol`` pushed, as ``GET /v1/trades``
+        answers them (also the Binance surfaces', which read their own parameters)."""
         channel = market_channel("trades", symbol)
         try:
             at, batches = await self._backplane.recent(channel, limit)
@@ -251,7 +256,11 @@ class HttpApi:
         interval = request.query_params.get("interval", "1m")
         if interval not in KLINE_INTERVALS:
             raise ApiError(400, f"interval must be one of {', '.join(KLINE_INTERVALS)}")
-        limit = self._limit(request, 500, MAX_KLINES)
+        return await self.candles(symbol, interval, self._limit(request, 500, MAX_KLINES))
+
+    async def candles(self, symbol: str, interval: str, limit: int) -> dict[str, Any]:
+        """The last ``limit`` candles of a configured ``symbol`` and ``interval``, as ``GET
+        /v1/klines`` answers them (also the Binance surfaces')."""
         channel = market_channel("kline", symbol, interval)
         at, open_candle = await self._state(channel)
         try:  # the closed candles, then the open one as a new subscriber gets it
