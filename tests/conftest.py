@@ -136,6 +136,18 @@ def feed(running: Running, market: Market) -> Callable[[], Awaitable[None]]:
     )  # fmt: skip
 
 
+def start_feed(nursery: trio.Nursery, running: Running, market: Market) -> trio.CancelScope:
+    """``feed`` started in ``nursery``; cancel the scope returned to stop it."""
+    feeding = trio.CancelScope()
+
+    async def run() -> None:
+        with feeding:
+            await feed(running, market)()
+
+    nursery.start_soon(run)
+    return feeding
+
+
 @pytest.fixture
 async def running(nursery: trio.Nursery) -> AsyncIterator[Running]:
     yield await start_daemon(nursery, make_config())

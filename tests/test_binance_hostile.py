@@ -5,19 +5,27 @@ the stream limit holds, bad paths are refused."""
 from __future__ import annotations
 
 import contextlib
+import itertools
 import socket
 import struct
+import time
 from pathlib import Path
 from typing import Any
 
+import httpx
 import msgspec
 import pytest
 import trio
-from conftest import RawClient, Running, make_config, open_client, start_daemon
+from conftest import RawClient, Running, make_config, open_client, start_daemon, start_feed
 from redis_servers import RedisServer
+from structlog.testing import capture_logs
+from test_binance_ccxt import start_binance
 from test_tls import Certificates
 from wsproto.events import AcceptConnection, CloseConnection, Ping, RejectConnection, TextMessage
 
+from ingest.sim import Market
+from pushd.binance.ids import update_id
+from pushd.bus.model import new_epoch
 from pushd.channels import KLINE_INTERVALS
 from pushd.errors import CloseCode
 
@@ -149,6 +157,12 @@ async def test_combined_payloads_and_pre_subscribed_paths(nursery: trio.Nursery)
         ("btcusdt@aggTrade", "aggTrade"), ("btcusdt@aggTrade", "aggTrade")]  # fmt: skip
     assert [m["t"] for m in await read(plain, 2)] == [1, 2]
     assert [m["data"]["t"] for m in await read(switched, 2)] == [1, 2]
+
+
+async def rest_get(running: Running, path: str) -> tuple[int, Any]:
+    async with httpx.AsyncClient() as http:
+        answer = await http.get(running.http_url + path)
+    return answer.status_code, answer.json()
 
 
 async def read(raw: RawClient, count: int) -> list[Any]:
@@ -347,3 +361,42 @@ async def test_a_view_subscriber_that_never_reads_is_closed_and_costs_others_not
                 ids += [t["t"] for t in (await reader.read_one_batch())[0]]
     assert ids == list(range(50)) * hub.published  # every trade, in order
     assert running.daemon.gateway.hub.stats().by_stream == {"trades": 1}
+
+
+async def test_an_epoch_a_day_ahead_gives_out_no_binance_id_until_a_correct_one(
+    nursery: trio.Nursery,
+) -> None:
+    """The bus's epoch turns a week ahead of the clock mid-stream (a node whose clock ran
+    ahead made it, or it was written into Redis): its ids would stand above those of every
+    correct epoch after it, and ccxt would drop those. No Binance depth event of it is sent,
+    REST depth answers -1001 for the book it numbers, the node logs it once; when a correct
+    epoch comes, events resume below the refused ids, after a break in the chain (clients
+    resync on it)."""
+    market = Market(seed=3, rate=20)
+    running = await start_binance(nursery, market)
+    feeding = start_feed(nursery, running, market)
+    binance = await client(running, "/ws/btcusdt@depth")
+    [before] = await read(binance, 1)
+    bus = running.daemon.bus
+    ahead = new_epoch(time.time_ns() // 1_000_000 + 7 * 86_400_000)
+    with capture_logs() as logs:
+        async with open_client(running.ws_url) as native:
+            await native.call({"op": "subscribe", "channel": "BTCUSDT@depth", "id": 1})
+            bus.epoch = ahead
+            with trio.fail_after(10):  # pushd's own subscribers get its events
+                while (await native.recv()).get("epoch") != ahead:
+                    pass
+        status, answer = await rest_get(running, "/api/v3/depth?symbol=BTCUSDT")
+        assert (status, answer["code"]) == (503, -1001)  # the book it numbers: refused
+        bus.epoch = new_epoch()  # a correct epoch (after the first one: its ids above)
+        got: list[Any] = []
+        with trio.fail_after(10):
+            while not got or got[-1]["u"] < update_id(bus.epoch, 0):
+                got += await read(binance, 1)
+    feeding.cancel()
+    said = [line for line in logs if "depth epoch" in line["event"]]
+    assert [line["epoch"] for line in said] == [ahead]  # once, views and REST together
+    assert all(event["u"] < update_id(ahead, 0) for event in [before, *got])
+    chain = [before, *got]
+    breaks = [b for a, b in itertools.pairwise(chain) if b["U"] != a["u"] + 1]
+    assert breaks == [got[-1]]  # the first event of the correct epoch: a visible break

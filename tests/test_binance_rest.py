@@ -9,7 +9,7 @@ from typing import Any
 import ccxt.async_support as ccxt
 import httpx
 import trio
-from conftest import Running, feed, make_config, open_client, start_daemon
+from conftest import Running, make_config, open_client, start_daemon, start_feed
 from redis_servers import RedisServer
 from test_binance_ccxt import start_binance
 
@@ -27,13 +27,7 @@ async def get(running: Running, path: str, status: int = 200) -> Any:
 async def test_rest_shapes_errors_and_ids(nursery: trio.Nursery) -> None:
     market = Market(seed=5, rate=5)
     running = await start_binance(nursery, market)
-    feeding = trio.CancelScope()
-
-    async def run_feed() -> None:
-        with feeding:
-            await feed(running, market)()
-
-    nursery.start_soon(run_feed)
+    feeding = start_feed(nursery, running, market)
     streams = "btcusdt@depth@100ms/btcusdt@miniTicker/ethusdt@miniTicker/solusdt@miniTicker"
     url = f"ws://127.0.0.1:{running.ports.binance_futures}/stream?streams={streams}"
     async with open_client(url) as client:
