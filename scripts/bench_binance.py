@@ -5,8 +5,9 @@ a trades batch or a depth diff. Prints microseconds per event (median of --repea
 Then the all-market streams (``!miniTicker@arr``, ``!ticker@arr``, ``!markPrice@arr``): N
 followers, --symbols symbols each changing once a second; the cost of one second (each
 symbol's event through the hub's tap, then the interval's array made and queued to every
-follower), beside the same data through the per-symbol views (every follower subscribed to
-each symbol's ``<s>@miniTicker``: one event per symbol, encoded once, queued to each).
+follower), the taps alone (no follower: what an event costs), and the same data through the
+per-symbol views (every follower subscribed to each symbol's ``<s>@miniTicker``: one event
+per symbol, encoded once, queued to each).
 
     .venv/bin/python scripts/bench_binance.py --subscribers 1000 --events 2000 --repeat 5 \
         --symbols 100
@@ -141,8 +142,10 @@ def main() -> None:
           f"once a second, {args.seconds} s, median of {args.repeat}")  # fmt: skip
     for name, market in (("!miniTicker@arr", "spot"), ("!ticker@arr", "spot"),
                          ("!markPrice@arr", "futures")):  # fmt: skip
-        for mode, arrays in (("arrays", True), ("views", False)):
-            runs = [every_second(args.subscribers, args.symbols, name, market, arrays,  # type: ignore[arg-type]
+        modes = (("arrays", True, args.subscribers), ("taps", True, 0),
+                 ("views", False, args.subscribers))  # fmt: skip
+        for mode, arrays, followers in modes:
+            runs = [every_second(followers, args.symbols, name, market, arrays,  # type: ignore[arg-type]
                                  args.seconds) for _ in range(args.repeat)]  # fmt: skip
             print(f"  {name:18} {mode:6} {statistics.median(runs):8.2f} ms/second")
 
