@@ -46,7 +46,10 @@ dialect's whole frames. A route calls each view's encoder once per event, when t
 subscribers, and appends the same bytes to each of them: encoded once per view, framed once per
 node. A view subscriber gets live events only (no state first, no replay, no resync notice: the
 dialect numbers its own updates, so a loss is a visible break); one whose buffer overflows is
-closed like a slow private reader.
+closed like a slow private reader. A dialect may also *tap* a channel (``tap``): told each
+event, no subscriber, the channel followed for it; what it makes of them it queues itself
+(``deliver``, the same rules as a view's frames): the Binance all-market arrays, sent once a
+second for every symbol.
 
 The hub owns the dirty list (``take_dirty``) and every write into an outlet: events, replies
 (``send``), the reply to a subscribe before the streams' first events (``settle_with_reply``),
