@@ -18,13 +18,22 @@ generator and the publisher are pinned to core 1, so server CPU is measured clea
   private ``redis-server`` on the server core: one node of role ``all``, or ``--workers 2`` (two
   gateway processes and a compute process). Rows add Redis's CPU per published message and
   deliveries per CPU-second counting Redis too.
+- ``pushd-binance`` (not in the default set): the same ``pushd run`` with its Binance spot
+  surface on; the clients connect there and ``SUBSCRIBE`` ``btcusdt@trade``, a view of the
+  channel pushd's own broadcast publishes (``trades_BTCUSDT``, by the same HTTP batch
+  publish); each message is a batch of one trade (``benchlib_targets.trade_message``: ~130
+  bytes, a Binance frame ~150), so one Binance ``trade`` frame per message, as pushd's one
+  event frame; clients read the publish time from ``E``.
 
 Scenarios:
 
 1. ``broadcast``: N subscribers on one channel, ~100-byte messages at each offered rate; stops
    raising the rate for a target once loss appears or p99 passes ``--p99-limit-ms``.
-2. ``market``: pushd only: 20 symbols, each client on a few streams, realistic message sizes,
-   plus one client that stops reading: the others' p99 with and without it, and their gaps.
+2. ``market``: pushd, and ``pushd-binance`` if asked: 20 symbols, each client on a few streams
+   (through the dialect: ``@depth@100ms``, ``@trade``, ``@ticker``; a trade batch of 3 is
+   3 frames there), realistic message sizes, plus ``--stallers`` clients that stop reading:
+   the others' p99 with and without them, and their gaps (seqs; through the dialect the
+   depth ``U``/``u`` and trade id chains).
 3. ``private``: pushd only: logged-in users, each receiving its own order events.
 4. ``idle``: as many subscribed connections as fit (default 15,000): server RSS per connection.
 5. ``storm``: connections + upgrades + subscriptions per second from 4 clients.

@@ -102,9 +102,10 @@ def subscriber_main(
     src: str,
     control: Any,
     out: mp.Queue,  # type: ignore[type-arg]
+    stamp: bytes = b'"t":',
 ) -> None:
     """Hold one subscriber per ``setups`` entry until told to stop; report frames, latencies,
-    CPU.
+    CPU. ``stamp``: the key of the publish time (ns) in a frame.
 
     ``control`` is a shared array: [expected frames per connection (0 = not yet known),
     stop (1 = give up now)].
@@ -146,7 +147,7 @@ def subscriber_main(
             rest[sock] = buf[used:]
             got[sock] += frames
             if last >= 0:
-                t_at = buf.find(b'"t":', last)
+                t_at = buf.find(stamp, last)
                 if t_at >= 0:
                     latencies.append(time.time_ns() - int(buf[t_at + 4 : t_at + 23]))
         if expected and all(v >= expected for v in got.values()):
@@ -193,9 +194,11 @@ def reader_main(
     src: str,
     control: Any,
     out: mp.Queue,  # type: ignore[type-arg]
+    binance: bool = False,
 ) -> None:
     """Like ``subscriber_main`` but decoding every event: per-channel seq gaps and latency of
-    every message (for the market mix, whose rates are lower and messages varied)."""
+    every message (for the market mix, whose rates are lower and messages varied). ``binance``:
+    Binance payloads (``binance_event``)."""
     import msgspec
 
     pin(CLIENT_CPU)
@@ -227,6 +230,10 @@ def reader_main(
                 if not isinstance(event, TextMessage):
                     continue
                 message = decode(event.data)
+                if binance:
+                    frames += 1
+                    gaps += binance_event(message, seqs, now, latencies)
+                    continue
                 name = message.get("event")
                 if message.get("resync"):
                     resyncs += 1
@@ -241,6 +248,24 @@ def reader_main(
     out.put(("done", frames, gaps, resyncs, latencies, time.process_time() - cpu0))
     for s in socks:
         s.close()
+
+
+# a Binance payload's chain: (its first id, its last id) by event type
+_CHAINS = {"depthUpdate": ("U", "u"), "trade": ("t", "t")}
+
+
+def binance_event(message: Any, chains: dict[str, int], now: int, latencies: list[int]) -> int:
+    """One Binance payload of the market mix: its latency (``E``: the publish time in ns) and
+    whether it broke its chain (1: a depth ``U`` that is not the last ``u`` + 1, a trade id
+    that is not the last + 1; tickers have none)."""
+    latencies.append(now - message["E"])
+    chain = _CHAINS.get(message["e"])
+    if chain is None:
+        return 0
+    key = message["e"] + message["s"]
+    prev = chains.get(key)
+    chains[key] = message[chain[1]]
+    return int(prev is not None and message[chain[0]] != prev + 1)
 
 
 def staller_main(
@@ -261,7 +286,10 @@ def staller_main(
         s.close()
 
 
-def probe_main(port: int, path: str, setup: list[bytes], control: Any, out: mp.Queue) -> None:  # type: ignore[type-arg]
+def probe_main(
+    port: int, path: str, setup: list[bytes], control: Any, out: mp.Queue,  # type: ignore[type-arg]
+    stamp: bytes = b'"t":',
+) -> None:  # fmt: skip
     """One subscriber at real-time priority (SCHED_FIFO, root only) that timestamps every
     frame it gets: publish->receive latency as the server delivers it, not as a busy load
     generator gets round to reading it."""
@@ -292,7 +320,7 @@ def probe_main(port: int, path: str, setup: list[bytes], control: Any, out: mp.Q
             start = i
             i += used
             at = start
-            while (at := buf.find(b'"t":', at, i)) >= 0:
+            while (at := buf.find(stamp, at, i)) >= 0:
                 latencies.append(now - int(buf[at + 4 : at + 23]))
                 at += 4
         rest = buf[i:]

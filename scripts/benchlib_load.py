@@ -36,7 +36,8 @@ class Probe:
         self.control = mp.Array("q", [0, 0], lock=False)
         self.out: mp.Queue[Any] = mp.Queue()
         self.proc = mp.Process(
-            target=probe_main, args=(target.port, target.path, setup, self.control, self.out)
+            target=probe_main,
+            args=(target.port, target.path, setup, self.control, self.out, target.stamp),
         )
         self.proc.start()
         self.realtime = self.out.get(timeout=60)[1]
@@ -65,6 +66,7 @@ class Subscribers:
                     f"127.0.0.{10 + i}",
                     self.control,
                     self.out,
+                    target.stamp,
                 )
                 for i in range(processes)
             ],

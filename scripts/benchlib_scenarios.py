@@ -50,7 +50,7 @@ def fanout_run(
         publish = target.publisher()
         redis_cpu = getattr(target, "redis_cpu", lambda: 0.0)
         cpu0, redis0, t0 = target.cpu(), redis_cpu(), time.perf_counter()
-        sent = publish_for(publish, rate, args.duration, batch, args.size)
+        sent = publish_for(publish, rate, args.duration, batch, args.size, target.make or message)
         seen = subs.collect(expected_each=sent)
         elapsed = time.perf_counter() - t0
         cpu = target.cpu() - cpu0
@@ -302,125 +302,166 @@ def private(args: argparse.Namespace, _targets: list[str]) -> list[dict[str, Any
     return [result]
 
 
-def market_message(kind: str) -> Callable[[int, int], bytes]:
-    """Realistic payloads: a 20-level depth diff, a trade batch of 3, a ticker."""
+def market_message(kind: str) -> Callable[[int, str], bytes]:
+    """Realistic payloads, each a whole native event of its symbol (the Binance dialect reads
+    them): a 20-level depth diff, a trade batch of 3 (ids 3n, 3n+1, 3n+2 at tick n: one
+    chain per symbol), a ticker; stamped with the publish time in ns (``t`` for pushd's
+    readers, the time fields that become Binance's ``E`` for the dialect's)."""
     levels = ",".join(f'["65{i:03d}.1","0.{i:03d}"]' for i in range(10))
-    trades = ",".join(
-        f'{{"id":{i},"price":"65001.5","qty":"0.012","side":"buy","ts":1}}' for i in range(3)
-    )
-    bodies = {
-        "depth": f'"e":"depthUpdate","U":1,"u":2,"pu":0,"bids":[{levels}],"asks":[{levels}],'
-        '"checksum":1',
-        "trades": f'"trades":[{trades}]',
-        "ticker": '"open":"64000.1","high":"66000","low":"63900.5","last":"65001.5",'
-        '"volume":"12345.678","quoteVolume":"802341234.5","change":"1001.4",'
-        '"changePercent":"1.565","count":123456',
-    }
-    body = bodies[kind]
-    return lambda n, _size: f'{{"t":{time.time_ns()},"n":{n},{body}}}'.encode()
+
+    def body(n: int, now: int) -> str:
+        if kind == "depth":
+            return (f'"e":"depthUpdate","U":1,"u":2,"pu":0,"bids":[{levels}],"asks":[{levels}],'
+                    f'"checksum":1,"T":{now}')  # fmt: skip
+        if kind == "trades":
+            trades = ",".join(f'{{"id":{3 * n + i},"price":"65001.5","qty":"0.012","side":"buy",'
+                              f'"ts":{now}}}' for i in range(3))  # fmt: skip
+            return f'"trades":[{trades}]'
+        return ('"open":"64000.1","high":"66000","low":"63900.5","last":"65001.5",'
+                '"volume":"12345.678","quoteVolume":"802341234.5","change":"1001.4",'
+                '"changePercent":"1.565","count":123456,"firstId":1,"lastId":123456,'
+                f'"openTime":1,"closeTime":{now}')  # fmt: skip
+
+    def make(n: int, symbol: str) -> bytes:
+        now = time.time_ns()
+        return f'{{"t":{now},"n":{n},"s":"{symbol}",{body(n, now)}}}'.encode()
+
+    return make
 
 
-def market_setup(names: list[str], i: int) -> list[bytes]:
-    """Reader ``i``: depth and trades of one symbol, the ticker of another."""
+def market_setup(names: list[str], i: int, binance: bool, epoch: str) -> list[bytes]:
+    """Reader ``i``: depth and trades of one symbol, the ticker of another (through the
+    Binance dialect: ``@depth@100ms``, ``@trade``, ``@ticker``). pushd's depth is asked
+    ``since`` seq 0 of the bus's ``epoch``: the mix publishes diffs by HTTP and no state
+    (no engine book), and a plain depth subscribe waits for a state (state first)."""
     a, b = names[i % len(names)], names[(i + 7) % len(names)]
-    channels = f'["{a}@depth","{a}@trades","{b}@ticker"]'
-    return [f'{{"op":"subscribe","channel":{channels}}}'.encode()]
+    if binance:
+        a, b = a.lower(), b.lower()
+        streams = f'["{a}@depth@100ms","{a}@trade","{b}@ticker"]'
+        return [f'{{"method":"SUBSCRIBE","params":{streams},"id":1}}'.encode()]
+    return [f'{{"op":"subscribe","channel":["{a}@trades","{b}@ticker"]}}'.encode(),
+            depth_since(a, epoch)]  # fmt: skip
 
 
-def market(args: argparse.Namespace, _targets: list[str]) -> list[dict[str, Any]]:
+def depth_since(symbol: str, epoch: str) -> bytes:
+    since = f'{{"seq":0,"epoch":"{epoch}"}}'
+    return f'{{"op":"subscribe","channel":"{symbol}@depth","since":{since}}}'.encode()
+
+
+def probe_setup(names: list[str], binance: bool, epoch: str) -> list[bytes]:
+    """The probe: depth and trades of every symbol."""
+    if binance:
+        every = ",".join(f'"{n.lower()}@depth@100ms","{n.lower()}@trade"' for n in names)
+        return [f'{{"method":"SUBSCRIBE","params":[{every}],"id":1}}'.encode()]
+    trades = ",".join(f'"{n}@trades"' for n in names)
+    return [f'{{"op":"subscribe","channel":[{trades}]}}'.encode(),
+            *(depth_since(n, epoch) for n in names)]  # fmt: skip
+
+
+def market(args: argparse.Namespace, targets: list[str]) -> list[dict[str, Any]]:
     """20 symbols; each reader on depth + trades of one symbol and the ticker of another; the
-    same run again with ``--stallers`` clients that stop reading: the readers' p99 and gaps."""
+    same run again with ``--stallers`` clients that stop reading: the readers' p99 and gaps.
+    Targets: ``pushd`` and ``pushd-binance`` (the same streams through the Binance dialect;
+    a trade batch of 3 is 3 frames there, as on Binance), whichever are asked (pushd if none)."""
+    rows = []
+    for name in [t for t in targets if t in ("pushd", "pushd-binance")] or ["pushd"]:
+        for stallers in (0, args.stallers):
+            rows.append(market_run(args, name, stallers))
+    return rows
+
+
+def market_run(args: argparse.Namespace, name: str, stallers: int) -> dict[str, Any]:
     from bench_client import reader_main, staller_main
 
     symbols = 20
-    rows = []
-    for stallers in (0, args.stallers):
-        target = Pushd(symbols)
-        names = target.symbols
+    binance = name == "pushd-binance"
+    target: Pushd = TARGETS[name](symbols)  # type: ignore[call-arg, assignment]
+    names = target.symbols
 
-        with running(target, args.readers + stallers):
-            control = mp.Array("q", [0, 0], lock=False)
-            out: mp.Queue[Any] = mp.Queue()
-            procs = spawn(
-                reader_main,
+    with running(target, args.readers + stallers):
+        epoch = httpx.get(f"http://127.0.0.1:{target.http_port}/v1/trades",
+                          params={"symbol": names[0]}).json()["epoch"]  # fmt: skip
+        control = mp.Array("q", [0, 0], lock=False)
+        out: mp.Queue[Any] = mp.Queue()
+        procs = spawn(
+            reader_main,
+            [
+                (
+                    target.port,
+                    target.path,
+                    [market_setup(names, i, binance, epoch) for i in range(p, args.readers, 2)],
+                    f"127.0.0.{40 + p}",
+                    control,
+                    out,
+                    binance,
+                )
+                for p in range(2)
+            ],
+        )
+        if stallers:
+            procs += spawn(
+                staller_main,
                 [
                     (
                         target.port,
                         target.path,
-                        [market_setup(names, i) for i in range(p, args.readers, 2)],
-                        f"127.0.0.{40 + p}",
+                        [market_setup(names, i, binance, epoch) for i in range(stallers)],
+                        "127.0.0.45",
                         control,
                         out,
                     )
-                    for p in range(2)
                 ],
             )
-            if stallers:
-                procs += spawn(
-                    staller_main,
-                    [
-                        (
-                            target.port,
-                            target.path,
-                            [market_setup(names, i) for i in range(stallers)],
-                            "127.0.0.45",
-                            control,
-                            out,
-                        )
-                    ],
-                )
-            for _ in procs:
-                assert out.get(timeout=120)[0] == "ready"
-            every = ",".join(f'"{n}@depth","{n}@trades"' for n in names)
-            probe = Probe(target, [f'{{"op":"subscribe","channel":[{every}]}}'.encode()])
-            kinds = [("depth", 10), ("trades", 10), ("ticker", 1)]  # per symbol per second
-            publishers = {k: target.publisher([f"{k}_{s}" for s in names]) for k, _ in kinds}
-            cpu0, t0 = target.cpu(), time.perf_counter()
-            sent, tick, start = 0, 0, time.perf_counter()
-            while time.perf_counter() - start < args.duration:
-                tick += 1
-                for kind, per_s in kinds:
-                    if tick % (10 // per_s) == 0:
-                        make = market_message(kind)
-                        publishers[kind]([make(tick, 0) for _ in names])
-                        sent += len(names)
-                time.sleep(max(0.0, start + tick / 10 - time.perf_counter()))
-            time.sleep(1.0)  # let the readers take the last messages
-            control[1] = 1
-            probe_lat = probe.collect()
-            frames = gaps = resyncs = 0
-            client_cpu = 0.0
-            lat: list[int] = []
-            for _ in procs:
-                msg = out.get(timeout=60)
-                if len(msg) == 6:
-                    frames, gaps, resyncs = frames + msg[1], gaps + msg[2], resyncs + msg[3]
-                    lat += msg[4]
-                    client_cpu += msg[5]
-            for p in procs:
-                p.join()
-            elapsed = time.perf_counter() - t0
-            cpu = target.cpu() - cpu0
-        lat.sort()
-        result = row(
-            "market",
-            "pushd",
-            f"readers={args.readers} stallers={stallers}",
-            delivered=frames / elapsed,
-            per_cpu_s=frames / cpu if cpu else 0.0,
-            p50=pct(probe_lat, 0.5),
-            p99=pct(probe_lat, 0.99),
-            p999=pct(probe_lat, 0.999),
-            max=probe_lat[-1] / 1e6 if probe_lat else float("nan"),
-            load_p99=pct(lat, 0.99),
-            lost=gaps,
-            resyncs=resyncs,
-            cpu_pct=100 * cpu / elapsed,
-            client_cpu_pct=100 * client_cpu / elapsed,
-        )
-        rows.append(result)
-        print_row(result)
-    return rows
+        for _ in procs:
+            assert out.get(timeout=120)[0] == "ready"
+        probe = Probe(target, probe_setup(names, binance, epoch))
+        kinds = [("depth", 10), ("trades", 10), ("ticker", 1)]  # per symbol per second
+        publishers = {k: target.publisher([f"{k}_{s}" for s in names]) for k, _ in kinds}
+        cpu0, t0 = target.cpu(), time.perf_counter()
+        sent, tick, start = 0, 0, time.perf_counter()
+        while time.perf_counter() - start < args.duration:
+            tick += 1
+            for kind, per_s in kinds:
+                if tick % (10 // per_s) == 0:
+                    make = market_message(kind)
+                    publishers[kind]([make(tick, n) for n in names])
+                    sent += len(names)
+            time.sleep(max(0.0, start + tick / 10 - time.perf_counter()))
+        time.sleep(1.0)  # let the readers take the last messages
+        control[1] = 1
+        probe_lat = probe.collect()
+        frames = gaps = resyncs = 0
+        client_cpu = 0.0
+        lat: list[int] = []
+        for _ in procs:
+            msg = out.get(timeout=60)
+            if len(msg) == 6:
+                frames, gaps, resyncs = frames + msg[1], gaps + msg[2], resyncs + msg[3]
+                lat += msg[4]
+                client_cpu += msg[5]
+        for p in procs:
+            p.join()
+        elapsed = time.perf_counter() - t0
+        cpu = target.cpu() - cpu0
+    lat.sort()
+    result = row(
+        "market",
+        name,
+        f"readers={args.readers} stallers={stallers}",
+        delivered=frames / elapsed,
+        per_cpu_s=frames / cpu if cpu else 0.0,
+        p50=pct(probe_lat, 0.5),
+        p99=pct(probe_lat, 0.99),
+        p999=pct(probe_lat, 0.999),
+        max=probe_lat[-1] / 1e6 if probe_lat else float("nan"),
+        load_p99=pct(lat, 0.99),
+        lost=gaps,
+        resyncs=resyncs,
+        cpu_pct=100 * cpu / elapsed,
+        client_cpu_pct=100 * client_cpu / elapsed,
+    )
+    print_row(result)
+    return result
 
 
 SCENARIOS: dict[str, Callable[[argparse.Namespace, list[str]], list[dict[str, Any]]]] = {

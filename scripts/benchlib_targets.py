@@ -38,6 +38,9 @@ class Target:
     name = ""
     path = "/"
     setup: list[bytes] = []  # frames each subscriber sends after the upgrade (pushd: subscribe)
+    stamp = b'"t":'  # the key of a frame's publish time (ns), which the clients read
+    # a broadcast message (n, size) -> JSON; None: benchlib_load.message
+    make: Callable[[int, int], bytes] | None = None
 
     def __init__(self) -> None:
         self.port = free_port()
@@ -200,12 +203,13 @@ class Pushd(Target):
         self.run_args: list[str] = []  # more `pushd run` options (--workers N)
         self.symbols = [f"S{i:02d}USDT" for i in range(symbols - 1)] + ["BTCUSDT"]
         self.pipelines: list[HttpPipeline] = []
+        self.ws_port = self.port  # pushd's own listener (another target's clients may not)
 
     def start(self, connections: int) -> None:
         markets = "".join(f"[markets.{s}]\n" for s in self.symbols)
         config = self.tmp / "pushd.toml"
         config.write_text(
-            f"[websocket]\nport = {self.port}\nmax_connections = {connections + 500}\n"
+            f"[websocket]\nport = {self.ws_port}\nmax_connections = {connections + 500}\n"
             f"max_connections_per_ip = {connections + 500}\nhandshakes_per_second = 1e6\n"
             f"[http]\nport = {self.http_port}\npublish_token = '{PUBLISH_TOKEN}'\n"
             f"max_batch = 10000\nallow_market_publish = true\n[auth.hmac]\nsecret = '{SECRET}'\n"
@@ -239,6 +243,41 @@ class Pushd(Target):
         for pipeline in self.pipelines:
             pipeline.close()
         super().stop()
+
+
+def trade_message(n: int, size: int) -> bytes:
+    """A trade batch of one trade (what Binance's ``@trade`` is made of), stamped with the
+    publish time in ns twice: ``t`` (pushd's frame carries the data as published) and the
+    trade's ``ts`` (Binance's ``E``); padded to ``size`` where it is shorter."""
+    now = time.time_ns()
+    body = (b'{"t":%d,"s":"BTCUSDT","trades":[{"id":%d,"price":"65000.1","qty":"0.001",'
+            b'"side":"buy","ts":%d}],"pad":"' % (now, n, now))  # fmt: skip
+    return body + b"x" * max(0, size - len(body) - 2) + b'"}'
+
+
+class PushdBinance(Pushd):
+    """pushd with its Binance spot surface on; the clients connect there and ``SUBSCRIBE``
+    Binance streams (``btcusdt@trade``), which are views of the same channels pushd's own
+    clients follow; the publisher is pushd's (``trades_BTCUSDT`` by HTTP batch publish), each
+    message a batch of one trade (``trade_message``): one ``trade`` frame per message. The
+    clients read the publish time from ``E``. Server pings every hour (the native surface
+    sends none; the load generator answers none)."""
+
+    name = "pushd-binance"
+    setup = [b'{"method":"SUBSCRIBE","params":["btcusdt@trade"],"id":1}']
+    stamp = b'"E":'
+    make = staticmethod(trade_message)
+
+    def __init__(self, symbols: int = 3) -> None:
+        super().__init__(symbols)
+        self.ws_port = free_port()
+        self.extra_config = (
+            f"[binance.spot]\nenabled = true\nport = {self.port}\nping_interval_s = 3600\n"
+        )
+
+    def start(self, connections: int) -> None:
+        super().start(connections)
+        self._wait_port()
 
 
 class PushdRedis(Pushd):
@@ -420,6 +459,7 @@ TARGETS: dict[str, type[Target]] = {
     "epoll-floor": EpollFloor,
     "pushd-redis": PushdRedis,
     "pushd-redis-2gw": PushdRedis2,
+    "pushd-binance": PushdBinance,
 }
 DEFAULT_TARGETS = ["pushd", "websockets", "nchan"]
 

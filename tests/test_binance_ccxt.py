@@ -246,3 +246,48 @@ async def test_ccxt_resyncs_after_a_break_in_the_chain(nursery: trio.Nursery) ->
     assert seen["breaks"] >= 1
     nonce, bids, asks, rest = seen["book"]
     assert (nonce, bids, asks) == (rest["nonce"], rest["bids"], rest["asks"])
+
+
+async def test_ccxt_watches_all_market_tickers_and_mark_prices(nursery: trio.Nursery) -> None:
+    """``watch_tickers()`` with no symbols subscribes ``!miniTicker@arr`` (``name='ticker'``:
+    ``!ticker@arr``), ``watch_mark_prices()`` ``!markPrice@arr@1s``: one array a second of the
+    symbols that changed, filed under ccxt's symbols. On spot ccxt reads the arrays on a
+    ``/ws`` URL only (on ``/stream`` it drops a wrapped array), so spot is watched by an
+    exchange that loads spot markets only (docs/binance.md)."""
+    market = Market(seed=9, rate=5)
+    running = await start_binance(nursery, market)
+    nursery.start_soon(feed(running, market))
+    symbols = {"BTC/USDT", "ETH/USDT", "SOL/USDT"}
+    swaps = {f"{s}:USDT" for s in symbols}
+
+    async def every(call: Callable[[], Awaitable[dict[str, Any]]]) -> dict[str, Any]:
+        got: dict[str, Any] = {}
+        while set(got) != symbols and set(got) != swaps:  # each symbol once it changed
+            got.update(await call())
+        return got
+
+    async def main() -> list[dict[str, Any]]:
+        ex = exchange(running)
+        spot = exchange(running)
+        spot.options["fetchMarkets"] = {"types": ["spot"]}
+        spot.urls["api"]["ws"]["spot"] = f"ws://127.0.0.1:{running.ports.binance_spot}/ws"
+        try:
+            return list(await asyncio.gather(
+                every(lambda: spot.watch_tickers()),
+                every(lambda: spot.watch_tickers(None, {"name": "ticker"})),
+                every(lambda: ex.watch_tickers(None, {"type": "swap"})),
+                every(lambda: ex.watch_tickers(None, {"type": "swap", "name": "ticker"})),
+                every(lambda: ex.watch_mark_prices()),
+            ))  # fmt: skip
+        finally:
+            await ex.close()
+            await spot.close()
+
+    with trio.fail_after(60):
+        mini, full, swap_mini, swap_full, marks = await trio.to_thread.run_sync(asyncio.run, main())
+    for tickers, event in ((mini, "24hrMiniTicker"), (full, "24hrTicker"),
+                           (swap_mini, "24hrMiniTicker"), (swap_full, "24hrTicker")):  # fmt: skip
+        assert all(t["info"]["e"] == event and t["last"] > 0 for t in tickers.values())
+    assert set(mini) == set(full) == symbols and set(swap_mini) == swaps
+    assert all(t["vwap"] is not None for t in (*full.values(), *swap_full.values()))
+    assert set(marks) == swaps and all(t["markPrice"] > 0 for t in marks.values())

@@ -297,7 +297,7 @@ async def test_resets_at_every_step_leave_no_view_behind(nursery: trio.Nursery) 
     gateway = running.daemon.binance["spot"]
     streams = ["btcusdt@trade", "btcusdt@aggTrade", "btcusdt@depth", "btcusdt@depth5",
                "btcusdt@bookTicker", "btcusdt@ticker", "s00usdt@kline_1m",
-               "s01usdt@depth20@100ms"]  # fmt: skip
+               "s01usdt@depth20@100ms", "!ticker@arr", "!miniTicker@arr"]  # fmt: skip
     requests = [
         {"method": "SUBSCRIBE", "params": streams, "id": 1},
         {"method": "SET_PROPERTY", "params": ["combined", True], "id": 2},
@@ -305,7 +305,7 @@ async def test_resets_at_every_step_leave_no_view_behind(nursery: trio.Nursery) 
         {"method": "SET_PROPERTY", "params": ["combined", False], "id": 4},
     ]
     for step in range(len(requests) + 1):
-        for path in ("/ws", "/stream?streams=btcusdt@trade/btcusdt@depth5"):
+        for path in ("/ws", "/stream?streams=btcusdt@trade/btcusdt@depth5/!miniTicker@arr"):
             raw = await client(running, path)
             for request in requests[:step]:
                 await raw.send_json(request)

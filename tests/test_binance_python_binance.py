@@ -43,14 +43,18 @@ async def connect(running: Running) -> tuple[Any, Any]:
     return client, sockets
 
 
-async def read(socket: Any, count: int = EVENTS, streams: int = 1) -> list[dict[str, Any]]:
-    """``count`` messages from a python-binance socket (its errors arrive as messages), and
-    more until ``streams`` distinct streams have been seen (a multiplex socket's)."""
-    messages: list[dict[str, Any]] = []
+async def read(socket: Any, count: int = EVENTS, streams: int = 1) -> list[Any]:
+    """``count`` messages from a python-binance socket (its errors arrive as messages; an
+    all-market stream's are arrays), and more until ``streams`` distinct streams have been
+    seen (a multiplex socket's)."""
+    messages: list[Any] = []
+    seen: set[Any] = set()
     async with socket as opened:
-        while len(messages) < count or len({m.get("stream") for m in messages}) < streams:
+        while len(messages) < count or len(seen) < streams:
             message = await opened.recv()
-            assert message.get("e") != "error", message
+            if isinstance(message, dict):
+                assert message.get("e") != "error", message
+            seen.add(message.get("stream") if isinstance(message, dict) else None)
             messages.append(message)
     return messages
 
@@ -241,3 +245,45 @@ async def test_futures_mark_price_and_partial_depth(nursery: trio.Nursery) -> No
     last, rest = seen["last"], seen["rest"]
     assert (last["b"], last["a"]) == (rest["bids"], rest["asks"])
     assert seen["premium"]["symbol"] == SYMBOL and float(seen["premium"]["markPrice"]) > 0
+
+
+async def test_all_market_sockets(nursery: trio.Nursery) -> None:
+    """``ticker_socket`` (``/ws/!ticker@arr``), ``miniticker_socket``
+    (``/ws/!miniTicker@arr@1000ms``), ``futures_ticker_socket`` and ``all_mark_price_socket``
+    (``/market/stream?streams=!ticker@arr`` / ``!markPrice@arr@1s``): each message one array
+    of the symbols that changed, each symbol at most once."""
+    running, _stop_feed = await start_fed(nursery, Market(seed=24, rate=5))
+
+    async def main() -> list[list[dict[str, Any]]]:
+        client, sockets = await connect(running)
+        try:
+            return list(await asyncio.gather(
+                read(quick(sockets.ticker_socket()), 3),
+                read(quick(sockets.miniticker_socket()), 3),
+                read(quick(sockets.futures_ticker_socket()), 3),
+                read(quick(sockets.all_mark_price_socket()), 3),
+            ))  # fmt: skip
+        finally:
+            await client.close_connection()
+
+    spot, mini, futures, marks = await in_client_thread(main)
+    symbols = {"BTCUSDT", "ETHUSDT", "SOLUSDT"}
+
+    def arrays(messages: list[Any], stream: str | None) -> list[list[dict[str, Any]]]:
+        if stream is not None:  # a combined socket's: wrapped
+            assert {m["stream"] for m in messages} == {stream}
+            messages = [m["data"] for m in messages]
+        for array in messages:
+            assert isinstance(array, list) and array
+            assert len({p["s"] for p in array}) == len(array) and {p["s"] for p in array} <= symbols
+        return messages
+
+    for array in arrays(spot, None):
+        assert all(p["e"] == "24hrTicker" and "x" in p and "w" in p for p in array)
+    for array in arrays(mini, None):
+        assert all(p["e"] == "24hrMiniTicker" and float(p["c"]) > 0 for p in array)
+    for array in arrays(futures, "!ticker@arr"):
+        assert all(p["e"] == "24hrTicker" and "x" not in p for p in array)
+    marked = arrays(marks, "!markPrice@arr@1s")
+    assert all(p["e"] == "markPriceUpdate" and float(p["p"]) > 0 for a in marked for p in a)
+    assert {p["s"] for a in marked for p in a} == symbols  # each symbol's mark changes

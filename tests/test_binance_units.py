@@ -12,6 +12,7 @@ from structlog.testing import capture_logs
 from test_hub import frames
 from upstream import Upstream
 
+from pushd.binance.arrays import AllMarket
 from pushd.binance.budget import MAX_ADDRESSES, Charge, RestBudget, message_cost, weight
 from pushd.binance.dialect import Frames
 from pushd.binance.ids import MAX_SAFE, EpochGuard, update_id
@@ -517,3 +518,137 @@ def test_a_channel_only_views_follow_is_not_framed_for_pushd(
     hub.subscribe(native, channel)
     hub.publish("trades_BTCUSDT", EPOCH, 2, raw({"s": "BTCUSDT", "trades": []}))
     assert encoded == [1] and frames(bytes(native.out))[-1]["seq"] == 2
+
+
+# -- all-market streams (!ticker@arr, !miniTicker@arr, !markPrice@arr) ---------------------
+
+
+def ticker_data(symbol: str, last: str) -> msgspec.Raw:
+    return raw({"s": symbol, "open": "100", "high": "110", "low": "90", "last": last,
+                "volume": "2", "quoteVolume": "210", "change": "5", "changePercent": "5.000",
+                "count": 3, "firstId": 1, "lastId": 3, "openTime": 60_000,
+                "closeTime": 86_460_000})  # fmt: skip
+
+
+def mark_data(symbol: str, price: str) -> msgspec.Raw:
+    return raw({"s": symbol, "markPrice": price, "indexPrice": "1.4",
+                "estimatedSettlePrice": "1.45", "fundingRate": "0.0001", "premiumIndex": "0",
+                "nextFundingTime": 28_800_000, "T": 5})  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("name", "market", "kind"),
+    [
+        ("!ticker@arr", "spot", "ticker"),
+        ("!ticker@arr", "futures", "ticker"),
+        ("!miniTicker@arr", "spot", "miniTicker"),
+        ("!miniTicker@arr@1000ms", "spot", "miniTicker"),  # python-binance's spelling
+        ("!miniTicker@arr", "futures", "miniTicker"),
+        ("!markPrice@arr", "futures", "markPrice"),
+        ("!markPrice@arr@1s", "futures", "markPrice"),
+    ],
+)
+def test_all_market_stream_names(name: str, market: Any, kind: str) -> None:
+    stream = parse(name, SYMBOLS, market)
+    assert (stream.name, stream.kind, stream.every, stream.symbol) == (name, kind, True, "")
+
+
+@pytest.mark.parametrize(
+    ("name", "market"),
+    [
+        ("!markPrice@arr", "spot"),  # USD-M only
+        ("!ticker@arr@1s", "spot"),
+        ("!trade@arr", "spot"),
+        ("!ticker", "spot"),
+        ("!TICKER@arr", "spot"),
+        ("!ticker@arrx", "futures"),
+        ("!bookTicker@arr", "futures"),
+    ],
+)
+def test_bad_all_market_stream_names_are_refused(name: str, market: Any) -> None:
+    with pytest.raises(InvalidStream):
+        parse(name, SYMBOLS, market)
+
+
+def test_all_market_arrays_carry_the_symbols_changed_since_the_last_one() -> None:
+    every = AllMarket[str]("spot")
+    mini = parse("!miniTicker@arr", SYMBOLS, "spot")
+    full = parse("!ticker@arr", SYMBOLS, "spot")
+    assert every.follow(mini, False, "a") == "ticker"  # the first: tap the ticker channels
+    assert every.follow(full, True, "b") is None
+    assert every.follow(mini, False, "c") is None
+    assert every.due() == []  # nothing changed: nothing sent
+    every.changed("ticker", "BTCUSDT", ticker_data("BTCUSDT", "101"))
+    every.changed("ticker", "ETHUSDT", ticker_data("ETHUSDT", "7"))
+    every.changed("ticker", "BTCUSDT", ticker_data("BTCUSDT", "102"))  # the latest counts
+    due = {frozenset(who): msgspec.json.decode(body) for body, who in every.due()}
+    assert [(p["e"], p["s"], p["c"]) for p in due[frozenset("ac")]] == [
+        ("24hrMiniTicker", "BTCUSDT", "102"), ("24hrMiniTicker", "ETHUSDT", "7")]  # fmt: skip
+    combined = due[frozenset("b")]
+    assert combined["stream"] == "!ticker@arr"
+    assert [(p["e"], p["s"]) for p in combined["data"]] == [
+        ("24hrTicker", "BTCUSDT"), ("24hrTicker", "ETHUSDT")]  # fmt: skip
+    assert combined["data"][0]["w"] == "105.00000000"
+    every.changed("ticker", "ETHUSDT", ticker_data("ETHUSDT", "8"))
+    [(body, _)] = [d for d in every.due() if "a" in d[1]]
+    assert [p["s"] for p in msgspec.json.decode(body)] == ["ETHUSDT"]  # only what changed
+    assert every.unfollow(mini, False, "a") is None
+    assert every.unfollow(mini, False, "c") is None
+    assert every.unfollow(full, True, "b") == "ticker"  # the last: untap
+    assert not every.follows()
+
+
+def test_all_market_arrays_are_encoded_once_per_interval_whatever_the_followers(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import pushd.binance.arrays as arrays
+
+    calls: list[int] = []
+    real = arrays.mark_price
+    monkeypatch.setattr(arrays, "mark_price", lambda m: calls.append(1) or real(m))
+    every = AllMarket[int]("futures")
+    plain = parse("!markPrice@arr", SYMBOLS, "futures")
+    fast = parse("!markPrice@arr@1s", SYMBOLS, "futures")
+    for n in range(100):
+        every.follow(plain if n % 2 else fast, n % 3 == 0, n)
+    every.changed("markPrice", "BTCUSDT", mark_data("BTCUSDT", "1.5"))
+    every.changed("markPrice", "ETHUSDT", mark_data("ETHUSDT", "2"))
+    every.changed("markPrice", "ETHUSDT", raw({"s": 1}))  # not a mark price: left out
+    due = every.due()
+    assert calls == [1]  # one payload made, one array encoded for the four streams and forms
+    assert sum(len(who) for _body, who in due) == 100
+    bodies = [msgspec.json.decode(body) for body, _who in due]
+    arrays_sent = [b["data"] if isinstance(b, dict) else b for b in bodies]
+    expected = [{"e": "markPriceUpdate", "E": 5, "s": "BTCUSDT", "p": "1.5", "i": "1.4",
+                 "P": "1.45", "r": "0.0001", "T": 28_800_000}]  # fmt: skip
+    assert all(a == expected for a in arrays_sent)
+    assert {b["stream"] for b in bodies if isinstance(b, dict)} == {plain.name, fast.name}
+    assert every.unreadable == 1
+
+
+def test_a_tap_sees_every_event_of_a_channel_and_is_no_subscriber() -> None:
+    upstream = Upstream()
+    hub = Hub(upstream=upstream)
+    channel = Channel("ticker_BTCUSDT", "BTCUSDT@ticker", private=False, symbol="BTCUSDT")
+    seen: list[int] = []
+    hub.tap(channel, "k", lambda _e, seq, _d: seen.append(seq))
+    hub.publish("ticker_BTCUSDT", EPOCH, 1, raw({}))
+    native = Outlet(10_000)
+    hub.subscribe(native, channel)
+    hub.publish("ticker_BTCUSDT", EPOCH, 2, raw({}))
+    assert seen == [1, 2] and hub.subscriber_count("ticker_BTCUSDT") == 1
+    hub.unsubscribe(native, "ticker_BTCUSDT")
+    assert upstream.left == []  # the tap still follows it
+    hub.untap("ticker_BTCUSDT", "k")
+    assert upstream.followed == upstream.left == ["ticker_BTCUSDT"]
+
+
+def test_frames_delivered_to_many_outlets_mark_the_full_ones_slow() -> None:
+    hub = Hub()
+    woken: list[int] = []
+    hub.on_dirty = lambda: woken.append(1)
+    small, roomy = Outlet(100), Outlet(10_000)
+    frame = text_frame(b"x" * 200)
+    assert hub.deliver([small, roomy], frame) == 1
+    assert small.slow and bytes(roomy.out) == frame
+    assert woken == [1] and set(hub.take_dirty()) == {small, roomy}

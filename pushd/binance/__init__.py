@@ -19,6 +19,8 @@ Sans-IO (tested without sockets, ``tests/test_binance_units.py``):
 - ``budget``: what requests cost: REST routes their Binance request weight, against a budget
   per client address (``X-MBX-USED-WEIGHT`` headers; 429 ``-1003`` with ``Retry-After``), and a
   WebSocket SUBSCRIBE a message token per hundred streams.
+- ``arrays``: the all-market streams (``!ticker@arr``, ``!miniTicker@arr``,
+  ``!markPrice@arr``): each second one array of the symbols that changed.
 
 Trio and HTTP shells:
 
@@ -84,6 +86,14 @@ on a gateway node by the state the bus stores and the diffs after it (the view s
 ``offer_state`` hands it over); an event that does not follow drops the mirror's book until a
 state comes again.
 
+All-market streams
+-----------------
+``!ticker@arr`` and friends are no view (no one channel): while anyone follows one, the
+dialect *taps* every symbol's channel of its source (``Hub.tap``: told each event, no
+subscriber), keeping each symbol's latest data; one task per surface in the gateway's nursery
+sends, each second, each followed stream's array, made and encoded once (``arrays``), to all
+its followers (``Hub.deliver``), and ends with the last follower.
+
 Not served yet: user-data streams, the WebSocket API, COIN-M (``/dapi`` answers no symbols),
-continuous klines, ``!ticker@arr`` and friends; see docs/binance.md.
+continuous klines; see docs/binance.md.
 """

@@ -4,12 +4,16 @@ Per connection: a sans-IO ``Session`` (``pushd.binance.session``), a request-rat
 ``[limits]`` ones), and a task that pings every ``ping_interval_s``. Each subscribed stream is
 a hub *view* of its internal channel, keyed ``(market, stream name, combined)``: every
 connection with the same key shares the one encoding of each event (``frames``).
+
+Per surface: the all-market streams (``pushd.binance.arrays``): while anyone follows one, the
+hub taps every symbol's channel of its source for the dialect, and one task in the gateway's
+nursery (``serving``) sends the arrays each ``INTERVAL_S``; it ends with the last follower.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Container
+from collections.abc import Callable, Collection
 
 import msgspec
 import structlog
@@ -17,17 +21,18 @@ import trio
 from wsproto.events import Ping
 
 from pushd.auth import Verifier
+from pushd.binance.arrays import INTERVAL_S, AllMarket, Source
 from pushd.binance.paths import opening
 from pushd.binance.payloads import Mirrors, Translator
 from pushd.binance.session import Session, error
 from pushd.binance.streams import Market, Stream
 from pushd.bus.model import Recovery
-from pushd.channels import parse_internal
+from pushd.channels import market_channel, parse_internal
 from pushd.config import BinanceSurfaceConfig, LimitsConfig
 from pushd.errors import BinanceError, CloseCode
 from pushd.gateway import lifecycle
 from pushd.gateway.connection import Connection
-from pushd.gateway.hub import Hub, ViewEncoder, text_frame
+from pushd.gateway.hub import Hub, Outlet, ViewEncoder, text_frame
 from pushd.gateway.lifecycle import Disconnect, Phase
 from pushd.gateway.ratelimit import TokenBucket
 from pushd.logs import ThrottledLog
@@ -39,6 +44,7 @@ ViewKey = tuple[Market, str, bool]
 
 log = structlog.get_logger("pushd.binance.dialect")
 _unreadable = ThrottledLog(log, "binance: an event its stream cannot be made of, not sent")
+_unreadable_arrays = ThrottledLog(log, "binance: a symbol's data left out of an all-market array")
 
 
 class Frames:
@@ -99,7 +105,7 @@ class BinanceDialect:
     """The Binance surface's ``Dialect`` for one market (spot or USD-M futures)."""
 
     def __init__(
-        self, symbols: Container[str], market: Market, surface: Callable[[], BinanceSurfaceConfig],
+        self, symbols: Collection[str], market: Market, surface: Callable[[], BinanceSurfaceConfig],
         limits: LimitsConfig, hub: Hub, end: Callable[[Connection, Disconnect], None],
     ) -> None:  # fmt: skip
         self._symbols = symbols
@@ -110,6 +116,13 @@ class BinanceDialect:
         self._end = end
         self._states: dict[Connection, _State] = {}
         self._mirrors = Mirrors(hub.current)  # partial depth and bookTicker: a book per channel
+        self._every = AllMarket[Outlet](market)  # the all-market streams' followers and data
+        self._nursery: trio.Nursery | None = None  # the gateway's (``serving``)
+        self._arrays: trio.CancelScope | None = None  # the all-market task's, while it runs
+
+    def serving(self, nursery: trio.Nursery) -> None:
+        """The gateway serves: the all-market task is started in its nursery when needed."""
+        self._nursery = nursery
 
     def reconfigure(self, limits: LimitsConfig, verifier: Verifier) -> None:
         """A reload's request rate, for new connections and those open (as pushd's own)."""
@@ -156,10 +169,10 @@ class BinanceDialect:
             return
         conn.send(text_frame(step.reply))
         for stream in step.leave:
-            self._hub.leave_view(conn.outlet, stream.internal, self._key(stream, was_combined))
+            self._leave(conn, stream, was_combined)
         if step.reform:  # every stream again, in the new payload form
             for stream in session.streams.values():
-                self._hub.leave_view(conn.outlet, stream.internal, self._key(stream, was_combined))
+                self._leave(conn, stream, was_combined)
             self._join(conn, session, list(session.streams.values()))
         self._join(conn, session, step.join)
 
@@ -168,6 +181,9 @@ class BinanceDialect:
 
     def _join(self, conn: Connection, session: Session, streams: list[Stream]) -> None:
         for stream in streams:
+            if stream.every:
+                self._follow(conn.outlet, stream, session.combined)
+                continue
             # pushd's own channel: a route made by this view names native frames after it
             channel = parse_internal(stream.internal, self._symbols)
             make = functools.partial(
@@ -175,10 +191,56 @@ class BinanceDialect:
             )
             self._hub.join_view(conn.outlet, channel, self._key(stream, session.combined), make)
 
+    def _leave(self, conn: Connection, stream: Stream, combined: bool) -> None:
+        if not stream.every:
+            self._hub.leave_view(conn.outlet, stream.internal, self._key(stream, combined))
+        elif (source := self._every.unfollow(stream, combined, conn.outlet)) is not None:
+            for symbol in self._symbols:  # nobody follows what it is made of any more
+                self._hub.untap(market_channel(source, symbol), self._market)
+            if not self._every.follows() and self._arrays is not None:
+                self._arrays.cancel()  # nobody follows any: the task ends now
+                self._arrays = None
+
     def _leave_all(self, conn: Connection, session: Session) -> None:
         for stream in session.streams.values():
-            self._hub.leave_view(conn.outlet, stream.internal, self._key(stream, session.combined))
+            self._leave(conn, stream, session.combined)
         session.streams.clear()
+
+    def _follow(self, outlet: Outlet, stream: Stream, combined: bool) -> None:
+        """An all-market stream: the source's channels tapped for the first follower, and the
+        task that sends the arrays started if it does not run."""
+        source = self._every.follow(stream, combined, outlet)
+        if source is not None:
+            for symbol in self._symbols:
+                channel = parse_internal(market_channel(source, symbol), self._symbols)
+                tap = functools.partial(self._changed, source, symbol)
+                self._hub.tap(channel, self._market, tap)
+        if self._arrays is None and self._nursery is not None:
+            self._arrays = trio.CancelScope()
+            self._nursery.start_soon(self._send_arrays, self._arrays)
+
+    def _changed(
+        self, source: Source, symbol: str, _epoch: str, _seq: int, data: msgspec.Raw
+    ) -> None:
+        self._every.changed(source, symbol, data)
+
+    async def _send_arrays(self, scope: trio.CancelScope) -> None:
+        """Each ``INTERVAL_S`` the arrays of what changed (``AllMarket.due``), framed once
+        each for all their followers, until ``scope`` is cancelled (the last follower left)."""
+        with scope:
+            due = trio.current_time()
+            while True:
+                due = max(due + INTERVAL_S, trio.current_time())  # late: no catching up
+                await trio.sleep_until(due)
+                self.send_arrays()
+
+    def send_arrays(self) -> None:
+        """One interval's arrays, queued to their followers."""
+        unreadable = self._every.unreadable
+        for payload, followers in self._every.due():
+            self._hub.deliver(followers, text_frame(payload))
+        if self._every.unreadable != unreadable:
+            _unreadable_arrays.warning(market=self._market)
 
     async def _refuse(self, conn: Connection) -> None:
         self._end(conn, INVALID_STREAM)

@@ -11,7 +11,13 @@ Binance stream (lower-case symbol)              internal channel           marke
 ``<s>@ticker``, ``<s>@miniTicker``              ``ticker_<S>``             spot, futures
 ``<s>@kline_<interval>``                        ``kline_<S>[_<iv>]``       spot, futures
 ``<s>@markPrice``, ``<s>@markPrice@1s``         ``markprice_<S>``          futures
+``!ticker@arr``, ``!miniTicker@arr``            ``ticker_<S>``, every S    spot, futures
+``[@1000ms|3000ms]``
+``!markPrice@arr[@1s]``                         ``markprice_<S>``, each S  futures
 ==============================================  =========================  ==================
+
+The all-market streams (``!...@arr``, ``Stream.every``) have no one channel: each second one
+array of the symbols that changed (``pushd.binance.arrays``), whatever the rate suffix.
 
 The rate suffix (``@100ms``, ``@1s``) is accepted and names a stream of its own (it is echoed
 in ``LIST_SUBSCRIPTIONS`` and in combined payloads as the client spelled it), but events come
@@ -60,6 +66,24 @@ class Stream(msgspec.Struct, frozen=True, gc=False):
     internal: str
     levels: int = 0  # partial depth: 5, 10 or 20
     interval: str = ""  # kline
+    every: bool = False  # an all-market stream: no symbol, no one channel ("" both)
+
+
+# all-market streams: the name before the rate suffix -> its kind, and the suffixes accepted
+# (python-binance's miniticker_socket appends @1000ms; ccxt's watch_mark_prices @1s)
+_EVERY: dict[str, tuple[Kind, tuple[str, ...]]] = {
+    "!ticker@arr": ("ticker", ("",)),
+    "!miniTicker@arr": ("miniTicker", ("", "@1000ms", "@3000ms")),
+    "!markPrice@arr": ("markPrice", MARK_RATES),
+}
+
+
+def _every(name: str, market: Market) -> Stream:
+    head, at, rate = name.partition("@arr")
+    known = _EVERY.get(head + at)
+    if known is None or rate not in known[1] or (known[0] == "markPrice" and market != "futures"):
+        raise InvalidStream(f"invalid stream name {name[:64]!r}")
+    return Stream(name, "", known[0], "", every=True)
 
 
 def parse(name: str, symbols: Container[str], market: Market) -> Stream:
@@ -69,6 +93,8 @@ def parse(name: str, symbols: Container[str], market: Market) -> Stream:
         InvalidStream: not a stream name, a stream not served on this market, or an unknown
         symbol.
     """
+    if name.startswith("!"):
+        return _every(name, market)
     match = _NAME.fullmatch(name) if len(name) <= 64 else None
     if match is None:
         raise InvalidStream(f"invalid stream name {name[:64]!r}")

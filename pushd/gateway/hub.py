@@ -46,7 +46,10 @@ dialect's whole frames. A route calls each view's encoder once per event, when t
 subscribers, and appends the same bytes to each of them: encoded once per view, framed once per
 node. A view subscriber gets live events only (no state first, no replay, no resync notice: the
 dialect numbers its own updates, so a loss is a visible break); one whose buffer overflows is
-closed like a slow private reader.
+closed like a slow private reader. A dialect may also *tap* a channel (``tap``): told each
+event, no subscriber, the channel followed for it; what it makes of them it queues itself
+(``deliver``, the same rules as a view's frames): the Binance all-market arrays, sent once a
+second for every symbol.
 
 The hub owns the dirty list (``take_dirty``) and every write into an outlet: events, replies
 (``send``), the reply to a subscribe before the streams' first events (``settle_with_reply``),
@@ -62,7 +65,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Callable, Hashable, Iterator
+from collections.abc import Callable, Hashable, Iterable, Iterator
 from typing import Any, Protocol, runtime_checkable
 
 import msgspec
@@ -150,6 +153,8 @@ class _Joining:
 
 # a view's encoder: one event (epoch, seq, data) as that dialect's whole frames (b"": none)
 ViewEncoder = Callable[[str, int, msgspec.Raw], bytes]
+# a tap: told each event (epoch, seq, data) of a channel, sends nothing itself
+Tap = Callable[[str, int, msgspec.Raw], None]
 
 
 @runtime_checkable
@@ -175,7 +180,9 @@ class _View:
 
 
 class _Route:
-    __slots__ = ("ahead", "began", "channel", "epoch", "pending", "seq", "subscribers", "views")
+    __slots__ = (
+        "ahead", "began", "channel", "epoch", "pending", "seq", "subscribers", "taps", "views",
+    )  # fmt: skip
 
     def __init__(self, channel: Channel, began: float) -> None:
         self.channel = channel
@@ -189,6 +196,7 @@ class _Route:
         self.epoch = ""
         self.seq = 0
         self.views: dict[Hashable, _View] = {}  # another dialect's subscribers, by view key
+        self.taps: dict[Hashable, Tap] = {}  # another dialect's listeners, by key
 
 
 class HubStats(msgspec.Struct):
@@ -289,6 +297,17 @@ class Hub:
         if view is None:
             view = route.views[key] = _View(encoder())
         view.subscribers[outlet] = None
+
+    def tap(self, channel: Channel, key: Hashable, listener: Tap) -> None:
+        """Tell ``listener`` each event of ``channel`` until ``untap``: the channel is followed
+        for it, but it is no subscriber (the Binance all-market streams keep each symbol's
+        latest data this way and send it on a timer: ``Hub.deliver``)."""
+        self._route(channel).taps[key] = listener
+
+    def untap(self, internal: str, key: Hashable) -> None:
+        route = self._routes.get(internal)
+        if route is not None and route.taps.pop(key, None) is not None:
+            self._forget_if_idle(route)
 
     def leave_view(self, outlet: Outlet, internal: str, key: Hashable) -> None:
         route = self._routes.get(internal)
@@ -457,7 +476,7 @@ class Hub:
         self._forget_if_idle(route)
 
     def _forget_if_idle(self, route: _Route) -> None:
-        if not route.subscribers and not route.pending and not route.ahead and not route.views:
+        if not (route.subscribers or route.pending or route.ahead or route.views or route.taps):
             internal = route.channel.internal
             del self._routes[internal]
             self._current_frames.pop(internal, None)
@@ -533,7 +552,7 @@ class Hub:
                 out += frame
                 delivered += 1
         self.delivered += delivered
-        if route.views:
+        if route.views or route.taps:
             self._publish_views(route, epoch, seq, data)
         if was_clean and dirty:
             self.on_dirty()
@@ -543,32 +562,47 @@ class Hub:
 
     def _publish_views(self, route: _Route, epoch: str, seq: int, data: msgspec.Raw) -> None:
         """Each view's frames of one event, encoded once and queued to each of its
-        subscribers; one that has no room is marked slow (the gateway closes it) and gets
-        nothing more."""
-        dirty = self.dirty
+        subscribers (``_queue``); then the taps are told of it."""
         for view in route.views.values():
             try:
                 frames = view.encode(epoch, seq, data)
             except Exception:  # another dialect's code: its failure costs its view this event
                 self.undeliverable += 1
                 continue
-            if not frames:
-                continue
-            size = len(frames)
-            delivered = 0
-            for outlet in view.subscribers:
-                out = outlet.out
-                if outlet.slow or len(out) + size > outlet.limit:
-                    self.dropped += 1  # slow already: nothing after the hole, it is closed
-                    if not outlet.slow:
-                        outlet.slow = True
-                        dirty.append(outlet)
-                else:
-                    if not out:
-                        dirty.append(outlet)
-                    out += frames
-                    delivered += 1
-            self.delivered += delivered
+            if frames:
+                self._queue(view.subscribers, frames)
+        for tap in route.taps.values():
+            tap(epoch, seq, data)
+
+    def deliver(self, outlets: Iterable[Outlet], frames: bytes) -> int:
+        """Queue the same frames to each outlet, frames of no one event (the Binance
+        all-market arrays, sent on a timer); returns how many got them (``_queue``)."""
+        was_clean = not self.dirty
+        delivered = self._queue(outlets, frames)
+        if was_clean and self.dirty:
+            self.on_dirty()
+        return delivered
+
+    def _queue(self, outlets: Iterable[Outlet], frames: bytes) -> int:
+        """Another dialect's frames to each of ``outlets``; one that has no room is marked slow
+        (the gateway closes it) and gets nothing more."""
+        dirty = self.dirty
+        size = len(frames)
+        delivered = 0
+        for outlet in outlets:
+            out = outlet.out
+            if outlet.slow or len(out) + size > outlet.limit:
+                self.dropped += 1  # slow already: nothing after the hole, it is closed
+                if not outlet.slow:
+                    outlet.slow = True
+                    dirty.append(outlet)
+            else:
+                if not out:
+                    dirty.append(outlet)
+                out += frames
+                delivered += 1
+        self.delivered += delivered
+        return delivered
 
     def _offer_current(self, internal: str) -> None:
         """Where ``current`` has the state (this process keeps the books), a waiting join

@@ -50,6 +50,10 @@ class Dialect(Protocol):
     def reconfigure(self, limits: LimitsConfig, verifier: Verifier) -> None:
         """A reload's limits and logins."""
 
+    def serving(self, nursery: trio.Nursery) -> None:
+        """The gateway serves: ``nursery`` is where the dialect's own tasks run (the Binance
+        all-market arrays' timer), ended with the gateway."""
+
 
 class Requests:
     """pushd's own dialect (``Dialect``)."""
@@ -76,6 +80,9 @@ class Requests:
     def reconfigure(self, limits: LimitsConfig, verifier: Verifier) -> None:
         self._limits = limits
         self._verifier = verifier
+
+    def serving(self, nursery: trio.Nursery) -> None:
+        pass  # no task of its own
 
     def opened(self, conn: Connection, now: float) -> None:
         conn.session = Session(self._symbols, self._limits, now)
