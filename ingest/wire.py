@@ -114,8 +114,9 @@ class IndexPrice(_Event, tag="index", frozen=True):
 
 class Publish(_Event, tag="publish", frozen=True):
     """A backend's message to a channel it owns (``notice``, ``user_<uid>_<stream>``), as the
-    HTTP ``POST /v1/publish`` takes it: ``data`` is the message's JSON text (UTF-8), passed to
-    subscribers as it is. Only from a source allowed to publish (``backend = true``)."""
+    HTTP ``POST /v1/publish`` takes it: ``data`` is the message's JSON text (UTF-8, as MessagePack
+    bin: a str would be decoded only to be encoded again), passed to subscribers as it is. Only
+    from a source allowed to publish (``backend = true``)."""
 
     channel: Annotated[str, msgspec.Meta(max_length=128)]
     data: bytes
