@@ -9,6 +9,7 @@ of one JSON value within the size limit). A frame asking for an ack gets one, in
 from __future__ import annotations
 
 import trio
+import trio.testing
 from conftest import Client, Running, make_config, open_client, start_daemon, subscribed
 from scrape import Scrape
 from test_ingest_auth import KEYS, metrics
@@ -184,3 +185,19 @@ async def test_forged_and_garbage_publish_frames_get_no_ack_and_do_nothing(
     scrape = await metrics(running)
     assert scrape.value("pushd_ingest_bad_frames_total", transport="tcp") == 2
     assert scrape.value("pushd_ingest_refused_frames_total", transport="tcp", reason="bad_mac") == 1
+
+
+async def test_a_source_without_a_key_never_publishes(running: Running) -> None:
+    """With ``allow_unauthenticated`` (the tests' default config), unsealed frames of a source
+    without a key are taken: its trades would count, its publishes never do (not permitted,
+    counted); the watcher's first notice is the one published over HTTP after them."""
+    async with open_client(running.ws_url) as watcher:
+        await notice_watcher(watcher)
+        sender = UdpSender("127.0.0.1", running.ports.ingest_udp, src=7, key=None)
+        await sender.send([publish("notice", b'{"forged":1}')])
+        await trio.testing.wait_all_tasks_blocked()  # the datagram was read and dealt with
+        await running.publish("notice", {"real": 1})
+        assert (await watcher.recv())["data"] == {"real": 1}
+    scrape = await metrics(running)
+    assert events(scrape, "not_permitted") == 1
+    assert events(scrape, "Publish") == 0
