@@ -35,19 +35,25 @@ class Framer:
         self._clock = clock
         self._seq = 0
 
-    def envelope(self, events: Sequence[wire.Event]) -> wire.Envelope:
-        self._seq += 1
-        return wire.Envelope(self.src, self.epoch, self._seq, list(events))
+    @property
+    def seq(self) -> int:
+        """The last frame's number (0 before the first)."""
+        return self._seq
 
-    def frame(self, events: Sequence[wire.Event]) -> bytes:
-        """One frame's bytes (a datagram, or a TCP frame's body): sealed when there is a key."""
-        body = wire.encode(self.envelope(events))
+    def envelope(self, events: Sequence[wire.Event], ack: bool = False) -> wire.Envelope:
+        self._seq += 1
+        return wire.Envelope(self.src, self.epoch, self._seq, list(events), ack)
+
+    def frame(self, events: Sequence[wire.Event], ack: bool = False) -> bytes:
+        """One frame's bytes (a datagram, or a TCP frame's body): sealed when there is a key.
+        ``ack``: pushd answers it (TCP only; see ``wire.Ack``)."""
+        body = wire.encode(self.envelope(events, ack))
         if self.key is None:
             return body
         return wire.seal(body, self.src, self.key, self._clock() // 1_000_000)
 
-    def tcp_frame(self, events: Sequence[wire.Event]) -> bytes:
-        return wire.length_prefixed(self.frame(events))
+    def tcp_frame(self, events: Sequence[wire.Event], ack: bool = False) -> bytes:
+        return wire.length_prefixed(self.frame(events, ack))
 
     def datagrams(
         self, events: Sequence[wire.Event], limit: int = wire.MAX_DATAGRAM_BYTES

@@ -112,6 +112,16 @@ class IndexPrice(_Event, tag="index", frozen=True):
     ts: Millis
 
 
+class Publish(_Event, tag="publish", frozen=True):
+    """A backend's message to a channel it owns (``notice``, ``user_<uid>_<stream>``), as the
+    HTTP ``POST /v1/publish`` takes it: ``data`` is the message's JSON text (UTF-8, as MessagePack
+    bin: a str would be decoded only to be encoded again), passed to subscribers as it is. Only
+    from a source allowed to publish (``backend = true``)."""
+
+    channel: Annotated[str, msgspec.Meta(max_length=128)]
+    data: bytes
+
+
 class Heartbeat(_Event, tag="heartbeat", frozen=True):
     """Nothing to say but "this source is alive": a TCP connection's hello, and what an idle
     sender sends (at least once a second) so that pushd can tell quiet from gone."""
@@ -144,19 +154,34 @@ Event = (
     | PositionUpdate
     | AccountUpdate
     | IndexPrice
+    | Publish
     | Heartbeat
     | BookRequest
     | BookSnapshot
 )
 
 
-class Envelope(msgspec.Struct, frozen=True):
-    """One frame: ``seq`` counts frames per (``src``, ``epoch``), starting at 1."""
+class Envelope(msgspec.Struct, frozen=True, omit_defaults=True):
+    """One frame: ``seq`` counts frames per (``src``, ``epoch``), starting at 1. ``ack``: over
+    TCP, pushd answers this frame with an ``Ack`` (a backend that waits for its publish)."""
 
     src: Annotated[int, msgspec.Meta(ge=0, le=2**32 - 1)]
     epoch: Annotated[int, msgspec.Meta(ge=0)]
     seq: Annotated[int, msgspec.Meta(ge=1)]
     events: Annotated[list[Event], msgspec.Meta(min_length=1)]
+    ack: bool = False
+
+
+class Ack(msgspec.Struct, frozen=True):
+    """pushd's answer to a TCP frame that asked for one, once it has dealt with it: the
+    frame's ``verdict`` (its events were taken only when ``in_order``, ``gap`` or
+    ``restart``) and the publishes refused, as (index in ``events``, reason)."""
+
+    src: int
+    epoch: int
+    seq: int
+    verdict: str
+    refused: list[tuple[int, str]] = []
 
 
 class WireError(ValueError):
@@ -165,6 +190,7 @@ class WireError(ValueError):
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Envelope)
+_ack_decoder = msgspec.msgpack.Decoder(Ack)
 
 
 def encode(envelope: Envelope) -> bytes:
@@ -186,6 +212,19 @@ def decode(data: bytes | bytearray | memoryview) -> Envelope:
         raise WireError(f"undecodable frame: {exc}") from None
     except RecursionError:  # msgspec's answer to nesting past its depth limit
         raise WireError("undecodable frame: nested too deep") from None
+
+
+def encode_ack(ack: Ack) -> bytes:
+    """An ack as pushd sends it on the TCP connection: length-prefixed, not sealed."""
+    return length_prefixed(_encoder.encode(ack))
+
+
+def decode_ack(body: bytes) -> Ack:
+    """One ack frame's body (``StreamDecoder.next_body`` splits them). Raises WireError."""
+    try:
+        return _ack_decoder.decode(body)
+    except msgspec.DecodeError as exc:
+        raise WireError(f"invalid ack: {exc}") from None
 
 
 def frame_tcp(envelope: Envelope) -> bytes:

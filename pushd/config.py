@@ -245,6 +245,8 @@ class IngestSourceConfig(_Section, frozen=True):
     key: str = ""  # secret: HMAC-SHA256 key (its UTF-8 bytes, at least 32); or key_file
     key_file: str = ""  # a file holding the key (whitespace around it ignored)
     private: bool = False  # may carry order/balance/position/account events (and their gaps)
+    # may publish what backends own (notice, user_<uid>_<stream>): a backend's way in
+    backend: bool = False
     # no valid frame for this long: the source is down (/readyz, pushd_ingest_source_up);
     # senders beat once a second when idle. 0: a source that may be silent
     silent_after_s: Annotated[float, msgspec.Meta(ge=0)] = 10.0

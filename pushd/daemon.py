@@ -477,10 +477,13 @@ def ingest_policy(config: Config) -> Policy:
     """What the intake believes, from ``[ingest]``: the sources' keys and permissions."""
     ingest = config.ingest
     sources = {
-        s.id: Source(s.key.encode(), private=s.private, silent_after_s=s.silent_after_s)
+        s.id: Source(s.key.encode(), s.private, s.silent_after_s, backend=s.backend)
         for s in ingest.sources
     }
-    return Policy(sources, ingest.allow_unauthenticated, ingest.replay_window_s)
+    return Policy(
+        sources, ingest.allow_unauthenticated, ingest.replay_window_s,
+        publish_max_bytes=config.limits.outbound_buffer_bytes // 4,  # as the HTTP API's
+    )  # fmt: skip
 
 
 async def _close_later(verifier: Verifier, after_s: float) -> None:

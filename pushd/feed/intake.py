@@ -9,7 +9,9 @@ header's and its epoch not ahead of the clock. Only then does it reach the seque
 only a key holder can move a source's epoch or seq. Unsealed frames are taken only with
 ``allow_unauthenticated`` and only for a ``src`` that has no key. A frame that fails is counted
 by reason (``refused``) and never acted on. Private events (and the gaps that may have held
-them) are believed only from a source allowed to carry them.
+them) are believed only from a source allowed to carry them, and a backend's publishes
+(``notice``, ``user_*``) only from a keyed source allowed to publish, under the HTTP API's
+channel rules and limits (``pushd.http.owned``).
 """
 
 from __future__ import annotations
@@ -22,9 +24,17 @@ from typing import NamedTuple, Protocol
 import msgspec
 
 from ingest import wire
+from pushd.bus.model import Outgoing
+from pushd.errors import ApiError
 from pushd.feed.sequencing import MAX_SOURCES, SequenceTracker, Verdict
+from pushd.http.owned import backend_message
 
 PrivateEvent = wire.OrderUpdate | wire.BalanceUpdate | wire.PositionUpdate | wire.AccountUpdate
+
+
+NOT_PERMITTED = "not_permitted"  # the source may not carry such events
+# a publish the HTTP API would refuse, by its status: the ``events`` counter and ack reason
+_PUBLISH_REFUSAL = {403: "publish_forbidden", 413: "publish_too_large", 400: "publish_invalid"}
 
 
 class IngestSink(Protocol):
@@ -33,6 +43,9 @@ class IngestSink(Protocol):
     def index_price(self, event: wire.IndexPrice) -> None: ...
 
     def private(self, event: PrivateEvent) -> None: ...
+
+    def publish(self, message: Outgoing) -> None:
+        """A backend's message, checked: to its channel as it is."""
 
     def resync(self, symbols: set[str], reason: str) -> None:
         """Events of these symbols may have been lost: rebuild their streams from the engine."""
@@ -59,12 +72,14 @@ class Source(msgspec.Struct, frozen=True):
     key: bytes
     private: bool = False  # may carry private events
     silent_after_s: float = 10.0  # down after this long without a valid frame; 0: never
+    backend: bool = False  # may publish what backends own (notice, user_<uid>_<stream>)
 
 
 class Policy(msgspec.Struct, frozen=True):
     sources: dict[int, Source] = msgspec.field(default_factory=dict)
     allow_unsealed: bool = False  # unsealed frames, from a src without a key
     replay_window_s: float = 30.0
+    publish_max_bytes: int = 256 * 1024  # a backend publish's data, as the HTTP API's limit
 
 
 class Received(NamedTuple):
@@ -76,6 +91,19 @@ class Received(NamedTuple):
     src: int | None = None  # the source it claimed, when known
     error: str = ""  # a one-line reason for the log (refused, undecodable)
     not_permitted: int = 0  # private events dropped: the source may not carry them
+    refused_publishes: int = 0  # publishes refused: not permitted, or not what backends own
+    ack: wire.Ack | None = None  # the answer the frame asked for (TCP), once dealt with
+
+    @property
+    def quiet(self) -> bool:
+        """Taken whole: nothing worth a log line."""
+        verdict = self.verdict
+        return (
+            verdict is not None
+            and verdict.accepted
+            and not self.not_permitted
+            and not self.refused_publishes
+        )
 
 
 class Intake:
@@ -146,8 +174,18 @@ class Intake:
         if envelope.epoch > wall_ns + policy.replay_window_s * 1e9:
             return self._refuse(transport, Refusal.EPOCH_AHEAD, envelope.src, now)
         verdict, _ = self._sequence(envelope, now)
-        not_permitted = self._dispatch(envelope, now) if verdict.accepted else 0
-        return Received(True, verdict, src=envelope.src, not_permitted=not_permitted)
+        refused: list[tuple[int, str]] = []
+        if verdict.accepted:
+            self._dispatch(envelope, now, refused)
+        ack = None
+        if envelope.ack:
+            ack = wire.Ack(envelope.src, envelope.epoch, envelope.seq, verdict.value, refused)
+        if not refused:  # the common case, kept cheap (100k+ frames/s)
+            return Received(True, verdict, src=envelope.src, ack=ack)
+        events = envelope.events
+        publishes = sum(isinstance(events[i], wire.Publish) for i, _ in refused)
+        return Received(True, verdict, src=envelope.src, not_permitted=len(refused) - publishes,
+                        refused_publishes=publishes, ack=ack)  # fmt: skip
 
     def _refuse(self, transport: str, why: Refusal, src: int | None, now: float) -> Received:
         self.frames["refused"] += 1
@@ -202,17 +240,19 @@ class Intake:
                 self._sink.private_gap(f"source {src} restarted")
         return verdict, missing
 
-    def _dispatch(self, envelope: wire.Envelope, now: float) -> int:
-        """The events of an accepted frame to the sink; returns how many private events were
-        dropped because the source may not carry them."""
+    def _dispatch(
+        self, envelope: wire.Envelope, now: float, refused: list[tuple[int, str]] | None = None
+    ) -> None:
+        """The events of an accepted frame to the sink; what is dropped for its source may not
+        carry it (``NOT_PERMITTED``), or a publish refused, goes to ``refused`` (index, why)."""
         src = envelope.src
         source = self.policy.sources.get(src)
-        not_permitted = 0
+        refused = [] if refused is None else refused
         if source is not None:
             self._accepted_at[src] = now
         seen = self._symbols_by_source.setdefault(src, set())
         sink = self._sink
-        for event in envelope.events:
+        for index, event in enumerate(envelope.events):
             symbol = getattr(event, "symbol", None)
             if symbol is not None and symbol not in self._symbols:
                 self.events["unknown_symbol"] += 1
@@ -230,19 +270,38 @@ class Intake:
                     | (wire.AccountUpdate())
                 ):
                     if source is not None and not source.private:
-                        self.events["not_permitted"] += 1
-                        not_permitted += 1
+                        self.events[NOT_PERMITTED] += 1
+                        refused.append((index, NOT_PERMITTED))
                         continue
                     if source is None:
                         self._private_sources.add(src)
                     sink.private(event)
+                case wire.Publish():
+                    why = self._publish(event, source)
+                    if why:
+                        self.events[why] += 1
+                        refused.append((index, why))
+                        continue
                 case wire.Heartbeat():
                     pass
                 case _:  # book requests/snapshots belong to the poller's connection
                     self.events["unexpected"] += 1
                     continue
             self.events[type(event).__name__] += 1
-        return not_permitted
+
+    def _publish(self, event: wire.Publish, source: Source | None) -> str:
+        """A backend's publish to the sink, if its source may and the HTTP API would take it;
+        else why not (an ``events`` counter and the ack's reason)."""
+        if source is None or not source.backend:  # unsealed sources never publish
+            return NOT_PERMITTED
+        try:
+            message = backend_message(
+                event.channel, event.data, self._symbols, self.policy.publish_max_bytes
+            )
+        except ApiError as exc:
+            return _PUBLISH_REFUSAL.get(exc.status, "publish_invalid")
+        self._sink.publish(message)
+        return ""
 
     def _forget_sources(self) -> None:
         keyed = self.policy.sources

@@ -9,6 +9,11 @@ its source's key). Until then it waits, at most ``auth_timeout_s``; a peer whose
 refused is dropped at once, and when ``max_tcp_peers`` peers already wait, the one waiting
 longest is dropped to make room: idle connections cannot keep the engine out.
 
+A TCP frame that asks for an ack (``"ack": true``, a backend waiting for its publish) is
+answered on its connection once dealt with, in order; acks of frames read together go out in
+one write (a peer that asks for acks and does not read them is slowed by TCP, not buffered).
+Over UDP the flag is ignored.
+
 Each datagram and each TCP peer is an error boundary: whatever one of them causes (a frame that
 trips a bug further in, a reset at any moment) is counted as a bad frame or ends that peer, with
 a log line; the listener and the daemon go on.
@@ -49,6 +54,9 @@ class FrameLogs:
         self.not_permitted = ThrottledLog(
             log, "private events dropped: their source may not carry them"
         )
+        self.publish_refused = ThrottledLog(
+            log, "publishes refused: not permitted to the source, or not what backends own"
+        )
         self.conflict = ThrottledLog(log, "two engines send as one source")
         self.dropped = ThrottledLog(log, "ingest TCP peer dropped before it authenticated")
 
@@ -58,8 +66,11 @@ class FrameLogs:
             self.refused.warning(peer=peer, reason=got.refusal.value, src=got.src)
         elif got.error:
             self.bad.warning(peer=peer, error=got.error, src=got.src)
-        elif got.not_permitted:
-            self.not_permitted.warning(peer=peer, src=got.src, events=got.not_permitted)
+        elif got.not_permitted or got.refused_publishes:
+            if got.not_permitted:
+                self.not_permitted.warning(peer=peer, src=got.src, events=got.not_permitted)
+            if got.refused_publishes:
+                self.publish_refused.warning(peer=peer, src=got.src, events=got.refused_publishes)
         elif got.verdict is Verdict.CONFLICT:
             self.conflict.warning(
                 peer=peer, src=got.src, why="an older epoch still numbers frames: the newest "
@@ -110,7 +121,7 @@ async def serve_udp(
                     intake.bad_frame("udp")
                     log.exception("engine frame failed", peer=f"{addr[0]}:{addr[1]}")
                     continue
-                if got.verdict is not None and got.verdict.accepted and not got.not_permitted:
+                if got.quiet:  # the common case: nothing to tell
                     continue
                 logs.tell(got, f"{addr[0]}:{addr[1]}")
             await trio.lowlevel.checkpoint()
@@ -211,6 +222,7 @@ async def _read_frames(
     has, a frame may be at most ``MAX_FIRST_FRAME_BYTES`` (a stranger's big length ends it)."""
     decoder = wire.StreamDecoder(max_frame=wire.MAX_FIRST_FRAME_BYTES)
     admitted = False
+    acks: list[bytes] = []
     while data := await stream.receive_some(RECV_BYTES):
         decoder.feed(data)
         now, wall_ns = trio.current_time(), time.time_ns()
@@ -237,6 +249,11 @@ async def _read_frames(
                     return "full"
                 admitted = True
                 decoder.max_frame = wire.MAX_FRAME_BYTES
+            if got.ack is not None:
+                acks.append(wire.encode_ack(got.ack))
+        if acks:
+            await stream.send_all(b"".join(acks))
+            acks.clear()
     if decoder.buffered:  # the peer closed in the middle of a frame
         intake.bad_frame("tcp")
         logs.bad.warning(

@@ -79,6 +79,11 @@ class EngineRouter:
         else:
             self._overflowed = True
 
+    def publish(self, message: Outgoing) -> None:
+        """A backend's publish over the engine link: published by the node that took it, as
+        an HTTP publish is (no lease: a backend sends each message to one node)."""
+        self._bus.publish([message])
+
     def take_over(self, *, resumed: bool) -> bool:
         """This node publishes the private events from now; ``resumed``: it had the lease
         until it could not renew it. True when nothing the engine sent meanwhile is missing

@@ -50,7 +50,7 @@ from starlette.staticfiles import StaticFiles
 
 from pushd.binance.rest import BinanceRest
 from pushd.bus.backplane import Backplane
-from pushd.bus.model import Outgoing, Position, Snapshot, checked
+from pushd.bus.model import Outgoing, Position, Snapshot
 from pushd.channels import (
     KLINE_INTERVALS,
     NOTICE,
@@ -60,7 +60,8 @@ from pushd.channels import (
     parse_internal,
 )
 from pushd.config import Config
-from pushd.errors import ApiError, BusUnavailable, MalformedData
+from pushd.errors import ApiError, BusUnavailable
+from pushd.http.owned import backend_message
 from pushd.logs import stdlib_logger
 from pushd.market.trades import RECENT_TRADES, TradeBatch
 from pushd.metrics import GatewayMetrics
@@ -296,21 +297,10 @@ class HttpApi:
         return body
 
     def _check(self, item: PublishItem) -> Outgoing:
-        try:
-            channel = parse_internal(item.channel, self._symbols)
-        except ValueError as exc:
-            raise ApiError(400, str(exc)) from None
-        if not (channel.private or channel.internal == NOTICE or self._market_publish):
-            raise ApiError(
-                403, f"{item.channel} is computed by pushd: publish notice or user_<uid>_<stream>"
-            )
-        if len(item.data) > self._max_data:
-            raise ApiError(413, f"data of {item.channel} over {self._max_data} bytes")
-        try:  # before a seq is taken: a message no client can be sent gets none
-            data = checked(item.data)
-        except MalformedData as exc:
-            raise ApiError(400, f"data of {item.channel} is not JSON in UTF-8: {exc}") from None
-        return Outgoing(item.channel, data)
+        return backend_message(
+            item.channel, item.data, self._symbols, self._max_data,
+            market_publish=self._market_publish,
+        )  # fmt: skip
 
     async def publish(self, request: Request) -> dict[str, object]:
         item = _decode(await self._body(request), PublishItem)
