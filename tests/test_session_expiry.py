@@ -128,3 +128,16 @@ async def test_a_shorter_token_later_shortens_the_session(nursery: trio.Nursery)
             except trio_websocket.ConnectionClosed as closed:
                 assert closed.reason is not None
                 assert closed.reason.code == CloseCode.TOKEN_EXPIRED
+
+
+async def test_a_logged_in_connection_holds_no_task_for_its_token(nursery: trio.Nursery) -> None:
+    """The tokens' lifetimes run in one task of the gateway: a login with an ``exp`` adds no
+    task to its connection (a task per login cost every logged-in connection a task)."""
+    running = await start_daemon(nursery, make_config(limits={"token_notice_s": 1.0}))
+    async with open_client(running.ws_url) as c:
+        token = issue_hmac_token(SECRET, "1001", 600)
+        assert (await c.call({"op": "auth", "token": token}))["uid"] == "1001"
+        (conn,) = running.daemon.gateway.connections
+        assert conn.nursery is not None
+        assert conn.nursery.child_tasks == frozenset()
+        assert conn.token_watch is not None and conn.token_watch.conn is conn

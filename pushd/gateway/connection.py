@@ -21,6 +21,7 @@ import socket
 import ssl
 import termios
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import trio
 from wsproto.connection import Connection as WsConnection
@@ -35,6 +36,9 @@ from pushd.gateway.ratelimit import FrameBudget
 from pushd.gateway.session import Session
 from pushd.gateway.upgrade import Upgrade
 from pushd.tls import TlsLayer
+
+if TYPE_CHECKING:
+    from pushd.gateway.requests import TokenWatch
 
 RECV_BYTES = 65536
 
@@ -76,7 +80,7 @@ class Connection:
         "sock",
         "target",
         "tls",
-        "token_wait",
+        "token_watch",
         "traffic",
         "wire",
         "ws",
@@ -106,7 +110,7 @@ class Connection:
         self.pongs_owed = 0  # pongs queued since its outbound buffer was last empty
         self.pong_due: bytes | None = None  # the latest ping, when past the pongs owed
         self.pong_at = 0.0  # when the client's last pong came (trio time; 0: none yet)
-        self.token_wait: trio.CancelScope | None = None  # the token timer's sleep, if running
+        self.token_watch: TokenWatch | None = None  # its login's next token check, if any
 
     @property
     def unsent(self) -> bool:
