@@ -18,9 +18,11 @@ client's close, ...). That is the only code that moves a connection out of OPEN:
 unsubscribes, queues the close frame through the hub's dirty path like every other write (or,
 for an abort, ends the socket now), and counts ``closed{label}`` and the close code.
 
-Per connection there is one task, which reads: it feeds bytes to wsproto, charges every frame
-to the connection's ``FrameBudget`` (any opcode; a breach closes it), hands messages to the
-dialect, and answers pings. Writing is the ``writer``'s (one flusher, a drain per full socket).
+Per connection there is one task (its nursery's cancel scope is the connection's one scope: the
+handshake timeout, then the close timeout or an abort), which reads: it feeds bytes to wsproto,
+charges every frame to the connection's ``FrameBudget`` (any opcode; a breach closes it), hands
+messages to the dialect, and answers pings. Writing is the ``writer``'s (one flusher, a drain
+per full socket).
 
 Whatever one peer causes ends that peer only: the connection task is an error boundary (log
 line, metric, close 1011 where a close can still be sent), and so is each write of the flusher.
