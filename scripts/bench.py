@@ -26,8 +26,10 @@ Scenarios:
 2. ``market``: pushd only: 20 symbols, each client on a few streams, realistic message sizes,
    plus one client that stops reading: the others' p99 with and without it, and their gaps.
 3. ``private``: pushd only: logged-in users, each receiving its own order events.
-4. ``idle``: as many subscribed connections as fit (default 15,000): server RSS per connection.
-5. ``storm``: connections + upgrades + subscriptions per second from 4 clients.
+4. ``idle``: as many subscribed connections as fit (default 15,000): server RSS per connection;
+   for pushd also with a login first (``+ login``).
+5. ``storm``: connections + upgrades + subscriptions per second from 4 clients; for pushd also
+   with a login first (``+ login``).
 
 Headline figures: delivered messages/s; **deliveries per server CPU-second** (what one core
 buys); publish->receive latency p50/p99/p99.9/max; messages lost; server CPU and RSS.
