@@ -183,7 +183,8 @@ class Gateway:
         async with trio.open_nursery() as nursery:
             if self._runs_flusher:
                 nursery.start_soon(self.flusher.run)
-            nursery.start_soon(self.requests.run_token_timers)
+            if self._dialect is self.requests:  # (another dialect's logins are its own)
+                nursery.start_soon(self.requests.run_token_timers)
             with listener, trio.CancelScope() as self._accepting:
                 task_status.started(listener.getsockname()[1])
                 await self._accept_loop(listener, nursery)
