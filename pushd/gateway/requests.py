@@ -34,6 +34,7 @@ from pushd.gateway.session import Session, TokenExpired, TokenNotice
 from pushd.metrics import GatewayMetrics
 
 log = structlog.get_logger("pushd.gateway.requests")
+MAX_EMPTIED = 64  # emptied token checks the heap may hold before it is rebuilt without them
 
 
 class Dialect(Protocol):
@@ -89,6 +90,7 @@ class Requests:
         self._by_uid: dict[str, set[Connection]] = {}
         self._watches: list[TokenWatch] = []  # a heap: the next token check first
         self._timers_wake: trio.CancelScope | None = None  # the timers' sleep, while it runs
+        self._emptied = 0  # checks in the heap emptied since it was last rebuilt (about)
 
     def reconfigure(self, limits: LimitsConfig, verifier: Verifier) -> None:
         self._limits = limits
@@ -98,8 +100,7 @@ class Requests:
         conn.session = Session(self._symbols, self._limits, now)
 
     def closed(self, conn: Connection) -> None:
-        if conn.token_watch is not None:
-            conn.token_watch.conn = None
+        self._unwatch(conn)
         if (uid := conn.uid) is not None:
             self._leave_uid(conn, uid)
 
@@ -222,7 +223,10 @@ class Requests:
             while self._watches and self._watches[0].at <= now:
                 due.append(heapq.heappop(self._watches).conn)
             for conn in due:  # (what they file now waits for the next turn)
-                if conn is None or conn.closing or (session := conn.session) is None:
+                if conn is None:
+                    self._emptied = max(0, self._emptied - 1)
+                    continue
+                if conn.closing or (session := conn.session) is None:
                     continue
                 conn.token_watch = None
                 match session.token_due(now):
@@ -236,15 +240,25 @@ class Requests:
 
     def _watch(self, conn: Connection, session: Session) -> None:
         """File the session's next token check (its previous one, if any, is emptied)."""
-        if conn.token_watch is not None:
-            conn.token_watch.conn = None
-            conn.token_watch = None
+        self._unwatch(conn)
         if (at := session.token_check_at()) is None:
             return
         conn.token_watch = watch = TokenWatch(at, conn)
         heapq.heappush(self._watches, watch)
         if self._watches[0] is watch:
             self._aim_timers()
+
+    def _unwatch(self, conn: Connection) -> None:
+        """Empty the connection's filed check; once most of the heap is empty checks (a
+        client that logs in again and again), it is rebuilt without them."""
+        if (watch := conn.token_watch) is None:
+            return
+        watch.conn = conn.token_watch = None
+        self._emptied += 1
+        if self._emptied > MAX_EMPTIED and self._emptied * 2 > len(self._watches):
+            self._watches = [w for w in self._watches if w.conn is not None]
+            heapq.heapify(self._watches)
+            self._emptied = 0
 
     def _aim_timers(self) -> None:
         """The timers' task wakes at the first check filed (token times are Unix time)."""
