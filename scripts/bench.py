@@ -35,8 +35,10 @@ Scenarios:
    the others' p99 with and without them, and their gaps (seqs; through the dialect the
    depth ``U``/``u`` and trade id chains).
 3. ``private``: pushd only: logged-in users, each receiving its own order events.
-4. ``idle``: as many subscribed connections as fit (default 15,000): server RSS per connection.
-5. ``storm``: connections + upgrades + subscriptions per second from 4 clients.
+4. ``idle``: as many subscribed connections as fit (default 15,000): server RSS per connection;
+   for pushd also with a login first (``+ login``).
+5. ``storm``: connections + upgrades + subscriptions per second from 4 clients; for pushd also
+   with a login first (``+ login``).
 
 Headline figures: delivered messages/s; **deliveries per server CPU-second** (what one core
 buys); publish->receive latency p50/p99/p99.9/max; messages lost; server CPU and RSS.

@@ -94,8 +94,14 @@ def broadcast(args: argparse.Namespace, targets: list[str]) -> list[dict[str, An
 
 
 def idle(args: argparse.Namespace, targets: list[str]) -> list[dict[str, Any]]:
+    """Subscribed connections held idle: server memory per connection; for pushd also with a
+    login first (an HMAC token with an ``exp``: its lifetime is watched per connection)."""
+    runs: list[tuple[str, str, list[bytes] | None]] = [(name, "", None) for name in targets]
+    if "pushd" in targets:
+        login = b'{"op":"auth","token":"%s"}' % token("1001").encode()
+        runs.append(("pushd", " + login", [login, *Pushd.setup]))
     rows = []
-    for name in targets:
+    for name, label, setup in runs:
         target = TARGETS[name]()
         with running(target, args.idle):
             time.sleep(0.5)  # let the server settle before the baseline
@@ -110,7 +116,7 @@ def idle(args: argparse.Namespace, targets: list[str]) -> list[dict[str, Any]]:
                     (
                         target.port,
                         target.path,
-                        target.setup,
+                        setup if setup is not None else target.setup,
                         counts[i],
                         f"127.0.0.{20 + i}",
                         control,
@@ -131,7 +137,7 @@ def idle(args: argparse.Namespace, targets: list[str]) -> list[dict[str, Any]]:
         result = row(
             "idle",
             name,
-            f"N={opened} subscribed",
+            f"N={opened} subscribed{label}",
             per_conn_kib=(rss1 - rss0) / opened,
             rss_mib=rss1 / 1024,
             open_s=took,

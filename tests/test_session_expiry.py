@@ -17,6 +17,7 @@ from test_session import make
 from pushd.auth import HmacVerifier, HttpVerifier, issue_hmac_token
 from pushd.config import HmacAuthConfig, HttpAuthConfig
 from pushd.errors import CloseCode
+from pushd.gateway.requests import MAX_EMPTIED
 from pushd.gateway.session import TokenExpired, TokenNotice
 
 
@@ -128,3 +129,32 @@ async def test_a_shorter_token_later_shortens_the_session(nursery: trio.Nursery)
             except trio_websocket.ConnectionClosed as closed:
                 assert closed.reason is not None
                 assert closed.reason.code == CloseCode.TOKEN_EXPIRED
+
+
+async def test_a_logged_in_connection_holds_no_task_for_its_token(nursery: trio.Nursery) -> None:
+    """The tokens' lifetimes run in one task of the gateway: a login with an ``exp`` adds no
+    task to its connection (a task per login cost every logged-in connection a task)."""
+    running = await start_daemon(nursery, make_config(limits={"token_notice_s": 1.0}))
+    async with open_client(running.ws_url) as c:
+        token = issue_hmac_token(SECRET, "1001", 600)
+        assert (await c.call({"op": "auth", "token": token}))["uid"] == "1001"
+        (conn,) = running.daemon.gateway.connections
+        assert conn.nursery is not None
+        assert conn.nursery.child_tasks == frozenset()
+        assert conn.token_watch is not None and conn.token_watch.conn is conn
+
+
+async def test_logging_in_again_and_again_leaves_no_trail_of_token_checks(
+    nursery: trio.Nursery,
+) -> None:
+    """Each login files the session's next token check and empties its previous one; a client
+    that logs in again and again does not grow the gateway's heap of checks without bound."""
+    limits = {"messages_per_second": 10_000, "message_burst": 10_000, "frame_burst": 10_000}
+    running = await start_daemon(nursery, make_config(limits=limits))
+    requests = running.daemon.gateway.requests
+    async with open_client(running.ws_url) as c:
+        for _ in range(300):
+            token = issue_hmac_token(SECRET, "1001", 600)
+            assert (await c.call({"op": "auth", "token": token}))["uid"] == "1001"
+        assert len(requests._watches) <= 2 * MAX_EMPTIED + 1
+    assert sum(w.conn is not None for w in requests._watches) == 0  # closed: none is live

@@ -9,6 +9,7 @@ Sans-IO (plain classes, tested without sockets):
   the ``Disconnect`` values it ends with;
 - ``admission``: who gets in (socket caps at accept, HTTP refusals at the upgrade, accept
   errors by class), against the current config;
+- ``upgrade``: the upgrade request, read by httptools when plainly valid, else by wsproto/h11;
 - ``ratelimit``: token buckets and the per-connection frame budget.
 
 Trio:
@@ -16,7 +17,7 @@ Trio:
 - ``connection``: one socket: its bytes in and out (one wire buffer, TLS or not), pings;
 - ``writer``: the flusher and the drains (coalescing, one writer per socket);
 - ``requests``: what a client's messages mean (``Dialect``; pushd's own is ``Requests``: auth,
-  subscribe, unsubscribe, ping, the token timer, the uid registry); a second dialect plugs in
-  here;
+  subscribe, unsubscribe, ping, every login's token lifetime in one task, the uid registry);
+  a second dialect plugs in here;
 - ``server``: the shell (``Gateway``): accepts, handshakes, reads, and ends connections.
 """

@@ -21,12 +21,12 @@ import socket
 import ssl
 import termios
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import trio
 from wsproto.connection import Connection as WsConnection
 from wsproto.connection import ConnectionState
 from wsproto.events import Pong, Request
-from wsproto.handshake import H11Handshake
 
 from pushd.errors import PeerGone, TlsClosed
 from pushd.gateway.admission import Refusal, malformed
@@ -34,7 +34,11 @@ from pushd.gateway.hub import Hub, Outlet, frame_end
 from pushd.gateway.lifecycle import Lifecycle, Phase, Writer
 from pushd.gateway.ratelimit import FrameBudget
 from pushd.gateway.session import Session
+from pushd.gateway.upgrade import Upgrade
 from pushd.tls import TlsLayer
+
+if TYPE_CHECKING:
+    from pushd.gateway.requests import TokenWatch
 
 RECV_BYTES = 65536
 
@@ -72,12 +76,11 @@ class Connection:
         "pong_at",
         "pong_due",
         "pongs_owed",
-        "scope",
         "session",
         "sock",
         "target",
         "tls",
-        "token_wait",
+        "token_watch",
         "traffic",
         "wire",
         "ws",
@@ -101,14 +104,13 @@ class Connection:
         self.session: Session | None = None
         self.target = "/"  # the request target of its upgrade (path and query)
         self.leave: Callable[[], None] | None = None  # another dialect's own leave_all
-        self.scope: trio.CancelScope | None = None
-        self.nursery: trio.Nursery | None = None
+        self.nursery: trio.Nursery | None = None  # its task's; its cancel scope is ``scope``
         self.tls: TlsLayer | None = None
         self.frames: FrameBudget | None = None  # what its received frames may cost (once open)
         self.pongs_owed = 0  # pongs queued since its outbound buffer was last empty
         self.pong_due: bytes | None = None  # the latest ping, when past the pongs owed
         self.pong_at = 0.0  # when the client's last pong came (trio time; 0: none yet)
-        self.token_wait: trio.CancelScope | None = None  # the token timer's sleep, if running
+        self.token_watch: TokenWatch | None = None  # its login's next token check, if any
 
     @property
     def unsent(self) -> bool:
@@ -128,15 +130,18 @@ class Connection:
         return self.life.writer is Writer.DRAIN
 
     @property
+    def scope(self) -> trio.CancelScope | None:
+        """The connection's one cancel scope (its nursery's): the handshake timeout, an
+        abort, the close timeout."""
+        nursery = self.nursery
+        return None if nursery is None else nursery.cancel_scope
+
+    @property
     def leaving(self) -> bool:
         """Its task is leaving its nursery (ended, aborted, past the close timeout, or failed):
         no drain may start there any more, and the task writes the last bytes itself."""
-        scope, nursery = self.scope, self.nursery
-        return (
-            nursery is None
-            or nursery.cancel_scope.cancel_called
-            or (scope is not None and scope.cancel_called)
-        )
+        nursery = self.nursery
+        return nursery is None or nursery.cancel_scope.cancel_called
 
     @property
     def close_reason(self) -> str:
@@ -260,12 +265,15 @@ class Connection:
                 self.sock.send(self._ciphertext(self.outlet.out))
 
     async def _send_all(self, data: bytes) -> bool:
+        """Sent before any wait, as trio's sockets do: a socket that takes the bytes (a fresh
+        one always does) costs no epoll registration and no trip through the scheduler."""
+        await trio.lowlevel.checkpoint_if_cancelled()
         view = memoryview(data)
         while view:
-            await trio.lowlevel.wait_writable(self.sock)
             try:
                 sent = self.sock.send(view)
             except BlockingIOError:
+                await trio.lowlevel.wait_writable(self.sock)
                 continue
             except OSError:
                 return False
@@ -301,17 +309,26 @@ class Connection:
             return None
 
     async def _recv_raw(self) -> bytes:
+        """Read before any wait, as trio's sockets do: bytes already there (an upgrade request
+        by the time it is accepted) cost no epoll registration. A read that did not wait
+        yields once after it, so a peer that floods never holds the loop."""
+        await trio.lowlevel.checkpoint_if_cancelled()
+        waited = False
         while True:
-            await trio.lowlevel.wait_readable(self.sock)
             try:
-                return self.sock.recv(RECV_BYTES)
+                data = self.sock.recv(RECV_BYTES)
             except BlockingIOError:
+                await trio.lowlevel.wait_readable(self.sock)
+                waited = True
                 continue
             except OSError:
-                return b""
+                data = b""
+            if not waited:
+                await trio.lowlevel.cancel_shielded_checkpoint()
+            return data
 
     async def read_request(
-        self, handshake: H11Handshake, tls: ssl.SSLContext | None
+        self, upgrade: Upgrade, tls: ssl.SSLContext | None
     ) -> Request | Refusal | None:
         """TLS first on wss://, then the upgrade request; a Refusal for a request h11 or
         wsproto cannot take (``admission.malformed``), None if the peer went away. Raises
@@ -323,10 +340,8 @@ class Connection:
                 data = await self.recv()
                 if not data:
                     return None
-                handshake.receive_data(data)
-                for event in handshake.events():
-                    if isinstance(event, Request):
-                        return event
+                if (request := upgrade.receive(data)) is not None:
+                    return request
         except Exception as exc:  # h11/wsproto found the request malformed
             return malformed(exc)
 

@@ -175,7 +175,11 @@ class _View:
 
     def __init__(self, encode: ViewEncoder) -> None:
         self.encode = encode
-        self.stateful = encode if isinstance(encode, StatefulView) else None
+        candidate: object = encode  # (a Callable's narrowing to the Protocol is lost on mypy:
+        # typed ``object``, the branches that read ``stateful`` stay type-checked)
+        self.stateful: StatefulView | None = (
+            candidate if isinstance(candidate, StatefulView) else None
+        )
         self.subscribers: dict[Outlet, None] = {}
 
 

@@ -13,6 +13,7 @@ between them, the bus, the login verifier and the connection.
 
 from __future__ import annotations
 
+import heapq
 import time
 from collections.abc import Callable, Container
 from typing import Protocol
@@ -33,6 +34,7 @@ from pushd.gateway.session import Session, TokenExpired, TokenNotice
 from pushd.metrics import GatewayMetrics
 
 log = structlog.get_logger("pushd.gateway.requests")
+MAX_EMPTIED = 64  # emptied token checks the heap may hold before it is rebuilt without them
 
 
 class Dialect(Protocol):
@@ -53,6 +55,20 @@ class Dialect(Protocol):
     def serving(self, nursery: trio.Nursery) -> None:
         """The gateway serves: ``nursery`` is where the dialect's own tasks run (the Binance
         all-market arrays' timer), ended with the gateway."""
+
+
+class TokenWatch:
+    """A token check filed for a connection (``Requests.run_token_timers``); emptied
+    (``conn`` None) when the connection logs in again or ends."""
+
+    __slots__ = ("at", "conn")
+
+    def __init__(self, at: float, conn: Connection) -> None:
+        self.at = at  # Unix time
+        self.conn: Connection | None = conn
+
+    def __lt__(self, other: TokenWatch) -> bool:
+        return self.at < other.at
 
 
 class Requests:
@@ -76,6 +92,9 @@ class Requests:
         self._metrics = metrics
         self._end = end
         self._by_uid: dict[str, set[Connection]] = {}
+        self._watches: list[TokenWatch] = []  # a heap: the next token check first
+        self._timers_wake: trio.CancelScope | None = None  # the timers' sleep, while it runs
+        self._emptied = 0  # checks in the heap emptied since it was last rebuilt (about)
 
     def reconfigure(self, limits: LimitsConfig, verifier: Verifier) -> None:
         self._limits = limits
@@ -88,6 +107,7 @@ class Requests:
         conn.session = Session(self._symbols, self._limits, now)
 
     def closed(self, conn: Connection) -> None:
+        self._unwatch(conn)
         if (uid := conn.uid) is not None:
             self._leave_uid(conn, uid)
 
@@ -194,23 +214,64 @@ class Requests:
         reason = self._hub.unpaceable(conn.outlet, added[0], recovery)
         return reason is None, reason
 
-    async def _token_timer(self, conn: Connection, session: Session) -> None:
-        """The login's token's lifetime: the ``@auth`` notice before ``exp``, then 4004 at
-        ``exp``. The session owns the deadline: a login cancels the sleep (``token_wait``),
-        so the timer asks again and follows the latest token's ``exp``, longer or shorter."""
-        try:
-            while not conn.closing and (at := session.token_check_at()) is not None:
-                with trio.CancelScope() as conn.token_wait:
-                    await trio.sleep(max(0.0, at - time.time()))
-                if conn.closing:
-                    return
-                match session.token_due(time.time()):
+    async def run_token_timers(self) -> None:
+        """Every login's token lifetime, in one task for the gateway: the ``@auth`` notice
+        before ``exp``, then 4004 at ``exp`` (a task per login cost each logged-in connection
+        a task, its cancel scopes and its memory; issue 22). The session owns the times: a
+        login or a notice files the session's next check (``_watch``); an entry whose
+        connection logged in again, or ended, was emptied then and is skipped."""
+        while True:
+            with trio.CancelScope() as self._timers_wake:
+                self._aim_timers()
+                await trio.sleep_forever()
+            self._timers_wake = None
+            now = time.time()
+            due = []
+            while self._watches and self._watches[0].at <= now:
+                due.append(heapq.heappop(self._watches).conn)
+            for conn in due:  # (what they file now waits for the next turn)
+                if conn is None:
+                    self._emptied = max(0, self._emptied - 1)
+                    continue
+                if conn.closing or (session := conn.session) is None:
+                    continue
+                conn.token_watch = None
+                match session.token_due(now):
                     case TokenNotice(expires_in=expires_in, exp=exp):
                         conn.send(text_frame(protocol.encode_auth_notice(expires_in, exp)))
+                        self._watch(conn, session)
                     case TokenExpired():
                         self._end(conn, lifecycle.TOKEN_EXPIRED)
-        finally:
-            conn.token_wait = None
+                    case None:
+                        self._watch(conn, session)
+
+    def _watch(self, conn: Connection, session: Session) -> None:
+        """File the session's next token check (its previous one, if any, is emptied)."""
+        self._unwatch(conn)
+        if (at := session.token_check_at()) is None:
+            return
+        conn.token_watch = watch = TokenWatch(at, conn)
+        heapq.heappush(self._watches, watch)
+        if self._watches[0] is watch:
+            self._aim_timers()
+
+    def _unwatch(self, conn: Connection) -> None:
+        """Empty the connection's filed check; once most of the heap is empty checks (a
+        client that logs in again and again), it is rebuilt without them."""
+        if (watch := conn.token_watch) is None:
+            return
+        watch.conn = conn.token_watch = None
+        self._emptied += 1
+        if self._emptied > MAX_EMPTIED and self._emptied * 2 > len(self._watches):
+            self._watches = [w for w in self._watches if w.conn is not None]
+            heapq.heapify(self._watches)
+            self._emptied = 0
+
+    def _aim_timers(self) -> None:
+        """The timers' task wakes at the first check filed (token times are Unix time)."""
+        if self._timers_wake is not None and self._watches:
+            wait_s = max(0.0, self._watches[0].at - time.time())
+            self._timers_wake.deadline = trio.current_time() + wait_s
 
     async def _auth(
         self, conn: Connection, session: Session, request: protocol.Auth, now: float
@@ -233,11 +294,8 @@ class Requests:
         previous, uid = session.uid, login.uid
         for channel in session.login(uid, login.exp, time.time()):
             self._hub.unsubscribe(conn.outlet, channel.internal)
-        if conn.token_wait is not None:
-            conn.token_wait.cancel()  # the running timer reads the new exp
-        elif login.exp is not None and conn.nursery is not None:
-            conn.token_wait = trio.CancelScope()  # taken by the timer when it first sleeps
-            conn.nursery.start_soon(self._token_timer, conn, session)
+        if login.exp is not None or conn.token_watch is not None:
+            self._watch(conn, session)  # the latest token's exp, longer or shorter
         if previous != uid:
             if previous is not None:
                 self._leave_uid(conn, previous)

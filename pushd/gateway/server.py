@@ -18,9 +18,11 @@ client's close, ...). That is the only code that moves a connection out of OPEN:
 unsubscribes, queues the close frame through the hub's dirty path like every other write (or,
 for an abort, ends the socket now), and counts ``closed{label}`` and the close code.
 
-Per connection there is one task, which reads: it feeds bytes to wsproto, charges every frame
-to the connection's ``FrameBudget`` (any opcode; a breach closes it), hands messages to the
-dialect, and answers pings. Writing is the ``writer``'s (one flusher, a drain per full socket).
+Per connection there is one task (its nursery's cancel scope is the connection's one scope: the
+handshake timeout, then the close timeout or an abort), which reads: it feeds bytes to wsproto,
+charges every frame to the connection's ``FrameBudget`` (any opcode; a breach closes it), hands
+messages to the dialect, and answers pings. Writing is the ``writer``'s (one flusher, a drain
+per full socket).
 
 Whatever one peer causes ends that peer only: the connection task is an error boundary (log
 line, metric, close 1011 where a close can still be sent), and so is each write of the flusher.
@@ -33,6 +35,7 @@ best whole, beside the handshake and the error boundary they pair with.)
 from __future__ import annotations
 
 import itertools
+import math
 import socket
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -40,9 +43,8 @@ from typing import Any, NamedTuple
 import msgspec
 import structlog
 import trio
-from wsproto.connection import ConnectionState, ConnectionType
+from wsproto.connection import ConnectionState
 from wsproto.events import (
-    AcceptConnection,
     BytesMessage,
     CloseConnection,
     Ping,
@@ -50,7 +52,6 @@ from wsproto.events import (
     Request,
     TextMessage,
 )
-from wsproto.handshake import H11Handshake
 
 from pushd.auth import Verifier
 from pushd.bus.model import Bus
@@ -63,6 +64,7 @@ from pushd.gateway.hub import Hub
 from pushd.gateway.lifecycle import Disconnect, Phase, Writer
 from pushd.gateway.ratelimit import Breach, FrameBudget
 from pushd.gateway.requests import Dialect, Requests
+from pushd.gateway.upgrade import Upgrade
 from pushd.gateway.writer import Flusher
 from pushd.metrics import GatewayMetrics
 from pushd.tls import server_context
@@ -182,6 +184,8 @@ class Gateway:
             if self._runs_flusher:
                 nursery.start_soon(self.flusher.run)
             self._dialect.serving(nursery)
+            if self._dialect is self.requests:  # (another dialect's logins are its own)
+                nursery.start_soon(self.requests.run_token_timers)
             with listener, trio.CancelScope() as self._accepting:
                 task_status.started(listener.getsockname()[1])
                 await self._accept_loop(listener, nursery)
@@ -302,30 +306,31 @@ class Gateway:
     # -- one connection ----------------------------------------------------------------------
 
     async def _handle(self, sock: socket.socket, ip: str, peer: str) -> None:
+        """One connection's task. Its nursery's cancel scope is the connection's one scope:
+        ``end`` cancels it (an abort) or gives it the close timeout as its deadline, and
+        before the upgrade it carries the handshake timeout as its deadline."""
         conn = Connection(
             sock, ip, peer, next(self._ids), self._limits.outbound_buffer_bytes, self.hub,
             self._traffic,
         )  # fmt: skip
-        bound = log.bind(conn_id=conn.conn_id, peer=peer)
         try:
-            with trio.CancelScope() as conn.scope:
-                try:
-                    async with trio.open_nursery() as conn.nursery:
-                        if await self._handshake(conn):
-                            await self._serve_open(conn, bound)
-                        conn.nursery.cancel_scope.cancel()
-                except BaseExceptionGroup as group:  # the error boundary: this peer ends only
-                    self._shell_writes(conn)
-                    errors, cancelled = group.split(Exception)
-                    if errors is not None:
-                        bound.error("connection failed", exc_info=errors)
-                        self._fail(conn)
-                    if cancelled is not None:
-                        raise cancelled from None
-                    if conn.unsent:  # the 1011 close frame
-                        with trio.move_on_after(self._limits.close_timeout_s):
-                            await conn.send_now(bytes(conn.outlet.out))
-                        conn.outlet.out.clear()
+            try:
+                async with trio.open_nursery() as conn.nursery:
+                    if await self._handshake(conn):
+                        await self._serve_open(conn)
+                    conn.nursery.cancel_scope.cancel()
+            except BaseExceptionGroup as group:  # the error boundary: this peer ends only
+                self._shell_writes(conn)
+                errors, cancelled = group.split(Exception)
+                if errors is not None:
+                    log.error("connection failed", conn_id=conn.conn_id, peer=peer, exc_info=errors)
+                    self._fail(conn)
+                if cancelled is not None:
+                    raise cancelled from None
+                if conn.unsent:  # the 1011 close frame
+                    with trio.move_on_after(self._limits.close_timeout_s):
+                        await conn.send_now(bytes(conn.outlet.out))
+                    conn.outlet.out.clear()
         finally:
             try:
                 if not conn.closing:  # the peer went away, or its handshake ended unanswered
@@ -335,19 +340,22 @@ class Gateway:
                 conn.last_words()  # a last close frame, if the kernel takes it now
                 conn.life.closed()
             except Exception:  # a state bug: it costs this connection, never the gateway
-                bound.exception("connection ended in a broken state")
+                log.exception("connection ended in a broken state", conn_id=conn.conn_id, peer=peer)
                 self.connections.discard(conn)
             finally:  # whatever the bookkeeping did, the socket and its per-IP slot are freed
                 trio.lowlevel.notify_closing(sock)
                 sock.close()
                 self._release_socket(ip)
             if conn.ws is not None:
-                bound.info("connection closed", reason=conn.close_reason, uid=conn.uid)
+                log.info(
+                    "connection closed", conn_id=conn.conn_id, peer=peer,
+                    reason=conn.close_reason, uid=conn.uid,
+                )  # fmt: skip
 
-    async def _serve_open(self, conn: Connection, bound: Any) -> None:
+    async def _serve_open(self, conn: Connection) -> None:
         self.connections.add(conn)
         self._metrics.opened.inc()
-        bound.info("connection open")
+        log.info("connection open", conn_id=conn.conn_id, peer=conn.peer)
         if self.stopping:  # shutdown began while this handshake was answered
             self.end(conn, lifecycle.GOING_AWAY)
         await self._read_loop(conn)
@@ -374,13 +382,20 @@ class Gateway:
 
     async def _handshake(self, conn: Connection) -> bool:
         """Read the upgrade request and answer it; True once the WebSocket is open."""
-        handshake = H11Handshake(ConnectionType.SERVER)
-        got: Request | Refusal | None = admission.TIMED_OUT
-        with trio.move_on_after(self._limits.handshake_timeout_s):
-            try:
-                got = await conn.read_request(handshake, self.tls_context)
-            except TlsClosed:
-                got = admission.TLS
+        upgrade = Upgrade()
+        scope = conn.scope
+        assert scope is not None
+        scope.deadline = trio.current_time() + self._limits.handshake_timeout_s
+        got: Request | Refusal | None
+        try:
+            got = await conn.read_request(upgrade, self.tls_context)
+        except TlsClosed:
+            got = admission.TLS
+        except trio.Cancelled:
+            if scope.cancel_called:  # nothing but its deadline ends a connection not yet open
+                self._metrics.rejected.labels(reason=admission.TIMED_OUT.label).inc()
+            raise
+        scope.deadline = math.inf
         if got is None:  # the peer went away
             return False
         if isinstance(got, Request):
@@ -397,11 +412,12 @@ class Gateway:
             if refusal is admission.TIMED_OUT or refusal is admission.TLS:
                 return False  # nothing to answer
             with trio.move_on_after(self._limits.close_timeout_s):
-                await conn.send_now(admission.answer(handshake, refusal))
+                await conn.send_now(upgrade.refuse(refusal))
             return False
-        if not await conn.send_now(handshake.send(AcceptConnection())):
+        accepted, ws = upgrade.accept()
+        if not await conn.send_now(accepted):
             return False
-        conn.ws = handshake.connection
+        conn.ws = ws
         self._dialect.opened(conn, trio.current_time())
         conn.life.opened()
         return True
@@ -420,11 +436,14 @@ class Gateway:
         reading = True
         while reading:
             data: bytes | None = None
-            with trio.move_on_at(budget.deadline) as waited:  # a message must finish in time
+            if budget.deadline == math.inf:  # no message under way: no scope to enter
                 data = await conn.recv_read()  # each read is charged, TLS or not
-            if waited.cancelled_caught:
-                reading = self._breach(conn, budget, Breach.MESSAGE_TIMEOUT)
-                continue
+            else:
+                with trio.move_on_at(budget.deadline) as waited:  # a message must finish in time
+                    data = await conn.recv_read()
+                if waited.cancelled_caught:
+                    reading = self._breach(conn, budget, Breach.MESSAGE_TIMEOUT)
+                    continue
             if data is None or data:  # b"": a TLS read that completed no record
                 ws.receive_data(data)
             events = 0
