@@ -197,6 +197,7 @@ class Market:
         self._source_bias = {s: self.rng.uniform(-0.0002, 0.0002) for s in INDEX_SOURCES}
         self.market_events: list[wire.Event] = []
         self.private_events: list[wire.Event] = []
+        self.halted = False
 
     # -- driving ---------------------------------------------------------------------------
 
@@ -209,6 +210,8 @@ class Market:
         dt = min(MAX_STEP_S, max(0, now_ms - self.now_ms) / 1000)
         self.now_ms = now_ms
         self.market_events, self.private_events = [], []
+        if self.halted:
+            return self.market_events, self.private_events
         rng = self.rng
         if now_ms >= self._burst_until and rng.random() < dt * 0.2:
             self._burst_until = now_ms + int(rng.uniform(500, 3000))  # a burst of activity
@@ -229,6 +232,12 @@ class Market:
             self._next_index_ms = now_ms + INDEX_INTERVAL_MS
             self._index_prices()
         return self.market_events, self.private_events
+
+    def halt(self) -> None:
+        """Trading stops: later steps move nothing and return no events. A feed halted so
+        has sent every event of its last step (its task is not cancelled in the middle of a
+        step's sends), so what the market stands at is what the engine told."""
+        self.halted = True
 
     def book(self, symbol: str, depth: int, request_id: int) -> wire.BookSnapshot:
         return self.books[symbol].snapshot(depth, request_id, self.now_ms)

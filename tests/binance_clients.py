@@ -65,20 +65,18 @@ def restartable(market: Market) -> tuple[BookProvider, Callable[[], None]]:
 
 
 def start_feed(nursery: trio.Nursery, running: Running, market: Market) -> Callable[[], None]:
-    """Feeds ``market``'s events into ``running``; returns what stops the feed, to call from
-    the client's thread (``trio.from_thread.run_sync``)."""
-    scope = trio.CancelScope()
-
-    async def run() -> None:
-        with scope:
-            await feed(running, market)()
-
-    nursery.start_soon(run)
-    return scope.cancel
+    """Feeds ``market``'s events into ``running``; returns what halts the market, to call from
+    the client's thread (``trio.from_thread.run_sync``). Halted, not cancelled: a feed cancelled
+    between two datagrams of a step would leave the market ahead of what pushd was told."""
+    nursery.start_soon(feed(running, market))
+    return market.halt
 
 
 def stop(stop_feed: Callable[[], None]) -> None:
-    """From the client's thread: the feed stops, the books stand still."""
+    """From the client's thread: the market halts, the books and the tape stand still. What
+    the feed sent before still reaches the clients afterwards (the trades pushd flushes every
+    ``trades_interval_ms``, the book its next poll finds): wait for the market's last trade and
+    book before taking REST's answers as final."""
     trio.from_thread.run_sync(stop_feed)
 
 

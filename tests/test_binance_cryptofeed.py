@@ -28,6 +28,7 @@ from cryptofeed.defines import FUNDING, L2_BOOK, TICKER, TRADES
 from cryptofeed.exchanges import Binance, BinanceFutures
 from test_tls import Certificates
 
+from ingest import wire
 from ingest.sim import Market
 from ingest.transport import BookProvider
 
@@ -67,6 +68,16 @@ class Seen:
     def book(self, book: Any) -> tuple[int, dict[str, dict[Decimal, Decimal]]]:
         self.snapshots += book.delta is None
         return book.sequence_number, book.book.to_dict()
+
+    def caught_up(self, engine: wire.BookSnapshot, last_trade_id: int) -> bool:
+        """Whether the book held is the engine's and the last trade seen its last one."""
+        if not self.books or not self.trades or int(self.trades[-1].id) != last_trade_id:
+            return False
+        book = self.books[-1][1]
+        return all(
+            book[side] == {Decimal(p): Decimal(q) for p, q in levels}
+            for side, levels in (("bid", engine.bids), ("ask", engine.asks))
+        )
 
     async def until(self, condition: Any) -> None:
         while not condition():
@@ -122,6 +133,7 @@ async def run_cryptofeed(
     port = running.ports.binance_spot if market == "spot" else running.ports.binance_futures
     _, prefix, symbol = MARKETS[market]
     channels = [TRADES, L2_BOOK, TICKER] + ([FUNDING] if market == "futures" else [])
+    levels = running.daemon.config.markets["BTCUSDT"].depth_levels  # what pushd polls
 
     async def main() -> tuple[Seen, dict[str, Any], list[dict[str, Any]]]:
         seen = Seen()
@@ -137,7 +149,10 @@ async def run_cryptofeed(
                 await seen.until(lambda: seen.snapshots >= 2)
                 reloaded = len(seen.books)
                 await seen.until(lambda: len(seen.books) >= reloaded + 3)  # diffs again
-            stop(stop_feed)
+            stop(stop_feed)  # then what pushd was told before reaches cryptofeed:
+            engine = trio.from_thread.run_sync(simulated.book, "BTCUSDT", levels, 0)
+            last_trade_id = simulated.books["BTCUSDT"].trade_id
+            await seen.until(lambda: seen.caught_up(engine, last_trade_id))
             async with httpx.AsyncClient(base_url=running.http_url + prefix) as rest:
                 while True:  # the book cryptofeed holds, at REST depth's lastUpdateId
                     depth = (await rest.get("/depth?symbol=BTCUSDT&limit=1000")).json()

@@ -180,3 +180,21 @@ def _shifted(event: wire.Event, ids: int) -> wire.Event:
     if isinstance(event, wire.Trade):
         return msgspec.structs.replace(event, id=event.id + ids)
     return event
+
+
+def test_a_halted_market_stands_still() -> None:
+    """After ``halt`` a step moves nothing and returns no events: the books, the tape and the
+    accounts stand where the last step left them (a feed stopped this way has sent every event
+    of its last step whole; a cancelled one may be cut between two datagrams)."""
+    market, _, _ = run(5, 40, rate=5)
+    book = market.book("BTCUSDT", 1000, 1)
+    trade_ids = {symbol: b.trade_id for symbol, b in market.books.items()}
+    accounts = {uid: (a.free, a.locked, dict(a.positions)) for uid, a in market.accounts.items()}
+    market.halt()
+    for i in range(41, 81):
+        assert market.step(i * STEP_MS) == ([], [])
+    assert market.book("BTCUSDT", 1000, 1) == msgspec.structs.replace(book, ts=80 * STEP_MS)
+    assert {symbol: b.trade_id for symbol, b in market.books.items()} == trade_ids
+    assert {
+        uid: (a.free, a.locked, dict(a.positions)) for uid, a in market.accounts.items()
+    } == accounts
