@@ -8,6 +8,7 @@ of one JSON value within the size limit). A frame asking for an ack gets one, in
 
 from __future__ import annotations
 
+import msgspec
 import trio
 import trio.testing
 from conftest import Client, Running, make_config, open_client, start_daemon, subscribed
@@ -201,3 +202,22 @@ async def test_a_source_without_a_key_never_publishes(running: Running) -> None:
     scrape = await metrics(running)
     assert events(scrape, "not_permitted") == 1
     assert events(scrape, "Publish") == 0
+
+
+async def test_a_reloaded_outbound_buffer_limits_engine_publishes_as_http_ones(
+    nursery: trio.Nursery,
+) -> None:
+    """``limits.outbound_buffer_bytes`` reloads live, and with it the HTTP API's publish limit
+    (a quarter of it): the engine link's limit follows the same reload, so a message the HTTP
+    API now refuses as too large is refused over the link too."""
+    running = await backend_daemon(nursery)
+    config = running.daemon.config
+    smaller = config.limits.outbound_buffer_bytes // 2
+    running.daemon.load_config = lambda: msgspec.structs.replace(
+        config, limits=msgspec.structs.replace(config.limits, outbound_buffer_bytes=smaller)
+    )
+    change = await running.daemon.reload()
+    assert change is not None and "limits.outbound_buffer_bytes" in change.applied
+    link = await Link.open(running, 3, BACKEND_KEY)
+    data = b'"' + b"x" * (smaller // 4) + b'"'  # within the old limit, over the new one
+    assert (await link.send([publish("notice", data)])).refused == [(0, "publish_too_large")]
