@@ -374,6 +374,9 @@ class Daemon:
         for gateway in self.binance.values():  # (enabling one takes a restart)
             gateway.reconfigure(config, verifier)
         self.api.reconfigure(config)
+        self.intake.policy = msgspec.structs.replace(  # its publish limit is the HTTP API's
+            self.intake.policy, publish_max_bytes=ingest_policy(config).publish_max_bytes
+        )
         self.markets.reconfigure(dict(config.markets))
         self.poller.reconfigure(config.markets)
 

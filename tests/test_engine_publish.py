@@ -8,6 +8,8 @@ of one JSON value within the size limit). A frame asking for an ack gets one, in
 
 from __future__ import annotations
 
+import httpx
+import msgspec
 import trio
 import trio.testing
 from conftest import Client, Running, make_config, open_client, start_daemon, subscribed
@@ -201,3 +203,54 @@ async def test_a_source_without_a_key_never_publishes(running: Running) -> None:
     scrape = await metrics(running)
     assert events(scrape, "not_permitted") == 1
     assert events(scrape, "Publish") == 0
+
+
+async def test_a_reloaded_outbound_buffer_limits_engine_publishes_as_http_ones(
+    nursery: trio.Nursery,
+) -> None:
+    """``limits.outbound_buffer_bytes`` reloads live, and with it the HTTP API's publish limit
+    (a quarter of it): the engine link's limit follows the same reload, so a message the HTTP
+    API now refuses as too large is refused over the link too."""
+    running = await backend_daemon(nursery)
+    config = running.daemon.config
+    smaller = config.limits.outbound_buffer_bytes // 2
+    running.daemon.load_config = lambda: msgspec.structs.replace(
+        config, limits=msgspec.structs.replace(config.limits, outbound_buffer_bytes=smaller)
+    )
+    change = await running.daemon.reload()
+    assert change is not None and "limits.outbound_buffer_bytes" in change.applied
+    link = await Link.open(running, 3, BACKEND_KEY)
+    data = b'"' + b"x" * (smaller // 4) + b'"'  # within the old limit, over the new one
+    assert (await link.send([publish("notice", data)])).refused == [(0, "publish_too_large")]
+
+
+async def test_publishes_the_bus_drops_are_refused_in_the_ack(nursery: trio.Nursery) -> None:
+    """Redis down and the node's outbox full (``bus.redis.outage_buffer``): the bus drops
+    what it cannot hold, and the ack says so by index (``publish_dropped``), so a backend
+    that waits for acks knows to send them again; what the outbox took is acked as taken."""
+    from redis_servers import RedisServer
+    from test_cluster import AUTH, redis_config
+
+    with RedisServer() as redis:
+        sources = [{"id": 3, "key": BACKEND_KEY.decode(), "backend": True, "silent_after_s": 0}]
+        config = redis_config(
+            redis, bus={"redis": {"outage_buffer": 2}},
+            ingest={"allow_unauthenticated": False, "sources": sources},
+        )  # fmt: skip
+        running = await start_daemon(nursery, config)
+        bus = running.daemon.redis
+        assert bus is not None
+        link = await Link.open(running, 3, BACKEND_KEY)
+        redis.kill()
+        notice = {"channel": "notice", "data": 1}
+        async with httpx.AsyncClient(base_url=running.http_url, timeout=10) as http:
+            with trio.fail_after(10):  # each a real publish: the first to fail says 503
+                while (
+                    await http.post("/v1/publish", headers=AUTH, json=notice)
+                ).status_code == 200:
+                    pass
+        room = 2 - bus.outbox_size
+        ack = await link.send([publish("notice", b"%d" % i) for i in range(4)])
+        assert ack.verdict == "in_order"
+        assert ack.refused == [(i, "publish_dropped") for i in range(room, 4)]
+        assert events(await metrics(running), "publish_dropped") == 4 - room

@@ -263,7 +263,8 @@ class _Recorder:
 
     def private(self, event: object) -> None: ...
 
-    def publish(self, message: object) -> None: ...
+    def publish(self, message: object) -> bool:
+        return True
 
     def resync(self, symbols: set[str], reason: str) -> None:
         self.resyncs.append(symbols)

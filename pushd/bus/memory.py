@@ -88,8 +88,8 @@ class MemoryBus:
         self.shed = 0  # channels forgotten before their history expired (past max_channels)
         self.floor = 0  # the highest seq of any channel forgotten: new numberings start above
 
-    def publish(self, items: Sequence[Outgoing]) -> None:
-        self._publish(items)
+    def publish(self, items: Sequence[Outgoing]) -> int:
+        return len(self._publish(items))
 
     async def publish_confirmed(self, items: Sequence[Outgoing]) -> list[Position]:
         return self._publish(items)

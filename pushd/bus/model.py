@@ -178,8 +178,9 @@ class Bus(Protocol):
     # a diff stream's publisher attaches the whole state to one message in this many (0: none)
     state_every: int
 
-    def publish(self, items: Sequence[Outgoing]) -> None:
-        """Hand messages over without blocking; order per channel is kept."""
+    def publish(self, items: Sequence[Outgoing]) -> int:
+        """Hand messages over without blocking; order per channel is kept. Returns how many
+        were taken: the first ones, all but those a full outbox dropped."""
 
     async def publish_confirmed(self, items: Sequence[Outgoing]) -> list[Position]:
         """Publish and wait until each message has its seq (the HTTP publish API)."""

@@ -88,7 +88,8 @@ class Publisher:
         if was != up:
             self._links.changed()
 
-    def publish(self, items: Sequence[Outgoing]) -> None:
+    def publish(self, items: Sequence[Outgoing]) -> int:
+        """Into the outbox, as far as it has room; returns how many (the first ones) went."""
         room = self._config.outage_buffer - len(self._outbox)
         if room < len(items):
             self.dropped += len(items) - max(room, 0)
@@ -97,6 +98,7 @@ class Publisher:
         self._outbox.extend((item, None) for item in items)
         if items:
             self._outbox_wanted.set()
+        return len(items)
 
     async def publish_confirmed(self, items: Sequence[Outgoing]) -> list[Position]:
         if not items:

@@ -63,8 +63,8 @@ class RedisBus:
 
     # -- the Bus interface: publishing ------------------------------------------------------
 
-    def publish(self, items: Sequence[Outgoing]) -> None:
-        self.publisher.publish(items)
+    def publish(self, items: Sequence[Outgoing]) -> int:
+        return self.publisher.publish(items)
 
     async def publish_confirmed(self, items: Sequence[Outgoing]) -> list[Position]:
         return await self.publisher.publish_confirmed(items)

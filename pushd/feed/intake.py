@@ -33,6 +33,7 @@ PrivateEvent = wire.OrderUpdate | wire.BalanceUpdate | wire.PositionUpdate | wir
 
 
 NOT_PERMITTED = "not_permitted"  # the source may not carry such events
+PUBLISH_DROPPED = "publish_dropped"  # taken, but the bus dropped it (its outbox is full)
 # a publish the HTTP API would refuse, by its status: the ``events`` counter and ack reason
 _PUBLISH_REFUSAL = {403: "publish_forbidden", 413: "publish_too_large", 400: "publish_invalid"}
 
@@ -44,8 +45,9 @@ class IngestSink(Protocol):
 
     def private(self, event: PrivateEvent) -> None: ...
 
-    def publish(self, message: Outgoing) -> None:
-        """A backend's message, checked: to its channel as it is."""
+    def publish(self, message: Outgoing) -> bool:
+        """A backend's message, checked: to its channel as it is; False when the bus dropped
+        it (not published)."""
 
     def resync(self, symbols: set[str], reason: str) -> None:
         """Events of these symbols may have been lost: rebuild their streams from the engine."""
@@ -300,8 +302,7 @@ class Intake:
             )
         except ApiError as exc:
             return _PUBLISH_REFUSAL.get(exc.status, "publish_invalid")
-        self._sink.publish(message)
-        return ""
+        return "" if self._sink.publish(message) else PUBLISH_DROPPED
 
     def _forget_sources(self) -> None:
         keyed = self.policy.sources

@@ -79,10 +79,11 @@ class EngineRouter:
         else:
             self._overflowed = True
 
-    def publish(self, message: Outgoing) -> None:
+    def publish(self, message: Outgoing) -> bool:
         """A backend's publish over the engine link: published by the node that took it, as
-        an HTTP publish is (no lease: a backend sends each message to one node)."""
-        self._bus.publish([message])
+        an HTTP publish is (no lease: a backend sends each message to one node). False: the
+        bus dropped it (its outbox is full: Redis is unreachable)."""
+        return self._bus.publish([message]) == 1
 
     def take_over(self, *, resumed: bool) -> bool:
         """This node publishes the private events from now; ``resumed``: it had the lease
