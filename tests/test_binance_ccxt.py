@@ -1,7 +1,7 @@
 """The real ccxt (ccxt.pro) against a real pushd's Binance surfaces, only its URLs changed.
 
 ccxt runs on asyncio in a worker thread (its own event loop); the daemon, the simulated engine
-and its feed run on Trio here. The feed is stopped from ccxt's side (``trio.from_thread``) so
+and its feed run on Trio here. The market is halted from ccxt's side (``trio.from_thread``) so
 that the book stands still and ccxt's book can be compared with pushd's REST depth at the same
 ``lastUpdateId``.
 """
@@ -18,6 +18,7 @@ import ccxt.pro as ccxtpro
 import msgspec
 import pytest
 import trio
+from binance_clients import start_feed, stop
 from conftest import Running, feed, make_config, open_client, start_daemon
 from redis_servers import Redis
 from test_cluster import redis_config
@@ -54,9 +55,10 @@ def exchange(running: Running) -> Any:
     return ex
 
 
-async def watch(ex: Any, stop_feed: Any) -> dict[str, Any]:
-    """Watch everything together for a while, stop the feed, then wait until both books stand
-    at pushd's REST depth's lastUpdateId; returns what was seen."""
+async def watch(ex: Any, market: Market, stop_feed: Callable[[], None]) -> dict[str, Any]:
+    """Watch everything together for a while, halt the market, wait until both books stand at
+    pushd's REST depth's lastUpdateId and the market's last trade has arrived; returns what was
+    seen."""
     await ex.load_markets()
     seen: dict[str, Any] = {"trades": [], "tickers": [], "marks": [], "candles": {}}
 
@@ -80,7 +82,10 @@ async def watch(ex: Any, stop_feed: Any) -> dict[str, Any]:
 
     await asyncio.gather(books(SPOT), books(FUTURES), trades(), tickers(), marks(),
                          candles(SPOT), candles(FUTURES))  # fmt: skip
-    trio.from_thread.run_sync(stop_feed)
+    stop(stop_feed)
+    last_trade_id = str(market.books["BTCUSDT"].trade_id)  # the halted market's last
+    while ex.trades[SPOT][-1]["id"] != last_trade_id:  # pushd flushes trades in batches:
+        await ex.watch_trades(SPOT)  # the last batch may reach ccxt after REST answered
     for symbol in (SPOT, FUTURES):
         seen[symbol] = await settled(ex, symbol)
     seen["rest_trades"] = await ex.fetch_trades(SPOT, limit=1000)
@@ -109,13 +114,11 @@ async def settled(ex: Any, symbol: str) -> tuple[int, list[Any], list[Any], dict
         await asyncio.sleep(0.1)  # the last diffs are on their way
 
 
-async def run_ccxt(
-    running: Running, stop_feed: Any, watching: Callable[[Any, Any], Awaitable[Any]] | None = None
-) -> Any:
+async def run_ccxt(running: Running, watching: Callable[[Any], Awaitable[Any]]) -> Any:
     async def main() -> Any:
         ex = exchange(running)
         try:
-            return await (watching or watch)(ex, stop_feed)
+            return await watching(ex)
         finally:
             await ex.close()
 
@@ -172,14 +175,8 @@ async def check_ccxt(
     nursery: trio.Nursery, market: Market, clients: Running, engine: Running
 ) -> None:
     """ccxt on ``clients``'s surfaces while the simulated engine feeds ``engine``."""
-    feeding = trio.CancelScope()
-
-    async def run_feed() -> None:
-        with feeding:
-            await feed(engine, market)()
-
-    nursery.start_soon(run_feed)
-    seen = await run_ccxt(clients, feeding.cancel)
+    stop_feed = start_feed(nursery, engine, market)
+    seen = await run_ccxt(clients, lambda ex: watch(ex, market, stop_feed))
 
     for symbol in (SPOT, FUTURES):
         nonce, bids, asks, rest = seen[symbol]
@@ -217,16 +214,12 @@ async def test_ccxt_resyncs_after_a_break_in_the_chain(nursery: trio.Nursery) ->
         return msgspec.structs.replace(book, update_id=book.update_id + offset[0])
 
     running = await start_binance(nursery, market, provider)
-    feeding = trio.CancelScope()
-
-    async def run_feed() -> None:
-        with feeding:
-            await feed(running, market)()
+    stop_feed = start_feed(nursery, running, market)
 
     def restart_engine() -> None:
         offset[0] = 0
 
-    async def watching(ex: Any, stop_feed: Any) -> dict[str, Any]:
+    async def watching(ex: Any) -> dict[str, Any]:
         await ex.load_markets()
         for _ in range(UPDATES):
             await ex.watch_order_book(SPOT)
@@ -238,11 +231,10 @@ async def test_ccxt_resyncs_after_a_break_in_the_chain(nursery: trio.Nursery) ->
                 watched += 1 if breaks else 0
             except ccxt.ChecksumError:
                 breaks += 1
-        trio.from_thread.run_sync(stop_feed)
+        stop(stop_feed)
         return {"breaks": breaks, "book": await settled(ex, SPOT)}
 
-    nursery.start_soon(run_feed)
-    seen = await run_ccxt(running, feeding.cancel, watching)
+    seen = await run_ccxt(running, watching)
     assert seen["breaks"] >= 1
     nonce, bids, asks, rest = seen["book"]
     assert (nonce, bids, asks) == (rest["nonce"], rest["bids"], rest["asks"])

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import re
+from decimal import Decimal
 from typing import Any
 
 import pytest
@@ -30,6 +31,7 @@ from binance_sdk_spot.websocket_streams.models import (
 )
 from conftest import Running
 
+from ingest import wire
 from ingest.sim import Market
 
 UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
@@ -72,9 +74,18 @@ class Received:
             await self.changed.wait()
 
 
+def same_book(rest: Any, engine: wire.BookSnapshot) -> bool:
+    """Whether REST depth gives the engine's book (pushd's next poll changes nothing then)."""
+    return all(
+        [(Decimal(p), Decimal(q)) for p, q in got] == [(Decimal(p), Decimal(q)) for p, q in want]
+        for got, want in ((rest.bids, engine.bids), (rest.asks, engine.asks))
+    )
+
+
 async def test_streams_in_strict_models_and_rest_depth(nursery: trio.Nursery) -> None:
     market = Market(seed=41, rate=5)
     running, stop_feed = await start_fed(nursery, market)
+    levels = running.daemon.config.markets["BTCUSDT"].depth_levels  # what pushd polls
 
     async def main() -> dict[str, Any]:
         client = spot(running)
@@ -101,14 +112,16 @@ async def test_streams_in_strict_models_and_rest_depth(nursery: trio.Nursery) ->
                 handle.on("message", received.keeper(name))
             listed = await streams.list_subscribe()
             await received.until(lambda: all(len(m) >= 2 for m in received.by_stream.values()))
-            stop(stop_feed)
+            stop(stop_feed)  # then what pushd was told before reaches the connector:
+            engine = trio.from_thread.run_sync(market.book, "BTCUSDT", levels, 0)
             diffs = received.by_stream["btcusdt@depth"]
-            while True:  # REST depth (the connector's REST client) at the last diff's id
-                rest = (await asyncio.to_thread(client.rest_api.depth, "BTCUSDT", 100)).data()
+            while True:  # REST depth (the connector's REST client) at the engine's last book
+                rest = (await asyncio.to_thread(client.rest_api.depth, "BTCUSDT", 1000)).data()
                 last = rest.last_update_id
-                await received.until(lambda last=last: diffs[-1].u >= last)
-                if diffs[-1].u == last:
+                if same_book(rest, engine):  # no diff after it: the stream's last is at its id
+                    await received.until(lambda last=last: diffs[-1].u >= last)
                     break
+                await received.until(lambda last=last: diffs[-1].u > last)  # one on its way
             return {"listed": listed, "by_stream": received.by_stream, "rest": rest}
         finally:
             await streams.close_connection(close_session=True)
@@ -129,7 +142,7 @@ async def test_streams_in_strict_models_and_rest_depth(nursery: trio.Nursery) ->
     diffs = by_stream["btcusdt@depth"]
     assert all(a.u + 1 == b.U for a, b in itertools.pairwise(diffs))  # spot's chain
     assert all(len(p.bids) == len(p.asks) == 5 for p in by_stream["btcusdt@depth5"])
-    rest = seen["rest"]
+    rest = seen["rest"]  # and no diff after the engine's last book
     assert rest.last_update_id == diffs[-1].u and len(rest.bids) > 10
 
 
