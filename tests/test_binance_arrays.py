@@ -77,3 +77,34 @@ async def test_a_spot_surface_refuses_mark_prices(nursery: trio.Nursery) -> None
         assert reply["error"]["code"] == 2 and reply["id"] == 1
         listed = await client.call({"method": "LIST_SUBSCRIPTIONS", "id": 2})
         assert listed == {"result": [], "id": 2}
+
+
+async def test_a_failing_interval_costs_that_interval_not_the_surface(
+    nursery: trio.Nursery, monkeypatch: Any
+) -> None:
+    """The arrays' task is the surface's, not a connection's: a bug in one interval's arrays
+    (here: ``AllMarket.due`` raising once) is logged and skips that interval; the surface, its
+    connections and the next interval's arrays go on."""
+    from pushd.binance.arrays import AllMarket
+
+    running = await start(nursery)
+    url = f"ws://127.0.0.1:{running.ports.binance_futures}/ws"
+    due = AllMarket.due
+    failed = trio.Event()
+
+    def due_once_broken(self: Any) -> Any:
+        if not failed.is_set():
+            failed.set()
+            raise RuntimeError("a bug in an interval's arrays")
+        return due(self)
+
+    monkeypatch.setattr(AllMarket, "due", due_once_broken)
+    async with open_client(url) as client:
+        reply = await client.call({"method": "SUBSCRIBE", "params": ["!markPrice@arr"], "id": 1})
+        assert reply == {"result": None, "id": 1}
+        await failed.wait()
+        await running.publish("markprice_ETHUSDT", MARK)
+        array = await client.recv()
+        assert [(p["s"], p["p"]) for p in array] == [("ETHUSDT", "1.5")]
+        listed = await client.call({"method": "LIST_SUBSCRIPTIONS", "id": 2})
+        assert listed == {"result": ["!markPrice@arr"], "id": 2}

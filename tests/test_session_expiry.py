@@ -158,3 +158,42 @@ async def test_logging_in_again_and_again_leaves_no_trail_of_token_checks(
             assert (await c.call({"op": "auth", "token": token}))["uid"] == "1001"
         assert len(requests._watches) <= 2 * MAX_EMPTIED + 1
     assert sum(w.conn is not None for w in requests._watches) == 0  # closed: none is live
+
+
+async def test_a_failing_token_check_ends_its_connection_not_the_gateway(
+    nursery: trio.Nursery, monkeypatch: Any
+) -> None:
+    """The token checks run in one task of the gateway: a bug in one session's check (here:
+    user 1001's ``token_due`` raising) ends that connection with 1011, and another session's
+    notice and expiry still come on time."""
+    from pushd.gateway.session import Session
+
+    running = await start_daemon(nursery, make_config(limits={"token_notice_s": 1.0}))
+    token_due = Session.token_due
+
+    def broken_for_1001(self: Session, now: float) -> Any:
+        if self.uid == "1001":
+            raise RuntimeError("a bug in one session's token check")
+        return token_due(self, now)
+
+    monkeypatch.setattr(Session, "token_due", broken_for_1001)
+    ttl = 2.0
+    async with open_client(running.ws_url) as broken, open_client(running.ws_url) as fine:
+        for client, uid in ((broken, "1001"), (fine, "1002")):
+            token = issue_hmac_token(SECRET, uid, ttl)
+            assert (await client.call({"op": "auth", "token": token}))["uid"] == uid
+        with trio.fail_after(ttl + 3):
+            try:
+                message = await receive(broken)
+                raise AssertionError(f"the broken session went on: {message}")
+            except trio_websocket.ConnectionClosed as closed:
+                assert closed.reason is not None
+                assert closed.reason.code == CloseCode.INTERNAL_ERROR
+            notice = await receive(fine)
+            assert notice["event"] == "@auth"
+            try:
+                message = await receive(fine)
+                raise AssertionError(f"the session went on past its exp: {message}")
+            except trio_websocket.ConnectionClosed as closed:
+                assert closed.reason is not None
+                assert closed.reason.code == CloseCode.TOKEN_EXPIRED

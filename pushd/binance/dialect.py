@@ -232,7 +232,11 @@ class BinanceDialect:
             while True:
                 due = max(due + INTERVAL_S, trio.current_time())  # late: no catching up
                 await trio.sleep_until(due)
-                self.send_arrays()
+                try:
+                    self.send_arrays()
+                except Exception:  # a bug in one interval's arrays costs that interval, not
+                    # the surface (this task runs in the gateway's nursery)
+                    log.exception("all-market arrays failed", market=self._market)
 
     def send_arrays(self) -> None:
         """One interval's arrays, queued to their followers."""

@@ -236,14 +236,22 @@ class Requests:
                 if conn.closing or (session := conn.session) is None:
                     continue
                 conn.token_watch = None
-                match session.token_due(now):
-                    case TokenNotice(expires_in=expires_in, exp=exp):
-                        conn.send(text_frame(protocol.encode_auth_notice(expires_in, exp)))
-                        self._watch(conn, session)
-                    case TokenExpired():
-                        self._end(conn, lifecycle.TOKEN_EXPIRED)
-                    case None:
-                        self._watch(conn, session)
+                try:
+                    self._check_token(conn, session, now)
+                except Exception:  # a bug in one session's check: it ends that connection,
+                    # not this task (every login's lifetime runs here)
+                    log.exception("token check failed", conn_id=conn.conn_id, peer=conn.peer)
+                    self._end(conn, lifecycle.INTERNAL_ERROR)
+
+    def _check_token(self, conn: Connection, session: Session, now: float) -> None:
+        match session.token_due(now):
+            case TokenNotice(expires_in=expires_in, exp=exp):
+                conn.send(text_frame(protocol.encode_auth_notice(expires_in, exp)))
+                self._watch(conn, session)
+            case TokenExpired():
+                self._end(conn, lifecycle.TOKEN_EXPIRED)
+            case None:
+                self._watch(conn, session)
 
     def _watch(self, conn: Connection, session: Session) -> None:
         """File the session's next token check (its previous one, if any, is emptied)."""
