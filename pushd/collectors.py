@@ -17,7 +17,7 @@ from prometheus_client.registry import Collector
 from pushd.bus.lease import Leases
 from pushd.bus.redis import RedisBus
 from pushd.feed.intake import Intake, Refusal
-from pushd.feed.listeners import TcpPeers
+from pushd.feed.listeners import PEER_DROP_REASONS, TcpPeers
 from pushd.feed.poller import SnapshotPoller
 from pushd.gateway.hub import Hub
 from pushd.liveness import Report
@@ -206,10 +206,10 @@ class IngestCollector(Collector):
         yield peers
         dropped = CounterMetricFamily(
             "pushd_ingest_tcp_peers_dropped",
-            "Engine TCP connections dropped before they authenticated, by reason",
+            "Engine TCP connections dropped, by reason (idle, ack_stalled: once authenticated)",
             labels=["reason"],
         )  # fmt: skip
-        for why in ("auth_timeout", "evicted", "refused", "full"):
+        for why in PEER_DROP_REASONS:
             dropped.add_metric([why], self._peers.dropped[why])
         yield dropped
         yield GaugeMetricFamily(

@@ -271,6 +271,12 @@ class IngestConfig(_Section, frozen=True):
     # a sealed frame's seal time may differ from pushd's clock by this much (replays after
     # a restart, clock skew); epochs may be at most this far ahead of the clock
     replay_window_s: Annotated[float, msgspec.Meta(ge=1, le=3600)] = 30.0
+    # an authenticated TCP peer with no accepted frame this long is closed, its slot freed
+    # (senders beat once a second when idle; a replay or a refused frame does not count).
+    # 0: never
+    peer_idle_s: Annotated[float, msgspec.Meta(ge=0, le=3600)] = 30.0
+    # a TCP peer whose acks cannot be written for this long (it does not read them) is closed
+    ack_timeout_s: Annotated[float, msgspec.Meta(gt=0, le=600)] = 10.0
 
     def key(self, src: int) -> bytes | None:
         """The key of source ``src`` (None: no key configured)."""

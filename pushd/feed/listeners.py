@@ -7,11 +7,17 @@ impossible length is disconnected; its sequence numbering tells the daemon what 
 A TCP peer holds a slot only once it has authenticated (its first frame is valid: sealed with
 its source's key). Until then it waits, at most ``auth_timeout_s``; a peer whose first frame is
 refused is dropped at once, and when ``max_tcp_peers`` peers already wait, the one waiting
-longest is dropped to make room: idle connections cannot keep the engine out.
+longest is dropped to make room: idle connections cannot keep the engine out. An authenticated
+peer is closed once it has sent no *accepted* frame (a valid seal, and a sequence verdict that
+takes it: in order, a gap, a restart) for ``peer_idle_s``: senders beat once a second when idle,
+so only a dead or hostile peer is that quiet. A replay (a duplicate inside the replay window)
+or a refused frame does not count, so a frame captured on the wire holds a slot at most that
+long.
 
 A TCP frame that asks for an ack (``"ack": true``, a backend waiting for its publish) is
 answered on its connection once dealt with, in order; acks of frames read together go out in
-one write (a peer that asks for acks and does not read them is slowed by TCP, not buffered).
+one write (a peer that asks for acks and does not read them is slowed by TCP, not buffered;
+once that write has waited ``ack_timeout_s`` the peer is closed).
 Over UDP the flag is ignored.
 
 Each datagram and each TCP peer is an error boundary: whatever one of them causes (a frame that
@@ -40,6 +46,8 @@ from pushd.logs import ThrottledLog
 log = structlog.get_logger("pushd.ingest")
 
 RECV_BYTES = 1 << 18
+# why a TCP peer was dropped (the metric's reasons): before it authenticated, then after
+PEER_DROP_REASONS = ("auth_timeout", "evicted", "refused", "full", "idle", "ack_stalled")
 
 
 class FrameLogs:
@@ -134,7 +142,7 @@ class TcpPeers:
     def __init__(self) -> None:
         self.waiting: dict[object, _Waiting] = {}  # oldest first
         self.authenticated = 0
-        self.dropped: Counter[str] = Counter()  # auth_timeout, evicted, refused, full
+        self.dropped: Counter[str] = Counter()  # by PEER_DROP_REASONS
 
 
 class _Waiting:
@@ -173,10 +181,10 @@ async def serve_tcp(
         authenticated = False
 
         def admit() -> bool:
-            """The peer's first valid frame: a slot, if one is free, and no more deadline."""
+            """The peer's first valid frame: a slot, if one is free, and the idle deadline."""
             nonlocal authenticated
             state.waiting.pop(token, None)
-            waiting.scope.deadline = math.inf
+            alive(trio.current_time())
             if state.authenticated >= config.max_tcp_peers:
                 return False
             state.authenticated += 1
@@ -184,13 +192,22 @@ async def serve_tcp(
             log.info("ingest peer authenticated", peer=peer)
             return True
 
+        def alive(now: float) -> None:
+            """An accepted frame (or the admission): the idle deadline starts again."""
+            waiting.scope.deadline = idle_deadline(now, config.peer_idle_s)
+
         reason = "peer closed"
         try:
             async with stream:
                 with waiting.scope:
-                    reason = await _read_frames(stream, intake, logs, peer, admit)
+                    reason = await _read_frames(
+                        stream, intake, logs, peer, admit, alive, config.ack_timeout_s
+                    )
                 if waiting.scope.cancelled_caught:
-                    reason = "evicted" if waiting.evicted else "auth_timeout"
+                    if authenticated:
+                        reason = "idle"
+                    else:
+                        reason = "evicted" if waiting.evicted else "auth_timeout"
         except (trio.BrokenResourceError, OSError):
             reason = "connection reset"
         except Exception:  # the error boundary: this peer ends, the listener goes on
@@ -200,7 +217,11 @@ async def serve_tcp(
             state.waiting.pop(token, None)
             if authenticated:
                 state.authenticated -= 1
-                log.info("ingest peer disconnected", peer=peer, reason=reason)
+                if reason in ("idle", "ack_stalled"):
+                    state.dropped[reason] += 1
+                    log.warning("ingest peer dropped", peer=peer, reason=reason)
+                else:
+                    log.info("ingest peer disconnected", peer=peer, reason=reason)
             elif reason in ("evicted", "auth_timeout", "refused", "full"):
                 state.dropped[reason] += 1
                 logs.dropped.warning(peer=peer, reason=reason)
@@ -210,22 +231,32 @@ async def serve_tcp(
         await trio.serve_listeners(handle, listeners, handler_nursery=nursery)
 
 
+def idle_deadline(now: float, peer_idle_s: float) -> float:
+    """When an admitted peer that last sent an accepted frame at ``now`` is closed as idle."""
+    return now + peer_idle_s if peer_idle_s else math.inf
+
+
 async def _read_frames(
     stream: trio.SocketStream,
     intake: Intake,
     logs: FrameLogs,
     peer: str,
     admit: Callable[[], bool],
+    alive: Callable[[float], None],
+    ack_timeout_s: float,
 ) -> str:
     """Frames from one engine connection into ``intake`` until it ends; returns why it ended.
     The first frame must authenticate the peer (``admit``), or the connection ends; until it
-    has, a frame may be at most ``MAX_FIRST_FRAME_BYTES`` (a stranger's big length ends it)."""
+    has, a frame may be at most ``MAX_FIRST_FRAME_BYTES`` (a stranger's big length ends it).
+    Each accepted frame after that tells ``alive``; acks not written in ``ack_timeout_s`` end
+    the connection (``ack_stalled``)."""
     decoder = wire.StreamDecoder(max_frame=wire.MAX_FIRST_FRAME_BYTES)
     admitted = False
     acks: list[bytes] = []
     while data := await stream.receive_some(RECV_BYTES):
         decoder.feed(data)
         now, wall_ns = trio.current_time(), time.time_ns()
+        accepted = False
         while True:
             try:
                 body = decoder.next_body()
@@ -249,11 +280,18 @@ async def _read_frames(
                     return "full"
                 admitted = True
                 decoder.max_frame = wire.MAX_FRAME_BYTES
+            elif got.verdict is not None and got.verdict.accepted:
+                accepted = True
             if got.ack is not None:
                 acks.append(wire.encode_ack(got.ack))
+        if accepted:
+            alive(now)
         if acks:
-            await stream.send_all(b"".join(acks))
-            acks.clear()
+            with trio.move_on_after(ack_timeout_s):
+                await stream.send_all(b"".join(acks))
+                acks.clear()
+            if acks:  # the peer does not read its acks: its slot goes to someone who does
+                return "ack_stalled"
     if decoder.buffered:  # the peer closed in the middle of a frame
         intake.bad_frame("tcp")
         logs.bad.warning(
