@@ -118,10 +118,8 @@ class Follower:
         self._rejoining: set[str] = set()  # subscribed again by this session, not confirmed yet
         self._nursery: trio.Nursery | None = None
         self._client: Any = None  # pub/sub of the channels only
-        self.gaps = 0  # jumps in a channel's seqs seen by this node
         self.recovered_gaps = 0
         self.resyncs = 0  # gaps history could not fill: subscribers told
-        self.duplicates = 0
         self._gap_log = ThrottledLog(log, "channel gap not in history: subscribers told")
 
     @property
@@ -350,16 +348,13 @@ class Follower:
         if feed.held is not None:
             if len(feed.held) >= MAX_HELD:  # the oldest go: a gap the replay of the rest finds
                 del feed.held[: MAX_HELD // 2]
-                self.gaps += 1
             feed.held.append((epoch, seq, data))
             return
         last = feed.position
         if last is not None and epoch == last.epoch:
-            if seq <= last.seq:
-                self.duplicates += 1
+            if seq <= last.seq:  # a duplicate
                 return
             if seq > last.seq + 1:
-                self.gaps += 1
                 feed.held = [(epoch, seq, data)]
                 self._start_catch_up(channel, feed)
                 return

@@ -119,24 +119,12 @@ class RedisBus:
         await self.follower.settled()
 
     @property
-    def gaps(self) -> int:
-        return self.follower.gaps
-
-    @property
     def recovered_gaps(self) -> int:
         return self.follower.recovered_gaps
 
     @property
     def resyncs(self) -> int:
         return self.follower.resyncs
-
-    @property
-    def duplicates(self) -> int:
-        return self.follower.duplicates
-
-    @property
-    def malformed(self) -> int:
-        return self.store.malformed
 
     # -- reads of what Redis keeps (REST) ---------------------------------------------------
 
@@ -166,10 +154,6 @@ class RedisBus:
     @property
     def publisher_up(self) -> bool:
         return self.publisher.up
-
-    @property
-    def subscriber_up(self) -> bool:
-        return self.follower.up
 
     def links(self) -> dict[str, bool]:
         """Whether each of this node's links to Redis is up, by name (``pushd_bus_up``)."""
