@@ -26,7 +26,7 @@ so a gateway without the book serves exactly what its subscribers start from.
 from __future__ import annotations
 
 import math
-from typing import Any, Protocol
+from typing import Any, Generic, Protocol, TypeVar
 
 import msgspec
 import structlog
@@ -129,38 +129,38 @@ class Backplane(Upstream, Protocol):
         """Why this node cannot deliver now, or None."""
 
 
-class _OnBus:
-    """What both kinds pass straight to their bus: what the hub follows, where channels stand,
-    whether it can deliver."""
+B = TypeVar("B", bound=Bus)
 
-    _bus: Bus
+
+class _OnBus(Generic[B]):
+    """What both kinds pass straight to their bus (``bus``, of its own type): what the hub
+    follows, where channels stand, whether it can deliver."""
+
+    def __init__(self, bus: B) -> None:
+        self.bus = bus
+        self._gap_log = ThrottledLog(log, "private events may be lost: subscribers told")
 
     def interest(self, channel: str) -> None:
-        self._bus.interest(channel)
+        self.bus.interest(channel)
 
     def disinterest(self, channel: str) -> None:
-        self._bus.disinterest(channel)
+        self.bus.disinterest(channel)
 
     def position(self, channel: str) -> Position | None:
-        return self._bus.position(channel)
+        return self.bus.position(channel)
 
     def not_ready(self) -> str | None:
-        return self._bus.not_ready()
+        return self.bus.not_ready()
 
 
-class LocalBackplane(_OnBus):
+class LocalBackplane(_OnBus[MemoryBus]):
     """One process: the memory bus, this node's gateway is every client, and the states are
     the ones this process computes."""
 
     def __init__(self, bus: MemoryBus, node: Node, computed: Computed) -> None:
-        self._bus = self._memory = bus
+        super().__init__(bus)
         self._node = node
         self._computed = computed
-        self._gap_log = ThrottledLog(log, "private events may be lost: subscribers told")
-
-    @property
-    def bus(self) -> MemoryBus:
-        return self._memory
 
     def want_state(self, channel: str) -> None:
         pass  # the hub offers the books' next state itself (``Hub.publish``)
@@ -170,17 +170,17 @@ class LocalBackplane(_OnBus):
 
     async def snapshot(self, channel: str) -> Snapshot:
         current = self._computed.current(channel)
-        return current if current is not None else Snapshot(self._memory.position(channel), None)
+        return current if current is not None else Snapshot(self.bus.position(channel), None)
 
     async def latest_state(self, channel: str) -> Recovery:
         current = self._computed.current(channel)  # this process's book: always the latest
         if current is None or current.data is None:
-            return Recovery(self._memory.position(channel), recovered=False)
+            return Recovery(self.bus.position(channel), recovered=False)
         at = current.position
         return Recovery(at, recovered=False, current=(Entry(at.seq, current.data),))
 
     async def recent(self, channel: str, most: int) -> tuple[Position, list[msgspec.Raw]]:
-        return self._memory.position(channel), self._computed.recent(channel, most)
+        return self.bus.position(channel), self._computed.recent(channel, most)
 
     async def archived(self, channel: str, most: int) -> list[msgspec.Raw]:
         return self._computed.archived(channel, most)
@@ -205,49 +205,44 @@ class LocalBackplane(_OnBus):
         self._gap_log.warning(reason=reason, notices=told)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        await self._memory.run(task_status=task_status)  # forgets quiet channels
+        await self.bus.run(task_status=task_status)  # forgets quiet channels
 
     async def leave(self, grace_s: float) -> None:
         pass
 
 
-class RedisBackplane(_OnBus):
+class RedisBackplane(_OnBus[RedisBus]):
     """Many processes and machines: the Redis bus, the control plane and, on a compute node,
     the leases. States come from Redis (a gateway has no book), the cluster answers through
     the control channel."""
 
     def __init__(self, bus: RedisBus, control: ControlPlane, leases: Leases | None) -> None:
-        self._bus = self._redis = bus
+        super().__init__(bus)
         self._control = control
         self._leases = leases
-        self._gap_log = ThrottledLog(log, "private events may be lost: subscribers told")
-
-    @property
-    def bus(self) -> RedisBus:
-        return self._redis
 
     def want_state(self, channel: str) -> None:
-        self._redis.want_state(channel)
+        self.bus.want_state(channel)
 
     def current(self, channel: str) -> Snapshot | None:
         """The last whole state this node followed (a new subscriber starts from the stored
         state its recovery reads; this one serves a lagging subscriber)."""
-        held = self._redis.current(channel)
+        held = self.bus.current(channel)
         return Snapshot(*held) if held is not None else None
 
     async def snapshot(self, channel: str) -> Snapshot:
         """The stored state, read by the script that answers a subscriber's recovery."""
-        return Snapshot(*await self._redis.snapshot(channel))
+        return Snapshot(*await self.bus.snapshot(channel))
 
     async def latest_state(self, channel: str) -> Recovery:
-        return await self._redis.latest_state(channel)
+        return await self.bus.latest_state(channel)
 
     async def recent(self, channel: str, most: int) -> tuple[Position, list[msgspec.Raw]]:
-        at, entries = await self._redis.history(channel, most)
+        at, entries = await self.bus.history(channel, most)
         return at, [entry.data for entry in entries]
 
     async def archived(self, channel: str, most: int) -> list[msgspec.Raw]:
-        return await self._redis.archive(channel, most)
+        return await self.bus.archive(channel, most)
 
     def book_stale(self, symbol: str) -> bool:
         return False  # a stored book says so itself
@@ -284,12 +279,12 @@ class RedisBackplane(_OnBus):
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
-            await nursery.start(self._redis.run)
+            await nursery.start(self.bus.run)
             await nursery.start(self._control.run)
             if self._leases is not None:
                 await nursery.start(self._leases.run)
             task_status.started()
 
     async def leave(self, grace_s: float) -> None:
-        await self._redis.drain(grace_s)  # what was published goes out
+        await self.bus.drain(grace_s)  # what was published goes out
         await self._control.leave()
