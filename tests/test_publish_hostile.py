@@ -18,6 +18,7 @@ from conftest import PUBLISH_TOKEN, Running, make_config, open_client, start_dae
 from hypothesis import example, given
 from hypothesis import strategies as st
 from redis_servers import RedisServer
+from structlog.testing import capture_logs
 from test_fuzz import FUZZ, Daemon, Surface, client_frame, read_text_frame, run_daemon, ws_connect
 
 from pushd.bus.store import META_TTL_S, Keys, lua_script
@@ -225,3 +226,24 @@ def test_publish_encodings_fuzz(daemon: Daemon) -> None:
 
         one()
         sock.close()
+
+
+async def test_a_flood_of_undecodable_bus_messages_is_logged_throttled(
+    nursery: trio.Nursery,
+) -> None:
+    """Anyone with access to Redis can publish on a channel's pub/sub: what is not a bus
+    message is dropped with a throttled warning (not one line each, a log flood), and the
+    stream goes on."""
+    with RedisServer() as redis:
+        bus = {"kind": "redis", "redis": {"url": redis.url, "timeout_s": 1.0}}
+        running = await start_daemon(nursery, make_config(bus=bus))
+        async with open_client(running.ws_url) as client:
+            assert subscribed(await client.call({"op": "subscribe", "channel": "notice"}), "notice")
+            with capture_logs() as logs:
+                async with coredis.Redis.from_url(redis.url, decode_responses=False) as r:
+                    for _ in range(50):
+                        await r.publish(Keys("pushd", "notice").pubsub, b"not a bus message")
+                await running.publish("notice", {"n": 1})  # after them: Redis keeps the order
+                assert (await client.recv())["data"] == {"n": 1}
+    dropped = [line for line in logs if line["event"] == "undecodable bus message"]
+    assert 1 <= len(dropped) <= 5, len(dropped)

@@ -121,6 +121,8 @@ class Follower:
         self.recovered_gaps = 0
         self.resyncs = 0  # gaps history could not fill: subscribers told
         self._gap_log = ThrottledLog(log, "channel gap not in history: subscribers told")
+        # (anyone with access to Redis can publish on a channel: no line each)
+        self._undecodable_log = ThrottledLog(log, "undecodable bus message")
 
     @property
     def up(self) -> bool:
@@ -336,7 +338,7 @@ class Follower:
         try:
             epoch, first, messages = _message.decode(payload)
         except (msgspec.DecodeError, RecursionError):
-            log.warning("undecodable bus message", channel=channel)
+            self._undecodable_log.warning(channel=channel, size=len(payload))
             return
         for seq, data in enumerate(messages, first):
             self._on_message(channel, epoch, seq, data)
