@@ -103,9 +103,9 @@ def recovery_from(since: Position | None, reply: Recovered) -> Recovery:
             return Recovery(position, recovered=True, missed=missed)
     current: tuple[Entry, ...] = ()
     if state is not None and state_seq is not None and well_formed(state):
-        diffs = after(int(state_seq))
+        diffs = after(state_seq)
         if diffs is not None:
-            current = (Entry(int(state_seq), msgspec.Raw(state)), *diffs)
+            current = (Entry(state_seq, msgspec.Raw(state)), *diffs)
     return Recovery(position, recovered=False, current=current)
 
 
