@@ -202,3 +202,24 @@ async def test_a_node_answering_odd_counters_costs_stats_no_500(nursery: trio.Nu
                     "dropped", "flush_stall_max_ms", "flush_round_max_ms"):  # fmt: skip
             assert answer[key] == mine[key], (key, answer)
         assert listed[odd.node_id]["connections"] is None  # listed as it answered
+
+
+async def test_a_malformed_publish_reply_fails_its_batch_and_ends_no_node(
+    nursery: trio.Nursery,
+) -> None:
+    """No real Redis answers ``publish.lua`` out of shape, a broken or impostor server can
+    (here: the script's SHA pointed at one that answers ``{1, 2}``). The batch may have been
+    published already, so it is not sent again: its waiters are told (503), the script is
+    loaded afresh, and the next publish goes through; the node runs on."""
+    with RedisServer() as redis:
+        bus = {"kind": "redis", "redis": {"url": redis.url, "timeout_s": 1.0}}
+        node = await start_daemon(nursery, make_config("gateway", bus=bus))
+        await node.publish("notice", {"n": 1})
+        async with redis_client(redis.url) as r:
+            impostor = await r.script_load("return {1, 2}")
+        node.daemon.backplane.bus.publisher._publish_sha = impostor  # type: ignore[attr-defined]
+        async with httpx.AsyncClient() as http:
+            refused = await http.post(f"{node.http_url}/v1/publish", headers=AUTH,
+                                      json={"channel": "notice", "data": {"n": 2}})  # fmt: skip
+        assert refused.status_code == 503, refused.text
+        assert await node.publish("notice", {"n": 3}) == 2

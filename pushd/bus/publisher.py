@@ -37,7 +37,7 @@ from pushd.bus.store import (
 )
 from pushd.channels import StateKind, state_kind
 from pushd.config import BusConfig
-from pushd.errors import BusUnavailable
+from pushd.errors import BusUnavailable, MalformedData
 from pushd.logs import ThrottledLog
 
 log = structlog.get_logger("pushd.bus.redis")
@@ -160,6 +160,13 @@ class Publisher:
             except coredis.exceptions.NoScriptError:  # Redis lost its scripts: load, send again
                 self._publish_sha = None
                 continue
+            except MalformedData as exc:  # no real Redis answers so; the scripts may have run,
+                # so the batch is not sent again (twice published): dropped, its waiters told
+                log.error("Redis answered a publish out of shape: batch dropped",
+                          error=str(exc)[:200], messages=len(batch))  # fmt: skip
+                self._publish_sha = None  # loaded afresh for the next batch
+                self._drop_batch(batch, "Redis answered out of shape")
+                continue
             except REDIS_ERRORS as exc:
                 self._publish_sha = None
                 if self.up:
@@ -181,6 +188,14 @@ class Publisher:
             self.published += len(batch)
             self._sent.set()
             self._sent = trio.Event()
+
+    def _drop_batch(self, batch: list[tuple[Outgoing, _Waiter | None]], error: str) -> None:
+        for _, waiter in batch:
+            self._outbox.popleft()
+            if waiter is not None and not waiter.done.is_set():
+                waiter.error = error
+                waiter.done.set()
+        self.dropped += len(batch)
 
     def _next_batch(self) -> list[tuple[Outgoing, _Waiter | None]]:
         """The head of the outbox, up to ``BATCH``: a confirmed batch (HTTP) goes in one
