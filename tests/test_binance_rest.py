@@ -9,9 +9,9 @@ from typing import Any
 import ccxt.async_support as ccxt
 import httpx
 import trio
+from binance_clients import start_surfaces
 from conftest import Running, make_config, open_client, start_daemon, start_feed
 from redis_servers import RedisServer
-from test_binance_ccxt import start_binance
 
 from ingest.sim import Market
 
@@ -26,7 +26,7 @@ async def get(running: Running, path: str, status: int = 200) -> Any:
 
 async def test_rest_shapes_errors_and_ids(nursery: trio.Nursery) -> None:
     market = Market(seed=5, rate=5)
-    running = await start_binance(nursery, market)
+    running = await start_surfaces(nursery, market)
     feeding = start_feed(nursery, running, market)
     streams = "btcusdt@depth@100ms/btcusdt@miniTicker/ethusdt@miniTicker/solusdt@miniTicker"
     url = f"ws://127.0.0.1:{running.ports.binance_futures}/stream?streams={streams}"
