@@ -36,6 +36,7 @@ from pushd.errors import ApiError, BinanceError, BusUnavailable
 from pushd.market.depth import DepthEvent, LocalBook
 from pushd.market.funding import MarkPriceData
 from pushd.market.kline import Candle
+from pushd.market.markets import wall_ms
 from pushd.market.ticker import TickerData
 from pushd.market.trades import TradeItem
 
@@ -226,7 +227,7 @@ class BinanceRest:
         return out
 
     async def _empty_exchange(self, request: Request) -> Response:
-        return _json({"timezone": "UTC", "serverTime": _now_ms(), "symbols": []})
+        return _json({"timezone": "UTC", "serverTime": wall_ms(), "symbols": []})
 
     def _symbol(self, request: Request) -> str:
         """The ``symbol`` parameter, a configured one (else -1121)."""
@@ -239,7 +240,7 @@ class BinanceRest:
         return {}
 
     async def time(self, request: Request, market: Market) -> object:
-        return {"serverTime": _now_ms()}
+        return {"serverTime": wall_ms()}
 
     async def exchange_info(self, request: Request, market: Market) -> object:
         symbols = [exchange_symbol(symbol_info(s, cfg), market)
@@ -247,7 +248,7 @@ class BinanceRest:
         per_minute = self._budget.per_minute
         limits = [{"rateLimitType": "REQUEST_WEIGHT", "interval": "MINUTE", "intervalNum": 1,
                    "limit": per_minute}] if per_minute > 0 else []  # fmt: skip
-        return {"timezone": "UTC", "serverTime": _now_ms(), "rateLimits": limits,
+        return {"timezone": "UTC", "serverTime": wall_ms(), "rateLimits": limits,
                 "exchangeFilters": [], "symbols": symbols}  # fmt: skip
 
     async def depth(self, request: Request, market: Market) -> object:
@@ -255,10 +256,10 @@ class BinanceRest:
         limit = read_limit(request.query_params.get("limit"), LIMITS[(market, "depth")])
         state = await self.depth_state(symbol)
         if state is None:  # no book yet: an empty one before the first event
-            at, bids, asks, ts = Position("", 0), [], [], _now_ms()
+            at, bids, asks, ts = Position("", 0), [], [], wall_ms()
         else:
             at, book = state
-            if not admitted(at.epoch, _now_ms()):
+            if not admitted(at.epoch, wall_ms()):
                 raise BinanceError(*FUTURE_EPOCH)
             bids, asks, ts = book.bids[:limit], book.asks[:limit], book.T
         out: dict[str, Any] = {"lastUpdateId": update_id(at.epoch, at.seq)}
@@ -377,10 +378,10 @@ class BinanceRest:
         out = []
         for symbol in symbols:
             state = await self.depth_state(symbol)
-            bid, ask, uid, ts = ("0", "0"), ("0", "0"), 0, _now_ms()
+            bid, ask, uid, ts = ("0", "0"), ("0", "0"), 0, wall_ms()
             if state is not None:
                 at, book = state
-                if not admitted(at.epoch, _now_ms()):  # one symbol's answer, or left out
+                if not admitted(at.epoch, wall_ms()):  # one symbol's answer, or left out
                     if "symbol" in request.query_params:
                         raise BinanceError(*FUTURE_EPOCH)
                     continue
@@ -425,10 +426,6 @@ async def _answered(
     except ApiError as exc:  # the native endpoint's refusal
         code = -1100 if exc.status == 400 else -1000
         return _json({"code": code, "msg": exc.msg}, exc.status)
-
-
-def _now_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 def _json(body: object, status: int = 200) -> Response:
