@@ -220,3 +220,34 @@ async def test_limits_are_read_as_binance_reads_them(nursery: trio.Nursery) -> N
             *["/api/v3/exchangeInfo"] * 400)]  # fmt: skip  # 8,000 weight: no budget
     assert all(a.status_code == 200 and "x-mbx-used-weight" not in a.headers for a in answers)
     assert answers[-1].json()["rateLimits"] == []
+
+
+async def test_from_id_start_and_end_time_choose_the_window(nursery: trio.Nursery) -> None:
+    """``aggTrades``'s ``fromId``, ``startTime``, ``endTime`` and ``klines``'s ``startTime``,
+    ``endTime`` choose what is answered, oldest first from the start, as Binance reads them
+    (ccxt's ``since``); a value that is no integer is -1100. Before, they were ignored: the
+    latest ``limit`` came back whatever was asked."""
+    market = Market(seed=6, rate=20)
+    running = await start_surfaces(nursery, market)
+    feeding = start_feed(nursery, running, market)
+    with trio.fail_after(30):
+        while len(await get(running, "/api/v3/aggTrades?symbol=BTCUSDT")) < 12:
+            pass  # each answer awaits the HTTP round trip: the feed runs meanwhile
+    feeding.cancel()
+    every = await get(running, "/api/v3/aggTrades?symbol=BTCUSDT&limit=1000")  # all kept
+    ids = [t["a"] for t in every]
+    path = "/api/v3/aggTrades?symbol=BTCUSDT&limit=2"
+    assert [t["a"] for t in await get(running, f"{path}&fromId={ids[3]}")] == ids[3:5]
+    start, end = every[4]["T"], every[8]["T"]
+    times = f"limit=1000&startTime={start}&endTime={end}"
+    window = await get(running, f"/fapi/v1/aggTrades?symbol=BTCUSDT&{times}")
+    assert window and all(start <= t["T"] <= end for t in window)
+    assert [t["a"] for t in window] == [t["a"] for t in every if start <= t["T"] <= end]
+    klines = "/api/v3/klines?symbol=BTCUSDT&interval=1m"
+    assert await get(running, klines)  # the open minute's candle
+    later = every[-1]["T"] + 120_000
+    assert await get(running, f"{klines}&startTime={later}") == []
+    assert await get(running, f"{klines}&endTime=0") == []
+    for name in ("fromId", "startTime", "endTime"):
+        bad = await get(running, f"{path}&{name}=x1", 400)
+        assert bad["code"] == -1100 and name in bad["msg"]

@@ -9,7 +9,9 @@ Errors: Binance's body, ``{"code":-1121,"msg":"Invalid symbol."}`` with 400.
 
 Parameters as Binance reads them (``LIMITS``): ``limit`` defaults and bounds per route and
 market (USD-M depth only 5, 10, 20, 50, 100, 500 or 1000; spot depth past 5,000 answers 5,000);
-a ``limit`` that is no number is -1100, one out of range -1130, an unknown interval -1120. Every
+a ``limit`` that is no number is -1100, one out of range -1130, an unknown interval -1120;
+``aggTrades``' ``fromId`` and ``aggTrades``' and ``klines``' ``startTime``, ``endTime`` choose
+the window (``window``; one that is no integer -1100). Every
 answer carries the address's used request weight (``pushd.binance.budget``).
 """
 
@@ -56,6 +58,7 @@ TOO_MANY = ("Too much request weight used; current limit is %d request weight pe
             "Please use WebSocket Streams for live updates to avoid polling the API.")  # fmt: skip
 USED_WEIGHT = ("x-mbx-used-weight", "x-mbx-used-weight-1m")  # the headers, as Binance writes them
 LEGAL_LIMIT = "^[0-9]{1,20}$"
+LEGAL_LONG = "^-?[0-9]{1,20}$"
 BAD_LIMIT = (-1130, "Data sent for parameter 'limit' is not valid.")
 FUTURES_DEPTHS = (5, 10, 20, 50, 100, 500, 1000)
 
@@ -93,6 +96,35 @@ def read_limit(text: str | None, limit: Limit) -> int:
     if value < 1 or value > limit.most or (limit.valid and value not in limit.valid):
         raise BinanceError(*BAD_LIMIT)
     return value
+
+
+def read_long(request: Request, name: str) -> int | None:
+    """An integer parameter (``fromId``, ``startTime``, ``endTime``), None when absent;
+    BinanceError -1100 when it is no integer."""
+    text = request.query_params.get(name)
+    if text is None:
+        return None
+    digits = text.removeprefix("-")
+    if not (digits.isascii() and digits.isdigit() and len(digits) <= 19):
+        raise BinanceError(
+            -1100, f"Illegal characters found in parameter '{name}'; legal range is '{LEGAL_LONG}'."
+        )
+    return int(text)
+
+
+def window(request: Request, items: list[T], key: Callable[[T], int], limit: int,
+           from_id: Callable[[T], int] | None = None) -> list[T]:  # fmt: skip
+    """``items`` (oldest first) as Binance chooses them: from ``fromId`` (``from_id``: the
+    item's id) or ``startTime`` the oldest ``limit`` on, up to ``endTime``; with neither start
+    the latest ``limit``."""
+    first = read_long(request, "fromId") if from_id is not None else None
+    start, end = read_long(request, "startTime"), read_long(request, "endTime")
+    chosen = [
+        item for item in items
+        if (first is None or from_id is None or from_id(item) >= first)
+        and (start is None or key(item) >= start) and (end is None or key(item) <= end)
+    ]  # fmt: skip
+    return chosen[:limit] if first is not None or start is not None else chosen[-limit:]
 
 
 _depth = msgspec.json.Decoder(DepthEvent)
@@ -269,9 +301,13 @@ class BinanceRest:
 
     async def _trades(self, request: Request, market: Market, route: str) -> list[TradeItem]:
         symbol = self._symbol(request)
-        limit = read_limit(request.query_params.get("limit"), LIMITS[(market, route)])
-        snap = await self._api.recent_trades(symbol, limit)
-        return _each_as(snap["data"], TradeItem)
+        kind = LIMITS[(market, route)]
+        limit = read_limit(request.query_params.get("limit"), kind)
+        if route == "trades":  # no window: the latest
+            return _each_as((await self._api.recent_trades(symbol, limit))["data"], TradeItem)
+        snap = await self._api.recent_trades(symbol, kind.most)  # all pushd keeps
+        items = _each_as(snap["data"], TradeItem)
+        return window(request, items, lambda t: t.ts, limit, lambda t: t.id)
 
     async def trades(self, request: Request, market: Market) -> object:
         out = []
@@ -298,9 +334,9 @@ class BinanceRest:
         if interval not in KLINE_INTERVALS:
             raise BinanceError(-1120, "Invalid interval.")
         limit = read_limit(request.query_params.get("limit"), LIMITS[(market, "klines")])
-        snap = await self._api.candles(symbol, interval, limit)
+        snap = await self._api.candles(symbol, interval, LIMITS[(market, "klines")].most)
         rows = []
-        for candle in _each_as(snap["data"], Candle):
+        for candle in window(request, _each_as(snap["data"], Candle), _open_time, limit):
             k = kline_fields(candle)
             rows.append([k["t"], k["o"], k["h"], k["l"], k["c"], k["v"], k["T"], k["q"], k["n"],
                          k["V"], k["Q"], "0"])  # fmt: skip
@@ -394,6 +430,10 @@ class BinanceRest:
                 item.update({"time": ts, "lastUpdateId": uid})
             out.append(item)
         return out[0] if "symbol" in request.query_params else out
+
+
+def _open_time(candle: Candle) -> int:
+    return candle.openTime
 
 
 def _answer(
