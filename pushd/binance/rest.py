@@ -59,6 +59,7 @@ TOO_MANY = ("Too much request weight used; current limit is %d request weight pe
 USED_WEIGHT = ("x-mbx-used-weight", "x-mbx-used-weight-1m")  # the headers, as Binance writes them
 LEGAL_LIMIT = "^[0-9]{1,20}$"
 LEGAL_LONG = "^-?[0-9]{1,20}$"
+WINDOW = ("fromId", "startTime", "endTime")  # the parameters ``window`` reads
 BAD_LIMIT = (-1130, "Data sent for parameter 'limit' is not valid.")
 FUTURES_DEPTHS = (5, 10, 20, 50, 100, 500, 1000)
 
@@ -303,7 +304,7 @@ class BinanceRest:
         symbol = self._symbol(request)
         kind = LIMITS[(market, route)]
         limit = read_limit(request.query_params.get("limit"), kind)
-        if route == "trades":  # no window: the latest
+        if route == "trades" or not _windowed(request):  # the latest: no more read than that
             return _each_as((await self._api.recent_trades(symbol, limit))["data"], TradeItem)
         snap = await self._api.recent_trades(symbol, kind.most)  # all pushd keeps
         items = _each_as(snap["data"], TradeItem)
@@ -334,7 +335,8 @@ class BinanceRest:
         if interval not in KLINE_INTERVALS:
             raise BinanceError(-1120, "Invalid interval.")
         limit = read_limit(request.query_params.get("limit"), LIMITS[(market, "klines")])
-        snap = await self._api.candles(symbol, interval, LIMITS[(market, "klines")].most)
+        most = LIMITS[(market, "klines")].most if _windowed(request) else limit
+        snap = await self._api.candles(symbol, interval, most)
         rows = []
         for candle in window(request, _each_as(snap["data"], Candle), _open_time, limit):
             k = kline_fields(candle)
@@ -430,6 +432,10 @@ class BinanceRest:
                 item.update({"time": ts, "lastUpdateId": uid})
             out.append(item)
         return out[0] if "symbol" in request.query_params else out
+
+
+def _windowed(request: Request) -> bool:
+    return any(name in request.query_params for name in WINDOW)
 
 
 def _open_time(candle: Candle) -> int:
