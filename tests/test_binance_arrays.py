@@ -7,9 +7,13 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 import trio
 import trio.testing
 from conftest import Running, make_config, open_client, start_daemon
+from trio_websocket import ConnectionClosed
+
+from pushd.gateway.lifecycle import CloseCode
 
 TICKER = {"s": "BTCUSDT", "open": "1", "high": "2", "low": "1", "last": "2", "volume": "2",
           "quoteVolume": "3", "change": "1", "changePercent": "100", "count": 2,
@@ -108,3 +112,26 @@ async def test_a_failing_interval_costs_that_interval_not_the_surface(
         assert [(p["s"], p["p"]) for p in array] == [("ETHUSDT", "1.5")]
         listed = await client.call({"method": "LIST_SUBSCRIPTIONS", "id": 2})
         assert listed == {"result": ["!markPrice@arr"], "id": 2}
+
+
+async def test_an_unsubscribe_refused_for_its_weight_still_releases_its_streams(
+    nursery: trio.Nursery,
+) -> None:
+    """An UNSUBSCRIBE of 101 names costs two message tokens; with one left the connection is
+    closed for its rate (4001), after the session has already let its streams go: the
+    all-market stream's follower and taps are released with it, not kept for ever."""
+    surfaces = {"futures": {"enabled": True, "port": 0}}
+    limits = {"messages_per_second": 0.001, "message_burst": 2}
+    running = await start_daemon(nursery, make_config(binance=surfaces, limits=limits))
+    dialect = running.daemon.binance["futures"]._dialect
+    url = f"ws://127.0.0.1:{running.ports.binance_futures}/ws"
+    async with open_client(url) as client:
+        reply = await client.call({"method": "SUBSCRIBE", "params": ["!ticker@arr"], "id": 1})
+        assert reply == {"result": None, "id": 1} and followed(running)
+        await client.send({"method": "UNSUBSCRIBE", "params": ["!ticker@arr"] * 101, "id": 2})
+        with trio.fail_after(10), pytest.raises(ConnectionClosed) as closed:
+            await client.ws.get_message()  # refused: the close, not an answer
+        assert closed.value.reason.code == CloseCode.RATE_LIMITED
+    await trio.testing.wait_all_tasks_blocked()
+    assert not dialect._every.follows()
+    assert followed(running) == set() and dialect._arrays is None

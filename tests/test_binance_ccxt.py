@@ -15,31 +15,20 @@ from typing import Any
 
 import ccxt
 import ccxt.pro as ccxtpro
-import msgspec
 import pytest
 import trio
-from binance_clients import start_feed, stop
-from conftest import Running, feed, make_config, open_client, start_daemon
+from binance_clients import restartable, start_feed, start_surfaces, stop
+from conftest import Running, feed, open_client, start_daemon
 from redis_servers import Redis
 from test_cluster import redis_config
 
-from ingest import wire
 from ingest.sim import Market
-from ingest.transport import BookProvider, serve_snapshots
+from ingest.transport import serve_snapshots
 
 SPOT, FUTURES = "BTC/USDT", "BTC/USDT:USDT"
 UPDATES = 5  # book updates each watch sees before the feed stops
 SETTLE_S = 20  # the books catch up with the last depth event within this
 SURFACES = {"spot": {"enabled": True, "port": 0}, "futures": {"enabled": True, "port": 0}}
-
-
-async def start_binance(
-    nursery: trio.Nursery, market: Market, provider: BookProvider | None = None
-) -> Running:
-    snapshot_port = await nursery.start(serve_snapshots, provider or market.book, "127.0.0.1", 0)
-    config = make_config(engine={"snapshot_enabled": True, "snapshot_port": snapshot_port},
-                         binance=SURFACES)  # fmt: skip
-    return await start_daemon(nursery, config)
 
 
 def exchange(running: Running) -> Any:
@@ -128,7 +117,7 @@ async def run_ccxt(running: Running, watching: Callable[[Any], Awaitable[Any]]) 
 
 async def test_ccxt_watches_spot_and_futures_and_agrees_with_rest(nursery: trio.Nursery) -> None:
     market = Market(seed=7, rate=5)
-    running = await start_binance(nursery, market)
+    running = await start_surfaces(nursery, market)
     await check_ccxt(nursery, market, running, running)
 
 
@@ -207,17 +196,9 @@ async def test_ccxt_resyncs_after_a_break_in_the_chain(nursery: trio.Nursery) ->
     follow the last one ccxt holds. ccxt says so (ChecksumError), is asked again, reloads REST
     depth, and its book is right again."""
     market = Market(seed=11, rate=5)
-    offset = [10**9]  # the engine's versions: far up, then down to the simulator's own
-
-    def provider(symbol: str, depth: int, request_id: int) -> wire.BookSnapshot:
-        book = market.book(symbol, depth, request_id)
-        return msgspec.structs.replace(book, update_id=book.update_id + offset[0])
-
-    running = await start_binance(nursery, market, provider)
+    provider, restart_engine = restartable(market)
+    running = await start_surfaces(nursery, market, provider)
     stop_feed = start_feed(nursery, running, market)
-
-    def restart_engine() -> None:
-        offset[0] = 0
 
     async def watching(ex: Any) -> dict[str, Any]:
         await ex.load_markets()
@@ -247,7 +228,7 @@ async def test_ccxt_watches_all_market_tickers_and_mark_prices(nursery: trio.Nur
     ``/ws`` URL only (on ``/stream`` it drops a wrapped array), so spot is watched by an
     exchange that loads spot markets only (docs/binance.md)."""
     market = Market(seed=9, rate=5)
-    running = await start_binance(nursery, market)
+    running = await start_surfaces(nursery, market)
     nursery.start_soon(feed(running, market))
     symbols = {"BTC/USDT", "ETH/USDT", "SOL/USDT"}
     swaps = {f"{s}:USDT" for s in symbols}

@@ -16,10 +16,10 @@ import httpx
 import msgspec
 import pytest
 import trio
+from binance_clients import start_surfaces
 from conftest import RawClient, Running, make_config, open_client, start_daemon, start_feed
 from redis_servers import RedisServer
 from structlog.testing import capture_logs
-from test_binance_ccxt import start_binance
 from test_tls import Certificates
 from wsproto.events import AcceptConnection, CloseConnection, Ping, RejectConnection, TextMessage
 
@@ -373,7 +373,7 @@ async def test_an_epoch_a_day_ahead_gives_out_no_binance_id_until_a_correct_one(
     epoch comes, events resume below the refused ids, after a break in the chain (clients
     resync on it)."""
     market = Market(seed=3, rate=20)
-    running = await start_binance(nursery, market)
+    running = await start_surfaces(nursery, market)
     feeding = start_feed(nursery, running, market)
     binance = await client(running, "/ws/btcusdt@depth")
     [before] = await read(binance, 1)

@@ -9,9 +9,9 @@ from typing import Any
 import ccxt.async_support as ccxt
 import httpx
 import trio
+from binance_clients import start_surfaces
 from conftest import Running, make_config, open_client, start_daemon, start_feed
 from redis_servers import RedisServer
-from test_binance_ccxt import start_binance
 
 from ingest.sim import Market
 
@@ -26,7 +26,7 @@ async def get(running: Running, path: str, status: int = 200) -> Any:
 
 async def test_rest_shapes_errors_and_ids(nursery: trio.Nursery) -> None:
     market = Market(seed=5, rate=5)
-    running = await start_binance(nursery, market)
+    running = await start_surfaces(nursery, market)
     feeding = start_feed(nursery, running, market)
     streams = "btcusdt@depth@100ms/btcusdt@miniTicker/ethusdt@miniTicker/solusdt@miniTicker"
     url = f"ws://127.0.0.1:{running.ports.binance_futures}/stream?streams={streams}"
@@ -220,3 +220,34 @@ async def test_limits_are_read_as_binance_reads_them(nursery: trio.Nursery) -> N
             *["/api/v3/exchangeInfo"] * 400)]  # fmt: skip  # 8,000 weight: no budget
     assert all(a.status_code == 200 and "x-mbx-used-weight" not in a.headers for a in answers)
     assert answers[-1].json()["rateLimits"] == []
+
+
+async def test_from_id_start_and_end_time_choose_the_window(nursery: trio.Nursery) -> None:
+    """``aggTrades``'s ``fromId``, ``startTime``, ``endTime`` and ``klines``'s ``startTime``,
+    ``endTime`` choose what is answered, oldest first from the start, as Binance reads them
+    (ccxt's ``since``); a value that is no integer is -1100. Before, they were ignored: the
+    latest ``limit`` came back whatever was asked."""
+    market = Market(seed=6, rate=20)
+    running = await start_surfaces(nursery, market)
+    feeding = start_feed(nursery, running, market)
+    with trio.fail_after(30):
+        while len(await get(running, "/api/v3/aggTrades?symbol=BTCUSDT")) < 12:
+            pass  # each answer awaits the HTTP round trip: the feed runs meanwhile
+    feeding.cancel()
+    every = await get(running, "/api/v3/aggTrades?symbol=BTCUSDT&limit=1000")  # all kept
+    ids = [t["a"] for t in every]
+    path = "/api/v3/aggTrades?symbol=BTCUSDT&limit=2"
+    assert [t["a"] for t in await get(running, f"{path}&fromId={ids[3]}")] == ids[3:5]
+    start, end = every[4]["T"], every[8]["T"]
+    times = f"limit=1000&startTime={start}&endTime={end}"
+    window = await get(running, f"/fapi/v1/aggTrades?symbol=BTCUSDT&{times}")
+    assert window and all(start <= t["T"] <= end for t in window)
+    assert [t["a"] for t in window] == [t["a"] for t in every if start <= t["T"] <= end]
+    klines = "/api/v3/klines?symbol=BTCUSDT&interval=1m"
+    assert await get(running, klines)  # the open minute's candle
+    later = every[-1]["T"] + 120_000
+    assert await get(running, f"{klines}&startTime={later}") == []
+    assert await get(running, f"{klines}&endTime=0") == []
+    for name in ("fromId", "startTime", "endTime"):
+        bad = await get(running, f"{path}&{name}=x1", 400)
+        assert bad["code"] == -1100 and name in bad["msg"]

@@ -13,8 +13,8 @@ from typing import Any
 import ccxt.pro as ccxtpro
 import httpx
 import trio
-from conftest import Running, feed, open_client, start_daemon
-from test_binance_ccxt import SURFACES, make_config
+from conftest import Running, feed, make_config, open_client, start_daemon
+from test_binance_ccxt import SURFACES
 
 from ingest.sim import Market
 from ingest.transport import serve_snapshots

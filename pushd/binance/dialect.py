@@ -164,12 +164,12 @@ class BinanceDialect:
             return
         was_combined = session.combined
         step = session.handle(text)
+        for stream in step.leave:  # the session let them go, refused or not: released here
+            self._leave(conn, stream, was_combined)  # (``_leave_all`` no longer sees them)
         if step.cost > 1 and not state.requests.take(trio.current_time(), step.cost - 1):
             self._end(conn, lifecycle.RATE_LIMITED)  # many streams at once: their weight
             return
         conn.send(text_frame(step.reply))
-        for stream in step.leave:
-            self._leave(conn, stream, was_combined)
         if step.reform:  # every stream again, in the new payload form
             for stream in session.streams.values():
                 self._leave(conn, stream, was_combined)

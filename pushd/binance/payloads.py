@@ -23,7 +23,6 @@ quantities stay the exact decimal strings pushd computed; ids and times are inte
 from __future__ import annotations
 
 import functools
-import time
 import weakref
 from collections.abc import Callable
 from decimal import Decimal
@@ -39,6 +38,7 @@ from pushd.market.decimals import EXACT, quantize
 from pushd.market.depth import DepthEvent, LocalBook
 from pushd.market.funding import MarkPriceData
 from pushd.market.kline import Candle
+from pushd.market.markets import wall_ms
 from pushd.market.ticker import TickerData
 from pushd.market.trades import TradeBatch
 
@@ -53,10 +53,6 @@ SPOT_ZERO = "0.00000000"
 Current = Callable[[], Snapshot | None]
 
 log = structlog.get_logger("pushd.binance.payloads")
-
-
-def wall_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 def admitted(epoch: str, now_ms: int, epochs: EpochGuard = EPOCHS) -> bool:

@@ -9,7 +9,9 @@ Errors: Binance's body, ``{"code":-1121,"msg":"Invalid symbol."}`` with 400.
 
 Parameters as Binance reads them (``LIMITS``): ``limit`` defaults and bounds per route and
 market (USD-M depth only 5, 10, 20, 50, 100, 500 or 1000; spot depth past 5,000 answers 5,000);
-a ``limit`` that is no number is -1100, one out of range -1130, an unknown interval -1120. Every
+a ``limit`` that is no number is -1100, one out of range -1130, an unknown interval -1120;
+``aggTrades``' ``fromId`` and ``aggTrades``' and ``klines``' ``startTime``, ``endTime`` choose
+the window (``window``; one that is no integer -1100). Every
 answer carries the address's used request weight (``pushd.binance.budget``).
 """
 
@@ -36,6 +38,7 @@ from pushd.errors import ApiError, BinanceError, BusUnavailable
 from pushd.market.depth import DepthEvent, LocalBook
 from pushd.market.funding import MarkPriceData
 from pushd.market.kline import Candle
+from pushd.market.markets import wall_ms
 from pushd.market.ticker import TickerData
 from pushd.market.trades import TradeItem
 
@@ -55,6 +58,8 @@ TOO_MANY = ("Too much request weight used; current limit is %d request weight pe
             "Please use WebSocket Streams for live updates to avoid polling the API.")  # fmt: skip
 USED_WEIGHT = ("x-mbx-used-weight", "x-mbx-used-weight-1m")  # the headers, as Binance writes them
 LEGAL_LIMIT = "^[0-9]{1,20}$"
+LEGAL_LONG = "^-?[0-9]{1,20}$"
+WINDOW = ("fromId", "startTime", "endTime")  # the parameters ``window`` reads
 BAD_LIMIT = (-1130, "Data sent for parameter 'limit' is not valid.")
 FUTURES_DEPTHS = (5, 10, 20, 50, 100, 500, 1000)
 
@@ -92,6 +97,35 @@ def read_limit(text: str | None, limit: Limit) -> int:
     if value < 1 or value > limit.most or (limit.valid and value not in limit.valid):
         raise BinanceError(*BAD_LIMIT)
     return value
+
+
+def read_long(request: Request, name: str) -> int | None:
+    """An integer parameter (``fromId``, ``startTime``, ``endTime``), None when absent;
+    BinanceError -1100 when it is no integer."""
+    text = request.query_params.get(name)
+    if text is None:
+        return None
+    digits = text.removeprefix("-")
+    if not (digits.isascii() and digits.isdigit() and len(digits) <= 19):
+        raise BinanceError(
+            -1100, f"Illegal characters found in parameter '{name}'; legal range is '{LEGAL_LONG}'."
+        )
+    return int(text)
+
+
+def window(request: Request, items: list[T], key: Callable[[T], int], limit: int,
+           from_id: Callable[[T], int] | None = None) -> list[T]:  # fmt: skip
+    """``items`` (oldest first) as Binance chooses them: from ``fromId`` (``from_id``: the
+    item's id) or ``startTime`` the oldest ``limit`` on, up to ``endTime``; with neither start
+    the latest ``limit``."""
+    first = read_long(request, "fromId") if from_id is not None else None
+    start, end = read_long(request, "startTime"), read_long(request, "endTime")
+    chosen = [
+        item for item in items
+        if (first is None or from_id is None or from_id(item) >= first)
+        and (start is None or key(item) >= start) and (end is None or key(item) <= end)
+    ]  # fmt: skip
+    return chosen[:limit] if first is not None or start is not None else chosen[-limit:]
 
 
 _depth = msgspec.json.Decoder(DepthEvent)
@@ -226,7 +260,7 @@ class BinanceRest:
         return out
 
     async def _empty_exchange(self, request: Request) -> Response:
-        return _json({"timezone": "UTC", "serverTime": _now_ms(), "symbols": []})
+        return _json({"timezone": "UTC", "serverTime": wall_ms(), "symbols": []})
 
     def _symbol(self, request: Request) -> str:
         """The ``symbol`` parameter, a configured one (else -1121)."""
@@ -239,7 +273,7 @@ class BinanceRest:
         return {}
 
     async def time(self, request: Request, market: Market) -> object:
-        return {"serverTime": _now_ms()}
+        return {"serverTime": wall_ms()}
 
     async def exchange_info(self, request: Request, market: Market) -> object:
         symbols = [exchange_symbol(symbol_info(s, cfg), market)
@@ -247,7 +281,7 @@ class BinanceRest:
         per_minute = self._budget.per_minute
         limits = [{"rateLimitType": "REQUEST_WEIGHT", "interval": "MINUTE", "intervalNum": 1,
                    "limit": per_minute}] if per_minute > 0 else []  # fmt: skip
-        return {"timezone": "UTC", "serverTime": _now_ms(), "rateLimits": limits,
+        return {"timezone": "UTC", "serverTime": wall_ms(), "rateLimits": limits,
                 "exchangeFilters": [], "symbols": symbols}  # fmt: skip
 
     async def depth(self, request: Request, market: Market) -> object:
@@ -255,10 +289,10 @@ class BinanceRest:
         limit = read_limit(request.query_params.get("limit"), LIMITS[(market, "depth")])
         state = await self.depth_state(symbol)
         if state is None:  # no book yet: an empty one before the first event
-            at, bids, asks, ts = Position("", 0), [], [], _now_ms()
+            at, bids, asks, ts = Position("", 0), [], [], wall_ms()
         else:
             at, book = state
-            if not admitted(at.epoch, _now_ms()):
+            if not admitted(at.epoch, wall_ms()):
                 raise BinanceError(*FUTURE_EPOCH)
             bids, asks, ts = book.bids[:limit], book.asks[:limit], book.T
         out: dict[str, Any] = {"lastUpdateId": update_id(at.epoch, at.seq)}
@@ -268,9 +302,13 @@ class BinanceRest:
 
     async def _trades(self, request: Request, market: Market, route: str) -> list[TradeItem]:
         symbol = self._symbol(request)
-        limit = read_limit(request.query_params.get("limit"), LIMITS[(market, route)])
-        snap = await self._api.recent_trades(symbol, limit)
-        return _each_as(snap["data"], TradeItem)
+        kind = LIMITS[(market, route)]
+        limit = read_limit(request.query_params.get("limit"), kind)
+        if route == "trades" or not _windowed(request):  # the latest: no more read than that
+            return _each_as((await self._api.recent_trades(symbol, limit))["data"], TradeItem)
+        snap = await self._api.recent_trades(symbol, kind.most)  # all pushd keeps
+        items = _each_as(snap["data"], TradeItem)
+        return window(request, items, lambda t: t.ts, limit, lambda t: t.id)
 
     async def trades(self, request: Request, market: Market) -> object:
         out = []
@@ -297,9 +335,10 @@ class BinanceRest:
         if interval not in KLINE_INTERVALS:
             raise BinanceError(-1120, "Invalid interval.")
         limit = read_limit(request.query_params.get("limit"), LIMITS[(market, "klines")])
-        snap = await self._api.candles(symbol, interval, limit)
+        most = LIMITS[(market, "klines")].most if _windowed(request) else limit
+        snap = await self._api.candles(symbol, interval, most)
         rows = []
-        for candle in _each_as(snap["data"], Candle):
+        for candle in window(request, _each_as(snap["data"], Candle), _open_time, limit):
             k = kline_fields(candle)
             rows.append([k["t"], k["o"], k["h"], k["l"], k["c"], k["v"], k["T"], k["q"], k["n"],
                          k["V"], k["Q"], "0"])  # fmt: skip
@@ -377,10 +416,10 @@ class BinanceRest:
         out = []
         for symbol in symbols:
             state = await self.depth_state(symbol)
-            bid, ask, uid, ts = ("0", "0"), ("0", "0"), 0, _now_ms()
+            bid, ask, uid, ts = ("0", "0"), ("0", "0"), 0, wall_ms()
             if state is not None:
                 at, book = state
-                if not admitted(at.epoch, _now_ms()):  # one symbol's answer, or left out
+                if not admitted(at.epoch, wall_ms()):  # one symbol's answer, or left out
                     if "symbol" in request.query_params:
                         raise BinanceError(*FUTURE_EPOCH)
                     continue
@@ -393,6 +432,14 @@ class BinanceRest:
                 item.update({"time": ts, "lastUpdateId": uid})
             out.append(item)
         return out[0] if "symbol" in request.query_params else out
+
+
+def _windowed(request: Request) -> bool:
+    return any(name in request.query_params for name in WINDOW)
+
+
+def _open_time(candle: Candle) -> int:
+    return candle.openTime
 
 
 def _answer(
@@ -425,10 +472,6 @@ async def _answered(
     except ApiError as exc:  # the native endpoint's refusal
         code = -1100 if exc.status == 400 else -1000
         return _json({"code": code, "msg": exc.msg}, exc.status)
-
-
-def _now_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 def _json(body: object, status: int = 200) -> Response:
