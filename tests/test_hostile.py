@@ -9,6 +9,7 @@ from __future__ import annotations
 import socket
 import struct
 
+import httpx
 import pytest
 import trio
 from conftest import RawClient, Running, make_config, open_client, start_daemon
@@ -166,3 +167,24 @@ async def ingest_still_serves(running: Running) -> None:
             await stream.send_all(wire.frame_tcp(envelope))
             got = await c.recv()
         assert got["event"] == "@account" and got["data"]["fields"] == {"equity": "1"}
+
+
+async def test_a_half_sent_upgrade_ends_at_the_handshake_timeout_and_an_open_one_outlives_it(
+    nursery: trio.Nursery,
+) -> None:
+    """The handshake timeout is the connection scope's deadline until the upgrade is answered:
+    a peer that sends half a request is closed unanswered and counted; one that opened earlier
+    (its own deadline long past by then) goes on, the deadline lifted when it opened."""
+    running = await start_daemon(nursery, make_config(limits={"handshake_timeout_s": 0.3}))
+    async with open_client(running.ws_url) as earlier:
+        stream = await trio.open_tcp_stream("127.0.0.1", running.ports.websocket)
+        async with stream:
+            await stream.send_all(b"GET /ws HTTP/1.1\r\nHost: x\r\n")  # and nothing more
+            with trio.fail_after(10):
+                assert await stream.receive_some(65536) == b""  # closed, no answer
+        assert (await earlier.call({"op": "ping"}))["op"] == "pong"
+    async with httpx.AsyncClient() as api:
+        metrics = (await api.get(f"{running.http_url}/metrics")).text
+    counted = 'pushd_handshakes_rejected_total{reason="handshake_timeout"}'
+    timed_out = [line for line in metrics.splitlines() if line.startswith(counted)]
+    assert timed_out and float(timed_out[0].split()[-1]) == 1

@@ -44,3 +44,17 @@ def test_resync_notices_kept_for_a_join_are_bounded() -> None:
     assert public.slow
     hub.resync_private()
     assert private.slow
+
+
+def test_data_that_is_not_utf8_is_refused_on_a_route_only_views_and_taps_follow() -> None:
+    """A channel only another dialect follows (a view, a tap) gets no pushd frame, but its
+    data is checked all the same: publish answers None (``Delivery``: the bus keeps no such
+    data as the channel's state, which a later native subscriber would be sent), and neither
+    the views nor the taps are given it."""
+    hub = Hub()
+    told: list[object] = []
+    hub.tap(PUBLIC, "tap", lambda epoch, seq, data: told.append(seq))
+    hub.join_view(Outlet(1 << 20), PUBLIC, "view", lambda: lambda epoch, seq, data: b"x")
+    assert hub.publish(PUBLIC.internal, "e1", 1, msgspec.Raw(b"1")) == 0
+    assert hub.publish(PUBLIC.internal, "e1", 2, NOT_UTF8) is None
+    assert told == [1] and hub.undeliverable == 1

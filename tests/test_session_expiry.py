@@ -77,6 +77,18 @@ async def receive(c: Any) -> Any:
     return msgspec.json.decode(await c.ws.get_message())
 
 
+async def closed_with(c: Any, code: CloseCode, what: str) -> None:
+    """The client's next news is its close with ``code``: any message first fails, ``what``
+    saying what it means."""
+    try:
+        message = await receive(c)
+    except trio_websocket.ConnectionClosed as closed:
+        assert closed.reason is not None
+        assert closed.reason.code == code
+    else:
+        raise AssertionError(f"{what}: {message}")
+
+
 async def test_a_session_outlives_no_real_token_and_a_fresh_token_extends_it(
     nursery: trio.Nursery,
 ) -> None:
@@ -96,12 +108,9 @@ async def test_a_session_outlives_no_real_token_and_a_fresh_token_extends_it(
             assert (await receive(fresh)) == {"result": True, "id": 7, "uid": "1001"}
             notice = await receive(stale)
             assert notice["event"] == "@auth"
-            try:
-                await receive(stale)
-                raise AssertionError("the stale session got more than its notice")
-            except trio_websocket.ConnectionClosed as closed:
-                assert closed.reason is not None
-                assert closed.reason.code == CloseCode.TOKEN_EXPIRED
+            await closed_with(
+                stale, CloseCode.TOKEN_EXPIRED, "the stale session got more than its notice"
+            )
         assert time.time() - logged_in >= ttl - 0.1  # not before its exp
         seq = await running.publish("user_1001_order", {"after": "exp"})
         event = await receive(fresh)  # the extended session goes on past the first exp
@@ -123,12 +132,7 @@ async def test_a_shorter_token_later_shortens_the_session(nursery: trio.Nursery)
         with trio.fail_after(ttl + 3):  # the long token's timer would sleep ~600 s
             notice = await receive(c)
             assert notice["event"] == "@auth" and 0 < notice["data"]["expiresIn"] <= ttl
-            try:
-                message = await receive(c)
-                raise AssertionError(f"the session went on past its exp: {message}")
-            except trio_websocket.ConnectionClosed as closed:
-                assert closed.reason is not None
-                assert closed.reason.code == CloseCode.TOKEN_EXPIRED
+            await closed_with(c, CloseCode.TOKEN_EXPIRED, "the session went on past its exp")
 
 
 async def test_a_logged_in_connection_holds_no_task_for_its_token(nursery: trio.Nursery) -> None:
@@ -183,17 +187,7 @@ async def test_a_failing_token_check_ends_its_connection_not_the_gateway(
             token = issue_hmac_token(SECRET, uid, ttl)
             assert (await client.call({"op": "auth", "token": token}))["uid"] == uid
         with trio.fail_after(ttl + 3):
-            try:
-                message = await receive(broken)
-                raise AssertionError(f"the broken session went on: {message}")
-            except trio_websocket.ConnectionClosed as closed:
-                assert closed.reason is not None
-                assert closed.reason.code == CloseCode.INTERNAL_ERROR
+            await closed_with(broken, CloseCode.INTERNAL_ERROR, "the broken session went on")
             notice = await receive(fine)
             assert notice["event"] == "@auth"
-            try:
-                message = await receive(fine)
-                raise AssertionError(f"the session went on past its exp: {message}")
-            except trio_websocket.ConnectionClosed as closed:
-                assert closed.reason is not None
-                assert closed.reason.code == CloseCode.TOKEN_EXPIRED
+            await closed_with(fine, CloseCode.TOKEN_EXPIRED, "the session went on past its exp")

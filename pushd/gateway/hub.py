@@ -63,6 +63,7 @@ state.)
 
 from __future__ import annotations
 
+import codecs
 import time
 from collections import deque
 from collections.abc import Callable, Hashable, Iterable, Iterator
@@ -524,7 +525,13 @@ class Hub:
         route.epoch = epoch
         route.seq = seq
         if not (route.subscribers or route.pending or route.ahead):
-            # only another dialect's views follow it: pushd's own frame would go to nobody
+            # only another dialect's views follow it: pushd's own frame would go to nobody,
+            # but its data is checked as that frame's encoding checks it (``Delivery``)
+            try:
+                codecs.utf_8_decode(data, "strict", True)
+            except UnicodeDecodeError:
+                self.undeliverable += 1
+                return None
             was_clean = not self.dirty
             self._publish_views(route, epoch, seq, data)
             if was_clean and self.dirty:

@@ -52,8 +52,9 @@ class _Parsed:
         self.headers.append((name, value))
 
 
-def _plain_request(data: bytes) -> Request | None:
-    """The request in ``data`` if it is plainly valid (the module's docstring), else None."""
+def _plain_request(data: bytes) -> tuple[Request, bytes] | None:
+    """The request in ``data`` and its key if it is plainly valid (the module's docstring),
+    else None."""
     if (
         len(data) > MAX_REQUEST_BYTES
         or not data.startswith(b"GET /")  # (llhttp skips empty lines before it; h11 does not)
@@ -120,7 +121,7 @@ def _plain_request(data: bytes) -> Request | None:
     return Request(
         host=host_name, target=target.decode("ascii"), extensions=extensions,
         extra_headers=headers, subprotocols=subprotocols,
-    )  # fmt: skip
+    ), key  # fmt: skip
 
 
 class Upgrade:
@@ -143,9 +144,9 @@ class Upgrade:
         """Bytes of the request; the request once complete. Raises what h11 and wsproto raise
         for a request they cannot take (``admission.malformed`` answers it)."""
         if self._handshake is None and not self._raw and (fast := _plain_request(data)):
-            self._raw, self.request = data, fast
-            self._key = next(v for k, v in fast.extra_headers if k == b"sec-websocket-key")
-            return fast
+            self._raw = data
+            self.request, self._key = fast
+            return self.request
         handshake = self._wsproto()
         handshake.receive_data(data)
         for event in handshake.events():
