@@ -175,7 +175,8 @@ class Envelope(msgspec.Struct, frozen=True, omit_defaults=True):
 class Ack(msgspec.Struct, frozen=True):
     """pushd's answer to a TCP frame that asked for one, once it has dealt with it: the
     frame's ``verdict`` (its events were taken only when ``in_order``, ``gap`` or
-    ``restart``) and the publishes refused, as (index in ``events``, reason)."""
+    ``restart``) and the events refused (publishes, and private events the source may not
+    carry), as (index in ``events``, reason)."""
 
     src: int
     epoch: int

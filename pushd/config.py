@@ -123,6 +123,12 @@ class LimitsConfig(_Section, frozen=True):
     # at exp, unless it sent a fresh token, it is closed with 4004
     token_notice_s: PositiveFloat = 60.0
 
+    @property
+    def publish_max_bytes(self) -> int:
+        """A backend publish's data at most (the HTTP API and the engine link alike): a
+        quarter of a connection's outbound buffer, so one message never fills it."""
+        return self.outbound_buffer_bytes // 4
+
 
 class HttpConfig(_Section, frozen=True):
     _secrets = frozenset({"publish_token"})

@@ -375,7 +375,7 @@ class Daemon:
             gateway.reconfigure(config, verifier)
         self.api.reconfigure(config)
         self.intake.policy = msgspec.structs.replace(  # its publish limit is the HTTP API's
-            self.intake.policy, publish_max_bytes=ingest_policy(config).publish_max_bytes
+            self.intake.policy, publish_max_bytes=config.limits.publish_max_bytes
         )
         self.markets.reconfigure(dict(config.markets))
         self.poller.reconfigure(config.markets)
@@ -485,7 +485,7 @@ def ingest_policy(config: Config) -> Policy:
     }
     return Policy(
         sources, ingest.allow_unauthenticated, ingest.replay_window_s,
-        publish_max_bytes=config.limits.outbound_buffer_bytes // 4,  # as the HTTP API's
+        publish_max_bytes=config.limits.publish_max_bytes,  # as the HTTP API's
     )  # fmt: skip
 
 

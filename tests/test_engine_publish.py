@@ -107,7 +107,7 @@ async def test_publishes_the_http_api_refuses_are_refused_and_counted(
     are refused (in the ack, by index and reason, and in the counters), the notice goes, and
     the connection goes on."""
     running = await backend_daemon(nursery)
-    limit = running.daemon.config.limits.outbound_buffer_bytes // 4
+    limit = running.daemon.config.limits.publish_max_bytes
     async with open_client(running.ws_url) as watcher:
         await notice_watcher(watcher)
         link = await Link.open(running, 3, BACKEND_KEY)

@@ -81,7 +81,8 @@ class Policy(msgspec.Struct, frozen=True):
     sources: dict[int, Source] = msgspec.field(default_factory=dict)
     allow_unsealed: bool = False  # unsealed frames, from a src without a key
     replay_window_s: float = 30.0
-    publish_max_bytes: int = 256 * 1024  # a backend publish's data, as the HTTP API's limit
+    # a backend publish's data at most: the HTTP API's (``LimitsConfig.publish_max_bytes``)
+    publish_max_bytes: int = 64 * 1024
 
 
 class Received(NamedTuple):

@@ -102,7 +102,7 @@ class HttpApi:
         self._registry = registry
         self._metrics = metrics
         self._symbols = frozenset(config.markets)
-        self._max_data = config.limits.outbound_buffer_bytes // 4
+        self._max_data = config.limits.publish_max_bytes
         self._market_publish = config.http.allow_market_publish
         self._openapi = msgspec.json.encode(openapi_document(config))
         self.tls_context = server_context(config.http.tls, "http")
@@ -340,7 +340,7 @@ class HttpApi:
     def reconfigure(self, config: Config) -> None:
         """A reload: the publish token, batch size and limits of requests from now on."""
         self._config = config
-        self._max_data = config.limits.outbound_buffer_bytes // 4
+        self._max_data = config.limits.publish_max_bytes
         self.binance.reconfigure(config)
         self._openapi = msgspec.json.encode(openapi_document(config))
 
