@@ -59,7 +59,7 @@ from typing import Any
 from bench_client import CLIENT_CPU, pin
 from benchlib_report import medians, ratios, table
 from benchlib_scenarios import SCENARIOS
-from benchlib_targets import DEFAULT_TARGETS, ROOT, SERVER_CPU, TARGETS, Nchan, Pushd
+from benchlib_targets import DEFAULT_TARGETS, ROOT, SERVER_CPU, TARGETS, Nchan, Pushd, Target
 
 
 def main() -> None:
@@ -88,12 +88,19 @@ def main() -> None:
     parser.add_argument("--readers", type=int, default=1000, help="market scenario readers")
     parser.add_argument("--stallers", type=int, default=50, help="market clients that stall")
     parser.add_argument(
+        "--publisher",
+        choices=["pipelined", "waiting"],
+        default="pipelined",
+        help="broadcast: send each publish at once, or wait for its answer before the next",
+    )
+    parser.add_argument(
         "--pushd-limits",
         default="",
         help='[limits] lines for pushd, e.g. "coalesce_ms = 5" (experiments)',
     )
     args = parser.parse_args()
     Pushd.limits = args.pushd_limits.replace(";", "\n") + "\n"
+    Target.waiting = args.publisher == "waiting"
     pin(CLIENT_CPU)
     targets = list(args.targets)
     if "nchan" in targets and (why := Nchan.available()) is not None:

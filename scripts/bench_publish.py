@@ -41,15 +41,10 @@ from typing import Any
 import h11
 import msgspec
 from benchlib import free_port, proc_cpu_seconds, wait_ready
-from benchlib_targets import PUBLISH_TOKEN, HttpPipeline
+from benchlib_targets import PUBLISH_TOKEN, EngineLink, HttpPipeline, engine_ingest
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, Request, TextMessage
 
-from ingest import wire
-from ingest.framing import Framer
-
-KEY = "bench-publish-key-" + "k" * 32
-SRC = 9
 CASES = ("http-wait", "http-pipe", "engine-wait", "engine-pipe")
 MESSAGE = b'{"kind":"bench","text":"maintenance at 02:00 UTC","n":%d}'
 
@@ -62,12 +57,8 @@ def start_server(tmp: Path, engine: bool) -> tuple[subprocess.Popen[bytes], int,
         f"[websocket]\nport = {ws}\nmax_connections = 2000\nmax_connections_per_ip = 2000\n"
         f"handshakes_per_second = 1e6\n[http]\nport = {http}\npublish_token = '{PUBLISH_TOKEN}'\n"
         f"[auth.hmac]\nsecret = 'bench-secret'\n[engine]\nsnapshot_enabled = false\n"
-        f"[ingest]\nudp_enabled = false\ntcp_port = {tcp}\n"
-        + (
-            f"sources = [{{id = {SRC}, key = '{KEY}', backend = true, silent_after_s = 0}}]\n"
-            if engine
-            else "tcp_enabled = false\n"
-        )
+        f"[ingest]\nudp_enabled = false\n"
+        + (engine_ingest(tcp) if engine else "tcp_enabled = false\n")
         + "[log]\nlevel = 'warning'\nformat = 'json'\n[markets.BTCUSDT]\n"
     )
     taskset = ["taskset", "-c", "0"] if shutil.which("taskset") else []
@@ -191,49 +182,17 @@ def http_pipe(port: int, n: int) -> None:
     pipeline.close()
 
 
-class EngineLink:
-    """A backend's engine-link connection: sealed frames out, acks in."""
-
-    def __init__(self, port: int) -> None:
-        self.framer = Framer(SRC, key=KEY.encode())
-        self.sock = socket.create_connection(("127.0.0.1", port))
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.acks = wire.StreamDecoder()
-        self.sock.sendall(self.framer.tcp_frame([wire.Heartbeat()], ack=True))
-        self.ack()
-
-    def ack(self) -> wire.Ack:
-        while (body := self.acks.next_body()) is None:
-            data = self.sock.recv(1 << 16)
-            if not data:
-                raise RuntimeError("pushd closed the engine link")
-            self.acks.feed(data)
-        return wire.decode_ack(body)
-
-    def publish(self, i: int, ack: bool) -> bytes:
-        return self.framer.tcp_frame([wire.Publish("notice", MESSAGE % i)], ack=ack)
-
-    def close(self) -> None:
-        self.sock.close()
-
-
 def engine_wait(port: int, n: int) -> None:
     link = EngineLink(port)
     for i in range(n):
-        link.sock.sendall(link.publish(i, ack=True))
-        got = link.ack()
-        if got.refused or got.seq != link.framer.seq:
-            raise RuntimeError(f"publish not taken: {got}")
+        link.publish("notice", [MESSAGE % i], ack=True)
     link.close()
 
 
 def engine_pipe(port: int, n: int) -> None:
     link = EngineLink(port)
     for i in range(n):
-        link.sock.sendall(link.publish(i, ack=i == n - 1))
-    got = link.ack()
-    if got.seq != link.framer.seq:
-        raise RuntimeError(f"last publish not taken: {got}")
+        link.publish("notice", [MESSAGE % i], ack=i == n - 1)
     link.close()
 
 

@@ -61,7 +61,8 @@ def fanout_run(
     return row(
         "broadcast",
         target.name,
-        f"N={subscribers} {pattern(batch)} rate={rate:g}/s size={args.size}",
+        f"N={subscribers} {pattern(batch)}{' waiting' if target.waiting else ''} "
+        f"rate={rate:g}/s size={args.size}",
         offered=sent * subscribers / args.duration,
         delivered=seen["frames"] / elapsed,
         per_cpu_s=seen["frames"] / cpu if cpu else float("nan"),

@@ -25,11 +25,16 @@ from benchlib import free_port, proc_cpu_seconds, proc_rss_kib, wait_ready
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, Request, TextMessage
 
+from ingest import wire
+from ingest.framing import Framer
+
 ROOT = Path(__file__).resolve().parent.parent
 SERVER_CPU = 0
 PUBLISH_TOKEN = "bench-token"
 SECRET = "bench-secret"
 NCHAN_MODULE = Path("/usr/lib/nginx/modules/ngx_nchan_module.so")
+ENGINE_SRC = 9  # the backend source of the engine-link publishers
+ENGINE_KEY = "bench-engine-key-" + "k" * 32
 
 
 class Target:
@@ -39,6 +44,9 @@ class Target:
     path = "/"
     setup: list[bytes] = []  # frames each subscriber sends after the upgrade (pushd: subscribe)
     stamp = b'"t":'  # the key of a frame's publish time (ns), which the clients read
+    # the publisher waits for each publish's answer before the next (``--publisher waiting``);
+    # else it sends each at once, pipelined (HTTP) or as a frame (WebSocket, engine link)
+    waiting = False
     # a broadcast message (n, size) -> JSON; None: benchlib_load.message
     make: Callable[[int, int], bytes] | None = None
 
@@ -120,9 +128,10 @@ class HttpPipeline:
         headers=[("host", "127.0.0.1"), ("content-length", "0")],
     )  # fmt: skip
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, window: int = WINDOW) -> None:
         self.port = port
-        self._room = threading.Semaphore(self.WINDOW)
+        self.window = window
+        self._room = threading.Semaphore(window)
         self.socks: list[socket.socket] = []
         self._on_sock = self.PER_CONNECTION
         self.head = (
@@ -154,7 +163,7 @@ class HttpPipeline:
             if status is None:
                 return
             self.answered += 1
-            self.refused += status != 200
+            self.refused += status >= 300
             self._room.release()
             if http.their_state is not h11.DONE or http.our_state is not h11.DONE:
                 return  # the server closes after this answer (its keep-alive limit)
@@ -181,11 +190,58 @@ class HttpPipeline:
             elif isinstance(event, h11.ConnectionClosed):
                 return None
 
+    def wait(self) -> None:
+        """Until every request sent has its answer (a publisher that waits for each)."""
+        for _ in range(self.window):
+            self._room.acquire()
+        for _ in range(self.window):
+            self._room.release()
+
     def close(self) -> None:
         if self.refused:
             print(f"# {self.refused} of {self.answered} publishes refused", file=sys.stderr)
         for sock in self.socks:
             sock.close()
+
+
+def engine_ingest(port: int) -> str:
+    """pushd's ``[ingest]`` lines for an engine link on ``port`` with the benchmarks' backend
+    source (``EngineLink``'s)."""
+    return (
+        f"tcp_port = {port}\nsources = [{{id = {ENGINE_SRC}, key = '{ENGINE_KEY}', "
+        f"backend = true, silent_after_s = 0}}]\n"
+    )
+
+
+class EngineLink:
+    """A backend's engine-link connection to pushd (docs/wire.md, "Publishing from a backend"):
+    sealed frames out, acks in."""
+
+    def __init__(self, port: int) -> None:
+        self.framer = Framer(ENGINE_SRC, key=ENGINE_KEY.encode())
+        self.sock = socket.create_connection(("127.0.0.1", port))
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.acks = wire.StreamDecoder()
+        self.sock.sendall(self.framer.tcp_frame([wire.Heartbeat()], ack=True))
+        self.ack()
+
+    def ack(self) -> wire.Ack:
+        while (body := self.acks.next_body()) is None:
+            data = self.sock.recv(1 << 16)
+            if not data:
+                raise RuntimeError("pushd closed the engine link")
+            self.acks.feed(data)
+        return wire.decode_ack(body)
+
+    def publish(self, channel: str, messages: list[bytes], ack: bool) -> None:
+        """One frame of one ``publish`` event per message; ``ack``: wait for its verdict."""
+        events = [wire.Publish(channel, m) for m in messages]
+        self.sock.sendall(self.framer.tcp_frame(events, ack=ack))
+        if ack and ((got := self.ack()).refused or got.seq != self.framer.seq):
+            raise RuntimeError(f"publish not taken: {got}")
+
+    def close(self) -> None:
+        self.sock.close()
 
 
 class Pushd(Target):
@@ -204,6 +260,7 @@ class Pushd(Target):
         self.symbols = [f"S{i:02d}USDT" for i in range(symbols - 1)] + ["BTCUSDT"]
         self.pipelines: list[HttpPipeline] = []
         self.ws_port = self.port  # pushd's own listener (another target's clients may not)
+        self.ingest = "tcp_enabled = false\n"  # [ingest] lines beyond UDP's (engine link)
 
     def start(self, connections: int) -> None:
         markets = "".join(f"[markets.{s}]\n" for s in self.symbols)
@@ -215,7 +272,7 @@ class Pushd(Target):
             f"max_batch = 10000\nallow_market_publish = true\n[auth.hmac]\nsecret = '{SECRET}'\n"
             f"[limits]\nmax_subscriptions = 200\n{self.extra_limits}"
             f"[engine]\nsnapshot_enabled = false\n"
-            f"[ingest]\nudp_enabled = false\ntcp_enabled = false\n"
+            f"[ingest]\nudp_enabled = false\n{self.ingest}"
             f"[log]\nlevel = 'warning'\nformat = 'json'\n{markets}{self.extra_config}"
         )
         self._spawn(
@@ -227,7 +284,7 @@ class Pushd(Target):
     def publisher(self, channels: list[str] | None = None) -> Callable[[list[bytes]], None]:
         names = [name.encode() for name in channels or [self.channel]]
         turn = itertools.count()  # channels in turn across calls: every one gets its share
-        pipeline = HttpPipeline(self.http_port)
+        pipeline = HttpPipeline(self.http_port, 1 if self.waiting else HttpPipeline.WINDOW)
         self.pipelines.append(pipeline)
 
         def publish(batch: list[bytes]) -> None:
@@ -236,12 +293,49 @@ class Pushd(Target):
                 for message in batch
             )
             pipeline.post(b"/v1/publish/batch", b'{"messages":[' + items + b"]}")
+            if self.waiting:
+                pipeline.wait()
 
         return publish
 
     def stop(self) -> None:
         for pipeline in self.pipelines:
             pipeline.close()
+        super().stop()
+
+
+class PushdEngine(Pushd):
+    """pushd published to as a backend can (docs/wire.md): over its engine link, one TCP
+    connection of sealed frames, a frame of one ``publish`` event per message (a burst: one
+    frame of that many), to ``notice``, which the subscribers follow; ``--publisher waiting``:
+    each frame asks for its ack and the next waits for it. The peers' like: nchan's WebSocket
+    publisher (pipelined) and its HTTP POST (waiting). The HTTP API's request costs ~0.7 ms
+    of server CPU (BENCHMARKS.md), the engine link's ~20-150 µs."""
+
+    name = "pushd-engine"
+    setup = [b'{"op":"subscribe","channel":"notice"}']
+    channel = "notice"
+
+    def __init__(self, symbols: int = 3) -> None:
+        super().__init__(symbols)
+        self.engine_port = free_port()
+        self.ingest = engine_ingest(self.engine_port)
+        self.links: list[EngineLink] = []
+
+    def publisher(self, channels: list[str] | None = None) -> Callable[[list[bytes]], None]:
+        names = channels or [self.channel]
+        turn = itertools.count()
+        link = EngineLink(self.engine_port)
+        self.links.append(link)
+
+        def publish(batch: list[bytes]) -> None:
+            link.publish(names[next(turn) % len(names)], batch, self.waiting)
+
+        return publish
+
+    def stop(self) -> None:
+        for link in self.links:
+            link.close()
         super().stop()
 
 
@@ -350,6 +444,8 @@ class Websockets(Target):
         self._wait_port()
 
     def publisher(self) -> Callable[[list[bytes]], None]:
+        if self.waiting:
+            raise SystemExit("websockets: no publisher that waits (its /pub answers nothing)")
         return WsPublisher(self.port, "/pub")
 
 
@@ -392,7 +488,7 @@ http {{
   server {{
     listen 127.0.0.1:{self.port} backlog=4096;
     location = /sub {{ nchan_subscriber websocket; nchan_channel_id bench; }}
-    location = /pub {{ nchan_publisher websocket; nchan_channel_id bench;
+    location = /pub {{ nchan_publisher http websocket; nchan_channel_id bench;
                        nchan_message_buffer_length 16; nchan_message_timeout 30s; }}
   }}
 }}
@@ -401,7 +497,16 @@ http {{
         self._wait_port()
 
     def publisher(self) -> Callable[[list[bytes]], None]:
-        return WsPublisher(self.port, "/pub")
+        if not self.waiting:
+            return WsPublisher(self.port, "/pub")
+        pipeline = HttpPipeline(self.port, 1)  # nchan's HTTP publish: POST, 201/202 with info
+
+        def publish(batch: list[bytes]) -> None:
+            for message in batch:
+                pipeline.post(b"/pub", message)
+                pipeline.wait()
+
+        return publish
 
 
 class ConnectFloor(Target):
@@ -460,6 +565,7 @@ TARGETS: dict[str, type[Target]] = {
     "pushd-redis": PushdRedis,
     "pushd-redis-2gw": PushdRedis2,
     "pushd-binance": PushdBinance,
+    "pushd-engine": PushdEngine,
 }
 DEFAULT_TARGETS = ["pushd", "websockets", "nchan"]
 
