@@ -186,7 +186,9 @@ class Connection:
 
     def written(self) -> None:
         """All that was queued is written: no pong is owed any more (the latest ping past the
-        cap gets its pong now), and each lagging channel resumes."""
+        cap gets its pong now), and each lagging channel resumes. Nothing to do unless pongs
+        are owed (``pong_due`` implies it) or the outlet is behind: the flusher tests that
+        first."""
         self.pongs_owed = 0
         if self.pong_due is not None:
             payload, self.pong_due = self.pong_due, None

@@ -110,29 +110,24 @@ WRITERS: dict[Writer, frozenset[Writer]] = {
 class Lifecycle:
     """One connection's phase, its writer, and how it ends (the first ``Disconnect``)."""
 
-    __slots__ = ("_phase", "_writer", "ending")
+    __slots__ = ("ending", "phase", "writer")
 
     def __init__(self) -> None:
-        self._phase = Phase.HANDSHAKE
-        self._writer = Writer.SHELL
+        # read freely (plain attributes: the flusher reads both per connection per round, a
+        # property call would cost more than the test), moved only by the methods below,
+        # which check each move against PHASES and WRITERS
+        self.phase = Phase.HANDSHAKE
+        self.writer = Writer.SHELL
         self.ending: Disconnect | None = None
 
     @property
-    def phase(self) -> Phase:
-        return self._phase
-
-    @property
-    def writer(self) -> Writer:
-        return self._writer
-
-    @property
     def closing(self) -> bool:
-        return self._phase is Phase.CLOSING or self._phase is Phase.CLOSED
+        return self.phase is Phase.CLOSING or self.phase is Phase.CLOSED
 
     def _to(self, phase: Phase) -> None:
-        if phase is not self._phase and phase not in PHASES[self._phase]:
-            raise LocalStateError(f"{self._phase.value} -> {phase.value}")
-        self._phase = phase
+        if phase is not self.phase and phase not in PHASES[self.phase]:
+            raise LocalStateError(f"{self.phase.value} -> {phase.value}")
+        self.phase = phase
 
     def opened(self) -> None:
         """The handshake is answered: frames may be queued, the flusher writes them."""
@@ -154,14 +149,14 @@ class Lifecycle:
 
     def check_write(self) -> None:
         """Raise unless a frame may be queued now: only while open (wsproto's ``send``)."""
-        if self._phase is not Phase.OPEN:
-            raise LocalStateError(f"a frame queued while {self._phase.value}")
+        if self.phase is not Phase.OPEN:
+            raise LocalStateError(f"a frame queued while {self.phase.value}")
 
     def hand_to(self, writer: Writer) -> None:
-        if writer is not self._writer and writer not in WRITERS[self._writer]:
-            raise LocalStateError(f"writer {self._writer.value} -> {writer.value}")
-        self._writer = writer
+        if writer is not self.writer and writer not in WRITERS[self.writer]:
+            raise LocalStateError(f"writer {self.writer.value} -> {writer.value}")
+        self.writer = writer
 
     def check_writer(self, writer: Writer) -> None:
-        if self._writer is not writer:
-            raise LocalStateError(f"{writer.value} writes while {self._writer.value} does")
+        if self.writer is not writer:
+            raise LocalStateError(f"{writer.value} writes while {self.writer.value} does")

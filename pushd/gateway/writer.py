@@ -137,8 +137,8 @@ class Flusher:
             assert conn.nursery is not None
             conn.life.hand_to(Writer.DRAIN)
             conn.nursery.start_soon(self._drain, conn)
-        else:
-            conn.written()
+        elif conn.pongs_owed or outlet.lagging or outlet.replaying:
+            conn.written()  # (it has nothing else to do: not called per connection per round)
 
     async def _drain(self, conn: Connection) -> None:
         stall_s = self._limits.stall_timeout_s
