@@ -24,6 +24,20 @@ generator and the publisher are pinned to core 1, so server CPU is measured clea
   publish); each message is a batch of one trade (``benchlib_targets.trade_message``: ~130
   bytes, a Binance frame ~150), so one Binance ``trade`` frame per message, as pushd's one
   event frame; clients read the publish time from ``E``.
+- ``pushd-engine`` (not in the default set): the same ``pushd run`` published to as a backend
+  can, over its authenticated engine link (docs/wire.md, "Publishing from a backend"): one
+  TCP connection, a sealed frame of one ``publish`` event per message, to ``notice``, which
+  its subscribers follow. Like nchan's and websockets' publishers (one WebSocket frame per
+  publish on one connection), unlike ``pushd``'s HTTP request per publish (~0.7 ms of server
+  CPU each, BENCHMARKS.md), which is the default target's publisher.
+
+Publishers (``--publisher``, broadcast): ``pipelined`` (the default) sends each publish at
+once (pushd: HTTP pipelined, up to 100 in flight; pushd-engine: a frame; the peers: a
+WebSocket frame); ``waiting`` waits for each publish's answer before the next (pushd: an HTTP
+request at a time; pushd-engine: each frame asks for its ack; nchan: an HTTP ``POST`` to its
+publisher location, answered once the message is out; websockets has none). A waiting
+publisher shares the client core with the subscribers, so it may not reach the offered rate:
+read the ``delivered`` column beside the ratio.
 
 Scenarios:
 
