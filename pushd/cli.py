@@ -17,7 +17,7 @@ import trio
 from ingest.sim import DEFAULT_SPECS, Market, SymbolSpec
 from ingest.sim_engine import SOURCE_MARKET, SOURCE_PRIVATE, run_feed
 from ingest.transport import serve_snapshots
-from pushd import __version__, logs
+from pushd import __version__, gcpolicy, logs
 from pushd import config as config_mod
 from pushd.auth import issue_hmac_token
 from pushd.config import Config, IngestSourceConfig
@@ -156,6 +156,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     async def serve() -> None:
         reload = functools.partial(_run_config, args) if args.config is not None else None
         daemon = Daemon(config, load_config=reload)
+        gcpolicy.settle()  # the daemon is built: what is alive now lives as long as the process
         async with trio.open_nursery() as nursery:  # a child of `--workers`: ends with it
             nursery.start_soon(watch_lifeline, daemon.stop)
             await daemon.serve(handle_signals=True)

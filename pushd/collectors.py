@@ -6,14 +6,21 @@ object. Only the daemon imports this module (it builds the node and registers th
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Protocol
 
 import msgspec
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
+from pushd import gcpolicy
 from pushd.bus.lease import Leases
 from pushd.bus.redis import RedisBus
 from pushd.feed.intake import Intake, Refusal
@@ -122,6 +129,36 @@ class NodeCollector(Collector):
         yield GaugeMetricFamily(
             "pushd_connection_limit", "websocket.max_connections", value=self._max_connections()
         )
+
+
+class GcCollector(Collector):
+    """The garbage collector's pauses and settings (``pushd.gcpolicy``), in a process that
+    settled it (``pushd run``); nothing elsewhere (tests run daemons in their own process)."""
+
+    def collect(self) -> Iterator[Metric]:
+        pauses = gcpolicy.PAUSES
+        if pauses is None:
+            return
+        histogram = HistogramMetricFamily(
+            "pushd_gc_pause_seconds",
+            "How long each garbage collection stopped the process, by generation (2: full)",
+            labels=["generation"],
+        )
+        for generation in range(3):
+            buckets = [
+                ("+Inf" if bound == float("inf") else repr(bound), count)
+                for bound, count in pauses.cumulative(generation)
+            ]
+            histogram.add_metric([str(generation)], buckets, pauses.sums[generation])
+        yield histogram
+        yield GaugeMetricFamily(
+            "pushd_gc_frozen_objects", "Objects frozen at startup: never walked by a collection",
+            value=gc.get_freeze_count(),
+        )  # fmt: skip
+        yield GaugeMetricFamily(
+            "pushd_gc_young_threshold", "New container objects between young collections",
+            value=gc.get_threshold()[0],
+        )  # fmt: skip
 
 
 class IngestCollector(Collector):

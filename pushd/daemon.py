@@ -65,6 +65,7 @@ from pushd.bus.model import Bus
 from pushd.bus.redis import RedisBus
 from pushd.collectors import (
     BusCollector,
+    GcCollector,
     HubCollector,
     IngestCollector,
     NodeCollector,
@@ -191,6 +192,7 @@ class Daemon:
                           lambda: self.config.websocket.max_connections, self.not_ready)
         )  # fmt: skip
         self.registry.register(SupervisorCollector(os.environ.get(REPORT_VARIABLE)))
+        self.registry.register(GcCollector())
         self._stop = trio.Event()
         self.stopped = trio.Event()
         self.notifier = Notifier()
