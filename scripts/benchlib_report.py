@@ -26,6 +26,8 @@ COLUMNS = (
     "per_conn_kib",
     "flush_round_ms",
     "loop_stall_ms",
+    "gc_full",
+    "gc_full_ms",
     "server_kib_per_conn",
     "kernel_kib_per_conn",
     "idle_kib_per_conn",

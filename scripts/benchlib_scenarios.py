@@ -94,6 +94,9 @@ def broadcast(args: argparse.Namespace, targets: list[str]) -> list[dict[str, An
     return rows
 
 
+nan = float("nan")
+
+
 def idle(args: argparse.Namespace, targets: list[str]) -> list[dict[str, Any]]:
     """Subscribed connections held idle: server memory per connection; for pushd also with a
     login first (an HMAC token with an ``exp``: its lifetime is watched per connection)."""
@@ -107,6 +110,7 @@ def idle(args: argparse.Namespace, targets: list[str]) -> list[dict[str, Any]]:
         with running(target, args.idle):
             time.sleep(0.5)  # let the server settle before the baseline
             rss0 = target.rss_kib()
+            gc0 = target.gc_full() if isinstance(target, Pushd) else (nan, nan)
             control = mp.Array("q", [0, 0], lock=False)
             out: mp.Queue[Any] = mp.Queue()
             counts = split(args.idle, 4)
@@ -129,6 +133,7 @@ def idle(args: argparse.Namespace, targets: list[str]) -> list[dict[str, Any]]:
             opened = sum(out.get(timeout=300)[1] for _ in procs)
             took = time.perf_counter() - t0
             rss1 = target.rss_kib()
+            gc1 = target.gc_full() if isinstance(target, Pushd) else (nan, nan)
             flush = flush_rounds(target) if isinstance(target, Pushd) else {}
             control[1] = 1
             for _ in procs:
@@ -142,6 +147,8 @@ def idle(args: argparse.Namespace, targets: list[str]) -> list[dict[str, Any]]:
             per_conn_kib=(rss1 - rss0) / opened,
             rss_mib=rss1 / 1024,
             open_s=took,
+            gc_full=gc1[0] - gc0[0],  # full collections while they connected, and their pauses
+            gc_full_ms=1000 * (gc1[1] - gc0[1]),
             **flush,
         )
         rows.append(result)

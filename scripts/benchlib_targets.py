@@ -14,6 +14,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,6 +23,7 @@ from typing import Any
 import h11
 from bench_client import TLS_CA
 from benchlib import free_port, proc_cpu_seconds, proc_rss_kib, wait_ready
+from prometheus_client.parser import text_string_to_metric_families
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, Request, TextMessage
 
@@ -302,6 +304,24 @@ class Pushd(Target):
         for pipeline in self.pipelines:
             pipeline.close()
         super().stop()
+
+    def gc_full(self) -> tuple[float, float]:
+        """Full garbage collections so far, and the seconds they stopped the server (from
+        ``pushd_gc_pause_seconds``; NaN from a pushd that does not export it)."""
+        url = f"http://127.0.0.1:{self.http_port}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as answer:
+            text = answer.read().decode()
+        full = {
+            sample.name: sample.value
+            for family in text_string_to_metric_families(text)
+            if family.name == "pushd_gc_pause_seconds"
+            for sample in family.samples
+            if sample.labels.get("generation") == "2"
+        }
+        nan = float("nan")
+        return full.get("pushd_gc_pause_seconds_count", nan), full.get(
+            "pushd_gc_pause_seconds_sum", nan
+        )
 
 
 class PushdEngine(Pushd):
