@@ -91,6 +91,33 @@ async def test_a_peer_sending_only_refused_frames_is_closed_as_idle(
     await engine.stream.aclose()
 
 
+async def test_a_replayed_first_frame_does_not_admit_a_peer(nursery: trio.Nursery) -> None:
+    """A frame captured on the network (the engine's hello, validly sealed) and sent again as
+    a new connection's first frame is a duplicate: the peer is refused at once, not admitted
+    to hold one of the slots until ``peer_idle_s`` (before: it was admitted, and with one slot
+    the engine reconnecting meanwhile was dropped as "full")."""
+    running = await idle_daemon(nursery, peer_idle_s=30.0)
+    framer = Framer(1, key=KEYS[1])
+    hello = framer.tcp_frame([wire.Heartbeat()])
+    engine = await trio.open_tcp_stream("127.0.0.1", running.ports.ingest_tcp)
+    await engine.send_all(hello)
+    await trio.testing.wait_all_tasks_blocked()
+    assert running.daemon.tcp_peers.authenticated == 1
+    await engine.aclose()  # the engine's link drops; its hello was seen on the way
+    await trio.testing.wait_all_tasks_blocked()
+    replayer = await trio.open_tcp_stream("127.0.0.1", running.ports.ingest_tcp)
+    await replayer.send_all(hello)
+    await closed_by_daemon(replayer, 5)
+    peers = running.daemon.tcp_peers
+    assert peers.authenticated == 0
+    assert peers.dropped == {"refused": 1}
+    assert running.daemon.intake.source_frames[1]["duplicate"] == 1
+    engine2 = await Link.open(running, 1, KEYS[1])  # restarted: the slot is free
+    assert (await engine2.send([wire.Heartbeat()])).verdict == "in_order"
+    await engine2.stream.aclose()
+    await replayer.aclose()
+
+
 async def test_a_peer_that_never_reads_its_acks_is_closed(nursery: trio.Nursery) -> None:
     """A peer asks for acks and never reads them: once pushd's ack write has been blocked for
     ``ack_timeout_s`` it is closed (before, its task waited in the write forever, holding its

@@ -5,14 +5,16 @@ with the count of what was not logged) and dropped. A TCP peer that sends a fram
 impossible length is disconnected; its sequence numbering tells the daemon what was lost.
 
 A TCP peer holds a slot only once it has authenticated (its first frame is valid: sealed with
-its source's key). Until then it waits, at most ``auth_timeout_s``; a peer whose first frame is
-refused is dropped at once, and when ``max_tcp_peers`` peers already wait, the one waiting
-longest is dropped to make room: idle connections cannot keep the engine out. An authenticated
+its source's key, and accepted by its source's sequence: a frame captured on the wire and sent
+again is a duplicate, and refused). Until then it waits, at most ``auth_timeout_s``; a peer
+whose first frame is refused is dropped at once, and when ``max_tcp_peers`` peers already
+wait, the one waiting longest is dropped to make room: idle connections cannot keep the engine
+out. An authenticated
 peer is closed once it has sent no *accepted* frame (a valid seal, and a sequence verdict that
 takes it: in order, a gap, a restart) for ``peer_idle_s``: senders beat once a second when idle,
 so only a dead or hostile peer is that quiet. A replay (a duplicate inside the replay window)
-or a refused frame does not count, so a frame captured on the wire holds a slot at most that
-long.
+or a refused frame does not count, so replayed frames hold a slot at most that long after a
+valid first frame.
 
 A TCP frame that asks for an ack (``"ack": true``, a backend waiting for its publish) is
 answered on its connection once dealt with, in order; acks of frames read together go out in
@@ -246,7 +248,8 @@ async def _read_frames(
     ack_timeout_s: float,
 ) -> str:
     """Frames from one engine connection into ``intake`` until it ends; returns why it ended.
-    The first frame must authenticate the peer (``admit``), or the connection ends; until it
+    The first frame must authenticate the peer (``admit``): validly sealed and accepted (a
+    replayed frame, a duplicate, is not), or the connection ends; until it
     has, a frame may be at most ``MAX_FIRST_FRAME_BYTES`` (a stranger's big length ends it).
     Each accepted frame after that tells ``alive``; acks not written in ``ack_timeout_s`` end
     the connection (``ack_stalled``)."""
@@ -273,8 +276,8 @@ async def _read_frames(
                 log.exception("engine frame failed", peer=peer)
                 continue
             logs.tell(got, peer)
-            if not admitted:
-                if not got.authenticated:
+            if not admitted:  # a replayed first frame is validly sealed but not accepted
+                if not (got.authenticated and got.verdict is not None and got.verdict.accepted):
                     return "refused"
                 if not admit():
                     return "full"
