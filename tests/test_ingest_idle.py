@@ -93,29 +93,76 @@ async def test_a_peer_sending_only_refused_frames_is_closed_as_idle(
 
 async def test_a_replayed_first_frame_does_not_admit_a_peer(nursery: trio.Nursery) -> None:
     """A frame captured on the network (the engine's hello, validly sealed) and sent again as
-    a new connection's first frame is a duplicate: the peer is refused at once, not admitted
-    to hold one of the slots until ``peer_idle_s`` (before: it was admitted, and with one slot
-    the engine reconnecting meanwhile was dropped as "full")."""
-    running = await idle_daemon(nursery, peer_idle_s=30.0)
+    a new connection's first frame is a duplicate: it admits nobody, so the replayer holds no
+    slot and is dropped as any peer that never authenticates: evicted when the engine comes
+    back and needs the room (else at ``auth_timeout_s``). Before, it was admitted and held the
+    one slot until ``peer_idle_s`` (30 s here), and the engine was dropped as "full"."""
+    running = await idle_daemon(nursery, peer_idle_s=30.0, auth_timeout_s=1.0)
     framer = Framer(1, key=KEYS[1])
     hello = framer.tcp_frame([wire.Heartbeat()])
     engine = await trio.open_tcp_stream("127.0.0.1", running.ports.ingest_tcp)
     await engine.send_all(hello)
     await trio.testing.wait_all_tasks_blocked()
-    assert running.daemon.tcp_peers.authenticated == 1
+    peers = running.daemon.tcp_peers
+    assert peers.authenticated == 1
     await engine.aclose()  # the engine's link drops; its hello was seen on the way
     await trio.testing.wait_all_tasks_blocked()
     replayer = await trio.open_tcp_stream("127.0.0.1", running.ports.ingest_tcp)
     await replayer.send_all(hello)
-    await closed_by_daemon(replayer, 5)
-    peers = running.daemon.tcp_peers
-    assert peers.authenticated == 0
-    assert peers.dropped == {"refused": 1}
+    await trio.testing.wait_all_tasks_blocked()
     assert running.daemon.intake.source_frames[1]["duplicate"] == 1
-    engine2 = await Link.open(running, 1, KEYS[1])  # restarted: the slot is free
-    assert (await engine2.send([wire.Heartbeat()])).verdict == "in_order"
-    await engine2.stream.aclose()
+    assert peers.authenticated == 0  # waiting, holding no slot
+    back = await Link.open(running, 1, KEYS[1])  # the engine restarted: the slot is its
+    assert peers.authenticated == 1
+    await closed_by_daemon(replayer, 10)
+    assert peers.dropped == {"evicted": 1}
+    assert (await back.send([wire.Heartbeat()])).verdict == "in_order"
+    await back.stream.aclose()
     await replayer.aclose()
+
+
+async def test_an_engine_that_numbered_on_while_disconnected_gets_back_in(
+    nursery: trio.Nursery,
+) -> None:
+    """An engine whose link was down while it went on numbering frames (more than the jump
+    limit: its first frame back is a *jump*, held until the next confirms it) is admitted:
+    only a key holder can seal a frame that far ahead, and refusing it would keep the engine
+    out for good (every retry jumps again)."""
+    running = await idle_daemon(nursery, peer_idle_s=30.0)
+    link = await Link.open(running, 1, KEYS[1])
+    await link.stream.aclose()
+    for _ in range(2000):  # frames the engine could not send: pushd sees them lost
+        link.framer.envelope([wire.Heartbeat()])
+    await trio.testing.wait_all_tasks_blocked()
+    back = await trio.open_tcp_stream("127.0.0.1", running.ports.ingest_tcp)
+    link.stream, link.acks = back, wire.StreamDecoder()
+    assert (await link.send([wire.Heartbeat()])).verdict == "jump"
+    assert running.daemon.tcp_peers.authenticated == 1
+    assert (await link.send([wire.Heartbeat()])).verdict == "gap"
+    await back.aclose()
+
+
+async def test_a_backend_resending_its_unacked_frame_first_is_answered(
+    nursery: trio.Nursery,
+) -> None:
+    """A backend whose link dropped before it read an ack resends that frame first on its new
+    connection: it is answered (a duplicate: it was taken), and the connection goes on; the
+    backend is admitted by its next fresh frame."""
+    running = await idle_daemon(nursery, peer_idle_s=30.0)
+    link = await Link.open(running, 1, KEYS[1])
+    frame = link.framer.tcp_frame([wire.Heartbeat()], ack=True)
+    await link.stream.send_all(frame)
+    assert (await link.ack()).verdict == "in_order"
+    await link.stream.aclose()
+    await trio.testing.wait_all_tasks_blocked()
+    link.stream = await trio.open_tcp_stream("127.0.0.1", running.ports.ingest_tcp)
+    link.acks = wire.StreamDecoder()
+    await link.stream.send_all(frame)
+    assert (await link.ack()).verdict == "duplicate"
+    assert running.daemon.tcp_peers.authenticated == 0
+    assert (await link.send([wire.Heartbeat()])).verdict == "in_order"
+    assert running.daemon.tcp_peers.authenticated == 1
+    await link.stream.aclose()
 
 
 async def test_a_peer_that_never_reads_its_acks_is_closed(nursery: trio.Nursery) -> None:

@@ -4,12 +4,12 @@ Refused and bad input is counted, logged (at most one line per second per listen
 with the count of what was not logged) and dropped. A TCP peer that sends a frame with an
 impossible length is disconnected; its sequence numbering tells the daemon what was lost.
 
-A TCP peer holds a slot only once it has authenticated (its first frame is valid: sealed with
-its source's key, and accepted by its source's sequence: a frame captured on the wire and sent
-again is a duplicate, and refused). Until then it waits, at most ``auth_timeout_s``; a peer
-whose first frame is refused is dropped at once, and when ``max_tcp_peers`` peers already
-wait, the one waiting longest is dropped to make room: idle connections cannot keep the engine
-out. An authenticated
+A TCP peer holds a slot only once it has authenticated: a frame sealed with its source's key
+that its source's sequence takes (or a jump ahead; ``admits``). A frame captured on the wire
+and sent again is a duplicate: it admits nobody. Until then the peer waits, at most
+``auth_timeout_s``; a peer whose first frame is not validly sealed is dropped at once, and when
+``max_tcp_peers`` peers already wait, the one waiting longest is dropped to make room: idle
+connections and replayers cannot keep the engine out. An authenticated
 peer is closed once it has sent no *accepted* frame (a valid seal, and a sequence verdict that
 takes it: in order, a gap, a restart) for ``peer_idle_s``: senders beat once a second when idle,
 so only a dead or hostile peer is that quiet. A replay (a duplicate inside the replay window)
@@ -233,6 +233,14 @@ async def serve_tcp(
         await trio.serve_listeners(handle, listeners, handler_nursery=nursery)
 
 
+def admits(verdict: Verdict) -> bool:
+    """Whether a validly sealed frame authenticates its TCP peer: one its source's sequence
+    takes, or a jump ahead (only the key holder can seal a frame that far ahead: an engine
+    that numbered on while its link was down); not a duplicate or stale frame, which anyone
+    who captured one on the wire can send again."""
+    return verdict.accepted or verdict is Verdict.JUMP
+
+
 def idle_deadline(now: float, peer_idle_s: float) -> float:
     """When an admitted peer that last sent an accepted frame at ``now`` is closed as idle."""
     return now + peer_idle_s if peer_idle_s else math.inf
@@ -248,8 +256,9 @@ async def _read_frames(
     ack_timeout_s: float,
 ) -> str:
     """Frames from one engine connection into ``intake`` until it ends; returns why it ended.
-    The first frame must authenticate the peer (``admit``): validly sealed and accepted (a
-    replayed frame, a duplicate, is not), or the connection ends; until it
+    A frame that is not validly sealed ends a peer that has not authenticated; a validly sealed
+    one authenticates it (``admit``) if its sequence admits it (``admits``), else it is
+    answered and the peer goes on waiting (``auth_timeout_s``, the caller's); until it
     has, a frame may be at most ``MAX_FIRST_FRAME_BYTES`` (a stranger's big length ends it).
     Each accepted frame after that tells ``alive``; acks not written in ``ack_timeout_s`` end
     the connection (``ack_stalled``)."""
@@ -276,13 +285,16 @@ async def _read_frames(
                 log.exception("engine frame failed", peer=peer)
                 continue
             logs.tell(got, peer)
-            if not admitted:  # a replayed first frame is validly sealed but not accepted
-                if not (got.authenticated and got.verdict is not None and got.verdict.accepted):
+            if not admitted:
+                if not got.authenticated:
                     return "refused"
-                if not admit():
-                    return "full"
-                admitted = True
-                decoder.max_frame = wire.MAX_FRAME_BYTES
+                if got.verdict is not None and admits(got.verdict):
+                    if not admit():
+                        return "full"
+                    admitted = True
+                    decoder.max_frame = wire.MAX_FRAME_BYTES
+                # else a valid seal on a frame not taken (a duplicate: a replay, or a frame
+                # resent after a reconnect): answered, and the peer still waits to authenticate
             elif got.verdict is not None and got.verdict.accepted:
                 accepted = True
             if got.ack is not None:
