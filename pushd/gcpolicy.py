@@ -12,8 +12,10 @@ few thousand connects.
 (``gc.freeze``: the startup objects are never garbage, so they are never walked again), and
 makes the young collections rarer (``YOUNG_THRESHOLD`` new container objects, not CPython's
 700: a connect allocates a few hundred), which spaces the full ones ~14x further apart too.
-Cyclic garbage is still found: connections that ended leave cycles (trio's tasks and their
-exceptions, a connection and its outlet), which the older generations' collections free.
+Cyclic garbage is still found: a connection that ended leaves its objects in cycles (~28:
+trio's task, nursery and scope, its session, its outlet; its buffers are freed at close), which
+the older generations' collections free. Frozen objects are still freed when their last
+reference goes (a reload's replaced config); only a cycle among them would stay for good.
 
 ``Pauses`` times every collection (``gc.callbacks``) for ``/metrics``
 (``pushd_gc_pause_seconds{generation}``). Only the process's own entry point (``pushd run``)

@@ -115,6 +115,8 @@ def main() -> None:
     args = parser.parse_args()
     Pushd.limits = args.pushd_limits.replace(";", "\n") + "\n"
     Target.waiting = args.publisher == "waiting"
+    if Target.waiting and "broadcast" in args.scenarios and args.batches != [1]:
+        parser.error("--publisher waiting: one message per publish only (--batches 1)")
     pin(CLIENT_CPU)
     targets = list(args.targets)
     if "nchan" in targets and (why := Nchan.available()) is not None:

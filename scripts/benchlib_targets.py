@@ -239,7 +239,11 @@ class EngineLink:
         """One frame of one ``publish`` event per message; ``ack``: wait for its verdict."""
         events = [wire.Publish(channel, m) for m in messages]
         self.sock.sendall(self.framer.tcp_frame(events, ack=ack))
-        if ack and ((got := self.ack()).refused or got.seq != self.framer.seq):
+        if ack and (
+            (got := self.ack()).refused
+            or got.seq != self.framer.seq
+            or got.verdict not in ("in_order", "gap", "restart")
+        ):
             raise RuntimeError(f"publish not taken: {got}")
 
     def close(self) -> None:
