@@ -121,6 +121,23 @@ async def test_a_flood_of_1024_stream_subscribes_is_closed_for_its_message_rate(
     assert len(messages) < 9  # answered while tokens lasted (3, on a quick machine)
 
 
+async def test_a_heavy_subscribe_costs_at_most_the_whole_message_burst(
+    nursery: trio.Nursery,
+) -> None:
+    """With a message burst below a 1,024-stream SUBSCRIBE's 11 tokens (5: Binance's own
+    rate), the subscribe costs the whole bucket and is answered, as the REST budget lets its
+    heaviest request through a full bucket (before: it could never be paid, and the first
+    such subscribe closed the connection with 4001)."""
+    markets = {symbol: {} for symbol in ["BTCUSDT", *SYMBOLS]}
+    config = make_config(binance={"spot": {"enabled": True, "port": 0}},
+                         markets=markets, limits={"message_burst": 5})  # fmt: skip
+    running = await start_daemon(nursery, config)
+    raw = await client(running)
+    request = {"method": "SUBSCRIBE", "params": names(1024), "id": 1}
+    assert await call(raw, request) == {"result": None, "id": 1}
+    await raw.aclose()
+
+
 async def test_an_oversize_frame_is_closed_with_1009(nursery: trio.Nursery) -> None:
     running = await start(nursery, max_message_bytes=8192)
     raw = await client(running)

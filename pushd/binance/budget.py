@@ -129,7 +129,7 @@ class RestBudget:
                 self._buckets.popitem(last=False)
         else:
             self._buckets.move_to_end(address)
-        cost = min(weight, self._per_minute)
+        cost = min(weight, self._per_minute)  # what the bucket takes (``TokenBucket.take``)
         taken = bucket.take(now, cost)
         held = bucket.tokens(now)
         used = math.ceil(self._per_minute - held)

@@ -155,19 +155,21 @@ class BinanceDialect:
         state = self._states.get(conn)
         if state is None or conn.closing:
             return
-        if not state.requests.take(trio.current_time()):
+        now = trio.current_time()
+        if not state.requests.has_token(now):
             self._end(conn, lifecycle.RATE_LIMITED)
             return
         session = state.session
         if binary:
+            state.requests.take(now)
             conn.send(text_frame(error(3, "Invalid JSON: a request is a text message", None)))
             return
         was_combined = session.combined
         step = session.handle(text)
         for stream in step.leave:  # the session let them go, refused or not: released here
             self._leave(conn, stream, was_combined)  # (``_leave_all`` no longer sees them)
-        if step.cost > 1 and not state.requests.take(trio.current_time(), step.cost - 1):
-            self._end(conn, lifecycle.RATE_LIMITED)  # many streams at once: their weight
+        if not state.requests.take(now, step.cost):  # many streams at once: their weight
+            self._end(conn, lifecycle.RATE_LIMITED)  # (at most the whole burst)
             return
         conn.send(text_frame(step.reply))
         if step.reform:  # every stream again, in the new payload form

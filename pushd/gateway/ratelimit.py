@@ -39,9 +39,11 @@ class TokenBucket:
         return self._tokens >= 1.0
 
     def take(self, now: float, cost: float = 1.0) -> bool:
-        """Take ``cost`` tokens (one request, or a heavier one); False (and nothing taken) when
-        the bucket holds fewer."""
+        """Take ``cost`` tokens (one request, or a heavier one), at most the whole bucket: a
+        request heavier than the burst still passes a full bucket, and empties it; False (and
+        nothing taken) when the bucket holds fewer."""
         self._refill(now)
+        cost = min(cost, self._burst)
         if self._tokens < cost:
             return False
         self._tokens -= cost
