@@ -117,6 +117,8 @@ def main() -> None:
     Target.waiting = args.publisher == "waiting"
     if Target.waiting and "broadcast" in args.scenarios and args.batches != [1]:
         parser.error("--publisher waiting: one message per publish only (--batches 1)")
+    if Target.waiting and (cannot := [t for t in args.targets if not TARGETS[t].can_wait]):
+        parser.error(f"--publisher waiting: no publisher of {', '.join(cannot)} waits")
     pin(CLIENT_CPU)
     targets = list(args.targets)
     if "nchan" in targets and (why := Nchan.available()) is not None:

@@ -211,7 +211,7 @@ def reader_main(
     out.put(("ready", len(socks)))
     decode = msgspec.json.Decoder().decode
     latencies: list[int] = []
-    gaps = frames = resyncs = 0
+    gaps = frames = resyncs = closed = 0
     cpu0 = time.process_time()
     while not control[1]:
         for key, _ in sel.select(0.05):
@@ -220,8 +220,9 @@ def reader_main(
                 data = sock.recv(1 << 20)
             except BlockingIOError:
                 continue
-            if not data:
+            if not data:  # the server closed it (a slow reader): counted, not just dropped
                 sel.unregister(sock)
+                closed += 1
                 continue
             ws, seqs = state[sock]
             ws.receive_data(data)
@@ -245,7 +246,7 @@ def reader_main(
                     gaps += 1
                 seqs[name] = seq
                 latencies.append(now - message["data"]["t"])
-    out.put(("done", frames, gaps, resyncs, latencies, time.process_time() - cpu0))
+    out.put(("done", frames, gaps, resyncs, latencies, time.process_time() - cpu0, closed))
     for s in socks:
         s.close()
 

@@ -175,8 +175,7 @@ def http_pipe(port: int, n: int) -> None:
     pipeline = HttpPipeline(port)
     for i in range(n):
         pipeline.post(b"/v1/publish", b'{"channel":"notice","data":%s}' % (MESSAGE % i))
-    while pipeline.answered < n:
-        time.sleep(0.002)
+    pipeline.wait()
     if pipeline.refused:
         raise RuntimeError(f"{pipeline.refused} publishes refused")
     pipeline.close()

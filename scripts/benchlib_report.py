@@ -21,6 +21,7 @@ COLUMNS = (
     "load_p99",
     "lost",
     "resyncs",
+    "closed",
     "cpu_pct",
     "rss_mib",
     "per_conn_kib",

@@ -431,7 +431,7 @@ def market_run(args: argparse.Namespace, name: str, stallers: int) -> dict[str, 
         probe = Probe(target, probe_setup(names, binance, epoch))
         kinds = [("depth", 10), ("trades", 10), ("ticker", 1)]  # per symbol per second
         publishers = {k: target.publisher([f"{k}_{s}" for s in names]) for k, _ in kinds}
-        cpu0, t0 = target.cpu(), time.perf_counter()
+        cpu0 = target.cpu()
         sent, tick, start = 0, 0, time.perf_counter()
         while time.perf_counter() - start < args.duration:
             tick += 1
@@ -441,28 +441,29 @@ def market_run(args: argparse.Namespace, name: str, stallers: int) -> dict[str, 
                     publishers[kind]([make(tick, n) for n in names])
                     sent += len(names)
             time.sleep(max(0.0, start + tick / 10 - time.perf_counter()))
+        window = time.perf_counter() - start  # rates are per second of publishing
         time.sleep(1.0)  # let the readers take the last messages
         control[1] = 1
         probe_lat = probe.collect()
-        frames = gaps = resyncs = 0
+        frames = gaps = resyncs = closed = 0
         client_cpu = 0.0
         lat: list[int] = []
         for _ in procs:
             msg = out.get(timeout=60)
-            if len(msg) == 6:
+            if len(msg) == 7:  # a reader's (a staller's says only "done")
                 frames, gaps, resyncs = frames + msg[1], gaps + msg[2], resyncs + msg[3]
                 lat += msg[4]
                 client_cpu += msg[5]
+                closed += msg[6]
         for p in procs:
             p.join()
-        elapsed = time.perf_counter() - t0
-        cpu = target.cpu() - cpu0
+        cpu = target.cpu() - cpu0  # the tail's sends too: they are this window's messages
     lat.sort()
     result = row(
         "market",
         name,
         f"readers={args.readers} stallers={stallers}",
-        delivered=frames / elapsed,
+        delivered=frames / window,
         per_cpu_s=frames / cpu if cpu else 0.0,
         p50=pct(probe_lat, 0.5),
         p99=pct(probe_lat, 0.99),
@@ -471,8 +472,9 @@ def market_run(args: argparse.Namespace, name: str, stallers: int) -> dict[str, 
         load_p99=pct(lat, 0.99),
         lost=gaps,
         resyncs=resyncs,
-        cpu_pct=100 * cpu / elapsed,
-        client_cpu_pct=100 * client_cpu / elapsed,
+        closed=closed,  # readers the server closed (a slow reader through the dialect)
+        cpu_pct=100 * cpu / window,
+        client_cpu_pct=100 * client_cpu / window,
     )
     print_row(result)
     return result

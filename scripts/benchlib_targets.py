@@ -14,7 +14,6 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,8 +21,7 @@ from typing import Any
 
 import h11
 from bench_client import TLS_CA
-from benchlib import free_port, proc_cpu_seconds, proc_rss_kib, wait_ready
-from prometheus_client.parser import text_string_to_metric_families
+from benchlib import free_port, metrics, proc_cpu_seconds, proc_rss_kib, wait_ready
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, Request, TextMessage
 
@@ -49,6 +47,7 @@ class Target:
     # the publisher waits for each publish's answer before the next (``--publisher waiting``);
     # else it sends each at once, pipelined (HTTP) or as a frame (WebSocket, engine link)
     waiting = False
+    can_wait = True  # False: no publisher of this target can wait for an answer
     # a broadcast message (n, size) -> JSON; None: benchlib_load.message
     make: Callable[[int, int], bytes] | None = None
 
@@ -312,19 +311,12 @@ class Pushd(Target):
     def gc_full(self) -> tuple[float, float]:
         """Full garbage collections so far, and the seconds they stopped the server (from
         ``pushd_gc_pause_seconds``; NaN from a pushd that does not export it)."""
-        url = f"http://127.0.0.1:{self.http_port}/metrics"
-        with urllib.request.urlopen(url, timeout=10) as answer:
-            text = answer.read().decode()
-        full = {
-            sample.name: sample.value
-            for family in text_string_to_metric_families(text)
-            if family.name == "pushd_gc_pause_seconds"
-            for sample in family.samples
-            if sample.labels.get("generation") == "2"
-        }
+        samples = metrics(self.http_port)
+        key = (("generation", "2"),)
         nan = float("nan")
-        return full.get("pushd_gc_pause_seconds_count", nan), full.get(
-            "pushd_gc_pause_seconds_sum", nan
+        return (
+            samples.get(("pushd_gc_pause_seconds_count", key), nan),
+            samples.get(("pushd_gc_pause_seconds_sum", key), nan),
         )
 
 
@@ -334,7 +326,7 @@ class PushdEngine(Pushd):
     frame of that many), to ``notice``, which the subscribers follow; ``--publisher waiting``:
     each frame asks for its ack and the next waits for it. The peers' like: nchan's WebSocket
     publisher (pipelined) and its HTTP POST (waiting). The HTTP API's request costs ~0.7 ms
-    of server CPU (BENCHMARKS.md), the engine link's ~20-150 µs."""
+    of server CPU (BENCHMARKS.md), the engine link's ~20 µs pipelined, 150-250 µs waiting."""
 
     name = "pushd-engine"
     setup = [b'{"op":"subscribe","channel":"notice"}']
@@ -461,6 +453,7 @@ class WsPublisher:
 class Websockets(Target):
     name = "websockets"
     path = "/sub"
+    can_wait = False  # its /pub answers nothing
 
     def start(self, connections: int) -> None:
         script = ROOT / "scripts" / "peers" / "ws_broadcast.py"
@@ -468,8 +461,6 @@ class Websockets(Target):
         self._wait_port()
 
     def publisher(self) -> Callable[[list[bytes]], None]:
-        if self.waiting:
-            raise SystemExit("websockets: no publisher that waits (its /pub answers nothing)")
         return WsPublisher(self.port, "/pub")
 
 
