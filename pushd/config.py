@@ -363,6 +363,8 @@ class Config(_Section, frozen=True):
     binance: BinanceConfig = msgspec.field(default_factory=BinanceConfig)
 
 
+MIN_PEER_IDLE_S = 2.0  # twice the senders' heartbeat (docs/wire.md)
+
 _AT = re.compile(r"^(?P<msg>.*) - at `\$\.?(?P<path>[^`]*)`$")
 
 
@@ -521,6 +523,11 @@ def _check(config: Config, source: str) -> None:
                 f"{source}: markets.{symbol}.depth_levels: a {market.depth_levels}-level "
                 f"snapshot needs limits.outbound_buffer_bytes >= {need}"
             )
+    if 0 < config.ingest.peer_idle_s < MIN_PEER_IDLE_S:  # a healthy idle sender beats at 1 s
+        raise ConfigError(
+            f"{source}: ingest.peer_idle_s: 0 (never) or at least {MIN_PEER_IDLE_S:g} s "
+            "(senders beat once a second when idle)"
+        )
     if config.role != "all" and config.bus.kind != "redis":
         raise ConfigError(
             f"{source}: role: {config.role!r} needs bus.kind = 'redis' (nodes share nothing else)"

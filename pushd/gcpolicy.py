@@ -41,7 +41,6 @@ class Pauses:
     def __init__(self, clock: Callable[[], float] = time.perf_counter) -> None:
         self._clock = clock
         self._started = 0.0
-        self.counts = [0, 0, 0]
         self.sums = [0.0, 0.0, 0.0]
         self._buckets = [[0] * (len(PAUSE_BUCKETS) + 1) for _ in range(3)]
 
@@ -51,7 +50,6 @@ class Pauses:
             return
         took = self._clock() - self._started
         generation = info["generation"]
-        self.counts[generation] += 1
         self.sums[generation] += took
         self._buckets[generation][bisect.bisect_left(PAUSE_BUCKETS, took)] += 1
 

@@ -165,11 +165,17 @@ class ThrottledLog:
         self._held = 0
 
     def warning(self, **fields: object) -> None:
+        self._emit(self._log.warning, fields)
+
+    def error(self, **fields: object) -> None:
+        self._emit(self._log.error, fields)
+
+    def _emit(self, write: Any, fields: dict[str, object]) -> None:
         now = time.monotonic()
         if now < self._next_at:
             self._held += 1
             return
-        self._log.warning(self._what, suppressed=self._held, **fields)
+        write(self._what, suppressed=self._held, **fields)
         self._held = 0
         self._next_at = now + self._interval
 

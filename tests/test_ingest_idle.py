@@ -44,7 +44,7 @@ async def test_a_silent_authenticated_peer_is_closed_and_its_slot_freed(
     """With one slot, a peer that authenticates and then says nothing is closed after
     ``peer_idle_s``; the engine then gets the slot (before, the silent peer held it forever
     and the engine was dropped as "full")."""
-    running = await idle_daemon(nursery, peer_idle_s=1.0)
+    running = await idle_daemon(nursery, peer_idle_s=2.0)
     silent = await Link.open(running, 1, KEYS[1])
     await closed_by_daemon(silent.stream, 10)
     peers = running.daemon.tcp_peers
@@ -64,7 +64,7 @@ async def test_a_peer_sending_only_refused_frames_is_closed_as_idle(
     """After its hello, a peer sends only what is not accepted: its hello replayed (a
     duplicate inside the replay window, still a valid seal), a frame sealed long ago (expired)
     and one with a forged tag. None of them resets the idle timer: it is closed."""
-    running = await idle_daemon(nursery, peer_idle_s=1.0)
+    running = await idle_daemon(nursery, peer_idle_s=2.0)
     stream = await trio.open_tcp_stream("127.0.0.1", running.ports.ingest_tcp)
     framer = Framer(1, key=KEYS[1])
     hello = framer.tcp_frame([wire.Heartbeat()])
@@ -119,6 +119,59 @@ async def test_a_replayed_first_frame_does_not_admit_a_peer(nursery: trio.Nurser
     assert (await back.send([wire.Heartbeat()])).verdict == "in_order"
     await back.stream.aclose()
     await replayer.aclose()
+
+
+async def test_a_replayer_alone_is_dropped_at_the_auth_timeout(nursery: trio.Nursery) -> None:
+    """A peer that only ever sends a captured frame again (paced, so nothing else ends it) is
+    never admitted and is dropped at ``auth_timeout_s``, not kept to ``peer_idle_s``."""
+    running = await idle_daemon(nursery, peer_idle_s=30.0, auth_timeout_s=1.0)
+    hello = Framer(1, key=KEYS[1]).tcp_frame([wire.Heartbeat()])
+    async with await trio.open_tcp_stream("127.0.0.1", running.ports.ingest_tcp) as engine:
+        await engine.send_all(hello)  # the engine's, seen on the wire
+        await trio.testing.wait_all_tasks_blocked()
+    await trio.testing.wait_all_tasks_blocked()
+    replayer = await trio.open_tcp_stream("127.0.0.1", running.ports.ingest_tcp)
+
+    async def replay() -> None:
+        with contextlib.suppress(trio.BrokenResourceError):  # closed: the point
+            while True:
+                await replayer.send_all(hello)
+                await trio.sleep(0.2)  # pacing, not synchronisation
+
+    async with trio.open_nursery() as senders:
+        senders.start_soon(replay)
+        await closed_by_daemon(replayer, 10)
+        senders.cancel_scope.cancel()
+    peers = running.daemon.tcp_peers
+    assert peers.dropped == {"auth_timeout": 1} and peers.authenticated == 0
+    assert running.daemon.intake.source_frames[1]["duplicate"] >= 2
+    await replayer.aclose()
+
+
+async def test_a_waiting_peer_that_never_reads_its_acks_is_counted(
+    nursery: trio.Nursery,
+) -> None:
+    """A peer not admitted yet (its frames are duplicates: answered, admitting nobody) that
+    asks for acks and never reads them is closed at ``ack_timeout_s`` and counted as
+    ``ack_stalled`` like an admitted one (before: closed, but neither counted nor logged)."""
+    running = await sealed(nursery, max_tcp_peers=2, ack_timeout_s=1.0, auth_timeout_s=30.0)
+    framer = Framer(1, key=KEYS[1])
+    hello = framer.tcp_frame([wire.Heartbeat()], ack=True)
+    engine = await trio.open_tcp_stream("127.0.0.1", running.ports.ingest_tcp)
+    await engine.send_all(hello)  # seen once: every later copy is a duplicate
+    await trio.testing.wait_all_tasks_blocked()
+    sock = trio.socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    await sock.connect(("127.0.0.1", running.ports.ingest_tcp))
+    deaf = trio.SocketStream(sock)
+    with trio.fail_after(30):
+        with contextlib.suppress(trio.BrokenResourceError):  # reset by pushd: the point
+            while True:
+                await deaf.send_all(hello * 500)
+    await trio.testing.wait_all_tasks_blocked()  # pushd's peer task has counted it
+    assert running.daemon.tcp_peers.dropped == {"ack_stalled": 1}
+    await engine.aclose()
+    await deaf.aclose()
 
 
 async def test_an_engine_that_numbered_on_while_disconnected_gets_back_in(
@@ -191,7 +244,7 @@ async def test_a_peer_that_never_reads_its_acks_is_closed(nursery: trio.Nursery)
 async def test_a_beating_peer_outlives_the_idle_timer(nursery: trio.Nursery) -> None:
     """A sender that beats every 0.5 s, as senders do when idle (each beat's ack awaited), is
     not closed by an idle time of 1.5 s, however long it stays."""
-    running = await idle_daemon(nursery, peer_idle_s=1.5)
+    running = await idle_daemon(nursery, peer_idle_s=2.0)
     link = await Link.open(running, 1, KEYS[1])
     started = trio.current_time()
     beats = 0
@@ -210,13 +263,15 @@ async def test_a_beating_peer_outlives_the_idle_timer(nursery: trio.Nursery) -> 
     [
         ("peer_idle_s", -1.0),
         ("peer_idle_s", 3601.0),
+        ("peer_idle_s", 1.0),  # below twice the senders' 1 s beat: healthy links would go
         ("ack_timeout_s", 0.0),
         ("ack_timeout_s", 601),
     ],
 )
 def test_the_timers_are_checked_like_the_other_fields(field: str, value: float) -> None:
-    """A negative idle time or no ack time at all is refused at load, naming the field;
-    ``peer_idle_s = 0`` (never) is taken."""
+    """A negative idle time, one a beating sender cannot meet, or no ack time at all is refused
+    at load, naming the field; ``peer_idle_s = 0`` (never) and 2 s are taken."""
     with pytest.raises(ConfigError, match=field):
         make_config(ingest={field: value})
     assert make_config(ingest={"peer_idle_s": 0}).ingest.peer_idle_s == 0
+    assert make_config(ingest={"peer_idle_s": 2}).ingest.peer_idle_s == 2

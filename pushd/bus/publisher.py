@@ -76,6 +76,8 @@ class Publisher:
         self.published = 0
         self.dropped = 0  # messages refused while the outbox was full (Redis unreachable)
         self._drop_log = ThrottledLog(log, "Redis unreachable: outbox full, messages dropped")
+        # a broken or impostor server can answer every batch so: one line a second
+        self._shape_log = ThrottledLog(log, "Redis answered a publish out of shape: batch dropped")
 
     @property
     def up(self) -> bool:
@@ -162,8 +164,7 @@ class Publisher:
                 continue
             except MalformedData as exc:  # no real Redis answers so; the scripts may have run,
                 # so the batch is not sent again (twice published): dropped, its waiters told
-                log.error("Redis answered a publish out of shape: batch dropped",
-                          error=str(exc)[:200], messages=len(batch))  # fmt: skip
+                self._shape_log.error(error=str(exc)[:200], messages=len(batch))
                 self._publish_sha = None  # loaded afresh for the next batch
                 self._drop_batch(batch, "Redis answered out of shape")
                 continue

@@ -187,8 +187,8 @@ async def serve_tcp(
             nonlocal authenticated
             state.waiting.pop(token, None)
             alive(trio.current_time())
-            if state.authenticated >= config.max_tcp_peers:
-                return False
+            if waiting.evicted or state.authenticated >= config.max_tcp_peers:
+                return False  # (evicted with its admitting frame already read: it goes)
             state.authenticated += 1
             authenticated = True
             log.info("ingest peer authenticated", peer=peer)
@@ -205,7 +205,7 @@ async def serve_tcp(
                     reason = await _read_frames(
                         stream, intake, logs, peer, admit, alive, config.ack_timeout_s
                     )
-                if waiting.scope.cancelled_caught:
+                if waiting.scope.cancelled_caught or (waiting.evicted and not authenticated):
                     if authenticated:
                         reason = "idle"
                     else:
@@ -219,14 +219,14 @@ async def serve_tcp(
             state.waiting.pop(token, None)
             if authenticated:
                 state.authenticated -= 1
-                if reason in ("idle", "ack_stalled"):
-                    state.dropped[reason] += 1
-                    log.warning("ingest peer dropped", peer=peer, reason=reason)
-                else:
-                    log.info("ingest peer disconnected", peer=peer, reason=reason)
-            elif reason in ("evicted", "auth_timeout", "refused", "full"):
+            if reason in PEER_DROP_REASONS:
                 state.dropped[reason] += 1
-                logs.dropped.warning(peer=peer, reason=reason)
+                if authenticated:
+                    log.warning("ingest peer dropped", peer=peer, reason=reason)
+                else:  # strangers can be many: throttled
+                    logs.dropped.warning(peer=peer, reason=reason)
+            elif authenticated:
+                log.info("ingest peer disconnected", peer=peer, reason=reason)
 
     async with trio.open_nursery() as nursery:
         task_status.started(listeners[0].socket.getsockname()[1])
