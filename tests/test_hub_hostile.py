@@ -58,3 +58,22 @@ def test_data_that_is_not_utf8_is_refused_on_a_route_only_views_and_taps_follow(
     assert hub.publish(PUBLIC.internal, "e1", 1, msgspec.Raw(b"1")) == 0
     assert hub.publish(PUBLIC.internal, "e1", 2, NOT_UTF8) is None
     assert told == [1] and hub.undeliverable == 1
+
+
+def test_a_failing_tap_costs_its_event_only() -> None:
+    """A tap is another dialect's code run inside ``Hub.publish`` (the Binance all-market
+    arrays): one that raises costs that tap this event, counted as undeliverable; the
+    channel's subscribers, and the other taps, still get it, and publish still answers."""
+    hub = Hub()
+    subscriber = Outlet(1 << 20)
+    hub.subscribe(subscriber, PUBLIC)
+    told: list[int] = []
+
+    def broken(epoch: str, seq: int, data: msgspec.Raw) -> None:
+        raise RuntimeError("a bug in a tap")
+
+    hub.tap(PUBLIC, "broken", broken)
+    hub.tap(PUBLIC, "fine", lambda epoch, seq, data: told.append(seq))
+    assert hub.publish(PUBLIC.internal, "e1", 1, msgspec.Raw(b"1")) == 1
+    assert told == [1] and hub.undeliverable == 1
+    assert [m["seq"] for m in frames(bytes(subscriber.out))] == [1]

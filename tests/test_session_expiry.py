@@ -11,12 +11,13 @@ from typing import Any
 import msgspec
 import trio
 import trio_websocket
-from conftest import SECRET, make_config, open_client, start_daemon
+from conftest import SECRET, RawClient, make_config, open_client, start_daemon
 from test_session import make
 
 from pushd.auth import HmacVerifier, HttpVerifier, issue_hmac_token
 from pushd.config import HmacAuthConfig, HttpAuthConfig
 from pushd.errors import CloseCode
+from pushd.gateway import lifecycle
 from pushd.gateway.requests import MAX_EMPTIED
 from pushd.gateway.session import TokenExpired, TokenNotice
 
@@ -191,3 +192,27 @@ async def test_a_failing_token_check_ends_its_connection_not_the_gateway(
             notice = await receive(fine)
             assert notice["event"] == "@auth"
             await closed_with(fine, CloseCode.TOKEN_EXPIRED, "the session went on past its exp")
+
+
+async def test_a_check_due_on_a_closing_connection_is_not_counted_again(
+    nursery: trio.Nursery,
+) -> None:
+    """A token check that falls due while its connection is closing (here: ended by the
+    server, the client never answering the close frame) is dropped and forgotten, so the
+    connection's end does not count it as emptied a second time (before: the gateway's count
+    of emptied checks drifted up by one per such connection, rebuilding the heap early)."""
+    limits = {"token_notice_s": 1.0, "close_timeout_s": 2.0}
+    running = await start_daemon(nursery, make_config(limits=limits))
+    gateway = running.daemon.gateway
+    raw = await RawClient.connect(running.ports.websocket)
+    await raw.handshake()
+    await raw.send_json({"op": "auth", "token": issue_hmac_token(SECRET, "1001", 1.5)})
+    replies, _ = await raw.read_one_batch()
+    assert replies[0]["uid"] == "1001"
+    (conn,) = gateway.connections
+    assert conn.token_watch is not None and conn.token_watch.at < time.time() + 1.0
+    gateway.end(conn, lifecycle.GOING_AWAY)  # closing for close_timeout_s: past the check
+    with trio.fail_after(10):
+        await gateway.wait_idle()
+    assert gateway.requests._emptied == 0
+    await raw.aclose()

@@ -583,7 +583,10 @@ class Hub:
             if frames:
                 self._queue(view.subscribers, frames)
         for tap in route.taps.values():
-            tap(epoch, seq, data)
+            try:
+                tap(epoch, seq, data)
+            except Exception:  # another dialect's code, as a view's: it loses this event
+                self.undeliverable += 1
 
     def deliver(self, outlets: Iterable[Outlet], frames: bytes) -> int:
         """Queue the same frames to each outlet, frames of no one event (the Binance

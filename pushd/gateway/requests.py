@@ -101,7 +101,7 @@ class Requests:
         self._verifier = verifier
 
     def serving(self, nursery: trio.Nursery) -> None:
-        pass  # no task of its own
+        nursery.start_soon(self.run_token_timers)  # every login's token lifetime, one task
 
     def opened(self, conn: Connection, now: float) -> None:
         conn.session = Session(self._symbols, self._limits, now)
@@ -233,9 +233,9 @@ class Requests:
                 if conn is None:
                     self._emptied = max(0, self._emptied - 1)
                     continue
+                conn.token_watch = None  # off the heap: nothing left to empty at its end
                 if conn.closing or (session := conn.session) is None:
                     continue
-                conn.token_watch = None
                 try:
                     self._check_token(conn, session, now)
                 except Exception:  # a bug in one session's check: it ends that connection,

@@ -184,8 +184,6 @@ class Gateway:
             if self._runs_flusher:
                 nursery.start_soon(self.flusher.run)
             self._dialect.serving(nursery)
-            if self._dialect is self.requests:  # (another dialect's logins are its own)
-                nursery.start_soon(self.requests.run_token_timers)
             with listener, trio.CancelScope() as self._accepting:
                 task_status.started(listener.getsockname()[1])
                 await self._accept_loop(listener, nursery)
@@ -409,7 +407,7 @@ class Gateway:
         )
         if refusal is not None:
             self._metrics.rejected.labels(reason=refusal.label).inc()
-            if refusal is admission.TIMED_OUT or refusal is admission.TLS:
+            if refusal is admission.TLS:  # (a timeout is counted where it cancels the read)
                 return False  # nothing to answer
             with trio.move_on_after(self._limits.close_timeout_s):
                 await conn.send_now(upgrade.refuse(refusal))
