@@ -51,13 +51,16 @@ async def test_subscribe_switch_form_and_unsubscribe(nursery: trio.Nursery) -> N
         while len(got) < 3:  # one array per stream, raw: told apart by their payloads' "e"
             array = await client.recv()
             event = array[0]["e"]
-            if event != "24hrMiniTicker" or array[-1]["c"] == "2":
-                got[event] = array
+            if event == "markPriceUpdate" or array[-1]["c"] == "2":  # (the 1 s tick may
+                got[event] = array  # fall between the two ticker publishes: 1.9 first)
         assert [(p["s"], p["p"]) for p in got["markPriceUpdate"]] == [("ETHUSDT", "1.5")]
         assert [(p["s"], p["c"]) for p in got["24hrMiniTicker"]] == [("BTCUSDT", "2")]
         assert [(p["s"], p["w"]) for p in got["24hrTicker"]] == [("BTCUSDT", "1.50000000")]
         reply = await client.call({"method": "SET_PROPERTY", "params": ["combined", True], "id": 2})
         assert reply == {"result": None, "id": 2}
+        assert dialect._arrays is task and not task.cancel_called  # the form changed, not
+        assert followed(running) == {f"{kind}_{s}" for kind in ("ticker", "markprice")
+                                     for s in symbols}  # what is followed  # fmt: skip
         await running.publish("markprice_ETHUSDT", {**MARK, "markPrice": "1.6"})
         wrapped = await client.recv()
         assert wrapped == {"stream": "!markPrice@arr@1s", "data": [{

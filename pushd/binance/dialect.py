@@ -172,10 +172,11 @@ class BinanceDialect:
             self._end(conn, lifecycle.RATE_LIMITED)  # (at most the whole burst)
             return
         conn.send(text_frame(step.reply))
-        if step.reform:  # every stream again, in the new payload form
-            for stream in session.streams.values():
+        if step.reform:  # every stream again, in the new payload form: joined before the
+            streams = list(session.streams.values())  # old form is left, so what they follow
+            self._join(conn, session, streams)  # stays followed (no untap, no Redis churn)
+            for stream in streams:
                 self._leave(conn, stream, was_combined)
-            self._join(conn, session, list(session.streams.values()))
         self._join(conn, session, step.join)
 
     def _key(self, stream: Stream, combined: bool) -> ViewKey:
